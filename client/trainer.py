@@ -1,0 +1,232 @@
+"""A hospital's local training: Opacus DP-SGD on the adapter only, and evaluation.
+
+Reads like Opacus' own examples: build the model, optimizer and loader; make them private; train.
+The noise is calibrated once per run so that a hospital taking part in every round spends at most
+the run's target epsilon; the accountant history arrives from the caller (ledger or node state)
+and a request that would overshoot the target is refused before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import RunConfig
+from common.data import EncodedDataset, pad_batch
+from common.errors import PrivacyBudgetExceeded
+from common.metrics import classification_metrics, ner_metrics_from_ids
+from common.model import get_adapter_arrays, set_adapter_arrays
+
+log = logging.getLogger(__name__)
+
+#: One accountant history entry, as Opacus stores it: (noise_multiplier, sample_rate, steps).
+HistoryEntry = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The DP-SGD parameters of one hospital for one round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass
+class TrainResult:
+    """What local training hands back; only `delta` (and counts/metrics) may leave the hospital."""
+
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    epsilon_spent: float | None  # over all recorded training of this data set; None without DP
+    plan: DPPlan | None
+    history: list[HistoryEntry] = field(default_factory=list)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def plan_dp(config: RunConfig, num_train: int) -> DPPlan:
+    """Noise for this data size so that all rounds of the run stay within `config.epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    steps_per_epoch = math.ceil(num_train / config.batch_size)
+    sample_rate = 1.0 / steps_per_epoch
+    steps = steps_per_epoch * config.local_epochs
+    sigma = get_noise_multiplier(
+        target_epsilon=config.epsilon,
+        target_delta=config.delta,
+        sample_rate=sample_rate,
+        steps=steps * config.rounds,
+        accountant="rdp",
+        epsilon_tolerance=0.005,
+    )
+    return DPPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps=steps)
+
+
+def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
+    """Epsilon of a whole accountant history (RDP), 0 for an empty one."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [tuple(entry) for entry in history]
+    return float(accountant.get_epsilon(delta))
+
+
+def check_budget(
+    history: list[HistoryEntry], plan: DPPlan, max_epsilon: float, delta: float, who: str
+) -> float:
+    """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget."""
+    spent = epsilon_of(history, delta)
+    projected = epsilon_of([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], delta)
+    if projected > max_epsilon * (1 + 1e-3):
+        raise PrivacyBudgetExceeded(
+            f"{who}: training refused before any step: epsilon spent {spent:.3f}, this round "
+            f"would bring it to {projected:.3f}, over the limit {max_epsilon:g} "
+            f"(delta {delta:g}); start a new run with a larger budget or fewer rounds"
+        )
+    return projected
+
+
+def train_locally(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: RunConfig,
+    global_arrays: dict[str, np.ndarray],
+    history: list[HistoryEntry],
+    pad_id: int,
+    who: str = "hospital",
+) -> TrainResult:
+    """Train the adapter from `global_arrays` on `dataset`; return the clipped delta.
+
+    Only the trainable tensors change. Under DP the Opacus accountant starts from `history`
+    (earlier rounds and runs of this data set) and the returned history includes this round.
+    """
+    from opacus import PrivacyEngine
+
+    device = pick_device(config.device)
+    set_adapter_arrays(model, global_arrays)
+    model.to(device).train()
+    torch.manual_seed(config.seed + len(history))
+
+    plan = plan_dp(config, len(dataset)) if config.dp else None
+    if plan is not None:
+        check_budget(history, plan, config.epsilon, config.delta, who)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    pad_to = config.max_length if config.padding == "max_length" else None
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=partial(pad_batch, pad_id=pad_id, pad_to=pad_to),
+    )
+
+    engine = None
+    train_module = model
+    if plan is not None:
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        engine.accountant.history = [tuple(entry) for entry in history]
+        train_module, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            poisson_sampling=True,
+        )
+
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else nullcontext()
+    )
+    losses = []
+    try:
+        for _ in range(config.local_epochs):
+            for input_ids, attention_mask, labels in loader:
+                if len(input_ids) == 0:  # Poisson sampling can draw an empty batch
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                with autocast:
+                    output = train_module(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        labels=labels.to(device),
+                    )
+                output.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(output.loss.detach()))
+    finally:
+        if engine is not None:
+            train_module._close()  # remove Opacus hooks so the cached model can be reused
+
+    new_arrays = get_adapter_arrays(model)
+    clip = config.secagg_clip
+    delta = {
+        name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
+        for name in global_arrays
+    }
+    new_history = list(history)
+    epsilon = None
+    if plan is not None:
+        # Account the planned steps (not the drawn batches): conservative and reproducible.
+        new_history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
+        epsilon = epsilon_of(new_history, config.delta)
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    log.info("%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon)
+    return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: RunConfig,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+    labels: list[str],
+) -> dict[str, float]:
+    """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    device = pick_device(config.device)
+    set_adapter_arrays(model, arrays)
+    model.to(device).eval()
+    loader = DataLoader(
+        dataset, batch_size=64, shuffle=False, collate_fn=partial(pad_batch, pad_id=pad_id)
+    )
+    total_loss, total = 0.0, 0
+    true_ids: list = []
+    pred_ids: list = []
+    for input_ids, attention_mask, label_ids in loader:
+        output = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            labels=label_ids.to(device),
+        )
+        total_loss += float(output.loss) * len(input_ids)
+        total += len(input_ids)
+        predictions = output.logits.float().argmax(dim=-1).cpu()
+        true_ids.extend(label_ids.tolist())
+        pred_ids.extend(predictions.tolist())
+    metrics = {"loss": total_loss / max(total, 1), "num_examples": float(total)}
+    if config.task == "ner":
+        metrics.update(ner_metrics_from_ids(true_ids, pred_ids, labels))
+    else:
+        metrics.update(classification_metrics(true_ids, pred_ids, len(labels)))
+    return metrics

@@ -1,0 +1,224 @@
+"""Classification data: reading CSV/JSONL records, label maps, validation splits, batching.
+
+Every problem with a data file raises `DataError` naming the file (and line) and what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import DataError
+
+#: Fewest examples a label needs: one for training and one for validation.
+MIN_EXAMPLES_PER_LABEL = 2
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled note. `group` is an optional column value used for column partitioning."""
+
+    text: str
+    label: str
+    group: str | None = None
+
+
+def read_records(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
+) -> list[Record]:
+    """Read labelled notes from a `.csv` or `.jsonl` file.
+
+    Raises `DataError` for a missing/unreadable/empty file, text that is not UTF-8, a missing
+    column, an empty text or label, or a malformed JSON line; each names the file and line.
+    """
+    path = Path(path)
+    text = _read_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; it needs a header and at least 2 records")
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".ndjson"}:
+        rows = _jsonl_rows(path, text)
+    elif suffix in {".csv", ".tsv"}:
+        rows = _csv_rows(path, text, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown data format '{suffix}'; use a .csv or .jsonl file")
+
+    records = []
+    for line, row in rows:
+        for column in (text_column, label_column, group_column):
+            if column is not None and column not in row:
+                present = ", ".join(sorted(row)) or "none"
+                raise DataError(
+                    f"{path}:{line}: column '{column}' is missing (columns present: {present}); "
+                    f"pass the right name with --text-column/--label-column"
+                )
+        note, label = row[text_column], row[label_column]
+        note = "" if note is None else str(note).strip()
+        label = "" if label is None else str(label).strip()
+        if not note:
+            raise DataError(f"{path}:{line}: empty text in column '{text_column}'")
+        if not label:
+            raise DataError(f"{path}:{line}: empty label in column '{label_column}'")
+        group = None if group_column is None else str(row[group_column])
+        records.append(Record(note, label, group))
+    if not records:
+        raise DataError(f"{path}: no records after the header; it needs at least 2")
+    return records
+
+
+def label_set(records: list[Record], source: str) -> list[str]:
+    """The sorted label list; a label with fewer than 2 examples raises `DataError`."""
+    counts = Counter(record.label for record in records)
+    too_few = sorted(label for label, count in counts.items() if count < MIN_EXAMPLES_PER_LABEL)
+    if too_few:
+        shown = ", ".join(f"'{label}' ({counts[label]})" for label in too_few[:5])
+        raise DataError(
+            f"{source}: label {shown} has fewer than {MIN_EXAMPLES_PER_LABEL} examples; "
+            f"add examples or remove the label"
+        )
+    if len(counts) < 2:
+        raise DataError(f"{source}: only one label ({next(iter(counts))}); need at least 2")
+    return sorted(counts)
+
+
+def train_val_split(
+    records: list[Record], val_fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """Deterministic split; every label with at least 2 records keeps one on each side."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[Record]] = {}
+    for record in records:
+        by_label.setdefault(record.label, []).append(record)
+    train, val = [], []
+    for label in sorted(by_label):
+        group = by_label[label][:]
+        rng.shuffle(group)
+        n_val = round(len(group) * val_fraction)
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Token ids and label ids of a list of examples, unpadded (padding happens per batch)."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | list[list[int]]):
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int | list[int]]:
+        return self.input_ids[index], self.labels[index]
+
+
+def encode_classification(
+    tokenizer, records: list[Record], label_to_id: dict[str, int], max_length: int
+) -> EncodedDataset:
+    """Tokenize notes (truncated to `max_length`) and map labels to ids."""
+    unknown = sorted({r.label for r in records} - set(label_to_id))
+    if unknown:
+        raise DataError(
+            f"labels {unknown[:5]} are not in the run's label set {list(label_to_id)}; "
+            "fix the data or the run config's 'labels'"
+        )
+    encoded = tokenizer(
+        [r.text for r in records], truncation=True, max_length=max_length, padding=False
+    )
+    return EncodedDataset(encoded["input_ids"], [label_to_id[r.label] for r in records])
+
+
+def pad_batch(
+    batch: list[tuple[list[int], int | list[int]]], pad_id: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate to (input_ids, attention_mask, labels), padded to the longest example or `pad_to`.
+
+    Token-level labels (NER) are padded with -100 so that padding is ignored by the loss.
+    """
+    longest = max((len(ids) for ids, _ in batch), default=1)
+    width = max(pad_to or 0, longest)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    token_labels = bool(batch) and isinstance(batch[0][1], list)
+    labels = (
+        torch.full((len(batch), width), -100, dtype=torch.long)
+        if token_labels
+        else torch.zeros(len(batch), dtype=torch.long)
+    )
+    for row, (ids, label) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        if token_labels:
+            labels[row, : len(label)] = torch.tensor(label, dtype=torch.long)
+        else:
+            labels[row] = label
+    return input_ids, attention_mask, labels
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the --data path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass a .csv or .jsonl file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: text is not UTF-8 (byte 0x{raw[exc.start]:02x}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _csv_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(
+                    f"{path}:{reader.line_num}: more fields than the header has columns; "
+                    "quote text that contains the delimiter"
+                )
+            if not any((value or "").strip() for value in row.values()):
+                continue
+            rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    if reader.fieldnames is None:
+        raise DataError(f"{path}: no header line; the first line must name the columns")
+    return rows
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_number}: each line must be a JSON object")
+        rows.append((line_number, row))
+    return rows

