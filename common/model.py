@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.atomic import replace_dir_atomic, temp_dir_next_to
 from common.config import PACKAGED_MODEL, RunConfig
 from common.errors import ModelError
 
@@ -163,7 +162,7 @@ def save_adapter(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = temp_dir_next_to(out_dir)
     try:
         model.save_pretrained(staging)
         meta = {
@@ -174,7 +173,7 @@ def save_adapter(
             "max_length": config.max_length,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _swap_folder(staging, out_dir)
+        replace_dir_atomic(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -213,16 +212,6 @@ def trainable_fraction(model: torch.nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable / total
-
-
-def _swap_folder(staging: Path, final: Path) -> None:
-    backup = final.with_name(f".{final.name}.old")
-    if backup.exists():
-        shutil.rmtree(backup)
-    if final.exists():
-        os.replace(final, backup)
-    os.replace(staging, final)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _unknown_model(name: str, exc: Exception) -> str:

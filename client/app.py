@@ -1,0 +1,185 @@
+"""The hospital's Flower ClientApp (Message API): local DP training and evaluation.
+
+`handle_train` and `handle_evaluate` do the work; the data source is passed in, so the same
+handlers serve a real hospital (its file, from the node config) and a simulated one (its share
+of a data set, chosen by `simulation/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.model_cache import cached_model, cached_tokenizer
+from client.trainer import HistoryEntry, evaluate, train_locally
+from common import wire
+from common.config import RunConfig
+from common.data import EncodedDataset, encode_classification, read_records, train_val_split
+from common.errors import DataError, FedwardError
+
+log = logging.getLogger(__name__)
+
+DP_STATE = "fedward.dp"  # node-state record holding the accountant history within a run
+
+
+@dataclass
+class HospitalData:
+    """One hospital's examples, already split; they never leave the hospital."""
+
+    name: str
+    train: list
+    val: list
+    source: str = ""  # where the data came from (file path, or a description in simulation)
+
+
+#: Loads a hospital's data for a run: (config, context) -> HospitalData.
+DataSource = Callable[[RunConfig, Context], HospitalData]
+
+
+def hospital_name(context: Context) -> str:
+    """The name a hospital reports: node config 'hospital-name', else its simulation index."""
+    config = context.node_config
+    if "hospital-name" in config:
+        return str(config["hospital-name"])
+    if "partition-id" in config:
+        return f"hospital-{config['partition-id']}"
+    return f"node-{context.node_id}"
+
+
+def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
+    """Token ids and label ids for the run's task."""
+    label_to_id = {label: index for index, label in enumerate(config.labels or [])}
+    if config.task == "ner":
+        from common.ner import encode_sentences
+
+        encoded = encode_sentences(tokenizer, examples, label_to_id, config.max_length)
+        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
+    return encode_classification(tokenizer, examples, label_to_id, config.max_length)
+
+
+def handle_train(msg: Message, context: Context, load_data: DataSource) -> Message:
+    """Train the received global adapter on this hospital's data; reply with the update."""
+    config, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
+    name = hospital_name(context)
+    try:
+        data = load_data(config, context)
+        tokenizer = cached_tokenizer(config.model)
+        model = cached_model(config, len(config.labels or []))
+        dataset = encode(data.train, config, tokenizer)
+        global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
+        result = train_locally(
+            model,
+            dataset,
+            config,
+            global_arrays,
+            _read_history(context),
+            pad_id=tokenizer.pad_token_id,
+            who=name,
+        )
+    except FedwardError as exc:
+        log.warning("%s refused round %d: %s", name, server_round, exc)
+        return _refusal(msg, name, exc)
+    _write_history(context, result.history)
+
+    metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss}
+    if result.epsilon_spent is not None:
+        metrics["epsilon"] = result.epsilon_spent
+        metrics["noise-multiplier"] = result.plan.noise_multiplier
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.arrays_to_record(result.delta),
+            wire.METRICS: MetricRecord(metrics),
+            wire.INFO: ConfigRecord({"hospital": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, load_data: DataSource) -> Message:
+    """Evaluate the received global adapter on this hospital's validation split."""
+    config, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
+    name = hospital_name(context)
+    try:
+        data = load_data(config, context)
+        tokenizer = cached_tokenizer(config.model)
+        model = cached_model(config, len(config.labels or []))
+        dataset = encode(data.val, config, tokenizer)
+        arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
+        metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
+    except FedwardError as exc:
+        log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
+        return _refusal(msg, name, exc)
+    metrics["num-examples"] = metrics.pop("num_examples")
+    content = RecordDict(
+        {
+            wire.METRICS: MetricRecord({key: float(value) for key, value in metrics.items()}),
+            wire.INFO: ConfigRecord({"hospital": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def load_site_data(config: RunConfig, context: Context) -> HospitalData:
+    """A real hospital's data: the file named by the node config's 'data-path'."""
+    path = context.node_config.get("data-path")
+    if not path:
+        raise DataError(
+            "this node has no 'data-path' in its node config; start it with "
+            "`fedward client start --data PATH`"
+        )
+    return read_hospital_file(Path(str(path)), config, hospital_name(context))
+
+
+def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
+    """Read and split a hospital's own data file for the run's task."""
+    if config.task == "ner":
+        from common.ner import read_conll
+
+        sentences = read_conll(path)
+        cut = max(1, round(len(sentences) * (1 - config.val_fraction)))
+        return HospitalData(name, sentences[:cut], sentences[cut:] or sentences[-1:], str(path))
+    records = read_records(path, config.text_column, config.label_column)
+    train, val = train_val_split(records, config.val_fraction, config.seed)
+    return HospitalData(name, train, val, str(path))
+
+
+def _read_history(context: Context) -> list[HistoryEntry]:
+    record = context.state.get(DP_STATE)
+    if record is None:
+        return []
+    return [tuple(entry) for entry in json.loads(str(record["history"]))]
+
+
+def _write_history(context: Context, history: list[HistoryEntry]) -> None:
+    context.state[DP_STATE] = ConfigRecord({"history": json.dumps(history)})
+
+
+def _refusal(msg: Message, name: str, exc: FedwardError) -> Message:
+    content = RecordDict(
+        {
+            wire.REFUSAL: ConfigRecord({"kind": type(exc).__name__, "reason": str(exc)}),
+            wire.INFO: ConfigRecord({"hospital": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower entry point: train on the hospital's own data."""
+    return handle_train(msg, context, load_site_data)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Flower entry point: evaluate the global adapter on the hospital's validation split."""
+    return handle_evaluate(msg, context, load_site_data)

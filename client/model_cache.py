@@ -1,0 +1,65 @@
+"""One model and tokenizer per simulation worker process, reused for every hospital and round.
+
+Only the adapter tensors differ between hospitals and rounds, and `train_locally` loads them
+before every use, so a worker serving many virtual hospitals holds one base model, not one each.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+
+from common.config import RunConfig
+from common.model import build_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_MAX_MODELS = 2  # distinct (model, task, LoRA) setups kept per process
+_models: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+_tokenizers: dict[str, object] = {}
+_lock = threading.Lock()
+#: How many times this process built a model: tests count loads, not time.
+load_count = 0
+
+
+def model_key(config: RunConfig, num_labels: int) -> tuple:
+    """Everything that changes the model's architecture or its initial (frozen) weights."""
+    return (
+        config.model,
+        config.task,
+        num_labels,
+        config.lora_variant,
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        tuple(config.lora_target_modules),
+        config.seed,
+    )
+
+
+def cached_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
+    """The process's model for this setup, built on first use."""
+    global load_count
+    key = model_key(config, num_labels)
+    with _lock:
+        if key in _models:
+            _models.move_to_end(key)
+            return _models[key]
+        model = build_model(config, num_labels)
+        load_count += 1
+        log.info("built model %s for task %s (load %d in this process)", config.model, config.task, load_count)
+        _models[key] = model
+        while len(_models) > _MAX_MODELS:
+            _models.popitem(last=False)
+        return model
+
+
+def cached_tokenizer(model_name: str):
+    """The process's tokenizer for `model_name`."""
+    with _lock:
+        if model_name not in _tokenizers:
+            _tokenizers[model_name] = load_tokenizer(model_name)
+        return _tokenizers[model_name]

@@ -1,0 +1,280 @@
+"""The hospital's site policy: what a hospital agrees to train, decided before any record is read.
+
+The policy is a TOML file owned by the hospital (not by the coordinator). Example:
+
+```toml
+# site-policy.toml
+allowed_models = ["all-MiniLM-L6-v2"]
+allowed_model_hashes = ["3f1c...e9"]        # `fedward client model-hash PATH` prints it
+allowed_tasks = ["classification"]
+max_epsilon = 8.0                           # lifetime budget per local data set
+max_delta = 1e-5
+max_rounds = 50
+min_examples = 200
+require_secure_aggregation = true
+require_dp = true
+approved_run_configs = []                   # optional: pin exact RunConfig digests
+```
+
+Keys may also sit under a `[policy]` table. `SitePolicy.check` is pure: it looks only at the run
+configuration and the base model's content hash, so a request is refused before any data is
+loaded. The reasons of a refusal travel back to the coordinator (round table, audit log); they
+name the rule and the values, never a path or anything about the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.config import RunConfig
+from common.errors import ConfigError, ModelError, PolicyError
+
+logger = logging.getLogger(__name__)
+
+#: File endings that hold model weights; `model_content_hash` hashes these and nothing else.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class SitePolicy(BaseModel):
+    """What one hospital accepts. Every field is checked against each training request.
+
+    Attributes:
+        allowed_models: Base model names (`RunConfig.model`) accepted; None accepts any name.
+        allowed_model_hashes: SHA-256 digests (`model_content_hash`) of the weight files
+            accepted; None accepts any content. When both lists are set, both must match.
+        allowed_tasks: Tasks the hospital trains.
+        max_epsilon: Lifetime epsilon budget of each local data set, over all runs. A run whose
+            own target epsilon is above it is refused outright; the ledger refuses a round that
+            would push the data set past it.
+        max_delta: Largest delta a run may ask for.
+        max_rounds: Most rounds one run may ask for.
+        min_examples: Fewest training examples the hospital trains on (checked after loading).
+        require_secure_aggregation: Refuse runs without SecAgg+ (default True).
+        require_dp: Refuse runs without DP-SGD (default True).
+        approved_run_configs: If set, only runs whose `RunConfig.digest()` is listed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_models: list[str] | None = Field(
+        None, description="Base model names accepted; None: any name."
+    )
+    allowed_model_hashes: list[str] | None = Field(
+        None, description="SHA-256 of the model's weight files accepted; None: any content."
+    )
+    allowed_tasks: list[Literal["classification", "ner"]] = Field(
+        default_factory=lambda: ["classification", "ner"], description="Tasks accepted."
+    )
+    max_epsilon: float = Field(
+        ..., gt=0, le=100, description="Lifetime epsilon budget of each local data set."
+    )
+    max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest delta a run may use.")
+    max_rounds: int = Field(100, ge=1, description="Most rounds one run may ask for.")
+    min_examples: int = Field(100, ge=1, description="Fewest local training examples.")
+    require_secure_aggregation: bool = Field(True, description="Refuse runs without SecAgg+.")
+    require_dp: bool = Field(True, description="Refuse runs without DP-SGD.")
+    approved_run_configs: list[str] | None = Field(
+        None, description="If set, only runs whose RunConfig.digest() is listed."
+    )
+
+    @field_validator("allowed_model_hashes", "approved_run_configs")
+    @classmethod
+    def _check_digests(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        normalised = [digest.strip().lower().removeprefix("sha256:") for digest in value]
+        bad = [digest for digest in normalised if not _SHA256_HEX.match(digest)]
+        if bad:
+            raise ValueError(f"not a SHA-256 hex digest (64 hex characters): {bad[0]!r}")
+        return normalised
+
+    @field_validator("allowed_tasks")
+    @classmethod
+    def _check_tasks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must allow at least one task (classification or ner)")
+        return value
+
+    # --- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> SitePolicy:
+        """Read a site policy TOML file; a missing file or bad value raises `ConfigError`."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path}: site policy file not found; check the --policy path"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read site policy ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: site policy is not valid TOML ({exc})") from None
+        values = raw.get("policy", raw)
+        return cls.build(values, source=str(path))
+
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "site policy") -> SitePolicy:
+        """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
+        normalised = {key.replace("-", "_"): value for key, value in values.items()}
+        try:
+            return cls(**normalised)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    @classmethod
+    def permissive(cls, **overrides: Any) -> SitePolicy:
+        """A policy for simulation: any model, task and size, but DP and SecAgg+ still required.
+
+        Pass overrides for baselines, e.g. `SitePolicy.permissive(require_dp=False)`.
+        """
+        values: dict[str, Any] = {
+            "max_epsilon": 100.0,
+            "max_delta": 1e-3,
+            "max_rounds": 10_000,
+            "min_examples": 1,
+        }
+        values.update(overrides)
+        return cls.build(values, source="permissive simulation policy")
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def violations(self, run_config: RunConfig, model_hash: str | None) -> list[str]:
+        """Every rule the request breaks, as short human reasons; empty when it is acceptable."""
+        reasons: list[str] = []
+        if self.allowed_models is not None and run_config.model not in self.allowed_models:
+            reasons.append(
+                f"base model '{run_config.model}' is not allowed "
+                f"(allowed: {', '.join(self.allowed_models) or 'none'})"
+            )
+        if self.allowed_model_hashes is not None:
+            if model_hash is None:
+                reasons.append(
+                    "the site policy pins model content hashes but the base model's hash "
+                    "could not be computed (the model must be a local folder)"
+                )
+            elif model_hash.lower().removeprefix("sha256:") not in self.allowed_model_hashes:
+                reasons.append(
+                    f"base model content {model_hash[:12]}... is not an allowed model version"
+                )
+        if run_config.task not in self.allowed_tasks:
+            reasons.append(
+                f"task '{run_config.task}' is not allowed "
+                f"(allowed: {', '.join(self.allowed_tasks)})"
+            )
+        if self.require_dp and not run_config.dp:
+            reasons.append("differential privacy is off but the site policy requires it")
+        if run_config.dp and run_config.epsilon > self.max_epsilon:
+            reasons.append(
+                f"run epsilon {run_config.epsilon:g} is above the site's lifetime budget "
+                f"max_epsilon {self.max_epsilon:g}"
+            )
+        if run_config.dp and run_config.delta > self.max_delta:
+            reasons.append(
+                f"run delta {run_config.delta:g} is above the site's max_delta {self.max_delta:g}"
+            )
+        if run_config.rounds > self.max_rounds:
+            reasons.append(
+                f"run asks for {run_config.rounds} rounds, the site allows at most "
+                f"{self.max_rounds}"
+            )
+        if self.require_secure_aggregation and not run_config.secure_aggregation:
+            reasons.append("secure aggregation is off but the site policy requires it")
+        if self.approved_run_configs is not None:
+            digest = run_config.digest()
+            if digest not in self.approved_run_configs:
+                reasons.append(
+                    f"run configuration {digest[:12]}... is not on the site's approved list"
+                )
+        return reasons
+
+    def check(
+        self,
+        run_config: RunConfig,
+        model_hash: str | None = None,
+        num_examples: int | None = None,
+    ) -> None:
+        """Raise `PolicyError` listing every broken rule; call it before reading any data.
+
+        `num_examples`, when known, is checked too (see `check_examples`).
+        """
+        reasons = self.violations(run_config, model_hash)
+        if num_examples is not None and num_examples < self.min_examples:
+            reasons.append(self._too_few(num_examples))
+        if reasons:
+            raise PolicyError("site policy refuses the run: " + "; ".join(reasons))
+
+    def check_examples(self, num_examples: int) -> None:
+        """Raise `PolicyError` when the local training set is smaller than `min_examples`."""
+        if num_examples < self.min_examples:
+            raise PolicyError("site policy refuses the run: " + self._too_few(num_examples))
+
+    def _too_few(self, num_examples: int) -> str:
+        return (
+            f"only {num_examples} local training examples, the site requires at least "
+            f"{self.min_examples} (DP noise would dominate and records would be easier to "
+            "single out)"
+        )
+
+
+def model_content_hash(path: str | Path) -> str:
+    """SHA-256 (hex) over a model's weight files, so a policy can pin the exact weights.
+
+    For a folder, the weight files (`WEIGHT_SUFFIXES`, in any subfolder) are taken in sorted
+    order and each contributes its relative path, its size and its bytes; tokenizer and config
+    files are left out, so re-saving a config does not change the hash. A single file is hashed
+    the same way. Raises `ModelError` when the path is missing or holds no weight file.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted(
+            (candidate.relative_to(path).as_posix(), candidate)
+            for candidate in path.rglob("*")
+            if candidate.is_file() and candidate.name.endswith(WEIGHT_SUFFIXES)
+        )
+    else:
+        raise ModelError(f"{path}: model path not found; cannot compute its content hash")
+    if not files:
+        raise ModelError(
+            f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found; "
+            "is this a model folder?"
+        )
+    digest = hashlib.sha256()
+    for relative, file_path in files:
+        digest.update(relative.encode("utf-8") + b"\0")
+        digest.update(str(os.path.getsize(file_path)).encode("ascii") + b"\0")
+        with open(file_path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(item) for item in error["loc"]) or "policy"
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(SitePolicy.model_fields)
+            parts.append(f"unknown field '{field}' (known fields: {known})")
+            continue
+        if error["type"] == "missing":
+            parts.append(f"field '{field}' is required")
+            continue
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}{shown}")
+    return f"{source}: invalid site policy: " + "; ".join(parts)

@@ -1,0 +1,453 @@
+"""Secure-aggregation (SecAgg+) primitives that the hospitals and the coordinator must agree on.
+
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS
+2020), built on SecAgg (Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
+Machine Learning", CCS 2017). A hospital sends
+
+    y_u = n_u * quantize(delta_u) + PRG(b_u) + sum_v sign(u, v) * PRG(s_uv)   (mod M)
+
+followed by one more element, its example count n_u, masked the same way. The pairwise masks
+PRG(s_uv) cancel in the sum over hospitals; the self masks PRG(b_u) and the pairwise masks of
+hospitals that dropped out are removed by the coordinator from Shamir shares that the surviving
+neighbours reveal. Only the sum is ever unmasked.
+
+Everything here is pure (no I/O, no state): quantization, the modulus check, the neighbour graph,
+the thresholds, Shamir secret sharing, key agreement, share encryption and mask expansion. The
+primitives come from `cryptography`: X25519 key agreement, HKDF-SHA256, ChaCha20-Poly1305 for the
+shares in transit and the ChaCha20 keystream as the PRG; seeds are 256 bits. Shamir sharing is
+written here over the Mersenne prime field 2**521 - 1, so a 32-byte secret is one field element.
+
+Quantization and weighting. A delta value is clipped to [-clip, clip] and stochastically rounded to
+an integer q in [0, 2**bits - 1] (unbiased). The hospital multiplies q by its example count n_u;
+the coordinator recovers sum_u n_u * q_u and sum_u n_u (the count slot), and the weighted sum of
+deltas is step * sum_u n_u * q_u - clip * sum_u n_u with step = 2 * clip / (2**bits - 1). The
+modulus is the smallest power of two above num_hospitals * max_weight * (2**bits - 1), so the sum
+can never wrap; it must fit in 64 bits (`check_modulus`). The error of the weighted average is
+below one quantization step per coordinate (`quantization_bound`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from common.errors import SecAggError
+
+# The four stages of a SecAgg+ round, in order. Every message names its stage.
+ADVERTISE_KEYS = "advertise_keys"
+SHARE_KEYS = "share_keys"
+MASKED_UPDATE = "masked_update"
+UNMASK = "unmask"
+STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_UPDATE, UNMASK)
+
+#: Bytes in a self-mask seed, a derived key and an X25519 key (256 bits each).
+SEED_BYTES = 32
+#: Shamir shares live in GF(2**521 - 1), a Mersenne prime: one element holds a 32-byte secret.
+FIELD_PRIME = 2**521 - 1
+#: Bytes of one Shamir share (a field element, big-endian).
+SHARE_BYTES = (FIELD_PRIME.bit_length() + 7) // 8
+#: Node ids are Flower node ids: unsigned 64-bit integers.
+MAX_NODE_ID = 2**64 - 1
+#: The masked vectors are numpy uint64, so the modulus is at most 2**64.
+MAX_MODULUS_BITS = 64
+
+_NONCE_BYTES = 12  # ChaCha20-Poly1305
+_PRG_NONCE = bytes(16)  # every PRG seed is used for exactly one mask, so a fixed nonce is safe
+
+
+# --- quantization and the modulus --------------------------------------------------------------
+
+
+def check_modulus(num_hospitals: int, max_weight: int, clip: float, bits: int) -> int:
+    """Bits of the power-of-two modulus that lets `num_hospitals` weighted updates sum exactly.
+
+    Each coordinate of a hospital's update is at most `max_weight * (2**bits - 1)`, so the sum of
+    `num_hospitals` of them (and of their example counts, the last slot) stays below
+    `2**modulus_bits`. `clip` only sets the range the `bits` cover; it does not change the
+    modulus, and it is checked here so a bad value fails early. Raises `SecAggError` when the
+    modulus would need more than 64 bits (the masked vectors are uint64).
+    """
+    if isinstance(num_hospitals, bool) or not isinstance(num_hospitals, int) or num_hospitals < 1:
+        raise SecAggError(f"secure aggregation: num_hospitals must be an int >= 1, got {num_hospitals!r}")
+    if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 1:
+        raise SecAggError(
+            f"secure aggregation: the largest example count (max weight) must be an int >= 1, "
+            f"got {max_weight!r}"
+        )
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_MODULUS_BITS:
+        raise SecAggError(f"secure aggregation: secagg_bits must be an int in 1..64, got {bits!r}")
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise SecAggError(f"secure aggregation: secagg_clip must be a finite number > 0, got {clip!r}")
+    largest_sum = num_hospitals * max_weight * (2**bits - 1)
+    modulus_bits = largest_sum.bit_length()
+    if modulus_bits > MAX_MODULUS_BITS:
+        raise SecAggError(
+            f"secure aggregation: {num_hospitals} hospitals with up to {max_weight} examples each "
+            f"and {bits}-bit quantization need a {modulus_bits}-bit modulus, more than the "
+            f"{MAX_MODULUS_BITS} bits available; lower secagg_bits (now {bits}), sample fewer "
+            f"hospitals per round, or lower the max weight (secagg_clip does not change the "
+            f"modulus, only the range the bits cover)"
+        )
+    return modulus_bits
+
+
+def quantization_step(clip: float, bits: int) -> float:
+    """Width of one quantization level: the range [-clip, clip] cut into 2**bits - 1 steps."""
+    return 2.0 * clip / (2**bits - 1)
+
+
+def quantization_bound(clip: float, bits: int) -> float:
+    """Largest absolute error, per coordinate, of the securely aggregated weighted average.
+
+    Stochastic rounding moves each value by less than one step, so any weighted average of the
+    rounded values is within one step of the weighted average of the clipped values. A small
+    term covers float64 rounding in the dequantization. Multiply by the total weight for the
+    bound on the weighted sum. Values outside [-clip, clip] are clipped first; that error is not
+    included (it is the point of the clipping range).
+    """
+    return quantization_step(clip, bits) + 32 * float(np.finfo(np.float64).eps) * clip
+
+
+def quantize(
+    values: np.ndarray, clip: float, bits: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Clip `values` to [-clip, clip] and round them stochastically to ints in [0, 2**bits - 1].
+
+    The rounding is unbiased: a value 30% of the way from one level to the next rounds up with
+    probability 0.3. `rng` only drives the rounding (no secret depends on it).
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    levels = 2**bits - 1
+    clipped = np.clip(np.asarray(values, dtype=np.float64), -clip, clip)
+    scaled = (clipped + clip) * (levels / (2.0 * clip))
+    lower = np.floor(scaled)
+    rounded = lower + (rng.random(scaled.shape) < (scaled - lower))
+    return np.clip(rounded, 0, levels).astype(np.uint64)
+
+
+def dequantize_sum(quantized_sum: np.ndarray, total_weight: int, clip: float, bits: int) -> np.ndarray:
+    """Turn sum_u n_u * q_u back into sum_u n_u * delta_u (float64), given total_weight = sum n_u."""
+    step = quantization_step(clip, bits)
+    return np.asarray(quantized_sum, dtype=np.uint64).astype(np.float64) * step - clip * total_weight
+
+
+# --- the SecAgg+ graph and thresholds ----------------------------------------------------------
+
+
+def round_seed(run_id: int | str, server_round: int) -> bytes:
+    """Public seed of one round's neighbour graph; every party derives it from run id and round."""
+    return hashlib.sha256(f"fedward-secagg-graph|run={run_id}|round={server_round}".encode()).digest()
+
+
+def secagg_graph(
+    node_ids: Sequence[int], neighbours: int, public_seed: bytes
+) -> dict[int, tuple[int, ...]]:
+    """Each node's neighbours (itself excluded) in the round's SecAgg+ graph.
+
+    `neighbours == 0`, or at least `len(node_ids) - 1`, means all-to-all (SecAgg). Otherwise the
+    graph is a Harary graph on a public random ring (Bell et al. 2020): the nodes are ordered by
+    SHA-256(public_seed, node id) and each is joined to the `k / 2` nodes on either side, where
+    `k` is `neighbours` rounded up to even. The graph is symmetric and every node has the same
+    degree. The ordering uses only SHA-256, so all parties agree whatever their numpy version.
+    """
+    nodes = check_node_ids(node_ids)
+    if neighbours < 0:
+        raise SecAggError(f"secure aggregation: secagg_neighbours must be >= 0, got {neighbours}")
+    count = len(nodes)
+    degree = neighbours + (neighbours % 2)
+    if neighbours == 0 or degree >= count - 1:
+        return {node: tuple(other for other in nodes if other != node) for node in nodes}
+    ring = sorted(nodes, key=lambda node: hashlib.sha256(public_seed + node.to_bytes(8, "big")).digest())
+    graph: dict[int, tuple[int, ...]] = {}
+    for position, node in enumerate(ring):
+        near = {ring[(position + offset) % count] for offset in range(1, degree // 2 + 1)}
+        near |= {ring[(position - offset) % count] for offset in range(1, degree // 2 + 1)}
+        graph[node] = tuple(sorted(near))
+    return graph
+
+
+def check_node_ids(node_ids: Sequence[int]) -> list[int]:
+    """Sorted node ids, after checking they are distinct unsigned 64-bit ints."""
+    nodes = list(node_ids)
+    for node in nodes:
+        if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node <= MAX_NODE_ID:
+            raise SecAggError(
+                f"secure aggregation: node id {node!r} is not an unsigned 64-bit int (Flower node id)"
+            )
+    if len(set(nodes)) != len(nodes):
+        raise SecAggError("secure aggregation: the round's node ids contain duplicates")
+    return sorted(nodes)
+
+
+def threshold_from_fraction(fraction: float, neighbourhood_size: int) -> int:
+    """Reconstruction threshold t for a neighbourhood (a node and its neighbours) of this size.
+
+    t = ceil(fraction * size), at least 2 and at most the size; `secagg_threshold` is the
+    fraction. A node's secrets are recovered while at least t of its neighbourhood survive.
+    """
+    if not 0 < fraction <= 1:
+        raise SecAggError(f"secure aggregation: secagg_threshold must be in (0, 1], got {fraction}")
+    if neighbourhood_size < 2:
+        raise SecAggError(
+            "secure aggregation needs at least 2 hospitals per round; sample more hospitals "
+            "or turn secure_aggregation off"
+        )
+    wanted = math.ceil(round(fraction * neighbourhood_size, 9))
+    return min(neighbourhood_size, max(2, wanted))
+
+
+def check_threshold(threshold: int, neighbourhood_size: int) -> None:
+    """Raise `SecAggError` unless 2 <= threshold <= neighbourhood_size."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise SecAggError(f"secure aggregation: threshold must be an int, got {threshold!r}")
+    if not 2 <= threshold <= neighbourhood_size:
+        raise SecAggError(
+            f"secure aggregation: threshold {threshold} must be between 2 and the neighbourhood "
+            f"size {neighbourhood_size}; raise secagg_neighbours or lower secagg_threshold"
+        )
+
+
+def mask_sign(node_id: int, other_id: int) -> int:
+    """+1 if `node_id` adds the pairwise mask it shares with `other_id`, -1 if it subtracts it."""
+    return 1 if node_id < other_id else -1
+
+
+# --- Shamir secret sharing over GF(2**521 - 1) -------------------------------------------------
+
+
+def _share_point(holder: int) -> int:
+    # Node ids start at 0; the secret sits at x = 0, so shift every holder by one.
+    return holder + 1
+
+
+def shamir_split(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[int, bytes]:
+    """Split a secret of up to 32 bytes into one share per holder; any `threshold` recover it.
+
+    A random polynomial of degree threshold - 1 with the secret as constant term, evaluated at
+    x = holder + 1. Fewer than `threshold` shares reveal nothing about the secret.
+    """
+    if len(secret) > SEED_BYTES:
+        raise SecAggError(f"secure aggregation: Shamir secrets are at most {SEED_BYTES} bytes")
+    if not 1 <= threshold <= len(holders):
+        raise SecAggError(
+            f"secure aggregation: threshold {threshold} must be between 1 and the number of "
+            f"share holders ({len(holders)})"
+        )
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients += [secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for holder in holders:
+        x = _share_point(holder)
+        y = 0
+        for coefficient in reversed(coefficients):  # Horner
+            y = (y * x + coefficient) % FIELD_PRIME
+        shares[holder] = y.to_bytes(SHARE_BYTES, "big")
+    return shares
+
+
+@lru_cache(maxsize=256)
+def _lagrange_at_zero(points: tuple[int, ...]) -> tuple[int, ...]:
+    # Coefficients l_i with f(0) = sum_i l_i f(x_i); cached because in one round most secrets are
+    # recovered from the same set of surviving holders.
+    weights = []
+    for i, x_i in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, x_j in enumerate(points):
+            if i != j:
+                numerator = numerator * x_j % FIELD_PRIME
+                denominator = denominator * (x_j - x_i) % FIELD_PRIME
+        weights.append(numerator * pow(denominator, -1, FIELD_PRIME) % FIELD_PRIME)
+    return tuple(weights)
+
+
+def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_bytes: int = SEED_BYTES) -> bytes:
+    """Recover a secret from at least `threshold` shares keyed by holder id.
+
+    Raises `SecAggError` (without any share value in the message) when there are too few shares,
+    a share is malformed, or the shares do not fit together.
+    """
+    if len(shares) < threshold:
+        raise SecAggError(
+            f"secure aggregation: {len(shares)} shares are fewer than the threshold {threshold}"
+        )
+    holders = sorted(shares)[:threshold]
+    values = []
+    for holder in holders:
+        share = shares[holder]
+        if not isinstance(share, bytes) or len(share) != SHARE_BYTES:
+            raise SecAggError(f"secure aggregation: the share held by node {holder} is malformed")
+        value = int.from_bytes(share, "big")
+        if value >= FIELD_PRIME:
+            raise SecAggError(f"secure aggregation: the share held by node {holder} is malformed")
+        values.append(value)
+    weights = _lagrange_at_zero(tuple(_share_point(holder) for holder in holders))
+    secret = sum(w * v for w, v in zip(weights, values)) % FIELD_PRIME
+    if secret.bit_length() > 8 * secret_bytes:
+        raise SecAggError("secure aggregation: the shares do not combine into a valid secret")
+    return secret.to_bytes(secret_bytes, "big")
+
+
+# --- key agreement, share encryption, binding --------------------------------------------------
+
+
+def binding(run_id: int | str, server_round: int, stage: str, source: int, destination: int) -> bytes:
+    """What a message is bound to: run, round, stage, sender and receiver (AEAD associated data)."""
+    return (
+        f"fedward-secagg/v1|run={run_id}|round={server_round}|stage={stage}"
+        f"|from={source}|to={destination}"
+    ).encode()
+
+
+def agree_key(private_key: X25519PrivateKey, peer_public_key: bytes, context: bytes) -> bytes:
+    """32-byte key shared by two nodes: X25519 between them, then HKDF-SHA256 bound to `context`.
+
+    Raises `ValueError` for a malformed or degenerate public key; callers name node and stage.
+    """
+    peer = X25519PublicKey.from_public_bytes(peer_public_key)
+    shared = private_key.exchange(peer)
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=context).derive(shared)
+
+
+def pair_context(run_id: int | str, server_round: int, purpose: str, a: int, b: int) -> bytes:
+    """HKDF context for the key two nodes share: the same whichever of them derives it."""
+    low, high = min(a, b), max(a, b)
+    return binding(run_id, server_round, purpose, low, high)
+
+
+def encrypt_share(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """ChaCha20-Poly1305 under a fresh random nonce; returns nonce || ciphertext || tag."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated_data)
+
+
+def decrypt_share(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
+    """Inverse of `encrypt_share`; raises `SecAggError` if the ciphertext or its binding is wrong."""
+    if len(ciphertext) < _NONCE_BYTES + 16:
+        raise SecAggError("secure aggregation: encrypted share is too short")
+    try:
+        return ChaCha20Poly1305(key).decrypt(
+            ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], associated_data
+        )
+    except InvalidTag:
+        raise SecAggError(
+            "secure aggregation: encrypted share does not authenticate (it was altered, or it "
+            "belongs to another run, round, stage, sender or receiver)"
+        ) from None
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+
+def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
+    """`length` uniform values in [0, 2**modulus_bits) from a 32-byte seed (ChaCha20 keystream).
+
+    The keystream is read as little-endian uint64 and reduced by bit masking, which keeps it
+    uniform because the modulus is a power of two. One call, no Python loop over elements.
+    """
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(f"secure aggregation: mask seeds are {SEED_BYTES} bytes")
+    mask = np.empty(length, dtype="<u8")
+    if length == 0:
+        return mask.astype(np.uint64)
+    encryptor = Cipher(algorithms.ChaCha20(seed, _PRG_NONCE), mode=None).encryptor()
+    # Encrypting zeros yields the bare keystream, written straight into the array's memory.
+    written = encryptor.update_into(np.zeros(8 * length, dtype=np.uint8), mask.view(np.uint8))
+    if written != 8 * length:
+        raise SecAggError("secure aggregation: the mask PRG returned a short keystream")
+    mask = mask.astype(np.uint64, copy=False)
+    return reduce_modulus(mask, modulus_bits)
+
+
+def reduce_modulus(values: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """Reduce uint64 values (already wrapped mod 2**64) modulo 2**modulus_bits, in place."""
+    if modulus_bits < 64:
+        values &= np.uint64((1 << modulus_bits) - 1)
+    return values
+
+
+# --- payload checks shared by both sides ---------------------------------------------------------
+
+
+def header(run_id: int | str, server_round: int, stage: str, node_id: int) -> dict[str, Any]:
+    """The fields every SecAgg payload starts with (node_id: sender of a reply, receiver of a
+    request)."""
+    return {"run_id": str(run_id), "round": server_round, "stage": stage, "node_id": node_id}
+
+
+def check_header(
+    payload: Mapping[str, Any], run_id: int | str, server_round: int, stage: str, node_id: int
+) -> None:
+    """Raise `SecAggError` unless `payload` belongs to this run, round, stage and node."""
+    if not isinstance(payload, Mapping):
+        raise SecAggError(f"node {node_id}, stage {stage}: payload is not a mapping")
+    got = (payload.get("run_id"), payload.get("round"), payload.get("stage"), payload.get("node_id"))
+    want = (str(run_id), server_round, stage, node_id)
+    if got != want:
+        raise SecAggError(
+            f"node {node_id}, stage {stage}: message is for run {got[0]!r}, round {got[1]!r}, "
+            f"stage {got[2]!r}, node {got[3]!r}, but this is run {want[0]!r}, round {want[1]}, "
+            f"stage {want[2]!r}, node {want[3]} (a replayed or misrouted message); it was rejected"
+        )
+
+
+def read_field(payload: Mapping[str, Any], key: str, kind: type, node_id: int, stage: str) -> Any:
+    """`payload[key]`, checked to be a `kind` (int, float, str, bytes)."""
+    if key not in payload:
+        raise SecAggError(f"node {node_id}, stage {stage}: payload has no '{key}'")
+    value = payload[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise SecAggError(
+            f"node {node_id}, stage {stage}: '{key}' must be {kind.__name__}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def read_list(
+    payload: Mapping[str, Any], key: str, kind: type, node_id: int, stage: str
+) -> list[Any]:
+    """`payload[key]` as a list whose items are all `kind` (int or bytes)."""
+    if key not in payload:
+        raise SecAggError(f"node {node_id}, stage {stage}: payload has no '{key}'")
+    value = payload[key]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise SecAggError(f"node {node_id}, stage {stage}: '{key}' must be a list")
+    for item in value:
+        if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+            raise SecAggError(
+                f"node {node_id}, stage {stage}: '{key}' must hold {kind.__name__} values, "
+                f"got {type(item).__name__}"
+            )
+    return list(value)
+
+
+def read_node_keyed(
+    payload: Mapping[str, Any], ids_key: str, values_key: str, node_id: int, stage: str
+) -> dict[int, bytes]:
+    """Two parallel lists (node ids, bytes) as a dict; rejects duplicates and length mismatches."""
+    ids = read_list(payload, ids_key, int, node_id, stage)
+    values = read_list(payload, values_key, bytes, node_id, stage)
+    if len(ids) != len(values):
+        raise SecAggError(
+            f"node {node_id}, stage {stage}: '{ids_key}' has {len(ids)} entries but "
+            f"'{values_key}' has {len(values)}"
+        )
+    if len(set(ids)) != len(ids):
+        raise SecAggError(f"node {node_id}, stage {stage}: '{ids_key}' lists a node twice")
+    return dict(zip(ids, values))

@@ -1,0 +1,425 @@
+"""The coordinator's side of one SecAgg+ round: relay, decide survivors, unmask the sum.
+
+`SecAggServerSession` never sees a hospital's update unmasked. Per stage it takes the hospitals'
+replies (a dict keyed by node id; a hospital missing from it has dropped out), checks them, and
+returns the requests for the next stage: also a dict keyed by node id. After the unmask stage it
+reconstructs the self-mask seeds of the survivors and the mask keys of the hospitals that dropped
+after sharing keys, removes every mask from the sum, and returns the dequantized weighted sum and
+the total weight (`SecAggResult`).
+
+    session = SecAggServerSession(run_id, server_round, node_ids, vector_length, ...)
+    requests = session.advertise_keys_requests()
+    requests = session.share_keys_requests(replies)      # replies to advertise_keys
+    requests = session.masked_update_requests(replies)   # replies to share_keys
+    requests = session.unmask_requests(replies)          # replies to masked_update
+    result = session.aggregate(replies)                  # replies to unmask
+
+Payload keys are listed in `client.secagg`. A reply from an unknown node, for another run, round
+or stage, of the wrong shape, or too few survivors to unmask, raises `SecAggError` naming the node
+and stage; the round then fails and the global adapter stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from common.errors import SecAggError
+from common.secagg import (
+    ADVERTISE_KEYS,
+    MASKED_UPDATE,
+    SEED_BYTES,
+    SHARE_BYTES,
+    SHARE_KEYS,
+    UNMASK,
+    agree_key,
+    check_header,
+    check_modulus,
+    check_node_ids,
+    dequantize_sum,
+    expand_mask,
+    header,
+    mask_sign,
+    pair_context,
+    read_field,
+    read_node_keyed,
+    reduce_modulus,
+    round_seed,
+    secagg_graph,
+    shamir_combine,
+    threshold_from_fraction,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """What secure aggregation reveals: the sum, nothing per hospital.
+
+    Attributes:
+        weighted_sum: sum over included hospitals of n_u * delta_u (float64, dequantized).
+        total_weight: sum over included hospitals of n_u (their example counts).
+        included: hospitals whose updates are in the sum (their masked update arrived).
+        dropped: hospitals that started the round but whose updates are not in the sum.
+    """
+
+    weighted_sum: np.ndarray
+    total_weight: int
+    included: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    @property
+    def average(self) -> np.ndarray:
+        """The weighted FedAvg update: weighted_sum / total_weight."""
+        return self.weighted_sum / self.total_weight
+
+
+class SecAggServerSession:
+    """The coordinator's state for one SecAgg+ round.
+
+    Args:
+        run_id: the Flower run id (every message is bound to it).
+        server_round: the round number (every message is bound to it).
+        node_ids: the hospitals sampled for this round (Flower node ids).
+        vector_length: number of float values in a flat adapter update.
+        neighbours: neighbours per hospital in the SecAgg+ graph; 0 (default) is all-to-all.
+        threshold: share of a neighbourhood (a hospital and its neighbours) needed to recover a
+            hospital's secrets (default 0.5); the count is at least 2.
+        clip: quantization range [-clip, clip] of update values (default 1.0).
+        bits: quantization bits per value (default 24).
+        max_weight: largest example count a hospital may weight its update with (default
+            2**20); with the hospital count and `bits` it sets the modulus (`check_modulus`).
+    """
+
+    def __init__(
+        self,
+        run_id: int | str,
+        server_round: int,
+        node_ids: list[int],
+        vector_length: int,
+        *,
+        neighbours: int = 0,
+        threshold: float = 0.5,
+        clip: float = 1.0,
+        bits: int = 24,
+        max_weight: int = 2**20,
+    ) -> None:
+        self.run_id = str(run_id)
+        self.server_round = server_round
+        self.node_ids = check_node_ids(node_ids)
+        if vector_length < 1:
+            raise SecAggError(f"secure aggregation: vector_length must be >= 1, got {vector_length}")
+        self.vector_length = vector_length
+        self.neighbours = neighbours
+        self.clip = float(clip)
+        self.bits = bits
+        self.max_weight = max_weight
+        self.modulus_bits = check_modulus(len(self.node_ids), max_weight, self.clip, bits)
+        self.graph = secagg_graph(self.node_ids, neighbours, round_seed(self.run_id, server_round))
+        degree = len(next(iter(self.graph.values()))) if self.graph else 0
+        self.threshold = threshold_from_fraction(threshold, degree + 1)
+        self.stage: str | None = None  # the last stage whose requests were sent
+        self._asked: set[int] = set()  # who received the current stage's request
+        self._share_public: dict[int, bytes] = {}
+        self._mask_public: dict[int, bytes] = {}
+        self._sharers: set[int] = set()  # U2: sent their encrypted shares
+        self._routes: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
+        self._contributors: set[int] = set()  # U3: masked update arrived
+        self._sum: np.ndarray | None = None
+        self._unmask_asked: dict[int, tuple[list[int], list[int]]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"SecAggServerSession(run_id={self.run_id!r}, round={self.server_round}, "
+            f"hospitals={len(self.node_ids)}, threshold={self.threshold}, stage={self.stage!r})"
+        )
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _neighbourhood(self, node: int) -> set[int]:
+        return {node, *self.graph[node]}
+
+    def _receive(
+        self, replies: Mapping[int, Mapping[str, Any]], stage: str
+    ) -> dict[int, Mapping[str, Any]]:
+        """Check the stage's replies come from nodes that were asked, for this run/round/stage."""
+        if self.stage != stage:
+            raise SecAggError(
+                f"secure aggregation, stage {stage}: out of order, the requests last sent were "
+                f"for stage {self.stage!r}"
+            )
+        for node, payload in replies.items():
+            if node not in self._asked:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: unknown node, it was not asked in this stage of "
+                    f"round {self.server_round}; reply rejected"
+                )
+            check_header(payload, self.run_id, self.server_round, stage, node)
+        missing = sorted(self._asked - set(replies))
+        logger.info(
+            "secagg round %d, %s: %d of %d hospitals replied%s",
+            self.server_round, stage, len(replies), len(self._asked),
+            f" (dropped: {missing})" if missing else "",
+        )
+        return dict(replies)
+
+    def _require_threshold(self, nodes: set[int], alive: set[int], stage: str, what: str) -> None:
+        for node in sorted(nodes):
+            holders = self._neighbourhood(node) & alive
+            if len(holders) < self.threshold:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: only {len(holders)} of its neighbourhood "
+                    f"{what}, fewer than the threshold {self.threshold}; the round cannot be "
+                    f"securely aggregated (too many hospitals dropped out)"
+                )
+
+    def _request(self, stage: str, node: int, **fields: Any) -> dict[str, Any]:
+        return {**header(self.run_id, self.server_round, stage, node), **fields}
+
+    # --- stage 1 -----------------------------------------------------------------------------
+
+    def advertise_keys_requests(self) -> dict[int, dict[str, Any]]:
+        """Requests that start the round: the public parameters, one per sampled hospital."""
+        stage = ADVERTISE_KEYS
+        if self.stage is not None:
+            raise SecAggError(f"secure aggregation, stage {stage}: the round was already started")
+        self.stage, self._asked = stage, set(self.node_ids)
+        return {
+            node: self._request(
+                stage,
+                node,
+                node_ids=list(self.node_ids),
+                neighbours=self.neighbours,
+                threshold=self.threshold,
+                clip=self.clip,
+                bits=self.bits,
+                max_weight=self.max_weight,
+                modulus_bits=self.modulus_bits,
+                vector_length=self.vector_length,
+            )
+            for node in self.node_ids
+        }
+
+    # --- stage 2 -----------------------------------------------------------------------------
+
+    def share_keys_requests(
+        self, replies: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        """Collect the public keys; send each hospital those of its neighbours that replied."""
+        stage = ADVERTISE_KEYS
+        replies = self._receive(replies, stage)
+        for node, payload in replies.items():
+            share_key = read_field(payload, "share_public_key", bytes, node, stage)
+            mask_key = read_field(payload, "mask_public_key", bytes, node, stage)
+            if len(share_key) != SEED_BYTES or len(mask_key) != SEED_BYTES:
+                raise SecAggError(f"node {node}, stage {stage}: public keys must be 32 bytes")
+            self._share_public[node], self._mask_public[node] = share_key, mask_key
+        advertised = set(replies)
+        self._require_threshold(advertised, advertised, stage, "advertised keys")
+        next_stage = SHARE_KEYS
+        self.stage, self._asked = next_stage, advertised
+        requests = {}
+        for node in sorted(advertised):
+            peers = sorted(set(self.graph[node]) & advertised)
+            requests[node] = self._request(
+                next_stage,
+                node,
+                neighbour_ids=peers,
+                share_public_keys=[self._share_public[peer] for peer in peers],
+                mask_public_keys=[self._mask_public[peer] for peer in peers],
+            )
+        return requests
+
+    # --- stage 3 -----------------------------------------------------------------------------
+
+    def masked_update_requests(
+        self, replies: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        """Collect the encrypted shares; route to each hospital those addressed to it."""
+        stage = SHARE_KEYS
+        replies = self._receive(replies, stage)
+        sharers = set(replies)
+        routes: dict[int, dict[int, bytes]] = {node: {} for node in sharers}
+        for node, payload in replies.items():
+            sent = read_node_keyed(payload, "destinations", "ciphertexts", node, stage)
+            expected = set(self.graph[node]) & set(self._share_public)
+            if set(sent) != expected:
+                wrong = sorted(set(sent) ^ expected)
+                raise SecAggError(
+                    f"node {node}, stage {stage}: shares must go to exactly its neighbours that "
+                    f"advertised keys; nodes {wrong} are missing or not its neighbours"
+                )
+            for destination, ciphertext in sent.items():
+                if destination in routes:
+                    routes[destination][node] = ciphertext
+        self._require_threshold(sharers, sharers, stage, "shared keys")
+        self._sharers, self._routes = sharers, routes
+        next_stage = MASKED_UPDATE
+        self.stage, self._asked = next_stage, sharers
+        return {
+            node: self._request(
+                next_stage,
+                node,
+                sources=sorted(routes[node]),
+                ciphertexts=[routes[node][source] for source in sorted(routes[node])],
+            )
+            for node in sorted(sharers)
+        }
+
+    # --- stage 4 -----------------------------------------------------------------------------
+
+    def unmask_requests(
+        self, replies: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        """Add up the masked updates; ask each contributor for the shares that remove the masks."""
+        stage = MASKED_UPDATE
+        replies = self._receive(replies, stage)
+        total = np.zeros(self.vector_length + 1, dtype=np.uint64)
+        limit = 1 << self.modulus_bits
+        for node, payload in replies.items():
+            if "masked_update" not in payload:
+                raise SecAggError(f"node {node}, stage {stage}: payload has no 'masked_update'")
+            vector = payload["masked_update"]
+            if not isinstance(vector, np.ndarray) or vector.ndim != 1:
+                raise SecAggError(f"node {node}, stage {stage}: masked_update must be a 1-D array")
+            if vector.shape[0] != self.vector_length + 1:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: masked_update has {vector.shape[0]} values, "
+                    f"expected {self.vector_length + 1} (adapter size + 1 count slot); rejected"
+                )
+            if vector.dtype != np.uint64:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: masked_update has dtype {vector.dtype}, "
+                    f"expected uint64"
+                )
+            if self.modulus_bits < 64 and int(vector.max()) >= limit:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: masked_update has values outside the "
+                    f"{self.modulus_bits}-bit modulus; rejected"
+                )
+            total += vector
+        contributors = set(replies)
+        if not contributors:
+            raise SecAggError(f"secure aggregation, stage {stage}: no hospital sent a masked update")
+        needed = contributors | {
+            node for node in self._sharers - contributors if set(self.graph[node]) & contributors
+        }
+        self._require_threshold(needed, contributors, stage, "sent masked updates")
+        self._contributors, self._sum = contributors, reduce_modulus(total, self.modulus_bits)
+        next_stage = UNMASK
+        self.stage, self._asked = next_stage, contributors
+        requests = {}
+        for node in sorted(contributors):
+            peers = set(self._routes[node])  # its neighbours whose shares it holds
+            survivors = sorted(peers & contributors)
+            dropped = sorted(peers - contributors)
+            self._unmask_asked[node] = (survivors, dropped)
+            requests[node] = self._request(next_stage, node, survivors=survivors, dropped=dropped)
+        return requests
+
+    # --- result ------------------------------------------------------------------------------
+
+    def aggregate(self, replies: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
+        """Collect the revealed shares, remove every mask, and return the unmasked sum."""
+        stage = UNMASK
+        replies = self._receive(replies, stage)
+        seed_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._contributors}
+        key_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._sharers}
+        for node, payload in replies.items():
+            survivors, dropped = self._unmask_asked[node]
+            seeds = read_node_keyed(payload, "seed_share_owners", "seed_shares", node, stage)
+            keys = read_node_keyed(payload, "key_share_owners", "key_shares", node, stage)
+            if set(seeds) != {node, *survivors} or set(keys) != set(dropped):
+                raise SecAggError(
+                    f"node {node}, stage {stage}: revealed shares for other nodes than asked "
+                    f"(seed shares for itself and its surviving neighbours, key shares for its "
+                    f"dropped neighbours); rejected"
+                )
+            for owner, share in [*seeds.items(), *keys.items()]:
+                if len(share) != SHARE_BYTES:
+                    raise SecAggError(
+                        f"node {node}, stage {stage}: the share it revealed for node {owner} has "
+                        f"{len(share)} bytes, expected {SHARE_BYTES}"
+                    )
+            for owner, share in seeds.items():
+                seed_shares[owner][node] = share
+            for owner, share in keys.items():
+                key_shares[owner][node] = share
+
+        assert self._sum is not None
+        length = self.vector_length + 1
+        total = self._sum.copy()
+        for owner in sorted(self._contributors):
+            seed = self._recover(owner, seed_shares[owner], "self-mask seed")
+            total -= expand_mask(seed, length, self.modulus_bits)
+        for owner in sorted(self._sharers - self._contributors):
+            partners = sorted(set(self.graph[owner]) & self._contributors)
+            if not partners:
+                continue  # no survivor masked with it: nothing to remove
+            raw_key = self._recover(owner, key_shares[owner], "mask private key")
+            mask_key = X25519PrivateKey.from_private_bytes(raw_key)
+            for partner in partners:
+                try:
+                    seed = agree_key(
+                        mask_key,
+                        self._mask_public[partner],
+                        pair_context(self.run_id, self.server_round, "pairwise-mask", owner, partner),
+                    )
+                except ValueError:
+                    raise SecAggError(
+                        f"node {partner}, stage {UNMASK}: its mask public key is invalid"
+                    ) from None
+                pairwise = expand_mask(seed, length, self.modulus_bits)
+                if mask_sign(partner, owner) > 0:  # the survivor added it, so subtract it
+                    total -= pairwise
+                else:
+                    total += pairwise
+        reduce_modulus(total, self.modulus_bits)
+        return self._result(total)
+
+    def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
+        if len(shares) < self.threshold:
+            raise SecAggError(
+                f"node {owner}, stage {UNMASK}: only {len(shares)} shares of its {what} arrived, "
+                f"fewer than the threshold {self.threshold}; too many hospitals dropped out"
+            )
+        try:
+            return shamir_combine(shares, self.threshold)
+        except SecAggError:
+            raise SecAggError(
+                f"node {owner}, stage {UNMASK}: its {what} could not be reconstructed from the "
+                f"revealed shares"
+            ) from None
+
+    def _result(self, total: np.ndarray) -> SecAggResult:
+        total_weight = int(total[-1])
+        quantized_sum = total[:-1]
+        levels = 2**self.bits - 1
+        if total_weight > len(self._contributors) * self.max_weight or (
+            quantized_sum.size and int(quantized_sum.max()) > total_weight * levels
+        ):
+            raise SecAggError(
+                f"secure aggregation, stage {UNMASK}: the unmasked sum is out of range, so a "
+                f"mask was not removed (inconsistent shares or a malformed masked update); "
+                f"round {self.server_round} cannot be aggregated"
+            )
+        if total_weight == 0:
+            raise SecAggError(
+                f"secure aggregation, stage {UNMASK}: the hospitals' example counts sum to 0; "
+                f"there is nothing to average"
+            )
+        weighted_sum = dequantize_sum(quantized_sum, total_weight, self.clip, self.bits)
+        included = tuple(sorted(self._contributors))
+        dropped = tuple(node for node in self.node_ids if node not in self._contributors)
+        self.stage = "done"
+        logger.info(
+            "secagg round %d: unmasked the sum of %d hospitals (total weight %d); dropped: %s",
+            self.server_round, len(included), total_weight, list(dropped),
+        )
+        return SecAggResult(weighted_sum, total_weight, included, dropped)

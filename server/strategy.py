@@ -1,0 +1,203 @@
+"""fedward's aggregation strategy: FedAvg over LoRA adapter updates, weighted by example count.
+
+One method per phase of a round, as in Flower's `FedAvg`: `configure_train`, `aggregate_train`,
+`configure_evaluate`, `aggregate_evaluate`. Arithmetic lives in `server/aggregation.py`.
+
+Each update is validated before it is counted (names, shapes, dtypes, finite, within the clipping
+range); a bad update is dropped and logged and the round goes on with the others. A round with
+fewer usable updates than `min_hospitals` fails cleanly: the global adapter stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire
+from common.config import RunConfig
+from common.errors import FedwardError, ModelError
+from common.model import ArraySpec
+from server.aggregation import Arrays, apply_average, validate_update, weighted_mean, weighted_sum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What one round of training produced, for the history, report and audit log."""
+
+    arrays: Arrays | None  # the new global adapter; None when the round failed
+    status: str  # "ok" or "failed: <reason>"
+    hospitals: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    train_loss: float = float("nan")
+
+
+@dataclass
+class EvaluateOutcome:
+    """Global-model metrics (weighted over hospitals) and each hospital's own."""
+
+    metrics: dict[str, float]
+    hospitals: dict[str, dict[str, float]]
+
+
+class FedwardStrategy:
+    """Federated averaging of adapter deltas (McMahan et al. 2017) with update validation.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's configuration; uses `fraction` (default 1.0), `min_hospitals` (default 2),
+        `round_timeout` (default 3600 s), `secagg_clip` (default 1.0: the range an update
+        value must lie in) and `seed` (default 42: node sampling).
+    spec : list[ArraySpec]
+        Names, shapes and dtypes of the adapter tensors every update must match.
+    run_id : int
+        Flower's run id; sent with every message so replies can be tied to their run.
+    """
+
+    def __init__(self, config: RunConfig, spec: list[ArraySpec], run_id: int) -> None:
+        self.config = config
+        self.spec = spec
+        self.run_id = run_id
+
+    # --- training ------------------------------------------------------------------------------
+
+    def sample_hospitals(self, server_round: int, grid: Grid) -> list[int]:
+        """Node ids for this round: `fraction` of those connected, at least `min_hospitals`."""
+        node_ids = wait_for_nodes(grid, self.config.min_hospitals, self.config.round_timeout)
+        wanted = max(self.config.min_hospitals, round(len(node_ids) * self.config.fraction))
+        rng = random.Random(f"{self.config.seed}:{server_round}")
+        return sorted(rng.sample(node_ids, min(wanted, len(node_ids))))
+
+    def configure_train(
+        self, server_round: int, arrays: Arrays, node_ids: list[int]
+    ) -> list[Message]:
+        """One train message per sampled hospital: the global adapter and the round config."""
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(arrays),
+                wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
+            }
+        )
+        return [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            for node_id in node_ids
+        ]
+
+    def aggregate_train(
+        self, server_round: int, global_arrays: Arrays, replies: Iterable[Message], sent: int
+    ) -> TrainOutcome:
+        """Validate each update, then average the valid ones into a new global adapter."""
+        outcome = TrainOutcome(arrays=None, status="ok")
+        updates: list[tuple[Arrays, float]] = []
+        losses: list[tuple[float, float]] = []
+        received = 0
+        for reply in replies:
+            received += 1
+            name = _sender(reply)
+            if reply.has_error():
+                outcome.dropped.append(name)
+                log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
+                continue
+            if wire.REFUSAL in reply.content:
+                reason = str(reply.content[wire.REFUSAL]["reason"])
+                outcome.refused[name] = reason
+                log.warning("round %d: %s refused: %s", server_round, name, reason)
+                continue
+            try:
+                update, metrics = self._read_update(reply)
+            except (FedwardError, KeyError, ValueError, TypeError) as exc:
+                reason = f"rejected update: {exc}"
+                outcome.rejected[name] = reason
+                log.warning("round %d: %s %s", server_round, name, reason)
+                continue
+            updates.append((update, metrics["num-examples"]))
+            losses.append((metrics.get("train-loss", float("nan")), metrics["num-examples"]))
+            outcome.hospitals[name] = {key.replace("-", "_"): value for key, value in metrics.items()}
+        outcome.dropped.extend(f"no reply #{i + 1}" for i in range(sent - received))
+        outcome.train_loss = weighted_mean(losses)
+
+        if len(updates) < self.config.min_hospitals:
+            outcome.status = (
+                f"failed: {len(updates)} usable update(s), fewer than min_hospitals "
+                f"({self.config.min_hospitals}); global adapter unchanged"
+            )
+            log.warning("round %d %s", server_round, outcome.status)
+            return outcome
+        summed, total_weight = weighted_sum(updates)
+        outcome.arrays = apply_average(global_arrays, summed, total_weight)
+        return outcome
+
+    def _read_update(self, reply: Message) -> tuple[Arrays, dict[str, float]]:
+        metrics = {key: float(value) for key, value in reply.content[wire.METRICS].items()}
+        if not metrics.get("num-examples", 0) > 0:
+            raise ModelError("num-examples must be a positive count")
+        update = wire.record_to_arrays(reply.content[wire.ARRAYS])
+        validate_update(self.spec, update, self.config.secagg_clip)
+        return update, metrics
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: Arrays, grid: Grid) -> list[Message]:
+        """Every connected hospital evaluates the new global adapter on its validation split."""
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(arrays),
+                wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
+            }
+        )
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id)
+            for node_id in sorted(grid.get_node_ids())
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateOutcome:
+        """Example-weighted mean of the hospitals' metrics: the global model's metrics."""
+        hospitals: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            name = _sender(reply)
+            if reply.has_error() or wire.METRICS not in reply.content:
+                log.warning("round %d: no evaluation from %s", server_round, name)
+                continue
+            metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
+            hospitals[name] = {key.replace("-", "_"): value for key, value in metrics.items()}
+        keys = sorted({key for metrics in hospitals.values() for key in metrics} - {"num_examples"})
+        merged = {
+            key: weighted_mean(
+                [(m.get(key, float("nan")), m.get("num_examples", 0.0)) for m in hospitals.values()]
+            )
+            for key in keys
+        }
+        return EvaluateOutcome(metrics=merged, hospitals=hospitals)
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Connected node ids once at least `wanted` are there (or all there are at `timeout`)."""
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < wanted and time.monotonic() < deadline:
+        log.info("waiting for hospitals: %d of %d connected", len(node_ids), wanted)
+        time.sleep(2.0)
+        node_ids = list(grid.get_node_ids())
+    return node_ids
+
+
+def _sender(reply: Message) -> str:
+    if not reply.has_error() and wire.INFO in reply.content:
+        return str(reply.content[wire.INFO]["hospital"])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON-friendly number: NaN/inf become None."""
+    return float(value) if value is not None and np.isfinite(value) else None

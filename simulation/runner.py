@@ -1,0 +1,82 @@
+"""`fedward simulate`: many hospitals on one machine, on Flower's simulation runtime (Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from server.app import RoundCallback, RunResult, run_federation
+from simulation.app import client_app
+from simulation.hospitals import prepare_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """CPUs and GPU share per simulated hospital, and how many run at once."""
+
+    cpus_per_hospital: int
+    gpus_per_hospital: float
+    workers: int
+
+
+def plan_workers(config: RunConfig, cpus: int | None = None, gpus: int | None = None) -> WorkerResources:
+    """As many concurrent hospitals as the machine holds, never more than there are hospitals."""
+    import torch
+
+    cpus = cpus or os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    per_hospital = 1
+    workers = max(1, min(config.hospitals, cpus // per_hospital))
+    gpu_share = 0.0
+    if gpus and config.device != "cpu":
+        gpu_share = min(1.0, gpus / workers)
+    return WorkerResources(per_hospital, gpu_share, workers)
+
+
+def simulate(config: RunConfig, on_round: RoundCallback | None = None, verbose: bool = False) -> RunResult:
+    """Run a whole federated simulation; return where the results are and the per-round rows."""
+    from flwr.simulation import run_simulation
+
+    config = prepare_config(config)
+    resources = plan_workers(config)
+    holder: dict[str, RunResult] = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        holder["result"] = run_federation(grid, config, context.run_id, on_round=on_round)
+
+    backend_config = {
+        "client_resources": {
+            "num_cpus": resources.cpus_per_hospital,
+            "num_gpus": resources.gpus_per_hospital,
+        },
+        "init_args": {
+            "num_cpus": resources.workers * resources.cpus_per_hospital,
+            "logging_level": "ERROR" if not verbose else "INFO",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+    log.info("simulating %d hospitals on %d workers", config.hospitals, resources.workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=config.hospitals,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    if "result" not in holder:
+        raise RuntimeError("the simulation ended without a result; rerun with --verbose to see why")
+    return holder["result"]

@@ -1,0 +1,133 @@
+"""Site policy: what a hospital accepts, decided before any record is read."""
+
+import pytest
+
+from client.policy import SitePolicy, model_content_hash
+from common.config import RunConfig
+from common.errors import ConfigError, ModelError, PolicyError
+
+POLICY_TOML = """
+[policy]
+allowed_models = ["all-MiniLM-L6-v2"]
+allowed_tasks = ["classification"]
+max_epsilon = 8.0
+max_delta = 1e-5
+max_rounds = 20
+min_examples = 50
+"""
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    path = tmp_path / "site-policy.toml"
+    path.write_text(POLICY_TOML)
+    return path
+
+
+def test_load_and_accept_a_conforming_run(policy_file):
+    policy = SitePolicy.load(policy_file)
+    assert policy.require_secure_aggregation is True  # default
+    policy.check(RunConfig(task="classification", epsilon=4.0, rounds=10), model_hash=None)
+
+
+def test_refusal_lists_every_broken_rule(policy_file):
+    policy = SitePolicy.load(policy_file)
+    run = RunConfig(
+        task="ner", model="some/other-model", epsilon=12.0, rounds=50, secure_aggregation=False
+    )
+    with pytest.raises(PolicyError) as caught:
+        policy.check(run)
+    reason = str(caught.value)
+    assert "task 'ner' is not allowed" in reason
+    assert "base model 'some/other-model' is not allowed" in reason
+    assert "epsilon 12" in reason and "max_epsilon 8" in reason
+    assert "50 rounds" in reason
+    assert "secure aggregation is off" in reason
+    assert str(policy_file) not in reason  # reasons go to the coordinator: no local paths
+
+
+def test_dp_off_refused_unless_policy_allows(policy_file):
+    policy = SitePolicy.load(policy_file)
+    with pytest.raises(PolicyError, match="differential privacy is off"):
+        policy.check(RunConfig(dp=False, rounds=5))
+    SitePolicy.permissive(require_dp=False).check(RunConfig(dp=False))
+
+
+def test_example_count_checked_separately(policy_file):
+    policy = SitePolicy.load(policy_file)
+    policy.check_examples(50)
+    with pytest.raises(PolicyError, match="only 12 local training examples.*at least 50"):
+        policy.check_examples(12)
+    with pytest.raises(PolicyError, match="only 12"):
+        policy.check(RunConfig(rounds=5), num_examples=12)
+
+
+def test_model_hash_pinning(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights-v1")
+    (model_dir / "config.json").write_text("{}")
+    digest = model_content_hash(model_dir)
+    policy = SitePolicy.permissive(allowed_model_hashes=[digest])
+    policy.check(RunConfig(), model_hash=digest)
+
+    # A config edit leaves the hash alone; a weight edit changes it and is refused.
+    (model_dir / "config.json").write_text('{"edited": true}')
+    assert model_content_hash(model_dir) == digest
+    (model_dir / "model.safetensors").write_bytes(b"weights-v2")
+    changed = model_content_hash(model_dir)
+    assert changed != digest
+    with pytest.raises(PolicyError, match="not an allowed model version"):
+        policy.check(RunConfig(), model_hash=changed)
+    with pytest.raises(PolicyError, match="hash could not be computed"):
+        policy.check(RunConfig(), model_hash=None)
+
+
+def test_model_hash_needs_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no weight files"):
+        model_content_hash(tmp_path)
+    with pytest.raises(ModelError, match="not found"):
+        model_content_hash(tmp_path / "missing")
+
+
+def test_approved_run_config_digests():
+    approved = RunConfig(rounds=5)
+    policy = SitePolicy.permissive(approved_run_configs=[approved.digest()])
+    policy.check(RunConfig(rounds=5))
+    with pytest.raises(PolicyError, match="not on the site's approved list"):
+        policy.check(RunConfig(rounds=6))
+
+
+def test_permissive_policy_still_requires_secure_aggregation():
+    policy = SitePolicy.permissive()
+    policy.check(RunConfig(task="ner", epsilon=50, rounds=500), num_examples=3)
+    with pytest.raises(PolicyError, match="secure aggregation"):
+        policy.check(RunConfig(secure_aggregation=False))
+    SitePolicy.permissive(require_secure_aggregation=False).check(
+        RunConfig(secure_aggregation=False)
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max_epsilon = -1\n", r"field 'max_epsilon'"),
+        ("allowed_tasks = ['summarise']\nmax_epsilon = 1\n", r"field 'allowed_tasks\.0'"),
+        ("max_epsilon = 1\nmax_epsilonn = 2\n", r"unknown field 'max_epsilonn'"),
+        ("min_examples = 10\n", r"field 'max_epsilon' is required"),
+        ("max_epsilon = 1\napproved_run_configs = ['abc']\n", r"approved_run_configs"),
+        ("max_epsilon = \n", r"not valid TOML"),
+    ],
+)
+def test_bad_policy_file_names_file_and_field(tmp_path, text, expected):
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        SitePolicy.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_policy_file(tmp_path):
+    with pytest.raises(ConfigError, match="site policy file not found"):
+        SitePolicy.load(tmp_path / "nope.toml")
