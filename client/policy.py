@@ -249,8 +249,7 @@ def model_content_hash(path: str | Path) -> str:
         raise ModelError(f"{path}: model path not found; cannot compute its content hash")
     if not files:
         raise ModelError(
-            f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found; "
-            "is this a model folder?"
+            f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found; is this a model folder?"
         )
     digest = hashlib.sha256()
     for relative, file_path in files:

@@ -126,7 +126,7 @@ class SecAggClientSession:
     # --- stage 1 -----------------------------------------------------------------------------
 
     def advertise_keys(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Read the round's public parameters; make two X25519 key pairs; reply with the public keys.
+        """Check the round's public parameters, make two X25519 key pairs, send the public keys.
 
         One key pair encrypts the Shamir shares sent to neighbours, the other derives the
         pairwise masks. Both are fresh for this round.
@@ -174,7 +174,9 @@ class SecAggClientSession:
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: keys advertised (%d neighbours)",
-            self.node_id, self.server_round, len(self._neighbours),
+            self.node_id,
+            self.server_round,
+            len(self._neighbours),
         )
         return {
             **header(self.run_id, self.server_round, stage, self.node_id),
@@ -197,7 +199,9 @@ class SecAggClientSession:
         share_keys = read_node_keyed(
             request, "neighbour_ids", "share_public_keys", self.node_id, stage
         )
-        mask_keys = read_node_keyed(request, "neighbour_ids", "mask_public_keys", self.node_id, stage)
+        mask_keys = read_node_keyed(
+            request, "neighbour_ids", "mask_public_keys", self.node_id, stage
+        )
         strangers = sorted(set(share_keys) - set(self._neighbours))
         if strangers:
             raise self._fail(stage, f"nodes {strangers} are not this hospital's neighbours")
@@ -226,17 +230,23 @@ class SecAggClientSession:
                 key = agree_key(
                     self._share_key,
                     share_keys[neighbour],
-                    pair_context(self.run_id, self.server_round, "share-key", self.node_id, neighbour),
+                    pair_context(
+                        self.run_id, self.server_round, "share-key", self.node_id, neighbour
+                    ),
                 )
             except ValueError:
                 raise self._fail(stage, f"node {neighbour}'s share public key is invalid") from None
             plaintext = seed_shares[neighbour] + key_shares[neighbour]
             destinations.append(neighbour)
-            ciphertexts.append(encrypt_share(key, plaintext, self._bind(stage, self.node_id, neighbour)))
+            ciphertexts.append(
+                encrypt_share(key, plaintext, self._bind(stage, self.node_id, neighbour))
+            )
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: shares sent to %d neighbours",
-            self.node_id, self.server_round, len(destinations),
+            self.node_id,
+            self.server_round,
+            len(destinations),
         )
         return {
             **header(self.run_id, self.server_round, stage, self.node_id),
@@ -282,21 +292,23 @@ class SecAggClientSession:
         vector_length = self.params["vector_length"]
         values = np.asarray(update)
         if values.ndim != 1 or values.shape[0] != vector_length:
-            raise self._fail(
-                stage, f"update has shape {values.shape}, expected ({vector_length},)"
-            )
-        if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(values.dtype, np.integer):
+            raise self._fail(stage, f"update has shape {values.shape}, expected ({vector_length},)")
+        if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
+            values.dtype, np.integer
+        ):
             raise self._fail(stage, f"update has dtype {values.dtype}, expected floats")
         if not np.all(np.isfinite(values)):
             raise self._fail(stage, "update has NaN or infinite values; check local training")
         max_weight = self.params["max_weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
-            raise self._fail(stage, f"weight must be an int example count, got {type(weight).__name__}")
+            raise self._fail(
+                stage, f"weight must be an int example count, got {type(weight).__name__}"
+            )
         if not 0 <= int(weight) <= max_weight:
             raise self._fail(
                 stage,
-                f"weight (example count) {int(weight)} is outside 0..{max_weight}; raise the "
-                f"secure-aggregation max weight",
+                f"weight (example count) {int(weight)} is outside 0..{max_weight}; raise "
+                f"secagg_max_weight",
             )
         weight = int(weight)
         assert self._share_key is not None and self._mask_key is not None
@@ -311,7 +323,9 @@ class SecAggClientSession:
             except ValueError:
                 raise self._fail(stage, f"node {source}'s share public key is invalid") from None
             try:
-                plaintext = decrypt_share(key, ciphertext, self._bind(SHARE_KEYS, source, self.node_id))
+                plaintext = decrypt_share(
+                    key, ciphertext, self._bind(SHARE_KEYS, source, self.node_id)
+                )
             except SecAggError:
                 raise self._fail(
                     stage,
@@ -328,7 +342,11 @@ class SecAggClientSession:
         if clipped:
             logger.info(
                 "node %d, secagg round %d: %d of %d update values clipped to +-%g",
-                self.node_id, self.server_round, clipped, vector_length, clip,
+                self.node_id,
+                self.server_round,
+                clipped,
+                vector_length,
+                clip,
             )
         masked = np.empty(vector_length + 1, dtype=np.uint64)
         masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
@@ -339,7 +357,9 @@ class SecAggClientSession:
                 seed = agree_key(
                     self._mask_key,
                     self._peer_mask_keys[source],
-                    pair_context(self.run_id, self.server_round, "pairwise-mask", self.node_id, source),
+                    pair_context(
+                        self.run_id, self.server_round, "pairwise-mask", self.node_id, source
+                    ),
                 )
             except ValueError:
                 raise self._fail(stage, f"node {source}'s mask public key is invalid") from None
@@ -352,9 +372,14 @@ class SecAggClientSession:
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: masked update of %d values sent",
-            self.node_id, self.server_round, vector_length,
+            self.node_id,
+            self.server_round,
+            vector_length,
         )
-        return {**header(self.run_id, self.server_round, stage, self.node_id), "masked_update": masked}
+        return {
+            **header(self.run_id, self.server_round, stage, self.node_id),
+            "masked_update": masked,
+        }
 
     # --- stage 4 -----------------------------------------------------------------------------
 
@@ -389,14 +414,19 @@ class SecAggClientSession:
             )
         assert self._own_shares is not None
         seed_owners = [self.node_id, *sorted(survivors)]
-        seed_shares = [self._own_shares[0]] + [self._received[node][0] for node in sorted(survivors)]
+        seed_shares = [self._own_shares[0]] + [
+            self._received[node][0] for node in sorted(survivors)
+        ]
         key_owners = sorted(dropped)
         key_shares = [self._received[node][1] for node in key_owners]
         self.stage = stage
         self._forget()
         logger.debug(
             "node %d, secagg round %d: revealed %d seed shares and %d key shares",
-            self.node_id, self.server_round, len(seed_owners), len(key_owners),
+            self.node_id,
+            self.server_round,
+            len(seed_owners),
+            len(key_owners),
         )
         return {
             **header(self.run_id, self.server_round, stage, self.node_id),

@@ -81,7 +81,9 @@ def check_modulus(num_hospitals: int, max_weight: int, clip: float, bits: int) -
     modulus would need more than 64 bits (the masked vectors are uint64).
     """
     if isinstance(num_hospitals, bool) or not isinstance(num_hospitals, int) or num_hospitals < 1:
-        raise SecAggError(f"secure aggregation: num_hospitals must be an int >= 1, got {num_hospitals!r}")
+        raise SecAggError(
+            f"secure aggregation: num_hospitals must be an int >= 1, got {num_hospitals!r}"
+        )
     if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 1:
         raise SecAggError(
             f"secure aggregation: the largest example count (max weight) must be an int >= 1, "
@@ -90,7 +92,9 @@ def check_modulus(num_hospitals: int, max_weight: int, clip: float, bits: int) -
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_MODULUS_BITS:
         raise SecAggError(f"secure aggregation: secagg_bits must be an int in 1..64, got {bits!r}")
     if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        raise SecAggError(f"secure aggregation: secagg_clip must be a finite number > 0, got {clip!r}")
+        raise SecAggError(
+            f"secure aggregation: secagg_clip must be a finite number > 0, got {clip!r}"
+        )
     largest_sum = num_hospitals * max_weight * (2**bits - 1)
     modulus_bits = largest_sum.bit_length()
     if modulus_bits > MAX_MODULUS_BITS:
@@ -98,7 +102,7 @@ def check_modulus(num_hospitals: int, max_weight: int, clip: float, bits: int) -
             f"secure aggregation: {num_hospitals} hospitals with up to {max_weight} examples each "
             f"and {bits}-bit quantization need a {modulus_bits}-bit modulus, more than the "
             f"{MAX_MODULUS_BITS} bits available; lower secagg_bits (now {bits}), sample fewer "
-            f"hospitals per round, or lower the max weight (secagg_clip does not change the "
+            f"hospitals per round, or lower secagg_max_weight (secagg_clip does not change the "
             f"modulus, only the range the bits cover)"
         )
     return modulus_bits
@@ -138,10 +142,14 @@ def quantize(
     return np.clip(rounded, 0, levels).astype(np.uint64)
 
 
-def dequantize_sum(quantized_sum: np.ndarray, total_weight: int, clip: float, bits: int) -> np.ndarray:
-    """Turn sum_u n_u * q_u back into sum_u n_u * delta_u (float64), given total_weight = sum n_u."""
+def dequantize_sum(
+    quantized_sum: np.ndarray, total_weight: int, clip: float, bits: int
+) -> np.ndarray:
+    """Turn sum_u n_u * q_u into sum_u n_u * delta_u (float64); total_weight is sum_u n_u."""
     step = quantization_step(clip, bits)
-    return np.asarray(quantized_sum, dtype=np.uint64).astype(np.float64) * step - clip * total_weight
+    return (
+        np.asarray(quantized_sum, dtype=np.uint64).astype(np.float64) * step - clip * total_weight
+    )
 
 
 # --- the SecAgg+ graph and thresholds ----------------------------------------------------------
@@ -149,7 +157,9 @@ def dequantize_sum(quantized_sum: np.ndarray, total_weight: int, clip: float, bi
 
 def round_seed(run_id: int | str, server_round: int) -> bytes:
     """Public seed of one round's neighbour graph; every party derives it from run id and round."""
-    return hashlib.sha256(f"fedward-secagg-graph|run={run_id}|round={server_round}".encode()).digest()
+    return hashlib.sha256(
+        f"fedward-secagg-graph|run={run_id}|round={server_round}".encode()
+    ).digest()
 
 
 def secagg_graph(
@@ -170,7 +180,9 @@ def secagg_graph(
     degree = neighbours + (neighbours % 2)
     if neighbours == 0 or degree >= count - 1:
         return {node: tuple(other for other in nodes if other != node) for node in nodes}
-    ring = sorted(nodes, key=lambda node: hashlib.sha256(public_seed + node.to_bytes(8, "big")).digest())
+    ring = sorted(
+        nodes, key=lambda node: hashlib.sha256(public_seed + node.to_bytes(8, "big")).digest()
+    )
     graph: dict[int, tuple[int, ...]] = {}
     for position, node in enumerate(ring):
         near = {ring[(position + offset) % count] for offset in range(1, degree // 2 + 1)}
@@ -185,7 +197,8 @@ def check_node_ids(node_ids: Sequence[int]) -> list[int]:
     for node in nodes:
         if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node <= MAX_NODE_ID:
             raise SecAggError(
-                f"secure aggregation: node id {node!r} is not an unsigned 64-bit int (Flower node id)"
+                f"secure aggregation: node id {node!r} is not an unsigned 64-bit int "
+                "(a Flower node id)"
             )
     if len(set(nodes)) != len(nodes):
         raise SecAggError("secure aggregation: the round's node ids contain duplicates")
@@ -273,7 +286,9 @@ def _lagrange_at_zero(points: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(weights)
 
 
-def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_bytes: int = SEED_BYTES) -> bytes:
+def shamir_combine(
+    shares: Mapping[int, bytes], threshold: int, secret_bytes: int = SEED_BYTES
+) -> bytes:
     """Recover a secret from at least `threshold` shares keyed by holder id.
 
     Raises `SecAggError` (without any share value in the message) when there are too few shares,
@@ -303,7 +318,9 @@ def shamir_combine(shares: Mapping[int, bytes], threshold: int, secret_bytes: in
 # --- key agreement, share encryption, binding --------------------------------------------------
 
 
-def binding(run_id: int | str, server_round: int, stage: str, source: int, destination: int) -> bytes:
+def binding(
+    run_id: int | str, server_round: int, stage: str, source: int, destination: int
+) -> bytes:
     """What a message is bound to: run, round, stage, sender and receiver (AEAD associated data)."""
     return (
         f"fedward-secagg/v1|run={run_id}|round={server_round}|stage={stage}"
@@ -318,7 +335,9 @@ def agree_key(private_key: X25519PrivateKey, peer_public_key: bytes, context: by
     """
     peer = X25519PublicKey.from_public_bytes(peer_public_key)
     shared = private_key.exchange(peer)
-    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=context).derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=context).derive(
+        shared
+    )
 
 
 def pair_context(run_id: int | str, server_round: int, purpose: str, a: int, b: int) -> bytes:
@@ -334,7 +353,7 @@ def encrypt_share(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes
 
 
 def decrypt_share(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
-    """Inverse of `encrypt_share`; raises `SecAggError` if the ciphertext or its binding is wrong."""
+    """Inverse of `encrypt_share`; `SecAggError` if the ciphertext or its binding is wrong."""
     if len(ciphertext) < _NONCE_BYTES + 16:
         raise SecAggError("secure aggregation: encrypted share is too short")
     try:
@@ -393,7 +412,12 @@ def check_header(
     """Raise `SecAggError` unless `payload` belongs to this run, round, stage and node."""
     if not isinstance(payload, Mapping):
         raise SecAggError(f"node {node_id}, stage {stage}: payload is not a mapping")
-    got = (payload.get("run_id"), payload.get("round"), payload.get("stage"), payload.get("node_id"))
+    got = (
+        payload.get("run_id"),
+        payload.get("round"),
+        payload.get("stage"),
+        payload.get("node_id"),
+    )
     want = (str(run_id), server_round, stage, node_id)
     if got != want:
         raise SecAggError(

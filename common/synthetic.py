@@ -21,8 +21,11 @@ the label is always the diagnosis the note was written about.
 
 Notes are built as a list of fragments, each a piece of text with its entity type (DISEASE,
 SYMPTOM, DRUG) or None, so the same writer serves note classification (`generate_notes`, the
-fragments joined) and named-entity recognition (`generate_ner_notes`, the fragments split into
-tokens with IOB2 tags).
+fragments joined) and named-entity recognition (`generate_ner_notes`, the notes cut into
+sentences of tokens with IOB2 tags).
+
+Hospitals are numbered from 0. Everything is deterministic: seeds come from a stable hash of the
+arguments, never from Python's salted `hash`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import hashlib
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from common.errors import ConfigError
 
@@ -57,7 +60,7 @@ ENTITY_TYPES: tuple[str, ...] = ("DISEASE", "SYMPTOM", "DRUG")
 Fragment = tuple[str, "str | None"]  # (text, entity type or None)
 
 # --------------------------------------------------------------------------------------------
-# Concept tables: key -> (entity type or None, full forms, abbreviated forms)
+# Concept tables: key -> (full forms, abbreviated forms); the table fixes the entity type
 # --------------------------------------------------------------------------------------------
 
 _SYMPTOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -114,7 +117,11 @@ _SYMPTOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "poor_intake": (("poor oral intake",), ("poor PO intake",)),
     "diarrhea": (("diarrhea",), ("diarrhea",)),
     "palpitations": (("palpitations",), ("palpitations",)),
+    "malaise": (("malaise", "body aches"), ("malaise", "body aches")),
 }
+
+#: Symptoms that go with almost anything; added to some notes of every diagnosis.
+_NONSPECIFIC = ("fatigue", "nausea", "dizziness", "poor_intake", "malaise")
 
 _DISEASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "htn": (("hypertension",), ("HTN",)),
@@ -124,8 +131,10 @@ _DISEASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "asthma": (("asthma",), ("asthma",)),
     "afib": (("atrial fibrillation",), ("AFib", "AF")),
     "cad": (("coronary artery disease",), ("CAD",)),
-    "chf": (("heart failure with reduced ejection fraction", "congestive heart failure"),
-            ("HFrEF", "CHF")),
+    "chf": (
+        ("heart failure with reduced ejection fraction", "congestive heart failure"),
+        ("HFrEF", "CHF"),
+    ),
     "hld": (("hyperlipidemia",), ("HLD",)),
     "obesity": (("obesity",), ("obesity",)),
     "bph": (("benign prostatic hyperplasia",), ("BPH",)),
@@ -247,21 +256,28 @@ _FINDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "bibasilar_crackles": (("bibasilar crackles",), ("bibasilar crackles", "bibasilar rales")),
     "jvd": (("jugular venous distension", "an elevated JVP"), ("JVD", "JVP elevated")),
-    "pitting_edema": (("2+ pitting edema to the knees",), ("2+ pitting edema", "bilat LE edema")),
+    "pitting_edema": (
+        ("2+ pitting edema to the knees",),
+        ("2+ pitting edema", "bilat pitting edema"),
+    ),
     "s3": (("an S3 gallop",), ("S3",)),
     "diffuse_wheezes": (("diffuse expiratory wheezes",), ("diffuse exp wheezes",)),
     "prolonged_expiration": (("a prolonged expiratory phase",), ("prolonged exp phase",)),
     "accessory_muscles": (("use of accessory muscles",), ("accessory muscle use",)),
-    "decreased_breath_sounds": (("decreased breath sounds bilaterally", "distant breath sounds"),
-                                ("decr BS bilat", "distant BS")),
+    "decreased_breath_sounds": (
+        ("decreased breath sounds bilaterally", "distant breath sounds"),
+        ("decr BS bilat", "distant BS"),
+    ),
     "barrel_chest": (("a barrel chest",), ("barrel chest",)),
     "pursed_lips": (("pursed-lip breathing",), ("pursed lip breathing",)),
     "cva_tenderness": (("costovertebral angle tenderness",), ("CVA tenderness",)),
     "suprapubic_tenderness": (("suprapubic tenderness",), ("suprapubic TTP",)),
     "dry_mucosa": (("dry mucous membranes",), ("dry MM",)),
     "poor_turgor": (("decreased skin turgor",), ("poor skin turgor",)),
-    "facial_droop_exam": (("a left facial droop", "a right facial droop"),
-                          ("L facial droop", "R facial droop")),
+    "facial_asymmetry": (
+        ("left-sided facial asymmetry", "right-sided facial asymmetry"),
+        ("L facial asymmetry", "R facial asymmetry"),
+    ),
     "pronator_drift": (("pronator drift of the right arm",), ("R pronator drift", "L arm drift")),
     "aphasia": (("expressive aphasia",), ("expressive aphasia",)),
     "hemiparesis": (("right hemiparesis", "left hemiparesis"), ("R hemiparesis", "L hemiparesis")),
@@ -271,33 +287,62 @@ _FINDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "delayed_cap_refill": (("delayed capillary refill",), ("cap refill 4 sec",)),
     "diaphoretic": (("diaphoresis",), ("diaphoretic",)),
     "acanthosis": (("acanthosis nigricans",), ("acanthosis",)),
-    "foot_sensation": (("decreased monofilament sensation in both feet",),
-                       ("decr monofilament sensation",)),
+    "foot_sensation": (
+        ("decreased monofilament sensation in both feet",),
+        ("decr monofilament sensation",),
+    ),
     "lungs_clear": (("clear lungs",), ("lungs CTA", "lungs clear")),
     "abdomen_soft": (("a soft nontender abdomen",), ("abd soft NT",)),
-    "cxr_consolidation": (("chest X-ray showing right lower lobe consolidation",),
-                          ("CXR RLL consolidation", "CXR LLL infiltrate")),
-    "cxr_edema": (("chest X-ray with pulmonary edema and cardiomegaly",),
-                  ("CXR pulm edema, cardiomegaly",)),
-    "cxr_hyperinflation": (("chest X-ray with hyperinflation and no infiltrate",),
-                           ("CXR hyperinflated, no infiltrate",)),
+    "cxr_consolidation": (
+        ("chest X-ray showing right lower lobe consolidation",),
+        ("CXR RLL consolidation", "CXR LLL infiltrate"),
+    ),
+    "cxr_edema": (
+        ("chest X-ray with pulmonary edema and cardiomegaly",),
+        ("CXR pulm edema, cardiomegaly",),
+    ),
+    "cxr_hyperinflation": (
+        ("chest X-ray with hyperinflation and no infiltrate",),
+        ("CXR hyperinflated, no infiltrate",),
+    ),
     "cxr_clear": (("a clear chest X-ray",), ("CXR clear",)),
     "echo": (("echocardiogram with an ejection fraction of {x}%",), ("echo EF {x}%",)),
     "peak_flow": (("peak flow {x}% of predicted",), ("PEF {x}% pred",)),
     "abg": (("arterial blood gas with pH {x}",), ("ABG {x}",)),
-    "ua_positive": (("urinalysis positive for nitrites and leukocyte esterase",),
-                    ("UA +nitrite +LE", "UA >50 WBC, +nitrites")),
+    "ua_positive": (
+        ("urinalysis positive for nitrites and leukocyte esterase",),
+        ("UA +nitrite +LE", "UA >50 WBC, +nitrites"),
+    ),
     "urine_culture": (("urine culture pending",), ("UCx pending",)),
     "blood_cultures": (("blood cultures drawn",), ("BCx x2 sent", "BCx pending")),
     "ct_head": (("CT head without hemorrhage",), ("CTH neg for bleed", "CT head no ICH")),
-    "mri_dwi": (("MRI with restricted diffusion in the left MCA territory",),
-                ("MRI + DWI lesion L MCA",)),
+    "mri_dwi": (
+        ("MRI with restricted diffusion in the left MCA territory",),
+        ("MRI + DWI lesion L MCA",),
+    ),
     "nihss": (("NIH stroke scale of {x}",), ("NIHSS {x}",)),
     "renal_us": (("renal ultrasound without hydronephrosis",), ("renal US no hydro",)),
     "fena": (("fractional excretion of sodium {x}%",), ("FENa {x}%",)),
     "ketones_negative": (("urine negative for ketones",), ("no ketones, AG normal",)),
     "ecg_tachy": (("ECG showing sinus tachycardia",), ("EKG sinus tach",)),
 }
+
+
+#: Neutral context that every kind of case may carry: how the patient arrived, how they look.
+_ARRIVALS: tuple[tuple[str, str], ...] = (  # (full, abbreviated)
+    ("was brought in by ambulance", "BIBA"),
+    ("was referred by the primary care physician", "sent by PCP"),
+    ("presented to the emergency department", "walk-in to ED"),
+    ("was transferred from an outside hospital", "OSH transfer"),
+    ("was sent in from a nursing facility", "from SNF"),
+)
+_APPEARANCES: tuple[tuple[str, str], ...] = (
+    ("in no acute distress", "NAD"),
+    ("uncomfortable-appearing", "uncomfortable appearing"),
+    ("ill-appearing", "ill appearing"),
+    ("alert and oriented", "A&Ox3"),
+    ("tired-appearing", "tired appearing"),
+)
 
 
 def _finding_value(rng: random.Random, key: str) -> str:
@@ -372,14 +417,19 @@ _LABS: dict[str, tuple[str, str, str, int, tuple[float, float]]] = {
 
 #: Vital signs in health: temperature (C), heart rate, systolic/diastolic BP, resp. rate, SpO2.
 _NORMAL_VITALS: dict[str, tuple[float, float]] = {
-    "temp": (36.4, 37.4), "hr": (64, 96), "sbp": (112, 148), "dbp": (64, 90),
-    "rr": (13, 19), "spo2": (94, 99),
+    "temp": (36.4, 37.4),
+    "hr": (64, 96),
+    "sbp": (112, 148),
+    "dbp": (64, 90),
+    "rr": (13, 19),
+    "spo2": (94, 99),
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Diagnosis profiles: what a case of each diagnosis tends to show, with probabilities
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Profile:
@@ -400,175 +450,425 @@ class _Profile:
 
 _PROFILES: dict[str, _Profile] = {
     "pneumonia": _Profile(
-        age=(30, 90), male=0.55,
-        symptoms=(("productive_cough", 0.6), ("cough", 0.25), ("fever", 0.55), ("chills", 0.3),
-                  ("dyspnea", 0.5), ("pleuritic_pain", 0.25), ("fatigue", 0.25),
-                  ("confusion", 0.06)),
-        findings=(("focal_crackles", 0.5), ("decreased_breath_sounds", 0.12),
-                  ("lungs_clear", 0.06), ("diaphoretic", 0.08), ("cxr_consolidation", 0.5),
-                  ("blood_cultures", 0.2), ("ecg_tachy", 0.05)),
-        labs=(("wbc", 12.0, 21.0, 0.5), ("procalcitonin", 0.5, 4.0, 0.2),
-              ("lactate", 1.2, 2.3, 0.1)),
+        age=(30, 90),
+        male=0.55,
+        symptoms=(
+            ("productive_cough", 0.6),
+            ("cough", 0.25),
+            ("fever", 0.55),
+            ("chills", 0.3),
+            ("dyspnea", 0.5),
+            ("pleuritic_pain", 0.25),
+            ("fatigue", 0.25),
+            ("confusion", 0.06),
+        ),
+        findings=(
+            ("focal_crackles", 0.5),
+            ("decreased_breath_sounds", 0.12),
+            ("lungs_clear", 0.06),
+            ("diaphoretic", 0.08),
+            ("cxr_consolidation", 0.5),
+            ("blood_cultures", 0.2),
+            ("ecg_tachy", 0.05),
+        ),
+        labs=(
+            ("wbc", 12.0, 21.0, 0.5),
+            ("procalcitonin", 0.5, 4.0, 0.2),
+            ("lactate", 1.2, 2.3, 0.1),
+        ),
         vitals={"temp": (37.8, 39.6), "hr": (92, 118), "rr": (20, 28), "spo2": (87, 94)},
         history=(("copd", 0.12), ("dm2", 0.2), ("htn", 0.3), ("chf", 0.06), ("asthma", 0.05)),
-        drugs=(("ceftriaxone", 0.5), ("azithromycin", 0.45), ("levofloxacin", 0.15),
-               ("pip_tazo", 0.06), ("acetaminophen", 0.15)),
+        drugs=(
+            ("ceftriaxone", 0.5),
+            ("azithromycin", 0.45),
+            ("levofloxacin", 0.15),
+            ("pip_tazo", 0.06),
+            ("acetaminophen", 0.15),
+        ),
         plan=(("oxygen", 0.35), ("sputum_culture", 0.15), ("incentive_spirometry", 0.12)),
         confusable=("sepsis", "COPD exacerbation", "heart failure"),
     ),
     "heart failure": _Profile(
-        age=(55, 93), male=0.55,
-        symptoms=(("dyspnea", 0.5), ("exertional_dyspnea", 0.35), ("orthopnea", 0.35),
-                  ("pnd", 0.15), ("leg_swelling", 0.5), ("weight_gain", 0.25),
-                  ("fatigue", 0.3), ("cough", 0.1), ("chest_pain", 0.05)),
-        findings=(("bibasilar_crackles", 0.45), ("jvd", 0.4), ("pitting_edema", 0.45),
-                  ("s3", 0.12), ("cxr_edema", 0.4), ("echo", 0.25)),
-        labs=(("bnp", 600.0, 3800.0, 0.5), ("creatinine", 1.3, 2.0, 0.2),
-              ("troponin", 0.03, 0.09, 0.12), ("sodium", 127.0, 134.0, 0.12)),
-        vitals={"hr": (82, 115), "sbp": (135, 185), "dbp": (80, 105), "rr": (20, 27),
-                "spo2": (88, 95)},
-        history=(("chf", 0.45), ("htn", 0.55), ("cad", 0.3), ("afib", 0.25), ("dm2", 0.3),
-                 ("ckd", 0.15), ("copd", 0.1)),
-        drugs=(("furosemide", 0.65), ("metoprolol", 0.15), ("lisinopril", 0.12),
-               ("spironolactone", 0.12), ("heparin", 0.1)),
-        plan=(("daily_weights", 0.3), ("strict_io", 0.2), ("fluid_restriction", 0.18),
-              ("telemetry", 0.15), ("oxygen", 0.15), ("cardiology", 0.1)),
+        age=(55, 93),
+        male=0.55,
+        symptoms=(
+            ("dyspnea", 0.5),
+            ("exertional_dyspnea", 0.35),
+            ("orthopnea", 0.35),
+            ("pnd", 0.15),
+            ("leg_swelling", 0.5),
+            ("weight_gain", 0.25),
+            ("fatigue", 0.3),
+            ("cough", 0.1),
+            ("chest_pain", 0.05),
+        ),
+        findings=(
+            ("bibasilar_crackles", 0.45),
+            ("jvd", 0.4),
+            ("pitting_edema", 0.45),
+            ("s3", 0.12),
+            ("cxr_edema", 0.4),
+            ("echo", 0.25),
+        ),
+        labs=(
+            ("bnp", 600.0, 3800.0, 0.5),
+            ("creatinine", 1.3, 2.0, 0.2),
+            ("troponin", 0.03, 0.09, 0.12),
+            ("sodium", 127.0, 134.0, 0.12),
+        ),
+        vitals={
+            "hr": (82, 115),
+            "sbp": (135, 185),
+            "dbp": (80, 105),
+            "rr": (20, 27),
+            "spo2": (88, 95),
+        },
+        history=(
+            ("chf", 0.45),
+            ("htn", 0.55),
+            ("cad", 0.3),
+            ("afib", 0.25),
+            ("dm2", 0.3),
+            ("ckd", 0.15),
+            ("copd", 0.1),
+        ),
+        drugs=(
+            ("furosemide", 0.65),
+            ("metoprolol", 0.15),
+            ("lisinopril", 0.12),
+            ("spironolactone", 0.12),
+            ("heparin", 0.1),
+        ),
+        plan=(
+            ("daily_weights", 0.3),
+            ("strict_io", 0.2),
+            ("fluid_restriction", 0.18),
+            ("telemetry", 0.15),
+            ("oxygen", 0.15),
+            ("cardiology", 0.1),
+        ),
         confusable=("COPD exacerbation", "pneumonia", "acute kidney injury"),
     ),
     "type 2 diabetes": _Profile(
-        age=(30, 78), male=0.5,
-        symptoms=(("polyuria", 0.5), ("polydipsia", 0.45), ("blurred_vision", 0.25),
-                  ("weight_loss", 0.2), ("fatigue", 0.35), ("foot_numbness", 0.22),
-                  ("dizziness", 0.1), ("nausea", 0.08)),
-        findings=(("dry_mucosa", 0.22), ("acanthosis", 0.18), ("foot_sensation", 0.2),
-                  ("ketones_negative", 0.2), ("abdomen_soft", 0.08)),
-        labs=(("glucose", 240.0, 520.0, 0.6), ("hba1c", 8.4, 13.5, 0.45),
-              ("sodium", 130.0, 135.0, 0.08)),
+        age=(30, 78),
+        male=0.5,
+        symptoms=(
+            ("polyuria", 0.5),
+            ("polydipsia", 0.45),
+            ("blurred_vision", 0.25),
+            ("weight_loss", 0.2),
+            ("fatigue", 0.35),
+            ("foot_numbness", 0.22),
+            ("dizziness", 0.1),
+            ("nausea", 0.08),
+        ),
+        findings=(
+            ("dry_mucosa", 0.22),
+            ("acanthosis", 0.18),
+            ("foot_sensation", 0.2),
+            ("ketones_negative", 0.2),
+            ("abdomen_soft", 0.08),
+        ),
+        labs=(
+            ("glucose", 240.0, 520.0, 0.6),
+            ("hba1c", 8.4, 13.5, 0.45),
+            ("sodium", 130.0, 135.0, 0.08),
+        ),
         vitals={"hr": (74, 102)},
         history=(("dm2", 0.55), ("htn", 0.4), ("hld", 0.35), ("obesity", 0.3), ("ckd", 0.08)),
-        drugs=(("metformin", 0.45), ("insulin_glargine", 0.4), ("insulin_lispro", 0.25),
-               ("empagliflozin", 0.18)),
-        plan=(("diabetes_education", 0.25), ("fingersticks", 0.3), ("nutrition", 0.12),
-              ("ophthalmology", 0.08)),
+        drugs=(
+            ("metformin", 0.45),
+            ("insulin_glargine", 0.4),
+            ("insulin_lispro", 0.25),
+            ("empagliflozin", 0.18),
+        ),
+        plan=(
+            ("diabetes_education", 0.25),
+            ("fingersticks", 0.3),
+            ("nutrition", 0.12),
+            ("ophthalmology", 0.08),
+        ),
         confusable=("acute kidney injury", "urinary tract infection", "sepsis"),
     ),
     "asthma exacerbation": _Profile(
-        age=(16, 55), male=0.45,
-        symptoms=(("wheezing", 0.6), ("dyspnea", 0.5), ("chest_tightness", 0.4),
-                  ("cough", 0.35), ("fatigue", 0.05)),
-        findings=(("diffuse_wheezes", 0.5), ("prolonged_expiration", 0.3),
-                  ("accessory_muscles", 0.22), ("lungs_clear", 0.05), ("peak_flow", 0.35),
-                  ("cxr_hyperinflation", 0.12), ("cxr_clear", 0.15)),
+        age=(16, 55),
+        male=0.45,
+        symptoms=(
+            ("wheezing", 0.6),
+            ("dyspnea", 0.5),
+            ("chest_tightness", 0.4),
+            ("cough", 0.35),
+            ("fatigue", 0.05),
+        ),
+        findings=(
+            ("diffuse_wheezes", 0.5),
+            ("prolonged_expiration", 0.3),
+            ("accessory_muscles", 0.22),
+            ("lungs_clear", 0.05),
+            ("peak_flow", 0.35),
+            ("cxr_hyperinflation", 0.12),
+            ("cxr_clear", 0.15),
+        ),
         labs=(("bicarbonate", 20.0, 23.0, 0.05),),
         vitals={"hr": (98, 125), "rr": (22, 32), "spo2": (89, 95)},
         history=(("asthma", 0.6), ("rhinitis", 0.2), ("obesity", 0.1), ("anxiety", 0.06)),
-        drugs=(("albuterol", 0.55), ("duoneb", 0.25), ("ipratropium", 0.08),
-               ("prednisone", 0.35), ("methylprednisolone", 0.2), ("magnesium", 0.12),
-               ("fluticasone_salmeterol", 0.12)),
-        plan=(("continuous_nebs", 0.18), ("peak_flow_monitoring", 0.18),
-              ("action_plan", 0.12), ("oxygen", 0.12)),
+        drugs=(
+            ("albuterol", 0.55),
+            ("duoneb", 0.25),
+            ("ipratropium", 0.08),
+            ("prednisone", 0.35),
+            ("methylprednisolone", 0.2),
+            ("magnesium", 0.12),
+            ("fluticasone_salmeterol", 0.12),
+        ),
+        plan=(
+            ("continuous_nebs", 0.18),
+            ("peak_flow_monitoring", 0.18),
+            ("action_plan", 0.12),
+            ("oxygen", 0.12),
+        ),
         confusable=("COPD exacerbation", "pneumonia"),
         smoker=0.1,
     ),
     "urinary tract infection": _Profile(
-        age=(18, 92), male=0.2,
-        symptoms=(("dysuria", 0.55), ("frequency", 0.4), ("urgency", 0.3),
-                  ("suprapubic_pain", 0.3), ("flank_pain", 0.18), ("hematuria", 0.12),
-                  ("fever", 0.22), ("confusion", 0.1), ("nausea", 0.1)),
-        findings=(("suprapubic_tenderness", 0.35), ("cva_tenderness", 0.2),
-                  ("abdomen_soft", 0.12), ("ua_positive", 0.55), ("urine_culture", 0.3)),
+        age=(18, 92),
+        male=0.2,
+        symptoms=(
+            ("dysuria", 0.55),
+            ("frequency", 0.4),
+            ("urgency", 0.3),
+            ("suprapubic_pain", 0.3),
+            ("flank_pain", 0.18),
+            ("hematuria", 0.12),
+            ("fever", 0.22),
+            ("confusion", 0.1),
+            ("nausea", 0.1),
+        ),
+        findings=(
+            ("suprapubic_tenderness", 0.35),
+            ("cva_tenderness", 0.2),
+            ("abdomen_soft", 0.12),
+            ("ua_positive", 0.55),
+            ("urine_culture", 0.3),
+        ),
         labs=(("wbc", 10.5, 15.5, 0.3), ("creatinine", 1.2, 1.5, 0.08)),
         vitals={"temp": (37.0, 38.7), "hr": (80, 108)},
-        history=(("recurrent_uti", 0.22), ("dm2", 0.2), ("bph", 0.06), ("dementia", 0.1),
-                 ("htn", 0.3)),
-        drugs=(("nitrofurantoin", 0.3), ("cephalexin", 0.22), ("ciprofloxacin", 0.18),
-               ("ceftriaxone", 0.22)),
+        history=(
+            ("recurrent_uti", 0.22),
+            ("dm2", 0.2),
+            ("bph", 0.06),
+            ("dementia", 0.1),
+            ("htn", 0.3),
+        ),
+        drugs=(
+            ("nitrofurantoin", 0.3),
+            ("cephalexin", 0.22),
+            ("ciprofloxacin", 0.18),
+            ("ceftriaxone", 0.22),
+        ),
         plan=(("fluids_po", 0.15), ("follow_culture", 0.2)),
         confusable=("sepsis", "acute kidney injury"),
     ),
     "stroke": _Profile(
-        age=(50, 93), male=0.55,
-        symptoms=(("unilateral_weakness", 0.55), ("slurred_speech", 0.45),
-                  ("facial_droop", 0.35), ("vision_loss", 0.18), ("confusion", 0.2),
-                  ("headache", 0.12), ("dizziness", 0.18)),
-        findings=(("facial_droop_exam", 0.4), ("pronator_drift", 0.3), ("aphasia", 0.2),
-                  ("hemiparesis", 0.3), ("ct_head", 0.5), ("mri_dwi", 0.22), ("nihss", 0.3)),
+        age=(50, 93),
+        male=0.55,
+        symptoms=(
+            ("unilateral_weakness", 0.55),
+            ("slurred_speech", 0.45),
+            ("facial_droop", 0.35),
+            ("vision_loss", 0.18),
+            ("confusion", 0.2),
+            ("headache", 0.12),
+            ("dizziness", 0.18),
+        ),
+        findings=(
+            ("facial_asymmetry", 0.4),
+            ("pronator_drift", 0.3),
+            ("aphasia", 0.2),
+            ("hemiparesis", 0.3),
+            ("ct_head", 0.5),
+            ("mri_dwi", 0.22),
+            ("nihss", 0.3),
+        ),
         labs=(("glucose", 110.0, 190.0, 0.1),),
         vitals={"sbp": (155, 210), "dbp": (88, 112), "hr": (66, 100)},
-        history=(("htn", 0.55), ("afib", 0.3), ("hld", 0.3), ("dm2", 0.25),
-                 ("prior_stroke", 0.12), ("cad", 0.18)),
-        drugs=(("alteplase", 0.25), ("aspirin", 0.4), ("atorvastatin", 0.3),
-               ("clopidogrel", 0.12)),
-        plan=(("neuro_checks", 0.25), ("neurology", 0.3), ("swallow", 0.22),
-              ("permissive_htn", 0.15), ("telemetry", 0.12)),
+        history=(
+            ("htn", 0.55),
+            ("afib", 0.3),
+            ("hld", 0.3),
+            ("dm2", 0.25),
+            ("prior_stroke", 0.12),
+            ("cad", 0.18),
+        ),
+        drugs=(("alteplase", 0.25), ("aspirin", 0.4), ("atorvastatin", 0.3), ("clopidogrel", 0.12)),
+        plan=(
+            ("neuro_checks", 0.25),
+            ("neurology", 0.3),
+            ("swallow", 0.22),
+            ("permissive_htn", 0.15),
+            ("telemetry", 0.12),
+        ),
         confusable=("migraine", "sepsis"),
     ),
     "migraine": _Profile(
-        age=(17, 55), male=0.25,
-        symptoms=(("throbbing_headache", 0.45), ("headache", 0.45), ("photophobia", 0.45),
-                  ("phonophobia", 0.25), ("nausea", 0.4), ("vomiting", 0.22), ("aura", 0.25),
-                  ("dizziness", 0.1), ("vision_loss", 0.05)),
+        age=(17, 55),
+        male=0.25,
+        symptoms=(
+            ("throbbing_headache", 0.45),
+            ("headache", 0.45),
+            ("photophobia", 0.45),
+            ("phonophobia", 0.25),
+            ("nausea", 0.4),
+            ("vomiting", 0.22),
+            ("aura", 0.25),
+            ("dizziness", 0.1),
+            ("vision_loss", 0.05),
+        ),
         findings=(("nonfocal_neuro", 0.4), ("no_meningismus", 0.25), ("ct_head", 0.18)),
         labs=(),
         vitals={"sbp": (115, 150)},
         history=(("migraines", 0.5), ("depression", 0.15), ("anxiety", 0.1)),
-        drugs=(("sumatriptan", 0.4), ("metoclopramide", 0.3), ("ketorolac", 0.3),
-               ("acetaminophen", 0.12), ("normal_saline", 0.12)),
+        drugs=(
+            ("sumatriptan", 0.4),
+            ("metoclopramide", 0.3),
+            ("ketorolac", 0.3),
+            ("acetaminophen", 0.12),
+            ("normal_saline", 0.12),
+        ),
         plan=(("dark_room", 0.2), ("headache_diary", 0.12), ("neurology", 0.06)),
         confusable=("stroke",),
         smoker=0.1,
     ),
     "acute kidney injury": _Profile(
-        age=(45, 92), male=0.55,
-        symptoms=(("decreased_urine", 0.45), ("fatigue", 0.35), ("nausea", 0.3),
-                  ("poor_intake", 0.3), ("dizziness", 0.22), ("vomiting", 0.18),
-                  ("diarrhea", 0.18), ("leg_swelling", 0.08), ("confusion", 0.06)),
-        findings=(("dry_mucosa", 0.35), ("poor_turgor", 0.22), ("abdomen_soft", 0.1),
-                  ("renal_us", 0.3), ("fena", 0.18)),
-        labs=(("creatinine", 2.0, 5.2, 0.65), ("bun", 38.0, 95.0, 0.45),
-              ("potassium", 5.2, 6.4, 0.3), ("bicarbonate", 15.0, 20.0, 0.18)),
+        age=(45, 92),
+        male=0.55,
+        symptoms=(
+            ("decreased_urine", 0.45),
+            ("fatigue", 0.35),
+            ("nausea", 0.3),
+            ("poor_intake", 0.3),
+            ("dizziness", 0.22),
+            ("vomiting", 0.18),
+            ("diarrhea", 0.18),
+            ("leg_swelling", 0.08),
+            ("confusion", 0.06),
+        ),
+        findings=(
+            ("dry_mucosa", 0.35),
+            ("poor_turgor", 0.22),
+            ("abdomen_soft", 0.1),
+            ("renal_us", 0.3),
+            ("fena", 0.18),
+        ),
+        labs=(
+            ("creatinine", 2.0, 5.2, 0.65),
+            ("bun", 38.0, 95.0, 0.45),
+            ("potassium", 5.2, 6.4, 0.3),
+            ("bicarbonate", 15.0, 20.0, 0.18),
+        ),
         vitals={"sbp": (95, 130), "hr": (80, 108)},
         history=(("ckd", 0.3), ("htn", 0.5), ("dm2", 0.3), ("chf", 0.12)),
         drugs=(("normal_saline", 0.45), ("-lisinopril", 0.25), ("-metformin", 0.15)),
-        plan=(("avoid_nephrotoxins", 0.3), ("renal_dosing", 0.2), ("strict_io", 0.25),
-              ("nephrology", 0.18), ("trend_creatinine", 0.25)),
+        plan=(
+            ("avoid_nephrotoxins", 0.3),
+            ("renal_dosing", 0.2),
+            ("strict_io", 0.25),
+            ("nephrology", 0.18),
+            ("trend_creatinine", 0.25),
+        ),
         confusable=("sepsis", "heart failure", "type 2 diabetes"),
     ),
     "sepsis": _Profile(
-        age=(35, 94), male=0.5,
-        symptoms=(("fever", 0.5), ("chills", 0.35), ("confusion", 0.35), ("fatigue", 0.22),
-                  ("dyspnea", 0.18), ("productive_cough", 0.12), ("dysuria", 0.12),
-                  ("dizziness", 0.12), ("poor_intake", 0.12)),
-        findings=(("mottled", 0.25), ("delayed_cap_refill", 0.25), ("diaphoretic", 0.18),
-                  ("focal_crackles", 0.08), ("cva_tenderness", 0.06), ("blood_cultures", 0.5),
-                  ("ua_positive", 0.12), ("cxr_consolidation", 0.08), ("ecg_tachy", 0.1)),
-        labs=(("lactate", 2.6, 7.5, 0.6), ("wbc", 15.0, 27.0, 0.45),
-              ("creatinine", 1.4, 2.8, 0.2), ("procalcitonin", 2.0, 25.0, 0.18)),
-        vitals={"temp": (38.3, 40.2), "hr": (108, 138), "sbp": (72, 98), "dbp": (38, 58),
-                "rr": (22, 32), "spo2": (89, 96)},
-        history=(("dm2", 0.28), ("ckd", 0.12), ("htn", 0.3), ("dementia", 0.1),
-                 ("copd", 0.08)),
-        drugs=(("vancomycin", 0.4), ("pip_tazo", 0.4), ("ceftriaxone", 0.18),
-               ("norepinephrine", 0.25), ("normal_saline", 0.4)),
+        age=(35, 94),
+        male=0.5,
+        symptoms=(
+            ("fever", 0.5),
+            ("chills", 0.35),
+            ("confusion", 0.35),
+            ("fatigue", 0.22),
+            ("dyspnea", 0.18),
+            ("productive_cough", 0.12),
+            ("dysuria", 0.12),
+            ("dizziness", 0.12),
+            ("poor_intake", 0.12),
+        ),
+        findings=(
+            ("mottled", 0.25),
+            ("delayed_cap_refill", 0.25),
+            ("diaphoretic", 0.18),
+            ("focal_crackles", 0.08),
+            ("cva_tenderness", 0.06),
+            ("blood_cultures", 0.5),
+            ("ua_positive", 0.12),
+            ("cxr_consolidation", 0.08),
+            ("ecg_tachy", 0.1),
+        ),
+        labs=(
+            ("lactate", 2.6, 7.5, 0.6),
+            ("wbc", 15.0, 27.0, 0.45),
+            ("creatinine", 1.4, 2.8, 0.2),
+            ("procalcitonin", 2.0, 25.0, 0.18),
+        ),
+        vitals={
+            "temp": (38.3, 40.2),
+            "hr": (108, 138),
+            "sbp": (72, 98),
+            "dbp": (38, 58),
+            "rr": (22, 32),
+            "spo2": (89, 96),
+        },
+        history=(("dm2", 0.28), ("ckd", 0.12), ("htn", 0.3), ("dementia", 0.1), ("copd", 0.08)),
+        drugs=(
+            ("vancomycin", 0.4),
+            ("pip_tazo", 0.4),
+            ("ceftriaxone", 0.18),
+            ("norepinephrine", 0.25),
+            ("normal_saline", 0.4),
+        ),
         plan=(("fluid_bolus", 0.3), ("icu", 0.2), ("repeat_lactate", 0.25)),
         confusable=("pneumonia", "urinary tract infection", "acute kidney injury"),
     ),
     "COPD exacerbation": _Profile(
-        age=(50, 88), male=0.55,
-        symptoms=(("dyspnea", 0.55), ("sputum", 0.35), ("productive_cough", 0.25),
-                  ("wheezing", 0.3), ("cough", 0.22), ("exertional_dyspnea", 0.22),
-                  ("chest_tightness", 0.08), ("fatigue", 0.08)),
-        findings=(("decreased_breath_sounds", 0.3), ("diffuse_wheezes", 0.28),
-                  ("pursed_lips", 0.22), ("barrel_chest", 0.18), ("accessory_muscles", 0.12),
-                  ("abg", 0.3), ("cxr_hyperinflation", 0.3)),
+        age=(50, 88),
+        male=0.55,
+        symptoms=(
+            ("dyspnea", 0.55),
+            ("sputum", 0.35),
+            ("productive_cough", 0.25),
+            ("wheezing", 0.3),
+            ("cough", 0.22),
+            ("exertional_dyspnea", 0.22),
+            ("chest_tightness", 0.08),
+            ("fatigue", 0.08),
+        ),
+        findings=(
+            ("decreased_breath_sounds", 0.3),
+            ("diffuse_wheezes", 0.28),
+            ("pursed_lips", 0.22),
+            ("barrel_chest", 0.18),
+            ("accessory_muscles", 0.12),
+            ("abg", 0.3),
+            ("cxr_hyperinflation", 0.3),
+        ),
         labs=(("bicarbonate", 29.0, 36.0, 0.22), ("wbc", 9.0, 13.0, 0.12)),
         vitals={"hr": (90, 115), "rr": (22, 30), "spo2": (83, 91)},
         history=(("copd", 0.55), ("htn", 0.3), ("cad", 0.15), ("chf", 0.08)),
-        drugs=(("duoneb", 0.4), ("albuterol", 0.22), ("ipratropium", 0.08),
-               ("prednisone", 0.4), ("methylprednisolone", 0.12), ("azithromycin", 0.3),
-               ("doxycycline", 0.12), ("tiotropium", 0.08)),
-        plan=(("bipap", 0.18), ("oxygen_goal", 0.3), ("smoking_cessation", 0.18),
-              ("pulm_rehab", 0.08)),
+        drugs=(
+            ("duoneb", 0.4),
+            ("albuterol", 0.22),
+            ("ipratropium", 0.08),
+            ("prednisone", 0.4),
+            ("methylprednisolone", 0.12),
+            ("azithromycin", 0.3),
+            ("doxycycline", 0.12),
+            ("tiotropium", 0.08),
+        ),
+        plan=(
+            ("bipap", 0.18),
+            ("oxygen_goal", 0.3),
+            ("smoking_cessation", 0.18),
+            ("pulm_rehab", 0.08),
+        ),
         confusable=("asthma exacerbation", "heart failure", "pneumonia"),
         smoker=0.6,
     ),
@@ -585,6 +885,7 @@ _HALLMARKS: dict[str, tuple[str, ...]] = {
 # Cases: the clinical content of one note, before any writing style is applied
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Case:
     """What one note says, independent of how the hospital writes it."""
@@ -598,6 +899,10 @@ class _Case:
     history: list[str]
     home_meds: list[str]
     smoker: bool
+    allergies: bool  # mention of no known drug allergies
+    full_code: bool  # mention of the code status
+    arrival: int | None  # index into _ARRIVALS
+    appearance: int | None  # index into _APPEARANCES
     vitals: dict[str, float]
     findings: list[tuple[str, str]]  # key, value for {x}
     labs: list[tuple[str, float]]
@@ -607,8 +912,9 @@ class _Case:
     plan: list[str]
 
 
-def _take(rng: random.Random, items: tuple[tuple[str, float], ...], strength: float,
-          limit: int) -> list[str]:
+def _take(
+    rng: random.Random, items: tuple[tuple[str, float], ...], strength: float, limit: int
+) -> list[str]:
     """Each item independently with its probability (scaled by strength), at most `limit`."""
     chosen = [key for key, p in items if rng.random() < min(0.95, p * strength)]
     rng.shuffle(chosen)
@@ -619,15 +925,20 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
     """Draw one case of `label`: demographics, symptoms, vitals, findings, labs, plan."""
     profile = _PROFILES[label]
     # Some notes carry strong evidence, some little: the task should not be uniformly easy.
-    strength = rng.choice((0.45, 0.75, 1.0, 1.2))
+    strength = rng.choice((0.4, 0.7, 1.0, 1.2))
 
     symptoms = _take(rng, profile.symptoms, strength, 4)
     if not symptoms:  # every note has a presenting complaint
         keys, weights = zip(*profile.symptoms)
         symptoms = [rng.choices(keys, weights)[0]]
 
+    if len(symptoms) < 4 and rng.random() < 0.4:
+        extra = rng.choice(_NONSPECIFIC)
+        if extra not in symptoms:
+            symptoms.append(extra)
+
     negatives: list[str] = []
-    if rng.random() < 0.35:
+    if rng.random() < 0.45:
         other = rng.choice(profile.confusable)
         pool = [k for k in _HALLMARKS[other] if k not in symptoms and k not in _HALLMARKS[label]]
         negatives = rng.sample(pool, min(len(pool), rng.randint(1, 2)))
@@ -656,14 +967,18 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
     rng.shuffle(labs)
     labs = labs[:4]
 
+    appearance = rng.randrange(len(_APPEARANCES)) if rng.random() < 0.6 else None
+    if appearance == 3 and "confusion" in symptoms:
+        appearance = 2
+
     roll = rng.random()
-    if roll < 0.32:
+    if roll < 0.28:
         assessment, differential = "name", [label]
-    elif roll < 0.47:
+    elif roll < 0.43:
         assessment = "ddx"
         differential = [label, rng.choice(profile.confusable)]
         rng.shuffle(differential)
-    elif roll < 0.62:
+    elif roll < 0.6:
         assessment, differential = "rule_out", [rng.choice(profile.confusable)]
     else:
         assessment, differential = "none", []
@@ -674,11 +989,25 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
     plan = _take(rng, profile.plan, 1.0, 2)
 
     return _Case(
-        label=label, age=rng.randint(*profile.age), male=rng.random() < profile.male,
-        days=rng.choice((1, 1, 2, 2, 3, 3, 4, 5, 7, 10, 14)), symptoms=symptoms,
-        negatives=negatives, history=history, home_meds=home_meds,
-        smoker=rng.random() < profile.smoker, vitals=vitals, findings=findings, labs=labs,
-        assessment=assessment, differential=differential, drugs=list(dict.fromkeys(drugs)),
+        label=label,
+        age=rng.randint(*profile.age),
+        male=rng.random() < profile.male,
+        days=rng.choice((1, 1, 2, 2, 3, 3, 4, 5, 7, 10, 14)),
+        symptoms=symptoms,
+        negatives=negatives,
+        history=history,
+        home_meds=home_meds,
+        smoker=rng.random() < profile.smoker,
+        allergies=rng.random() < 0.3,
+        full_code=rng.random() < 0.2,
+        arrival=rng.randrange(len(_ARRIVALS)) if rng.random() < 0.5 else None,
+        appearance=appearance,
+        vitals=vitals,
+        findings=findings,
+        labs=labs,
+        assessment=assessment,
+        differential=differential,
+        drugs=list(dict.fromkeys(drugs)),
         plan=plan,
     )
 
@@ -686,6 +1015,7 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
 # --------------------------------------------------------------------------------------------
 # Hospital writing styles
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HospitalStyle:
@@ -703,14 +1033,14 @@ class HospitalStyle:
     fahrenheit: bool = False
     vitals_separator: str = " "
     headers: tuple[str, str, str, str] = ("S:", "O:", "A:", "P:")
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 _BASE_STYLES: tuple[HospitalStyle, ...] = (
     HospitalStyle(forms=(("terse", 1.0),), abbreviation=0.85, typo_rate=0.015),
     HospitalStyle(forms=(("prose", 1.0),), abbreviation=0.05, typo_rate=0.003, fahrenheit=True),
-    HospitalStyle(forms=(("soap", 1.0),), abbreviation=0.45, typo_rate=0.008,
-                  vitals_separator=" | "),
+    HospitalStyle(
+        forms=(("soap", 1.0),), abbreviation=0.45, typo_rate=0.008, vitals_separator=" | "
+    ),
 )
 
 _FORMS = ("terse", "prose", "soap")
@@ -735,9 +1065,13 @@ def hospital_style(hospital: int) -> HospitalStyle:
         lowercase=primary == "terse" and rng.random() < 0.5,
         fahrenheit=rng.random() < 0.4,
         vitals_separator=rng.choice((" ", ", ", " | ", "; ")),
-        headers=rng.choice((("S:", "O:", "A:", "P:"),
-                            ("SUBJECTIVE:", "OBJECTIVE:", "ASSESSMENT:", "PLAN:"),
-                            ("Subjective:", "Objective:", "Assessment:", "Plan:"))),
+        headers=rng.choice(
+            (
+                ("S:", "O:", "A:", "P:"),
+                ("SUBJECTIVE:", "OBJECTIVE:", "ASSESSMENT:", "PLAN:"),
+                ("Subjective:", "Objective:", "Assessment:", "Plan:"),
+            )
+        ),
     )
 
 
@@ -745,8 +1079,23 @@ def hospital_style(hospital: int) -> HospitalStyle:
 # Writing a case in a style
 # --------------------------------------------------------------------------------------------
 
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                 "ten", "eleven", "twelve", "thirteen", "fourteen")
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+)
 
 
 class _Writer:
@@ -798,8 +1147,10 @@ class _Writer:
             return [(f"{short} {number} {unit}", None)]
         return [(f"{short} {number}", None)]
 
-    def join(self, phrases: list[list[Fragment]], sep: str = ", ", last: str | None = None
-             ) -> None:
+    def neutral(self, pair: tuple[str, str]) -> str:
+        return pair[1] if self.rng.random() < self.style.abbreviation else pair[0]
+
+    def join(self, phrases: list[list[Fragment]], sep: str = ", ", last: str | None = None) -> None:
         """Add phrases separated by `sep`, the last two by `last` (default `sep`)."""
         for i, phrase in enumerate(phrases):
             if i:
@@ -822,7 +1173,10 @@ def _write_terse(w: _Writer, case: _Case) -> None:
     else:
         w.add(rng.choice(("p/w ", "presenting w/ ", "c/o ")))
     w.join([w.symptom(s) for s in case.symptoms])
-    w.add(rng.choice((f" x{case.days}d", f" x {case.days} days", f" x{case.days} days")) + ". ")
+    w.add(rng.choice((f" x{case.days}d", f" x {case.days} days", f" x{case.days} days")))
+    if case.arrival is not None:
+        w.add(", " + w.neutral(_ARRIVALS[case.arrival]))
+    w.add(". ")
     if case.negatives:
         w.add(rng.choice(("denies ", "no ")))
         w.join([w.symptom(s) for s in case.negatives])
@@ -833,12 +1187,25 @@ def _write_terse(w: _Writer, case: _Case) -> None:
         w.add("meds: ")
         w.join([w.drug(d, dose=False) for d in case.home_meds])
         w.add(". ")
+    if case.allergies:
+        w.add("NKDA. ")
     v = case.vitals
-    if rng.random() < 0.9:
+    if case.appearance is not None:
+        w.add(w.neutral(_APPEARANCES[case.appearance]) + ". ")
+    if rng.random() < 0.95:
         sep = w.style.vitals_separator
-        w.add(sep.join((f"T {w.temperature(v['temp'], False)}", f"HR {v['hr']:.0f}",
-                        f"BP {v['sbp']:.0f}/{v['dbp']:.0f}", f"RR {v['rr']:.0f}",
-                        f"SpO2 {v['spo2']:.0f}% RA")) + ". ")
+        w.add(
+            sep.join(
+                (
+                    f"T {w.temperature(v['temp'], False)}",
+                    f"HR {v['hr']:.0f}",
+                    f"BP {v['sbp']:.0f}/{v['dbp']:.0f}",
+                    f"RR {v['rr']:.0f}",
+                    f"SpO2 {v['spo2']:.0f}% RA",
+                )
+            )
+            + ". "
+        )
     if case.findings:
         w.join([w.finding(k, x) for k, x in case.findings], sep="; ")
         w.add(". ")
@@ -849,7 +1216,9 @@ def _write_terse(w: _Writer, case: _Case) -> None:
     if case.drugs or case.plan:
         w.add("P: ")
         w.join([w.drug(d, dose=True) for d in case.drugs] + [w.plan_item(p) for p in case.plan])
-        w.add(".")
+        w.add(". ")
+    if case.full_code:
+        w.add("full code.")
 
 
 def _write_prose(w: _Writer, case: _Case) -> None:
@@ -865,6 +1234,8 @@ def _write_prose(w: _Writer, case: _Case) -> None:
     w.add(f"{days} day{'s' if case.days > 1 else ''} of ")
     w.join([w.symptom(s) for s in case.symptoms], last=" and ")
     w.add(". ")
+    if case.arrival is not None:
+        w.add(f"{he} {_ARRIVALS[case.arrival][0]}. ")
     if case.negatives:
         w.add(f"{he} denies ")
         w.join([w.symptom(s) for s in case.negatives], last=" or ")
@@ -872,16 +1243,22 @@ def _write_prose(w: _Writer, case: _Case) -> None:
     if case.smoker:
         w.add(f"{he} has a {rng.randint(2, 8) * 10} pack-year smoking history. ")
     if case.home_meds:
-        w.add(f"Home medications include ")
+        w.add("Home medications include ")
         w.join([w.drug(d, dose=False) for d in case.home_meds], last=" and ")
         w.add(". ")
+    if case.allergies:
+        w.add("No known drug allergies. ")
     v = case.vitals
     if rng.random() < 0.85:
-        w.add(f"On arrival {his} temperature was {w.temperature(v['temp'], True)}, heart rate "
-              f"{v['hr']:.0f}, blood pressure {v['sbp']:.0f}/{v['dbp']:.0f}, respiratory rate "
-              f"{v['rr']:.0f} and oxygen saturation {v['spo2']:.0f}% on room air. ")
+        w.add(
+            f"On arrival {his} temperature was {w.temperature(v['temp'], True)}, heart rate "
+            f"{v['hr']:.0f}, blood pressure {v['sbp']:.0f}/{v['dbp']:.0f}, respiratory rate "
+            f"{v['rr']:.0f} and oxygen saturation {v['spo2']:.0f}% on room air. "
+        )
+    if case.appearance is not None:
+        w.add(f"{he} was {w.neutral(_APPEARANCES[case.appearance])}. ")
     if case.findings:
-        w.add(rng.choice(("Examination revealed ", "Workup showed ", "Notable findings were ")))
+        w.add(rng.choice(("Workup showed ", "Notable findings were ", "Findings included ")))
         w.join([w.finding(k, x) for k, x in case.findings], last=" and ")
         w.add(". ")
     if case.labs:
@@ -891,9 +1268,13 @@ def _write_prose(w: _Writer, case: _Case) -> None:
     _write_assessment(w, case, terse=False)
     if case.drugs or case.plan:
         w.add(rng.choice(("We will start ", "Plan: ", "Management includes ")))
-        w.join([w.drug(d, dose=True) for d in case.drugs] + [w.plan_item(p) for p in case.plan],
-               last=" and ")
-        w.add(".")
+        w.join(
+            [w.drug(d, dose=True) for d in case.drugs] + [w.plan_item(p) for p in case.plan],
+            last=" and ",
+        )
+        w.add(". ")
+    if case.full_code:
+        w.add(f"{he} is full code.")
 
 
 def _write_soap(w: _Writer, case: _Case) -> None:
@@ -902,6 +1283,8 @@ def _write_soap(w: _Writer, case: _Case) -> None:
     w.add(f"{s_header} {case.age} y/o {'male' if case.male else 'female'} c/o ")
     w.join([w.symptom(s) for s in case.symptoms])
     w.add(f" x {case.days} days. ")
+    if case.arrival is not None:
+        w.add(w.neutral(_ARRIVALS[case.arrival]).capitalize() + ". ")
     if case.negatives:
         w.add("Denies ")
         w.join([w.symptom(s) for s in case.negatives])
@@ -916,12 +1299,25 @@ def _write_soap(w: _Writer, case: _Case) -> None:
         w.add("Meds: ")
         w.join([w.drug(d, dose=False) for d in case.home_meds])
         w.add(". ")
+    if case.allergies:
+        w.add("Allergies: NKDA. ")
     v = case.vitals
     w.add(f"\n{o_header} ")
     sep = w.style.vitals_separator
-    w.add(sep.join((f"Temp {w.temperature(v['temp'], True)}", f"HR {v['hr']:.0f}",
-                    f"BP {v['sbp']:.0f}/{v['dbp']:.0f}", f"RR {v['rr']:.0f}",
-                    f"SpO2 {v['spo2']:.0f}%")) + ". ")
+    w.add(
+        sep.join(
+            (
+                f"Temp {w.temperature(v['temp'], True)}",
+                f"HR {v['hr']:.0f}",
+                f"BP {v['sbp']:.0f}/{v['dbp']:.0f}",
+                f"RR {v['rr']:.0f}",
+                f"SpO2 {v['spo2']:.0f}%",
+            )
+        )
+        + ". "
+    )
+    if case.appearance is not None:
+        w.add("Gen: " + w.neutral(_APPEARANCES[case.appearance]) + ". ")
     if case.findings:
         w.add("Exam/studies: ")
         w.join([w.finding(k, x) for k, x in case.findings])
@@ -937,9 +1333,13 @@ def _write_soap(w: _Writer, case: _Case) -> None:
         _write_assessment(w, case, terse=True, header=False)
     if case.drugs or case.plan:
         w.add(f"\n{p_header} ")
-        w.join([w.drug(d, dose=True) for d in case.drugs] + [w.plan_item(p) for p in case.plan],
-               sep="; ")
-        w.add(".")
+        w.join(
+            [w.drug(d, dose=True) for d in case.drugs] + [w.plan_item(p) for p in case.plan],
+            sep="; ",
+        )
+        w.add(". ")
+    if case.full_code:
+        w.add("Full code.")
 
 
 def _write_assessment(w: _Writer, case: _Case, terse: bool, header: bool = True) -> None:
@@ -954,15 +1354,16 @@ def _write_assessment(w: _Writer, case: _Case, terse: bool, header: bool = True)
         if case.assessment == "name":
             w.join(names)
         elif case.assessment == "ddx":
-            w.join(names, sep=rng.choice((" vs ", " vs. ", " or ")))
+            w.join(names, sep=rng.choice((" vs ", " versus ", " or ")))
         else:
             w.add(rng.choice(("r/o ", "eval for ", "?")))
             w.join(names)
         w.add(". ")
         return
     if case.assessment == "name":
-        w.add(rng.choice(("Presentation is most consistent with ", "Admitted for ",
-                          "Impression: ")))
+        w.add(
+            rng.choice(("Presentation is most consistent with ", "Admitted for ", "Impression: "))
+        )
         w.join(names)
     elif case.assessment == "ddx":
         w.add("The differential includes ")
@@ -983,9 +1384,9 @@ def _misspell(rng: random.Random, word: str) -> str:
     i = rng.randrange(1, len(word) - 1)
     kind = rng.randrange(3)
     if kind == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if kind == 1:
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     return word[:i] + word[i] + word[i:]
 
 
@@ -1000,9 +1401,13 @@ def _finish(rng: random.Random, style: HospitalStyle, parts: list[Fragment]) -> 
             words = list(_WORD.finditer(text))
             if words:
                 m = rng.choice(words)
-                parts[i] = (text[:m.start()] + _misspell(rng, m.group()) + text[m.end():], entity)
+                parts[i] = (text[: m.start()] + _misspell(rng, m.group()) + text[m.end() :], entity)
     if style.lowercase:
         parts = [(text.lower(), entity) for text, entity in parts]
+    while parts and parts[-1][1] is None and not parts[-1][0].strip():
+        parts.pop()
+    if parts and parts[-1][1] is None:
+        parts[-1] = (parts[-1][0].rstrip(), None)
     return parts
 
 
@@ -1017,6 +1422,7 @@ def _write_case(rng: random.Random, style: HospitalStyle, case: _Case) -> list[F
 # --------------------------------------------------------------------------------------------
 # Per-hospital label mix and the public generators
 # --------------------------------------------------------------------------------------------
+
 
 def _stable_seed(*values: object) -> int:
     """A seed from `values` that is the same in every process (unlike the salted `hash`)."""
@@ -1042,8 +1448,10 @@ def label_weights(hospital: int, seed: int, num_hospitals: int = 3) -> list[floa
         special = [order[hospital % k]]
     gammas = [rng.gammavariate(1.0, 1.0) for _ in range(k)]
     total = sum(gammas)
-    return [0.35 / k + (0.40 / len(special) if i in special else 0.0) + 0.25 * g / total
-            for i, g in enumerate(gammas)]
+    return [
+        0.35 / k + (0.40 / len(special) if i in special else 0.0) + 0.25 * g / total
+        for i, g in enumerate(gammas)
+    ]
 
 
 def _label_counts(weights: list[float], num_notes: int) -> list[int]:
@@ -1068,35 +1476,99 @@ def _check_hospital(hospital: int, num_hospitals: int) -> None:
     if not 0 <= hospital < num_hospitals:
         raise ConfigError(
             f"hospital index {hospital} is outside 0..{num_hospitals - 1}; hospitals are "
-            "numbered from 0 to hospitals - 1")
+            "numbered from 0 to hospitals - 1"
+        )
 
 
-def _generate_cases(hospital: int, num_notes: int, seed: int, num_hospitals: int,
-                    task: str) -> list[tuple[str, list[Fragment]]]:
-    """(label, fragments) for `num_notes` notes of `hospital`, deterministic in the arguments."""
-    _check_hospital(hospital, num_hospitals)
-    if num_notes < 0:
-        raise ConfigError(f"notes_per_hospital: {num_notes} notes requested; use 0 or more")
-    counts = _label_counts(label_weights(hospital, seed, num_hospitals), num_notes)
-    labels = [label for label, n in zip(DIAGNOSES, counts) for _ in range(n)]
-    rng = random.Random(_stable_seed(task, hospital, num_notes, seed, num_hospitals))
-    rng.shuffle(labels)
-    style = hospital_style(hospital)
-    return [(label, _write_case(rng, style, _sample_case(rng, label))) for label in labels]
-
-
-def generate_notes(hospital: int, num_notes: int, seed: int,
-                   num_hospitals: int = 3) -> list[dict[str, str]]:
+def generate_notes(
+    hospital: int, num_notes: int, seed: int, num_hospitals: int = 3
+) -> list[dict[str, str]]:
     """`num_notes` synthetic clinical notes of `hospital` (0-based) for diagnosis classification.
 
     Each note is {"text": ..., "label": one of DIAGNOSES, "hospital": "hospital-<index>"}. The
     same arguments always give the same notes. The hospital's writing style is
     `hospital_style(hospital)`; its label mix is `label_weights(hospital, seed, num_hospitals)`.
     """
-    notes = [
-        {"text": "".join(text for text, _ in parts), "label": label,
-         "hospital": f"hospital-{hospital}"}
-        for label, parts in _generate_cases(hospital, num_notes, seed, num_hospitals, "notes")
-    ]
+    _check_hospital(hospital, num_hospitals)
+    if num_notes < 0:
+        raise ConfigError(f"notes_per_hospital: {num_notes} notes requested; use 0 or more")
+    counts = _label_counts(label_weights(hospital, seed, num_hospitals), num_notes)
+    labels = [label for label, n in zip(DIAGNOSES, counts) for _ in range(n)]
+    rng = random.Random(_stable_seed("notes", hospital, num_notes, seed, num_hospitals))
+    rng.shuffle(labels)
+    style = hospital_style(hospital)
+    notes = []
+    for label in labels:
+        parts = _write_case(rng, style, _sample_case(rng, label))
+        notes.append(
+            {
+                "text": "".join(text for text, _ in parts),
+                "label": label,
+                "hospital": f"hospital-{hospital}",
+            }
+        )
     logger.debug("generated %d synthetic notes for hospital %d", len(notes), hospital)
     return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Named-entity recognition
+# --------------------------------------------------------------------------------------------
+
+#: Tokens: decimal numbers whole, otherwise runs of word characters, and each punctuation mark.
+_TOKEN = re.compile(r"\d+(?:\.\d+)+|\w+|[^\w\s]")
+_SENTENCE_END = re.compile(r"(?<=\.)\s+|\n")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text the way the NER notes are split: on whitespace, punctuation as own tokens."""
+    return _TOKEN.findall(text)
+
+
+def _tagged_sentences(parts: list[Fragment]) -> list[list[tuple[str, str]]]:
+    """Cut one note into sentences of (token, IOB2 tag); entities never span sentences."""
+    sentences: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    for text, entity in parts:
+        if entity is not None:
+            tokens = _TOKEN.findall(text)
+            current.extend((t, ("B-" if i == 0 else "I-") + entity) for i, t in enumerate(tokens))
+            continue
+        pieces = _SENTENCE_END.split(text)
+        for i, piece in enumerate(pieces):
+            current.extend((t, "O") for t in _TOKEN.findall(piece))
+            if i < len(pieces) - 1 and current:  # a sentence boundary follows this piece
+                sentences.append(current)
+                current = []
+    if current:
+        sentences.append(current)
+    return sentences
+
+
+def generate_ner_notes(
+    hospital: int, num_notes: int, seed: int, num_hospitals: int = 3
+) -> list[list[tuple[str, str]]]:
+    """`num_notes` tagged sentences from synthetic notes of `hospital` (0-based) for NER.
+
+    Each item is one sentence (or SOAP section line) as (token, tag) pairs with IOB2 tags over
+    `ENTITY_TYPES`: diseases (diagnoses and chronic conditions, "type 2 diabetes mellitus"),
+    symptoms (also when negated: "denies fever"), and drugs (the name only: in
+    "metformin 500 mg" only "metformin" is a DRUG). Sentences come from notes written in the
+    hospital's style with its label mix; most carry at least one entity, a few carry none.
+    The same arguments always give the same sentences.
+    """
+    _check_hospital(hospital, num_hospitals)
+    if num_notes < 0:
+        raise ConfigError(f"notes_per_hospital: {num_notes} notes requested; use 0 or more")
+    weights = label_weights(hospital, seed, num_hospitals)
+    rng = random.Random(_stable_seed("ner", hospital, num_notes, seed, num_hospitals))
+    style = hospital_style(hospital)
+    sentences: list[list[tuple[str, str]]] = []
+    while len(sentences) < num_notes:
+        label = rng.choices(DIAGNOSES, weights)[0]
+        for sentence in _tagged_sentences(_write_case(rng, style, _sample_case(rng, label))):
+            has_entity = any(tag != "O" for _, tag in sentence)
+            if len(sentences) < num_notes and (has_entity or rng.random() < 0.15):
+                sentences.append(sentence)
+    logger.debug("generated %d synthetic NER sentences for hospital %d", len(sentences), hospital)
+    return sentences

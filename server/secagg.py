@@ -88,9 +88,10 @@ class SecAggServerSession:
         server_round: the round number (every message is bound to it).
         node_ids: the hospitals sampled for this round (Flower node ids).
         vector_length: number of float values in a flat adapter update.
-        neighbours: neighbours per hospital in the SecAgg+ graph; 0 (default) is all-to-all.
+        neighbours: neighbours per hospital in the SecAgg+ graph, rounded up to even; 0
+            (default) is all-to-all.
         threshold: share of a neighbourhood (a hospital and its neighbours) needed to recover a
-            hospital's secrets (default 0.5); the count is at least 2.
+            hospital's secrets (default 0.5); the count, at least 2, is `self.threshold`.
         clip: quantization range [-clip, clip] of update values (default 1.0).
         bits: quantization bits per value (default 24).
         max_weight: largest example count a hospital may weight its update with (default
@@ -114,7 +115,9 @@ class SecAggServerSession:
         self.server_round = server_round
         self.node_ids = check_node_ids(node_ids)
         if vector_length < 1:
-            raise SecAggError(f"secure aggregation: vector_length must be >= 1, got {vector_length}")
+            raise SecAggError(
+                f"secure aggregation: vector_length must be >= 1, got {vector_length}"
+            )
         self.vector_length = vector_length
         self.neighbours = neighbours
         self.clip = float(clip)
@@ -164,7 +167,10 @@ class SecAggServerSession:
         missing = sorted(self._asked - set(replies))
         logger.info(
             "secagg round %d, %s: %d of %d hospitals replied%s",
-            self.server_round, stage, len(replies), len(self._asked),
+            self.server_round,
+            stage,
+            len(replies),
+            len(self._asked),
             f" (dropped: {missing})" if missing else "",
         )
         return dict(replies)
@@ -306,7 +312,9 @@ class SecAggServerSession:
             total += vector
         contributors = set(replies)
         if not contributors:
-            raise SecAggError(f"secure aggregation, stage {stage}: no hospital sent a masked update")
+            raise SecAggError(
+                f"secure aggregation, stage {stage}: no hospital sent a masked update"
+            )
         needed = contributors | {
             node for node in self._sharers - contributors if set(self.graph[node]) & contributors
         }
@@ -369,7 +377,9 @@ class SecAggServerSession:
                     seed = agree_key(
                         mask_key,
                         self._mask_public[partner],
-                        pair_context(self.run_id, self.server_round, "pairwise-mask", owner, partner),
+                        pair_context(
+                            self.run_id, self.server_round, "pairwise-mask", owner, partner
+                        ),
                     )
                 except ValueError:
                     raise SecAggError(
@@ -420,6 +430,9 @@ class SecAggServerSession:
         self.stage = "done"
         logger.info(
             "secagg round %d: unmasked the sum of %d hospitals (total weight %d); dropped: %s",
-            self.server_round, len(included), total_weight, list(dropped),
+            self.server_round,
+            len(included),
+            total_weight,
+            list(dropped),
         )
         return SecAggResult(weighted_sum, total_weight, included, dropped)

@@ -128,10 +128,21 @@ def test_failed_write_leaves_previous_ledger_intact(tmp_path, data_file, monkeyp
     ("content", "expected"),
     [
         ('{"format": "fedward-privacy-ledger", "version": 1, "entries": [', "corrupt at line 1"),
-        (json.dumps({"format": "fedward-privacy-ledger", "version": 1, "dataset": "x",
-                     "entries": [{"run_id": "r"}]}), "malformed at 'entries.0"),
-        (json.dumps({"format": "something-else", "version": 1, "dataset": "x", "entries": []}),
-         "not a fedward privacy ledger"),
+        (
+            json.dumps(
+                {
+                    "format": "fedward-privacy-ledger",
+                    "version": 1,
+                    "dataset": "x",
+                    "entries": [{"run_id": "r"}],
+                }
+            ),
+            "malformed at 'entries.0",
+        ),
+        (
+            json.dumps({"format": "something-else", "version": 1, "dataset": "x", "entries": []}),
+            "not a fedward privacy ledger",
+        ),
     ],
 )
 def test_corrupt_ledger_names_the_file(tmp_path, content, expected):

@@ -1,0 +1,232 @@
+"""The `fedward` command line. Only the CLI prints; library code logs.
+
+A `FedwardError` (bad config, bad data, unknown model, refused budget...) becomes one readable
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from common.config import RunConfig
+from common.errors import FedwardError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Federated, differentially private LoRA fine-tuning of transformers for medical text.",
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    """CLI flags the user actually gave (None means: keep the config file's or default value)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def load_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    """Defaults < TOML file < CLI flags; a bad value raises `ConfigError` naming the field."""
+    if config_file is not None:
+        return RunConfig.from_toml(config_file, overrides=flags)
+    return RunConfig.build(flags, source="command line")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep Flower, Ray and transformers to warnings unless --verbose."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("flwr", "ray", "transformers", "opacus", "peft"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@app.command()
+def simulate(
+    hospitals: Annotated[int | None, typer.Option(help="Simulated hospitals [default: 3].")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds [default: 3].")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="CSV/JSONL (or CoNLL for NER); default: synthetic notes.")
+    ] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column [default: text].")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column [default: label].")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid | dirichlet | blocks | column:NAME | auto.")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha [default: 0.5].")] = None,
+    task: Annotated[str | None, typer.Option(help="classification | ner.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model folder or hub id [default: packaged MiniLM].")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="Target epsilon per hospital for the run [default: 8].")
+    ] = None,
+    dp: Annotated[
+        bool | None, typer.Option("--dp/--no-dp", help="Differential privacy [default: on].")
+    ] = None,
+    secure_aggregation: Annotated[
+        bool | None,
+        typer.Option(
+            "--secure-aggregation/--no-secure-aggregation",
+            help="SecAgg+ masking of updates [default: on]; off only for debugging.",
+        ),
+    ] = None,
+    fraction: Annotated[float | None, typer.Option(help="Hospitals sampled per round.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Expected batch size.")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    lora_variant: Annotated[str | None, typer.Option(help="lora | ffa.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder [default: fedward-out].")] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with RunConfig fields.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [default: 42].")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower/Ray logs.")] = False,
+) -> None:
+    """Run a federated fine-tuning across simulated hospitals on this machine."""
+    quiet_libraries(verbose)
+    flags = _flags(
+        hospitals=hospitals,
+        rounds=rounds,
+        data=data,
+        text_column=text_column,
+        label_column=label_column,
+        partition=partition,
+        alpha=alpha,
+        task=task,
+        model=model,
+        epsilon=epsilon,
+        dp=dp,
+        secure_aggregation=secure_aggregation,
+        fraction=fraction,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        lora_variant=lora_variant,
+        out=out,
+        seed=seed,
+    )
+    config = load_config(config_file, flags)
+    run_simulation_with_report(config, verbose)
+
+
+def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None:
+    """Simulate with a progress bar and a row per round, then print the report."""
+    from common.model import load_tokenizer
+    from simulation.hospitals import prepare_config
+    from simulation.report import round_table, save_plot
+    from simulation.runner import simulate as run_simulation
+
+    config = prepare_config(config)  # reads and checks the data before anything starts
+    load_tokenizer(config.model)  # an unknown model fails here, not inside a worker
+    _announce(config)
+    started = time.monotonic()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("federated training", total=config.rounds)
+
+        def on_round(row: dict) -> None:
+            metrics = row["global"]
+            headline = "f1" if config.task == "ner" else "macro_f1"
+            score = metrics.get(headline)
+            progress.console.print(
+                f"round {row['round']}: {row['status']}, val loss "
+                f"{_num(metrics.get('loss'))}, {headline} {_num(score)} ({row['seconds']:.0f} s)"
+            )
+            progress.advance(bar)
+
+        result = run_simulation(config, on_round=on_round, verbose=verbose)
+    elapsed = time.monotonic() - started
+    plot = save_plot(result.rounds, result.out / "metrics.png", config.task)
+    console.print(round_table(result.rounds, config.task, title="fedward: rounds"))
+    if not config.secure_aggregation:
+        console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
+    console.print(f"finished in {elapsed:.0f} s")
+    console.print(f"output folder: [bold]{result.out.resolve()}[/]")
+    console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format)")
+    console.print(f"  history:  {(result.out / 'history.json').resolve()}")
+    console.print(f"  plot:     {plot.resolve()}")
+    console.print("use it:")
+    console.print(f'  fedward predict --adapter {result.adapter_dir} "your clinical note"')
+    console.print(
+        "  python: PeftModel.from_pretrained(base_model, "
+        f"'{result.adapter_dir}')  (labels in fedward.json)"
+    )
+
+
+def _announce(config: RunConfig) -> None:
+    data = config.data or "synthetic clinical notes"
+    privacy = (
+        f"DP epsilon {config.epsilon:g}, delta {config.delta:g}"
+        if config.dp
+        else "[bold red]DP OFF[/]"
+    )
+    secagg = "secure aggregation on" if config.secure_aggregation else "[bold red]secure aggregation OFF[/]"
+    console.print(
+        f"fedward simulate: {config.hospitals} hospitals x {config.rounds} rounds, task "
+        f"{config.task}, model {config.model}, data {data}; {privacy}; {secagg}"
+    )
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+@app.command()
+def predict(
+    texts: Annotated[list[str], typer.Argument(help="Notes to label.")],
+    adapter: Annotated[Path, typer.Option(help="An adapter folder from a fedward run.")],
+) -> None:
+    """Label notes (or find entities) with a trained global adapter."""
+    quiet_libraries(False)
+    from simulation.predict import predict_texts
+
+    for line in predict_texts(adapter, texts):
+        console.print(line, highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point: user errors are one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except FedwardError as exc:
+        error_console.print(f"fedward: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        error_console.print("fedward: interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise

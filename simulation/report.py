@@ -1,0 +1,109 @@
+"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def hospital_names(rounds: list[dict]) -> list[str]:
+    """Every hospital that appears in any round, in natural order."""
+    names = {name for row in rounds for name in row["hospitals"]}
+    return sorted(names, key=lambda n: (len(n), n))
+
+
+def round_table(rounds: list[dict], task: str = "classification", title: str | None = None) -> Table:
+    """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
+    names = hospital_names(rounds)
+    table = Table(title=title, header_style="bold")
+    table.add_column("round", justify="right")
+    table.add_column("status")
+    table.add_column("train loss", justify="right")
+    table.add_column("val loss", justify="right")
+    if task == "ner":
+        table.add_column("entity P", justify="right")
+        table.add_column("entity R", justify="right")
+        table.add_column("entity F1", justify="right")
+    else:
+        table.add_column("accuracy", justify="right")
+        table.add_column("macro-F1", justify="right")
+    for name in names:
+        table.add_column(f"ε {name}", justify="right")
+    for row in rounds:
+        metrics = row["global"]
+        cells = [str(row["round"]), _status(row), _fmt(row["train_loss"]), _fmt(metrics.get("loss"))]
+        if task == "ner":
+            cells += [_fmt(metrics.get(k)) for k in ("precision", "recall", "f1")]
+        else:
+            cells += [_fmt(metrics.get("accuracy")), _fmt(metrics.get("macro_f1"))]
+        for name in names:
+            hospital = row["hospitals"].get(name, {})
+            if "refused" in hospital:
+                cells.append("refused")
+            elif hospital.get("trained"):
+                cells.append(_fmt(hospital.get("epsilon"), 2) if hospital.get("epsilon") is not None else "no DP")
+            else:
+                cells.append("·")
+        table.add_row(*cells)
+    return table
+
+
+def _status(row: dict) -> str:
+    status = row["status"]
+    if status != "ok":
+        return f"[red]{status.split(':')[0]}[/red]"
+    extra = []
+    if row.get("dropped"):
+        extra.append(f"{len(row['dropped'])} dropped")
+    if row.get("refused"):
+        extra.append(f"{len(row['refused'])} refused")
+    if row.get("rejected"):
+        extra.append(f"{len(row['rejected'])} rejected")
+    return "ok" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> Path:
+    """`metrics.png`: global metrics per round (left) and epsilon per hospital (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [row["round"] for row in rounds]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = ("loss", "precision", "recall", "f1") if task == "ner" else ("loss", "accuracy", "macro_f1")
+    for key in keys:
+        left.plot(x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}")
+    left.plot(x, [_nan(row["train_loss"]) for row in rounds], marker="o", linestyle="--", label="train loss")
+    left.set_xlabel("round")
+    left.set_title("global model")
+    left.legend()
+    left.grid(alpha=0.3)
+    for name in hospital_names(rounds):
+        eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
+        right.plot(x, eps, marker="o", label=name)
+    right.set_xlabel("round")
+    right.set_ylabel("epsilon spent")
+    right.set_title("privacy budget spent per hospital")
+    right.grid(alpha=0.3)
+    if hospital_names(rounds):
+        right.legend(fontsize="small")
+    for axis in (left, right):
+        axis.set_xticks(x)
+    figure.tight_layout()
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    plt.close(figure)
+    staging.replace(path)
+    return path
+
+
+def _nan(value):
+    return float("nan") if value is None else value

@@ -1,0 +1,211 @@
+"""A hospital's SecAgg+ session: what it sends, and what it refuses to accept or reveal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.secagg import SecAggClientSession
+from common.errors import SecAggError
+from common.secagg import ADVERTISE_KEYS, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from server.secagg import SecAggServerSession
+
+IDS = [5, 6, 7, 8]
+LENGTH = 16
+
+
+class Round:
+    """Four hospitals and a coordinator, advanced one stage at a time."""
+
+    def __init__(self, server_round: int = 1, **options) -> None:
+        self.server = SecAggServerSession("run-a", server_round, IDS, LENGTH, **options)
+        self.clients = {node: SecAggClientSession(node, "run-a", server_round) for node in IDS}
+        self.requests = self.server.advertise_keys_requests()
+
+    def advance(self, stage: str, drop=()) -> dict:
+        replies = {}
+        for node, request in self.requests.items():
+            if node in drop:
+                continue
+            if stage == MASKED_UPDATE:
+                replies[node] = self.clients[node].masked_update(request, np.zeros(LENGTH), 10)
+            else:
+                replies[node] = getattr(self.clients[node], stage)(request)
+        collect = {
+            ADVERTISE_KEYS: self.server.share_keys_requests,
+            SHARE_KEYS: self.server.masked_update_requests,
+            MASKED_UPDATE: self.server.unmask_requests,
+        }[stage]
+        self.requests = collect(replies)
+        return self.requests
+
+
+def test_advertise_keys_replies_with_two_distinct_public_keys():
+    game = Round()
+    reply = game.clients[5].advertise_keys(game.requests[5])
+    assert reply["node_id"] == 5 and reply["stage"] == ADVERTISE_KEYS and reply["round"] == 1
+    assert len(reply["share_public_key"]) == len(reply["mask_public_key"]) == 32
+    assert reply["share_public_key"] != reply["mask_public_key"]
+    assert game.clients[5].params["vector_length"] == LENGTH
+
+
+def test_share_keys_sends_one_ciphertext_per_neighbour():
+    game = Round()
+    requests = game.advance(ADVERTISE_KEYS)
+    reply = game.clients[6].share_keys(requests[6])
+    assert reply["destinations"] == [5, 7, 8]
+    assert len(reply["ciphertexts"]) == 3 and all(
+        isinstance(c, bytes) for c in reply["ciphertexts"]
+    )
+
+
+def test_masked_update_has_the_count_slot_and_the_modulus():
+    game = Round()
+    game.advance(ADVERTISE_KEYS)
+    requests = game.advance(SHARE_KEYS)
+    reply = game.clients[7].masked_update(requests[7], np.zeros(LENGTH), 10)
+    masked = reply["masked_update"]
+    assert masked.dtype == np.uint64 and masked.shape == (LENGTH + 1,)
+    assert int(masked.max()) < 2**game.server.modulus_bits
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def test_stages_out_of_order_are_refused():
+    game = Round()
+    request = dict(game.requests[5], stage=SHARE_KEYS)
+    with pytest.raises(SecAggError, match="node 5, stage share_keys: out of order"):
+        game.clients[5].share_keys(request)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("round", 2), ("run_id", "run-b"), ("node_id", 6), ("stage", UNMASK)]
+)
+def test_request_for_another_round_run_node_or_stage_is_refused(field, value):
+    game = Round()
+    request = {**game.requests[5], field: value}
+    with pytest.raises(SecAggError, match="node 5, stage advertise_keys: .*rejected"):
+        game.clients[5].advertise_keys(request)
+
+
+def test_hospital_not_in_the_round_refuses():
+    game = Round()
+    request = {**game.requests[5], "node_ids": [6, 7, 8]}
+    with pytest.raises(SecAggError, match="node 5, stage advertise_keys: .*not among"):
+        game.clients[5].advertise_keys(request)
+
+
+def test_inconsistent_round_parameters_are_refused():
+    game = Round()
+    with pytest.raises(SecAggError, match="node 5, stage advertise_keys: .*threshold"):
+        game.clients[5].advertise_keys({**game.requests[5], "threshold": 1})
+    with pytest.raises(SecAggError, match="node 5, stage advertise_keys: modulus_bits"):
+        game.clients[5].advertise_keys({**game.requests[5], "modulus_bits": 20})
+
+
+def test_keys_from_a_non_neighbour_are_refused():
+    game = Round(neighbours=0)
+    requests = game.advance(ADVERTISE_KEYS)
+    request = requests[5]
+    request = {
+        **request,
+        "neighbour_ids": [*request["neighbour_ids"], 99],
+        "share_public_keys": [*request["share_public_keys"], bytes(range(32))],
+        "mask_public_keys": [*request["mask_public_keys"], bytes(range(1, 33))],
+    }
+    with pytest.raises(SecAggError, match=r"node 5, stage share_keys: nodes \[99\]"):
+        game.clients[5].share_keys(request)
+
+
+def test_a_share_addressed_to_another_hospital_is_refused():
+    game = Round()
+    game.advance(ADVERTISE_KEYS)
+    requests = game.advance(SHARE_KEYS)
+    # The coordinator misroutes: node 5 gets the ciphertext node 8 sent to node 6.
+    to_six = dict(zip(requests[6]["sources"], requests[6]["ciphertexts"]))
+    request = dict(requests[5])
+    request["ciphertexts"] = [
+        to_six[8] if source == 8 else c
+        for source, c in zip(request["sources"], request["ciphertexts"])
+    ]
+    with pytest.raises(SecAggError, match="node 5, stage masked_update: the share from node 8"):
+        game.clients[5].masked_update(request, np.zeros(LENGTH), 10)
+
+
+def test_a_share_replayed_from_an_earlier_round_is_refused():
+    old = Round(server_round=1)
+    old.advance(ADVERTISE_KEYS)
+    old_requests = old.advance(SHARE_KEYS)
+    game = Round(server_round=2)
+    game.advance(ADVERTISE_KEYS)
+    requests = game.advance(SHARE_KEYS)
+    request = {**requests[5], "ciphertexts": old_requests[5]["ciphertexts"]}
+    with pytest.raises(SecAggError, match="node 5, stage masked_update: .*replayed"):
+        game.clients[5].masked_update(request, np.zeros(LENGTH), 10)
+
+
+@pytest.mark.parametrize(
+    ("update", "weight", "message"),
+    [
+        (np.zeros(LENGTH + 1), 10, "shape"),
+        (np.zeros((2, LENGTH)), 10, "shape"),
+        (np.full(LENGTH, np.nan), 10, "NaN"),
+        (np.zeros(LENGTH), -1, "weight"),
+        (np.zeros(LENGTH), 2**20 + 1, "weight"),
+        (np.zeros(LENGTH), 2.5, "weight"),
+    ],
+)
+def test_bad_update_or_weight_is_refused(update, weight, message):
+    game = Round()
+    game.advance(ADVERTISE_KEYS)
+    requests = game.advance(SHARE_KEYS)
+    with pytest.raises(SecAggError, match=f"node 5, stage masked_update: .*{message}"):
+        game.clients[5].masked_update(requests[5], update, weight)
+
+
+def _unmask_request(game: Round) -> dict:
+    game.advance(ADVERTISE_KEYS)
+    game.advance(SHARE_KEYS)
+    return game.advance(MASKED_UPDATE)[5]
+
+
+def test_unmask_never_reveals_both_shares_of_one_neighbour():
+    game = Round()
+    request = _unmask_request(game)
+    request = {**request, "dropped": [6]}  # 6 is also listed as a survivor
+    with pytest.raises(SecAggError, match=r"node 5, stage unmask: nodes \[6\] .*both"):
+        game.clients[5].unmask(request)
+
+
+def test_unmask_refuses_too_few_survivors_or_unknown_nodes():
+    game = Round(threshold=0.75)  # 3 of 4
+    request = _unmask_request(game)
+    with pytest.raises(SecAggError, match="node 5, stage unmask: only 1 neighbours survived"):
+        game.clients[5].unmask({**request, "survivors": [6], "dropped": [7, 8]})
+    with pytest.raises(SecAggError, match=r"node 5, stage unmask: .*\[42\]"):
+        game.clients[5].unmask({**request, "dropped": [42]})
+
+
+def test_unmask_reveals_seed_shares_for_survivors_and_key_shares_for_the_dropped():
+    game = Round()
+    game.advance(ADVERTISE_KEYS)
+    game.advance(SHARE_KEYS)
+    requests = game.advance(MASKED_UPDATE, drop={8})
+    reply = game.clients[5].unmask(requests[5])
+    assert reply["seed_share_owners"] == [5, 6, 7]
+    assert reply["key_share_owners"] == [8]
+    assert len(reply["seed_shares"]) == 3 and len(reply["key_shares"]) == 1
+    # The round's secrets are gone once they have served.
+    assert game.clients[5]._self_seed is None and game.clients[5]._mask_key is None
+
+
+def test_repr_shows_no_secrets():
+    game = Round()
+    game.advance(ADVERTISE_KEYS)
+    game.advance(SHARE_KEYS)
+    client = game.clients[5]
+    text = repr(client)
+    assert "node_id=5" in text and "share_keys" in text
+    for secret in (client._self_seed, *client._own_shares):
+        assert secret.hex() not in text and repr(secret) not in text
