@@ -35,6 +35,7 @@ def model_key(config: RunConfig, num_labels: int) -> tuple:
         config.lora_rank,
         config.lora_alpha,
         config.lora_dropout,
+        config.lora_layers,
         tuple(config.lora_target_modules),
         config.seed,
     )

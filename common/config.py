@@ -55,7 +55,7 @@ class RunConfig(BaseModel):
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
     notes_per_hospital: int = Field(
-        240, ge=10, description="Synthetic notes generated per hospital (before the split)."
+        400, ge=10, description="Synthetic notes generated per hospital (before the split)."
     )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
@@ -77,6 +77,12 @@ class RunConfig(BaseModel):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_layers: int = Field(
+        2,
+        ge=0,
+        description="Adapt only the top N transformer layers (0: all). Fewer layers train "
+        "faster (no backward pass below them) and put less DP noise on the update.",
+    )
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["query", "value"],
         description="Names of the linear layers that get LoRA adapters.",
@@ -101,9 +107,9 @@ class RunConfig(BaseModel):
     # --- local training ------------------------------------------------------------------------
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
     batch_size: int = Field(
-        16, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
+        32, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
     )
-    learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate on the adapter.")
+    learning_rate: float = Field(2e-2, gt=0, description="AdamW learning rate on the adapter.")
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA with bf16 autocast when present, else CPU."

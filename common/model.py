@@ -75,12 +75,20 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
         base = auto_class.from_pretrained(path, num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise ModelError(_unknown_model(config.model, exc)) from None
+    layers = base.config.num_hidden_layers
+    if config.lora_layers > layers:
+        raise ModelError(
+            f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
+            f"'{config.model}'"
+        )
+    top_layers = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
     lora = LoraConfig(
         task_type=task_type,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
+        layers_to_transform=top_layers,
     )
     try:
         model = get_peft_model(base, lora)
