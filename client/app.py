@@ -13,19 +13,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from client.secagg import SecAggClientSession
 
 from client.model_cache import cached_model, cached_tokenizer
 from client.trainer import HistoryEntry, evaluate, train_locally
 from common import wire
 from common.config import RunConfig
 from common.data import EncodedDataset, encode_classification, read_records, train_val_split
-from common.errors import DataError, FedwardError
+from common.errors import DataError, FedwardError, SecAggError
+from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
 
 log = logging.getLogger(__name__)
 
 DP_STATE = "fedward.dp"  # node-state record holding the accountant history within a run
+SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
+SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
 
 
 @dataclass
@@ -92,13 +98,65 @@ def handle_train(msg: Message, context: Context, load_data: DataSource) -> Messa
         metrics["epsilon"] = result.epsilon_spent
         metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
+        {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
+    )
+    if config.secure_aggregation:
+        # The update stays here; only its masked form leaves, in the masked_update stage.
+        try:
+            content[wire.SECAGG] = _start_secure_aggregation(msg, context, run_id, server_round, result)
+        except SecAggError as exc:
+            log.warning("%s: secure aggregation refused in round %d: %s", name, server_round, exc)
+            return _refusal(msg, name, exc)
+    else:
+        content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
+    return Message(content=content, reply_to=msg)
+
+
+def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
+    """One of the SecAgg+ stages after the first: share keys, masked update, unmask."""
+    name = hospital_name(context)
+    state = context.state.get(SECAGG_STATE)
+    request = wire.records_to_payload(msg.content[wire.SECAGG])
+    try:
+        if state is None:
+            raise SecAggError(f"node {context.node_id}, stage {stage}: no secure-aggregation round in progress")
+        session = SecAggClientSession.from_state(bytes(state["session"]))
+        if stage == SHARE_KEYS:
+            reply = session.share_keys(request)
+        elif stage == MASKED_UPDATE:
+            update = context.state[SECAGG_UPDATE]
+            reply = session.masked_update(request, update["delta"].numpy(), int(update["weight"].numpy()[0]))
+        else:
+            reply = session.unmask(request)
+    except SecAggError as exc:
+        log.warning("%s: %s", name, exc)
+        return _refusal(msg, name, exc)
+    if stage == UNMASK:
+        context.state.pop(SECAGG_STATE, None)
+        context.state.pop(SECAGG_UPDATE, None)
+    else:
+        context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
+    if stage == MASKED_UPDATE:
+        context.state.pop(SECAGG_UPDATE, None)  # the update is no longer needed in any form
+    payload, vector = wire.payload_to_records(reply)
+    content = RecordDict({wire.SECAGG: payload, wire.INFO: ConfigRecord({"hospital": name})})
+    if vector is not None:
+        content[wire.ARRAYS] = vector
+    return Message(content=content, reply_to=msg)
+
+
+def _start_secure_aggregation(msg, context, run_id, server_round, result) -> ConfigRecord:
+    session = SecAggClientSession(context.node_id, run_id, server_round)
+    reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
+    context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
+    context.state[SECAGG_UPDATE] = ArrayRecord(
         {
-            wire.ARRAYS: wire.arrays_to_record(result.delta),
-            wire.METRICS: MetricRecord(metrics),
-            wire.INFO: ConfigRecord({"hospital": name}),
+            "delta": Array(wire.flatten(result.delta)),
+            "weight": Array(np.array([result.num_examples], dtype=np.int64)),
         }
     )
-    return Message(content=content, reply_to=msg)
+    payload, _ = wire.payload_to_records(reply)
+    return payload
 
 
 def handle_evaluate(msg: Message, context: Context, load_data: DataSource) -> Message:
@@ -183,3 +241,21 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Flower entry point: evaluate the global adapter on the hospital's validation split."""
     return handle_evaluate(msg, context, load_site_data)
+
+
+@app.train("share_keys")
+def share_keys(msg: Message, context: Context) -> Message:
+    """Flower entry point: SecAgg+ stage 2."""
+    return handle_secagg_stage(msg, context, SHARE_KEYS)
+
+
+@app.train("masked_update")
+def masked_update(msg: Message, context: Context) -> Message:
+    """Flower entry point: SecAgg+ stage 3."""
+    return handle_secagg_stage(msg, context, MASKED_UPDATE)
+
+
+@app.train("unmask")
+def unmask(msg: Message, context: Context) -> Message:
+    """Flower entry point: SecAgg+ stage 4."""
+    return handle_secagg_stage(msg, context, UNMASK)

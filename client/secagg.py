@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -435,6 +436,52 @@ class SecAggClientSession:
             "key_share_owners": key_owners,
             "key_shares": key_shares,
         }
+
+    # --- persistence between messages --------------------------------------------------------
+
+    def to_state(self) -> bytes:
+        """This session as bytes for the node's own state between stages (never sent anywhere).
+
+        Flower may serve consecutive stages from different worker processes, so the session
+        lives in the node's `Context.state`, which stays on the hospital's side.
+        """
+        keys = {
+            "share_key": None if self._share_key is None else _raw_private(self._share_key),
+            "mask_key": None if self._mask_key is None else _raw_private(self._mask_key),
+        }
+        state = {
+            "node_id": self.node_id,
+            "run_id": self.run_id,
+            "server_round": self.server_round,
+            "stage": self.stage,
+            "params": self.params,
+            "neighbours": self._neighbours,
+            "self_seed": self._self_seed,
+            "peer_share_keys": self._peer_share_keys,
+            "peer_mask_keys": self._peer_mask_keys,
+            "own_shares": self._own_shares,
+            "received": self._received,
+            **keys,
+        }
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_state(cls, blob: bytes) -> SecAggClientSession:
+        """Rebuild a session saved with `to_state` (by this same node)."""
+        state = pickle.loads(blob)  # noqa: S301 - written by this node into its own state
+        session = cls(state["node_id"], state["run_id"], state["server_round"])
+        session.stage = state["stage"]
+        session.params = state["params"]
+        session._neighbours = tuple(state["neighbours"])
+        session._self_seed = state["self_seed"]
+        session._peer_share_keys = state["peer_share_keys"]
+        session._peer_mask_keys = state["peer_mask_keys"]
+        session._own_shares = state["own_shares"]
+        session._received = state["received"]
+        for name in ("share_key", "mask_key"):
+            raw = state[name]
+            setattr(session, f"_{name}", None if raw is None else X25519PrivateKey.from_private_bytes(raw))
+        return session
 
     def _forget(self) -> None:
         """Drop this round's secrets once they are no longer needed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -130,11 +131,15 @@ def train_locally(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     pad_to = config.max_length if config.padding == "max_length" else None
+    # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
+    # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
+    secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
         shuffle=True,
         collate_fn=partial(pad_batch, pad_id=pad_id, pad_to=pad_to),
+        generator=secret,
     )
 
     engine = None
@@ -149,6 +154,7 @@ def train_locally(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
+            noise_generator=_noise_generator(device),
         )
 
     autocast = (
@@ -192,6 +198,12 @@ def train_locally(
     train_loss = float(np.mean(losses)) if losses else float("nan")
     log.info("%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon)
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def _noise_generator(device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
 
 
 @torch.no_grad()

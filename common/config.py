@@ -135,6 +135,15 @@ class RunConfig(BaseModel):
     secagg_bits: int = Field(
         24, ge=8, le=40, description="Quantization bits per value before masking."
     )
+    secagg_max_weight: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest example count a hospital may weight its update with; with the "
+        "number of hospitals and secagg_bits it sets the SecAgg modulus.",
+    )
+    secagg_timeout: float = Field(
+        600.0, gt=0, description="Seconds the server waits for each SecAgg+ stage's replies."
+    )
 
     # --- outputs -------------------------------------------------------------------------------
     out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")

@@ -68,12 +68,7 @@ def run_federation(
 
     for server_round in range(1, config.rounds + 1):
         started = time.monotonic()
-        node_ids = strategy.sample_hospitals(server_round, grid)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, node_ids),
-            timeout=config.round_timeout,
-        )
-        outcome = strategy.aggregate_train(server_round, arrays, replies, sent=len(node_ids))
+        outcome = strategy.train_round(server_round, arrays, grid)
         if outcome.arrays is not None:
             arrays = outcome.arrays
         evaluation = strategy.aggregate_evaluate(

@@ -22,9 +22,10 @@ from flwr.serverapp import Grid
 
 from common import wire
 from common.config import RunConfig
-from common.errors import FedwardError, ModelError
+from common.errors import FedwardError, ModelError, SecAggError
 from common.model import ArraySpec
 from server.aggregation import Arrays, apply_average, validate_update, weighted_mean, weighted_sum
+from server.secagg import SecAggServerSession
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +81,173 @@ class FedwardStrategy:
         return sorted(rng.sample(node_ids, min(wanted, len(node_ids))))
 
     def configure_train(
-        self, server_round: int, arrays: Arrays, node_ids: list[int]
+        self,
+        server_round: int,
+        arrays: Arrays,
+        node_ids: list[int],
+        secagg_requests: dict[int, dict] | None = None,
     ) -> list[Message]:
-        """One train message per sampled hospital: the global adapter and the round config."""
-        content = RecordDict(
-            {
-                wire.ARRAYS: wire.arrays_to_record(arrays),
-                wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
-            }
-        )
-        return [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
-            for node_id in node_ids
-        ]
+        """One train message per sampled hospital: the global adapter and the round config.
+
+        With secure aggregation each message also carries that hospital's first SecAgg+
+        request (advertise keys), so keys are exchanged in the same trip as training.
+        """
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict(
+                {
+                    wire.ARRAYS: wire.arrays_to_record(arrays),
+                    wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
+                }
+            )
+            if secagg_requests is not None:
+                content[wire.SECAGG] = wire.payload_to_records(secagg_requests[node_id])[0]
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            )
+        return messages
+
+    def train_round(self, server_round: int, arrays: Arrays, grid: Grid) -> TrainOutcome:
+        """Sample, train and aggregate one round; secure or plain per the run config."""
+        node_ids = self.sample_hospitals(server_round, grid)
+        if not self.config.secure_aggregation:
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, arrays, node_ids),
+                timeout=self.config.round_timeout,
+            )
+            return self.aggregate_train(server_round, arrays, replies, sent=len(node_ids))
+        return self.secure_train_round(server_round, arrays, node_ids, grid)
 
     def aggregate_train(
         self, server_round: int, global_arrays: Arrays, replies: Iterable[Message], sent: int
     ) -> TrainOutcome:
         """Validate each update, then average the valid ones into a new global adapter."""
-        outcome = TrainOutcome(arrays=None, status="ok")
+        outcome, accepted = self._read_train_replies(server_round, replies, sent)
         updates: list[tuple[Arrays, float]] = []
+        for node_id, (name, reply) in accepted.items():
+            try:
+                update = wire.record_to_arrays(reply.content[wire.ARRAYS])
+                validate_update(self.spec, update, self.config.secagg_clip)
+            except (FedwardError, KeyError, ValueError, TypeError) as exc:
+                reason = f"rejected update: {exc}"
+                outcome.rejected[name] = reason
+                outcome.hospitals.pop(name, None)
+                log.warning("round %d: %s %s", server_round, name, reason)
+                continue
+            updates.append((update, outcome.hospitals[name]["num_examples"]))
+        if self._too_few(server_round, outcome, len(updates)):
+            return outcome
+        summed, total_weight = weighted_sum(updates)
+        outcome.arrays = apply_average(global_arrays, summed, total_weight)
+        return outcome
+
+    def secure_train_round(
+        self, server_round: int, global_arrays: Arrays, node_ids: list[int], grid: Grid
+    ) -> TrainOutcome:
+        """Train with SecAgg+: the server only ever holds masked updates and their sum.
+
+        Stage 1 (advertise keys) rides on the train message; stages 2-4 (share keys, masked
+        update, unmask) follow. A hospital missing at any stage is recovered from its
+        neighbours' shares while the threshold holds; otherwise the round fails cleanly and
+        the global adapter stays as it was.
+        """
+        vector_length = sum(int(np.prod(item.shape)) for item in self.spec)
+        try:
+            session = SecAggServerSession(
+                self.run_id,
+                server_round,
+                node_ids,
+                vector_length,
+                neighbours=self.config.secagg_neighbours,
+                threshold=self.config.secagg_threshold,
+                clip=self.config.secagg_clip,
+                bits=self.config.secagg_bits,
+                max_weight=self.config.secagg_max_weight,
+            )
+            requests = session.advertise_keys_requests()
+        except SecAggError as exc:
+            return TrainOutcome(arrays=None, status=f"failed: secure aggregation: {exc}")
+        replies = grid.send_and_receive(
+            self.configure_train(server_round, global_arrays, node_ids, requests),
+            timeout=self.config.round_timeout,
+        )
+        outcome, accepted = self._read_train_replies(server_round, replies, len(node_ids))
+        payloads = {
+            node_id: wire.records_to_payload(reply.content[wire.SECAGG])
+            for node_id, (_, reply) in accepted.items()
+        }
+        names = {node_id: name for node_id, (name, _) in accepted.items()}
+        try:
+            requests = session.share_keys_requests(payloads)
+            payloads = self._secagg_stage(grid, server_round, "share_keys", requests, names, outcome)
+            requests = session.masked_update_requests(payloads)
+            payloads = self._secagg_stage(grid, server_round, "masked_update", requests, names, outcome)
+            requests = session.unmask_requests(payloads)
+            payloads = self._secagg_stage(grid, server_round, "unmask", requests, names, outcome)
+            result = session.aggregate(payloads)
+        except SecAggError as exc:
+            outcome.status = f"failed: secure aggregation: {exc}; global adapter unchanged"
+            log.warning("round %d %s", server_round, outcome.status)
+            return outcome
+        for node_id in result.dropped:
+            name = names.get(node_id, f"node-{node_id}")
+            outcome.hospitals.pop(name, None)
+            if name not in outcome.dropped:
+                outcome.dropped.append(name)
+        if self._too_few(server_round, outcome, len(result.included)):
+            return outcome
+        average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
+        try:
+            validate_update(self.spec, average, self.config.secagg_clip)
+        except FedwardError as exc:
+            outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
+            log.warning("round %d %s", server_round, outcome.status)
+            return outcome
+        outcome.arrays = apply_average(global_arrays, wire.unflatten(result.weighted_sum, global_arrays), result.total_weight)
+        return outcome
+
+    def _secagg_stage(
+        self,
+        grid: Grid,
+        server_round: int,
+        stage: str,
+        requests: dict[int, dict],
+        names: dict[int, str],
+        outcome: TrainOutcome,
+    ) -> dict[int, dict]:
+        """Send one SecAgg+ stage's requests and collect the replies that arrived."""
+        messages = []
+        for node_id, request in requests.items():
+            record, vector = wire.payload_to_records(request)
+            content = RecordDict({wire.SECAGG: record})
+            if vector is not None:
+                content[wire.ARRAYS] = vector
+            messages.append(
+                Message(
+                    content=content,
+                    message_type=wire.SECAGG_STAGE_TYPES[stage],
+                    dst_node_id=node_id,
+                )
+            )
+        payloads: dict[int, dict] = {}
+        for reply in grid.send_and_receive(messages, timeout=self.config.secagg_timeout):
+            node_id = reply.metadata.src_node_id
+            name = names.get(node_id, f"node-{node_id}")
+            if reply.has_error() or wire.SECAGG not in reply.content:
+                reason = reply.error.reason if reply.has_error() else reply.content[wire.REFUSAL]["reason"]
+                log.warning("round %d, %s: %s dropped: %s", server_round, stage, name, reason)
+                continue
+            payloads[node_id] = wire.records_to_payload(
+                reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
+            )
+        return payloads
+
+    def _read_train_replies(
+        self, server_round: int, replies: Iterable[Message], sent: int
+    ) -> tuple[TrainOutcome, dict[int, tuple[str, Message]]]:
+        """Sort train replies into failed, refused and accepted; record their metrics."""
+        outcome = TrainOutcome(arrays=None, status="ok")
+        accepted: dict[int, tuple[str, Message]] = {}
         losses: list[tuple[float, float]] = []
         received = 0
         for reply in replies:
@@ -115,36 +263,29 @@ class FedwardStrategy:
                 log.warning("round %d: %s refused: %s", server_round, name, reason)
                 continue
             try:
-                update, metrics = self._read_update(reply)
+                metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
+                if not metrics.get("num-examples", 0) > 0:
+                    raise ModelError("num-examples must be a positive count")
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
-                reason = f"rejected update: {exc}"
-                outcome.rejected[name] = reason
-                log.warning("round %d: %s %s", server_round, name, reason)
+                outcome.rejected[name] = f"rejected reply: {exc}"
+                log.warning("round %d: %s rejected reply: %s", server_round, name, exc)
                 continue
-            updates.append((update, metrics["num-examples"]))
+            accepted[reply.metadata.src_node_id] = (name, reply)
             losses.append((metrics.get("train-loss", float("nan")), metrics["num-examples"]))
-            outcome.hospitals[name] = {key.replace("-", "_"): value for key, value in metrics.items()}
+            outcome.hospitals[name] = {k.replace("-", "_"): v for k, v in metrics.items()}
         outcome.dropped.extend(f"no reply #{i + 1}" for i in range(sent - received))
         outcome.train_loss = weighted_mean(losses)
+        return outcome, accepted
 
-        if len(updates) < self.config.min_hospitals:
-            outcome.status = (
-                f"failed: {len(updates)} usable update(s), fewer than min_hospitals "
-                f"({self.config.min_hospitals}); global adapter unchanged"
-            )
-            log.warning("round %d %s", server_round, outcome.status)
-            return outcome
-        summed, total_weight = weighted_sum(updates)
-        outcome.arrays = apply_average(global_arrays, summed, total_weight)
-        return outcome
-
-    def _read_update(self, reply: Message) -> tuple[Arrays, dict[str, float]]:
-        metrics = {key: float(value) for key, value in reply.content[wire.METRICS].items()}
-        if not metrics.get("num-examples", 0) > 0:
-            raise ModelError("num-examples must be a positive count")
-        update = wire.record_to_arrays(reply.content[wire.ARRAYS])
-        validate_update(self.spec, update, self.config.secagg_clip)
-        return update, metrics
+    def _too_few(self, server_round: int, outcome: TrainOutcome, usable: int) -> bool:
+        if usable >= self.config.min_hospitals:
+            return False
+        outcome.status = (
+            f"failed: {usable} usable update(s), fewer than min_hospitals "
+            f"({self.config.min_hospitals}); global adapter unchanged"
+        )
+        log.warning("round %d %s", server_round, outcome.status)
+        return True
 
     # --- evaluation ----------------------------------------------------------------------------
 

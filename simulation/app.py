@@ -10,7 +10,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import handle_evaluate, handle_train
+from client.app import handle_evaluate, handle_secagg_stage, handle_train
+from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
 from common.config import RunConfig
 from server.app import run_federation
 from simulation.hospitals import prepare_config, simulated_data
@@ -28,6 +29,24 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate on this simulated hospital's validation split."""
     return handle_evaluate(msg, context, simulated_data)
+
+
+@client_app.train("share_keys")
+def share_keys(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2."""
+    return handle_secagg_stage(msg, context, SHARE_KEYS)
+
+
+@client_app.train("masked_update")
+def masked_update(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 3."""
+    return handle_secagg_stage(msg, context, MASKED_UPDATE)
+
+
+@client_app.train("unmask")
+def unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4."""
+    return handle_secagg_stage(msg, context, UNMASK)
 
 
 server_app = ServerApp()

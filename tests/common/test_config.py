@@ -1,0 +1,150 @@
+"""Tests for `RunConfig` (common/config.py): validation, TOML loading, Flower round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import PACKAGED_MODEL, RunConfig
+from common.errors import ConfigError
+
+
+def test_defaults_are_valid_and_private_by_default():
+    config = RunConfig()
+    assert config.model == PACKAGED_MODEL
+    assert config.dp is True
+    assert config.secure_aggregation is True
+    assert config.min_hospitals <= config.hospitals
+    assert RunConfig.build({}) == config
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"epsilon": -1}, "epsilon"),
+        ({"epsilon": 0}, "epsilon"),
+        ({"delta": 1.5}, "delta"),
+        ({"partition": "bogus"}, "partition"),
+        ({"partition": "column:"}, "partition"),
+        ({"lora_target_modules": []}, "lora_target_modules"),
+        ({"lora_target_modules": ["query", " "]}, "lora_target_modules"),
+        ({"labels": ["only-one"]}, "labels"),
+        ({"labels": ["a", "a"]}, "labels"),
+        ({"task": "translation"}, "task"),
+        ({"hospitals": 0}, "hospitals"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"lora_variant": "dora"}, "lora_variant"),
+        ({"padding": "longest"}, "padding"),
+        ({"secagg_bits": 64}, "secagg_bits"),
+    ],
+)
+def test_each_bad_value_is_rejected_naming_the_field(values, field):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.build(values, source="my.toml")
+    message = str(caught.value)
+    assert f"'{field}'" in message
+    assert message.startswith("my.toml: ")
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ConfigError, match="unknown field 'roundz'"):
+        RunConfig.build({"roundz": 3})
+
+
+def test_more_min_hospitals_than_hospitals_is_rejected():
+    with pytest.raises(ConfigError, match=r"min_hospitals \(5\) is more than hospitals \(3\)"):
+        RunConfig.build({"hospitals": 3, "min_hospitals": 5})
+
+
+def test_build_accepts_dashed_keys_like_the_cli():
+    config = RunConfig.build({"local-epochs": 4, "lora-rank": 4})
+    assert (config.local_epochs, config.lora_rank) == (4, 4)
+
+
+def test_assignment_is_validated_too():
+    config = RunConfig()
+    with pytest.raises(ValueError):
+        config.rounds = 0
+
+
+def test_from_toml_reads_the_file_and_overrides_win(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('rounds = 5\nepsilon = 4.0\npartition = "dirichlet"\n', encoding="utf-8")
+    config = RunConfig.from_toml(path, overrides={"rounds": 7})
+    assert config.rounds == 7  # the flag beats the file
+    assert config.epsilon == 4.0  # the file beats the default
+    assert config.partition == "dirichlet"
+    assert config.hospitals == RunConfig().hospitals  # untouched: the default
+
+
+def test_from_toml_reads_a_fedward_table(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[fedward]\nhospitals = 4\nlora_target_modules = ["query"]\n', encoding="utf-8")
+    config = RunConfig.from_toml(path)
+    assert config.hospitals == 4
+    assert config.lora_target_modules == ["query"]
+
+
+def test_from_toml_missing_file(tmp_path):
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match="config file not found") as caught:
+        RunConfig.from_toml(path)
+    assert str(path) in str(caught.value)
+
+
+def test_from_toml_invalid_toml(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("rounds = = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        RunConfig.from_toml(path)
+    assert str(path) in str(caught.value)
+    assert "line 1" in str(caught.value)
+
+
+def test_from_toml_bad_value_names_file_and_field(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("epsilon = -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_toml(path)
+    assert str(path) in str(caught.value)
+    assert "'epsilon'" in str(caught.value)
+
+
+def test_from_toml_unreadable_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        RunConfig.from_toml(tmp_path)  # a folder
+
+
+def test_flower_round_trip_keeps_every_value():
+    config = RunConfig(
+        hospitals=5,
+        labels=["flu", "cold", "covid"],
+        lora_target_modules=["query", "key", "value"],
+        partition="column:site",
+        epsilon=3.5,
+        dp=False,
+        data="notes.csv",
+    )
+    flat = config.to_flower()
+    # Flower's run config holds only scalars: lists travel as JSON strings, keys use dashes.
+    assert all(isinstance(value, (bool, int, float, str)) for value in flat.values())
+    assert flat["lora-target-modules"] == '["query", "key", "value"]'
+    assert flat["labels"] == '["flu", "cold", "covid"]'
+    assert RunConfig.from_flower(flat) == config
+
+
+def test_to_flower_drops_none_and_from_flower_ignores_flowers_own_keys():
+    flat = RunConfig().to_flower()
+    assert "labels" not in flat and "data" not in flat
+    restored = RunConfig.from_flower({**flat, "partition-id": 3, "num-partitions": 10})
+    assert restored == RunConfig()
+
+
+def test_from_flower_bad_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="Flower run config.*'rounds'"):
+        RunConfig.from_flower({"rounds": 0})
+
+
+def test_digest_changes_with_any_option():
+    assert RunConfig().digest() == RunConfig().digest()
+    assert RunConfig().digest() != RunConfig(epsilon=7.9).digest()
