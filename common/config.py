@@ -145,8 +145,39 @@ class RunConfig(BaseModel):
         600.0, gt=0, description="Seconds the server waits for each SecAgg+ stage's replies."
     )
 
+    # --- simulation resources ------------------------------------------------------------------
+    dropout_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Simulation only: chance that a sampled hospital fails at a random stage of "
+        "a round (training or a secure-aggregation stage), to exercise dropout recovery.",
+    )
+    workers: int = Field(
+        0, ge=0, description="Simulation worker processes; 0: as many as the machine holds."
+    )
+    cpus_per_hospital: int = Field(1, ge=1, description="CPU cores per simulated hospital.")
+    gpus_per_hospital: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="GPU share per simulated hospital; -1: spread the visible GPUs over the "
+        "workers (0 on a CPU-only machine).",
+    )
+    ray_address: str = Field(
+        "",
+        description="Ray cluster to run the simulation on (e.g. 'auto' after `ray start`); "
+        "empty: a local Ray instance on this machine.",
+    )
+
     # --- outputs -------------------------------------------------------------------------------
     out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")
+    resume: bool = Field(
+        False,
+        description="Continue the run checkpointed in `out` (its checkpoint.npz) from its last "
+        "completed round, under the same fedward run id; the rest of the config must be the "
+        "same as when the run started. `fedward run --resume` sets it.",
+    )
 
     @field_validator("partition")
     @classmethod
@@ -217,6 +248,8 @@ class RunConfig(BaseModel):
             name = key.replace("-", "_")
             if name not in cls.model_fields:
                 continue  # Flower's own keys (e.g. partition-id) are not ours.
+            if value == "" and cls.model_fields[name].default is None:
+                continue  # "" stands for "unset" in Flower's scalar-only config
             if isinstance(value, str) and value.startswith(("[", "null")):
                 try:
                     value = json.loads(value)

@@ -70,6 +70,14 @@ class FedwardStrategy:
         self.config = config
         self.spec = spec
         self.run_id = run_id
+        self.node_names: dict[int, str] = {}  # learnt from replies; names failed nodes in logs
+
+    def _name(self, reply: Message) -> str:
+        """The hospital's name: from the reply, else remembered from an earlier reply."""
+        node_id = reply.metadata.src_node_id
+        if not reply.has_error() and wire.INFO in reply.content:
+            self.node_names[node_id] = str(reply.content[wire.INFO]["hospital"])
+        return self.node_names.get(node_id, f"node-{node_id}")
 
     # --- training ------------------------------------------------------------------------------
 
@@ -235,7 +243,7 @@ class FedwardStrategy:
             name = names.get(node_id, f"node-{node_id}")
             if reply.has_error() or wire.SECAGG not in reply.content:
                 reason = reply.error.reason if reply.has_error() else reply.content[wire.REFUSAL]["reason"]
-                log.warning("round %d, %s: %s dropped: %s", server_round, stage, name, reason)
+                log.warning("round %d, %s: %s dropped: %s", server_round, stage, name, _first_line(reason))
                 continue
             payloads[node_id] = wire.records_to_payload(
                 reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
@@ -252,10 +260,10 @@ class FedwardStrategy:
         received = 0
         for reply in replies:
             received += 1
-            name = _sender(reply)
+            name = self._name(reply)
             if reply.has_error():
                 outcome.dropped.append(name)
-                log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
+                log.warning("round %d: %s failed: %s", server_round, name, _first_line(reply.error.reason))
                 continue
             if wire.REFUSAL in reply.content:
                 reason = str(reply.content[wire.REFUSAL]["reason"])
@@ -306,7 +314,7 @@ class FedwardStrategy:
         """Example-weighted mean of the hospitals' metrics: the global model's metrics."""
         hospitals: dict[str, dict[str, float]] = {}
         for reply in replies:
-            name = _sender(reply)
+            name = self._name(reply)
             if reply.has_error() or wire.METRICS not in reply.content:
                 log.warning("round %d: no evaluation from %s", server_round, name)
                 continue
@@ -322,6 +330,13 @@ class FedwardStrategy:
         return EvaluateOutcome(metrics=merged, hospitals=hospitals)
 
 
+def _first_line(reason: str) -> str:
+    """The readable part of an error reason (Ray appends whole tracebacks)."""
+    lines = [line for line in str(reason).splitlines() if line.strip()]
+    text = lines[-1] if lines and "Error" in lines[-1] else (lines[0] if lines else "")
+    return text[:300]
+
+
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     """Connected node ids once at least `wanted` are there (or all there are at `timeout`)."""
     deadline = time.monotonic() + timeout
@@ -331,12 +346,6 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(2.0)
         node_ids = list(grid.get_node_ids())
     return node_ids
-
-
-def _sender(reply: Message) -> str:
-    if not reply.has_error() and wire.INFO in reply.content:
-        return str(reply.content[wire.INFO]["hospital"])
-    return f"node-{reply.metadata.src_node_id}"
 
 
 def finite_or_none(value: float) -> float | None:

@@ -47,10 +47,14 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import flwr.common.logger  # noqa: F401  (sets Flower's own levels on import: do it first)
+
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("flwr", "ray", "transformers", "opacus", "peft"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+        # Flower logs every failed ClientApp (simulated dropouts too) with a Ray traceback; the
+        # strategy already logs one readable line per failure, so keep Flower quiet.
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     try:
@@ -209,6 +213,18 @@ def predict(
 
     for line in predict_texts(adapter, texts):
         console.print(line, highlight=False)
+
+
+# --- deployment: the coordinator's and the hospitals' commands (server/cli.py, client/cli.py) ---
+from client.cli import client_app  # noqa: E402
+from server import cli as server_cli  # noqa: E402
+
+app.add_typer(server_cli.certs_app, name="certs")
+app.add_typer(server_cli.keys_app, name="keys")
+app.add_typer(server_cli.server_app, name="server")
+app.add_typer(client_app, name="client")
+app.add_typer(server_cli.audit_app, name="audit")
+app.command("run")(server_cli.run)
 
 
 def main() -> None:

@@ -27,17 +27,27 @@ class WorkerResources:
     workers: int
 
 
-def plan_workers(config: RunConfig, cpus: int | None = None, gpus: int | None = None) -> WorkerResources:
-    """As many concurrent hospitals as the machine holds, never more than there are hospitals."""
+def plan_workers(
+    config: RunConfig, cpus: int | None = None, gpus: int | None = None
+) -> WorkerResources:
+    """Concurrent hospitals: what the machine holds (or `config.workers`), at most the hospitals.
+
+    Each worker process holds one copy of the frozen base model, so memory grows with the
+    number of workers, not with the number of hospitals.
+    """
     import torch
 
     cpus = cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    per_hospital = 1
-    workers = max(1, min(config.hospitals, cpus // per_hospital))
-    gpu_share = 0.0
-    if gpus and config.device != "cpu":
+    per_hospital = config.cpus_per_hospital
+    workers = config.workers or max(1, cpus // per_hospital)
+    workers = max(1, min(config.hospitals, workers))
+    if config.gpus_per_hospital >= 0:
+        gpu_share = config.gpus_per_hospital
+    elif gpus and config.device != "cpu":
         gpu_share = min(1.0, gpus / workers)
+    else:
+        gpu_share = 0.0
     return WorkerResources(per_hospital, gpu_share, workers)
 
 
@@ -61,12 +71,15 @@ def simulate(config: RunConfig, on_round: RoundCallback | None = None, verbose: 
             "num_gpus": resources.gpus_per_hospital,
         },
         "init_args": {
+            **({"address": config.ray_address} if config.ray_address else {}),
             "num_cpus": resources.workers * resources.cpus_per_hospital,
             "logging_level": "ERROR" if not verbose else "INFO",
             "log_to_driver": verbose,
             "include_dashboard": False,
         },
     }
+    if config.ray_address:
+        del backend_config["init_args"]["num_cpus"]  # the cluster says what it has
     log.info("simulating %d hospitals on %d workers", config.hospitals, resources.workers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
