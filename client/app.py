@@ -20,12 +20,13 @@ from flwr.clientapp import ClientApp
 from client.secagg import SecAggClientSession
 
 from client.model_cache import cached_model, cached_tokenizer
+from client.site import Site
 from client.trainer import HistoryEntry, evaluate, train_locally
 from common import wire
 from common.config import RunConfig
 from common.data import EncodedDataset, encode_classification, read_records, train_val_split
 from common.errors import DataError, FedwardError, SecAggError
-from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
+from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class HospitalData:
 
 #: Loads a hospital's data for a run: (config, context) -> HospitalData.
 DataSource = Callable[[RunConfig, Context], HospitalData]
+#: Opens a real hospital's policy, ledger and audit log for one request (client/site.py).
+SiteOpener = Callable[[Context], Site]
 
 
 def hospital_name(context: Context) -> str:
@@ -69,27 +72,49 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     return encode_classification(tokenizer, examples, label_to_id, config.max_length)
 
 
-def handle_train(msg: Message, context: Context, load_data: DataSource) -> Message:
-    """Train the received global adapter on this hospital's data; reply with the update."""
+def handle_train(
+    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener | None = None
+) -> Message:
+    """Train the received global adapter on this hospital's data; reply with the update.
+
+    With `open_site` (a real hospital) the site policy judges the request before any data is
+    read, the privacy ledger before the first step, and the update is recorded before it leaves
+    (see client/site.py). Simulation passes none and keeps the DP history in the node state.
+    """
     config, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
+    site = None
     try:
-        data = load_data(config, context)
-        tokenizer = cached_tokenizer(config.model)
-        model = cached_model(config, len(config.labels or []))
-        dataset = encode(data.train, config, tokenizer)
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        result = train_locally(
-            model,
-            dataset,
-            config,
-            global_arrays,
-            _read_history(context),
-            pad_id=tokenizer.pad_token_id,
-            who=name,
-        )
+        result = None
+        if open_site is not None:
+            site = open_site(context)
+            config, result = site.admit(config, run_id, server_round, global_arrays)
+        if result is None:  # None unless a resumed run repeats a round already released
+            data = load_data(config, context)
+            tokenizer = cached_tokenizer(config.model)
+            model = cached_model(config, len(config.labels or []))
+            dataset = encode(data.train, config, tokenizer)
+            if site is None:
+                history = _read_history(context)
+            else:
+                history = site.run_history(run_id, server_round)
+                site.check_budget(config, len(dataset))
+            result = train_locally(
+                model,
+                dataset,
+                config,
+                global_arrays,
+                history,
+                pad_id=tokenizer.pad_token_id,
+                who=name,
+            )
+            if site is not None:
+                site.record(config, run_id, server_round, result, global_arrays)
     except FedwardError as exc:
         log.warning("%s refused round %d: %s", name, server_round, exc)
+        if site is not None:
+            site.refused(run_id, server_round, "train", exc)
         return _refusal(msg, name, exc)
     _write_history(context, result.history)
 
@@ -126,6 +151,8 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
         elif stage == MASKED_UPDATE:
             update = context.state[SECAGG_UPDATE]
             reply = session.masked_update(request, update["delta"].numpy(), int(update["weight"].numpy()[0]))
+            # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
+            reply["masked_update"] = pack_bits(reply["masked_update"], session.params["modulus_bits"])
         else:
             reply = session.unmask(request)
     except SecAggError as exc:
@@ -159,11 +186,20 @@ def _start_secure_aggregation(msg, context, run_id, server_round, result) -> Con
     return payload
 
 
-def handle_evaluate(msg: Message, context: Context, load_data: DataSource) -> Message:
-    """Evaluate the received global adapter on this hospital's validation split."""
-    config, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
+def handle_evaluate(
+    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener | None = None
+) -> Message:
+    """Evaluate the received global adapter on this hospital's validation split.
+
+    With `open_site` (a real hospital) the site policy must accept the run first.
+    """
+    config, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
+    site = None
     try:
+        if open_site is not None:
+            site = open_site(context)
+            config = site.check_policy(config)
         data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
         model = cached_model(config, len(config.labels or []))
@@ -172,6 +208,8 @@ def handle_evaluate(msg: Message, context: Context, load_data: DataSource) -> Me
         metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
     except FedwardError as exc:
         log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
+        if site is not None:
+            site.refused(run_id, server_round, "evaluate", exc)
         return _refusal(msg, name, exc)
     metrics["num-examples"] = metrics.pop("num_examples")
     content = RecordDict(
@@ -181,6 +219,11 @@ def handle_evaluate(msg: Message, context: Context, load_data: DataSource) -> Me
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def open_site(context: Context) -> Site:
+    """This hospital's site policy, privacy ledger and audit log, named by its node config."""
+    return Site.open(context.node_config, hospital_name(context))
 
 
 def load_site_data(config: RunConfig, context: Context) -> HospitalData:
@@ -233,14 +276,14 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Flower entry point: train on the hospital's own data."""
-    return handle_train(msg, context, load_site_data)
+    """Flower entry point: train on the hospital's own data, under its policy and ledger."""
+    return handle_train(msg, context, load_site_data, open_site)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Flower entry point: evaluate the global adapter on the hospital's validation split."""
-    return handle_evaluate(msg, context, load_site_data)
+    return handle_evaluate(msg, context, load_site_data, open_site)
 
 
 @app.train("share_keys")

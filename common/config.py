@@ -133,10 +133,10 @@ class RunConfig(BaseModel):
         1.0, gt=0, description="Clipping range for quantization: update values in [-clip, clip]."
     )
     secagg_bits: int = Field(
-        24, ge=8, le=40, description="Quantization bits per value before masking."
+        16, ge=8, le=40, description="Quantization bits per value before masking."
     )
     secagg_max_weight: int = Field(
-        1_048_576,
+        65_536,
         ge=1,
         description="Largest example count a hospital may weight its update with; with the "
         "number of hospitals and secagg_bits it sets the SecAgg modulus.",

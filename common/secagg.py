@@ -475,3 +475,34 @@ def read_node_keyed(
     if len(set(ids)) != len(ids):
         raise SecAggError(f"node {node_id}, stage {stage}: '{ids_key}' lists a node twice")
     return dict(zip(ids, values))
+
+
+# --- packing masked vectors for the wire -------------------------------------------------------
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint64 values below 2**bits into a uint8 array of ceil(len * bits / 8) bytes.
+
+    Masked values are uniform modulo 2**modulus_bits, so sending `modulus_bits` per value
+    instead of 64 is what keeps a masked upload close to the size of a plain float32 update.
+    """
+    values = np.ascontiguousarray(values, dtype="<u8")
+    if bits < 1 or bits > 64:
+        raise SecAggError(f"secure aggregation: cannot pack {bits}-bit values")
+    as_bits = np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    return np.packbits(as_bits[:, :bits].ravel(), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_bits`: `count` uint64 values of `bits` bits each."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    needed = (count * bits + 7) // 8
+    if packed.ndim != 1 or packed.size != needed:
+        raise SecAggError(
+            f"secure aggregation: packed vector has {packed.size} bytes, expected {needed} "
+            f"for {count} values of {bits} bits"
+        )
+    as_bits = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, :bits] = as_bits
+    return np.packbits(full, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)

@@ -25,6 +25,7 @@ from common.config import RunConfig
 from common.errors import FedwardError, ModelError, SecAggError
 from common.model import ArraySpec
 from server.aggregation import Arrays, apply_average, validate_update, weighted_mean, weighted_sum
+from common.secagg import unpack_bits
 from server.secagg import SecAggServerSession
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,15 @@ class FedwardStrategy:
             payloads = self._secagg_stage(grid, server_round, "share_keys", requests, names, outcome)
             requests = session.masked_update_requests(payloads)
             payloads = self._secagg_stage(grid, server_round, "masked_update", requests, names, outcome)
+            for node_id in list(payloads):
+                try:
+                    payloads[node_id]["masked_update"] = unpack_bits(
+                        payloads[node_id]["masked_update"], session.modulus_bits, vector_length + 1
+                    )
+                except (SecAggError, KeyError, ValueError, TypeError) as exc:
+                    # A malformed vector is dropped like a hospital that left: it is recovered.
+                    log.warning("round %d, masked_update: %s dropped: %s", server_round, names.get(node_id, node_id), exc)
+                    del payloads[node_id]
             requests = session.unmask_requests(payloads)
             payloads = self._secagg_stage(grid, server_round, "unmask", requests, names, outcome)
             result = session.aggregate(payloads)
