@@ -38,6 +38,8 @@ def ner_metrics_from_ids(
         "precision": scores["precision"],
         "recall": scores["recall"],
         "f1": scores["f1"],
-        "macro_f1": scores["f1"],  # the report's headline metric column
     }
+    for entity_type, type_scores in scores["per_type"].items():
+        for key in ("precision", "recall", "f1"):
+            flat[f"{key}_{entity_type}"] = type_scores[key]
     return flat

@@ -64,6 +64,7 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(config.model)
     auto_class, task_type = (
         (AutoModelForTokenClassification, TaskType.TOKEN_CLS)

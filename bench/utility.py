@@ -1,0 +1,204 @@
+"""Utility on real corpora: how close federated, private training gets to pooled training.
+
+For each corpus (Medical Abstracts classification with a fixed, seeded 20% test split; NCBI
+disease NER with its own train/test files) and the same base model, seed and optimizer steps
+per example (`--rounds` passes over every training example), trains:
+
+- centralized LoRA without DP (all training data pooled, one site);
+- local-only: each hospital alone on its share (mean and worst over hospitals);
+- federated LoRA without DP;
+- federated LoRA with DP at each `--epsilons` (delta 1e-5);
+- federated FFA-LoRA (A frozen, only B trained and sent) with the same DP settings;
+
+with 3 hospitals, Dirichlet(0.5) label skew for classification and contiguous blocks for NER,
+and scores every final adapter on the same test set: macro-F1 (classification), entity
+micro-F1 (NER). Prints one markdown table (and writes it with `--write`).
+
+    python -m bench.utility --corpus both --write bench/results/utility.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import RunConfig
+from common.data import Record, read_records
+from simulation import partition
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def split_classification(path: Path, seed: int, max_train: int | None) -> tuple[list[Record], list[Record]]:
+    records = read_records(path, "medical_abstract", "condition_label")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    cut = int(len(order) * 0.8)
+    train = [records[i] for i in order[:cut]]
+    test = [records[i] for i in order[cut:]]
+    if max_train:
+        train = train[:max_train]
+    return train, test
+
+
+def write_csv(records: list[Record], path: Path) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([r.text, r.label] for r in records)
+    return path
+
+
+def write_conll(sentences: list, path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for sentence in sentences:
+            handle.writelines(f"{token}\t{tag}\n" for token, tag in sentence)
+            handle.write("\n")
+    return path
+
+
+def shares(corpus: str, train: list, hospitals: int, alpha: float, seed: int) -> list[list[int]]:
+    if corpus == "classification":
+        return partition.dirichlet([r.label for r in train], hospitals, alpha, seed)
+    return partition.blocks(len(train), hospitals)
+
+
+def train_and_score(config: RunConfig, test: list) -> float:
+    """Run a simulation, then score its final adapter on `test` (in this process)."""
+    from client.trainer import evaluate
+    from client.app import encode
+    from common.model import build_model, load_tokenizer
+    from simulation.runner import simulate
+
+    result = simulate(config)
+    config = config.model_copy(update={"labels": result_labels(result)})
+    tokenizer = load_tokenizer(config.model)
+    model = build_model(config, len(config.labels))
+    metrics = evaluate(model, encode(test, config, tokenizer), config, result.arrays, tokenizer.pad_token_id, config.labels)
+    return metrics["f1"] if config.task == "ner" else metrics["macro_f1"]
+
+
+def result_labels(result) -> list[str]:
+    import json
+
+    return json.loads((result.adapter_dir / "fedward.json").read_text())["labels"]
+
+
+def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
+    task = "classification" if corpus == "classification" else "ner"
+    if task == "classification":
+        train, test = split_classification(SHARED / "medical_abstracts" / "medical_tc.csv", args.seed, args.max_train)
+        labels = sorted({r.label for r in train + test})
+        write = write_csv
+        suffix = ".csv"
+    else:
+        from common.ner import label_list, read_conll_splits
+
+        splits = read_conll_splits(SHARED / "ncbi_disease")
+        train = splits["train"][: args.max_train] if args.max_train else splits["train"]
+        test = splits["test"]
+        labels = label_list(train + test)
+        write = write_conll
+        suffix = ".tsv"
+    common = {
+        "task": task,
+        "labels": labels,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "model": args.model,
+        "text_column": "text",
+        "label_column": "label",
+        "val_fraction": 0.1,
+    }
+    pooled = write(train, work / f"{corpus}-train{suffix}")
+    parts = shares(corpus, train, args.hospitals, 0.5, args.seed)
+    scheme = "dirichlet" if task == "classification" else "blocks"
+    rows: list[tuple[str, str]] = []
+
+    def score(name: str, **values) -> float:
+        started = time.monotonic()
+        config = RunConfig.build({**common, **values, "out": str(work / name.replace(" ", "-"))})
+        value = train_and_score(config, test)
+        print(f"  {corpus}: {name}: {value:.3f} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        return value
+
+    central = score("centralized, no DP", data=str(pooled), hospitals=1, min_hospitals=1, partition="iid", dp=False, secure_aggregation=False)
+    rows.append(("centralized LoRA, no DP (pooled)", f"{central:.3f}"))
+    local = []
+    for hospital, indices in enumerate(parts):
+        own = write([train[i] for i in indices], work / f"{corpus}-hospital{hospital}{suffix}")
+        local.append(score(f"local-only hospital {hospital}", data=str(own), hospitals=1, min_hospitals=1, partition="iid", dp=False, secure_aggregation=False))
+    rows.append(("local-only, no DP (mean / worst of 3)", f"{sum(local) / len(local):.3f} / {min(local):.3f}"))
+    federated = {"data": str(pooled), "hospitals": args.hospitals, "partition": scheme, "alpha": 0.5}
+    plain = score("federated, no DP", **federated, dp=False)
+    rows.append(("federated LoRA, no DP", f"{plain:.3f}"))
+    for variant, label in (("lora", "federated LoRA"), ("ffa", "federated FFA-LoRA")):
+        for epsilon in args.epsilons:
+            value = score(f"{label}, DP eps {epsilon:g}", **federated, lora_variant=variant, epsilon=epsilon)
+            rows.append((f"{label}, DP epsilon {epsilon:g}", f"{value:.3f}"))
+    if 8 in args.epsilons and central > 0:
+        ratio = _find(rows, "federated LoRA, DP epsilon 8") / central
+        rows.append(("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}"))
+    gain = 100 * (plain - sum(local) / len(local))
+    rows.append(("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}"))
+    return rows
+
+
+def _find(rows, name: str) -> float:
+    return float(dict(rows)[name])
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", choices=["classification", "ner", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over each training example")
+    parser.add_argument("--hospitals", type=int, default=3)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--max-train", type=int, default=0, help="cap training examples (0: all)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="base model (default: packaged)")
+    parser.add_argument("--write", type=Path, help="also write the markdown table here")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is absent: the utility benchmark needs the shared corpora")
+
+    corpora = ["classification", "ner"] if args.corpus == "both" else [args.corpus]
+    started = time.monotonic()
+    lines = [
+        "# Utility on real corpora",
+        "",
+        f"Command: `python -m bench.utility {' '.join(sys.argv[1:])}`",
+        "",
+        f"Base model all-MiniLM-L6-v2 (packaged), {args.hospitals} hospitals, {args.rounds} passes "
+        f"over each training example, seed {args.seed}, max length {args.max_length}, delta 1e-5, "
+        "other settings at RunConfig defaults. Classification: Medical Abstracts, seeded 80/20 "
+        "split, Dirichlet(0.5) label skew, macro-F1 on the 20% test split. NER: NCBI disease, "
+        "contiguous blocks, entity micro-F1 (seqeval, strict IOB2) on its test file.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        for corpus in corpora:
+            rows = run_corpus(corpus, args, Path(folder))
+            metric = "macro-F1" if corpus == "classification" else "entity micro-F1"
+            lines += [f"## {corpus} ({metric})", "", "| setting | score |", "| --- | --- |"]
+            lines += [f"| {name} | {value} |" for name, value in rows]
+            lines.append("")
+    lines.append(f"Total time: {(time.monotonic() - started) / 60:.1f} min on this machine.")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        args.write.write_text(table, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
