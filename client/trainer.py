@@ -129,7 +129,10 @@ def train_locally(
         check_budget(history, plan, config.epsilon, config.delta, who)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     pad_to = config.max_length if config.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.

@@ -109,7 +109,10 @@ class RunConfig(BaseModel):
     batch_size: int = Field(
         32, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
     )
-    learning_rate: float = Field(2e-2, gt=0, description="AdamW learning rate on the adapter.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw: AdamW; sgd: SGD with momentum 0.9."
+    )
+    learning_rate: float = Field(2e-2, gt=0, description="Learning rate on the adapter.")
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
