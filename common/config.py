@@ -279,12 +279,12 @@ class RunConfig(BaseModel):
 def _describe(exc: ValidationError, source: str) -> str:
     parts = []
     for error in exc.errors():
-        field = ".".join(str(item) for item in error["loc"]) or "config"
+        field = ".".join(str(item) for item in error["loc"])
         if error["type"] == "extra_forbidden":
             parts.append(f"unknown field '{field}' (see `fedward simulate --help` for the options)")
             continue
         given = error.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}{shown}")
+        parts.append(f"field '{field}': {message}{shown}" if field else message)
     return f"{source}: invalid " + "; ".join(parts)

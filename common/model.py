@@ -172,6 +172,7 @@ def save_adapter(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_dir_next_to(out_dir)
+    staging.chmod(0o755)  # an adapter is for sharing: not private like mkdtemp's 0700
     try:
         model.save_pretrained(staging)
         meta = {
@@ -182,6 +183,8 @@ def save_adapter(
             "max_length": config.max_length,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for path in staging.iterdir():
+            path.chmod(0o644)
         replace_dir_atomic(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

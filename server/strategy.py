@@ -144,6 +144,7 @@ class FedwardStrategy:
                 log.warning("round %d: %s %s", server_round, name, reason)
                 continue
             updates.append((update, outcome.hospitals[name]["num_examples"]))
+        outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(updates)):
             return outcome
         summed, total_weight = weighted_sum(updates)
@@ -212,6 +213,7 @@ class FedwardStrategy:
             outcome.hospitals.pop(name, None)
             if name not in outcome.dropped:
                 outcome.dropped.append(name)
+        outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(result.included)):
             return outcome
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
@@ -252,7 +254,12 @@ class FedwardStrategy:
             node_id = reply.metadata.src_node_id
             name = names.get(node_id, f"node-{node_id}")
             if reply.has_error() or wire.SECAGG not in reply.content:
-                reason = reply.error.reason if reply.has_error() else reply.content[wire.REFUSAL]["reason"]
+                if reply.has_error():
+                    reason = reply.error.reason
+                elif wire.REFUSAL in reply.content:
+                    reason = str(reply.content[wire.REFUSAL]["reason"])
+                else:
+                    reason = "reply without a secure-aggregation payload"
                 log.warning("round %d, %s: %s dropped: %s", server_round, stage, name, _first_line(reason))
                 continue
             payloads[node_id] = wire.records_to_payload(
@@ -338,6 +345,13 @@ class FedwardStrategy:
             for key in keys
         }
         return EvaluateOutcome(metrics=merged, hospitals=hospitals)
+
+
+def _train_loss(outcome: TrainOutcome) -> float:
+    """Example-weighted train loss of the hospitals whose updates are in the average."""
+    return weighted_mean(
+        [(m.get("train_loss", float("nan")), m["num_examples"]) for m in outcome.hospitals.values()]
+    )
 
 
 def _first_line(reason: str) -> str:

@@ -26,7 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Federated, differentially private LoRA fine-tuning of transformers for medical text.",
 )
-console = Console()
+# Wide when piped to a file or log, so paths and commands are never broken across lines.
+console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 error_console = Console(stderr=True)
 
 
@@ -96,6 +97,18 @@ def simulate(
         ),
     ] = None,
     fraction: Annotated[float | None, typer.Option(help="Hospitals sampled per round.")] = None,
+    min_hospitals: Annotated[
+        int | None, typer.Option(help="Fewest hospitals a round may train with [default: 2].")
+    ] = None,
+    notes_per_hospital: Annotated[
+        int | None, typer.Option(help="Synthetic notes per hospital [default: 400].")
+    ] = None,
+    dropout_rate: Annotated[
+        float | None, typer.Option(help="Chance a sampled hospital fails mid-round [default: 0].")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes [default: what the machine holds].")
+    ] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Expected batch size.")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
@@ -123,6 +136,10 @@ def simulate(
         dp=dp,
         secure_aggregation=secure_aggregation,
         fraction=fraction,
+        min_hospitals=min_hospitals,
+        notes_per_hospital=notes_per_hospital,
+        dropout_rate=dropout_rate,
+        workers=workers,
         local_epochs=local_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,

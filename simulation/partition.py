@@ -1,7 +1,7 @@
 """Partitioners: how a pooled data set is split across simulated hospitals. Pure and seeded.
 
-Each returns, for every hospital, the indices of its examples. Every hospital gets at least one
-example; a split that cannot give each hospital one raises `DataError`.
+Each returns, for every hospital, the indices of its examples. Every hospital gets at least two
+examples (one to train on, one to validate with); a split that cannot do that raises `DataError`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def blocks(num_examples: int, hospitals: int) -> list[list[int]]:
 def dirichlet(labels: list[str], hospitals: int, alpha: float, seed: int) -> list[list[int]]:
     """Label skew: for each label, hospital shares drawn from Dirichlet(alpha).
 
-    Smaller `alpha` means more skew. Hospitals left empty by the draw receive one example from
-    the largest share, so every hospital can train.
+    Smaller `alpha` means more skew. A hospital left with fewer than 2 examples by the draw is
+    topped up from the largest share, so every hospital can train and keep one for validation.
     """
     _check(len(labels), hospitals)
     rng = np.random.default_rng(seed)
@@ -60,6 +60,12 @@ def by_column(groups: list[str], hospitals: int) -> list[list[int]]:
     parts: list[list[int]] = [[] for _ in range(hospitals)]
     for i, group in enumerate(groups):
         parts[index[group]].append(i)
+    too_small = [value for value, part in zip(values, parts) if len(part) < 2]
+    if too_small:
+        raise DataError(
+            f"partition by column: value(s) {', '.join(repr(v) for v in too_small[:5])} have "
+            "fewer than 2 examples (each hospital needs at least 2); merge them or add examples"
+        )
     return parts
 
 

@@ -148,3 +148,14 @@ def test_from_flower_bad_value_is_a_config_error():
 def test_digest_changes_with_any_option():
     assert RunConfig().digest() == RunConfig().digest()
     assert RunConfig().digest() != RunConfig(epsilon=7.9).digest()
+
+
+def test_flower_app_config_lists_every_field_with_its_default():
+    """`flwr run . --run-config k=v` only accepts keys in [tool.flwr.app.config]."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    table = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(table) == {name.replace("_", "-") for name in RunConfig.model_fields}
+    assert RunConfig.from_flower(table) == RunConfig()

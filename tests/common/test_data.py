@@ -45,10 +45,17 @@ def test_reads_csv_with_quoted_commas_and_a_group_column(tmp_path):
 
 def test_reads_jsonl_with_custom_columns_and_skips_blank_lines(tmp_path):
     path = tmp_path / "notes.jsonl"
-    lines = [json.dumps({"note": "SOB, edema", "dx": "heart failure"}), "", json.dumps({"note": "polyuria", "dx": 2})]
+    lines = [
+        json.dumps({"note": "SOB, edema", "dx": "heart failure"}),
+        "",
+        json.dumps({"note": "polyuria", "dx": 2}),
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     records = read_records(path, text_column="note", label_column="dx")
-    assert [(r.text, r.label) for r in records] == [("SOB, edema", "heart failure"), ("polyuria", "2")]
+    assert [(r.text, r.label) for r in records] == [
+        ("SOB, edema", "heart failure"),
+        ("polyuria", "2"),
+    ]
 
 
 def test_reads_tsv_and_a_utf8_bom(tmp_path):
@@ -107,7 +114,9 @@ def test_text_that_is_not_utf8_names_the_line(tmp_path):
 
 def test_malformed_jsonl_line_names_the_line(tmp_path):
     path = tmp_path / "notes.jsonl"
-    path.write_text('{"text": "cough", "label": "a"}\n{"text": "fever", "label": \n', encoding="utf-8")
+    path.write_text(
+        '{"text": "cough", "label": "a"}\n{"text": "fever", "label": \n', encoding="utf-8"
+    )
     with pytest.raises(DataError, match="not valid JSON") as caught:
         read_records(path)
     assert f"{path}:2:" in str(caught.value)
@@ -166,7 +175,9 @@ def test_a_single_label_is_not_a_classification_task():
 
 
 def test_train_val_split_keeps_every_label_on_both_sides_and_is_deterministic():
-    records = [Record(f"note {i}", label) for i, label in enumerate(["a"] * 2 + ["b"] * 30 + ["c"] * 5)]
+    records = [
+        Record(f"note {i}", label) for i, label in enumerate(["a"] * 2 + ["b"] * 30 + ["c"] * 5)
+    ]
     train, val = train_val_split(records, 0.2, seed=7)
     assert sorted(train + val, key=lambda r: r.text) == sorted(records, key=lambda r: r.text)
     assert {r.label for r in train} == {r.label for r in val} == {"a", "b", "c"}

@@ -1,0 +1,184 @@
+"""The `fedward` console script as a user runs it: real processes, real exit codes and output.
+
+Every user error must end with exit code 2 and exactly one line on stderr that names the file
+(and line) or the field, with no traceback, before anything is written to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FEDWARD = shutil.which("fedward") or str(Path(sys.executable).parent / "fedward")
+
+
+def _fedward(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [FEDWARD, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, out: Path, *expected: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("fedward: error: ")
+    for words in expected:
+        assert words in line, line
+    assert not out.exists(), "the output folder was created for a run that never started"
+    return line
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_console_script_is_installed():
+    assert Path(FEDWARD).is_file(), "install the project (pip install -e .) to get `fedward`"
+    result = _fedward("--help")
+    assert result.returncode == 0 and "simulate" in result.stdout
+
+
+def test_missing_data_file(tmp_path):
+    data = tmp_path / "absent.csv"
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(data), "file not found")
+
+
+def test_data_path_is_a_folder(tmp_path):
+    data = tmp_path / "notes"
+    data.mkdir()
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(data), "folder")
+
+
+def test_missing_column_lists_the_columns_present(tmp_path):
+    data = _csv(tmp_path / "notes.csv", "note,diagnosis\ncough,pneumonia\nfever,pneumonia\n")
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", f"{data}:2", "'text'", "diagnosis, note")
+
+
+def test_missing_column_given_by_flag(tmp_path):
+    data = _csv(tmp_path / "notes.csv", "text,label\ncough,pneumonia\nfever,pneumonia\n")
+    result = _fedward(
+        "simulate", "--data", str(data), "--label-column", "dx", "--out", str(tmp_path / "out")
+    )
+    _assert_one_line_error(result, tmp_path / "out", f"{data}:2", "'dx'")
+
+
+def test_empty_data_file(tmp_path):
+    data = _csv(tmp_path / "notes.csv", "")
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(data), "empty")
+
+
+def test_label_with_too_few_examples(tmp_path):
+    rows = "".join(f"note {i},flu\n" for i in range(10)) + "spots,measles\n"
+    data = _csv(tmp_path / "notes.csv", "text,label\n" + rows)
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(data), "'measles' (1)")
+
+
+def test_text_that_is_not_utf8(tmp_path):
+    data = tmp_path / "notes.csv"
+    data.write_bytes(b"text,label\ncough,flu\nfi\xe8vre,flu\n")
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", f"{data}:3", "UTF-8")
+
+
+def test_malformed_jsonl_line(tmp_path):
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "cough", "label": "flu"}\n{"text": "fever"\n', encoding="utf-8")
+    result = _fedward("simulate", "--data", str(data), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", f"{data}:2", "JSON")
+
+
+def test_unknown_model_path(tmp_path):
+    model = tmp_path / "no-such-model"
+    result = _fedward("simulate", "--model", str(model), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", "field 'model'", str(model))
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--rounds", "0"], "'rounds'"),
+        (["--epsilon", "-1"], "'epsilon'"),
+        (["--partition", "bogus"], "'partition'"),
+        (["--hospitals", "1"], "min_hospitals (2) is more than hospitals (1)"),
+    ],
+)
+def test_invalid_config_value_on_the_command_line(tmp_path, flags, field):
+    result = _fedward("simulate", *flags, "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", field)
+
+
+def test_invalid_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("rounds = 2\nlora_target_modules = []\nroundz = 3\n", encoding="utf-8")
+    result = _fedward("simulate", "--config", str(config), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(
+        result, tmp_path / "out", str(config), "'lora_target_modules'", "'roundz'"
+    )
+
+    config.write_text("rounds = = 2\n", encoding="utf-8")
+    result = _fedward("simulate", "--config", str(config), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(config), "not valid TOML")
+
+
+def test_missing_config_file(tmp_path):
+    config = tmp_path / "absent.toml"
+    result = _fedward("simulate", "--config", str(config), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, tmp_path / "out", str(config), "not found")
+
+
+def test_predict_with_a_folder_that_is_not_an_adapter(tmp_path):
+    result = _fedward("predict", "--adapter", str(tmp_path), "a note")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(tmp_path) in result.stderr and "not a fedward adapter folder" in result.stderr
+
+
+def test_simulate_writes_adapter_history_and_plot_and_says_where(tiny_model_dir, tmp_path):
+    config = tmp_path / "fast.toml"
+    config.write_text(
+        'notes_per_hospital = 40\nmax_length = 64\ndevice = "cpu"\n', encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    result = _fedward(
+        "simulate",
+        "--config", str(config),
+        "--model", tiny_model_dir,
+        "--hospitals", "2",
+        "--rounds", "2",
+        "--out", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "fedward.json").is_file()
+    assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    assert [row["round"] for row in history["rounds"]] == [1, 2]
+    assert all(row["secure_aggregation"] for row in history["rounds"])  # on by default
+
+    report = result.stdout
+    assert "round 1: ok" in report and "round 2: ok" in report
+    assert str(out.resolve()) in report.replace("\n", "")
+    # Paths must survive a log file or a pipe: a user copies the printed command as it is.
+    commands = [line for line in report.splitlines() if "fedward predict --adapter" in line]
+    assert commands and f"--adapter {out / 'adapter'} " in commands[0], (
+        "the printed `fedward predict` command is wrapped across lines:\n" + report
+    )

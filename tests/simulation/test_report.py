@@ -1,0 +1,117 @@
+"""Tests for the end-of-run report: the round table and `metrics.png` (simulation/report.py)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from simulation.report import round_table, save_plot
+
+
+def _rounds() -> list[dict]:
+    """Three rounds as `server/app.py` writes them: one with a refusal, one failed."""
+    return [
+        {
+            "round": 1,
+            "status": "ok",
+            "train_loss": 2.1,
+            "global": {"loss": 2.0, "accuracy": 0.31, "macro_f1": 0.22},
+            "hospitals": {
+                "hospital-0": {"trained": True, "epsilon": 2.5, "loss": 2.0},
+                "hospital-1": {"trained": True, "epsilon": 2.7, "loss": 2.1},
+                "hospital-10": {"trained": True, "epsilon": None, "loss": 1.9},
+            },
+            "refused": {},
+            "rejected": {},
+            "dropped": [],
+        },
+        {
+            "round": 2,
+            "status": "ok",
+            "train_loss": 1.6,
+            "global": {"loss": 1.5, "accuracy": 0.52, "macro_f1": 0.44},
+            "hospitals": {
+                "hospital-0": {"trained": True, "epsilon": 4.1},
+                "hospital-1": {"refused": "epsilon would exceed 5"},
+                "hospital-10": {"trained": True, "epsilon": None},
+            },
+            "refused": {"hospital-1": "epsilon would exceed 5"},
+            "rejected": {},
+            "dropped": ["node-99"],
+        },
+        {
+            "round": 3,
+            "status": "failed: 1 usable update(s), fewer than min_hospitals (2); "
+            "global adapter unchanged",
+            "train_loss": None,
+            "global": {"loss": 1.5, "accuracy": None, "macro_f1": None},
+            "hospitals": {"hospital-0": {"trained": True, "epsilon": 5.0}},
+            "refused": {},
+            "rejected": {"hospital-10": "rejected update: NaN"},
+            "dropped": [],
+        },
+    ]
+
+
+def _render(table) -> list[str]:
+    console = Console(record=True, width=240, color_system=None)
+    console.print(table)
+    return console.export_text().splitlines()
+
+
+def _row(lines: list[str], round_number: int) -> list[str]:
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if cells and cells[0] == str(round_number):
+            return cells
+    raise AssertionError(f"no row for round {round_number} in {lines}")
+
+
+def test_round_table_shows_metrics_epsilon_refusals_and_failures():
+    lines = _render(round_table(_rounds(), title="fedward: rounds"))
+    text = "\n".join(lines)
+    assert "fedward: rounds" in text
+    # Hospitals in natural order: hospital-10 after hospital-1.
+    assert text.index("ε hospital-0") < text.index("ε hospital-1") < text.index("ε hospital-10")
+
+    first = _row(lines, 1)
+    assert first[:6] == ["1", "ok", "2.100", "2.000", "0.310", "0.220"]
+    assert first[6:] == ["2.50", "2.70", "no DP"]
+
+    second = _row(lines, 2)
+    assert second[1] == "ok (1 dropped, 1 refused)"
+    assert second[6:] == ["4.10", "refused", "no DP"]
+
+    third = _row(lines, 3)
+    assert third[1] == "failed"
+    assert third[2] == "—" and third[4] == "—"
+    assert third[6:] == ["5.00", "·", "·"]  # absent hospitals are a dot, not an error
+
+
+def test_round_table_for_ner_shows_entity_scores():
+    rounds = [
+        {
+            "round": 1,
+            "status": "ok",
+            "train_loss": 0.9,
+            "global": {"loss": 0.8, "precision": 0.5, "recall": 0.25, "f1": 1 / 3},
+            "hospitals": {"hospital-0": {"trained": True, "epsilon": 1.0}},
+        }
+    ]
+    lines = _render(round_table(rounds, task="ner"))
+    assert "entity F1" in "\n".join(lines)
+    assert _row(lines, 1)[4:7] == ["0.500", "0.250", "0.333"]
+
+
+def test_save_plot_writes_a_png_and_no_temporary_file(tmp_path):
+    path = save_plot(_rounds(), tmp_path / "metrics.png")
+    assert path == tmp_path / "metrics.png"
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.png"]
+
+
+def test_save_plot_replaces_an_earlier_plot(tmp_path):
+    path = tmp_path / "metrics.png"
+    path.write_bytes(b"old")
+    save_plot(_rounds()[:1], path, task="classification")
+    assert path.read_bytes().startswith(b"\x89PNG")

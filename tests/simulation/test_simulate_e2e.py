@@ -1,0 +1,152 @@
+"""End to end: whole federated simulations on Flower's simulation runtime, with the tiny model.
+
+Each simulation starts Ray (5-10 s) and trains 2 hospitals for 1-2 rounds on 40 synthetic notes
+each; the runs are shared between tests through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.model import adapter_spec, build_model, get_adapter_arrays
+from common.secagg import quantization_bound
+from simulation.hospitals import prepare_config
+from simulation.runner import simulate
+
+HOSPITALS = ["hospital-0", "hospital-1"]
+
+
+def _config(tiny_model_dir: str, out: Path, **options) -> RunConfig:
+    values = {
+        "model": tiny_model_dir,
+        "hospitals": 2,
+        "min_hospitals": 2,
+        "rounds": 2,
+        "notes_per_hospital": 40,
+        "max_length": 64,
+        "device": "cpu",
+        "out": str(out),
+    }
+    return RunConfig(**{**values, **options})
+
+
+def _initial_adapter(config: RunConfig) -> dict[str, np.ndarray]:
+    config = prepare_config(config)
+    return get_adapter_arrays(build_model(config, len(config.labels)))
+
+
+def _load_with_peft(config: RunConfig, adapter_dir: Path) -> dict[str, np.ndarray]:
+    """The adapter as a user loads it: a fresh base model + `PeftModel.from_pretrained`."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    labels = json.loads((adapter_dir / "fedward.json").read_text(encoding="utf-8"))["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    spec = adapter_spec(build_model(prepare_config(config), len(labels)))
+    parameters = dict(model.named_parameters())
+    return {item.name: parameters[item.name].detach().numpy().copy() for item in spec}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp_path_factory):
+    config = _config(
+        tiny_model_dir, tmp_path_factory.mktemp("plain") / "out", secure_aggregation=False
+    )
+    return config, simulate(config)
+
+
+@pytest.fixture(scope="module")
+def secure_run(tiny_model_dir, tmp_path_factory):
+    config = _config(
+        tiny_model_dir, tmp_path_factory.mktemp("secure") / "out", secure_aggregation=True
+    )
+    return config, simulate(config)
+
+
+def _check_run(config: RunConfig, result) -> list[dict]:
+    """What a user of any DP run must find in the output folder."""
+    out = Path(config.out)
+    assert result.out == out
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+    initial = _initial_adapter(config)
+    loaded = _load_with_peft(config, out / "adapter")
+    assert loaded.keys() == initial.keys()
+    assert any(not np.allclose(loaded[name], initial[name]) for name in initial), (
+        "adapter never moved"
+    )
+    for name in loaded:  # the saved adapter is the run's final global adapter
+        np.testing.assert_array_equal(loaded[name], result.arrays[name])
+
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    rows = history["rounds"]
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows == result.rounds
+    previous = {name: 0.0 for name in HOSPITALS}
+    for row in rows:
+        assert row["status"] == "ok", row["status"]
+        assert row["secure_aggregation"] is config.secure_aggregation
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["global"]["loss"])
+        assert sorted(row["hospitals"]) == HOSPITALS
+        for name in HOSPITALS:
+            epsilon = row["hospitals"][name]["epsilon"]
+            assert previous[name] < epsilon <= config.epsilon * (1 + 1e-3)
+            previous[name] = epsilon
+    # The noise is planned for the whole run: the last round spends (nearly) all of it.
+    assert all(epsilon > 0.9 * config.epsilon for epsilon in previous.values())
+    return rows
+
+
+def test_plain_fedavg_run_trains_saves_and_records_epsilon(plain_run):
+    config, result = plain_run
+    _check_run(config, result)
+
+
+def test_secure_aggregation_run_trains_saves_and_records_epsilon(secure_run):
+    config, result = secure_run
+    rows = _check_run(config, result)
+    assert all(not row["dropped"] and not row["refused"] for row in rows)
+
+
+def test_the_saved_adapter_predicts_with_fedward_predict(plain_run):
+    from simulation.predict import predict_texts
+
+    config, result = plain_run
+    lines = predict_texts(
+        result.adapter_dir, ["fever, productive cough, crackles at the right base"]
+    )
+    label = lines[0].split("\t")[0]
+    assert label in prepare_config(config).labels
+
+
+def test_secure_aggregation_gives_the_plain_fedavg_adapter(tiny_model_dir, tmp_path):
+    """Masks cancel: without DP noise (training is then seeded), both give the same average."""
+    common = {"dp": False, "rounds": 1, "learning_rate": 0.05}
+    plain = simulate(
+        _config(tiny_model_dir, tmp_path / "plain", secure_aggregation=False, **common)
+    )
+    config = _config(tiny_model_dir, tmp_path / "secure", secure_aggregation=True, **common)
+    secure = simulate(config)
+    initial = _initial_adapter(config)
+    # Stochastic rounding moves the average by less than one quantization step (plus float32).
+    tolerance = quantization_bound(config.secagg_clip, config.secagg_bits) + 1e-6
+
+    moved = max(float(np.abs(plain.arrays[n] - initial[n]).max()) for n in initial)
+    assert moved > 50 * tolerance  # the comparison below means something
+    for name in initial:
+        np.testing.assert_allclose(secure.arrays[name], plain.arrays[name], rtol=0, atol=tolerance)
+    assert secure.rounds[0]["global"]["loss"] == pytest.approx(
+        plain.rounds[0]["global"]["loss"], abs=1e-4
+    )
+    torch.testing.assert_close(
+        torch.tensor(secure.rounds[0]["hospitals"]["hospital-0"]["train_loss"]),
+        torch.tensor(plain.rounds[0]["hospitals"]["hospital-0"]["train_loss"]),
+    )
