@@ -128,11 +128,17 @@ def train_locally(
     if plan is not None:
         check_budget(history, plan, config.epsilon, config.delta, who)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Two groups: the task head (new, needs large steps) and the LoRA factors (small steps).
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    groups = [
+        {"params": lora, "lr": config.learning_rate},
+        {"params": head, "lr": config.head_learning_rate},
+    ]
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=0.9)
+        optimizer = torch.optim.SGD(groups, momentum=0.9)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     pad_to = config.max_length if config.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.

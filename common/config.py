@@ -107,12 +107,19 @@ class RunConfig(BaseModel):
     # --- local training ------------------------------------------------------------------------
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
     batch_size: int = Field(
-        32, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
+        64, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="adamw: AdamW; sgd: SGD with momentum 0.9."
     )
-    learning_rate: float = Field(2e-2, gt=0, description="Learning rate on the adapter.")
+    learning_rate: float = Field(5e-3, gt=0, description="Learning rate of the LoRA factors.")
+    head_learning_rate: float = Field(
+        0.3,
+        gt=0,
+        description="Learning rate of the task head. The head starts from scratch and needs "
+        "large steps; the LoRA factors need small ones, or DP noise walks them away from the "
+        "pretrained weights.",
+    )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
