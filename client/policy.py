@@ -28,13 +28,12 @@ import hashlib
 import logging
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.config import RunConfig
+from common.config import RunConfig, describe_invalid, read_toml
 from common.errors import ConfigError, ModelError, PolicyError
 
 logger = logging.getLogger(__name__)
@@ -110,17 +109,7 @@ class SitePolicy(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> SitePolicy:
         """Read a site policy TOML file; a missing file or bad value raises `ConfigError`."""
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{path}: site policy file not found; check the --policy path"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read site policy ({exc})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: site policy is not valid TOML ({exc})") from None
+        raw = read_toml(path, "site policy file", "--policy")
         values = raw.get("policy", raw)
         return cls.build(values, source=str(path))
 
@@ -131,7 +120,9 @@ class SitePolicy(BaseModel):
         try:
             return cls(**normalised)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(
+                describe_invalid(exc, source, "site policy", cls.model_fields)
+            ) from None
 
     @classmethod
     def permissive(cls, **overrides: Any) -> SitePolicy:
@@ -261,19 +252,3 @@ def model_content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    parts = []
-    for error in exc.errors():
-        field = ".".join(str(item) for item in error["loc"]) or "policy"
-        if error["type"] == "extra_forbidden":
-            known = ", ".join(SitePolicy.model_fields)
-            parts.append(f"unknown field '{field}' (known fields: {known})")
-            continue
-        if error["type"] == "missing":
-            parts.append(f"field '{field}' is required")
-            continue
-        given = error.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}{shown}")
-    return f"{source}: invalid site policy: " + "; ".join(parts)

@@ -232,20 +232,12 @@ class RunConfig(BaseModel):
         try:
             return cls(**normalised)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(describe_invalid(exc, source, "", cls.model_fields)) from None
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Load a TOML file (top-level keys, or a [fedward] table), then apply `overrides`."""
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found; check the --config path") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config file ({exc})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raw = read_toml(path, "config file", "--config")
         values = raw.get("fedward", raw)
         values = {**values, **(overrides or {})}
         return cls.build(values, source=str(path))
@@ -283,15 +275,32 @@ class RunConfig(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
+    """A TOML file as a dict; `ConfigError` naming the file (and the flag to fix) otherwise."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found; check the {flag} path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not valid TOML ({exc})") from None
+
+
+def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str:
+    """One line naming every invalid field of a pydantic model, what was wrong and the value."""
     parts = []
     for error in exc.errors():
         field = ".".join(str(item) for item in error["loc"])
         if error["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (see `fedward simulate --help` for the options)")
+            parts.append(f"unknown field '{field}' (known fields: {', '.join(known)})")
+            continue
+        if error["type"] == "missing":
+            parts.append(f"field '{field}' is required")
             continue
         given = error.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {message}{shown}" if field else message)
-    return f"{source}: invalid " + "; ".join(parts)
+    return f"{source}: invalid {what + ': ' if what else ''}" + "; ".join(parts)
