@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,8 @@ def load_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
 
 def quiet_libraries(verbose: bool) -> None:
     """Keep Flower, Ray and transformers to warnings unless --verbose."""
+    if not verbose:
+        warnings.filterwarnings("ignore")  # library deprecation chatter; --verbose shows it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -229,7 +232,7 @@ def predict(
     from simulation.predict import predict_texts
 
     for line in predict_texts(adapter, texts):
-        console.print(line, highlight=False)
+        typer.echo(line)  # plain tab-separated lines: easy to read and to parse
 
 
 # --- deployment: the coordinator's and the hospitals' commands (server/cli.py, client/cli.py) ---
