@@ -38,14 +38,22 @@ def payload_content(payload: dict) -> RecordDict:
     return content
 
 
-def secure_round_bytes(config: RunConfig, arrays: dict, hospitals: int) -> tuple[float, float, dict]:
+def secure_round_bytes(
+    config: RunConfig, arrays: dict, hospitals: int
+) -> tuple[float, float, dict]:
     """Mean bytes per hospital (down, up) of one SecAgg+ round, plus per-stage upload."""
     node_ids = list(range(1, hospitals + 1))
     delta = np.random.default_rng(0).normal(0, 0.01, sum(a.size for a in arrays.values()))
     server = SecAggServerSession(
-        "bench", 1, node_ids, delta.size,
-        neighbours=config.secagg_neighbours, threshold=config.secagg_threshold,
-        clip=config.secagg_clip, bits=config.secagg_bits, max_weight=config.secagg_max_weight,
+        "bench",
+        1,
+        node_ids,
+        delta.size,
+        neighbours=config.secagg_neighbours,
+        threshold=config.secagg_threshold,
+        clip=config.secagg_clip,
+        bits=config.secagg_bits,
+        max_weight=config.secagg_max_weight,
     )
     clients = {node: SecAggClientSession(node, "bench", 1) for node in node_ids}
     down = {node: 0 for node in node_ids}
@@ -60,7 +68,9 @@ def secure_round_bytes(config: RunConfig, arrays: dict, hospitals: int) -> tuple
     requests = server.advertise_keys_requests()
     replies = {}
     for node, request in requests.items():
-        content = RecordDict({**dict(base.items()), wire.SECAGG: wire.payload_to_records(request)[0]})
+        content = RecordDict(
+            {**dict(base.items()), wire.SECAGG: wire.payload_to_records(request)[0]}
+        )
         down[node] += size(content)
         replies[node] = clients[node].advertise_keys(request)
         reply = payload_content(replies[node])
@@ -84,7 +94,9 @@ def secure_round_bytes(config: RunConfig, arrays: dict, hospitals: int) -> tuple
             up[node] += size(payload_content(wire_reply))
             stages[stage] += size(payload_content(wire_reply))
     server.aggregate(replies)
-    evaluate = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)})
+    evaluate = RecordDict(
+        {wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)}
+    )
     for node in node_ids:
         down[node] += size(evaluate)
     per_stage = {stage: total / hospitals for stage, total in stages.items()}
@@ -93,7 +105,9 @@ def secure_round_bytes(config: RunConfig, arrays: dict, hospitals: int) -> tuple
 
 def plain_round_bytes(config: RunConfig, arrays: dict) -> tuple[float, float]:
     """Bytes per hospital (down, up) of one round without secure aggregation."""
-    train = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)})
+    train = RecordDict(
+        {wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)}
+    )
     reply = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
@@ -115,20 +129,28 @@ def main() -> None:
     arrays = get_adapter_arrays(model)
     full = sum(p.numel() for p in model.parameters()) * 4
     adapter_values = sum(a.size for a in arrays.values())
-    print(f"model {config.model}: full model {full / 1e6:.1f} MB (float32); adapter "
-          f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB (LoRA r={config.lora_rank} on "
-          f"{config.lora_target_modules} of the top {config.lora_layers} layers + head)")
+    print(
+        f"model {config.model}: full model {full / 1e6:.1f} MB (float32); adapter "
+        f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB (LoRA r={config.lora_rank} on "
+        f"{config.lora_target_modules} of the top {config.lora_layers} layers + head)"
+    )
     plain_down, plain_up = plain_round_bytes(config, arrays)
     print()
-    print(f"{'mode':<22}{'hospitals':>10}{'down kB':>10}{'up kB':>10}{'up/full':>10}{'up/plain':>10}")
-    print(f"{'plain FedAvg':<22}{'any':>10}{plain_down / 1e3:>10.1f}{plain_up / 1e3:>10.1f}"
-          f"{plain_up / full:>10.3%}{1:>10.2f}")
+    print(
+        f"{'mode':<22}{'hospitals':>10}{'down kB':>10}{'up kB':>10}{'up/full':>10}{'up/plain':>10}"
+    )
+    print(
+        f"{'plain FedAvg':<22}{'any':>10}{plain_down / 1e3:>10.1f}{plain_up / 1e3:>10.1f}"
+        f"{plain_up / full:>10.3%}{1:>10.2f}"
+    )
     for hospitals in args.hospitals:
         down, up, stages = secure_round_bytes(config, arrays, hospitals)
         keys = up - stages["masked_update"]
-        print(f"{'SecAgg+':<22}{hospitals:>10}{down / 1e3:>10.1f}{up / 1e3:>10.1f}{up / full:>10.3%}"
-              f"{up / plain_up:>10.2f}   (masked vector {stages['masked_update'] / 1e3:.1f} kB = "
-              f"{stages['masked_update'] / plain_up:.2f}x plain; key exchange {keys / 1e3:.1f} kB)")
+        print(
+            f"{'SecAgg+':<22}{hospitals:>10}{down / 1e3:>10.1f}{up / 1e3:>10.1f}{up / full:>10.3%}"
+            f"{up / plain_up:>10.2f}   (masked vector {stages['masked_update'] / 1e3:.1f} kB = "
+            f"{stages['masked_update'] / plain_up:.2f}x plain; key exchange {keys / 1e3:.1f} kB)"
+        )
     print()
     print("target: upload per round at most 0.5% of the full model with the default LoRA settings")
 

@@ -73,14 +73,18 @@ def run(hospitals: int, notes: int, rounds: int, secure: bool) -> dict:
     for row in result.rounds:
         for hospital in row["hospitals"].values():
             if "worker_pid" in hospital:
-                loads[hospital["worker_pid"]] = max(loads.get(hospital["worker_pid"], 0), hospital["model_loads"])
+                loads[hospital["worker_pid"]] = max(
+                    loads.get(hospital["worker_pid"], 0), hospital["model_loads"]
+                )
     return {
         "hospitals": hospitals,
         "workers": workers,
         "peak_mb": memory.peak / 2**20,
         "round_s": sum(per_round) / len(per_round),
         "wall_s": wall,
-        "trained": sum(1 for row in result.rounds for h in row["hospitals"].values() if h.get("trained")),
+        "trained": sum(
+            1 for row in result.rounds for h in row["hospitals"].values() if h.get("trained")
+        ),
         "model_loads": sum(loads.values()),
         "worker_processes": len(loads),
     }
@@ -97,14 +101,20 @@ def main() -> None:
 
     rows = [run(n, args.notes, args.rounds, not args.no_secure_aggregation) for n in args.hospitals]
     base = rows[0]
-    print(f"default model, {args.notes} notes per hospital, {args.rounds} round(s), "
-          f"secure aggregation {'off' if args.no_secure_aggregation else 'on'}, DP on")
-    print(f"{'hospitals':>10}{'workers':>9}{'peak MB':>10}{'x smallest':>11}{'s/round':>9}"
-          f"{'wall s':>8}{'trained':>9}{'model loads':>13}")
+    print(
+        f"default model, {args.notes} notes per hospital, {args.rounds} round(s), "
+        f"secure aggregation {'off' if args.no_secure_aggregation else 'on'}, DP on"
+    )
+    print(
+        f"{'hospitals':>10}{'workers':>9}{'peak MB':>10}{'x smallest':>11}{'s/round':>9}"
+        f"{'wall s':>8}{'trained':>9}{'model loads':>13}"
+    )
     for row in rows:
-        print(f"{row['hospitals']:>10}{row['workers']:>9}{row['peak_mb']:>10.0f}"
-              f"{row['peak_mb'] / base['peak_mb']:>11.2f}{row['round_s']:>9.1f}{row['wall_s']:>8.1f}"
-              f"{row['trained']:>9}{row['model_loads']:>6} in {row['worker_processes']} workers")
+        print(
+            f"{row['hospitals']:>10}{row['workers']:>9}{row['peak_mb']:>10.0f}"
+            f"{row['peak_mb'] / base['peak_mb']:>11.2f}{row['round_s']:>9.1f}{row['wall_s']:>8.1f}"
+            f"{row['trained']:>9}{row['model_loads']:>6} in {row['worker_processes']} workers"
+        )
     print("target: peak memory at 50 hospitals at most 1.3x that at 2")
 
 

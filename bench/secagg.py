@@ -36,9 +36,15 @@ def one_secure_round(hospitals: int, length: int, config: RunConfig) -> dict[str
 
     started = time.perf_counter()
     server = SecAggServerSession(
-        "bench", 1, node_ids, length,
-        neighbours=config.secagg_neighbours, threshold=config.secagg_threshold,
-        clip=config.secagg_clip, bits=config.secagg_bits, max_weight=config.secagg_max_weight,
+        "bench",
+        1,
+        node_ids,
+        length,
+        neighbours=config.secagg_neighbours,
+        threshold=config.secagg_threshold,
+        clip=config.secagg_clip,
+        bits=config.secagg_bits,
+        max_weight=config.secagg_max_weight,
     )
     requests = server.advertise_keys_requests()
     server_seconds += time.perf_counter() - started
@@ -49,7 +55,9 @@ def one_secure_round(hospitals: int, length: int, config: RunConfig) -> dict[str
             started = time.perf_counter()
             if stage == "unmask":  # the replies are the packed masked vectors
                 for reply in replies.values():
-                    reply["masked_update"] = unpack_bits(reply["masked_update"], server.modulus_bits, length + 1)
+                    reply["masked_update"] = unpack_bits(
+                        reply["masked_update"], server.modulus_bits, length + 1
+                    )
             requests = getattr(server, f"{stage}_requests")(replies)
             server_seconds += time.perf_counter() - started
         replies = {}
@@ -118,26 +126,34 @@ def main() -> None:
     labels = [str(i) for i in range(10)]
     model = build_model(config.model_copy(update={"labels": labels}), len(labels))
     adapter = sum(a.size for a in get_adapter_arrays(model).values())  # the default adapter
-    print(f"SecAgg+ ({config.secagg_bits}-bit quantization, clip {config.secagg_clip}, "
-          f"{'all-to-all' if not config.secagg_neighbours else f'{config.secagg_neighbours} neighbours'}, "
-          f"threshold {config.secagg_threshold:g})")
-    print(f"{'values':>9}{'hospitals':>10}{'client s':>10}{'server s':>10}{'plain avg s':>12}"
-          f"{'sent kB':>10}{'plain kB':>10}{'sent/plain':>11}{'max err':>10}")
+    print(
+        f"SecAgg+ ({config.secagg_bits}-bit quantization, clip {config.secagg_clip}, "
+        f"{'all-to-all' if not config.secagg_neighbours else f'{config.secagg_neighbours} neighbours'}, "
+        f"threshold {config.secagg_threshold:g})"
+    )
+    print(
+        f"{'values':>9}{'hospitals':>10}{'client s':>10}{'server s':>10}{'plain avg s':>12}"
+        f"{'sent kB':>10}{'plain kB':>10}{'sent/plain':>11}{'max err':>10}"
+    )
     for length in (adapter, 1_000_000):
         for hospitals in args.hospitals:
             row = one_secure_round(hospitals, length, config)
             plain = plain_average_seconds(hospitals, length)
-            print(f"{length:>9}{hospitals:>10}{row['client_s']:>10.3f}{row['server_s']:>10.3f}"
-                  f"{plain:>12.4f}{row['sent_kb']:>10.1f}{row['plain_kb']:>10.1f}"
-                  f"{row['sent_kb'] / row['plain_kb']:>11.2f}{row['max_error']:>10.2e}")
+            print(
+                f"{length:>9}{hospitals:>10}{row['client_s']:>10.3f}{row['server_s']:>10.3f}"
+                f"{plain:>12.4f}{row['sent_kb']:>10.1f}{row['plain_kb']:>10.1f}"
+                f"{row['sent_kb'] / row['plain_kb']:>11.2f}{row['max_error']:>10.2e}"
+            )
     if args.skip_round:
         return
     print()
     plain = round_seconds(False, args.round_hospitals)
     secure = round_seconds(True, args.round_hospitals)
     print(f"one simulated round, {args.round_hospitals} hospitals, default model, DP on:")
-    print(f"  without secure aggregation {plain:.1f} s, with {secure:.1f} s: ratio {secure / plain:.2f}x "
-          f"(target <= 1.2x)")
+    print(
+        f"  without secure aggregation {plain:.1f} s, with {secure:.1f} s: ratio {secure / plain:.2f}x "
+        f"(target <= 1.2x)"
+    )
 
 
 if __name__ == "__main__":

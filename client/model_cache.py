@@ -51,7 +51,12 @@ def cached_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
             return _models[key]
         model = build_model(config, num_labels)
         load_count += 1
-        log.info("built model %s for task %s (load %d in this process)", config.model, config.task, load_count)
+        log.info(
+            "built model %s for task %s (load %d in this process)",
+            config.model,
+            config.task,
+            load_count,
+        )
         _models[key] = model
         while len(_models) > _MAX_MODELS:
             _models.popitem(last=False)

@@ -480,7 +480,11 @@ class SecAggClientSession:
         session._received = state["received"]
         for name in ("share_key", "mask_key"):
             raw = state[name]
-            setattr(session, f"_{name}", None if raw is None else X25519PrivateKey.from_private_bytes(raw))
+            setattr(
+                session,
+                f"_{name}",
+                None if raw is None else X25519PrivateKey.from_private_bytes(raw),
+            )
         return session
 
     def _forget(self) -> None:

@@ -130,7 +130,9 @@ def train_locally(
 
     # Two groups: the task head (new, needs large steps) and the LoRA factors (small steps).
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    lora = [
+        p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
+    ]
     groups = [
         {"params": lora, "lr": config.learning_rate},
         {"params": head, "lr": config.head_learning_rate},
@@ -205,7 +207,9 @@ def train_locally(
         new_history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
         epsilon = epsilon_of(new_history, config.delta)
     train_loss = float(np.mean(losses)) if losses else float("nan")
-    log.info("%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon)
+    log.info(
+        "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
+    )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
 
 

@@ -149,7 +149,9 @@ def check_adapter_arrays(spec: list[ArraySpec], arrays: dict[str, np.ndarray]) -
                 f"adapter tensor '{name}' has shape {tuple(array.shape)}, expected {item.shape}"
             )
         if str(array.dtype) != item.dtype:
-            raise ModelError(f"adapter tensor '{name}' has dtype {array.dtype}, expected {item.dtype}")
+            raise ModelError(
+                f"adapter tensor '{name}' has dtype {array.dtype}, expected {item.dtype}"
+            )
 
 
 def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -208,7 +210,9 @@ def load_adapter_for_inference(adapter_dir: str | Path) -> tuple[torch.nn.Module
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     path = resolve_model_path(meta["model"])
     auto_class = (
-        AutoModelForTokenClassification if meta["task"] == "ner" else AutoModelForSequenceClassification
+        AutoModelForTokenClassification
+        if meta["task"] == "ner"
+        else AutoModelForSequenceClassification
     )
     try:
         base = auto_class.from_pretrained(path, num_labels=len(meta["labels"]))

@@ -60,7 +60,11 @@ def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.n
     """Split a flat vector back into tensors shaped and typed like `like`."""
     out, offset = {}, 0
     for name, array in like.items():
-        out[name] = np.asarray(vector[offset : offset + array.size]).reshape(array.shape).astype(array.dtype)
+        out[name] = (
+            np.asarray(vector[offset : offset + array.size])
+            .reshape(array.shape)
+            .astype(array.dtype)
+        )
         offset += array.size
     if offset != len(vector):
         raise ValueError(f"flat vector has {len(vector)} values, the adapter has {offset}")

@@ -28,7 +28,9 @@ def validate_update(spec: list[ArraySpec], update: Arrays, clip: float) -> None:
             raise ModelError(f"update tensor '{name}' has NaN or infinite values")
         peak = float(np.max(np.abs(values))) if values.size else 0.0
         if peak > clip * (1 + 1e-6):
-            raise ModelError(f"update tensor '{name}' has a value {peak:.3g} outside [-{clip}, {clip}]")
+            raise ModelError(
+                f"update tensor '{name}' has a value {peak:.3g} outside [-{clip}, {clip}]"
+            )
 
 
 def weighted_sum(updates: list[tuple[Arrays, float]]) -> tuple[Arrays, float]:

@@ -189,9 +189,13 @@ class FedwardStrategy:
         names = {node_id: name for node_id, (name, _) in accepted.items()}
         try:
             requests = session.share_keys_requests(payloads)
-            payloads = self._secagg_stage(grid, server_round, "share_keys", requests, names, outcome)
+            payloads = self._secagg_stage(
+                grid, server_round, "share_keys", requests, names, outcome
+            )
             requests = session.masked_update_requests(payloads)
-            payloads = self._secagg_stage(grid, server_round, "masked_update", requests, names, outcome)
+            payloads = self._secagg_stage(
+                grid, server_round, "masked_update", requests, names, outcome
+            )
             for node_id in list(payloads):
                 try:
                     payloads[node_id]["masked_update"] = unpack_bits(
@@ -199,7 +203,12 @@ class FedwardStrategy:
                     )
                 except (SecAggError, KeyError, ValueError, TypeError) as exc:
                     # A malformed vector is dropped like a hospital that left: it is recovered.
-                    log.warning("round %d, masked_update: %s dropped: %s", server_round, names.get(node_id, node_id), exc)
+                    log.warning(
+                        "round %d, masked_update: %s dropped: %s",
+                        server_round,
+                        names.get(node_id, node_id),
+                        exc,
+                    )
                     del payloads[node_id]
             requests = session.unmask_requests(payloads)
             payloads = self._secagg_stage(grid, server_round, "unmask", requests, names, outcome)
@@ -223,7 +232,9 @@ class FedwardStrategy:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
             return outcome
-        outcome.arrays = apply_average(global_arrays, wire.unflatten(result.weighted_sum, global_arrays), result.total_weight)
+        outcome.arrays = apply_average(
+            global_arrays, wire.unflatten(result.weighted_sum, global_arrays), result.total_weight
+        )
         return outcome
 
     def _secagg_stage(
@@ -260,7 +271,9 @@ class FedwardStrategy:
                     reason = str(reply.content[wire.REFUSAL]["reason"])
                 else:
                     reason = "reply without a secure-aggregation payload"
-                log.warning("round %d, %s: %s dropped: %s", server_round, stage, name, _first_line(reason))
+                log.warning(
+                    "round %d, %s: %s dropped: %s", server_round, stage, name, _first_line(reason)
+                )
                 continue
             payloads[node_id] = wire.records_to_payload(
                 reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
@@ -280,7 +293,9 @@ class FedwardStrategy:
             name = self._name(reply)
             if reply.has_error():
                 outcome.dropped.append(name)
-                log.warning("round %d: %s failed: %s", server_round, name, _first_line(reply.error.reason))
+                log.warning(
+                    "round %d: %s failed: %s", server_round, name, _first_line(reply.error.reason)
+                )
                 continue
             if wire.REFUSAL in reply.content:
                 reason = str(reply.content[wire.REFUSAL]["reason"])

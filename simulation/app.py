@@ -43,7 +43,9 @@ def dropout_stage(seed: int, server_round: int, hospital: int, rate: float) -> s
 def _maybe_drop(context: Context, stage: str) -> None:
     record = context.state.get(_DROPOUT_STATE)
     if record is not None and record["stage"] == stage:
-        raise SimulatedDropout(f"simulated dropout of hospital-{context.node_config['partition-id']} at {stage}")
+        raise SimulatedDropout(
+            f"simulated dropout of hospital-{context.node_config['partition-id']} at {stage}"
+        )
 
 
 client_app = ClientApp()

@@ -25,7 +25,9 @@ def prepare_config(config: RunConfig) -> RunConfig:
     if config.task == "ner":
         from common.ner import label_list
 
-        labels = label_list(_pooled_sentences(config.data, config.hospitals, config.notes_per_hospital, config.seed))
+        labels = label_list(
+            _pooled_sentences(config.data, config.hospitals, config.notes_per_hospital, config.seed)
+        )
     elif config.data is None:
         from common.synthetic import DIAGNOSES
 
@@ -60,7 +62,18 @@ def _data_key(config: RunConfig) -> tuple:
 
 @lru_cache(maxsize=8)
 def _hospital_split(key: tuple, hospital: int) -> tuple[tuple, tuple, str]:
-    task, data, text_column, label_column, scheme, alpha, hospitals, per_hospital, val_fraction, seed = key
+    (
+        task,
+        data,
+        text_column,
+        label_column,
+        scheme,
+        alpha,
+        hospitals,
+        per_hospital,
+        val_fraction,
+        seed,
+    ) = key
     if task == "ner":
         examples = _ner_share(data, scheme, hospitals, per_hospital, seed, hospital)
         cut = max(1, round(len(examples) * (1 - val_fraction)))
@@ -77,7 +90,14 @@ def _hospital_split(key: tuple, hospital: int) -> tuple[tuple, tuple, str]:
         pooled = _pooled_records(data, text_column, label_column, group_column)
         if data is None:
             pooled = _synthetic_pool(hospitals, per_hospital, seed)
-        shares = _split(scheme, [r.label for r in pooled], [r.group or "" for r in pooled], hospitals, alpha, seed)
+        shares = _split(
+            scheme,
+            [r.label for r in pooled],
+            [r.group or "" for r in pooled],
+            hospitals,
+            alpha,
+            seed,
+        )
         records = [pooled[i] for i in shares[hospital]]
         source = f"{data or 'synthetic notes'} ({scheme} share {hospital + 1}/{hospitals})"
     train, val = train_val_split(records, val_fraction, seed + hospital)
@@ -122,7 +142,9 @@ def _pooled_sentences(data, hospitals, per_hospital, seed) -> tuple:
         return tuple(
             tuple(sentence)
             for hospital in range(hospitals)
-            for sentence in generate_ner_notes(hospital, per_hospital, seed, num_hospitals=hospitals)
+            for sentence in generate_ner_notes(
+                hospital, per_hospital, seed, num_hospitals=hospitals
+            )
         )
     path = Path(data)
     if path.is_dir():

@@ -19,7 +19,9 @@ def predict_texts(adapter_dir: str | Path, texts: list[str]) -> list[str]:
         if meta["task"] == "ner":
             lines.append(_entities_line(model, tokenizer, labels, text, meta["max_length"]))
             continue
-        encoded = tokenizer(text, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+        encoded = tokenizer(
+            text, truncation=True, max_length=meta["max_length"], return_tensors="pt"
+        )
         probabilities = model(**encoded).logits.float().softmax(dim=-1)[0]
         best = int(probabilities.argmax())
         lines.append(f"{labels[best]}\t{float(probabilities[best]):.3f}\t{_clip(text)}")
@@ -32,7 +34,9 @@ def _entities_line(model, tokenizer, labels: list[str], text: str, max_length: i
     words, offsets = split_words(text)
     if not words:
         return f"(no words)\t{_clip(text)}"
-    encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = tokenizer(
+        words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     predictions = model(**encoded).logits.argmax(dim=-1)[0].tolist()
     id_to_label = dict(enumerate(labels))
     tags = predictions_to_word_tags(predictions, encoded.word_ids(0), id_to_label, len(words))

@@ -7,7 +7,6 @@ from pathlib import Path
 from rich.table import Table
 
 
-
 def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -18,7 +17,9 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
-def round_table(rounds: list[dict], task: str = "classification", title: str | None = None) -> Table:
+def round_table(
+    rounds: list[dict], task: str = "classification", title: str | None = None
+) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
     table = Table(title=title, header_style="bold")
@@ -37,7 +38,12 @@ def round_table(rounds: list[dict], task: str = "classification", title: str | N
         table.add_column(f"ε {name}", justify="right")
     for row in rounds:
         metrics = row["global"]
-        cells = [str(row["round"]), _status(row), _fmt(row["train_loss"]), _fmt(metrics.get("loss"))]
+        cells = [
+            str(row["round"]),
+            _status(row),
+            _fmt(row["train_loss"]),
+            _fmt(metrics.get("loss")),
+        ]
         if task == "ner":
             cells += [_fmt(metrics.get(k)) for k in ("precision", "recall", "f1")]
         else:
@@ -47,7 +53,11 @@ def round_table(rounds: list[dict], task: str = "classification", title: str | N
             if "refused" in hospital:
                 cells.append("refused")
             elif hospital.get("trained"):
-                cells.append(_fmt(hospital.get("epsilon"), 2) if hospital.get("epsilon") is not None else "no DP")
+                cells.append(
+                    _fmt(hospital.get("epsilon"), 2)
+                    if hospital.get("epsilon") is not None
+                    else "no DP"
+                )
             else:
                 cells.append("·")
         table.add_row(*cells)
@@ -77,10 +87,20 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
 
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = ("loss", "precision", "recall", "f1") if task == "ner" else ("loss", "accuracy", "macro_f1")
+    keys = (
+        ("loss", "precision", "recall", "f1") if task == "ner" else ("loss", "accuracy", "macro_f1")
+    )
     for key in keys:
-        left.plot(x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}")
-    left.plot(x, [_nan(row["train_loss"]) for row in rounds], marker="o", linestyle="--", label="train loss")
+        left.plot(
+            x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}"
+        )
+    left.plot(
+        x,
+        [_nan(row["train_loss"]) for row in rounds],
+        marker="o",
+        linestyle="--",
+        label="train loss",
+    )
     left.set_xlabel("round")
     left.set_title("global model")
     left.legend()

@@ -51,7 +51,9 @@ def plan_workers(
     return WorkerResources(per_hospital, gpu_share, workers)
 
 
-def simulate(config: RunConfig, on_round: RoundCallback | None = None, verbose: bool = False) -> RunResult:
+def simulate(
+    config: RunConfig, on_round: RoundCallback | None = None, verbose: bool = False
+) -> RunResult:
     """Run a whole federated simulation; return where the results are and the per-round rows."""
     from flwr.simulation import run_simulation
 
