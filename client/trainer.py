@@ -8,6 +8,7 @@ and a request that would overshoot the target is refused before the first step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -61,20 +62,28 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def plan_dp(config: RunConfig, num_train: int) -> DPPlan:
     """Noise for this data size so that all rounds of the run stay within `config.epsilon`."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     steps_per_epoch = math.ceil(num_train / config.batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps = steps_per_epoch * config.local_epochs
-    sigma = get_noise_multiplier(
-        target_epsilon=config.epsilon,
-        target_delta=config.delta,
-        sample_rate=sample_rate,
-        steps=steps * config.rounds,
-        accountant="rdp",
-        epsilon_tolerance=0.005,
+    sigma = _noise_multiplier(config.epsilon, config.delta, sample_rate, steps * config.rounds)
+    return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus' noise search (seconds of CPU): the same for every round, so searched once."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=0.005,
+        )
     )
-    return DPPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps=steps)
 
 
 def epsilon_of(history: list[HistoryEntry], delta: float) -> float:

@@ -1,9 +1,11 @@
 """The coordinator's Flower ServerApp: drives the rounds, checkpoints, writes the history.
 
 `run_federation` is the round loop; the ServerApp entry point reads the `RunConfig` from Flower's
-run config and calls it. After every round the global adapter is saved in PEFT format
-(`<out>/adapter/`, swapped in atomically) and `<out>/history.json` is rewritten atomically, so a
-crash leaves the last completed round intact.
+run config and calls it. After every round, in this order: `<out>/checkpoint.npz` (the commit
+point, see `server/resume.py`), the global adapter in PEFT format (`<out>/adapter/`, swapped in
+atomically), `<out>/history.json` (rewritten atomically) and one record in the hash-chained audit
+log `<out>/audit.jsonl`. A crash therefore leaves the last completed round intact, and
+`RunConfig.resume` continues from it under the same fedward run id.
 """
 
 from __future__ import annotations
@@ -18,13 +20,31 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.atomic import write_json_atomic
+from common.audit import AuditLog
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.model import adapter_spec, build_model, get_adapter_arrays, set_adapter_arrays, save_adapter
+from common.model import (
+    adapter_spec,
+    build_model,
+    check_adapter_arrays,
+    get_adapter_arrays,
+    save_adapter,
+    set_adapter_arrays,
+)
 from server.aggregation import Arrays
+from server.resume import (
+    arrays_digest,
+    check_resumable,
+    load_checkpoint,
+    new_run_id,
+    save_checkpoint,
+)
 from server.strategy import FedwardStrategy, finite_or_none
 
 log = logging.getLogger(__name__)
+
+#: The coordinator's audit log, inside the run's output folder.
+AUDIT_LOG = "audit.jsonl"
 
 #: Called after every round with the round's history row (the CLI draws its table from it).
 RoundCallback = Callable[[dict], None]
@@ -37,6 +57,7 @@ class RunResult:
     out: Path
     rounds: list[dict] = field(default_factory=list)
     arrays: Arrays | None = None
+    run_id: str = ""  # the fedward run id (the same across resumptions)
 
     @property
     def adapter_dir(self) -> Path:
@@ -44,9 +65,14 @@ class RunResult:
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, run_id: int, on_round: RoundCallback | None = None
+    grid: Grid, config: RunConfig, run_id: int | str, on_round: RoundCallback | None = None
 ) -> RunResult:
-    """Run `config.rounds` rounds of federated training and evaluation."""
+    """Run rounds 1..`config.rounds` of federated training and evaluation.
+
+    `run_id` is Flower's run id (recorded, for tying logs together). Hospitals see the fedward
+    run id instead: a new random one, or with `config.resume` the id of the run checkpointed in
+    `config.out`, which then continues with the round after its last completed one.
+    """
     if not config.labels:
         raise ConfigError(
             "field 'labels': the run's label set is missing; list the labels in the run config"
@@ -54,19 +80,40 @@ def run_federation(
     out = Path(config.out)
     model = build_model(config, len(config.labels))
     spec = adapter_spec(model)
-    arrays = get_adapter_arrays(model)
-    strategy = FedwardStrategy(config, spec, run_id)
-    result = RunResult(out=out, arrays=arrays)
+    audit = AuditLog(out / AUDIT_LOG)
+    if config.resume:
+        checkpoint = load_checkpoint(out)
+        check_resumable(checkpoint, config)
+        check_adapter_arrays(spec, checkpoint.arrays)
+        fedward_run_id, arrays = checkpoint.run_id, checkpoint.arrays
+        rounds, first_round = list(checkpoint.rounds), checkpoint.completed_round + 1
+        audit.append(
+            "run.resume",
+            run_id=fedward_run_id,
+            flower_run_id=str(run_id),
+            completed_round=checkpoint.completed_round,
+            checkpoint_sha256=checkpoint.sha256,
+            adapter_sha256=arrays_digest(arrays),
+        )
+        log.info("run %s: resuming after round %d", fedward_run_id, checkpoint.completed_round)
+    else:
+        fedward_run_id, arrays = new_run_id(), get_adapter_arrays(model)
+        rounds, first_round = [], 1
+        audit.append("run.start", **run_start_fields(config, fedward_run_id, str(run_id), arrays))
+    strategy = FedwardStrategy(config, spec, fedward_run_id)
+    result = RunResult(out=out, rounds=rounds, arrays=arrays, run_id=fedward_run_id)
     log.info(
-        "run %s: %d rounds, %s, %d adapter tensors (%d values)",
+        "run %s (Flower run %s): rounds %d..%d, %s, %d adapter tensors (%d values)",
+        fedward_run_id,
         run_id,
+        first_round,
         config.rounds,
         config.model,
         len(spec),
         sum(a.size for a in arrays.values()),
     )
 
-    for server_round in range(1, config.rounds + 1):
+    for server_round in range(first_round, config.rounds + 1):
         started = time.monotonic()
         outcome = strategy.train_round(server_round, arrays, grid)
         if outcome.arrays is not None:
@@ -81,12 +128,77 @@ def run_federation(
         row = history_row(server_round, outcome, evaluation, config, time.monotonic() - started)
         result.rounds.append(row)
         result.arrays = arrays
+        checkpoint_sha256 = save_checkpoint(
+            out, fedward_run_id, config, server_round, arrays, result.rounds
+        )
         set_adapter_arrays(model, arrays)
         save_adapter(model, out / "adapter", config.labels, config)
-        write_history(out, config, run_id, result.rounds)
+        write_history(out, config, fedward_run_id, result.rounds, str(run_id), first_round)
+        audit.append(
+            "round",
+            **round_audit_fields(row, fedward_run_id, checkpoint_sha256, arrays_digest(arrays)),
+        )
         if on_round is not None:
             on_round(row)
+    audit.append(
+        "run.end",
+        run_id=fedward_run_id,
+        flower_run_id=str(run_id),
+        rounds=len(result.rounds),
+        failed_rounds=[row["round"] for row in result.rounds if row["status"] != "ok"],
+        adapter_sha256=arrays_digest(arrays),
+    )
     return result
+
+
+def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays: Arrays) -> dict:
+    """What the audit log records when a run starts: what was asked of the hospitals."""
+    return {
+        "run_id": run_id,
+        "flower_run_id": flower_run_id,
+        "config_sha256": config.digest(),
+        "task": config.task,
+        "model": config.model,
+        "labels": list(config.labels or []),
+        "rounds": config.rounds,
+        "dp": config.dp,
+        "epsilon": config.epsilon,
+        "delta": config.delta,
+        "secure_aggregation": config.secure_aggregation,
+        "min_hospitals": config.min_hospitals,
+        "initial_adapter_sha256": arrays_digest(arrays),
+    }
+
+
+def round_audit_fields(row: dict, run_id: str, checkpoint_sha256: str, adapter_sha256: str) -> dict:
+    """One round's audit record: who took part, who refused and why, epsilon, hashes.
+
+    Per-hospital facts are lists of objects (not maps keyed by hospital name), so a hospital's
+    name can never be mistaken for a secret-looking field and redacted.
+    """
+    hospitals = row["hospitals"]
+    return {
+        "run_id": run_id,
+        "round": row["round"],
+        "status": row["status"],
+        "secure_aggregation": row["secure_aggregation"],
+        "participants": sorted(name for name, item in hospitals.items() if item.get("trained")),
+        "epsilon": [
+            {"hospital": name, "epsilon": item.get("epsilon")}
+            for name, item in sorted(hospitals.items())
+            if item.get("trained")
+        ],
+        "refused": [
+            {"hospital": name, "reason": reason} for name, reason in sorted(row["refused"].items())
+        ],
+        "rejected": [
+            {"hospital": name, "reason": reason} for name, reason in sorted(row["rejected"].items())
+        ],
+        "dropped": list(row["dropped"]),
+        "global": row["global"],
+        "checkpoint_sha256": checkpoint_sha256,
+        "adapter_sha256": adapter_sha256,
+    }
 
 
 def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: float) -> dict:
@@ -102,6 +214,9 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
         entry["num_train_examples"] = int(metrics["num_examples"])
         entry["train_loss"] = finite_or_none(metrics.get("train_loss"))
         entry["epsilon"] = finite_or_none(metrics.get("epsilon"))
+        for key in ("worker_pid", "model_loads"):  # simulation diagnostics, when present
+            if key in metrics:
+                entry[key] = int(metrics[key])
     for name, reason in {**outcome.refused, **outcome.rejected}.items():
         hospitals.setdefault(name, {})["refused"] = reason
     return {
@@ -118,12 +233,29 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
     }
 
 
-def write_history(out: Path, config: RunConfig, run_id: int, rounds: list[dict]) -> None:
-    """Rewrite `<out>/history.json` atomically."""
+def write_history(
+    out: Path,
+    config: RunConfig,
+    run_id: int | str,
+    rounds: list[dict],
+    flower_run_id: str = "",
+    first_round: int = 1,
+) -> None:
+    """Rewrite `<out>/history.json` atomically.
+
+    `run_id` is the fedward run id; `flower_run_id` and `first_round` say which Flower run
+    wrote it and from which round on (after a resume, earlier rounds came from the checkpoint).
+    """
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         out / "history.json",
-        {"run_id": str(run_id), "config": config.model_dump(), "rounds": rounds},
+        {
+            "run_id": str(run_id),
+            "flower_run_id": flower_run_id,
+            "first_round": first_round,
+            "config": config.model_dump(),
+            "rounds": rounds,
+        },
     )
 
 

@@ -63,8 +63,9 @@ class FedwardStrategy:
         value must lie in) and `seed` (default 42: node sampling).
     spec : list[ArraySpec]
         Names, shapes and dtypes of the adapter tensors every update must match.
-    run_id : int
-        Flower's run id; sent with every message so replies can be tied to their run.
+    run_id : int | str
+        fedward's run id (stable across `--resume`, unlike Flower's); sent with every message
+        so replies, ledgers and SecAgg+ messages are bound to their run.
     """
 
     def __init__(self, config: RunConfig, spec: list[ArraySpec], run_id: int) -> None:

@@ -1,0 +1,167 @@
+"""A hospital's commands: `fedward client start | ledger | model-hash`.
+
+Only this module prints; client/deploy.py and client/site.py do the work. `simulation/cli.py`
+mounts `client_app` on the `fedward` command.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from client import deploy
+from client.policy import SitePolicy, model_content_hash
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+console = Console()
+error_console = Console(stderr=True)
+
+client_app = typer.Typer(
+    no_args_is_help=True, help="A hospital's SuperNode, privacy ledger and policy tools."
+)
+
+LedgerOption = Annotated[
+    Path, typer.Option("--ledger", help="Folder of the privacy ledgers (keep and back it up).")
+]
+
+
+@client_app.command("start")
+def start(
+    server: Annotated[
+        str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="This hospital's data file; it never leaves.")
+    ],
+    policy: Annotated[Path, typer.Option("--policy", help="The site policy (TOML).")],
+    ca: Annotated[Path | None, typer.Option("--ca", help="The federation's ca.crt.")] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="This hospital's node key (`fedward keys node`).")
+    ] = None,
+    ledger: LedgerOption = Path("fedward-ledger"),
+    name: Annotated[
+        str | None, typer.Option(help="Name shown to the coordinator [default: the key's name].")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    audit_log: Annotated[
+        Path | None, typer.Option(help="This hospital's audit log [default: <ledger>/audit.jsonl].")
+    ] = None,
+    runtime_port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's Runtime API (one per SuperNode).")
+    ] = deploy.DEFAULT_RUNTIME_PORT,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node key (test federations only).")
+    ] = False,
+    max_wait_time: Annotated[
+        float | None,
+        typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
+    ] = None,
+) -> None:
+    """Run this hospital's Flower SuperNode (in the foreground), under its site policy."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = deploy.HospitalSettings(
+        server=server,
+        data=data,
+        policy=policy,
+        ledger=ledger,
+        ca=ca,
+        key=key,
+        name=name or (key.stem if key is not None else "hospital"),
+        device=device,
+        audit_log=audit_log,
+        runtime_port=runtime_port,
+        insecure=insecure,
+        max_wait_time=max_wait_time,
+    )
+    command = deploy.prepare_supernode(settings)
+    if insecure:
+        warning = (
+            "INSECURE MODE: TLS and node authentication are OFF; updates travel in plain text "
+            "and the coordinator cannot tell this hospital from anyone else. Testing only."
+        )
+        log.warning(warning)
+        error_console.print(f"[bold red]WARNING: {warning}[/]", highlight=False)
+    console.print(
+        f"fedward client: hospital {settings.name} -> {server}; data {data}; policy {policy}; "
+        f"ledger {ledger}"
+    )
+    deploy.exec_supernode(command)
+
+
+@client_app.command("ledger")
+def ledger_command(
+    ledger: LedgerOption = Path("fedward-ledger"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Show only this data set's ledger.")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Show totals at the policy's delta and budget.")
+    ] = None,
+) -> None:
+    """Print the privacy ledger: every DP round each local data set took part in."""
+    from client.ledger import PrivacyLedger, dataset_fingerprint  # imports opacus: only here
+
+    site_policy = SitePolicy.load(policy) if policy is not None else None
+    if data is not None:
+        path = ledger / f"{dataset_fingerprint(data)}.json"
+        ledgers = [PrivacyLedger.load(path)] if path.is_file() else []
+    elif ledger.is_dir():
+        ledgers = PrivacyLedger.all_in(ledger)
+    else:
+        raise DataError(f"{ledger}: ledger folder not found; check --ledger")
+    if not ledgers:
+        console.print(f"{ledger}: no privacy spent yet" + (f" on {data}" if data else ""))
+        return
+    delta = site_policy.max_delta if site_policy is not None else None
+    for item in ledgers:
+        rows = item.describe(delta)
+        title = f"data set {item.dataset[:12]}" + (
+            f" ({item.description})" if item.description else ""
+        )
+        table = Table(title=title, header_style="bold")
+        for column in (
+            "run",
+            "round",
+            "noise σ",
+            "sample rate",
+            "steps",
+            "δ",
+            "ε round",
+            "ε total",
+            "recorded",
+        ):
+            table.add_column(column, justify="left" if column in ("run", "recorded") else "right")
+        for row in rows:
+            table.add_row(
+                row.run_id[:12],
+                str(row.round),
+                f"{row.noise_multiplier:.3f}",
+                f"{row.sample_rate:.4f}",
+                str(row.steps),
+                f"{row.delta:g}",
+                f"{row.epsilon_round:.3f}",
+                f"{row.epsilon_total:.3f}",
+                row.recorded_at,
+            )
+        console.print(table)
+        spent = rows[-1].epsilon_total if rows else 0.0
+        line = f"spent: epsilon {spent:.3f} over {len(rows)} rounds"
+        if site_policy is not None:
+            line += (
+                f" of the site budget {site_policy.max_epsilon:g} (delta {site_policy.max_delta:g})"
+            )
+        console.print(line)
+
+
+@client_app.command("model-hash")
+def model_hash(
+    path: Annotated[Path, typer.Argument(help="A local model folder (or weight file).")],
+) -> None:
+    """Print a model's content hash, for the site policy's allowed_model_hashes."""
+    console.print(model_content_hash(path), highlight=False)

@@ -1,0 +1,153 @@
+"""A hospital's side of a deployment: Flower's SuperNode with fedward's node config.
+
+`fedward client start` checks the hospital's files up front (data, policy, CA, key), writes the
+node config as a TOML file next to the ledger, and replaces itself with
+
+    flower-supernode --superlink HOST:PORT --root-certificates ca.crt \
+        --auth-supernode-private-key node.key --port 9094 --node-config <ledger>/supernode.toml
+
+The SuperNode connects out to the coordinator over HTTPS (TLS on by default), authenticates with
+the node key, and runs the deployed ClientApp (`client.app:app`) for each message; the ClientApp
+finds the data, policy, ledger and audit log through the node config (see client/site.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.policy import SitePolicy
+from common.errors import ConfigError, DataError
+from common.programs import flower_env, flower_program
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNTIME_PORT = 9094
+NODE_CONFIG_FILE = "supernode.toml"
+
+#: Node-config keys the deployed ClientApp reads (client/site.py).
+DATA_KEY = "data-path"
+POLICY_KEY = "policy"
+LEDGER_KEY = "ledger"
+AUDIT_KEY = "audit-log"
+DEVICE_KEY = "device"
+NAME_KEY = "hospital-name"
+
+
+@dataclass(frozen=True)
+class HospitalSettings:
+    """Everything `fedward client start` needs.
+
+    Attributes:
+        server: The coordinator's SuperLink as host:port.
+        data: The hospital's data file (never leaves this machine).
+        policy: The hospital's site policy (TOML).
+        ledger: Folder of the privacy ledgers (keep it, and back it up: deleting it resets the
+            hospital's privacy budget).
+        ca: The federation's CA certificate (`ca.crt` from the coordinator).
+        key: This hospital's SuperNode private key (`fedward keys node`).
+        name: The name this hospital reports in round tables and audit logs.
+        device: auto, cpu or cuda.
+        audit_log: The hospital's audit log (default `<ledger>/audit.jsonl`).
+        runtime_port: Local port of the SuperNode's Runtime API (one per SuperNode on a host).
+        insecure: Plain HTTP without node authentication (testing only).
+        max_wait_time: Give up reconnecting after this many seconds (None: never).
+    """
+
+    server: str
+    data: Path
+    policy: Path
+    ledger: Path = Path("fedward-ledger")
+    ca: Path | None = None
+    key: Path | None = None
+    name: str = "hospital"
+    device: str = "auto"
+    audit_log: Path | None = None
+    runtime_port: int = DEFAULT_RUNTIME_PORT
+    insecure: bool = False
+    max_wait_time: float | None = None
+
+
+def check_settings(settings: HospitalSettings) -> SitePolicy:
+    """Fail before starting anything when a file is missing or the policy is invalid."""
+    if ":" not in settings.server:
+        raise ConfigError(f"--server {settings.server!r}: give HOST:PORT, e.g. fl.example.org:8000")
+    if not settings.data.exists():
+        raise DataError(f"{settings.data}: data file not found; check --data")
+    policy = SitePolicy.load(settings.policy)
+    if settings.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {settings.device!r}: use auto, cpu or cuda")
+    if not 0 < settings.runtime_port < 65536:
+        raise ConfigError(f"--runtime-port {settings.runtime_port}: not a TCP port (1-65535)")
+    if settings.insecure:
+        if settings.key is not None or settings.ca is not None:
+            raise ConfigError(
+                "--insecure turns TLS off, and node authentication needs TLS: drop --key and "
+                "--ca to run without both (testing only), or drop --insecure"
+            )
+        return policy
+    for option, path in (("--ca", settings.ca), ("--key", settings.key)):
+        if path is None:
+            raise ConfigError(
+                f"{option}: required (the federation's ca.crt and this hospital's node key); "
+                "only a test federation started with --insecure needs neither"
+            )
+        if not path.is_file():
+            raise ConfigError(f"{option} {path}: file not found")
+    return policy
+
+
+def node_config(settings: HospitalSettings) -> dict[str, str]:
+    """The SuperNode's node config: what the deployed ClientApp reads (absolute paths)."""
+    ledger = settings.ledger.resolve()
+    audit = (settings.audit_log or ledger / "audit.jsonl").resolve()
+    return {
+        DATA_KEY: str(settings.data.resolve()),
+        POLICY_KEY: str(settings.policy.resolve()),
+        LEDGER_KEY: str(ledger),
+        AUDIT_KEY: str(audit),
+        NAME_KEY: settings.name,
+        DEVICE_KEY: settings.device,
+    }
+
+
+def node_config_toml(values: dict[str, str]) -> str:
+    """The node config as TOML (`flower-supernode --node-config FILE.toml` reads it)."""
+    lines = ["# Written by `fedward client start`; read by the deployed fedward ClientApp."]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def supernode_command(settings: HospitalSettings, node_config_file: Path) -> list[str]:
+    """The `flower-supernode` command line for `settings`."""
+    command = [flower_program("flower-supernode"), "--superlink", settings.server]
+    if settings.insecure:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(settings.ca)]
+        command += ["--auth-supernode-private-key", str(settings.key)]
+    command += ["--port", str(settings.runtime_port), "--node-config", str(node_config_file)]
+    if settings.max_wait_time is not None:
+        command += ["--max-wait-time", str(settings.max_wait_time)]
+    return command
+
+
+def prepare_supernode(settings: HospitalSettings) -> list[str]:
+    """Check the settings, write the node config file; returns the command to run."""
+    check_settings(settings)
+    settings.ledger.mkdir(parents=True, exist_ok=True)
+    config_file = settings.ledger.resolve() / NODE_CONFIG_FILE
+    config_file.write_text(node_config_toml(node_config(settings)), encoding="utf-8")
+    return supernode_command(settings, config_file)
+
+
+def exec_supernode(command: list[str]) -> None:
+    """Replace this process with the SuperNode (so signals and exit codes are the SuperNode's)."""
+    log.info("starting: %s", " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, flower_env())

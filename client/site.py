@@ -1,0 +1,386 @@
+"""A real hospital's safeguards around every training request: site policy, privacy ledger, audit.
+
+The deployed ClientApp (`client.app:app`) opens a `Site` from its node config, which
+`fedward client start` writes:
+
+    data-path      the hospital's data file (CSV/JSONL, or CoNLL for NER)
+    policy         the site policy TOML (read again for every request, so an edit applies at once)
+    ledger         folder of the privacy ledgers (one file per data set) and released updates
+    audit-log      the hospital's own hash-chained audit log (default: <ledger>/audit.jsonl)
+    hospital-name  the name this hospital reports
+    device         where this hospital trains (auto, cpu, cuda); overrides the run's choice
+
+A train request goes through three gates (`client.app.handle_train`):
+
+1. `admit`, before any record is read: the site policy judges the run config alone. If this
+   data set already released an update for this (run, round) -- a resumed run repeating the
+   round it was interrupted in -- the very same update is sent again ("replay"): nothing is
+   trained, so nothing more is spent, and the ledger keeps one entry for the round.
+2. `check_budget`, after the data is loaded and before the first step: the policy's minimum
+   example count, and the ledger's lifetime budget including this round's planned DP steps.
+3. `record`, after training and before anything leaves: the ledger entry (written atomically),
+   the released update (kept for a replay), and an audit record.
+
+A refusal at any gate becomes a reasoned refusal reply (never a crash) and an audit record.
+Reasons sent to the coordinator name rules and numbers, never a local path: a broken policy or
+ledger file is described in this hospital's log only.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
+from client.ledger import PrivacyLedger
+from client.policy import SitePolicy, model_content_hash
+from client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
+from common import wire
+from common.atomic import write_bytes_atomic
+from common.audit import AuditLog
+from common.config import RunConfig
+from common.errors import (
+    ConfigError,
+    DataError,
+    FedwardError,
+    ModelError,
+    PolicyError,
+    PrivacyBudgetExceeded,
+)
+from common.model import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+#: Sub-folder of the ledger folder holding the last released update of each (data set, run).
+RELEASES = "releases"
+RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
+
+_RELEASE_HEADER = "__fedward__"
+_RELEASE_PREFIX = "delta:"
+
+
+@dataclass(frozen=True)
+class Release:
+    """The update a data set released for one (run, round), kept so a repeat can resend it."""
+
+    run_id: str
+    round: int
+    global_sha256: str  # the global adapter it was trained from
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    epsilon_run: float | None
+    plan: DPPlan | None
+
+
+class Site:
+    """One hospital's policy, ledger and audit log, opened for one request."""
+
+    def __init__(
+        self,
+        name: str,
+        data_path: Path,
+        policy: SitePolicy,
+        ledger_dir: Path,
+        audit_path: Path,
+        device: str | None = None,
+    ) -> None:
+        self.name = name
+        self.data_path = data_path
+        self.policy = policy
+        self.ledger_dir = ledger_dir
+        self.audit = AuditLog(audit_path)
+        self.device = device
+        self._ledger: PrivacyLedger | None = None
+
+    @classmethod
+    def open(cls, node_config: Mapping[str, Any], name: str) -> Site:
+        """The site named by a SuperNode's node config; the policy is read now.
+
+        A missing key or a broken policy file raises `PolicyError` with a reason fit for the
+        coordinator; the details (paths) go to this hospital's log.
+        """
+        missing = [key for key in (DATA_KEY, POLICY_KEY, LEDGER_KEY) if not node_config.get(key)]
+        if missing:
+            raise PolicyError(
+                f"hospital {name} is not set up for deployment (node config lacks "
+                f"{', '.join(missing)}); it must be started with `fedward client start`"
+            )
+        device = node_config.get(DEVICE_KEY) or None
+        if device not in (None, "auto", "cpu", "cuda"):
+            raise PolicyError(f"hospital {name}: node config 'device' must be auto, cpu or cuda")
+        ledger_dir = Path(str(node_config[LEDGER_KEY]))
+        audit_path = Path(str(node_config.get(AUDIT_KEY) or ledger_dir / "audit.jsonl"))
+        try:
+            policy = SitePolicy.load(str(node_config[POLICY_KEY]))
+        except ConfigError as exc:
+            log.error("%s: %s", name, exc)
+            raise PolicyError(
+                f"hospital {name}: its site policy file cannot be used (details in the "
+                "hospital's log); every request is refused until it is fixed"
+            ) from None
+        return cls(name, Path(str(node_config[DATA_KEY])), policy, ledger_dir, audit_path, device)
+
+    # --- gate 1: before any data is read -----------------------------------------------------
+
+    def check_policy(self, config: RunConfig) -> RunConfig:
+        """Raise `PolicyError` unless the policy accepts the run; returns the config to use here.
+
+        The policy judges the run as the coordinator defined it (`resume` does not change what
+        is trained, so it is not part of what a policy pins); the returned config carries this
+        hospital's own device.
+        """
+        requested = config.model_copy(update={"resume": False})
+        self.policy.check(requested, self._model_hash(config))
+        if self.device is not None:
+            return config.model_copy(update={"device": self.device})
+        return config
+
+    def admit(
+        self,
+        config: RunConfig,
+        run_id: str,
+        server_round: int,
+        global_arrays: dict[str, np.ndarray],
+    ) -> tuple[RunConfig, TrainResult | None]:
+        """Gate 1. Returns the config to train with, and the update to resend if this (run,
+        round) was already released by this data set (None: train)."""
+        config = self.check_policy(config)
+        if not config.dp or server_round not in self.ledger().rounds_recorded(run_id):
+            return config, None
+        release = self._load_release(run_id)
+        global_sha256 = wire.arrays_to_record(global_arrays).object_id
+        if release is None or release.round != server_round:
+            problem = "its released update was not kept"
+        elif release.global_sha256 != global_sha256:
+            problem = "it was trained from a different global adapter"
+        else:
+            log.info(
+                "%s: run %s round %d already released; resending it",
+                self.name,
+                run_id,
+                server_round,
+            )
+            result = TrainResult(
+                delta=release.delta,
+                num_examples=release.num_examples,
+                train_loss=release.train_loss,
+                epsilon_spent=release.epsilon_run,
+                plan=release.plan,
+                history=self.run_history(run_id, server_round + 1),
+            )
+            recorded = next(
+                e
+                for e in self.ledger().entries
+                if e.run_id == str(run_id) and e.round == server_round
+            )
+            self._audit_release(
+                "replay", run_id, server_round, result, global_sha256, recorded.epsilon_total
+            )
+            return config, result
+        raise PrivacyBudgetExceeded(
+            f"hospital {self.name}: round {server_round} of run {run_id} was already trained on "
+            f"this data set and its privacy cost recorded, but {problem}; training it again "
+            "would release a second update the ledger does not count. Refused"
+        )
+
+    # --- gate 2: data loaded, no step taken ------------------------------------------------
+
+    def ledger(self) -> PrivacyLedger:
+        """The privacy ledger of this hospital's data set (keyed by its content hash)."""
+        if self._ledger is None:
+            try:
+                self._ledger = PrivacyLedger.for_dataset(self.ledger_dir, self.data_path)
+            except DataError as exc:
+                log.error("%s: %s", self.name, exc)
+                raise DataError(
+                    f"hospital {self.name}: its privacy ledger or data set cannot be read "
+                    "(details in the hospital's log); training refused so that no privacy "
+                    "spending goes unrecorded"
+                ) from None
+        return self._ledger
+
+    def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
+        """Accountant history of this run's rounds before `server_round` (the run's own budget).
+
+        The ledger holds every run; the trainer checks the run's target epsilon against this
+        run's rounds only, while `check_budget` checks the lifetime budget against all of them.
+        """
+        return [
+            (entry.noise_multiplier, entry.sample_rate, entry.steps)
+            for entry in self.ledger().entries
+            if entry.run_id == str(run_id) and entry.round < server_round
+        ]
+
+    def check_budget(self, config: RunConfig, num_train: int) -> None:
+        """Gate 2: enough examples, and this round fits the data set's lifetime budget."""
+        self.policy.check_examples(num_train)
+        if not config.dp:
+            return
+        plan = _planned_steps(config, num_train)
+        self.ledger().check_budget(
+            self.policy.max_epsilon,
+            self.policy.max_delta,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+        )
+
+    # --- gate 3: trained, nothing sent yet -------------------------------------------------
+
+    def record(
+        self,
+        config: RunConfig,
+        run_id: str,
+        server_round: int,
+        result: TrainResult,
+        global_arrays: dict[str, np.ndarray],
+    ) -> None:
+        """Gate 3: ledger entry, kept update, audit record -- before the update leaves."""
+        global_sha256 = wire.arrays_to_record(global_arrays).object_id
+        lifetime = None
+        if result.plan is not None:
+            entry = self.ledger().record(
+                run_id,
+                server_round,
+                result.plan.noise_multiplier,
+                result.plan.sample_rate,
+                result.plan.steps,
+                config.delta,
+            )
+            lifetime = entry.epsilon_total
+            self._save_release(run_id, server_round, result, global_sha256)
+        self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
+
+    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+        """Audit a refusal (the reason also goes back to the coordinator)."""
+        try:
+            self.audit.append(
+                "refusal",
+                run_id=str(run_id),
+                round=server_round,
+                stage=stage,
+                hospital=self.name,
+                error=type(exc).__name__,
+                reason=str(exc),
+            )
+        except (OSError, DataError) as audit_error:
+            log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _model_hash(self, config: RunConfig) -> str | None:
+        if self.policy.allowed_model_hashes is None:
+            return None
+        try:
+            return model_content_hash(resolve_model_path(config.model))
+        except ModelError as exc:
+            log.warning("%s: %s", self.name, exc)
+            return None  # the policy then refuses: the hash cannot be checked
+
+    def _audit_release(
+        self,
+        action: str,
+        run_id: str,
+        server_round: int,
+        result: TrainResult,
+        global_sha256: str,
+        epsilon_lifetime: float | None,
+    ) -> None:
+        """One audit record per released update; epsilon_lifetime is the data set's total
+        after this round (at the run's delta), as the ledger recorded it."""
+        self.audit.append(
+            action,
+            run_id=str(run_id),
+            round=server_round,
+            hospital=self.name,
+            dataset_sha256=self.ledger().dataset,
+            global_sha256=global_sha256,
+            update_sha256=wire.arrays_to_record(result.delta).object_id,
+            num_examples=result.num_examples,
+            epsilon_run=result.epsilon_spent,
+            epsilon_lifetime=epsilon_lifetime,
+            max_epsilon=self.policy.max_epsilon,
+        )
+
+    def _release_path(self, run_id: str) -> Path:
+        return self.ledger_dir / RELEASES / f"{self.ledger().dataset}.{run_id}.npz"
+
+    def _save_release(
+        self, run_id: str, server_round: int, result: TrainResult, global_sha256: str
+    ) -> None:
+        header = {
+            "run_id": str(run_id),
+            "round": server_round,
+            "global_sha256": global_sha256,
+            "num_examples": result.num_examples,
+            "train_loss": result.train_loss if np.isfinite(result.train_loss) else None,
+            "epsilon_run": result.epsilon_spent,
+            "plan": None
+            if result.plan is None
+            else [result.plan.noise_multiplier, result.plan.sample_rate, result.plan.steps],
+        }
+        buffer = io.BytesIO()
+        arrays = {_RELEASE_PREFIX + name: value for name, value in result.delta.items()}
+        np.savez(buffer, **{_RELEASE_HEADER: np.array(json.dumps(header))}, **arrays)
+        path = self._release_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, buffer.getvalue(), mode=RELEASE_MODE)
+
+    def _load_release(self, run_id: str) -> Release | None:
+        path = self._release_path(run_id)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                header = json.loads(str(archive[_RELEASE_HEADER]))
+                delta = {
+                    name[len(_RELEASE_PREFIX) :]: archive[name]
+                    for name in archive.files
+                    if name.startswith(_RELEASE_PREFIX)
+                }
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            log.warning("%s: %s: released update unreadable (%s)", self.name, path, exc)
+            return None
+        plan = header["plan"]
+        return Release(
+            run_id=header["run_id"],
+            round=int(header["round"]),
+            global_sha256=header["global_sha256"],
+            delta=delta,
+            num_examples=int(header["num_examples"]),
+            train_loss=float("nan") if header["train_loss"] is None else header["train_loss"],
+            epsilon_run=header["epsilon_run"],
+            plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_for(
+    epsilon: float, delta: float, rounds: int, epochs: int, batch: int, num_train: int
+) -> DPPlan:
+    config = RunConfig(
+        epsilon=epsilon, delta=delta, rounds=rounds, local_epochs=epochs, batch_size=batch
+    )
+    return plan_dp(config, num_train)
+
+
+def _planned_steps(config: RunConfig, num_train: int) -> DPPlan:
+    """`plan_dp` for this request (its noise search takes a while; repeats are remembered)."""
+    return _plan_for(
+        config.epsilon,
+        config.delta,
+        config.rounds,
+        config.local_epochs,
+        config.batch_size,
+        num_train,
+    )

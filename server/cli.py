@@ -1,0 +1,370 @@
+"""The coordinator's commands: `fedward certs`, `fedward keys`, `fedward server`, `fedward run`,
+`fedward audit`. Only this module prints; server/deploy.py does the work.
+
+`simulation/cli.py` mounts these on the `fedward` command, whose `main()` turns a `FedwardError`
+into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common import audit
+from common.config import RunConfig
+from common.errors import ConfigError
+from server import deploy
+
+log = logging.getLogger(__name__)
+console = Console()
+error_console = Console(stderr=True)
+
+certs_app = typer.Typer(
+    no_args_is_help=True, help="TLS certificates for the coordinator's SuperLink."
+)
+keys_app = typer.Typer(no_args_is_help=True, help="SuperNode authentication keys for hospitals.")
+server_app = typer.Typer(
+    no_args_is_help=True, help="The coordinator's SuperLink: start it, admit hospitals."
+)
+audit_app = typer.Typer(
+    no_args_is_help=True, help="Hash-chained audit logs (coordinator and hospitals)."
+)
+
+ServerOption = Annotated[str, typer.Option("--server", help="The SuperLink as HOST:PORT.")]
+CaOption = Annotated[
+    Path, typer.Option("--ca", help="CA certificate that signed the SuperLink's certificate.")
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="Plain HTTP, for a SuperLink started with --insecure.")
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- certs and keys --------------------------------------------------------------------------
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for ca.crt, ca.key, server.pem, server.key.")
+    ],
+    server_name: Annotated[
+        list[str],
+        typer.Option(
+            "--server-name",
+            help="DNS name or IP address hospitals dial (repeat for each, e.g. --server-name "
+            "fl.example.org --server-name 10.0.0.5).",
+        ),
+    ],
+    days: Annotated[int, typer.Option(help="Validity of the server certificate in days.")] = 365,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Create a private CA and the SuperLink's certificate (no openssl needed)."""
+    from server.certs import init_ca_and_server
+
+    paths = init_ca_and_server(out, server_name, days=days, overwrite=force)
+    console.print(f"CA certificate:      {paths.ca_cert}  (give this to every hospital)")
+    console.print(f"CA key:              {paths.ca_key}  (keep it offline; never share)")
+    console.print(f"server certificate:  {paths.server_cert}  for {', '.join(server_name)}")
+    console.print(f"server key:          {paths.server_key}")
+    console.print(f"next: fedward server start --certs {out}")
+
+
+@keys_app.command("node")
+def keys_node(
+    out: Annotated[Path, typer.Option("--out", help="Folder for <name>.key and <name>.pub.")],
+    name: Annotated[
+        str, typer.Option("--name", help="File name (e.g. the hospital's name).")
+    ] = "node",
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Create a hospital's SuperNode key pair (run it at the hospital)."""
+    from server.certs import make_node_keys
+
+    paths = make_node_keys(out, name, overwrite=force)
+    console.print(f"private key: {paths.private_key}  (stays at the hospital: --key)")
+    console.print(f"public key:  {paths.public_key}  (send it to the coordinator)")
+    console.print(f"coordinator: fedward server register {paths.public_key.name}")
+
+
+# --- the SuperLink ---------------------------------------------------------------------------
+
+
+@server_app.command("start")
+def server_start(
+    certs: Annotated[Path, typer.Option(help="Folder from `fedward certs init`.")] = Path("certs"),
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0: all; see the README on exposure).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port of the Fleet, Control and Runtime APIs.")
+    ] = deploy.DEFAULT_PORT,
+    database: Annotated[
+        Path, typer.Option(help="SuperLink state (registered hospitals, runs).")
+    ] = Path("fedward-superlink.db"),
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Turn TLS OFF (testing only; needs --no-node-auth).")
+    ] = False,
+    node_auth: Annotated[
+        bool,
+        typer.Option(
+            "--node-auth/--no-node-auth", help="Admit only registered hospitals' SuperNodes."
+        ),
+    ] = True,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Also write the SuperLink's log here.")
+    ] = None,
+) -> None:
+    """Run Flower's SuperLink with TLS and SuperNode authentication (in the foreground)."""
+    _setup_logging()
+    settings = deploy.SuperLinkSettings(
+        certs=None if insecure else certs,
+        host=host,
+        port=port,
+        database=database,
+        insecure=insecure,
+        node_auth=node_auth,
+        log_file=log_file,
+    )
+    command = deploy.superlink_command(settings)
+    for warning in deploy.warnings_for(settings):
+        log.warning(warning)
+        error_console.print(f"[bold red]WARNING: {warning}[/]", highlight=False)
+    security = "TLS OFF" if insecure else "TLS on"
+    security += ", SuperNode authentication " + ("on" if node_auth else "OFF")
+    console.print(f"fedward server: SuperLink on {host}:{port} ({security}), state {database}")
+    console.print("admit a hospital: fedward server register <hospital>.pub")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, deploy.flower_env())
+
+
+@server_app.command("register")
+def server_register(
+    public_key: Annotated[Path, typer.Argument(help="The hospital's <name>.pub.")],
+    name: Annotated[
+        str | None, typer.Option(help="A name for the node, kept by the SuperLink.")
+    ] = None,
+    server: ServerOption = f"127.0.0.1:{deploy.DEFAULT_PORT}",
+    ca: CaOption = Path("certs/ca.crt"),
+    insecure: InsecureOption = False,
+) -> None:
+    """Admit a hospital: register its SuperNode public key with the SuperLink."""
+    connection = deploy.Connection(server, None if insecure else ca, insecure)
+    node_id = deploy.register_node(connection, public_key, name)
+    console.print(f"registered {public_key.name}: node id {node_id}")
+
+
+@server_app.command("nodes")
+def server_nodes(
+    server: ServerOption = f"127.0.0.1:{deploy.DEFAULT_PORT}",
+    ca: CaOption = Path("certs/ca.crt"),
+    insecure: InsecureOption = False,
+) -> None:
+    """List the hospitals' SuperNodes the SuperLink knows."""
+    connection = deploy.Connection(server, None if insecure else ca, insecure)
+    table = Table(header_style="bold")
+    for column in ("node id", "status", "online since", "offline since"):
+        table.add_column(column)
+    for node in deploy.list_nodes(connection):
+        table.add_row(
+            str(node.get("node-id", "")),
+            str(node.get("status", "")),
+            str(node.get("online-at", "")),
+            str(node.get("offline-at", "")),
+        )
+    console.print(table)
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
+    """The config as submitted: labels required, `out` absolute, `resume` set; refuses to resume
+    what cannot be resumed and to overwrite an unfinished run."""
+    from server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
+
+    if not config.labels:
+        raise ConfigError(
+            "field 'labels': required for a deployment, so that every hospital's model has the "
+            'same outputs; list them in the config, e.g. labels = ["cardio", "respiratory"]'
+        )
+    out = Path(config.out).expanduser().resolve()
+    config = config.model_copy(update={"out": str(out), "resume": resume})
+    RunConfig.model_validate(config.model_dump())  # still valid after the updates
+    has_checkpoint = checkpoint_path(out).is_file()
+    if resume:
+        checkpoint = load_checkpoint(out)
+        check_resumable(checkpoint, config)
+        if not unfinished(checkpoint):
+            raise ConfigError(
+                f"{out}: run {checkpoint.run_id} already completed all {config.rounds} rounds; "
+                "nothing to resume"
+            )
+    elif has_checkpoint:
+        checkpoint = load_checkpoint(out)
+        if unfinished(checkpoint):
+            raise ConfigError(
+                f"{out}: holds run {checkpoint.run_id}, stopped after round "
+                f"{checkpoint.completed_round} of {checkpoint.config.get('rounds')}; continue it "
+                "with --resume, or give another --out for a new run"
+            )
+    return config
+
+
+def run(
+    config_file: Annotated[Path, typer.Option("--config", help="TOML file with RunConfig fields.")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the stopped run in the output folder.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (overrides the config's).")
+    ] = None,
+    server: ServerOption = f"127.0.0.1:{deploy.DEFAULT_PORT}",
+    ca: CaOption = Path("certs/ca.crt"),
+    insecure: InsecureOption = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Submit and return at once.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop following after this many seconds.")
+    ] = None,
+) -> None:
+    """Submit a fedward run to the SuperLink and follow its rounds (coordinator).
+
+    Run it on the coordinator's machine: the ServerApp writes the adapter, history.json,
+    checkpoint.npz and audit.jsonl to the output folder there.
+    """
+    _setup_logging()
+    overrides = {"out": str(out)} if out is not None else None
+    config = prepare_run(RunConfig.from_toml(config_file, overrides=overrides), resume)
+    connection = deploy.Connection(server, None if insecure else ca, insecure)
+    if config.data:
+        console.print(
+            "[yellow]note: 'data' is ignored in a deployment (hospitals use their own)[/]"
+        )
+    if not config.secure_aggregation:
+        console.print("[bold red]secure aggregation is OFF for this run (debugging only)[/]")
+    flower_run_id = deploy.submit_run(connection, config)
+    digest = config.model_copy(update={"resume": False}).digest()
+    what = "resumed" if resume else "submitted"
+    console.print(
+        f"fedward run: {what} as Flower run {flower_run_id}; {config.rounds} rounds, task "
+        f"{config.task}, model {config.model}; output {config.out}"
+    )
+    console.print(f"run config sha256 (for sites' approved_run_configs): {digest}")
+    if detach:
+        console.print(
+            f"follow: history in {config.out}/history.json; stop: flwr stop {flower_run_id}"
+        )
+        return
+
+    rows: list[dict] = []
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        console.print(round_line(row, config.task), highlight=False)
+
+    status = deploy.follow_run(connection, Path(config.out), flower_run_id, on_row, timeout=timeout)
+    if rows:
+        console.print(deployment_table(rows, config.task))
+    out_dir = Path(config.out)
+    if (out_dir / "audit.jsonl").is_file():
+        console.print(f"audit log: {audit.verify(out_dir / 'audit.jsonl').summary()}")
+    if (out_dir / "adapter").is_dir():
+        console.print(f"adapter:   {out_dir / 'adapter'}  (PEFT format)")
+    state = str(status.get("status"))
+    if state != "finished:completed":
+        advice = ""
+        if (out_dir / "checkpoint.npz").is_file():
+            advice = f" Continue it with `fedward run --config {config_file} --resume`."
+        error_console.print(
+            f"fedward: run {flower_run_id} ended as {state}: "
+            f"{status.get('status-details', '')}.{advice}",
+            highlight=False,
+        )
+        sys.exit(1)  # typer.Exit(1) would be swallowed by main() (standalone_mode=False)
+
+
+def round_line(row: dict, task: str) -> str:
+    """One line per completed round, printed as it arrives."""
+    metrics = row.get("global", {})
+    headline = "f1" if task == "ner" else "macro_f1"
+    trained = sorted(name for name, item in row["hospitals"].items() if item.get("trained"))
+    parts = [
+        f"round {row['round']}: {row['status']}",
+        f"val loss {_num(metrics.get('loss'))}",
+        f"{headline} {_num(metrics.get(headline))}",
+        f"trained: {', '.join(trained) or 'none'}",
+    ]
+    for name, reason in sorted(row.get("refused", {}).items()):
+        parts.append(f"REFUSED by {name}: {reason}")
+    for name, reason in sorted(row.get("rejected", {}).items()):
+        parts.append(f"rejected from {name}: {reason}")
+    if row.get("dropped"):
+        parts.append(f"dropped: {', '.join(row['dropped'])}")
+    return "; ".join(parts)
+
+
+def deployment_table(rows: list[dict], task: str) -> Table:
+    """The round table: global metrics, who trained, who refused or dropped, epsilon."""
+    headline = "f1" if task == "ner" else "macro_f1"
+    table = Table(title="fedward: rounds", header_style="bold")
+    for column in ("round", "status", "val loss", headline, "trained (ε)", "refused / dropped"):
+        table.add_column(
+            column, justify="right" if column in ("round", "val loss", headline) else "left"
+        )
+    for row in rows:
+        metrics = row.get("global", {})
+        trained = [
+            f"{name} ({_num(item.get('epsilon'), 2)})"
+            for name, item in sorted(row["hospitals"].items())
+            if item.get("trained")
+        ]
+        missing = [f"{name}: refused" for name in sorted(row.get("refused", {}))]
+        missing += [f"{name}: rejected" for name in sorted(row.get("rejected", {}))]
+        missing += [f"{name}: dropped" for name in row.get("dropped", [])]
+        status = (
+            row["status"] if row["status"] == "ok" else f"[red]{row['status'].split(';')[0]}[/]"
+        )
+        table.add_row(
+            str(row["round"]),
+            status,
+            _num(metrics.get("loss")),
+            _num(metrics.get(headline)),
+            ", ".join(trained) or "—",
+            ", ".join(missing) or "—",
+        )
+    return table
+
+
+def _num(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[Path, typer.Argument(help="An audit log (JSON lines).")],
+    expected_last_hash: Annotated[
+        str | None,
+        typer.Option(help="The last hash recorded elsewhere (catches a rewritten or cut chain)."),
+    ] = None,
+) -> None:
+    """Check every record of an audit log; report the first tampered or missing one (exit 1)."""
+    result = audit.verify(file, expected_last_hash=expected_last_hash)
+    if result.ok:
+        console.print(f"{file}: {result.summary()}", highlight=False)
+        return
+    error_console.print(f"{file}: {result.summary()}", highlight=False)
+    sys.exit(1)  # typer.Exit(1) would be swallowed by main() (standalone_mode=False)

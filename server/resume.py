@@ -1,0 +1,185 @@
+"""Checkpoints of a running federation, and resuming a stopped run from its last completed round.
+
+After every completed round the coordinator writes ONE file, `<out>/checkpoint.npz`, atomically:
+the global adapter tensors and a JSON header (fedward run id, last completed round, the history
+rows so far, the run config). It is the commit point of a round: the adapter folder, history.json
+and the audit record are derived from it and written after it, so a crash at any moment leaves a
+checkpoint whose tensors and rounds belong together.
+
+Resuming (`RunConfig.resume`, set by `fedward run --resume`) reads the checkpoint and continues
+with round `completed_round + 1` under the same fedward run id. Flower cannot continue a stopped
+Flower run, so a resumed run is a new Flower run; the fedward run id is what hospitals' ledgers
+key their rounds by, which is why a resumed round is never counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import wire
+from common.atomic import write_bytes_atomic
+from common.config import RunConfig
+from common.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_FORMAT = "fedward-checkpoint"
+CHECKPOINT_VERSION = 1
+
+_HEADER = "__fedward__"  # the JSON header inside the .npz
+_ARRAY_PREFIX = "adapter:"  # adapter tensors inside the .npz
+
+#: RunConfig fields that may differ between a run and its resumption: where the run lives (the
+#: folder may have moved), the flag itself, waiting times, and where the server computes.
+RESUME_FREE_FIELDS = frozenset({"resume", "out", "round_timeout", "secagg_timeout", "device"})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run as it stood after its last completed round.
+
+    Attributes:
+        run_id: The fedward run id (stable across resumptions; hospitals' ledgers key by it).
+        completed_round: The last round that completed (ok or failed cleanly).
+        arrays: The global adapter tensors after that round.
+        rounds: The history rows of rounds 1..completed_round.
+        config: The run config (`RunConfig.model_dump()`) the run was started with.
+        sha256: SHA-256 of the checkpoint file (recorded in the audit log).
+    """
+
+    run_id: str
+    completed_round: int
+    arrays: dict[str, np.ndarray]
+    rounds: list[dict] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def new_run_id() -> str:
+    """A fresh fedward run id: random, so two runs never share ledger keys."""
+    return uuid.uuid4().hex
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where the checkpoint of the run writing to `out` lives."""
+    return Path(out) / CHECKPOINT_FILE
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """Content id (SHA-256) of an adapter as it travels: Flower's object id of its ArrayRecord.
+
+    A hospital computes the same value from the adapter it received (`common.wire`), so the
+    coordinator's and the hospitals' audit logs can be matched round by round.
+    """
+    return wire.arrays_to_record(arrays).object_id
+
+
+def save_checkpoint(
+    out: str | Path,
+    run_id: str,
+    config: RunConfig,
+    completed_round: int,
+    arrays: dict[str, np.ndarray],
+    rounds: list[dict],
+) -> str:
+    """Write `<out>/checkpoint.npz` atomically; returns the file's SHA-256."""
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "run_id": str(run_id),
+        "completed_round": int(completed_round),
+        "config": _comparable(config),
+        "rounds": rounds,
+        "adapter_sha256": arrays_digest(arrays),
+    }
+    buffer = io.BytesIO()
+    tensors = {_ARRAY_PREFIX + name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    np.savez(buffer, **{_HEADER: np.array(json.dumps(header, allow_nan=False))}, **tensors)
+    data = buffer.getvalue()
+    path = checkpoint_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(out: str | Path) -> Checkpoint:
+    """Read `<out>/checkpoint.npz`; `DataError` naming the file when missing or damaged."""
+    path = checkpoint_path(out)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no checkpoint to resume from; the run never completed a round in this "
+            "output folder (check --out / the config's 'out')"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read checkpoint ({exc})") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            header = json.loads(str(archive[_HEADER]))
+            arrays = {
+                name[len(_ARRAY_PREFIX) :]: archive[name]
+                for name in archive.files
+                if name.startswith(_ARRAY_PREFIX)
+            }
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path}: checkpoint is damaged ({exc}); restore it from a backup or start a new run"
+        ) from None
+    if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"{path}: not a fedward checkpoint version {CHECKPOINT_VERSION}")
+    if arrays_digest(arrays) != header.get("adapter_sha256"):
+        raise DataError(f"{path}: checkpoint tensors do not match their recorded hash (damaged)")
+    return Checkpoint(
+        run_id=str(header["run_id"]),
+        completed_round=int(header["completed_round"]),
+        arrays=arrays,
+        rounds=list(header["rounds"]),
+        config=dict(header["config"]),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def check_resumable(checkpoint: Checkpoint, config: RunConfig) -> None:
+    """Refuse (`ConfigError`) to resume under a config other than the one the run started with.
+
+    Every field counts (the noise of DP-SGD is calibrated on `rounds`, `epsilon`, the data
+    sizes...), except those in `RESUME_FREE_FIELDS`.
+    """
+    current = _comparable(config)
+    changed = sorted(
+        name
+        for name in set(current) | set(checkpoint.config)
+        if current.get(name) != checkpoint.config.get(name)
+    )
+    if changed:
+        shown = ", ".join(
+            f"{name} (was {checkpoint.config.get(name)!r}, now {current.get(name)!r})"
+            for name in changed[:5]
+        )
+        raise ConfigError(
+            f"cannot resume run {checkpoint.run_id}: the run config differs from the one it "
+            f"started with: {shown}. Resume with the same config file"
+        )
+
+
+def unfinished(checkpoint: Checkpoint) -> bool:
+    """True while the checkpointed run has rounds left to do."""
+    return checkpoint.completed_round < int(checkpoint.config.get("rounds", 0))
+
+
+def _comparable(config: RunConfig) -> dict[str, Any]:
+    return {
+        name: value for name, value in config.model_dump().items() if name not in RESUME_FREE_FIELDS
+    }

@@ -1,0 +1,75 @@
+"""A hospital's SuperNode settings (client/deploy.py), without processes."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from client import deploy
+from common.errors import ConfigError, DataError
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("notes.csv", "policy.toml", "ca.crt", "node.key")}
+    paths["notes.csv"].write_text("text,label\nx,a\n", encoding="utf-8")
+    paths["policy.toml"].write_text("max_epsilon = 8.0\n", encoding="utf-8")
+    paths["ca.crt"].write_text("pem", encoding="utf-8")
+    paths["node.key"].write_text("key", encoding="utf-8")
+    return paths
+
+
+def _settings(files, tmp_path, **values) -> deploy.HospitalSettings:
+    base = {
+        "server": "fl.example.org:8000",
+        "data": files["notes.csv"],
+        "policy": files["policy.toml"],
+        "ledger": tmp_path / "my ledger",
+        "ca": files["ca.crt"],
+        "key": files["node.key"],
+        "name": "st-mary",
+    }
+    return deploy.HospitalSettings(**{**base, **values})
+
+
+def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
+    command = deploy.prepare_supernode(_settings(files, tmp_path))
+    assert Path(command[0]).name == "flower-supernode"
+    assert command[command.index("--root-certificates") + 1] == str(files["ca.crt"])
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(files["node.key"])
+    assert "--insecure" not in command
+    node_config_file = Path(command[command.index("--node-config") + 1])
+    assert node_config_file.suffix == ".toml"  # Flower reads a .toml file as the node config
+    values = tomllib.loads(node_config_file.read_text(encoding="utf-8"))
+    assert values == {
+        "data-path": str(files["notes.csv"].resolve()),
+        "policy": str(files["policy.toml"].resolve()),
+        "ledger": str((tmp_path / "my ledger").resolve()),
+        "audit-log": str((tmp_path / "my ledger" / "audit.jsonl").resolve()),
+        "hospital-name": "st-mary",
+        "device": "auto",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"ca": None}, ConfigError, "--ca: required"),
+        ({"insecure": True}, ConfigError, "node authentication needs TLS"),
+        ({"server": "fl.example.org"}, ConfigError, "give HOST:PORT"),
+        ({"device": "tpu"}, ConfigError, "use auto, cpu or cuda"),
+        ({"data": Path("/nonexistent/notes.csv")}, DataError, "data file not found"),
+        ({"policy": Path("/nonexistent/policy.toml")}, ConfigError, "site policy file not found"),
+    ],
+)
+def test_bad_settings_stop_before_anything_starts(files, tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        deploy.prepare_supernode(_settings(files, tmp_path, **change))
+    assert not (tmp_path / "my ledger").exists()
+
+
+def test_insecure_mode_runs_without_certificates_or_key(files, tmp_path):
+    command = deploy.prepare_supernode(_settings(files, tmp_path, insecure=True, ca=None, key=None))
+    assert "--insecure" in command and "--auth-supernode-private-key" not in command

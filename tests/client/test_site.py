@@ -1,0 +1,234 @@
+"""A real hospital's gates around training (client/site.py through client.app.handle_train).
+
+Each test drives the deployed ClientApp's handler with real Flower messages, a real tiny model,
+a real data file, policy file, ledger folder and audit log, as the SuperNode would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_evaluate, handle_train, load_site_data, open_site
+from client.ledger import PrivacyLedger
+from client.trainer import plan_dp
+from common import audit, wire
+from common.config import RunConfig
+from common.model import build_model, get_adapter_arrays
+
+LABELS = ["cardiac", "respiratory"]
+WORDS = {
+    "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
+    "respiratory": "productive cough with fever and crackles at the right lung base",
+}
+
+
+@pytest.fixture(autouse=True)
+def inside_a_flower_app(monkeypatch):
+    """Flower stamps messages with the running task's identity, as its runtime does."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def hospital(tmp_path, tiny_model_dir):
+    """A hospital's files: 40 notes, a policy, an (empty) ledger folder; and its node config."""
+    data = tmp_path / "notes.csv"
+    with open(data, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            label = LABELS[i % 2]
+            writer.writerow([f"patient {i}: {WORDS[label]}", label])
+    policy = tmp_path / "policy.toml"
+    _write_policy(policy)
+    node_config = {
+        "data-path": str(data),
+        "policy": str(policy),
+        "ledger": str(tmp_path / "ledger"),
+        "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
+        "hospital-name": "st-mary",
+        "device": "cpu",
+    }
+    config = RunConfig(
+        model=tiny_model_dir,
+        labels=LABELS,
+        rounds=2,
+        epsilon=5.0,
+        batch_size=8,
+        max_length=24,
+        secure_aggregation=False,
+        device="cpu",
+    )
+    return config, node_config, tmp_path
+
+
+def _write_policy(path, **rules) -> None:
+    """A site policy with `rules` over these defaults (updates travel unmasked in these tests)."""
+    values = {"max_epsilon": 6.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _train_message(
+    config: RunConfig, arrays: dict, run_id: str = "run-a", server_round: int = 1
+) -> Message:
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.arrays_to_record(arrays),
+            wire.CONFIG: wire.round_config(config, server_round, run_id),
+        }
+    )
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+
+
+def _initial_arrays(config: RunConfig) -> dict:
+    return get_adapter_arrays(build_model(config, len(LABELS)))
+
+
+def _train(config, node_config, arrays, run_id="run-a", server_round=1) -> Message:
+    message = _train_message(config, arrays, run_id, server_round)
+    return handle_train(message, _context(node_config), load_site_data, open_site)
+
+
+def _ledger(node_config) -> PrivacyLedger:
+    return PrivacyLedger.for_dataset(node_config["ledger"], node_config["data-path"])
+
+
+def _audit_kinds(node_config) -> list[str]:
+    lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["kind"] for line in lines]
+
+
+def test_policy_refusal_comes_back_as_a_reason_before_any_data_is_read(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", allowed_tasks=["ner"])
+    node_config = {**node_config, "data-path": str(tmp_path / "does-not-exist.csv")}
+    reply = _train(config, node_config, _initial_arrays(config))
+    refusal = reply.content[wire.REFUSAL]
+    assert refusal["kind"] == "PolicyError"
+    assert "task 'classification' is not allowed" in refusal["reason"]
+    # the data file does not exist: had it been touched, the refusal would be a DataError
+    assert wire.ARRAYS not in reply.content
+    assert _audit_kinds(node_config) == ["refusal"]
+    assert audit.verify(node_config["audit-log"]).ok
+
+
+def test_policy_also_gates_evaluation(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", max_rounds=1)
+    message = _train_message(config, _initial_arrays(config))
+    message.metadata.message_type = MessageType.EVALUATE
+    reply = handle_evaluate(message, _context(node_config), load_site_data, open_site)
+    assert "rounds" in reply.content[wire.REFUSAL]["reason"]
+
+
+def test_a_trained_round_is_in_the_ledger_and_audit_log_before_the_update_leaves(hospital):
+    config, node_config, _ = hospital
+    reply = _train(config, node_config, _initial_arrays(config))
+    assert wire.REFUSAL not in reply.content
+    ledger = _ledger(node_config)
+    assert ledger.rounds_recorded("run-a") == [1]
+    epsilon = reply.content[wire.METRICS]["epsilon"]
+    assert 0 < epsilon <= config.epsilon
+    assert ledger.epsilon_spent(config.delta) == pytest.approx(epsilon, rel=1e-6)
+    record = json.loads(Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()[-1])
+    assert record["kind"] == "train" and record["fields"]["round"] == 1
+    assert "notes" not in json.dumps(record)  # no path, no record content in the log
+
+
+def test_repeating_a_released_round_resends_the_same_update_and_spends_nothing(hospital):
+    config, node_config, _ = hospital
+    arrays = _initial_arrays(config)
+    first = _train(config, node_config, arrays)
+    again = _train(config, node_config, arrays)  # a resumed run repeats round 1
+    sent_first = wire.record_to_arrays(first.content[wire.ARRAYS])
+    sent_again = wire.record_to_arrays(again.content[wire.ARRAYS])
+    for name in sent_first:
+        np.testing.assert_array_equal(sent_first[name], sent_again[name])
+    assert _ledger(node_config).rounds_recorded("run-a") == [1]
+    assert _audit_kinds(node_config) == ["train", "replay"]
+
+
+def test_repeating_a_released_round_from_another_global_adapter_is_refused(hospital):
+    config, node_config, _ = hospital
+    arrays = _initial_arrays(config)
+    _train(config, node_config, arrays)
+    other = {name: value + 0.01 for name, value in arrays.items()}
+    reply = _train(config, node_config, other)
+    assert reply.content[wire.REFUSAL]["kind"] == "PrivacyBudgetExceeded"
+    assert "already trained" in reply.content[wire.REFUSAL]["reason"]
+    assert _ledger(node_config).rounds_recorded("run-a") == [1]
+
+
+def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", max_epsilon=5.5)
+    # an earlier run on the same data set spent its whole epsilon of 5 (2 rounds of 32 examples)
+    plan = plan_dp(config, 32)
+    ledger = _ledger(node_config)
+    for server_round in (1, 2):
+        ledger.record(
+            "earlier-run",
+            server_round,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+            config.delta,
+        )
+    assert ledger.epsilon_spent(1e-5) < 5.5  # the earlier run fitted the lifetime budget
+    reply = _train(config, node_config, _initial_arrays(config), run_id="run-b")
+    refusal = reply.content[wire.REFUSAL]
+    assert refusal["kind"] == "PrivacyBudgetExceeded"
+    assert "site limit 5.5" in refusal["reason"] and "no step was taken" in refusal["reason"]
+    assert _ledger(node_config).rounds_recorded("run-b") == []
+
+
+def test_the_run_budget_counts_only_this_runs_rounds(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", max_epsilon=30.0)
+    # run-a used its whole run epsilon of 5 on this data set
+    plan = plan_dp(config, 32)
+    ledger = _ledger(node_config)
+    for server_round in (1, 2):
+        ledger.record(
+            "run-a", server_round, plan.noise_multiplier, plan.sample_rate, plan.steps, config.delta
+        )
+    # run-b may spend its own epsilon of 5 again: the lifetime budget of 30 allows it
+    reply = _train(config, node_config, _initial_arrays(config), run_id="run-b")
+    assert wire.REFUSAL not in reply.content
+    assert reply.content[wire.METRICS]["epsilon"] < config.epsilon
+    assert _ledger(node_config).epsilon_spent(1e-5) > config.epsilon
+
+
+def test_too_few_examples_are_refused(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", min_examples=500)
+    reply = _train(config, node_config, _initial_arrays(config))
+    assert "at least 500" in reply.content[wire.REFUSAL]["reason"]
+    assert _ledger(node_config).rounds_recorded("run-a") == []
+
+
+def test_a_node_without_site_configuration_refuses_instead_of_crashing(hospital):
+    config, node_config, _ = hospital
+    reply = _train(config, {"data-path": node_config["data-path"]}, _initial_arrays(config))
+    refusal = reply.content[wire.REFUSAL]
+    assert refusal["kind"] == "PolicyError" and "fedward client start" in refusal["reason"]
+
+
+def test_a_broken_policy_file_is_refused_without_revealing_its_path(hospital):
+    config, node_config, tmp_path = hospital
+    (tmp_path / "policy.toml").write_text("max_epsilon = 'lots'\n", encoding="utf-8")
+    reply = _train(config, node_config, _initial_arrays(config))
+    reason = reply.content[wire.REFUSAL]["reason"]
+    assert "site policy" in reason and str(tmp_path) not in reason

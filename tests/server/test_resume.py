@@ -1,0 +1,127 @@
+"""Checkpoints and resuming (server/resume.py), and `fedward run`'s checks before it submits."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from common import wire
+from common.config import RunConfig
+from common.errors import ConfigError, DataError
+from server.cli import prepare_run
+from server.resume import (
+    arrays_digest,
+    check_resumable,
+    checkpoint_path,
+    load_checkpoint,
+    new_run_id,
+    save_checkpoint,
+    unfinished,
+)
+
+LABELS = ["cardiac", "respiratory"]
+
+
+def _arrays(fill: float) -> dict[str, np.ndarray]:
+    return {
+        "lora_A": np.full((2, 4), fill, dtype=np.float32),
+        "head.bias": np.arange(2, dtype=np.float32) + fill,
+    }
+
+
+def _config(tmp_path, **values) -> RunConfig:
+    return RunConfig(labels=LABELS, rounds=3, out=str(tmp_path / "out"), **values)
+
+
+def test_a_checkpoint_gives_back_the_adapter_rounds_and_run_id(tmp_path):
+    config = _config(tmp_path)
+    rows = [{"round": 1, "status": "ok"}, {"round": 2, "status": "failed: too few"}]
+    sha = save_checkpoint(config.out, "run-1", config, 2, _arrays(0.5), rows)
+    checkpoint = load_checkpoint(config.out)
+    assert checkpoint.run_id == "run-1" and checkpoint.completed_round == 2
+    assert checkpoint.rounds == rows
+    for name, value in _arrays(0.5).items():
+        np.testing.assert_array_equal(checkpoint.arrays[name], value)
+        assert checkpoint.arrays[name].dtype == np.float32
+    assert checkpoint.sha256 == sha
+    assert unfinished(checkpoint)  # 2 of 3 rounds
+
+
+def test_the_adapter_digest_is_what_a_hospital_computes_from_the_message():
+    arrays = _arrays(0.25)
+    received = wire.record_to_arrays(wire.arrays_to_record(arrays))
+    assert arrays_digest(arrays) == wire.arrays_to_record(received).object_id
+    assert arrays_digest(arrays) != arrays_digest(_arrays(0.5))
+
+
+def test_new_run_ids_differ():
+    assert new_run_id() != new_run_id()
+
+
+def test_a_missing_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    with pytest.raises(DataError, match="no checkpoint to resume from"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path):
+    config = _config(tmp_path)
+    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    path = checkpoint_path(config.out)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match="checkpoint.npz: checkpoint is damaged"):
+        load_checkpoint(config.out)
+
+
+def test_tensors_swapped_inside_a_checkpoint_are_detected(tmp_path):
+    config = _config(tmp_path)
+    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    path = checkpoint_path(config.out)
+    with np.load(path) as archive:
+        content = {name: archive[name] for name in archive.files}
+    content["adapter:lora_A"] = content["adapter:lora_A"] + 1
+    buffer = io.BytesIO()
+    np.savez(buffer, **content)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match="do not match their recorded hash"):
+        load_checkpoint(config.out)
+    assert zipfile.is_zipfile(path)
+
+
+def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
+    config = _config(tmp_path)
+    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    checkpoint = load_checkpoint(config.out)
+    with pytest.raises(ConfigError, match=r"epsilon \(was 8.0, now 3.0\)"):
+        check_resumable(checkpoint, _config(tmp_path, epsilon=3.0))
+    # where the run lives, the flag itself and waiting times may change
+    moved = _config(tmp_path, resume=True, round_timeout=30.0).model_copy(
+        update={"out": "/elsewhere"}
+    )
+    check_resumable(checkpoint, moved)
+
+
+def test_run_refuses_to_overwrite_an_unfinished_run(tmp_path):
+    config = _config(tmp_path)
+    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    with pytest.raises(ConfigError, match="stopped after round 1 of 3; continue it with --resume"):
+        prepare_run(config, resume=False)
+    resumed = prepare_run(config, resume=True)
+    assert resumed.resume and resumed.out == str((tmp_path / "out").resolve())
+
+
+def test_run_refuses_to_resume_a_finished_run_or_nothing(tmp_path):
+    config = _config(tmp_path)
+    with pytest.raises(DataError, match="no checkpoint"):
+        prepare_run(config, resume=True)
+    save_checkpoint(config.out, "run-1", config, 3, _arrays(0.5), [{"round": r} for r in (1, 2, 3)])
+    with pytest.raises(ConfigError, match="already completed all 3 rounds"):
+        prepare_run(config, resume=True)
+    assert not prepare_run(config, resume=False).resume  # a new run may replace a finished one
+
+
+def test_run_needs_the_label_set(tmp_path):
+    with pytest.raises(ConfigError, match="field 'labels': required for a deployment"):
+        prepare_run(RunConfig(out=str(tmp_path)), resume=False)
