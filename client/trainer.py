@@ -144,7 +144,7 @@ def train_locally(
     ]
     groups = [
         {"params": lora, "lr": config.learning_rate},
-        {"params": head, "lr": config.head_learning_rate},
+        {"params": head, "lr": config.head_lr},
     ]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=0.9)

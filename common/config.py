@@ -113,12 +113,13 @@ class RunConfig(BaseModel):
         "adamw", description="adamw: AdamW; sgd: SGD with momentum 0.9."
     )
     learning_rate: float = Field(5e-3, gt=0, description="Learning rate of the LoRA factors.")
-    head_learning_rate: float = Field(
-        0.3,
+    head_learning_rate: float | None = Field(
+        None,
         gt=0,
-        description="Learning rate of the task head. The head starts from scratch and needs "
-        "large steps; the LoRA factors need small ones, or DP noise walks them away from the "
-        "pretrained weights.",
+        description="Learning rate of the task head; None: 0.3 for classification, 0.01 for "
+        "NER. A new classification head needs large steps and the LoRA factors small ones, or "
+        "DP noise walks them away from the pretrained weights; a token head sees many tokens "
+        "per example and needs smaller steps.",
     )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -268,6 +269,13 @@ class RunConfig(BaseModel):
                 continue
             flat[name.replace("_", "-")] = json.dumps(value) if isinstance(value, list) else value
         return flat
+
+    @property
+    def head_lr(self) -> float:
+        """The task head's learning rate, with the task's default when unset."""
+        if self.head_learning_rate is not None:
+            return self.head_learning_rate
+        return 0.01 if self.task == "ner" else 0.3
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form: what a site policy can pin."""
