@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from client.ledger import compose_epsilon
 from common.config import RunConfig
 from common.data import EncodedDataset, pad_batch
 from common.errors import PrivacyBudgetExceeded
@@ -87,14 +88,8 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
 
 
 def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
-    """Epsilon of a whole accountant history (RDP), 0 for an empty one."""
-    from opacus.accountants import RDPAccountant
-
-    if not history:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = [tuple(entry) for entry in history]
-    return float(accountant.get_epsilon(delta))
+    """Epsilon of a whole accountant history (RDP), 0 for an empty one: the ledger's arithmetic."""
+    return compose_epsilon(history, delta)
 
 
 def check_budget(

@@ -233,9 +233,7 @@ class FedwardStrategy:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
             return outcome
-        outcome.arrays = apply_average(
-            global_arrays, wire.unflatten(result.weighted_sum, global_arrays), result.total_weight
-        )
+        outcome.arrays = apply_average(global_arrays, average, 1.0)  # already divided
         return outcome
 
     def _secagg_stage(
