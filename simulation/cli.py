@@ -199,8 +199,8 @@ def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None
     console.print("use it:")
     console.print(f'  fedward predict --adapter {result.adapter_dir} "your clinical note"')
     console.print(
-        "  python: PeftModel.from_pretrained(base_model, "
-        f"'{result.adapter_dir}')  (labels in fedward.json)"
+        "  python: common.model.load_adapter_for_inference("
+        f"'{result.adapter_dir}')  (PEFT format, labels in fedward.json)"
     )
 
 

@@ -13,6 +13,7 @@ from common.errors import ModelError
 from common.model import (
     ADAPTER_META,
     adapter_spec,
+    build_base,
     build_model,
     get_adapter_arrays,
     load_adapter_for_inference,
@@ -129,7 +130,6 @@ def test_a_wrong_label_count_is_a_model_error(config):
 
 def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, len(LABELS))
@@ -142,7 +142,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
     assert meta["labels"] == LABELS and meta["task"] == "classification"
 
     torch.manual_seed(999)  # a different random head init must not matter: the head is saved
-    base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=len(LABELS))
+    base = build_base("classification", config.model, len(LABELS))
     loaded = PeftModel.from_pretrained(base, str(folder))
     torch.testing.assert_close(_logits(loaded, tokenizer, texts), expected)
 
@@ -197,3 +197,12 @@ def test_target_modules_that_match_nothing_are_a_model_error(tiny_model_dir):
 def test_loading_a_folder_that_is_not_an_adapter(tmp_path):
     with pytest.raises(ModelError, match="not a fedward adapter folder"):
         load_adapter_for_inference(tmp_path)
+
+
+def test_classification_logits_do_not_depend_on_the_padding_of_the_batch(config):
+    tokenizer = load_tokenizer(config.model)
+    model = build_model(config, len(LABELS)).eval()
+    short, long = "fever", "fever and cough for three days with chest pain and fatigue"
+    alone = _logits(model, tokenizer, [short])
+    padded = _logits(model, tokenizer, [short, long])
+    torch.testing.assert_close(padded[:1], alone)

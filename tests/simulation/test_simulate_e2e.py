@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.model import adapter_spec, build_model, get_adapter_arrays
+from common.model import adapter_spec, build_base, build_model, get_adapter_arrays
 from common.secagg import quantization_bound
 from simulation.hospitals import prepare_config
 from simulation.runner import simulate
@@ -45,10 +45,9 @@ def _initial_adapter(config: RunConfig) -> dict[str, np.ndarray]:
 def _load_with_peft(config: RunConfig, adapter_dir: Path) -> dict[str, np.ndarray]:
     """The adapter as a user loads it: a fresh base model + `PeftModel.from_pretrained`."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     labels = json.loads((adapter_dir / "fedward.json").read_text(encoding="utf-8"))["labels"]
-    base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=len(labels))
+    base = build_base("classification", config.model, len(labels))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     spec = adapter_spec(build_model(prepare_config(config), len(labels)))
     parameters = dict(model.named_parameters())
