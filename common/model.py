@@ -72,7 +72,11 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
     top_layers = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
     # Token classification is PEFT's own task type; the mean-pooling classifier is ours, so its
     # head is named for PEFT to train and save beside the LoRA factors.
-    task = {"task_type": TaskType.TOKEN_CLS} if config.task == "ner" else {"modules_to_save": ["classifier"]}
+    task = (
+        {"task_type": TaskType.TOKEN_CLS}
+        if config.task == "ner"
+        else {"modules_to_save": ["classifier"]}
+    )
     lora = LoraConfig(
         **task,
         r=config.lora_rank,
