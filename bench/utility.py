@@ -15,6 +15,11 @@ and scores every final adapter on the same test set: macro-F1 (classification), 
 micro-F1 (NER). Prints one markdown table (and writes it with `--write`).
 
     python -m bench.utility --corpus both --write bench/results/utility.md
+
+To probe one setting on a few rows: `--only` trains just the rows whose name contains one of its
+texts, and `--set` changes RunConfig fields for every row, e.g.
+
+    python -m bench.utility --corpus ner --only "federated LoRA, DP epsilon 8" --set lora_layers=0
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.data import Record, read_records
+from common.errors import ConfigError
 from simulation import partition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def split_classification(path: Path, seed: int, max_train: int | None) -> tuple[list[Record], list[Record]]:
+def split_classification(
+    path: Path, seed: int, max_train: int | None
+) -> tuple[list[Record], list[Record]]:
     records = read_records(path, "medical_abstract", "condition_label")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -71,8 +79,8 @@ def shares(corpus: str, train: list, hospitals: int, alpha: float, seed: int) ->
 
 def train_and_score(config: RunConfig, test: list) -> float:
     """Run a simulation, then score its final adapter on `test` (in this process)."""
-    from client.trainer import evaluate
     from client.app import encode
+    from client.trainer import evaluate
     from common.model import build_model, load_tokenizer
     from simulation.runner import simulate
 
@@ -80,7 +88,14 @@ def train_and_score(config: RunConfig, test: list) -> float:
     config = config.model_copy(update={"labels": result_labels(result)})
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, len(config.labels))
-    metrics = evaluate(model, encode(test, config, tokenizer), config, result.arrays, tokenizer.pad_token_id, config.labels)
+    metrics = evaluate(
+        model,
+        encode(test, config, tokenizer),
+        config,
+        result.arrays,
+        tokenizer.pad_token_id,
+        config.labels,
+    )
     return metrics["f1"] if config.task == "ner" else metrics["macro_f1"]
 
 
@@ -93,7 +108,9 @@ def result_labels(result) -> list[str]:
 def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     task = "classification" if corpus == "classification" else "ner"
     if task == "classification":
-        train, test = split_classification(SHARED / "medical_abstracts" / "medical_tc.csv", args.seed, args.max_train)
+        train, test = split_classification(
+            SHARED / "medical_abstracts" / "medical_tc.csv", args.seed, args.max_train
+        )
         labels = sorted({r.label for r in train + test})
         write = write_csv
         suffix = ".csv"
@@ -117,42 +134,100 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         "label_column": "label",
         "val_fraction": 0.1,
     }
+    common.update(args.overrides)
     pooled = write(train, work / f"{corpus}-train{suffix}")
     parts = shares(corpus, train, args.hospitals, 0.5, args.seed)
     scheme = "dirichlet" if task == "classification" else "blocks"
     rows: list[tuple[str, str]] = []
 
+    def wanted(row: str) -> bool:
+        return not args.only or any(part in row for part in args.only)
+
     def score(name: str, **values) -> float:
         started = time.monotonic()
         config = RunConfig.build({**common, **values, "out": str(work / name.replace(" ", "-"))})
         value = train_and_score(config, test)
-        print(f"  {corpus}: {name}: {value:.3f} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"  {corpus}: {name}: {value:.3f} ({time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         return value
 
-    central = score("centralized, no DP", data=str(pooled), hospitals=1, min_hospitals=1, partition="iid", dp=False, secure_aggregation=False)
-    rows.append(("centralized LoRA, no DP (pooled)", f"{central:.3f}"))
-    local = []
-    for hospital, indices in enumerate(parts):
-        own = write([train[i] for i in indices], work / f"{corpus}-hospital{hospital}{suffix}")
-        local.append(score(f"local-only hospital {hospital}", data=str(own), hospitals=1, min_hospitals=1, partition="iid", dp=False, secure_aggregation=False))
-    rows.append(("local-only, no DP (mean / worst of 3)", f"{sum(local) / len(local):.3f} / {min(local):.3f}"))
-    federated = {"data": str(pooled), "hospitals": args.hospitals, "partition": scheme, "alpha": 0.5}
-    plain = score("federated, no DP", **federated, dp=False)
-    rows.append(("federated LoRA, no DP", f"{plain:.3f}"))
+    alone = {
+        "hospitals": 1,
+        "min_hospitals": 1,
+        "partition": "iid",
+        "dp": False,
+        "secure_aggregation": False,
+    }
+    central = local = plain = None
+    name = "centralized LoRA, no DP (pooled)"
+    if wanted(name):
+        central = score("centralized, no DP", data=str(pooled), **alone)
+        rows.append((name, f"{central:.3f}"))
+    name = "local-only, no DP (mean / worst of 3)"
+    if wanted(name):
+        local = []
+        for hospital, indices in enumerate(parts):
+            own = write([train[i] for i in indices], work / f"{corpus}-hospital{hospital}{suffix}")
+            local.append(score(f"local-only hospital {hospital}", data=str(own), **alone))
+        rows.append((name, f"{sum(local) / len(local):.3f} / {min(local):.3f}"))
+    federated = {
+        "data": str(pooled),
+        "hospitals": args.hospitals,
+        "partition": scheme,
+        "alpha": 0.5,
+    }
+    name = "federated LoRA, no DP"
+    if wanted(name):
+        plain = score("federated, no DP", **federated, dp=False)
+        rows.append((name, f"{plain:.3f}"))
     for variant, label in (("lora", "federated LoRA"), ("ffa", "federated FFA-LoRA")):
         for epsilon in args.epsilons:
-            value = score(f"{label}, DP eps {epsilon:g}", **federated, lora_variant=variant, epsilon=epsilon)
-            rows.append((f"{label}, DP epsilon {epsilon:g}", f"{value:.3f}"))
-    if 8 in args.epsilons and central > 0:
-        ratio = _find(rows, "federated LoRA, DP epsilon 8") / central
-        rows.append(("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}"))
-    gain = 100 * (plain - sum(local) / len(local))
-    rows.append(("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}"))
+            name = f"{label}, DP epsilon {epsilon:g}"
+            if wanted(name):
+                value = score(
+                    f"{label}, DP eps {epsilon:g}",
+                    **federated,
+                    lora_variant=variant,
+                    epsilon=epsilon,
+                )
+                rows.append((name, f"{value:.3f}"))
+    private = dict(rows).get("federated LoRA, DP epsilon 8")
+    if central and private is not None:
+        ratio = float(private) / central
+        rows.append(
+            ("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}")
+        )
+    if plain is not None and local:
+        gain = 100 * (plain - sum(local) / len(local))
+        rows.append(
+            ("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}")
+        )
     return rows
 
 
-def _find(rows, name: str) -> float:
-    return float(dict(rows)[name])
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`FIELD=VALUE` pairs for RunConfig fields (pydantic converts the strings), checked up front.
+
+    They apply to every row, except where a row sets the field itself (the centralized and
+    local-only rows' hospitals, partition and DP; the federated rows' epsilon and LoRA variant).
+    """
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in RunConfig.model_fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RunConfig field")
+        overrides[key] = value.strip()
+    try:
+        RunConfig.build(
+            overrides, source="--set"
+        )  # a bad value names its field before any training
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    return overrides
 
 
 def main() -> None:
@@ -165,9 +240,27 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=0, help="cap training examples (0: all)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="base model (default: packaged)")
+    parser.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="base model (default: packaged)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="TEXT",
+        help="train only the rows whose name contains one of these (e.g. 'DP epsilon 8')",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="settings",
+        help="RunConfig values for every row (e.g. learning_rate=0.001 max_grad_norm=0.5)",
+    )
     parser.add_argument("--write", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
+    args.overrides = parse_overrides(args.settings)
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the utility benchmark needs the shared corpora")
 
@@ -178,12 +271,16 @@ def main() -> None:
         "",
         f"Command: `python -m bench.utility {' '.join(sys.argv[1:])}`",
         "",
-        f"Base model all-MiniLM-L6-v2 (packaged), {args.hospitals} hospitals, {args.rounds} passes "
-        f"over each training example, seed {args.seed}, max length {args.max_length}, delta 1e-5, "
-        "other settings at RunConfig defaults. Classification: Medical Abstracts, seeded 80/20 "
-        "split, Dirichlet(0.5) label skew, macro-F1 on the 20% test split. NER: NCBI disease, "
-        "contiguous blocks, entity micro-F1 (seqeval, strict IOB2) on its test file.",
+        (
+            f"Base model {args.model}, {args.hospitals} hospitals, {args.rounds} passes "
+            f"over each training example, seed {args.seed}, max length {args.max_length}, "
+            "delta 1e-5, other settings at RunConfig defaults. Classification: Medical Abstracts, "
+            "seeded 80/20 split, Dirichlet(0.5) label skew, macro-F1 on the 20% test split. NER: "
+            "NCBI disease, contiguous blocks, entity micro-F1 (seqeval, strict IOB2) on its test "
+            "file."
+        ),
         "",
+        *([f"Settings changed from the defaults: {args.overrides}", ""] if args.overrides else []),
     ]
     with tempfile.TemporaryDirectory() as folder:
         for corpus in corpora:
