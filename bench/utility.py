@@ -28,6 +28,7 @@ import argparse
 import csv
 import logging
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -269,7 +270,7 @@ def main() -> None:
     lines = [
         "# Utility on real corpora",
         "",
-        f"Command: `python -m bench.utility {' '.join(sys.argv[1:])}`",
+        f"Command: `python -m bench.utility {shlex.join(sys.argv[1:])}`",
         "",
         (
             f"Base model {args.model}, {args.hospitals} hospitals, {args.rounds} passes "
