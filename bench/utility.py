@@ -212,8 +212,8 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
     """`FIELD=VALUE` pairs for RunConfig fields (pydantic converts the strings), checked up front.
 
-    They apply to every row, except where a row sets the field itself (the centralized and
-    local-only rows' hospitals, partition and DP; the federated rows' epsilon and LoRA variant).
+    They apply to every row, except where a row sets the field itself (every row's data, hospitals
+    and partition; the centralized and local-only rows' DP; the DP rows' epsilon and LoRA variant).
     """
     overrides = {}
     for pair in pairs:
@@ -222,10 +222,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
         if not sep or key not in RunConfig.model_fields:
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RunConfig field")
         overrides[key] = value.strip()
-    try:
-        RunConfig.build(
-            overrides, source="--set"
-        )  # a bad value names its field before any training
+    try:  # a bad value names its field now, before any training
+        RunConfig.build(overrides, source="--set")
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     return overrides
