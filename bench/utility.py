@@ -140,9 +140,10 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     parts = shares(corpus, train, args.hospitals, 0.5, args.seed)
     scheme = "dirichlet" if task == "classification" else "blocks"
     rows: list[tuple[str, str]] = []
+    scores: dict[str, float] = {}
 
-    def wanted(row: str) -> bool:
-        return not args.only or any(part in row for part in args.only)
+    def wanted(name: str) -> bool:
+        return not args.only or any(part in name for part in args.only)
 
     def score(name: str, **values) -> float:
         started = time.monotonic()
@@ -155,6 +156,12 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         )
         return value
 
+    def row(name: str, **values) -> None:
+        """Train and score the row `name` unless `--only` leaves it out."""
+        if wanted(name):
+            scores[name] = score(name, **values)
+            rows.append((name, f"{scores[name]:.3f}"))
+
     alone = {
         "hospitals": 1,
         "min_hospitals": 1,
@@ -162,14 +169,11 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         "dp": False,
         "secure_aggregation": False,
     }
-    central = local = plain = None
-    name = "centralized LoRA, no DP (pooled)"
-    if wanted(name):
-        central = score("centralized, no DP", data=str(pooled), **alone)
-        rows.append((name, f"{central:.3f}"))
+    central = "centralized LoRA, no DP (pooled)"
+    row(central, data=str(pooled), **alone)
+    local = []
     name = "local-only, no DP (mean / worst of 3)"
     if wanted(name):
-        local = []
         for hospital, indices in enumerate(parts):
             own = write([train[i] for i in indices], work / f"{corpus}-hospital{hospital}{suffix}")
             local.append(score(f"local-only hospital {hospital}", data=str(own), **alone))
@@ -180,29 +184,24 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         "partition": scheme,
         "alpha": 0.5,
     }
-    name = "federated LoRA, no DP"
-    if wanted(name):
-        plain = score("federated, no DP", **federated, dp=False)
-        rows.append((name, f"{plain:.3f}"))
+    plain = "federated LoRA, no DP"
+    row(plain, **federated, dp=False)
     for variant, label in (("lora", "federated LoRA"), ("ffa", "federated FFA-LoRA")):
         for epsilon in args.epsilons:
-            name = f"{label}, DP epsilon {epsilon:g}"
-            if wanted(name):
-                value = score(
-                    f"{label}, DP eps {epsilon:g}",
-                    **federated,
-                    lora_variant=variant,
-                    epsilon=epsilon,
-                )
-                rows.append((name, f"{value:.3f}"))
-    private = dict(rows).get("federated LoRA, DP epsilon 8")
-    if central and private is not None:
-        ratio = float(private) / central
+            row(
+                f"{label}, DP epsilon {epsilon:g}",
+                **federated,
+                lora_variant=variant,
+                epsilon=epsilon,
+            )
+    private = "federated LoRA, DP epsilon 8"
+    if scores.get(central) and private in scores:
+        ratio = scores[private] / scores[central]
         rows.append(
             ("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}")
         )
-    if plain is not None and local:
-        gain = 100 * (plain - sum(local) / len(local))
+    if plain in scores and local:
+        gain = 100 * (scores[plain] - sum(local) / len(local))
         rows.append(
             ("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}")
         )
