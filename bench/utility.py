@@ -5,6 +5,7 @@ disease NER with its own train/test files) and the same base model, seed and opt
 per example (`--rounds` passes over every training example), trains:
 
 - centralized LoRA without DP (all training data pooled, one site);
+- centralized LoRA with DP at epsilon 8 (what privacy costs without federation);
 - local-only: each hospital alone on its share (mean and worst over hospitals);
 - federated LoRA without DP;
 - federated LoRA with DP at each `--epsilons` (delta 1e-5);
@@ -20,6 +21,9 @@ To probe one setting on a few rows: `--only` trains just the rows whose name con
 texts, and `--set` changes RunConfig fields for every row, e.g.
 
     python -m bench.utility --corpus ner --only "federated LoRA, DP epsilon 8" --set lora_layers=0
+
+The DP rows draw their noise and batches from the OS, so they differ from run to run:
+`--repeats N` trains each of them N times and reports the mean with the lowest and highest run.
 """
 
 from __future__ import annotations
@@ -157,10 +161,22 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         return value
 
     def row(name: str, **values) -> None:
-        """Train and score the row `name` unless `--only` leaves it out."""
-        if wanted(name):
-            scores[name] = score(name, **values)
-            rows.append((name, f"{scores[name]:.3f}"))
+        """Train and score the row `name` unless `--only` leaves it out.
+
+        A DP row is trained `--repeats` times (its noise and batches are drawn from the OS, so
+        runs differ); its score is the mean, shown with the lowest and highest run.
+        """
+        if not wanted(name):
+            return
+        runs = args.repeats if values.get("dp", True) else 1
+        values_seen = [
+            score(name if runs == 1 else f"{name} run {i + 1}", **values) for i in range(runs)
+        ]
+        scores[name] = sum(values_seen) / runs
+        cell = f"{scores[name]:.3f}"
+        if runs > 1:
+            cell += f" ({min(values_seen):.3f}-{max(values_seen):.3f}, {runs} runs)"
+        rows.append((name, cell))
 
     alone = {
         "hospitals": 1,
@@ -171,6 +187,9 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     }
     central = "centralized LoRA, no DP (pooled)"
     row(central, data=str(pooled), **alone)
+    # DP on the pooled data: what privacy alone costs, without federation
+    central_private = "centralized LoRA, DP epsilon 8 (pooled)"
+    row(central_private, data=str(pooled), **{**alone, "dp": True}, epsilon=8.0)
     local = []
     name = "local-only, no DP (mean / worst of 3)"
     if wanted(name):
@@ -200,6 +219,9 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         rows.append(
             ("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}")
         )
+    if scores.get(central) and central_private in scores:
+        ratio = scores[central_private] / scores[central]
+        rows.append(("ratio: centralized DP epsilon 8 / centralized (DP alone)", f"{ratio:.2f}"))
     if plain in scores and local:
         gain = 100 * (scores[plain] - sum(local) / len(local))
         rows.append(
@@ -256,9 +278,17 @@ def main() -> None:
         dest="settings",
         help="RunConfig values for every row (e.g. learning_rate=0.001 max_grad_norm=0.5)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train each DP row this many times; its score is the mean (with min-max)",
+    )
     parser.add_argument("--write", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
     args.overrides = parse_overrides(args.settings)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the utility benchmark needs the shared corpora")
 

@@ -20,6 +20,22 @@ def test_set_converts_values_and_refuses_unknown_fields_and_bad_values():
         utility.parse_overrides(["learning_rate=fast"])
 
 
+def bench_args(model: str, **values) -> argparse.Namespace:
+    settings = {
+        "seed": 42,
+        "max_train": 60,
+        "hospitals": 3,
+        "rounds": 1,
+        "max_length": 32,
+        "model": model,
+        "epsilons": [1.0, 8.0],
+        "only": [],
+        "overrides": {},
+        "repeats": 1,
+    }
+    return argparse.Namespace(**{**settings, **values})
+
+
 def test_only_trains_the_named_rows_and_set_reaches_the_run(
     shared_data, tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -31,28 +47,29 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
 
     monkeypatch.setattr(utility, "SHARED", shared_data)
     monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
-    args = argparse.Namespace(
-        seed=42,
-        max_train=60,
-        hospitals=3,
-        rounds=1,
-        max_length=32,
-        model=tiny_model_dir,
-        epsilons=[1.0, 8.0],
+    args = bench_args(
+        tiny_model_dir,
         only=["centralized", "federated LoRA, DP epsilon 8"],
         overrides=utility.parse_overrides(["max_grad_norm=0.5"]),
     )
     rows = dict(utility.run_corpus("classification", args, tmp_path))
 
-    # the two named rows (not FFA-LoRA, not epsilon 1, no local-only) and the ratio they allow
+    # the named rows (not FFA-LoRA, not epsilon 1, no local-only) and the ratios they allow
     assert list(rows) == [
         "centralized LoRA, no DP (pooled)",
+        "centralized LoRA, DP epsilon 8 (pooled)",
         "federated LoRA, DP epsilon 8",
         "ratio: federated DP epsilon 8 / centralized (target >= 0.95)",
+        "ratio: centralized DP epsilon 8 / centralized (DP alone)",
     ]
     assert rows["ratio: federated DP epsilon 8 / centralized (target >= 0.95)"] == "1.00"
-    central, private = seen
+    central, central_private, private = seen
     assert (central.hospitals, central.dp) == (1, False)
+    assert (central_private.hospitals, central_private.dp, central_private.epsilon) == (
+        1,
+        True,
+        8.0,
+    )
     assert (private.hospitals, private.dp, private.epsilon, private.lora_variant) == (
         3,
         True,
@@ -60,3 +77,28 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
         "lora",
     )
     assert central.max_grad_norm == private.max_grad_norm == 0.5
+
+
+def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
+    shared_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    scores = iter([0.60, 0.40, 0.50, 0.30, 0.35])
+    seen = []
+
+    def fake_train_and_score(config, test):
+        seen.append(config)
+        return next(scores)
+
+    monkeypatch.setattr(utility, "SHARED", shared_data)
+    monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
+    args = bench_args(
+        tiny_model_dir, only=["no DP (pooled)", "federated LoRA, DP epsilon 8"], repeats=2
+    )
+    rows = dict(utility.run_corpus("classification", args, tmp_path))
+
+    # the row without DP is deterministic and trained once; the DP row twice, in its own folders
+    assert [config.dp for config in seen] == [False, True, True]
+    assert len({config.out for config in seen}) == 3
+    assert rows["centralized LoRA, no DP (pooled)"] == "0.600"
+    assert rows["federated LoRA, DP epsilon 8"] == "0.450 (0.400-0.500, 2 runs)"
+    assert rows["ratio: federated DP epsilon 8 / centralized (target >= 0.95)"] == "0.75"
