@@ -169,13 +169,13 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         if not wanted(name):
             return
         runs = args.repeats if values.get("dp", True) else 1
-        values_seen = [
+        results = [
             score(name if runs == 1 else f"{name} run {i + 1}", **values) for i in range(runs)
         ]
-        scores[name] = sum(values_seen) / runs
+        scores[name] = sum(results) / runs
         cell = f"{scores[name]:.3f}"
         if runs > 1:
-            cell += f" ({min(values_seen):.3f}-{max(values_seen):.3f}, {runs} runs)"
+            cell += f" ({min(results):.3f}-{max(results):.3f}, {runs} runs)"
         rows.append((name, cell))
 
     alone = {
