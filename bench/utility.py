@@ -189,7 +189,7 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     row(central, data=str(pooled), **alone)
     # DP on the pooled data: what privacy alone costs, without federation
     central_private = "centralized LoRA, DP epsilon 8 (pooled)"
-    row(central_private, data=str(pooled), **{**alone, "dp": True}, epsilon=8.0)
+    row(central_private, data=str(pooled), **alone | {"dp": True, "epsilon": 8.0})
     local = []
     name = "local-only, no DP (mean / worst of 3)"
     if wanted(name):
@@ -213,15 +213,13 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
                 lora_variant=variant,
                 epsilon=epsilon,
             )
-    private = "federated LoRA, DP epsilon 8"
-    if scores.get(central) and private in scores:
-        ratio = scores[private] / scores[central]
-        rows.append(
-            ("ratio: federated DP epsilon 8 / centralized (target >= 0.95)", f"{ratio:.2f}")
-        )
-    if scores.get(central) and central_private in scores:
-        ratio = scores[central_private] / scores[central]
-        rows.append(("ratio: centralized DP epsilon 8 / centralized (DP alone)", f"{ratio:.2f}"))
+    ratios = {
+        "federated LoRA, DP epsilon 8": "federated DP epsilon 8 / centralized (target >= 0.95)",
+        central_private: "centralized DP epsilon 8 / centralized (DP alone)",
+    }
+    for numerator, label in ratios.items():
+        if scores.get(central) and numerator in scores:
+            rows.append((f"ratio: {label}", f"{scores[numerator] / scores[central]:.2f}"))
     if plain in scores and local:
         gain = 100 * (scores[plain] - sum(local) / len(local))
         rows.append(
