@@ -16,13 +16,13 @@ import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from client.secagg import SecAggClientSession
-from common import wire
-from common.config import RunConfig
-from common.model import build_model, get_adapter_arrays
-from common.secagg import pack_bits
-from common.synthetic import DIAGNOSES
-from server.secagg import SecAggServerSession
+from fedward.client.secagg import SecAggClientSession
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.secagg import pack_bits
+from fedward.common.synthetic import DIAGNOSES
+from fedward.server.secagg import SecAggServerSession
 
 
 def size(content: RecordDict) -> int:
@@ -131,7 +131,8 @@ def main() -> None:
     adapter_values = sum(a.size for a in arrays.values())
     print(
         f"model {config.model}: full model {full / 1e6:.1f} MB (float32); adapter "
-        f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB (LoRA r={config.lora_rank} on "
+        f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB "
+        f"(LoRA r={config.lora_rank} on "
         f"{config.lora_target_modules} of the top {config.lora_layers} layers + head)"
     )
     plain_down, plain_up = plain_round_bytes(config, arrays)

@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from common.config import RunConfig
+from fedward.common.config import RunConfig
 
 
 class PeakMemory:
@@ -51,7 +51,7 @@ class PeakMemory:
 
 
 def run(hospitals: int, notes: int, rounds: int, secure: bool) -> dict:
-    from simulation.runner import plan_workers, simulate
+    from fedward.simulation.runner import plan_workers, simulate
 
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig.build(

@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from bench.comm import payload_content, size
-from client.secagg import SecAggClientSession
-from common.config import RunConfig
-from common.model import build_model, get_adapter_arrays
-from common.secagg import pack_bits, unpack_bits
-from server.secagg import SecAggServerSession
+from fedward.client.secagg import SecAggClientSession
+from fedward.common.config import RunConfig
+from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.secagg import pack_bits, unpack_bits
+from fedward.server.secagg import SecAggServerSession
 
 
 def one_secure_round(hospitals: int, length: int, config: RunConfig) -> dict[str, float]:
@@ -98,7 +98,7 @@ def plain_average_seconds(hospitals: int, length: int) -> float:
 
 def round_seconds(secure: bool, hospitals: int) -> float:
     """Wall time of round 1 of a simulation on the default model (Ray start-up excluded)."""
-    from simulation.runner import simulate
+    from fedward.simulation.runner import simulate
 
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig.build(
@@ -126,9 +126,10 @@ def main() -> None:
     labels = [str(i) for i in range(10)]
     model = build_model(config.model_copy(update={"labels": labels}), len(labels))
     adapter = sum(a.size for a in get_adapter_arrays(model).values())  # the default adapter
+    graph = f"{config.secagg_neighbours} neighbours" if config.secagg_neighbours else "all-to-all"
     print(
         f"SecAgg+ ({config.secagg_bits}-bit quantization, clip {config.secagg_clip}, "
-        f"{'all-to-all' if not config.secagg_neighbours else f'{config.secagg_neighbours} neighbours'}, "
+        f"{graph}, "
         f"threshold {config.secagg_threshold:g})"
     )
     print(
@@ -151,7 +152,8 @@ def main() -> None:
     secure = round_seconds(True, args.round_hospitals)
     print(f"one simulated round, {args.round_hospitals} hospitals, default model, DP on:")
     print(
-        f"  without secure aggregation {plain:.1f} s, with {secure:.1f} s: ratio {secure / plain:.2f}x "
+        f"  without secure aggregation {plain:.1f} s, with {secure:.1f} s: "
+        f"ratio {secure / plain:.2f}x "
         f"(target <= 1.2x)"
     )
 

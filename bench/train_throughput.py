@@ -23,11 +23,11 @@ import warnings
 
 import torch
 
-from client.trainer import pick_device, train_locally
-from common.config import RunConfig
-from common.data import Record, encode_classification
-from common.model import build_model, get_adapter_arrays, load_tokenizer
-from common.synthetic import DIAGNOSES, generate_notes
+from fedward.client.trainer import pick_device, train_locally
+from fedward.common.config import RunConfig
+from fedward.common.data import Record, encode_classification
+from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
+from fedward.common.synthetic import DIAGNOSES, generate_notes
 
 #: (label, dp, padding) of the four configurations, in the order they are printed.
 CONFIGURATIONS = [

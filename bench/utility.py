@@ -38,10 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import RunConfig
-from common.data import Record, read_records
-from common.errors import ConfigError
-from simulation import partition
+from fedward.common.config import RunConfig
+from fedward.common.data import Record, read_records
+from fedward.common.errors import ConfigError
+from fedward.simulation import partition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -84,10 +84,10 @@ def shares(corpus: str, train: list, hospitals: int, alpha: float, seed: int) ->
 
 def train_and_score(config: RunConfig, test: list) -> float:
     """Run a simulation, then score its final adapter on `test` (in this process)."""
-    from client.app import encode
-    from client.trainer import evaluate
-    from common.model import build_model, load_tokenizer
-    from simulation.runner import simulate
+    from fedward.client.app import encode
+    from fedward.client.trainer import evaluate
+    from fedward.common.model import build_model, load_tokenizer
+    from fedward.simulation.runner import simulate
 
     result = simulate(config)
     config = config.model_copy(update={"labels": result_labels(result)})
@@ -120,7 +120,7 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         write = write_csv
         suffix = ".csv"
     else:
-        from common.ner import label_list, read_conll_splits
+        from fedward.common.ner import label_list, read_conll_splits
 
         splits = read_conll_splits(SHARED / "ncbi_disease")
         train = splits["train"][: args.max_train] if args.max_train else splits["train"]

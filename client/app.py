@@ -17,16 +17,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg import SecAggClientSession
-
-from client.model_cache import cached_model, cached_tokenizer
-from client.site import Site
-from client.trainer import HistoryEntry, evaluate, train_locally
-from common import wire
-from common.config import RunConfig
-from common.data import EncodedDataset, encode_classification, read_records, train_val_split
-from common.errors import DataError, FedwardError, SecAggError
-from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
+from fedward.client.model_cache import cached_model, cached_tokenizer
+from fedward.client.secagg import SecAggClientSession
+from fedward.client.site import Site
+from fedward.client.trainer import HistoryEntry, evaluate, train_locally
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
+from fedward.common.errors import DataError, FedwardError, SecAggError
+from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task."""
     label_to_id = {label: index for index, label in enumerate(config.labels or [])}
     if config.task == "ner":
-        from common.ner import encode_sentences
+        from fedward.common.ner import encode_sentences
 
         encoded = encode_sentences(tokenizer, examples, label_to_id, config.max_length)
         return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
@@ -128,7 +127,9 @@ def handle_train(
     if config.secure_aggregation:
         # The update stays here; only its masked form leaves, in the masked_update stage.
         try:
-            content[wire.SECAGG] = _start_secure_aggregation(msg, context, run_id, server_round, result)
+            content[wire.SECAGG] = _start_secure_aggregation(
+                msg, context, run_id, server_round, result
+            )
         except SecAggError as exc:
             log.warning("%s: secure aggregation refused in round %d: %s", name, server_round, exc)
             return _refusal(msg, name, exc)
@@ -144,15 +145,21 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     request = wire.records_to_payload(msg.content[wire.SECAGG])
     try:
         if state is None:
-            raise SecAggError(f"node {context.node_id}, stage {stage}: no secure-aggregation round in progress")
+            raise SecAggError(
+                f"node {context.node_id}, stage {stage}: no secure-aggregation round in progress"
+            )
         session = SecAggClientSession.from_state(bytes(state["session"]))
         if stage == SHARE_KEYS:
             reply = session.share_keys(request)
         elif stage == MASKED_UPDATE:
             update = context.state[SECAGG_UPDATE]
-            reply = session.masked_update(request, update["delta"].numpy(), int(update["weight"].numpy()[0]))
+            reply = session.masked_update(
+                request, update["delta"].numpy(), int(update["weight"].numpy()[0])
+            )
             # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
-            reply["masked_update"] = pack_bits(reply["masked_update"], session.params["modulus_bits"])
+            reply["masked_update"] = pack_bits(
+                reply["masked_update"], session.params["modulus_bits"]
+            )
         else:
             reply = session.unmask(request)
     except SecAggError as exc:
@@ -240,7 +247,7 @@ def load_site_data(config: RunConfig, context: Context) -> HospitalData:
 def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
     if config.task == "ner":
-        from common.ner import read_conll
+        from fedward.common.ner import read_conll
 
         sentences = read_conll(path)
         cut = max(1, round(len(sentences) * (1 - config.val_fraction)))

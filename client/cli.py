@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client import deploy
-from client.policy import SitePolicy, model_content_hash
-from common.errors import DataError
+from fedward.client import deploy
+from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -105,7 +105,10 @@ def ledger_command(
     ] = None,
 ) -> None:
     """Print the privacy ledger: every DP round each local data set took part in."""
-    from client.ledger import PrivacyLedger, dataset_fingerprint  # imports opacus: only here
+    from fedward.client.ledger import (  # imports opacus: only here
+        PrivacyLedger,
+        dataset_fingerprint,
+    )
 
     site_policy = SitePolicy.load(policy) if policy is not None else None
     if data is not None:

@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.policy import SitePolicy
-from common.errors import ConfigError, DataError
-from common.programs import flower_env, flower_program
+from fedward.client.policy import SitePolicy
+from fedward.common.errors import ConfigError, DataError
+from fedward.common.programs import flower_env, flower_program
 
 log = logging.getLogger(__name__)
 

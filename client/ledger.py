@@ -26,14 +26,14 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.atomic import write_json_atomic
-from common.errors import DataError, PrivacyBudgetExceeded
+from fedward.common.atomic import write_json_atomic
+from fedward.common.errors import DataError, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class PrivacyLedger:
     def record(
         self,
         run_id: str,
-        round: int,  # noqa: A002 - the domain word
+        round: int,
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
@@ -311,7 +311,7 @@ class PrivacyLedger:
                 delta=delta,
                 epsilon_round=_finite(compose_epsilon([step], delta)),
                 epsilon_total=_finite(compose_epsilon([*self.history, step], delta)),
-                recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             self._write([*self.entries, entry])
             self.entries.append(entry)

@@ -12,8 +12,8 @@ from collections import OrderedDict
 
 import torch
 
-from common.config import RunConfig
-from common.model import build_model, load_tokenizer
+from fedward.common.config import RunConfig
+from fedward.common.model import build_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

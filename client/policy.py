@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.config import RunConfig, describe_invalid, read_toml
-from common.errors import ConfigError, ModelError, PolicyError
+from fedward.common.config import RunConfig, describe_invalid, read_toml
+from fedward.common.errors import ConfigError, ModelError, PolicyError
 
 logger = logging.getLogger(__name__)
 
@@ -250,5 +250,3 @@ def model_content_hash(path: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-

@@ -29,8 +29,8 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from common.errors import SecAggError
-from common.secagg import (
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import (
     ADVERTISE_KEYS,
     MASKED_UPDATE,
     SEED_BYTES,
@@ -468,7 +468,7 @@ class SecAggClientSession:
     @classmethod
     def from_state(cls, blob: bytes) -> SecAggClientSession:
         """Rebuild a session saved with `to_state` (by this same node)."""
-        state = pickle.loads(blob)  # noqa: S301 - written by this node into its own state
+        state = pickle.loads(blob)
         session = cls(state["node_id"], state["run_id"], state["server_round"])
         session.stage = state["stage"]
         session.params = state["params"]

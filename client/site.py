@@ -40,15 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
-from client.ledger import PrivacyLedger
-from client.policy import SitePolicy, model_content_hash
-from client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
-from common import wire
-from common.atomic import write_bytes_atomic
-from common.audit import AuditLog
-from common.config import RunConfig
-from common.errors import (
+from fedward.client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
+from fedward.client.ledger import PrivacyLedger
+from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
+from fedward.common import wire
+from fedward.common.atomic import write_bytes_atomic
+from fedward.common.audit import AuditLog
+from fedward.common.config import RunConfig
+from fedward.common.errors import (
     ConfigError,
     DataError,
     FedwardError,
@@ -56,7 +56,7 @@ from common.errors import (
     PolicyError,
     PrivacyBudgetExceeded,
 )
-from common.model import resolve_model_path
+from fedward.common.model import resolve_model_path
 
 log = logging.getLogger(__name__)
 

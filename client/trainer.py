@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.ledger import compose_epsilon
-from common.config import RunConfig
-from common.data import EncodedDataset, pad_batch
-from common.errors import PrivacyBudgetExceeded
-from common.metrics import classification_metrics, ner_metrics_from_ids
-from common.model import get_adapter_arrays, set_adapter_arrays
+from fedward.client.ledger import compose_epsilon
+from fedward.common.config import RunConfig
+from fedward.common.data import EncodedDataset, pad_batch
+from fedward.common.errors import PrivacyBudgetExceeded
+from fedward.common.metrics import classification_metrics, ner_metrics_from_ids
+from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 
 log = logging.getLogger(__name__)
 

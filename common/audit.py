@@ -29,11 +29,11 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataError
+from fedward.common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class AuditLog:
             seq, prev = self._tail(handle)
             record: dict[str, Any] = {
                 "seq": seq + 1,
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "kind": kind,
                 "fields": cleaned,
                 "prev": prev,

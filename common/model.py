@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomic import replace_dir_atomic, temp_dir_next_to
-from common.config import PACKAGED_MODEL, RunConfig
-from common.errors import ModelError
+from fedward.common.atomic import replace_dir_atomic, temp_dir_next_to
+from fedward.common.config import PACKAGED_MODEL, RunConfig
+from fedward.common.errors import ModelError
 
 log = logging.getLogger(__name__)
 

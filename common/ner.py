@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from common.errors import DataError, ModelError
+from fedward.common.errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
 

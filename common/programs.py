@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.errors import ConfigError
+from fedward.common.errors import ConfigError
 
 
 def flower_program(name: str) -> str:

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.errors import SecAggError
+from fedward.common.errors import SecAggError
 
 # The four stages of a SecAgg+ round, in order. Every message names its stage.
 ADVERTISE_KEYS = "advertise_keys"

@@ -36,7 +36,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from common.errors import ConfigError
+from fedward.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

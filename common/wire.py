@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.config import RunConfig
+from fedward.common.config import RunConfig
 
 ARRAYS = "arrays"  # the global adapter (server -> hospital) or an update (hospital -> server)
 CONFIG = "config"  # run config + round identity (server -> hospital)
@@ -27,7 +27,7 @@ def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """An ArrayRecord back to NumPy arrays keyed by tensor name."""
-    return {name: record[name].numpy() for name in record.keys()}
+    return {name: record[name].numpy() for name in record}
 
 
 def round_config(config: RunConfig, server_round: int, run_id: int) -> ConfigRecord:
@@ -90,6 +90,6 @@ def records_to_payload(record: ConfigRecord, vector: ArrayRecord | None = None) 
     """The inverse of `payload_to_records`."""
     payload = {key: value for key, value in record.items()}
     if vector is not None:
-        for key in vector.keys():
+        for key in vector:
             payload[key] = vector[key].numpy()
     return payload

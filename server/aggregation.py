@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import ModelError
-from common.model import ArraySpec, check_adapter_arrays
+from fedward.common.errors import ModelError
+from fedward.common.model import ArraySpec, check_adapter_arrays
 
 Arrays = dict[str, np.ndarray]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.atomic import write_json_atomic
-from common.audit import AuditLog
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.model import (
+from fedward.common.atomic import write_json_atomic
+from fedward.common.audit import AuditLog
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError
+from fedward.common.model import (
     adapter_spec,
     build_model,
     check_adapter_arrays,
@@ -31,15 +31,15 @@ from common.model import (
     save_adapter,
     set_adapter_arrays,
 )
-from server.aggregation import Arrays
-from server.resume import (
+from fedward.server.aggregation import Arrays
+from fedward.server.resume import (
     arrays_digest,
     check_resumable,
     load_checkpoint,
     new_run_id,
     save_checkpoint,
 )
-from server.strategy import FedwardStrategy, finite_or_none
+from fedward.server.strategy import FedwardStrategy, finite_or_none
 
 log = logging.getLogger(__name__)
 

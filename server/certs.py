@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import write_bytes_atomic
-from common.errors import ConfigError
+from fedward.common.atomic import write_bytes_atomic
+from fedward.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def init_ca_and_server(
     _refuse_existing([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key], overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(minutes=5)  # tolerate small clock differences
 
     ca_key = ec.generate_private_key(TLS_CURVE())

@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common import audit
-from common.config import RunConfig
-from common.errors import ConfigError
-from server import deploy
+from fedward.common import audit
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError
+from fedward.server import deploy
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -70,7 +70,7 @@ def certs_init(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a private CA and the SuperLink's certificate (no openssl needed)."""
-    from server.certs import init_ca_and_server
+    from fedward.server.certs import init_ca_and_server
 
     paths = init_ca_and_server(out, server_name, days=days, overwrite=force)
     console.print(f"CA certificate:      {paths.ca_cert}  (give this to every hospital)")
@@ -89,7 +89,7 @@ def keys_node(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a hospital's SuperNode key pair (run it at the hospital)."""
-    from server.certs import make_node_keys
+    from fedward.server.certs import make_node_keys
 
     paths = make_node_keys(out, name, overwrite=force)
     console.print(f"private key: {paths.private_key}  (stays at the hospital: --key)")
@@ -192,7 +192,7 @@ def server_nodes(
 def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     """The config as submitted: labels required, `out` absolute, `resume` set; refuses to resume
     what cannot be resumed and to overwrite an unfinished run."""
-    from server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
+    from fedward.server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
 
     if not config.labels:
         raise ConfigError(

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.errors import ConfigError, FedwardError
-from common.programs import flower_env, flower_program
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError, FedwardError
+from fedward.common.programs import flower_env, flower_program
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,8 @@ def app_pyproject(config: RunConfig) -> str:
         'publisher = "fedward"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"',
+        'serverapp = "fedward.server.app:app"',
+        'clientapp = "fedward.client.app:app"',
         "",
         "[tool.flwr.app.config]",
     ]

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from common import wire
-from common.atomic import write_bytes_atomic
-from common.config import RunConfig
-from common.errors import ConfigError, DataError
+from fedward.common import wire
+from fedward.common.atomic import write_bytes_atomic
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

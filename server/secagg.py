@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from common.errors import SecAggError
-from common.secagg import (
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import (
     ADVERTISE_KEYS,
     MASKED_UPDATE,
     SEED_BYTES,

@@ -20,13 +20,19 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import wire
-from common.config import RunConfig
-from common.errors import FedwardError, ModelError, SecAggError
-from common.model import ArraySpec
-from server.aggregation import Arrays, apply_average, validate_update, weighted_mean, weighted_sum
-from common.secagg import unpack_bits
-from server.secagg import SecAggServerSession
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.errors import FedwardError, ModelError, SecAggError
+from fedward.common.model import ArraySpec
+from fedward.common.secagg import unpack_bits
+from fedward.server.aggregation import (
+    Arrays,
+    apply_average,
+    validate_update,
+    weighted_mean,
+    weighted_sum,
+)
+from fedward.server.secagg import SecAggServerSession
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ class FedwardStrategy:
         """Validate each update, then average the valid ones into a new global adapter."""
         outcome, accepted = self._read_train_replies(server_round, replies, sent)
         updates: list[tuple[Arrays, float]] = []
-        for node_id, (name, reply) in accepted.items():
+        for _node_id, (name, reply) in accepted.items():
             try:
                 update = wire.record_to_arrays(reply.content[wire.ARRAYS])
                 validate_update(self.spec, update, self.config.secagg_clip)

@@ -13,13 +13,13 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from client import model_cache
-from client.app import handle_evaluate, handle_secagg_stage, handle_train
-from common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
-from common import wire
-from common.config import RunConfig
-from server.app import run_federation
-from simulation.hospitals import prepare_config, simulated_data
+from fedward.client import model_cache
+from fedward.client.app import handle_evaluate, handle_secagg_stage, handle_train
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.server.app import run_federation
+from fedward.simulation.hospitals import prepare_config, simulated_data
 
 #: Where a simulated hospital can drop out of a round (`RunConfig.dropout_rate`).
 DROPOUT_STAGES = ("train", SHARE_KEYS, MASKED_UPDATE, UNMASK)

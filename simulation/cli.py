@@ -1,7 +1,6 @@
-"""The `fedward` command line. Only the CLI prints; library code logs.
+"""`fedward simulate` and `fedward predict`: a researcher's commands (mounted by fedward/cli.py).
 
-A `FedwardError` (bad config, bad data, unknown model, refused budget...) becomes one readable
-line on stderr and exit code 2, never a traceback.
+Only the CLI prints; library code logs.
 """
 
 from __future__ import annotations
@@ -18,18 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.config import RunConfig
-from common.errors import FedwardError
+from fedward.common.config import RunConfig
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Federated, differentially private LoRA fine-tuning of transformers for medical text.",
-)
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
-error_console = Console(stderr=True)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -69,7 +60,6 @@ def quiet_libraries(verbose: bool) -> None:
         pass
 
 
-@app.command()
 def simulate(
     hospitals: Annotated[int | None, typer.Option(help="Simulated hospitals [default: 3].")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds [default: 3].")] = None,
@@ -156,10 +146,10 @@ def simulate(
 
 def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None:
     """Simulate with a progress bar and a row per round, then print the report."""
-    from common.model import load_tokenizer
-    from simulation.hospitals import prepare_config
-    from simulation.report import round_table, save_plot
-    from simulation.runner import simulate as run_simulation
+    from fedward.common.model import load_tokenizer
+    from fedward.simulation.hospitals import prepare_config
+    from fedward.simulation.report import round_table, save_plot
+    from fedward.simulation.runner import simulate as run_simulation
 
     config = prepare_config(config)  # reads and checks the data before anything starts
     load_tokenizer(config.model)  # an unknown model fails here, not inside a worker
@@ -199,7 +189,7 @@ def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None
     console.print("use it:")
     console.print(f'  fedward predict --adapter {result.adapter_dir} "your clinical note"')
     console.print(
-        "  python: common.model.load_adapter_for_inference("
+        "  python: fedward.common.model.load_adapter_for_inference("
         f"'{result.adapter_dir}')  (PEFT format, labels in fedward.json)"
     )
 
@@ -211,7 +201,11 @@ def _announce(config: RunConfig) -> None:
         if config.dp
         else "[bold red]DP OFF[/]"
     )
-    secagg = "secure aggregation on" if config.secure_aggregation else "[bold red]secure aggregation OFF[/]"
+    secagg = (
+        "secure aggregation on"
+        if config.secure_aggregation
+        else "[bold red]secure aggregation OFF[/]"
+    )
     console.print(
         f"fedward simulate: {config.hospitals} hospitals x {config.rounds} rounds, task "
         f"{config.task}, model {config.model}, data {data}; {privacy}; {secagg}"
@@ -222,47 +216,13 @@ def _num(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-@app.command()
 def predict(
     texts: Annotated[list[str], typer.Argument(help="Notes to label.")],
     adapter: Annotated[Path, typer.Option(help="An adapter folder from a fedward run.")],
 ) -> None:
     """Label notes (or find entities) with a trained global adapter."""
     quiet_libraries(False)
-    from simulation.predict import predict_texts
+    from fedward.simulation.predict import predict_texts
 
     for line in predict_texts(adapter, texts):
         typer.echo(line)  # plain tab-separated lines: easy to read and to parse
-
-
-# --- deployment: the coordinator's and the hospitals' commands (server/cli.py, client/cli.py) ---
-from client.cli import client_app  # noqa: E402
-from server import cli as server_cli  # noqa: E402
-
-app.add_typer(server_cli.certs_app, name="certs")
-app.add_typer(server_cli.keys_app, name="keys")
-app.add_typer(server_cli.server_app, name="server")
-app.add_typer(client_app, name="client")
-app.add_typer(server_cli.audit_app, name="audit")
-app.command("run")(server_cli.run)
-
-
-def main() -> None:
-    """Console-script entry point: user errors are one line on stderr and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except FedwardError as exc:
-        error_console.print(f"fedward: error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        error_console.print("fedward: interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from client.app import HospitalData, hospital_name
-from common.config import RunConfig
-from common.data import Record, label_set, read_records, train_val_split
-from common.errors import DataError
-from simulation import partition
+from fedward.client.app import HospitalData, hospital_name
+from fedward.common.config import RunConfig
+from fedward.common.data import Record, label_set, read_records, train_val_split
+from fedward.common.errors import DataError
+from fedward.simulation import partition
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
@@ -23,13 +23,13 @@ def prepare_config(config: RunConfig) -> RunConfig:
     if config.labels:
         return config
     if config.task == "ner":
-        from common.ner import label_list
+        from fedward.common.ner import label_list
 
         labels = label_list(
             _pooled_sentences(config.data, config.hospitals, config.notes_per_hospital, config.seed)
         )
     elif config.data is None:
-        from common.synthetic import DIAGNOSES
+        from fedward.common.synthetic import DIAGNOSES
 
         labels = sorted(DIAGNOSES)
     else:
@@ -80,7 +80,7 @@ def _hospital_split(key: tuple, hospital: int) -> tuple[tuple, tuple, str]:
         train, val = examples[:cut], examples[cut:] or examples[-1:]
         return tuple(train), tuple(val), data or "synthetic NER notes"
     if data is None and scheme == "auto":
-        from common.synthetic import generate_notes
+        from fedward.common.synthetic import generate_notes
 
         notes = generate_notes(hospital, per_hospital, seed, num_hospitals=hospitals)
         records = [Record(n["text"], n["label"], n["hospital"]) for n in notes]
@@ -123,7 +123,7 @@ def _pooled_records(data, text_column, label_column, group_column) -> tuple[Reco
 
 @lru_cache(maxsize=4)
 def _synthetic_pool(hospitals: int, per_hospital: int, seed: int) -> tuple[Record, ...]:
-    from common.synthetic import generate_notes
+    from fedward.common.synthetic import generate_notes
 
     pooled = []
     for hospital in range(hospitals):
@@ -134,10 +134,10 @@ def _synthetic_pool(hospitals: int, per_hospital: int, seed: int) -> tuple[Recor
 
 @lru_cache(maxsize=4)
 def _pooled_sentences(data, hospitals, per_hospital, seed) -> tuple:
-    from common.ner import read_conll
+    from fedward.common.ner import read_conll
 
     if data is None:
-        from common.synthetic import generate_ner_notes
+        from fedward.common.synthetic import generate_ner_notes
 
         return tuple(
             tuple(sentence)
@@ -154,7 +154,7 @@ def _pooled_sentences(data, hospitals, per_hospital, seed) -> tuple:
 
 def _ner_share(data, scheme, hospitals, per_hospital, seed, hospital) -> list:
     if data is None and scheme == "auto":
-        from common.synthetic import generate_ner_notes
+        from fedward.common.synthetic import generate_ner_notes
 
         return generate_ner_notes(hospital, per_hospital, seed, num_hospitals=hospitals)
     sentences = _pooled_sentences(data, hospitals, per_hospital, seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import DataError
+from fedward.common.errors import DataError
 
 
 def iid(num_examples: int, hospitals: int, seed: int) -> list[list[int]]:
@@ -40,7 +40,7 @@ def dirichlet(labels: list[str], hospitals: int, alpha: float, seed: int) -> lis
         cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
         for hospital, chunk in enumerate(np.split(indices, cuts)):
             parts[hospital].extend(chunk.tolist())
-    for hospital, part in enumerate(parts):
+    for part in parts:
         while len(part) < 2:
             donor = max(range(hospitals), key=lambda h: len(parts[h]))
             part.append(parts[donor].pop())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from common.model import load_adapter_for_inference
+from fedward.common.model import load_adapter_for_inference
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def predict_texts(adapter_dir: str | Path, texts: list[str]) -> list[str]:
 
 
 def _entities_line(model, tokenizer, labels: list[str], text: str, max_length: int) -> str:
-    from common.ner import entity_spans, predictions_to_word_tags, split_words
+    from fedward.common.ner import entity_spans, predictions_to_word_tags, split_words
 
     words, offsets = split_words(text)
     if not words:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.app import RoundCallback, RunResult, run_federation
-from simulation.app import client_app
-from simulation.hospitals import prepare_config
+from fedward.common.config import RunConfig
+from fedward.server.app import RoundCallback, RunResult, run_federation
+from fedward.simulation.app import client_app
+from fedward.simulation.hospitals import prepare_config
 
 log = logging.getLogger(__name__)
 

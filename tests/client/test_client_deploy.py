@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client import deploy
-from common.errors import ConfigError, DataError
+from fedward.client import deploy
+from fedward.common.errors import ConfigError, DataError
 
 
 @pytest.fixture

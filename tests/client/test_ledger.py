@@ -5,10 +5,10 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client import ledger as ledger_module
-from client.ledger import PrivacyLedger, compose_epsilon, dataset_fingerprint
-from common import atomic
-from common.errors import DataError, PrivacyBudgetExceeded
+from fedward.client import ledger as ledger_module
+from fedward.client.ledger import PrivacyLedger, compose_epsilon, dataset_fingerprint
+from fedward.common import atomic
+from fedward.common.errors import DataError, PrivacyBudgetExceeded
 
 DELTA = 1e-5
 ROUND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 100}  # epsilon ~7.9 alone

@@ -2,9 +2,9 @@
 
 import pytest
 
-from client.policy import SitePolicy, model_content_hash
-from common.config import RunConfig
-from common.errors import ConfigError, ModelError, PolicyError
+from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError, ModelError, PolicyError
 
 POLICY_TOML = """
 [policy]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.secagg import SecAggClientSession
-from common.errors import SecAggError
-from common.secagg import ADVERTISE_KEYS, MASKED_UPDATE, SHARE_KEYS, UNMASK
-from server.secagg import SecAggServerSession
+from fedward.client.secagg import SecAggClientSession
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import ADVERTISE_KEYS, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.server.secagg import SecAggServerSession
 
 IDS = [5, 6, 7, 8]
 LENGTH = 16

@@ -15,12 +15,12 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import handle_evaluate, handle_train, load_site_data, open_site
-from client.ledger import PrivacyLedger
-from client.trainer import plan_dp
-from common import audit, wire
-from common.config import RunConfig
-from common.model import build_model, get_adapter_arrays
+from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
+from fedward.client.ledger import PrivacyLedger
+from fedward.client.trainer import plan_dp
+from fedward.common import audit, wire
+from fedward.common.config import RunConfig
+from fedward.common.model import build_model, get_adapter_arrays
 
 LABELS = ["cardiac", "respiratory"]
 WORDS = {

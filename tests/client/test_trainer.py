@@ -7,17 +7,17 @@ import random
 import numpy as np
 import pytest
 
-from client.trainer import (
+from fedward.client.trainer import (
     check_budget,
     epsilon_of,
     evaluate,
     plan_dp,
     train_locally,
 )
-from common.config import RunConfig
-from common.data import Record, encode_classification
-from common.errors import PrivacyBudgetExceeded
-from common.model import build_model, get_adapter_arrays, load_tokenizer
+from fedward.common.config import RunConfig
+from fedward.common.data import Record, encode_classification
+from fedward.common.errors import PrivacyBudgetExceeded
+from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
 
 LABELS = ["migraine", "pneumonia"]
 WORDS = {

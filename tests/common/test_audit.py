@@ -1,11 +1,12 @@
 """Audit log: hash-chained JSON lines; any edit, deletion, reordering or truncation is found."""
 
+import itertools
 import json
 
 import pytest
 
-from common.audit import GENESIS, REDACTED, AuditLog, verify
-from common.errors import DataError
+from fedward.common.audit import GENESIS, REDACTED, AuditLog, verify
+from fedward.common.errors import DataError
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_clean_log_verifies_and_chains_from_genesis(log_path):
     records = [json.loads(line) for line in lines(log_path)]
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev"] == GENESIS
-    assert all(b["prev"] == a["hash"] for a, b in zip(records, records[1:], strict=False))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(records))
     assert result.last_hash == records[-1]["hash"]
     assert verify(log_path, expected_last_hash=records[-1]["hash"]).ok
     assert "5 records" in result.summary()
@@ -61,7 +62,7 @@ def test_edited_record_is_found_with_its_line(log_path):
 
 
 def test_edit_with_recomputed_hash_breaks_the_next_link(log_path):
-    from common.audit import canonical_json, record_hash
+    from fedward.common.audit import canonical_json, record_hash
 
     content = lines(log_path)
     record = json.loads(content[1])

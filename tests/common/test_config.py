@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import PACKAGED_MODEL, RunConfig
-from common.errors import ConfigError
+from fedward.common.config import PACKAGED_MODEL, RunConfig
+from fedward.common.errors import ConfigError
 
 
 def test_defaults_are_valid_and_private_by_default():

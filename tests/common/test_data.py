@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from common.data import (
+from fedward.common.data import (
     EncodedDataset,
     Record,
     encode_classification,
@@ -19,7 +19,7 @@ from common.data import (
     read_records,
     train_val_split,
 )
-from common.errors import DataError
+from fedward.common.errors import DataError
 
 
 def _write_csv(path, rows, header="text,label"):

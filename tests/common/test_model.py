@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.errors import ModelError
-from common.model import (
+from fedward.common.config import RunConfig
+from fedward.common.errors import ModelError
+from fedward.common.model import (
     ADAPTER_META,
     adapter_spec,
     build_base,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.errors import DataError
-from common.ner import (
+from fedward.common.errors import DataError
+from fedward.common.ner import (
     IGNORE_INDEX,
     align_labels,
     detect_scheme,
@@ -205,10 +205,10 @@ def test_detect_scheme():
 
 
 def test_to_iob2_conversions():
-    iob1 = "I-X I-X B-X O I-Y I-X".split()
-    assert to_iob2(iob1, "IOB1") == "B-X I-X B-X O B-Y B-X".split()
-    bioes = "S-X B-Y I-Y E-Y O S-X S-X".split()
-    assert to_iob2(bioes, "BIOES") == "B-X B-Y I-Y I-Y O B-X B-X".split()
+    iob1 = ["I-X", "I-X", "B-X", "O", "I-Y", "I-X"]
+    assert to_iob2(iob1, "IOB1") == ["B-X", "I-X", "B-X", "O", "B-Y", "B-X"]
+    bioes = ["S-X", "B-Y", "I-Y", "E-Y", "O", "S-X", "S-X"]
+    assert to_iob2(bioes, "BIOES") == ["B-X", "B-Y", "I-Y", "I-Y", "O", "B-X", "B-X"]
     assert to_iob2(["U-X", "B-Y", "L-Y"], "BILOU") == ["B-X", "B-Y", "I-Y"]
     assert to_iob2(["B-X", "I-X", "O"], "IOB2") == ["B-X", "I-X", "O"]
 
@@ -273,7 +273,7 @@ def test_encode_sentences_gives_unpadded_examples_and_warns_on_truncation(tokeni
         assert labels_to_tags(example["labels"], LABELS) == [tag for _, tag in sentence]
     assert len(examples[0]["input_ids"]) > len(examples[1]["input_ids"])
 
-    with caplog.at_level(logging.WARNING, logger="common.ner"):
+    with caplog.at_level(logging.WARNING, logger="fedward.common.ner"):
         short = encode_sentences(tokenizer, sentences, LABEL_TO_ID, max_length=7)
     # [CLS] fa ##mi ##lia ##l aden [SEP]: the sentence is cut inside its second word.
     assert len(short[0]["input_ids"]) == 7

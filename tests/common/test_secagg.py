@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import SecAggError
-from common.secagg import (
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import (
     SEED_BYTES,
     agree_key,
     binding,

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from client.secagg import SecAggClientSession
-from common.errors import SecAggError
-from common.secagg import (
+from fedward.client.secagg import SecAggClientSession
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import (
     ADVERTISE_KEYS,
     MASKED_UPDATE,
     SHARE_KEYS,
@@ -25,7 +25,7 @@ from common.secagg import (
     quantization_bound,
     quantize,
 )
-from server.secagg import SecAggResult, SecAggServerSession
+from fedward.server.secagg import SecAggResult, SecAggServerSession
 
 CHI_SQUARE_15_CRITICAL = 60.0  # P(chi2_15 > 60) is about 3e-7
 

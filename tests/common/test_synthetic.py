@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from common.errors import ConfigError
-from common.synthetic import (
+from fedward.common.errors import ConfigError
+from fedward.common.synthetic import (
     DIAGNOSES,
     ENTITY_TYPES,
     generate_ner_notes,

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from client.ledger import PrivacyLedger
+from fedward.client.ledger import PrivacyLedger
 
 LABELS = ["cardiac", "respiratory"]
 NOTES = {
@@ -55,7 +55,7 @@ def fedward(*args: str) -> list[str]:
     script = Path(sys.executable).parent / "fedward"
     if script.is_file():
         return [str(script), *args]
-    return [sys.executable, "-c", "from simulation.cli import main; main()", *args]
+    return [sys.executable, "-c", "from fedward.cli import main; main()", *args]
 
 
 def process_env() -> dict[str, str]:

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from common.errors import ModelError
-from common.model import ArraySpec
-from server.aggregation import apply_average, validate_update, weighted_mean, weighted_sum
+from fedward.common.errors import ModelError
+from fedward.common.model import ArraySpec
+from fedward.server.aggregation import apply_average, validate_update, weighted_mean, weighted_sum
 
 SPEC = [ArraySpec("lora_A", (2, 3), "float32"), ArraySpec("head.bias", (2,), "float32")]
 

@@ -21,8 +21,8 @@ from flwr.supercore.primitives.asymmetric import (
 )
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
-from common.errors import ConfigError
-from server.certs import init_ca_and_server, make_node_keys
+from fedward.common.errors import ConfigError
+from fedward.server.certs import init_ca_and_server, make_node_keys
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_flower_superlink_accepts_the_files(certs):
         ssl_keyfile=str(certs.server_key),
         ssl_ca_certfile=str(certs.ca_cert),
     )
-    ca, cert, key = try_obtain_server_certificates(args)
+    ca, _cert, key = try_obtain_server_certificates(args)
     assert ca.startswith(b"-----BEGIN CERTIFICATE") and key.startswith(b"-----BEGIN PRIVATE KEY")
 
 
@@ -82,10 +82,12 @@ def _handshake(certs, server_hostname):
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-                with client_context.wrap_socket(raw, server_hostname=server_hostname) as tls:
-                    tls.sendall(b"x")
-                    return tls.version()
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                client_context.wrap_socket(raw, server_hostname=server_hostname) as tls,
+            ):
+                tls.sendall(b"x")
+                return tls.version()
         finally:
             thread.join(timeout=5)
 

@@ -8,11 +8,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from common import wire
-from common.config import RunConfig
-from common.errors import ConfigError, DataError
-from server.cli import prepare_run
-from server.resume import (
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError, DataError
+from fedward.server.cli import prepare_run
+from fedward.server.resume import (
     arrays_digest,
     check_resumable,
     checkpoint_path,

@@ -7,10 +7,16 @@ import logging
 import numpy as np
 import pytest
 
-from client.secagg import SecAggClientSession
-from common.errors import SecAggError
-from common.secagg import ADVERTISE_KEYS, MASKED_UPDATE, SHARE_KEYS, UNMASK, quantization_bound
-from server.secagg import SecAggServerSession
+from fedward.client.secagg import SecAggClientSession
+from fedward.common.errors import SecAggError
+from fedward.common.secagg import (
+    ADVERTISE_KEYS,
+    MASKED_UPDATE,
+    SHARE_KEYS,
+    UNMASK,
+    quantization_bound,
+)
+from fedward.server.secagg import SecAggServerSession
 
 IDS = [11, 22, 33, 44, 55]
 LENGTH = 40
@@ -86,7 +92,7 @@ def test_sparse_graph_routes_shares_only_between_neighbours():
 
 
 def test_dropped_hospitals_are_logged_and_left_out(caplog):
-    caplog.set_level(logging.INFO, logger="server.secagg")
+    caplog.set_level(logging.INFO, logger="fedward.server.secagg")
     server, clients, replies = up_to(SHARE_KEYS)
     del replies[44]
     requests = server.masked_update_requests(replies)

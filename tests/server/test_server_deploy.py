@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from server import deploy
-from server.certs import init_ca_and_server
+from fedward.common.config import RunConfig
+from fedward.common.errors import ConfigError
+from fedward.server import deploy
+from fedward.server.certs import init_ca_and_server
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,10 @@ def test_the_app_bundle_carries_the_run_config_exactly(tiny_model_dir):
     )
     pyproject = tomllib.loads(deploy.app_pyproject(config))
     app = pyproject["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {
+        "serverapp": "fedward.server.app:app",
+        "clientapp": "fedward.client.app:app",
+    }
     table = app["config"]
     assert set(table) == {name.replace("_", "-") for name in RunConfig.model_fields}
     assert RunConfig.from_flower(table) == config

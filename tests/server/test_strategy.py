@@ -15,10 +15,10 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import wire
-from common.config import RunConfig
-from common.model import ArraySpec
-from server.strategy import FedwardStrategy
+from fedward.common import wire
+from fedward.common.config import RunConfig
+from fedward.common.model import ArraySpec
+from fedward.server.strategy import FedwardStrategy
 
 SPEC = [ArraySpec("lora_B", (2, 2), "float32"), ArraySpec("head.bias", (3,), "float32")]
 RUN_ID = 77
@@ -100,7 +100,7 @@ def test_aggregate_train_drops_bad_and_refused_replies_and_averages_the_rest(cap
         _refusal_reply(to[3], "hospital-d", "epsilon would exceed 8"),
         Message(Error(code=0, reason="worker crashed"), reply_to=to[4]),
     ]
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedward.server.strategy"):
         outcome = strategy.aggregate_train(1, global_arrays, replies, sent=len(to))
 
     assert outcome.status == "ok"
@@ -188,7 +188,7 @@ def test_too_few_usable_updates_fail_the_round_and_keep_the_adapter(caplog):
         _update_reply(to[1], "hospital-b", _arrays(0.1, 0.1), examples=10),
         _refusal_reply(to[2], "hospital-c", "site policy: model not allowed"),
     ]  # hospital 14 never answers
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedward.server.strategy"):
         outcome = strategy.aggregate_train(2, global_arrays, replies, sent=len(to))
     assert outcome.arrays is None
     assert outcome.status.startswith("failed: 2 usable update(s), fewer than min_hospitals (3)")

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from common.config import RunConfig
-from common.model import build_model, get_adapter_arrays
-from simulation.runner import simulate
+from fedward.common.config import RunConfig
+from fedward.common.model import build_model, get_adapter_arrays
+from fedward.simulation.runner import simulate
 
 
 def _config(tiny_model_dir, tmp_path, **values) -> RunConfig:
@@ -48,13 +48,21 @@ def test_ner_simulation_on_synthetic_notes_reports_entity_metrics(tiny_model_dir
 
 def test_ner_from_a_conll_file_in_blocks(tiny_model_dir, tmp_path):
     sentences = [
-        [("Patient", "O"), ("has", "O"), ("breast", "B-Disease"), ("cancer", "I-Disease"), (".", "O")],
+        [
+            ("Patient", "O"),
+            ("has", "O"),
+            ("breast", "B-Disease"),
+            ("cancer", "I-Disease"),
+            (".", "O"),
+        ],
         [("No", "O"), ("sign", "O"), ("of", "O"), ("ataxia", "B-Disease"), (".", "O")],
     ] * 20
     path = tmp_path / "train.tsv"
     path.write_text("\n\n".join("\n".join(f"{w}\t{t}" for w, t in s) for s in sentences) + "\n")
 
-    result = simulate(_config(tiny_model_dir, tmp_path, data=str(path), partition="blocks", rounds=1))
+    result = simulate(
+        _config(tiny_model_dir, tmp_path, data=str(path), partition="blocks", rounds=1)
+    )
 
     labels = json.loads((result.adapter_dir / "fedward.json").read_text())["labels"]
     assert labels == ["O", "B-Disease", "I-Disease"]
@@ -74,7 +82,9 @@ def test_ffa_lora_keeps_a_at_its_seeded_init_and_sends_only_b(tiny_model_dir, tm
     labels = json.loads((result.adapter_dir / "fedward.json").read_text())["labels"]
     initial_model = build_model(config.model_copy(update={"labels": labels}), len(labels))
     initial = get_adapter_arrays(initial_model)
-    assert any(not np.allclose(result.arrays[n], initial[n]) for n in result.arrays if ".lora_B." in n)
+    assert any(
+        not np.allclose(result.arrays[n], initial[n]) for n in result.arrays if ".lora_B." in n
+    )
     saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
     initial_a = {
         name: parameter.detach()

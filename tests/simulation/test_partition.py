@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import DataError
-from simulation import partition
+from fedward.common.errors import DataError
+from fedward.simulation import partition
 
 
 def _assert_covers_exactly_once(parts: list[list[int]], num_examples: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from simulation.report import round_table, save_plot
+from fedward.simulation.report import round_table, save_plot
 
 
 def _rounds() -> list[dict]:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from simulation.app import DROPOUT_STAGES, dropout_stage
-from simulation.hospitals import simulated_data
-from simulation.runner import plan_workers, simulate
+from fedward.common.config import RunConfig
+from fedward.simulation.app import DROPOUT_STAGES, dropout_stage
+from fedward.simulation.hospitals import simulated_data
+from fedward.simulation.runner import plan_workers, simulate
 
 
 class _Context:
@@ -59,7 +59,8 @@ def _scenario(hospitals: int, rounds: int, rate: float) -> int:
     """A seed whose dropouts include a recoverable late-stage drop in an otherwise fine round."""
     for seed in range(500):
         stages = [
-            [dropout_stage(seed, r, h, rate) for h in range(hospitals)] for r in range(1, rounds + 1)
+            [dropout_stage(seed, r, h, rate) for h in range(hospitals)]
+            for r in range(1, rounds + 1)
         ]
         first = stages[0]
         survivors = sum(stage in (None, "unmask") for stage in first)
@@ -80,13 +81,17 @@ def test_dropouts_at_any_stage_are_recovered_or_fail_cleanly(tiny_model_dir, tmp
 
     assert len(result.rounds) == rounds
     for server_round, row in enumerate(result.rounds, start=1):
-        stages = {f"hospital-{h}": dropout_stage(seed, server_round, h, rate) for h in range(hospitals)}
+        stages = {
+            f"hospital-{h}": dropout_stage(seed, server_round, h, rate) for h in range(hospitals)
+        }
         assert set(stages.values()) <= {None, *DROPOUT_STAGES}
         trained = {name for name, h in row["hospitals"].items() if h.get("trained")}
         if row["status"] == "ok":
             # In the sum: everyone who sent a masked update (a drop at unmask is recovered).
             assert trained == {name for name, stage in stages.items() if stage in (None, "unmask")}
-            assert len(row["dropped"]) == sum(stage is not None and stage != "unmask" for stage in stages.values())
+            assert len(row["dropped"]) == sum(
+                stage is not None and stage != "unmask" for stage in stages.values()
+            )
         else:
             assert row["status"].startswith("failed")
             assert "global adapter unchanged" in row["status"]
@@ -100,7 +105,7 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_adapter(tiny_model_dir, t
     stages = [dropout_stage(1, 1, h, 0.95) for h in range(3)]
     assert sum(stage in (None, "unmask") for stage in stages) < 2  # the scenario under test
 
-    from common.model import build_model, get_adapter_arrays
+    from fedward.common.model import build_model, get_adapter_arrays
 
     result = simulate(config)
 
@@ -108,7 +113,9 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_adapter(tiny_model_dir, t
     assert row["status"].startswith("failed")
     assert result.arrays is not None
     labels = result_labels(result)
-    initial = get_adapter_arrays(build_model(config.model_copy(update={"labels": labels}), len(labels)))
+    initial = get_adapter_arrays(
+        build_model(config.model_copy(update={"labels": labels}), len(labels))
+    )
     for name, value in initial.items():
         assert (result.arrays[name] == value).all(), name
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.model import adapter_spec, build_base, build_model, get_adapter_arrays
-from common.secagg import quantization_bound
-from simulation.hospitals import prepare_config
-from simulation.runner import simulate
+from fedward.common.config import RunConfig
+from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
+from fedward.common.secagg import quantization_bound
+from fedward.simulation.hospitals import prepare_config
+from fedward.simulation.runner import simulate
 
 HOSPITALS = ["hospital-0", "hospital-1"]
 
@@ -116,7 +116,7 @@ def test_secure_aggregation_run_trains_saves_and_records_epsilon(secure_run):
 
 
 def test_the_saved_adapter_predicts_with_fedward_predict(plain_run):
-    from simulation.predict import predict_texts
+    from fedward.simulation.predict import predict_texts
 
     config, result = plain_run
     lines = predict_texts(

@@ -1,0 +1,5 @@
+"""`python -m fedward` is the `fedward` command."""
+
+from fedward.cli import main
+
+main()
