@@ -1,17 +1,19 @@
 """The hospital's Flower ClientApp (Message API): local DP training and evaluation.
 
-`handle_train` and `handle_evaluate` do the work; the data source is passed in, so the same
-handlers serve a real hospital (its file, from the node config) and a simulated one (its share
-of a data set, chosen by `simulation/`).
+`build_client_app(load_data, open_site)` makes the ClientApp of both runtimes: a real hospital
+(`app` below: its file from the node config, its policy, ledger and audit log as `Site`) and a
+simulated one (simulation/app.py: its share of a data set, a `SimulatedSite`). The handlers only
+see the run spec a message carries; the site turns it into the config this hospital trains with,
+adding its own local settings.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,16 +22,15 @@ from flwr.clientapp import ClientApp
 from fedward.client.model_cache import cached_model, cached_tokenizer
 from fedward.client.secagg import SecAggClientSession
 from fedward.client.site import Site
-from fedward.client.trainer import HistoryEntry, evaluate, train_locally
+from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
 from fedward.common import wire
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, RunSpec
 from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
 from fedward.common.errors import DataError, FedwardError, SecAggError
 from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
 
 log = logging.getLogger(__name__)
 
-DP_STATE = "fedward.dp"  # node-state record holding the accountant history within a run
 SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
 SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
 
@@ -46,8 +47,40 @@ class HospitalData:
 
 #: Loads a hospital's data for a run: (config, context) -> HospitalData.
 DataSource = Callable[[RunConfig, Context], HospitalData]
-#: Opens a real hospital's policy, ledger and audit log for one request (client/site.py).
-SiteOpener = Callable[[Context], Site]
+
+
+class HospitalSite(Protocol):
+    """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
+    (simulation/hospitals.py)."""
+
+    def check_policy(self, spec: RunSpec) -> RunConfig:
+        """Accept the run spec (or raise); the config this hospital runs it with."""
+
+    def admit(
+        self, spec: RunSpec, run_id: str, server_round: int, global_arrays: dict
+    ) -> tuple[RunConfig, TrainResult | None]:
+        """Gate 1: the config to train with, and an update to resend (None: train)."""
+
+    def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
+        """The run's accountant history before `server_round`."""
+
+    def check_budget(self, config: RunConfig, num_train: int) -> None:
+        """Gate 2: data loaded, no step taken."""
+
+    def record(
+        self, config: RunConfig, run_id: str, server_round: int, result: TrainResult, global_arrays
+    ) -> None:
+        """Gate 3: trained, nothing sent yet."""
+
+    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+        """A refusal, for this hospital's own records."""
+
+
+#: Opens a hospital's site for one request.
+SiteOpener = Callable[[Context], HospitalSite]
+#: Called before each stage of a round ("train", "evaluate", or a SecAgg+ stage) with its
+#: message; simulation uses it to drop hospitals on purpose.
+StageHook = Callable[[str, Message, Context], None]
 
 
 def hospital_name(context: Context) -> str:
@@ -72,33 +105,27 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
 
 
 def handle_train(
-    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener | None = None
+    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
     """Train the received global adapter on this hospital's data; reply with the update.
 
-    With `open_site` (a real hospital) the site policy judges the request before any data is
-    read, the privacy ledger before the first step, and the update is recorded before it leaves
-    (see client/site.py). Simulation passes none and keeps the DP history in the node state.
+    The site judges the run spec before any data is read, the privacy budget before the first
+    step, and records the update before it leaves (see client/site.py).
     """
-    config, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
+    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
     site = None
     try:
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        result = None
-        if open_site is not None:
-            site = open_site(context)
-            config, result = site.admit(config, run_id, server_round, global_arrays)
+        site = open_site(context)
+        config, result = site.admit(spec, run_id, server_round, global_arrays)
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
             model = cached_model(config, len(config.labels or []))
             dataset = encode(data.train, config, tokenizer)
-            if site is None:
-                history = _read_history(context)
-            else:
-                history = site.run_history(run_id, server_round)
-                site.check_budget(config, len(dataset))
+            history = site.run_history(run_id, server_round)
+            site.check_budget(config, len(dataset))
             result = train_locally(
                 model,
                 dataset,
@@ -108,14 +135,12 @@ def handle_train(
                 pad_id=tokenizer.pad_token_id,
                 who=name,
             )
-            if site is not None:
-                site.record(config, run_id, server_round, result, global_arrays)
+            site.record(config, run_id, server_round, result, global_arrays)
     except FedwardError as exc:
         log.warning("%s refused round %d: %s", name, server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "train", exc)
         return _refusal(msg, name, exc)
-    _write_history(context, result.history)
 
     metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss}
     if result.epsilon_spent is not None:
@@ -124,7 +149,7 @@ def handle_train(
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
-    if config.secure_aggregation:
+    if spec.secure_aggregation:
         # The update stays here; only its masked form leaves, in the masked_update stage.
         try:
             content[wire.SECAGG] = _start_secure_aggregation(
@@ -194,19 +219,16 @@ def _start_secure_aggregation(msg, context, run_id, server_round, result) -> Con
 
 
 def handle_evaluate(
-    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener | None = None
+    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
-    """Evaluate the received global adapter on this hospital's validation split.
-
-    With `open_site` (a real hospital) the site policy must accept the run first.
-    """
-    config, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
+    """Evaluate the received global adapter on this hospital's validation split; the site
+    policy must accept the run first."""
+    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
     site = None
     try:
-        if open_site is not None:
-            site = open_site(context)
-            config = site.check_policy(config)
+        site = open_site(context)
+        config = site.check_policy(spec)
         data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
         model = cached_model(config, len(config.labels or []))
@@ -233,6 +255,42 @@ def open_site(context: Context) -> Site:
     return Site.open(context.node_config, hospital_name(context))
 
 
+def build_client_app(
+    load_data: DataSource, open_site: SiteOpener, before_stage: StageHook | None = None
+) -> ClientApp:
+    """The ClientApp of one runtime: the same handlers for every stage of a round, fed by
+    `load_data` and judged by the site `open_site` returns."""
+    app = ClientApp()
+
+    def _before(stage: str, msg: Message, context: Context) -> None:
+        if before_stage is not None:
+            before_stage(stage, msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Train on this hospital's data, under its site's gates."""
+        _before("train", msg, context)
+        return handle_train(msg, context, load_data, open_site)
+
+    @app.evaluate()
+    def evaluate_global(msg: Message, context: Context) -> Message:
+        """Evaluate the global adapter on this hospital's validation split."""
+        _before("evaluate", msg, context)
+        return handle_evaluate(msg, context, load_data, open_site)
+
+    def secagg_stage(stage: str):
+        def handle(msg: Message, context: Context) -> Message:
+            _before(stage, msg, context)
+            return handle_secagg_stage(msg, context, stage)
+
+        handle.__doc__ = f"SecAgg+ stage {stage}."
+        return handle
+
+    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+        app.train(stage)(secagg_stage(stage))
+    return app
+
+
 def load_site_data(config: RunConfig, context: Context) -> HospitalData:
     """A real hospital's data: the file named by the node config's 'data-path'."""
     path = context.node_config.get("data-path")
@@ -257,17 +315,6 @@ def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData
     return HospitalData(name, train, val, str(path))
 
 
-def _read_history(context: Context) -> list[HistoryEntry]:
-    record = context.state.get(DP_STATE)
-    if record is None:
-        return []
-    return [tuple(entry) for entry in json.loads(str(record["history"]))]
-
-
-def _write_history(context: Context, history: list[HistoryEntry]) -> None:
-    context.state[DP_STATE] = ConfigRecord({"history": json.dumps(history)})
-
-
 def _refusal(msg: Message, name: str, exc: FedwardError) -> Message:
     content = RecordDict(
         {
@@ -278,34 +325,5 @@ def _refusal(msg: Message, name: str, exc: FedwardError) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Flower entry point: train on the hospital's own data, under its policy and ledger."""
-    return handle_train(msg, context, load_site_data, open_site)
-
-
-@app.evaluate()
-def evaluate_global(msg: Message, context: Context) -> Message:
-    """Flower entry point: evaluate the global adapter on the hospital's validation split."""
-    return handle_evaluate(msg, context, load_site_data, open_site)
-
-
-@app.train("share_keys")
-def share_keys(msg: Message, context: Context) -> Message:
-    """Flower entry point: SecAgg+ stage 2."""
-    return handle_secagg_stage(msg, context, SHARE_KEYS)
-
-
-@app.train("masked_update")
-def masked_update(msg: Message, context: Context) -> Message:
-    """Flower entry point: SecAgg+ stage 3."""
-    return handle_secagg_stage(msg, context, MASKED_UPDATE)
-
-
-@app.train("unmask")
-def unmask(msg: Message, context: Context) -> Message:
-    """Flower entry point: SecAgg+ stage 4."""
-    return handle_secagg_stage(msg, context, UNMASK)
+#: The ClientApp of a real hospital (`flower-supernode` runs it; see client/deploy.py).
+app = build_client_app(load_site_data, open_site)

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from fedward.common.config import RunConfig
+from fedward.common.config import ModelSpec, RunConfig
 from fedward.common.model import build_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,19 +26,11 @@ load_count = 0
 
 
 def model_key(config: RunConfig, num_labels: int) -> tuple:
-    """Everything that changes the model's architecture or its initial (frozen) weights."""
-    return (
-        config.model,
-        config.task,
-        num_labels,
-        config.lora_variant,
-        config.lora_rank,
-        config.lora_alpha,
-        config.lora_dropout,
-        config.lora_layers,
-        tuple(config.lora_target_modules),
-        config.seed,
-    )
+    """Everything that changes the model's architecture or its initial (frozen) weights: every
+    `ModelSpec` field, the task and its number of labels (the head), and the seed (the initial
+    adapter)."""
+    model = ModelSpec(**config.values_of(ModelSpec)).model_dump_json()
+    return (config.task, num_labels, config.seed, model)
 
 
 def cached_model(config: RunConfig, num_labels: int) -> torch.nn.Module:

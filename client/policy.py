@@ -13,7 +13,7 @@ max_rounds = 50
 min_examples = 200
 require_secure_aggregation = true
 require_dp = true
-approved_run_configs = []                   # optional: pin exact RunConfig digests
+approved_run_configs = []                   # optional: pin exact run spec digests
 ```
 
 Keys may also sit under a `[policy]` table. `SitePolicy.check` is pure: it looks only at the run
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedward.common.config import RunConfig, describe_invalid, read_toml
+from fedward.common.config import RunSpec, describe_invalid, read_toml
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class SitePolicy(BaseModel):
     """What one hospital accepts. Every field is checked against each training request.
 
     Attributes:
-        allowed_models: Base model names (`RunConfig.model`) accepted; None accepts any name.
+        allowed_models: Base model names (`RunSpec.model`) accepted; None accepts any name.
         allowed_model_hashes: SHA-256 digests (`model_content_hash`) of the weight files
             accepted; None accepts any content. When both lists are set, both must match.
         allowed_tasks: Tasks the hospital trains.
@@ -60,7 +60,8 @@ class SitePolicy(BaseModel):
         min_examples: Fewest training examples the hospital trains on (checked after loading).
         require_secure_aggregation: Refuse runs without SecAgg+ (default True).
         require_dp: Refuse runs without DP-SGD (default True).
-        approved_run_configs: If set, only runs whose `RunConfig.digest()` is listed.
+        approved_run_configs: If set, only runs whose run spec digest (`RunSpec.digest()`,
+            printed by `fedward run`) is listed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,7 +84,7 @@ class SitePolicy(BaseModel):
     require_secure_aggregation: bool = Field(True, description="Refuse runs without SecAgg+.")
     require_dp: bool = Field(True, description="Refuse runs without DP-SGD.")
     approved_run_configs: list[str] | None = Field(
-        None, description="If set, only runs whose RunConfig.digest() is listed."
+        None, description="If set, only runs whose run spec digest (RunSpec.digest()) is listed."
     )
 
     @field_validator("allowed_model_hashes", "approved_run_configs")
@@ -141,7 +142,7 @@ class SitePolicy(BaseModel):
 
     # --- checks --------------------------------------------------------------------------------
 
-    def violations(self, run_config: RunConfig, model_hash: str | None) -> list[str]:
+    def violations(self, run_config: RunSpec, model_hash: str | None) -> list[str]:
         """Every rule the request breaks, as short human reasons; empty when it is acceptable."""
         reasons: list[str] = []
         if self.allowed_models is not None and run_config.model not in self.allowed_models:
@@ -192,7 +193,7 @@ class SitePolicy(BaseModel):
 
     def check(
         self,
-        run_config: RunConfig,
+        run_config: RunSpec,
         model_hash: str | None = None,
         num_examples: int | None = None,
     ) -> None:

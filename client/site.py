@@ -47,7 +47,7 @@ from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.atomic import write_bytes_atomic
 from fedward.common.audit import AuditLog
-from fedward.common.config import RunConfig
+from fedward.common.config import DataSchema, LocalSettings, RunConfig, RunSpec
 from fedward.common.errors import (
     ConfigError,
     DataError,
@@ -59,6 +59,9 @@ from fedward.common.errors import (
 from fedward.common.model import resolve_model_path
 
 log = logging.getLogger(__name__)
+
+#: Node-config keys of the hospital's data schema (`fedward client start --text-column ...`).
+SCHEMA_KEYS = tuple(name.replace("_", "-") for name in DataSchema.model_fields)
 
 #: Sub-folder of the ledger folder holding the last released update of each (data set, run).
 RELEASES = "releases"
@@ -93,6 +96,7 @@ class Site:
         ledger_dir: Path,
         audit_path: Path,
         device: str | None = None,
+        schema: DataSchema | None = None,
     ) -> None:
         self.name = name
         self.data_path = data_path
@@ -100,6 +104,7 @@ class Site:
         self.ledger_dir = ledger_dir
         self.audit = AuditLog(audit_path)
         self.device = device
+        self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
         self._ledger: PrivacyLedger | None = None
 
     @classmethod
@@ -128,33 +133,39 @@ class Site:
                 f"hospital {name}: its site policy file cannot be used (details in the "
                 "hospital's log); every request is refused until it is fixed"
             ) from None
-        return cls(name, Path(str(node_config[DATA_KEY])), policy, ledger_dir, audit_path, device)
+        try:
+            schema = DataSchema.build(
+                {key: node_config[key] for key in SCHEMA_KEYS if key in node_config},
+                source="node config",
+            )
+        except ConfigError as exc:
+            log.error("%s: %s", name, exc)
+            raise PolicyError(
+                f"hospital {name}: its data schema in the node config is invalid (details in "
+                "the hospital's log)"
+            ) from None
+        data_path = Path(str(node_config[DATA_KEY]))
+        return cls(name, data_path, policy, ledger_dir, audit_path, device, schema)
 
     # --- gate 1: before any data is read -----------------------------------------------------
 
-    def check_policy(self, config: RunConfig) -> RunConfig:
-        """Raise `PolicyError` unless the policy accepts the run; returns the config to use here.
-
-        The policy judges the run as the coordinator defined it (`resume` does not change what
-        is trained, so it is not part of what a policy pins); the returned config carries this
-        hospital's own device.
-        """
-        requested = config.model_copy(update={"resume": False})
-        self.policy.check(requested, self._model_hash(config))
-        if self.device is not None:
-            return config.model_copy(update={"device": self.device})
-        return config
+    def check_policy(self, spec: RunSpec) -> RunConfig:
+        """Raise `PolicyError` unless the policy accepts the run spec; returns the config to use
+        here: the spec with this hospital's own device and data schema."""
+        self.policy.check(spec, self._model_hash(spec))
+        local = LocalSettings(device=self.device or "auto")
+        return RunConfig.with_spec(spec, local).model_copy(update=self.schema.model_dump())
 
     def admit(
         self,
-        config: RunConfig,
+        spec: RunSpec,
         run_id: str,
         server_round: int,
         global_arrays: dict[str, np.ndarray],
     ) -> tuple[RunConfig, TrainResult | None]:
         """Gate 1. Returns the config to train with, and the update to resend if this (run,
         round) was already released by this data set (None: train)."""
-        config = self.check_policy(config)
+        config = self.check_policy(spec)
         if not config.dp or server_round not in self.ledger().rounds_recorded(run_id):
             return config, None
         release = self._load_release(run_id)
@@ -278,7 +289,7 @@ class Site:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _model_hash(self, config: RunConfig) -> str | None:
+    def _model_hash(self, config: RunSpec) -> str | None:
         if self.policy.allowed_model_hashes is None:
             return None
         try:
@@ -365,22 +376,11 @@ class Site:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan_for(
-    epsilon: float, delta: float, rounds: int, epochs: int, batch: int, num_train: int
-) -> DPPlan:
-    config = RunConfig(
-        epsilon=epsilon, delta=delta, rounds=rounds, local_epochs=epochs, batch_size=batch
-    )
-    return plan_dp(config, num_train)
+def _plan_for(spec_json: str, num_train: int) -> DPPlan:
+    return plan_dp(RunSpec.model_validate_json(spec_json), num_train)
 
 
 def _planned_steps(config: RunConfig, num_train: int) -> DPPlan:
-    """`plan_dp` for this request (its noise search takes a while; repeats are remembered)."""
-    return _plan_for(
-        config.epsilon,
-        config.delta,
-        config.rounds,
-        config.local_epochs,
-        config.batch_size,
-        num_train,
-    )
+    """`plan_dp` for this request (its noise search takes a while; repeats are remembered, keyed
+    by the whole run spec so that no field the plan depends on can be left out of the key)."""
+    return _plan_for(config.spec().model_dump_json(), num_train)

@@ -1,7 +1,15 @@
-"""`RunConfig`: the one place where a run's options are named, defaulted, documented and checked.
+"""A run's options, named, defaulted, documented and checked in one place.
 
-It loads from a TOML file, from CLI flags and from Flower's run config (flat keys, scalar values);
-a bad value raises `ConfigError` naming the field. Nothing else in fedward re-parses option strings.
+`RunSpec` is what every hospital agrees to (task, labels, model, LoRA, DP, rounds, sampling,
+secure aggregation): the only configuration that travels in messages, hashed for site policies
+and compared on resume. `LocalSettings` (output folder, device, timeouts) and
+`SimulationSettings` (simulated hospitals, their data, workers) stay on the machine that runs
+them. `RunConfig` is all three, flat, as a user writes it in TOML or on the command line. Fields
+are grouped by concern (`ModelSpec`, `PrivacySpec`, ...), and every subset fedward needs is a
+group, never a list kept by hand.
+
+Everything loads from a TOML file, from CLI flags and from Flower's run config (flat keys, scalar
+values); a bad value raises `ConfigError` naming the field. Nothing else re-parses option strings.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,51 +29,64 @@ from fedward.common.errors import ConfigError
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 
 
-class RunConfig(BaseModel):
-    """Every option of a fedward run.
-
-    Attributes are grouped as: task and data, model and LoRA, differential privacy, federation,
-    local training, secure aggregation, outputs. Each carries its default and a description;
-    `fedward simulate --help` and the README are generated from the same text.
-    """
+class _Group(BaseModel):
+    """Fields of one concern; `RunSpec`, the settings and `RunConfig` are unions of groups."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    # --- task and data -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "config") -> Self:
+        """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
+        normalised = {key.replace("-", "_"): value for key, value in values.items()}
+        try:
+            return cls(**normalised)
+        except ValidationError as exc:
+            raise ConfigError(describe_invalid(exc, source, "", cls.model_fields)) from None
+
+    def values_of(self, group: type[BaseModel]) -> dict[str, Any]:
+        """This object's values of `group`'s fields (a copy)."""
+        return {name: getattr(self, name) for name in group.model_fields}
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat scalar form for Flower's run config and ConfigRecord (None is dropped)."""
+        flat: dict[str, bool | int | float | str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            flat[name.replace("_", "-")] = json.dumps(value) if isinstance(value, list) else value
+        return flat
+
+
+# --- what every hospital agrees to: the run spec ---------------------------------------------
+
+
+class TaskSpec(_Group):
+    """What the model learns and what it outputs."""
+
     task: Literal["classification", "ner"] = Field(
         "classification", description="What the model learns: note classification or NER."
     )
-    data: str | None = Field(
-        None,
-        description="CSV/JSONL (classification) or CoNLL folder/file (NER). "
-        "None: fedward's built-in synthetic clinical notes.",
-    )
-    text_column: str = Field("text", description="Column holding the note text (CSV/JSONL).")
-    label_column: str = Field("label", description="Column holding the label (CSV/JSONL).")
     labels: list[str] | None = Field(
         None,
         description="The label set, in order. Filled from the data in simulation; required in "
         "deployment so every hospital agrees on the head's outputs.",
     )
-    hospitals: int = Field(3, ge=1, le=1000, description="Simulated hospitals.")
-    partition: str = Field(
-        "auto",
-        description="How simulated hospitals split the data: iid, dirichlet, column:NAME, "
-        "blocks (contiguous), or auto (synthetic: each hospital its own notes; files: iid).",
-    )
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
-    notes_per_hospital: int = Field(
-        400, ge=10, description="Synthetic notes generated per hospital (before the split)."
-    )
-    val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
-    )
     max_length: int = Field(128, ge=8, le=4096, description="Max tokens per example.")
-    padding: Literal["dynamic", "max_length"] = Field(
-        "dynamic", description="Pad each batch to its longest example, or always to max_length."
-    )
 
-    # --- model and LoRA ------------------------------------------------------------------------
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("needs at least 2 labels")
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be distinct")
+        return value
+
+
+class ModelSpec(_Group):
+    """The base model and its LoRA adapter: everything that shapes the model's architecture."""
+
     model: str = Field(
         PACKAGED_MODEL,
         description="Base model: a local folder or hub id; the default is the packaged "
@@ -88,7 +109,17 @@ class RunConfig(BaseModel):
         description="Names of the linear layers that get LoRA adapters.",
     )
 
-    # --- differential privacy ------------------------------------------------------------------
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("must name at least one module, e.g. ['query', 'value']")
+        return value
+
+
+class PrivacySpec(_Group):
+    """Record-level differential privacy of each hospital's updates."""
+
     dp: bool = Field(True, description="Train with Opacus DP-SGD (off only for baselines).")
     epsilon: float = Field(
         8.0, gt=0, le=100, description="Target epsilon per hospital over all rounds of the run."
@@ -96,18 +127,24 @@ class RunConfig(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta)-DP.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
 
-    # --- federation ----------------------------------------------------------------------------
+
+class FederationSpec(_Group):
+    """How many rounds, and who takes part in each."""
+
     rounds: int = Field(3, ge=1, le=10_000, description="Federated rounds.")
     fraction: float = Field(1.0, gt=0, le=1, description="Share of hospitals sampled per round.")
     min_hospitals: int = Field(2, ge=1, description="Fewest hospitals a round may train with.")
-    round_timeout: float = Field(
-        3600.0, gt=0, description="Seconds the server waits for replies in each stage."
-    )
 
-    # --- local training ------------------------------------------------------------------------
+
+class TrainingSpec(_Group):
+    """Each hospital's local training in a round."""
+
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
     batch_size: int = Field(
         64, ge=1, description="Expected batch size (Poisson sampling makes it vary under DP)."
+    )
+    padding: Literal["dynamic", "max_length"] = Field(
+        "dynamic", description="Pad each batch to its longest example, or always to max_length."
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="adamw: AdamW; sgd: SGD with momentum 0.9."
@@ -122,11 +159,11 @@ class RunConfig(BaseModel):
         "drift apart between rounds and, under DP, amplify the noise.",
     )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
-    )
 
-    # --- secure aggregation --------------------------------------------------------------------
+
+class SecAggSpec(_Group):
+    """SecAgg+ secure aggregation of the hospitals' updates."""
+
     secure_aggregation: bool = Field(
         True, description="SecAgg+: the server only ever sees masked updates and their sum."
     )
@@ -152,11 +189,79 @@ class RunConfig(BaseModel):
         description="Largest example count a hospital may weight its update with; with the "
         "number of hospitals and secagg_bits it sets the SecAgg modulus.",
     )
-    secagg_timeout: float = Field(
-        600.0, gt=0, description="Seconds the server waits for each SecAgg+ stage's replies."
+
+
+class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, TaskSpec):
+    """What every hospital of a run agrees to: the only configuration that travels in messages.
+
+    It is hashed (`digest`, what a site policy's `approved_run_configs` pins) and compared when a
+    run resumes. Local settings (output folder, device, timeouts) and simulation knobs live in
+    `LocalSettings` and `SimulationSettings`, never in here.
+    """
+
+    @classmethod
+    def from_flower(cls, values: dict[str, Any]) -> RunSpec:
+        """Rebuild from Flower's flat config (a message's ConfigRecord); other keys are ignored."""
+        return cls.build(_from_flat(values, cls.model_fields), source="run spec")
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: what a site policy can pin."""
+        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def head_lr(self) -> float:
+        """The task head's learning rate, with the task's default when unset."""
+        if self.head_learning_rate is not None:
+            return self.head_learning_rate
+        return 0.01 if self.task == "ner" else 0.03
+
+
+# --- what stays on the machine that runs it ---------------------------------------------------
+
+
+class DataSchema(_Group):
+    """How to read a data file: a hospital's own business in deployment, never the run's."""
+
+    text_column: str = Field("text", description="Column holding the note text (CSV/JSONL).")
+    label_column: str = Field("label", description="Column holding the label (CSV/JSONL).")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
     )
 
-    # --- simulation resources ------------------------------------------------------------------
+
+class SimulatedData(DataSchema):
+    """Simulation only: the simulated hospitals and how they share the data."""
+
+    data: str | None = Field(
+        None,
+        description="CSV/JSONL (classification) or CoNLL folder/file (NER). "
+        "None: fedward's built-in synthetic clinical notes.",
+    )
+    hospitals: int = Field(3, ge=1, le=1000, description="Simulated hospitals.")
+    partition: str = Field(
+        "auto",
+        description="How simulated hospitals split the data: iid, dirichlet, column:NAME, "
+        "blocks (contiguous), or auto (synthetic: each hospital its own notes; files: iid).",
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
+    notes_per_hospital: int = Field(
+        400, ge=10, description="Synthetic notes generated per hospital (before the split)."
+    )
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        if value in {"auto", "iid", "dirichlet", "blocks"}:
+            return value
+        if value.startswith("column:") and len(value) > len("column:"):
+            return value
+        raise ValueError("must be iid, dirichlet, blocks, auto or column:NAME")
+
+
+class SimulationResources(_Group):
+    """Simulation only: simulated failures and the worker processes that run the hospitals."""
+
     dropout_rate: float = Field(
         0.0,
         ge=0,
@@ -181,59 +286,64 @@ class RunConfig(BaseModel):
         "empty: a local Ray instance on this machine.",
     )
 
-    # --- outputs -------------------------------------------------------------------------------
+
+class SimulationSettings(SimulationResources, SimulatedData):
+    """Simulation only: the simulated hospitals, their data and the workers that run them."""
+
+
+class LocalSettings(_Group):
+    """Where and how this machine runs its part; may change between a run and its resumption."""
+
+    round_timeout: float = Field(
+        3600.0, gt=0, description="Seconds the server waits for replies in each stage."
+    )
+    secagg_timeout: float = Field(
+        600.0, gt=0, description="Seconds the server waits for each SecAgg+ stage's replies."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
+    )
     out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")
     resume: bool = Field(
         False,
         description="Continue the run checkpointed in `out` (its checkpoint.npz) from its last "
-        "completed round, under the same fedward run id; the rest of the config must be the "
-        "same as when the run started. `fedward run --resume` sets it.",
+        "completed round, under the same fedward run id; the run spec must be the same as when "
+        "the run started. `fedward run --resume` sets it.",
     )
 
-    @field_validator("partition")
-    @classmethod
-    def _check_partition(cls, value: str) -> str:
-        if value in {"auto", "iid", "dirichlet", "blocks"}:
-            return value
-        if value.startswith("column:") and len(value) > len("column:"):
-            return value
-        raise ValueError("must be iid, dirichlet, blocks, auto or column:NAME")
 
-    @field_validator("lora_target_modules")
-    @classmethod
-    def _check_targets(cls, value: list[str]) -> list[str]:
-        if not value or any(not name.strip() for name in value):
-            raise ValueError("must name at least one module, e.g. ['query', 'value']")
-        return value
+class RunConfig(LocalSettings, SimulationSettings, RunSpec):
+    """Every option of a fedward run on one machine: the run spec plus local and simulation
+    settings, as one flat object loaded from TOML, CLI flags or Flower's run config.
 
-    @field_validator("labels")
-    @classmethod
-    def _check_labels(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if len(value) < 2:
-                raise ValueError("needs at least 2 labels")
-            if len(set(value)) != len(value):
-                raise ValueError("labels must be distinct")
-        return value
+    Only `spec()` leaves the machine; `fields_of(group)` names a group's fields, so subsets
+    (what the model cache keys on, what may change on resume) follow from the groups above.
+    """
 
     @model_validator(mode="after")
     def _check_federation(self) -> RunConfig:
-        if self.min_hospitals > self.hospitals:
+        # Only a simulation has a number of hospitals; a deployment's is whoever connects.
+        if "hospitals" in self.model_fields_set and self.min_hospitals > self.hospitals:
             raise ValueError(
                 f"min_hospitals ({self.min_hospitals}) is more than hospitals ({self.hospitals})"
             )
         return self
 
-    # --- loading -------------------------------------------------------------------------------
+    def spec(self) -> RunSpec:
+        """The run spec: what travels to hospitals, is hashed and compared on resume."""
+        return RunSpec(**self.values_of(RunSpec))
+
+    def digest(self) -> str:
+        """The run spec's SHA-256 (local and simulation settings are not part of it)."""
+        return self.spec().digest()
 
     @classmethod
-    def build(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
-        """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
-        normalised = {key.replace("-", "_"): value for key, value in values.items()}
-        try:
-            return cls(**normalised)
-        except ValidationError as exc:
-            raise ConfigError(describe_invalid(exc, source, "", cls.model_fields)) from None
+    def with_spec(cls, spec: RunSpec, settings: BaseModel | None = None) -> RunConfig:
+        """A hospital's config: the run spec it received plus its own local settings."""
+        local = settings.model_dump(exclude=set(RunSpec.model_fields)) if settings else {}
+        return cls(**spec.model_dump(), **local)
+
+    # --- loading -------------------------------------------------------------------------------
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -246,41 +356,45 @@ class RunConfig(BaseModel):
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
         """Rebuild from Flower's flat run config (lists travel as JSON strings)."""
-        values: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in cls.model_fields:
-                continue  # Flower's own keys (e.g. partition-id) are not ours.
-            if value == "" and cls.model_fields[name].default is None:
-                continue  # "" stands for "unset" in Flower's scalar-only config
-            if isinstance(value, str) and value.startswith(("[", "null")):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
-            values[name] = value
-        return cls.build(values, source="Flower run config")
+        return cls.build(_from_flat(run_config, cls.model_fields), source="Flower run config")
 
-    def to_flower(self) -> dict[str, bool | int | float | str]:
-        """Flat scalar form for Flower's run config and ConfigRecord (None is dropped)."""
-        flat: dict[str, bool | int | float | str] = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            flat[name.replace("_", "-")] = json.dumps(value) if isinstance(value, list) else value
-        return flat
 
-    @property
-    def head_lr(self) -> float:
-        """The task head's learning rate, with the task's default when unset."""
-        if self.head_learning_rate is not None:
-            return self.head_learning_rate
-        return 0.01 if self.task == "ner" else 0.03
+#: Every group of fields, in the order a user reads them (help pages, docs).
+GROUPS: tuple[type[_Group], ...] = (
+    TaskSpec,
+    ModelSpec,
+    PrivacySpec,
+    FederationSpec,
+    TrainingSpec,
+    SecAggSpec,
+    DataSchema,
+    SimulatedData,
+    SimulationResources,
+    LocalSettings,
+)
 
-    def digest(self) -> str:
-        """SHA-256 of the canonical JSON form: what a site policy can pin."""
-        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+
+def fields_of(group: type[BaseModel]) -> tuple[str, ...]:
+    """The field names of a group (`ModelSpec`, `RunSpec`, `LocalSettings`...), in order."""
+    return tuple(group.model_fields)
+
+
+def _from_flat(values: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Flower's flat scalar config back to field values ("" is unset, lists are JSON)."""
+    parsed: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            continue  # Flower's own keys (e.g. partition-id), or another group's fields
+        if value == "" and fields[name].default is None:
+            continue  # "" stands for "unset" in Flower's scalar-only config
+        if isinstance(value, str) and value.startswith(("[", "null")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        parsed[name] = value
+    return parsed
 
 
 def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:

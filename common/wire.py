@@ -1,4 +1,4 @@
-"""What travels in Flower messages: adapter arrays <-> ArrayRecord, run config <-> ConfigRecord.
+"""What travels in Flower messages: adapter arrays <-> ArrayRecord, run spec <-> ConfigRecord.
 
 Record keys both sides agree on are named here once.
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, RunSpec
 
 ARRAYS = "arrays"  # the global adapter (server -> hospital) or an update (hospital -> server)
-CONFIG = "config"  # run config + round identity (server -> hospital)
+CONFIG = "config"  # run spec + round identity (server -> hospital)
 METRICS = "metrics"  # numbers a hospital reports (loss, epsilon, example counts)
 INFO = "info"  # strings a hospital reports (its name)
 REFUSAL = "refusal"  # a hospital's reasoned refusal (policy, budget, data)
@@ -30,15 +30,17 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: record[name].numpy() for name in record}
 
 
-def round_config(config: RunConfig, server_round: int, run_id: int) -> ConfigRecord:
-    """The config record sent with every message of a round."""
-    return ConfigRecord({**config.to_flower(), ROUND_KEY: server_round, RUN_KEY: str(run_id)})
+def round_config(config: RunConfig | RunSpec, server_round: int, run_id: int) -> ConfigRecord:
+    """The config record sent with every message of a round: the run spec only (a config's
+    local and simulation settings never leave the machine)."""
+    spec = config.spec() if isinstance(config, RunConfig) else config
+    return ConfigRecord({**spec.to_flower(), ROUND_KEY: server_round, RUN_KEY: str(run_id)})
 
 
-def read_round_config(record: ConfigRecord) -> tuple[RunConfig, int, str]:
-    """RunConfig, round number and run id from a received config record."""
+def read_round_config(record: ConfigRecord) -> tuple[RunSpec, int, str]:
+    """Run spec, round number and run id from a received config record."""
     values = dict(record)
-    return RunConfig.from_flower(values), int(values[ROUND_KEY]), str(values[RUN_KEY])
+    return RunSpec.from_flower(values), int(values[ROUND_KEY]), str(values[RUN_KEY])
 
 
 SECAGG = "secagg"  # a SecAgg+ stage payload (ConfigRecord); the masked vector travels in ARRAYS

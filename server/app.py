@@ -259,11 +259,31 @@ def write_history(
     )
 
 
-app = ServerApp()
+def build_server_app(
+    config: RunConfig | None = None,
+    prepare: Callable[[RunConfig], RunConfig] | None = None,
+    on_round: RoundCallback | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> ServerApp:
+    """The coordinator's ServerApp, for the deployment and for both simulation entries.
+
+    `config` None reads it from Flower's run config; `prepare` fills in what the run needs
+    before round 1 (simulation: the data's label set); `on_round` sees each round's row and
+    `on_result` the finished run (the `fedward simulate` progress bar and report).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = config or RunConfig.from_flower(dict(context.run_config))
+        if prepare is not None:
+            run_config = prepare(run_config)
+        result = run_federation(grid, run_config, context.run_id, on_round=on_round)
+        if on_result is not None:
+            on_result(result)
+
+    return app
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Flower entry point: the run config comes from Flower's run config."""
-    config = RunConfig.from_flower(dict(context.run_config))
-    run_federation(grid, config, context.run_id)
+#: The coordinator's ServerApp in a deployment (`fedward run` names it in the app bundle).
+app = build_server_app()

@@ -254,13 +254,13 @@ def run(
     if not config.secure_aggregation:
         console.print("[bold red]secure aggregation is OFF for this run (debugging only)[/]")
     flower_run_id = deploy.submit_run(connection, config)
-    digest = config.model_copy(update={"resume": False}).digest()
+    digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
     console.print(
         f"fedward run: {what} as Flower run {flower_run_id}; {config.rounds} rounds, task "
         f"{config.task}, model {config.model}; output {config.out}"
     )
-    console.print(f"run config sha256 (for sites' approved_run_configs): {digest}")
+    console.print(f"run spec sha256 (for sites' approved_run_configs): {digest}")
     if detach:
         console.print(
             f"follow: history in {config.out}/history.json; stop: flwr stop {flower_run_id}"

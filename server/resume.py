@@ -40,10 +40,6 @@ CHECKPOINT_VERSION = 1
 _HEADER = "__fedward__"  # the JSON header inside the .npz
 _ARRAY_PREFIX = "adapter:"  # adapter tensors inside the .npz
 
-#: RunConfig fields that may differ between a run and its resumption: where the run lives (the
-#: folder may have moved), the flag itself, waiting times, and where the server computes.
-RESUME_FREE_FIELDS = frozenset({"resume", "out", "round_timeout", "secagg_timeout", "device"})
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -152,10 +148,10 @@ def load_checkpoint(out: str | Path) -> Checkpoint:
 
 
 def check_resumable(checkpoint: Checkpoint, config: RunConfig) -> None:
-    """Refuse (`ConfigError`) to resume under a config other than the one the run started with.
+    """Refuse (`ConfigError`) to resume under a run spec other than the one the run started with.
 
-    Every field counts (the noise of DP-SGD is calibrated on `rounds`, `epsilon`, the data
-    sizes...), except those in `RESUME_FREE_FIELDS`.
+    Every field of the run spec counts (the noise of DP-SGD is calibrated on `rounds`,
+    `epsilon`...); local settings (where the run lives, timeouts, device) may change.
     """
     current = _comparable(config)
     changed = sorted(
@@ -169,7 +165,7 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig) -> None:
             for name in changed[:5]
         )
         raise ConfigError(
-            f"cannot resume run {checkpoint.run_id}: the run config differs from the one it "
+            f"cannot resume run {checkpoint.run_id}: the run spec differs from the one it "
             f"started with: {shown}. Resume with the same config file"
         )
 
@@ -180,6 +176,4 @@ def unfinished(checkpoint: Checkpoint) -> bool:
 
 
 def _comparable(config: RunConfig) -> dict[str, Any]:
-    return {
-        name: value for name, value in config.model_dump().items() if name not in RESUME_FREE_FIELDS
-    }
+    return config.spec().model_dump()

@@ -1,25 +1,24 @@
 """Flower apps for simulation: hospitals read their share of a pooled or synthetic data set.
 
-`flwr run .` (pyproject's [tool.flwr.app.components]) and `fedward simulate` both use these.
-A real hospital uses `client.app:app` instead, which reads the file named in its node config.
+Both apps come from the factories that make the deployment's (`build_client_app` in
+client/app.py, `build_server_app` in server/app.py); only the data source, the site and the
+simulated dropouts differ. A real hospital runs `fedward.client.app:app`, which reads the file
+named in its node config.
 """
 
 from __future__ import annotations
 
-import os
 import random
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
-from fedward.client import model_cache
-from fedward.client.app import handle_evaluate, handle_secagg_stage, handle_train
+from fedward.client.app import build_client_app
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
-from fedward.server.app import run_federation
-from fedward.simulation.hospitals import prepare_config, simulated_data
+from fedward.server.app import build_server_app
+from fedward.simulation.hospitals import SimulatedSite, prepare_config, simulated_data
 
 #: Where a simulated hospital can drop out of a round (`RunConfig.dropout_rate`).
 DROPOUT_STAGES = ("train", SHARE_KEYS, MASKED_UPDATE, UNMASK)
@@ -48,58 +47,34 @@ def _maybe_drop(context: Context, stage: str) -> None:
         )
 
 
-client_app = ClientApp()
+def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
+    """The simulated hospitals' ClientApp: the hospital ClientApp (client/app.py) fed by the
+    hospital's share of the data, with a `SimulatedSite` and simulated dropouts.
+
+    `settings` are the simulation's own (hospitals, data, partition, dropout rate, device);
+    None reads them from Flower's run config (`flwr run .`).
+    """
+
+    def settings_of(context: Context) -> RunConfig:
+        return settings or RunConfig.from_flower(dict(context.run_config))
+
+    def open_simulated_site(context: Context) -> SimulatedSite:
+        return SimulatedSite(context, settings_of(context))
+
+    def drop_on_purpose(stage: str, msg: Message, context: Context) -> None:
+        if stage == "train":
+            spec, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
+            hospital = int(context.node_config["partition-id"])
+            rate = settings_of(context).dropout_rate
+            planned = dropout_stage(spec.seed, server_round, hospital, rate)
+            context.state[_DROPOUT_STATE] = ConfigRecord({"stage": planned or ""})
+        if stage != "evaluate":
+            _maybe_drop(context, stage)
+
+    return build_client_app(simulated_data, open_simulated_site, drop_on_purpose)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train on this simulated hospital's share (or drop, per `dropout_rate`)."""
-    config, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
-    hospital = int(context.node_config["partition-id"])
-    stage = dropout_stage(config.seed, server_round, hospital, config.dropout_rate)
-    context.state[_DROPOUT_STATE] = ConfigRecord({"stage": stage or ""})
-    _maybe_drop(context, "train")
-    reply = handle_train(msg, context, simulated_data)
-    if wire.METRICS in reply.content:
-        # Which worker process served this hospital, and how many models it has built so far:
-        # lets tests and benchmarks check that the base model is loaded once per worker.
-        reply.content[wire.METRICS]["worker-pid"] = os.getpid()
-        reply.content[wire.METRICS]["model-loads"] = model_cache.load_count
-    return reply
-
-
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate on this simulated hospital's validation split."""
-    return handle_evaluate(msg, context, simulated_data)
-
-
-@client_app.train("share_keys")
-def share_keys(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 2."""
-    _maybe_drop(context, SHARE_KEYS)
-    return handle_secagg_stage(msg, context, SHARE_KEYS)
-
-
-@client_app.train("masked_update")
-def masked_update(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 3."""
-    _maybe_drop(context, MASKED_UPDATE)
-    return handle_secagg_stage(msg, context, MASKED_UPDATE)
-
-
-@client_app.train("unmask")
-def unmask(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 4."""
-    _maybe_drop(context, UNMASK)
-    return handle_secagg_stage(msg, context, UNMASK)
-
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Coordinator of a `flwr run` simulation: labels are read from the pooled data."""
-    config = prepare_config(RunConfig.from_flower(dict(context.run_config)))
-    run_federation(grid, config, context.run_id)
+#: `flwr run .` (pyproject's [tool.flwr.app.components]); `fedward simulate` builds its own
+#: pair with the settings it was given (simulation/runner.py).
+client_app = build_simulation_client_app()
+server_app = build_server_app(prepare=prepare_config)

@@ -5,27 +5,25 @@ Only the CLI prints; library code logs.
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from fedward.common.config import RunConfig
+from fedward.common.config import GROUPS, RunConfig
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
-
-
-def _flags(**values: Any) -> dict[str, Any]:
-    """CLI flags the user actually gave (None means: keep the config file's or default value)."""
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def load_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
@@ -61,87 +59,71 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def simulate(
-    hospitals: Annotated[int | None, typer.Option(help="Simulated hospitals [default: 3].")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds [default: 3].")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="CSV/JSONL (or CoNLL for NER); default: synthetic notes.")
-    ] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text column [default: text].")] = None,
-    label_column: Annotated[str | None, typer.Option(help="Label column [default: label].")] = None,
-    partition: Annotated[
-        str | None, typer.Option(help="iid | dirichlet | blocks | column:NAME | auto.")
-    ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha [default: 0.5].")] = None,
-    task: Annotated[str | None, typer.Option(help="classification | ner.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Base model folder or hub id [default: packaged MiniLM].")
-    ] = None,
-    epsilon: Annotated[
-        float | None, typer.Option(help="Target epsilon per hospital for the run [default: 8].")
-    ] = None,
-    dp: Annotated[
-        bool | None, typer.Option("--dp/--no-dp", help="Differential privacy [default: on].")
-    ] = None,
-    secure_aggregation: Annotated[
-        bool | None,
-        typer.Option(
-            "--secure-aggregation/--no-secure-aggregation",
-            help="SecAgg+ masking of updates [default: on]; off only for debugging.",
-        ),
-    ] = None,
-    fraction: Annotated[float | None, typer.Option(help="Hospitals sampled per round.")] = None,
-    min_hospitals: Annotated[
-        int | None, typer.Option(help="Fewest hospitals a round may train with [default: 2].")
-    ] = None,
-    notes_per_hospital: Annotated[
-        int | None, typer.Option(help="Synthetic notes per hospital [default: 400].")
-    ] = None,
-    dropout_rate: Annotated[
-        float | None, typer.Option(help="Chance a sampled hospital fails mid-round [default: 0].")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Worker processes [default: what the machine holds].")
-    ] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Expected batch size.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
-    lora_variant: Annotated[str | None, typer.Option(help="lora | ffa.")] = None,
-    out: Annotated[str | None, typer.Option(help="Output folder [default: fedward-out].")] = None,
     config_file: Annotated[
-        Path | None, typer.Option("--config", help="TOML file with RunConfig fields.")
+        Path | None, typer.Option("--config", help="TOML file with any RunConfig field.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed [default: 42].")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower/Ray logs.")] = False,
+    **fields: Any,
 ) -> None:
     """Run a federated fine-tuning across simulated hospitals on this machine."""
     quiet_libraries(verbose)
-    flags = _flags(
-        hospitals=hospitals,
-        rounds=rounds,
-        data=data,
-        text_column=text_column,
-        label_column=label_column,
-        partition=partition,
-        alpha=alpha,
-        task=task,
-        model=model,
-        epsilon=epsilon,
-        dp=dp,
-        secure_aggregation=secure_aggregation,
-        fraction=fraction,
-        min_hospitals=min_hospitals,
-        notes_per_hospital=notes_per_hospital,
-        dropout_rate=dropout_rate,
-        workers=workers,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        lora_variant=lora_variant,
-        out=out,
-        seed=seed,
-    )
+    flags = {name: value for name, value in fields.items() if value not in (None, [])}
     config = load_config(config_file, flags)
     run_simulation_with_report(config, verbose)
+
+
+#: Shorter spellings kept for the flags users type most.
+_ALIASES = {"learning_rate": ("--lr",)}
+#: RunConfig fields that are not simulation options (`fedward run --resume` sets it).
+_NOT_SIMULATE_OPTIONS = {"resume"}
+
+
+def field_options(groups: list[type[BaseModel]], skip: set[str]) -> list[inspect.Parameter]:
+    """One CLI option per field of `groups`: its flag, type, description and default all come
+    from the field, so the CLI keeps no second list of defaults (given values only override)."""
+    parameters = []
+    for group in groups:
+        panel = (group.__doc__ or group.__name__).strip().splitlines()[0]
+        for name, field in group.model_fields.items():
+            if name in skip or any(p.name == name for p in parameters):
+                continue
+            flag = "--" + name.replace("_", "-")
+            default = field.get_default(call_default_factory=True)
+            shown = json.dumps(default) if isinstance(default, list | str) else default
+            shown = "unset" if default is None else shown
+            help_text = f"{field.description} (default: {shown})"
+            kind = _option_type(field.annotation)
+            if kind is bool:
+                declarations = (f"{flag}/--no-{flag[2:]}",)
+            else:
+                declarations = (flag, *_ALIASES.get(name, ()))
+            option = typer.Option(*declarations, help=help_text, rich_help_panel=panel)
+            parameters.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[kind | None, option],
+                )
+            )
+    return parameters
+
+
+def _option_type(annotation: Any) -> type:
+    """The click-level type of a field: bool, int, float, list[str] (repeatable) or str."""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is list or any(get_origin(arg) is list for arg in args):
+        return list[str]
+    for kind in (bool, int, float):
+        if annotation is kind or kind in args:
+            return kind
+    return str  # str, Literal[...] (pydantic checks the choice and names the field)
+
+
+_fixed = list(inspect.signature(simulate, eval_str=True).parameters.values())[:-1]
+simulate.__signature__ = inspect.Signature(
+    _fixed + field_options(list(GROUPS), _NOT_SIMULATE_OPTIONS)
+)
 
 
 def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None:

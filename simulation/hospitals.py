@@ -1,4 +1,5 @@
-"""Where simulated hospitals get their data: synthetic notes, or a share of a pooled file.
+"""Simulated hospitals: where their data come from (synthetic notes, or a share of a pooled
+file) and their site (`SimulatedSite`: no policy or ledger, the DP history in the node state).
 
 Runs inside each simulation worker. Reading and partitioning are cached per process, so a worker
 serving many virtual hospitals reads the pooled file once.
@@ -6,20 +7,60 @@ serving many virtual hospitals reads the pooled file once.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
-from fedward.common.config import RunConfig
+from fedward.client.trainer import HistoryEntry, TrainResult
+from fedward.common.config import RunConfig, RunSpec, SimulatedData, SimulationSettings
 from fedward.common.data import Record, label_set, read_records, train_val_split
-from fedward.common.errors import DataError
+from fedward.common.errors import ConfigError, DataError, FedwardError
 from fedward.simulation import partition
+
+DP_STATE = "fedward.dp"  # node-state record holding the accountant history within a run
+
+
+class SimulatedSite:
+    """A simulated hospital's site: accepts every run, adds the simulation's local settings,
+    keeps the run's accountant history in the node state (no ledger, no audit log)."""
+
+    def __init__(self, context: Context, settings: SimulationSettings | None) -> None:
+        self.context = context
+        self.settings = settings
+
+    def check_policy(self, spec: RunSpec) -> RunConfig:
+        return RunConfig.with_spec(spec, self.settings)
+
+    def admit(self, spec, run_id, server_round, global_arrays) -> tuple[RunConfig, None]:
+        return self.check_policy(spec), None
+
+    def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
+        record = self.context.state.get(DP_STATE)
+        if record is None:
+            return []
+        return [tuple(entry) for entry in json.loads(str(record["history"]))]
+
+    def check_budget(self, config: RunConfig, num_train: int) -> None:
+        return None  # the trainer still refuses a round past the run's own epsilon
+
+    def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
+        self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
+
+    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+        return None  # the coordinator's round table shows it
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
-    """Fill in what the coordinator must know before round 1: the label set of the data."""
+    """Check the simulation and fill in what the coordinator must know before round 1: the
+    label set of the data."""
+    if config.min_hospitals > config.hospitals:
+        raise ConfigError(
+            f"field 'min_hospitals': {config.min_hospitals} is more than hospitals "
+            f"({config.hospitals}) in this simulation"
+        )
     if config.labels:
         return config
     if config.task == "ner":
@@ -41,39 +82,20 @@ def prepare_config(config: RunConfig) -> RunConfig:
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:
     """The share of hospital `partition-id` (a `client.app.DataSource`)."""
     hospital = int(context.node_config["partition-id"])
-    train, val, source = _hospital_split(_data_key(config), hospital)
+    # The split depends on the task, the seed and every field of `SimulatedData`, no other.
+    shared = SimulatedData(**config.values_of(SimulatedData)).model_dump_json()
+    train, val, source = _hospital_split(config.task, config.seed, shared, hospital)
     return HospitalData(hospital_name(context), list(train), list(val), source)
 
 
-def _data_key(config: RunConfig) -> tuple:
-    return (
-        config.task,
-        config.data,
-        config.text_column,
-        config.label_column,
-        config.partition,
-        config.alpha,
-        config.hospitals,
-        config.notes_per_hospital,
-        config.val_fraction,
-        config.seed,
-    )
-
-
 @lru_cache(maxsize=8)
-def _hospital_split(key: tuple, hospital: int) -> tuple[tuple, tuple, str]:
-    (
-        task,
-        data,
-        text_column,
-        label_column,
-        scheme,
-        alpha,
-        hospitals,
-        per_hospital,
-        val_fraction,
-        seed,
-    ) = key
+def _hospital_split(
+    task: str, seed: int, shared_json: str, hospital: int
+) -> tuple[tuple, tuple, str]:
+    shared = SimulatedData.model_validate_json(shared_json)
+    data, text_column, label_column = shared.data, shared.text_column, shared.label_column
+    scheme, alpha, hospitals = shared.partition, shared.alpha, shared.hospitals
+    per_hospital, val_fraction = shared.notes_per_hospital, shared.val_fraction
     if task == "ner":
         examples = _ner_share(data, scheme, hospitals, per_hospital, seed, hospital)
         cut = max(1, round(len(examples) * (1 - val_fraction)))

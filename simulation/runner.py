@@ -7,12 +7,9 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from fedward.common.config import RunConfig
-from fedward.server.app import RoundCallback, RunResult, run_federation
-from fedward.simulation.app import client_app
+from fedward.server.app import RoundCallback, RunResult, build_server_app
+from fedward.simulation.app import build_simulation_client_app
 from fedward.simulation.hospitals import prepare_config
 
 log = logging.getLogger(__name__)
@@ -59,13 +56,10 @@ def simulate(
 
     config = prepare_config(config)
     resources = plan_workers(config)
-    holder: dict[str, RunResult] = {}
+    results: list[RunResult] = []
 
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        holder["result"] = run_federation(grid, config, context.run_id, on_round=on_round)
+    server_app = build_server_app(config, on_round=on_round, on_result=results.append)
+    client_app = build_simulation_client_app(config)
 
     backend_config = {
         "client_resources": {
@@ -92,6 +86,6 @@ def simulate(
             backend_config=backend_config,
             verbose_logging=verbose,
         )
-    if "result" not in holder:
+    if not results:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see why")
-    return holder["result"]
+    return results[0]

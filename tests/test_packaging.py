@@ -22,9 +22,9 @@ def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
     # --no-build-isolation: build with the setuptools already installed (CI is offline-friendly).
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out)]
-        + [str(ROOT)],
+        [*command, "-w", str(out), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,7 +10,7 @@ import pytest
 
 from fedward.common import wire
 from fedward.common.config import RunConfig
-from fedward.common.errors import ConfigError, DataError
+from fedward.common.errors import ConfigError, DataError, PolicyError
 from fedward.server.cli import prepare_run
 from fedward.server.resume import (
     arrays_digest,
@@ -125,3 +125,31 @@ def test_run_refuses_to_resume_a_finished_run_or_nothing(tmp_path):
 def test_run_needs_the_label_set(tmp_path):
     with pytest.raises(ConfigError, match="field 'labels': required for a deployment"):
         prepare_run(RunConfig(out=str(tmp_path)), resume=False)
+
+
+def test_a_run_resumed_from_a_moved_folder_passes_a_hospital_that_pins_its_digest(tmp_path):
+    """The README lets `out` change on resume; a hospital that pinned the digest `fedward run`
+    printed at the start must accept the resumed run's messages too."""
+    from fedward.client.policy import SitePolicy
+
+    started = prepare_run(_config(tmp_path, round_timeout=60.0), resume=False)
+    pinned = started.digest()  # what `fedward run` printed, and the hospital pinned
+    save_checkpoint(started.out, "run-1", started, 1, _arrays(0.5), [{"round": 1}])
+    moved = tmp_path / "moved"
+    (tmp_path / "out").rename(moved)
+
+    resumed = prepare_run(
+        _config(tmp_path, round_timeout=120.0, device="cpu").model_copy(update={"out": str(moved)}),
+        resume=True,
+    )
+    assert resumed.out != started.out and resumed.resume
+    assert resumed.digest() == pinned
+    # What the hospital receives, and checks, is the same run spec.
+    spec, _, _ = wire.read_round_config(wire.round_config(resumed, 2, "run-1"))
+    SitePolicy.permissive(approved_run_configs=[pinned]).check(spec)
+    # ...while a change to the spec itself is still caught by the pin.
+    changed, _, _ = wire.read_round_config(
+        wire.round_config(resumed.model_copy(update={"epsilon": 4.0}), 2, "run-1")
+    )
+    with pytest.raises(PolicyError, match="not on the site's approved list"):
+        SitePolicy.permissive(approved_run_configs=[pinned]).check(changed)
