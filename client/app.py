@@ -9,6 +9,7 @@ adding its own local settings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,9 +79,11 @@ class HospitalSite(Protocol):
 
 #: Opens a hospital's site for one request.
 SiteOpener = Callable[[Context], HospitalSite]
-#: Called before each stage of a round ("train", "evaluate", or a SecAgg+ stage) with its
-#: message; simulation uses it to drop hospitals on purpose.
-StageHook = Callable[[str, Message, Context], None]
+#: Handles one stage of a round for a message: (message, context) -> reply.
+StageHandler = Callable[[Message, Context], Message]
+#: Runs around each stage ("train", "evaluate", or a SecAgg+ stage): (stage, message, context,
+#: handler) -> reply. Simulation uses it to drop hospitals on purpose and to report its workers.
+StageHook = Callable[[str, Message, Context, StageHandler], Message]
 
 
 def hospital_name(context: Context) -> str:
@@ -256,39 +259,33 @@ def open_site(context: Context) -> Site:
 
 
 def build_client_app(
-    load_data: DataSource, open_site: SiteOpener, before_stage: StageHook | None = None
+    load_data: DataSource, open_site: SiteOpener, around_stage: StageHook | None = None
 ) -> ClientApp:
     """The ClientApp of one runtime: the same handlers for every stage of a round, fed by
     `load_data` and judged by the site `open_site` returns."""
-    app = ClientApp()
-
-    def _before(stage: str, msg: Message, context: Context) -> None:
-        if before_stage is not None:
-            before_stage(stage, msg, context)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        """Train on this hospital's data, under its site's gates."""
-        _before("train", msg, context)
-        return handle_train(msg, context, load_data, open_site)
-
-    @app.evaluate()
-    def evaluate_global(msg: Message, context: Context) -> Message:
-        """Evaluate the global adapter on this hospital's validation split."""
-        _before("evaluate", msg, context)
-        return handle_evaluate(msg, context, load_data, open_site)
-
-    def secagg_stage(stage: str):
-        def handle(msg: Message, context: Context) -> Message:
-            _before(stage, msg, context)
-            return handle_secagg_stage(msg, context, stage)
-
-        handle.__doc__ = f"SecAgg+ stage {stage}."
-        return handle
-
+    handlers: dict[str, StageHandler] = {
+        "train": lambda msg, context: handle_train(msg, context, load_data, open_site),
+        "evaluate": lambda msg, context: handle_evaluate(msg, context, load_data, open_site),
+    }
     for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
-        app.train(stage)(secagg_stage(stage))
+        handlers[stage] = functools.partial(_secagg_handler, stage=stage)
+
+    def entry(stage: str) -> StageHandler:
+        handler = handlers[stage]
+        if around_stage is None:
+            return handler
+        return lambda msg, context: around_stage(stage, msg, context, handler)
+
+    app = ClientApp()
+    app.train()(entry("train"))
+    app.evaluate()(entry("evaluate"))
+    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+        app.train(stage)(entry(stage))
     return app
+
+
+def _secagg_handler(msg: Message, context: Context, stage: str) -> Message:
+    return handle_secagg_stage(msg, context, stage)
 
 
 def load_site_data(config: RunConfig, context: Context) -> HospitalData:

@@ -8,11 +8,13 @@ named in its node config.
 
 from __future__ import annotations
 
+import os
 import random
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedward.client import model_cache
 from fedward.client.app import build_client_app
 from fedward.common import wire
 from fedward.common.config import RunConfig
@@ -61,7 +63,7 @@ def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
     def open_simulated_site(context: Context) -> SimulatedSite:
         return SimulatedSite(context, settings_of(context))
 
-    def drop_on_purpose(stage: str, msg: Message, context: Context) -> None:
+    def simulate_stage(stage: str, msg: Message, context: Context, handler) -> Message:
         if stage == "train":
             spec, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
             hospital = int(context.node_config["partition-id"])
@@ -70,8 +72,15 @@ def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
             context.state[_DROPOUT_STATE] = ConfigRecord({"stage": planned or ""})
         if stage != "evaluate":
             _maybe_drop(context, stage)
+        reply = handler(msg, context)
+        if stage == "train" and wire.METRICS in reply.content:
+            # Which worker process served this hospital, and how many models it has built so
+            # far: lets tests and benchmarks check that the base model is loaded once per worker.
+            reply.content[wire.METRICS]["worker-pid"] = os.getpid()
+            reply.content[wire.METRICS]["model-loads"] = model_cache.load_count
+        return reply
 
-    return build_client_app(simulated_data, open_simulated_site, drop_on_purpose)
+    return build_client_app(simulated_data, open_simulated_site, simulate_stage)
 
 
 #: `flwr run .` (pyproject's [tool.flwr.app.components]); `fedward simulate` builds its own
