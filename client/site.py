@@ -29,10 +29,7 @@ ledger file is described in this hospital's log only.
 from __future__ import annotations
 
 import functools
-import io
-import json
 import logging
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +42,7 @@ from fedward.client.ledger import PrivacyLedger
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
-from fedward.common.atomic import write_bytes_atomic
+from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.audit import AuditLog
 from fedward.common.config import RunConfig
 from fedward.common.errors import (
@@ -64,8 +61,7 @@ log = logging.getLogger(__name__)
 RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
-_RELEASE_HEADER = "__fedward__"
-_RELEASE_PREFIX = "delta:"
+_RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
 
 
 @dataclass(frozen=True)
@@ -329,28 +325,24 @@ class Site:
             if result.plan is None
             else [result.plan.noise_multiplier, result.plan.sample_rate, result.plan.steps],
         }
-        buffer = io.BytesIO()
-        arrays = {_RELEASE_PREFIX + name: value for name, value in result.delta.items()}
-        np.savez(buffer, **{_RELEASE_HEADER: np.array(json.dumps(header))}, **arrays)
-        path = self._release_path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, buffer.getvalue(), mode=RELEASE_MODE)
+        write_arrays_file(
+            self._release_path(run_id),
+            header,
+            result.delta,
+            prefix=_RELEASE_PREFIX,
+            mode=RELEASE_MODE,
+        )
 
     def _load_release(self, run_id: str) -> Release | None:
         path = self._release_path(run_id)
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(str(archive[_RELEASE_HEADER]))
-                delta = {
-                    name[len(_RELEASE_PREFIX) :]: archive[name]
-                    for name in archive.files
-                    if name.startswith(_RELEASE_PREFIX)
-                }
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            log.warning("%s: %s: released update unreadable (%s)", self.name, path, exc)
+            stored = read_arrays_file(path, prefix=_RELEASE_PREFIX, what="released update")
+        except (FileNotFoundError, DataError) as exc:
+            log.warning("%s: %s", self.name, exc)
             return None
+        header, delta = stored.header, stored.arrays
         plan = header["plan"]
         return Release(
             run_id=header["run_id"],
