@@ -26,14 +26,14 @@ _NOT_SOURCE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache"
 def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
+    # --no-build-isolation: build with the setuptools already installed (CI is offline-friendly).
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     # Build from a clean copy: setuptools reuses an in-tree build/ folder, whose leftovers
     # (say, a data file no longer declared) would otherwise slip into the wheel unnoticed.
     source = tmp_path_factory.mktemp("source") / "fedward"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
-    # --no-build-isolation: build with the setuptools already installed (CI is offline-friendly).
-    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     result = subprocess.run(
-        [*pip_wheel, "-w", str(out), str(source)],
+        [*command, "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
