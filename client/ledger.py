@@ -3,11 +3,13 @@
 DP guarantees compose: each round a hospital trains with DP-SGD releases a little more about its
 records, and the total is what matters. The ledger keeps, per local data set, the history of the
 Opacus RDP accountant (noise multiplier, sample rate, steps) for every round of every run, so
-that a new run, a resumed run and a new process all continue the same composition.
+that a new run, a resumed run and a new process all continue the same composition. The
+arithmetic is `client.privacy`'s, the same the trainer calibrates its noise with.
 
 One JSON file per data set, `<ledger folder>/<fingerprint>.json`, where the fingerprint is the
 SHA-256 of the data file bytes (`dataset_fingerprint`). Writes are atomic (`common.atomic`) and
-serialised with a lock file, so a crash or a second process never loses a recorded round.
+serialised with a lock file (`common.locking`), so a crash or a second process never loses a
+recorded round.
 
 A note on keys: if the records of a data set change (records added or removed), its fingerprint
 changes and a fresh ledger starts. The records it shares with the old version have then been
@@ -17,31 +19,26 @@ passing its own stable name as the fingerprint (`PrivacyLedger.open(folder, "icu
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedward.client.privacy import DPPlan, HistoryEntry, compose_epsilon, projected_epsilon
 from fedward.common.atomic import write_json_atomic
+from fedward.common.digest import content_sha256
 from fedward.common.errors import DataError, PrivacyBudgetExceeded
+from fedward.common.locking import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "fedward-privacy-ledger"
 LEDGER_VERSION = 1
-
-#: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
-HistoryEntry = tuple[float, float, int]
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -88,56 +85,19 @@ class LedgerRow:
     recorded_at: str
 
 
-def compose_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
-    """Epsilon of all `history` entries composed with Opacus's RDP accountant, at `delta`.
-
-    Pure: no file, no state. An empty history has spent nothing. Consecutive entries with the
-    same noise multiplier and sample rate are merged first (RDP is linear in the number of
-    steps, so this is exact, as in `RDPAccountant.step`), which keeps a long ledger fast.
-    """
-    merged: list[HistoryEntry] = []
-    for noise_multiplier, sample_rate, steps in history:
-        entry = (float(noise_multiplier), float(sample_rate), int(steps))
-        if merged and merged[-1][:2] == entry[:2]:
-            merged[-1] = (entry[0], entry[1], merged[-1][2] + entry[2])
-        else:
-            merged.append(entry)
-    if not merged:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = merged
-    return float(accountant.get_epsilon(delta=delta))
-
-
 def dataset_fingerprint(path: str | Path) -> str:
     """SHA-256 (hex) of a data set's bytes: the file, or every file of a folder in sorted order.
 
     For a folder each file contributes its relative path, its size and its bytes, so renaming,
-    moving or editing any file changes the fingerprint. Raises `DataError` when the path is
-    missing or the folder holds no file.
+    moving or editing any file changes the fingerprint (`common.digest.content_sha256`). Raises
+    `DataError` when the path is missing or the folder holds no file.
     """
-    path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = []
-        for root, _dirs, names in os.walk(path):
-            for name in names:
-                file_path = Path(root) / name
-                files.append((file_path.relative_to(path).as_posix(), file_path))
-        files.sort()
-    else:
-        raise DataError(f"{path}: data set not found; check the data path")
-    if not files:
-        raise DataError(f"{path}: data folder is empty; nothing to fingerprint")
-    digest = hashlib.sha256()
-    for relative, file_path in files:
-        digest.update(relative.encode("utf-8") + b"\0")
-        digest.update(str(file_path.stat().st_size).encode("ascii") + b"\0")
-        with open(file_path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    try:
+        return content_sha256(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: data set not found; check the data path") from None
+    except ValueError:
+        raise DataError(f"{path}: data folder is empty; nothing to fingerprint") from None
 
 
 class PrivacyLedger:
@@ -241,7 +201,7 @@ class PrivacyLedger:
         self, delta: float, noise_multiplier: float, sample_rate: float, steps: int
     ) -> float:
         """Epsilon spent after training `steps` more steps with these settings, at `delta`."""
-        return compose_epsilon([*self.history, (noise_multiplier, sample_rate, steps)], delta)
+        return projected_epsilon(self.history, DPPlan(noise_multiplier, sample_rate, steps), delta)
 
     def check_budget(
         self,
@@ -287,7 +247,7 @@ class PrivacyLedger:
         """
         run_id = str(run_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.path.with_name(self.path.name + ".lock")):
+        with exclusive_lock(self.path.with_name(self.path.name + ".lock")):
             if self.path.exists():
                 on_disk = PrivacyLedger.load(self.path)
                 self.entries = on_disk.entries
@@ -379,19 +339,3 @@ def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"epsilon {value} is not finite; check noise_multiplier and steps")
     return value
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (POSIX flock; no lock where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per data set is the operator's job there.
-        yield
-        return
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -24,9 +24,7 @@ name the rule and the values, never a path or anything about the records.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedward.common.config import RunSpec, describe_invalid, read_toml
+from fedward.common.digest import content_sha256
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 
 logger = logging.getLogger(__name__)
@@ -226,28 +225,14 @@ def model_content_hash(path: str | Path) -> str:
     For a folder, the weight files (`WEIGHT_SUFFIXES`, in any subfolder) are taken in sorted
     order and each contributes its relative path, its size and its bytes; tokenizer and config
     files are left out, so re-saving a config does not change the hash. A single file is hashed
-    the same way. Raises `ModelError` when the path is missing or holds no weight file.
+    the same way (`common.digest.content_sha256`, as for data sets). Raises `ModelError` when
+    the path is missing or holds no weight file.
     """
-    path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = sorted(
-            (candidate.relative_to(path).as_posix(), candidate)
-            for candidate in path.rglob("*")
-            if candidate.is_file() and candidate.name.endswith(WEIGHT_SUFFIXES)
-        )
-    else:
-        raise ModelError(f"{path}: model path not found; cannot compute its content hash")
-    if not files:
+    try:
+        return content_sha256(path, suffixes=WEIGHT_SUFFIXES)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model path not found; cannot compute its content hash") from None
+    except ValueError:
         raise ModelError(
             f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found; is this a model folder?"
-        )
-    digest = hashlib.sha256()
-    for relative, file_path in files:
-        digest.update(relative.encode("utf-8") + b"\0")
-        digest.update(str(os.path.getsize(file_path)).encode("ascii") + b"\0")
-        with open(file_path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+        ) from None

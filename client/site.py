@@ -28,11 +28,7 @@ ledger file is described in this hospital's log only.
 
 from __future__ import annotations
 
-import functools
-import io
-import json
 import logging
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +41,7 @@ from fedward.client.ledger import PrivacyLedger
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
-from fedward.common.atomic import write_bytes_atomic
+from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.audit import AuditLog
 from fedward.common.config import DataSchema, LocalSettings, RunConfig, RunSpec
 from fedward.common.errors import (
@@ -67,8 +63,7 @@ SCHEMA_KEYS = tuple(name.replace("_", "-") for name in DataSchema.model_fields)
 RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
-_RELEASE_HEADER = "__fedward__"
-_RELEASE_PREFIX = "delta:"
+_RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
 
 
 @dataclass(frozen=True)
@@ -237,7 +232,7 @@ class Site:
         self.policy.check_examples(num_train)
         if not config.dp:
             return
-        plan = _planned_steps(config, num_train)
+        plan = plan_dp(config, num_train)  # its noise search is cached (client/privacy.py)
         self.ledger().check_budget(
             self.policy.max_epsilon,
             self.policy.max_delta,
@@ -340,28 +335,24 @@ class Site:
             if result.plan is None
             else [result.plan.noise_multiplier, result.plan.sample_rate, result.plan.steps],
         }
-        buffer = io.BytesIO()
-        arrays = {_RELEASE_PREFIX + name: value for name, value in result.delta.items()}
-        np.savez(buffer, **{_RELEASE_HEADER: np.array(json.dumps(header))}, **arrays)
-        path = self._release_path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, buffer.getvalue(), mode=RELEASE_MODE)
+        write_arrays_file(
+            self._release_path(run_id),
+            header,
+            result.delta,
+            prefix=_RELEASE_PREFIX,
+            mode=RELEASE_MODE,
+        )
 
     def _load_release(self, run_id: str) -> Release | None:
         path = self._release_path(run_id)
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(str(archive[_RELEASE_HEADER]))
-                delta = {
-                    name[len(_RELEASE_PREFIX) :]: archive[name]
-                    for name in archive.files
-                    if name.startswith(_RELEASE_PREFIX)
-                }
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            log.warning("%s: %s: released update unreadable (%s)", self.name, path, exc)
+            stored = read_arrays_file(path, prefix=_RELEASE_PREFIX, what="released update")
+        except (FileNotFoundError, DataError) as exc:
+            log.warning("%s: %s", self.name, exc)
             return None
+        header, delta = stored.header, stored.arrays
         plan = header["plan"]
         return Release(
             run_id=header["run_id"],
@@ -373,14 +364,3 @@ class Site:
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
         )
-
-
-@functools.lru_cache(maxsize=16)
-def _plan_for(spec_json: str, num_train: int) -> DPPlan:
-    return plan_dp(RunSpec.model_validate_json(spec_json), num_train)
-
-
-def _planned_steps(config: RunConfig, num_train: int) -> DPPlan:
-    """`plan_dp` for this request (its noise search takes a while; repeats are remembered, keyed
-    by the whole run spec so that no field the plan depends on can be left out of the key)."""
-    return _plan_for(config.spec().model_dump_json(), num_train)

@@ -8,9 +8,7 @@ and a request that would overshoot the target is refused before the first step.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedward.client.ledger import compose_epsilon
+from fedward.client.privacy import (
+    DPPlan,
+    HistoryEntry,
+    compose_epsilon,
+    plan_rounds,
+    projected_epsilon,
+)
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
@@ -28,18 +32,6 @@ from fedward.common.metrics import classification_metrics, ner_metrics_from_ids
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 
 log = logging.getLogger(__name__)
-
-#: One accountant history entry, as Opacus stores it: (noise_multiplier, sample_rate, steps).
-HistoryEntry = tuple[float, float, int]
-
-
-@dataclass(frozen=True)
-class DPPlan:
-    """The DP-SGD parameters of one hospital for one round."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
 
 @dataclass
@@ -63,42 +55,27 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def plan_dp(config: RunConfig, num_train: int) -> DPPlan:
     """Noise for this data size so that all rounds of the run stay within `config.epsilon`."""
-    steps_per_epoch = math.ceil(num_train / config.batch_size)
-    sample_rate = 1.0 / steps_per_epoch
-    steps = steps_per_epoch * config.local_epochs
-    sigma = _noise_multiplier(config.epsilon, config.delta, sample_rate, steps * config.rounds)
-    return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
-
-
-@functools.lru_cache(maxsize=64)
-def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Opacus' noise search (seconds of CPU): the same for every round, so searched once."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.005,
-        )
+    return plan_rounds(
+        config.epsilon,
+        config.delta,
+        config.rounds,
+        config.local_epochs,
+        config.batch_size,
+        num_train,
     )
-
-
-def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
-    """Epsilon of a whole accountant history (RDP), 0 for an empty one: the ledger's arithmetic."""
-    return compose_epsilon(history, delta)
 
 
 def check_budget(
     history: list[HistoryEntry], plan: DPPlan, max_epsilon: float, delta: float, who: str
 ) -> float:
-    """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget."""
-    spent = epsilon_of(history, delta)
-    projected = epsilon_of([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], delta)
+    """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget.
+
+    The run's target allows the noise search's tolerance; the lifetime budget of a data set
+    is the ledger's to enforce (`PrivacyLedger.check_budget`).
+    """
+    projected = projected_epsilon(history, plan, delta)
     if projected > max_epsilon * (1 + 1e-3):
+        spent = compose_epsilon(history, delta)
         raise PrivacyBudgetExceeded(
             f"{who}: training refused before any step: epsilon spent {spent:.3f}, this round "
             f"would bring it to {projected:.3f}, over the limit {max_epsilon:g} "
@@ -208,8 +185,8 @@ def train_locally(
     epsilon = None
     if plan is not None:
         # Account the planned steps (not the drawn batches): conservative and reproducible.
-        new_history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
-        epsilon = epsilon_of(new_history, config.delta)
+        new_history.append(plan.as_history_entry())
+        epsilon = compose_epsilon(new_history, config.delta)
     train_loss = float(np.mean(losses)) if losses else float("nan")
     log.info(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon

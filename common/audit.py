@@ -20,7 +20,6 @@ that harmless names (the run's training `seed`, a `public_key`) are redacted too
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedward.common.errors import DataError
+from fedward.common.locking import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class AuditLog:
             hidden = sorted(_redacted_names(cleaned))
             logger.warning("audit log %s: redacted secret-looking fields %s", self.path, hidden)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as handle, _locked(handle):
+        with exclusive_lock(self.path) as handle:
             seq, prev = self._tail(handle)
             record: dict[str, Any] = {
                 "seq": seq + 1,
@@ -277,17 +277,3 @@ def _count_lines(handle: Any) -> int:
         last = chunk[-1:]
     handle.seek(0, os.SEEK_END)
     return count if last == b"\n" else count + 1
-
-
-@contextlib.contextmanager
-def _locked(handle: Any) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # Windows: a single writer per log is the operator's job there.
-        yield
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

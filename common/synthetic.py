@@ -24,6 +24,10 @@ SYMPTOM, DRUG) or None, so the same writer serves note classification (`generate
 fragments joined) and named-entity recognition (`generate_ner_notes`, the notes cut into
 sentences of tokens with IOB2 tags).
 
+The words and the diagnosis profiles are data, not code: `synthetic_data/vocabulary.json` (the
+concept tables) and `synthetic_data/profiles.json` (how each diagnosis presents), shipped inside
+the package. Editing them changes the notes of every seed.
+
 Hospitals are numbered from 0. Everything is deterministic: seeds come from a stable hash of the
 arguments, never from Python's salted `hash`.
 """
@@ -31,10 +35,13 @@ arguments, never from Python's salted `hash`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import re
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 from fedward.common.errors import ConfigError
 
@@ -60,289 +67,60 @@ ENTITY_TYPES: tuple[str, ...] = ("DISEASE", "SYMPTOM", "DRUG")
 Fragment = tuple[str, "str | None"]  # (text, entity type or None)
 
 # --------------------------------------------------------------------------------------------
-# Concept tables: key -> (full forms, abbreviated forms); the table fixes the entity type
+# Concept tables: key -> (full forms, abbreviated forms); the table fixes the entity type.
+# The words live in package data (synthetic_data/vocabulary.json), read once at import.
 # --------------------------------------------------------------------------------------------
 
-_SYMPTOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "dyspnea": (("shortness of breath", "dyspnea", "breathlessness"), ("SOB", "dyspnea")),
-    "exertional_dyspnea": (("dyspnea on exertion", "breathlessness on exertion"), ("DOE",)),
-    "orthopnea": (("orthopnea", "difficulty breathing lying flat"), ("orthopnea",)),
-    "pnd": (("paroxysmal nocturnal dyspnea",), ("PND",)),
-    "cough": (("cough", "dry cough"), ("cough", "dry cough")),
-    "productive_cough": (
-        ("productive cough", "cough with green sputum"),
-        ("prod cough", "productive cough"),
-    ),
-    "sputum": (("increased sputum production", "change in sputum color"), ("incr sputum",)),
-    "wheezing": (("wheezing",), ("wheezing", "wheeze")),
-    "chest_tightness": (("chest tightness",), ("chest tightness",)),
-    "pleuritic_pain": (("pleuritic chest pain",), ("pleuritic CP", "pleuritic pain")),
-    "chest_pain": (("chest pain",), ("CP", "chest pain")),
-    "fever": (("fever", "fevers"), ("fever", "fevers")),
-    "chills": (("chills", "rigors"), ("chills", "rigors")),
-    "leg_swelling": (("leg swelling", "ankle swelling"), ("LE edema", "leg swelling")),
-    "weight_gain": (("weight gain",), ("wt gain",)),
-    "fatigue": (("fatigue", "generalized weakness"), ("fatigue", "weakness")),
-    "polyuria": (("polyuria", "frequent urination"), ("polyuria",)),
-    "polydipsia": (("polydipsia", "excessive thirst"), ("polydipsia",)),
-    "blurred_vision": (("blurred vision",), ("blurry vision",)),
-    "weight_loss": (("weight loss",), ("wt loss",)),
-    "foot_numbness": (("numbness in both feet", "tingling in the feet"), ("foot paresthesias",)),
-    "dysuria": (("dysuria", "burning on urination"), ("dysuria",)),
-    "frequency": (("urinary frequency",), ("urinary freq",)),
-    "urgency": (("urinary urgency",), ("urgency",)),
-    "suprapubic_pain": (("suprapubic pain",), ("suprapubic pain",)),
-    "flank_pain": (("flank pain",), ("flank pain",)),
-    "hematuria": (("hematuria", "blood in the urine"), ("hematuria",)),
-    "confusion": (("confusion", "altered mental status"), ("AMS", "confusion")),
-    "unilateral_weakness": (
-        ("right-sided weakness", "left arm weakness", "left-sided weakness"),
-        ("R sided weakness", "L arm weakness", "L sided weakness"),
-    ),
-    "slurred_speech": (("slurred speech", "difficulty speaking"), ("slurred speech", "dysarthria")),
-    "facial_droop": (("facial droop", "drooping of the face"), ("facial droop",)),
-    "vision_loss": (("double vision", "loss of vision in one eye"), ("diplopia", "vision loss")),
-    "headache": (("headache",), ("HA", "headache")),
-    "throbbing_headache": (
-        ("throbbing one-sided headache", "pulsating headache"),
-        ("unilat throbbing HA", "throbbing HA"),
-    ),
-    "photophobia": (("photophobia", "sensitivity to light"), ("photophobia",)),
-    "phonophobia": (("phonophobia", "sensitivity to noise"), ("phonophobia",)),
-    "nausea": (("nausea",), ("nausea",)),
-    "vomiting": (("vomiting",), ("emesis", "vomiting")),
-    "aura": (("visual aura", "flashing lights"), ("visual aura",)),
-    "decreased_urine": (("decreased urine output", "passing very little urine"), ("oliguria",)),
-    "dizziness": (("dizziness", "lightheadedness"), ("dizziness", "lightheaded")),
-    "poor_intake": (("poor oral intake",), ("poor PO intake",)),
-    "diarrhea": (("diarrhea",), ("diarrhea",)),
-    "palpitations": (("palpitations",), ("palpitations",)),
-    "malaise": (("malaise", "body aches"), ("malaise", "body aches")),
-}
+_DATA_FOLDER = "synthetic_data"
+
+
+def _read_data(name: str) -> dict[str, Any]:
+    """One JSON file of the vocabulary, shipped with the package (see pyproject's package-data)."""
+    source = resources.files(__package__).joinpath(_DATA_FOLDER, name)
+    return json.loads(source.read_text(encoding="utf-8"))
+
+
+def _concepts(table: dict[str, dict[str, list[str]]]) -> dict[str, tuple[tuple[str, ...], ...]]:
+    return {
+        key: (tuple(forms["full"]), tuple(forms["abbreviated"])) for key, forms in table.items()
+    }
+
+
+def _pairs(table: list[dict[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((pair["full"], pair["abbreviated"]) for pair in table)
+
+
+_VOCABULARY = _read_data("vocabulary.json")
+
+_SYMPTOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _concepts(_VOCABULARY["symptoms"])
 
 #: Symptoms that go with almost anything; added to some notes of every diagnosis.
-_NONSPECIFIC = ("fatigue", "nausea", "dizziness", "poor_intake", "malaise")
+_NONSPECIFIC: tuple[str, ...] = tuple(_VOCABULARY["nonspecific_symptoms"])
 
-_DISEASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "htn": (("hypertension",), ("HTN",)),
-    "dm2": (("type 2 diabetes mellitus", "type 2 diabetes"), ("DM2", "T2DM")),
-    "ckd": (("chronic kidney disease",), ("CKD",)),
-    "copd": (("chronic obstructive pulmonary disease", "COPD"), ("COPD",)),
-    "asthma": (("asthma",), ("asthma",)),
-    "afib": (("atrial fibrillation",), ("AFib", "AF")),
-    "cad": (("coronary artery disease",), ("CAD",)),
-    "chf": (
-        ("heart failure with reduced ejection fraction", "congestive heart failure"),
-        ("HFrEF", "CHF"),
-    ),
-    "hld": (("hyperlipidemia",), ("HLD",)),
-    "obesity": (("obesity",), ("obesity",)),
-    "bph": (("benign prostatic hyperplasia",), ("BPH",)),
-    "dementia": (("dementia",), ("dementia",)),
-    "prior_stroke": (("stroke",), ("CVA",)),
-    "migraines": (("migraines",), ("migraines",)),
-    "recurrent_uti": (("recurrent urinary tract infections",), ("recurrent UTIs",)),
-    "depression": (("depression",), ("depression",)),
-    "anxiety": (("anxiety",), ("anxiety",)),
-    "rhinitis": (("allergic rhinitis",), ("allergic rhinitis",)),
-}
+_DISEASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _concepts(_VOCABULARY["diseases"])
 
 #: How each diagnosis is named when a note names it (full forms, abbreviated forms).
-_DIAGNOSIS_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "pneumonia": (
-        ("community-acquired pneumonia", "pneumonia", "right lower lobe pneumonia"),
-        ("CAP", "PNA", "RLL PNA"),
-    ),
-    "heart failure": (
-        ("acute decompensated heart failure", "heart failure exacerbation"),
-        ("ADHF", "CHF exacerbation"),
-    ),
-    "type 2 diabetes": (
-        ("uncontrolled type 2 diabetes mellitus", "poorly controlled type 2 diabetes"),
-        ("uncontrolled DM2", "T2DM", "DM2 hyperglycemia"),
-    ),
-    "asthma exacerbation": (
-        ("acute asthma exacerbation", "asthma exacerbation"),
-        ("asthma exac", "asthma flare"),
-    ),
-    "urinary tract infection": (
-        ("urinary tract infection", "acute cystitis", "pyelonephritis"),
-        ("UTI", "cystitis", "pyelo"),
-    ),
-    "stroke": (
-        ("acute ischemic stroke", "ischemic stroke"),
-        ("acute CVA", "CVA", "AIS"),
-    ),
-    "migraine": (
-        ("migraine with aura", "migraine without aura", "acute migraine"),
-        ("migraine", "migraine HA"),
-    ),
-    "acute kidney injury": (
-        ("acute kidney injury", "prerenal acute kidney injury"),
-        ("AKI", "prerenal AKI"),
-    ),
-    "sepsis": (
-        ("sepsis", "septic shock", "severe sepsis"),
-        ("sepsis", "septic shock", "urosepsis"),
-    ),
-    "COPD exacerbation": (
-        ("acute exacerbation of COPD", "COPD exacerbation"),
-        ("AECOPD", "COPD exac"),
-    ),
-}
+_DIAGNOSIS_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _concepts(
+    _VOCABULARY["diagnosis_names"]
+)
 
 #: Drugs: full names, abbreviated/brand names, and dose strings that may follow the name.
 _DRUGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "ceftriaxone": (("ceftriaxone",), ("ceftriaxone", "CTX"), ("1 g IV daily", "2 g IV")),
-    "azithromycin": (("azithromycin",), ("azithro",), ("500 mg daily", "500 mg IV")),
-    "levofloxacin": (("levofloxacin",), ("levo", "levofloxacin"), ("750 mg daily",)),
-    "doxycycline": (("doxycycline",), ("doxy",), ("100 mg twice daily",)),
-    "pip_tazo": (("piperacillin-tazobactam",), ("pip-tazo", "Zosyn"), ("4.5 g IV q6h",)),
-    "vancomycin": (("vancomycin",), ("vanc", "vancomycin"), ("per pharmacy", "1.5 g IV")),
-    "nitrofurantoin": (("nitrofurantoin",), ("Macrobid",), ("100 mg twice daily",)),
-    "cephalexin": (("cephalexin",), ("Keflex",), ("500 mg four times daily",)),
-    "ciprofloxacin": (("ciprofloxacin",), ("cipro",), ("500 mg twice daily",)),
-    "furosemide": (("furosemide",), ("Lasix", "furosemide"), ("40 mg IV twice daily", "80 mg IV")),
-    "metoprolol": (("metoprolol",), ("metoprolol", "metop"), ("25 mg twice daily",)),
-    "lisinopril": (("lisinopril",), ("lisinopril",), ("10 mg daily", "20 mg daily")),
-    "spironolactone": (("spironolactone",), ("spironolactone",), ("25 mg daily",)),
-    "amlodipine": (("amlodipine",), ("amlodipine",), ("5 mg daily",)),
-    "metformin": (("metformin",), ("metformin",), ("1000 mg twice daily", "500 mg twice daily")),
-    "insulin_glargine": (("insulin glargine",), ("Lantus", "glargine"), ("20 units nightly",)),
-    "insulin_lispro": (("insulin lispro",), ("Humalog", "lispro"), ("sliding scale",)),
-    "empagliflozin": (("empagliflozin",), ("Jardiance",), ("10 mg daily",)),
-    "albuterol": (("albuterol",), ("albuterol",), ("nebs q4h", "2.5 mg nebulized")),
-    "ipratropium": (("ipratropium",), ("ipratropium", "Atrovent"), ("0.5 mg nebulized",)),
-    "duoneb": (("ipratropium-albuterol",), ("DuoNeb", "duonebs"), ("q4h", "q6h")),
-    "prednisone": (("prednisone",), ("prednisone", "pred"), ("40 mg daily", "40 mg x5 days")),
-    "methylprednisolone": (("methylprednisolone",), ("Solu-Medrol",), ("125 mg IV", "60 mg IV")),
-    "magnesium": (("magnesium sulfate",), ("magnesium sulfate",), ("2 g IV",)),
-    "fluticasone_salmeterol": (("fluticasone-salmeterol",), ("Advair",), ("250/50 twice daily",)),
-    "tiotropium": (("tiotropium",), ("Spiriva",), ("18 mcg daily",)),
-    "aspirin": (("aspirin",), ("ASA", "aspirin"), ("325 mg", "81 mg daily")),
-    "alteplase": (("alteplase",), ("tPA", "alteplase"), ("0.9 mg/kg",)),
-    "atorvastatin": (("atorvastatin",), ("atorva", "Lipitor"), ("80 mg nightly", "40 mg daily")),
-    "clopidogrel": (("clopidogrel",), ("Plavix",), ("75 mg daily",)),
-    "apixaban": (("apixaban",), ("Eliquis",), ("5 mg twice daily",)),
-    "sumatriptan": (("sumatriptan",), ("sumatriptan", "Imitrex"), ("6 mg SC", "100 mg PO")),
-    "metoclopramide": (("metoclopramide",), ("Reglan",), ("10 mg IV",)),
-    "ketorolac": (("ketorolac",), ("Toradol",), ("15 mg IV", "30 mg IV")),
-    "acetaminophen": (("acetaminophen",), ("APAP", "Tylenol"), ("650 mg q6h PRN", "1 g")),
-    "ondansetron": (("ondansetron",), ("Zofran",), ("4 mg IV PRN",)),
-    "norepinephrine": (("norepinephrine",), ("norepi", "Levophed"), ("titrated to MAP > 65",)),
-    "normal_saline": (("normal saline",), ("NS",), ("1 L bolus", "at 125 mL/h")),
-    "heparin": (("heparin",), ("heparin",), ("5000 units SC q8h",)),
-    "sertraline": (("sertraline",), ("sertraline",), ("50 mg daily",)),
+    key: (tuple(drug["full"]), tuple(drug["abbreviated"]), tuple(drug["doses"]))
+    for key, drug in _VOCABULARY["drugs"].items()
 }
 
 #: Home medications that go with a chronic condition in the history.
 _HOME_MEDS: dict[str, tuple[str, ...]] = {
-    "htn": ("lisinopril", "amlodipine"),
-    "dm2": ("metformin", "insulin_glargine"),
-    "afib": ("apixaban", "metoprolol"),
-    "chf": ("furosemide", "metoprolol", "spironolactone"),
-    "copd": ("tiotropium",),
-    "asthma": ("fluticasone_salmeterol", "albuterol"),
-    "hld": ("atorvastatin",),
-    "cad": ("aspirin", "atorvastatin"),
-    "depression": ("sertraline",),
+    condition: tuple(drugs) for condition, drugs in _VOCABULARY["home_medications"].items()
 }
 
 #: Exam findings, imaging and bedside tests (never entities). `{x}` is filled per note.
-_FINDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "focal_crackles": (
-        ("crackles at the right base", "coarse crackles over the left lower lobe"),
-        ("crackles R base", "rhonchi LLL"),
-    ),
-    "bibasilar_crackles": (("bibasilar crackles",), ("bibasilar crackles", "bibasilar rales")),
-    "jvd": (("jugular venous distension", "an elevated JVP"), ("JVD", "JVP elevated")),
-    "pitting_edema": (
-        ("2+ pitting edema to the knees",),
-        ("2+ pitting edema", "bilat pitting edema"),
-    ),
-    "s3": (("an S3 gallop",), ("S3",)),
-    "diffuse_wheezes": (("diffuse expiratory wheezes",), ("diffuse exp wheezes",)),
-    "prolonged_expiration": (("a prolonged expiratory phase",), ("prolonged exp phase",)),
-    "accessory_muscles": (("use of accessory muscles",), ("accessory muscle use",)),
-    "decreased_breath_sounds": (
-        ("decreased breath sounds bilaterally", "distant breath sounds"),
-        ("decr BS bilat", "distant BS"),
-    ),
-    "barrel_chest": (("a barrel chest",), ("barrel chest",)),
-    "pursed_lips": (("pursed-lip breathing",), ("pursed lip breathing",)),
-    "cva_tenderness": (("costovertebral angle tenderness",), ("CVA tenderness",)),
-    "suprapubic_tenderness": (("suprapubic tenderness",), ("suprapubic TTP",)),
-    "dry_mucosa": (("dry mucous membranes",), ("dry MM",)),
-    "poor_turgor": (("decreased skin turgor",), ("poor skin turgor",)),
-    "facial_asymmetry": (
-        ("left-sided facial asymmetry", "right-sided facial asymmetry"),
-        ("L facial asymmetry", "R facial asymmetry"),
-    ),
-    "pronator_drift": (("pronator drift of the right arm",), ("R pronator drift", "L arm drift")),
-    "aphasia": (("expressive aphasia",), ("expressive aphasia",)),
-    "hemiparesis": (("right hemiparesis", "left hemiparesis"), ("R hemiparesis", "L hemiparesis")),
-    "nonfocal_neuro": (("a nonfocal neurologic exam",), ("neuro nonfocal", "neuro exam nonfocal")),
-    "no_meningismus": (("no neck stiffness",), ("no meningismus", "neck supple")),
-    "mottled": (("mottled extremities", "cool extremities"), ("mottled skin", "cool extremities")),
-    "delayed_cap_refill": (("delayed capillary refill",), ("cap refill 4 sec",)),
-    "diaphoretic": (("diaphoresis",), ("diaphoretic",)),
-    "acanthosis": (("acanthosis nigricans",), ("acanthosis",)),
-    "foot_sensation": (
-        ("decreased monofilament sensation in both feet",),
-        ("decr monofilament sensation",),
-    ),
-    "lungs_clear": (("clear lungs",), ("lungs CTA", "lungs clear")),
-    "abdomen_soft": (("a soft nontender abdomen",), ("abd soft NT",)),
-    "cxr_consolidation": (
-        ("chest X-ray showing right lower lobe consolidation",),
-        ("CXR RLL consolidation", "CXR LLL infiltrate"),
-    ),
-    "cxr_edema": (
-        ("chest X-ray with pulmonary edema and cardiomegaly",),
-        ("CXR pulm edema, cardiomegaly",),
-    ),
-    "cxr_hyperinflation": (
-        ("chest X-ray with hyperinflation and no infiltrate",),
-        ("CXR hyperinflated, no infiltrate",),
-    ),
-    "cxr_clear": (("a clear chest X-ray",), ("CXR clear",)),
-    "echo": (("echocardiogram with an ejection fraction of {x}%",), ("echo EF {x}%",)),
-    "peak_flow": (("peak flow {x}% of predicted",), ("PEF {x}% pred",)),
-    "abg": (("arterial blood gas with pH {x}",), ("ABG {x}",)),
-    "ua_positive": (
-        ("urinalysis positive for nitrites and leukocyte esterase",),
-        ("UA +nitrite +LE", "UA >50 WBC, +nitrites"),
-    ),
-    "urine_culture": (("urine culture pending",), ("UCx pending",)),
-    "blood_cultures": (("blood cultures drawn",), ("BCx x2 sent", "BCx pending")),
-    "ct_head": (("CT head without hemorrhage",), ("CTH neg for bleed", "CT head no ICH")),
-    "mri_dwi": (
-        ("MRI with restricted diffusion in the left MCA territory",),
-        ("MRI + DWI lesion L MCA",),
-    ),
-    "nihss": (("NIH stroke scale of {x}",), ("NIHSS {x}",)),
-    "renal_us": (("renal ultrasound without hydronephrosis",), ("renal US no hydro",)),
-    "fena": (("fractional excretion of sodium {x}%",), ("FENa {x}%",)),
-    "ketones_negative": (("urine negative for ketones",), ("no ketones, AG normal",)),
-    "ecg_tachy": (("ECG showing sinus tachycardia",), ("EKG sinus tach",)),
-}
-
+_FINDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _concepts(_VOCABULARY["findings"])
 
 #: Neutral context that every kind of case may carry: how the patient arrived, how they look.
-_ARRIVALS: tuple[tuple[str, str], ...] = (  # (full, abbreviated)
-    ("was brought in by ambulance", "BIBA"),
-    ("was referred by the primary care physician", "sent by PCP"),
-    ("presented to the emergency department", "walk-in to ED"),
-    ("was transferred from an outside hospital", "OSH transfer"),
-    ("was sent in from a nursing facility", "from SNF"),
-)
-_APPEARANCES: tuple[tuple[str, str], ...] = (
-    ("in no acute distress", "NAD"),
-    ("uncomfortable-appearing", "uncomfortable appearing"),
-    ("ill-appearing", "ill appearing"),
-    ("alert and oriented", "A&Ox3"),
-    ("tired-appearing", "tired appearing"),
-)
+_ARRIVALS: tuple[tuple[str, str], ...] = _pairs(_VOCABULARY["arrivals"])  # (full, abbreviated)
+_APPEARANCES: tuple[tuple[str, str], ...] = _pairs(_VOCABULARY["appearances"])
 
 
 def _finding_value(rng: random.Random, key: str) -> str:
@@ -361,73 +139,25 @@ def _finding_value(rng: random.Random, key: str) -> str:
 
 
 #: Non-drug plan items (never entities).
-_PLAN_ITEMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "oxygen": (("supplemental oxygen",), ("O2 via NC", "supplemental O2")),
-    "oxygen_goal": (("oxygen titrated to a saturation of 88-92%",), ("O2 goal 88-92%",)),
-    "bipap": (("BiPAP overnight",), ("BiPAP",)),
-    "sputum_culture": (("sputum culture",), ("sputum cx",)),
-    "incentive_spirometry": (("incentive spirometry",), ("IS",)),
-    "daily_weights": (("daily weights",), ("daily wts",)),
-    "strict_io": (("strict intake and output",), ("strict I/O",)),
-    "fluid_restriction": (("a 1.5 L fluid restriction",), ("fluid restrict 1.5L",)),
-    "telemetry": (("telemetry monitoring",), ("tele",)),
-    "cardiology": (("a cardiology consult",), ("cards consult",)),
-    "diabetes_education": (("diabetes education",), ("DM education",)),
-    "fingersticks": (("fingerstick glucose checks before meals",), ("FSBG AC/HS",)),
-    "nutrition": (("a nutrition consult",), ("nutrition consult",)),
-    "ophthalmology": (("an ophthalmology referral",), ("ophtho referral",)),
-    "continuous_nebs": (("continuous nebulizers",), ("cont nebs",)),
-    "peak_flow_monitoring": (("serial peak flows",), ("serial PEF",)),
-    "action_plan": (("an updated asthma action plan",), ("asthma action plan",)),
-    "fluids_po": (("encouraged oral fluids",), ("push PO fluids",)),
-    "follow_culture": (("follow-up of the urine culture",), ("f/u UCx",)),
-    "neuro_checks": (("hourly neuro checks",), ("neuro checks q1h",)),
-    "neurology": (("a neurology consult",), ("neuro consult",)),
-    "swallow": (("a swallow evaluation before oral intake",), ("NPO until swallow eval",)),
-    "permissive_htn": (("permissive hypertension",), ("permissive HTN",)),
-    "dark_room": (("rest in a dark quiet room",), ("dark quiet room",)),
-    "headache_diary": (("a headache diary",), ("HA diary",)),
-    "avoid_nephrotoxins": (("avoidance of nephrotoxins",), ("avoid nephrotoxins",)),
-    "renal_dosing": (("renal dosing of medications",), ("renally dose meds",)),
-    "trend_creatinine": (("daily creatinine",), ("trend Cr",)),
-    "nephrology": (("a nephrology consult",), ("renal consult",)),
-    "fluid_bolus": (("a 30 mL/kg fluid bolus",), ("30cc/kg bolus",)),
-    "icu": (("ICU evaluation",), ("ICU consult",)),
-    "repeat_lactate": (("a repeat lactate in 2 hours",), ("repeat lactate",)),
-    "smoking_cessation": (("smoking cessation counseling",), ("smoking cessation",)),
-    "pulm_rehab": (("a pulmonary rehabilitation referral",), ("pulm rehab referral",)),
-}
+_PLAN_ITEMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _concepts(
+    _VOCABULARY["plan_items"]
+)
 
 #: Labs: full name, short name, unit, decimals, normal range.
 _LABS: dict[str, tuple[str, str, str, int, tuple[float, float]]] = {
-    "wbc": ("white count", "WBC", "K/uL", 1, (4.5, 10.5)),
-    "creatinine": ("creatinine", "Cr", "mg/dL", 1, (0.7, 1.2)),
-    "bun": ("BUN", "BUN", "mg/dL", 0, (8, 20)),
-    "potassium": ("potassium", "K", "mmol/L", 1, (3.6, 4.9)),
-    "sodium": ("sodium", "Na", "mmol/L", 0, (136, 144)),
-    "glucose": ("glucose", "glucose", "mg/dL", 0, (80, 140)),
-    "hba1c": ("hemoglobin A1c", "A1c", "%", 1, (5.0, 5.9)),
-    "bnp": ("BNP", "BNP", "pg/mL", 0, (20, 95)),
-    "lactate": ("lactate", "lactate", "mmol/L", 1, (0.7, 1.8)),
-    "procalcitonin": ("procalcitonin", "procal", "ng/mL", 2, (0.02, 0.2)),
-    "troponin": ("troponin", "trop", "ng/mL", 2, (0.0, 0.02)),
-    "hemoglobin": ("hemoglobin", "Hgb", "g/dL", 1, (12.0, 15.5)),
-    "bicarbonate": ("bicarbonate", "HCO3", "mmol/L", 0, (22, 28)),
+    key: (lab["name"], lab["short"], lab["unit"], lab["decimals"], tuple(lab["normal"]))
+    for key, lab in _VOCABULARY["labs"].items()
 }
 
 #: Vital signs in health: temperature (C), heart rate, systolic/diastolic BP, resp. rate, SpO2.
 _NORMAL_VITALS: dict[str, tuple[float, float]] = {
-    "temp": (36.4, 37.4),
-    "hr": (64, 96),
-    "sbp": (112, 148),
-    "dbp": (64, 90),
-    "rr": (13, 19),
-    "spo2": (94, 99),
+    name: tuple(low_high) for name, low_high in _VOCABULARY["normal_vitals"].items()
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Diagnosis profiles: what a case of each diagnosis tends to show, with probabilities
+# (package data: synthetic_data/profiles.json)
 # --------------------------------------------------------------------------------------------
 
 
@@ -448,430 +178,25 @@ class _Profile:
     smoker: float = 0.15
 
 
+def _profile(entry: dict[str, Any]) -> _Profile:
+    """A profile as written in synthetic_data/profiles.json: probabilities keyed by concept."""
+    return _Profile(
+        age=tuple(entry["age"]),
+        male=entry["male"],
+        symptoms=tuple(entry["symptoms"].items()),
+        findings=tuple(entry["findings"].items()),
+        labs=tuple((key, *low_high_p) for key, low_high_p in entry["labs"].items()),
+        vitals={name: tuple(low_high) for name, low_high in entry["vitals"].items()},
+        history=tuple(entry["history"].items()),
+        drugs=tuple(entry["drugs"].items()),
+        plan=tuple(entry["plan"].items()),
+        confusable=tuple(entry["confusable"]),
+        smoker=entry["smoker"],
+    )
+
+
 _PROFILES: dict[str, _Profile] = {
-    "pneumonia": _Profile(
-        age=(30, 90),
-        male=0.55,
-        symptoms=(
-            ("productive_cough", 0.6),
-            ("cough", 0.25),
-            ("fever", 0.55),
-            ("chills", 0.3),
-            ("dyspnea", 0.5),
-            ("pleuritic_pain", 0.25),
-            ("fatigue", 0.25),
-            ("confusion", 0.06),
-        ),
-        findings=(
-            ("focal_crackles", 0.5),
-            ("decreased_breath_sounds", 0.12),
-            ("lungs_clear", 0.06),
-            ("diaphoretic", 0.08),
-            ("cxr_consolidation", 0.5),
-            ("blood_cultures", 0.2),
-            ("ecg_tachy", 0.05),
-        ),
-        labs=(
-            ("wbc", 12.0, 21.0, 0.5),
-            ("procalcitonin", 0.5, 4.0, 0.2),
-            ("lactate", 1.2, 2.3, 0.1),
-        ),
-        vitals={"temp": (37.8, 39.6), "hr": (92, 118), "rr": (20, 28), "spo2": (87, 94)},
-        history=(("copd", 0.12), ("dm2", 0.2), ("htn", 0.3), ("chf", 0.06), ("asthma", 0.05)),
-        drugs=(
-            ("ceftriaxone", 0.5),
-            ("azithromycin", 0.45),
-            ("levofloxacin", 0.15),
-            ("pip_tazo", 0.06),
-            ("acetaminophen", 0.15),
-        ),
-        plan=(("oxygen", 0.35), ("sputum_culture", 0.15), ("incentive_spirometry", 0.12)),
-        confusable=("sepsis", "COPD exacerbation", "heart failure"),
-    ),
-    "heart failure": _Profile(
-        age=(55, 93),
-        male=0.55,
-        symptoms=(
-            ("dyspnea", 0.5),
-            ("exertional_dyspnea", 0.35),
-            ("orthopnea", 0.35),
-            ("pnd", 0.15),
-            ("leg_swelling", 0.5),
-            ("weight_gain", 0.25),
-            ("fatigue", 0.3),
-            ("cough", 0.1),
-            ("chest_pain", 0.05),
-        ),
-        findings=(
-            ("bibasilar_crackles", 0.45),
-            ("jvd", 0.4),
-            ("pitting_edema", 0.45),
-            ("s3", 0.12),
-            ("cxr_edema", 0.4),
-            ("echo", 0.25),
-        ),
-        labs=(
-            ("bnp", 600.0, 3800.0, 0.5),
-            ("creatinine", 1.3, 2.0, 0.2),
-            ("troponin", 0.03, 0.09, 0.12),
-            ("sodium", 127.0, 134.0, 0.12),
-        ),
-        vitals={
-            "hr": (82, 115),
-            "sbp": (135, 185),
-            "dbp": (80, 105),
-            "rr": (20, 27),
-            "spo2": (88, 95),
-        },
-        history=(
-            ("chf", 0.45),
-            ("htn", 0.55),
-            ("cad", 0.3),
-            ("afib", 0.25),
-            ("dm2", 0.3),
-            ("ckd", 0.15),
-            ("copd", 0.1),
-        ),
-        drugs=(
-            ("furosemide", 0.65),
-            ("metoprolol", 0.15),
-            ("lisinopril", 0.12),
-            ("spironolactone", 0.12),
-            ("heparin", 0.1),
-        ),
-        plan=(
-            ("daily_weights", 0.3),
-            ("strict_io", 0.2),
-            ("fluid_restriction", 0.18),
-            ("telemetry", 0.15),
-            ("oxygen", 0.15),
-            ("cardiology", 0.1),
-        ),
-        confusable=("COPD exacerbation", "pneumonia", "acute kidney injury"),
-    ),
-    "type 2 diabetes": _Profile(
-        age=(30, 78),
-        male=0.5,
-        symptoms=(
-            ("polyuria", 0.5),
-            ("polydipsia", 0.45),
-            ("blurred_vision", 0.25),
-            ("weight_loss", 0.2),
-            ("fatigue", 0.35),
-            ("foot_numbness", 0.22),
-            ("dizziness", 0.1),
-            ("nausea", 0.08),
-        ),
-        findings=(
-            ("dry_mucosa", 0.22),
-            ("acanthosis", 0.18),
-            ("foot_sensation", 0.2),
-            ("ketones_negative", 0.2),
-            ("abdomen_soft", 0.08),
-        ),
-        labs=(
-            ("glucose", 240.0, 520.0, 0.6),
-            ("hba1c", 8.4, 13.5, 0.45),
-            ("sodium", 130.0, 135.0, 0.08),
-        ),
-        vitals={"hr": (74, 102)},
-        history=(("dm2", 0.55), ("htn", 0.4), ("hld", 0.35), ("obesity", 0.3), ("ckd", 0.08)),
-        drugs=(
-            ("metformin", 0.45),
-            ("insulin_glargine", 0.4),
-            ("insulin_lispro", 0.25),
-            ("empagliflozin", 0.18),
-        ),
-        plan=(
-            ("diabetes_education", 0.25),
-            ("fingersticks", 0.3),
-            ("nutrition", 0.12),
-            ("ophthalmology", 0.08),
-        ),
-        confusable=("acute kidney injury", "urinary tract infection", "sepsis"),
-    ),
-    "asthma exacerbation": _Profile(
-        age=(16, 55),
-        male=0.45,
-        symptoms=(
-            ("wheezing", 0.6),
-            ("dyspnea", 0.5),
-            ("chest_tightness", 0.4),
-            ("cough", 0.35),
-            ("fatigue", 0.05),
-        ),
-        findings=(
-            ("diffuse_wheezes", 0.5),
-            ("prolonged_expiration", 0.3),
-            ("accessory_muscles", 0.22),
-            ("lungs_clear", 0.05),
-            ("peak_flow", 0.35),
-            ("cxr_hyperinflation", 0.12),
-            ("cxr_clear", 0.15),
-        ),
-        labs=(("bicarbonate", 20.0, 23.0, 0.05),),
-        vitals={"hr": (98, 125), "rr": (22, 32), "spo2": (89, 95)},
-        history=(("asthma", 0.6), ("rhinitis", 0.2), ("obesity", 0.1), ("anxiety", 0.06)),
-        drugs=(
-            ("albuterol", 0.55),
-            ("duoneb", 0.25),
-            ("ipratropium", 0.08),
-            ("prednisone", 0.35),
-            ("methylprednisolone", 0.2),
-            ("magnesium", 0.12),
-            ("fluticasone_salmeterol", 0.12),
-        ),
-        plan=(
-            ("continuous_nebs", 0.18),
-            ("peak_flow_monitoring", 0.18),
-            ("action_plan", 0.12),
-            ("oxygen", 0.12),
-        ),
-        confusable=("COPD exacerbation", "pneumonia"),
-        smoker=0.1,
-    ),
-    "urinary tract infection": _Profile(
-        age=(18, 92),
-        male=0.2,
-        symptoms=(
-            ("dysuria", 0.55),
-            ("frequency", 0.4),
-            ("urgency", 0.3),
-            ("suprapubic_pain", 0.3),
-            ("flank_pain", 0.18),
-            ("hematuria", 0.12),
-            ("fever", 0.22),
-            ("confusion", 0.1),
-            ("nausea", 0.1),
-        ),
-        findings=(
-            ("suprapubic_tenderness", 0.35),
-            ("cva_tenderness", 0.2),
-            ("abdomen_soft", 0.12),
-            ("ua_positive", 0.55),
-            ("urine_culture", 0.3),
-        ),
-        labs=(("wbc", 10.5, 15.5, 0.3), ("creatinine", 1.2, 1.5, 0.08)),
-        vitals={"temp": (37.0, 38.7), "hr": (80, 108)},
-        history=(
-            ("recurrent_uti", 0.22),
-            ("dm2", 0.2),
-            ("bph", 0.06),
-            ("dementia", 0.1),
-            ("htn", 0.3),
-        ),
-        drugs=(
-            ("nitrofurantoin", 0.3),
-            ("cephalexin", 0.22),
-            ("ciprofloxacin", 0.18),
-            ("ceftriaxone", 0.22),
-        ),
-        plan=(("fluids_po", 0.15), ("follow_culture", 0.2)),
-        confusable=("sepsis", "acute kidney injury"),
-    ),
-    "stroke": _Profile(
-        age=(50, 93),
-        male=0.55,
-        symptoms=(
-            ("unilateral_weakness", 0.55),
-            ("slurred_speech", 0.45),
-            ("facial_droop", 0.35),
-            ("vision_loss", 0.18),
-            ("confusion", 0.2),
-            ("headache", 0.12),
-            ("dizziness", 0.18),
-        ),
-        findings=(
-            ("facial_asymmetry", 0.4),
-            ("pronator_drift", 0.3),
-            ("aphasia", 0.2),
-            ("hemiparesis", 0.3),
-            ("ct_head", 0.5),
-            ("mri_dwi", 0.22),
-            ("nihss", 0.3),
-        ),
-        labs=(("glucose", 110.0, 190.0, 0.1),),
-        vitals={"sbp": (155, 210), "dbp": (88, 112), "hr": (66, 100)},
-        history=(
-            ("htn", 0.55),
-            ("afib", 0.3),
-            ("hld", 0.3),
-            ("dm2", 0.25),
-            ("prior_stroke", 0.12),
-            ("cad", 0.18),
-        ),
-        drugs=(("alteplase", 0.25), ("aspirin", 0.4), ("atorvastatin", 0.3), ("clopidogrel", 0.12)),
-        plan=(
-            ("neuro_checks", 0.25),
-            ("neurology", 0.3),
-            ("swallow", 0.22),
-            ("permissive_htn", 0.15),
-            ("telemetry", 0.12),
-        ),
-        confusable=("migraine", "sepsis"),
-    ),
-    "migraine": _Profile(
-        age=(17, 55),
-        male=0.25,
-        symptoms=(
-            ("throbbing_headache", 0.45),
-            ("headache", 0.45),
-            ("photophobia", 0.45),
-            ("phonophobia", 0.25),
-            ("nausea", 0.4),
-            ("vomiting", 0.22),
-            ("aura", 0.25),
-            ("dizziness", 0.1),
-            ("vision_loss", 0.05),
-        ),
-        findings=(("nonfocal_neuro", 0.4), ("no_meningismus", 0.25), ("ct_head", 0.18)),
-        labs=(),
-        vitals={"sbp": (115, 150)},
-        history=(("migraines", 0.5), ("depression", 0.15), ("anxiety", 0.1)),
-        drugs=(
-            ("sumatriptan", 0.4),
-            ("metoclopramide", 0.3),
-            ("ketorolac", 0.3),
-            ("acetaminophen", 0.12),
-            ("normal_saline", 0.12),
-        ),
-        plan=(("dark_room", 0.2), ("headache_diary", 0.12), ("neurology", 0.06)),
-        confusable=("stroke",),
-        smoker=0.1,
-    ),
-    "acute kidney injury": _Profile(
-        age=(45, 92),
-        male=0.55,
-        symptoms=(
-            ("decreased_urine", 0.45),
-            ("fatigue", 0.35),
-            ("nausea", 0.3),
-            ("poor_intake", 0.3),
-            ("dizziness", 0.22),
-            ("vomiting", 0.18),
-            ("diarrhea", 0.18),
-            ("leg_swelling", 0.08),
-            ("confusion", 0.06),
-        ),
-        findings=(
-            ("dry_mucosa", 0.35),
-            ("poor_turgor", 0.22),
-            ("abdomen_soft", 0.1),
-            ("renal_us", 0.3),
-            ("fena", 0.18),
-        ),
-        labs=(
-            ("creatinine", 2.0, 5.2, 0.65),
-            ("bun", 38.0, 95.0, 0.45),
-            ("potassium", 5.2, 6.4, 0.3),
-            ("bicarbonate", 15.0, 20.0, 0.18),
-        ),
-        vitals={"sbp": (95, 130), "hr": (80, 108)},
-        history=(("ckd", 0.3), ("htn", 0.5), ("dm2", 0.3), ("chf", 0.12)),
-        drugs=(("normal_saline", 0.45), ("-lisinopril", 0.25), ("-metformin", 0.15)),
-        plan=(
-            ("avoid_nephrotoxins", 0.3),
-            ("renal_dosing", 0.2),
-            ("strict_io", 0.25),
-            ("nephrology", 0.18),
-            ("trend_creatinine", 0.25),
-        ),
-        confusable=("sepsis", "heart failure", "type 2 diabetes"),
-    ),
-    "sepsis": _Profile(
-        age=(35, 94),
-        male=0.5,
-        symptoms=(
-            ("fever", 0.5),
-            ("chills", 0.35),
-            ("confusion", 0.35),
-            ("fatigue", 0.22),
-            ("dyspnea", 0.18),
-            ("productive_cough", 0.12),
-            ("dysuria", 0.12),
-            ("dizziness", 0.12),
-            ("poor_intake", 0.12),
-        ),
-        findings=(
-            ("mottled", 0.25),
-            ("delayed_cap_refill", 0.25),
-            ("diaphoretic", 0.18),
-            ("focal_crackles", 0.08),
-            ("cva_tenderness", 0.06),
-            ("blood_cultures", 0.5),
-            ("ua_positive", 0.12),
-            ("cxr_consolidation", 0.08),
-            ("ecg_tachy", 0.1),
-        ),
-        labs=(
-            ("lactate", 2.6, 7.5, 0.6),
-            ("wbc", 15.0, 27.0, 0.45),
-            ("creatinine", 1.4, 2.8, 0.2),
-            ("procalcitonin", 2.0, 25.0, 0.18),
-        ),
-        vitals={
-            "temp": (38.3, 40.2),
-            "hr": (108, 138),
-            "sbp": (72, 98),
-            "dbp": (38, 58),
-            "rr": (22, 32),
-            "spo2": (89, 96),
-        },
-        history=(("dm2", 0.28), ("ckd", 0.12), ("htn", 0.3), ("dementia", 0.1), ("copd", 0.08)),
-        drugs=(
-            ("vancomycin", 0.4),
-            ("pip_tazo", 0.4),
-            ("ceftriaxone", 0.18),
-            ("norepinephrine", 0.25),
-            ("normal_saline", 0.4),
-        ),
-        plan=(("fluid_bolus", 0.3), ("icu", 0.2), ("repeat_lactate", 0.25)),
-        confusable=("pneumonia", "urinary tract infection", "acute kidney injury"),
-    ),
-    "COPD exacerbation": _Profile(
-        age=(50, 88),
-        male=0.55,
-        symptoms=(
-            ("dyspnea", 0.55),
-            ("sputum", 0.35),
-            ("productive_cough", 0.25),
-            ("wheezing", 0.3),
-            ("cough", 0.22),
-            ("exertional_dyspnea", 0.22),
-            ("chest_tightness", 0.08),
-            ("fatigue", 0.08),
-        ),
-        findings=(
-            ("decreased_breath_sounds", 0.3),
-            ("diffuse_wheezes", 0.28),
-            ("pursed_lips", 0.22),
-            ("barrel_chest", 0.18),
-            ("accessory_muscles", 0.12),
-            ("abg", 0.3),
-            ("cxr_hyperinflation", 0.3),
-        ),
-        labs=(("bicarbonate", 29.0, 36.0, 0.22), ("wbc", 9.0, 13.0, 0.12)),
-        vitals={"hr": (90, 115), "rr": (22, 30), "spo2": (83, 91)},
-        history=(("copd", 0.55), ("htn", 0.3), ("cad", 0.15), ("chf", 0.08)),
-        drugs=(
-            ("duoneb", 0.4),
-            ("albuterol", 0.22),
-            ("ipratropium", 0.08),
-            ("prednisone", 0.4),
-            ("methylprednisolone", 0.12),
-            ("azithromycin", 0.3),
-            ("doxycycline", 0.12),
-            ("tiotropium", 0.08),
-        ),
-        plan=(
-            ("bipap", 0.18),
-            ("oxygen_goal", 0.3),
-            ("smoking_cessation", 0.18),
-            ("pulm_rehab", 0.08),
-        ),
-        confusable=("asthma exacerbation", "heart failure", "pneumonia"),
-        smoker=0.6,
-    ),
+    label: _profile(entry) for label, entry in _read_data("profiles.json").items()
 }
 
 #: Symptoms that characterise each diagnosis; negated ("denies ...") in notes of its look-alikes.

@@ -14,12 +14,8 @@ key their rounds by, which is why a resumed round is never counted twice.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedward.common import wire
-from fedward.common.atomic import write_bytes_atomic
+from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, DataError
 
@@ -37,8 +33,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_FORMAT = "fedward-checkpoint"
 CHECKPOINT_VERSION = 1
 
-_HEADER = "__fedward__"  # the JSON header inside the .npz
-_ARRAY_PREFIX = "adapter:"  # adapter tensors inside the .npz
+_ARRAY_PREFIX = "adapter:"  # adapter tensors inside the .npz (common.arrays_file)
 
 
 @dataclass(frozen=True)
@@ -99,40 +94,25 @@ def save_checkpoint(
         "rounds": rounds,
         "adapter_sha256": arrays_digest(arrays),
     }
-    buffer = io.BytesIO()
-    tensors = {_ARRAY_PREFIX + name: np.ascontiguousarray(value) for name, value in arrays.items()}
-    np.savez(buffer, **{_HEADER: np.array(json.dumps(header, allow_nan=False))}, **tensors)
-    data = buffer.getvalue()
-    path = checkpoint_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return write_arrays_file(checkpoint_path(out), header, arrays, prefix=_ARRAY_PREFIX)
 
 
 def load_checkpoint(out: str | Path) -> Checkpoint:
     """Read `<out>/checkpoint.npz`; `DataError` naming the file when missing or damaged."""
     path = checkpoint_path(out)
     try:
-        data = path.read_bytes()
+        stored = read_arrays_file(
+            path,
+            prefix=_ARRAY_PREFIX,
+            what="checkpoint",
+            advice="restore it from a backup or start a new run",
+        )
     except FileNotFoundError:
         raise DataError(
             f"{path}: no checkpoint to resume from; the run never completed a round in this "
             "output folder (check --out / the config's 'out')"
         ) from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read checkpoint ({exc})") from None
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            header = json.loads(str(archive[_HEADER]))
-            arrays = {
-                name[len(_ARRAY_PREFIX) :]: archive[name]
-                for name in archive.files
-                if name.startswith(_ARRAY_PREFIX)
-            }
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"{path}: checkpoint is damaged ({exc}); restore it from a backup or start a new run"
-        ) from None
+    header, arrays = stored.header, stored.arrays
     if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"{path}: not a fedward checkpoint version {CHECKPOINT_VERSION}")
     if arrays_digest(arrays) != header.get("adapter_sha256"):
@@ -143,7 +123,7 @@ def load_checkpoint(out: str | Path) -> Checkpoint:
         arrays=arrays,
         rounds=list(header["rounds"]),
         config=dict(header["config"]),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=stored.sha256,
     )
 
 

@@ -7,6 +7,8 @@ and its metadata only.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from fedward.common.synthetic import generate_notes
+
 ROOT = Path(__file__).resolve().parents[1]
+_NOT_SOURCE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "fedward-out")
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +28,12 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # --no-build-isolation: build with the setuptools already installed (CI is offline-friendly).
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    # Build from a clean copy: setuptools reuses an in-tree build/ folder, whose leftovers
+    # (say, a data file no longer declared) would otherwise slip into the wheel unnoticed.
+    source = tmp_path_factory.mktemp("source") / "fedward"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
     result = subprocess.run(
-        [*command, "-w", str(out), str(ROOT)],
+        [*command, "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -51,6 +60,34 @@ def test_the_wheel_names_the_fedward_command_and_the_flower_components(wheel):
     assert "fedward = fedward.cli:main" in archive.read(entry_points).decode()
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'serverapp = "fedward.simulation.app:server_app"' in pyproject
+
+
+def test_the_wheel_carries_the_synthetic_notes_vocabulary(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    for data in ("vocabulary.json", "profiles.json"):
+        assert f"fedward/common/synthetic_data/{data}" in names
+
+
+def test_notes_are_generated_from_the_wheel_alone(wheel, tmp_path):
+    # A pure-Python wheel unpacked is an installation: generate notes from it, not the checkout.
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    script = (
+        "import fedward.common.synthetic as s; "
+        "print(s.__file__); print(s.generate_notes(2, 3, seed=5)[0]['text'][:20])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(unpacked)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    where, text = result.stdout.splitlines()
+    assert Path(where).is_relative_to(unpacked)
+    assert text == generate_notes(2, 3, seed=5)[0]["text"][:20]
 
 
 def test_the_installed_package_does_not_answer_to_the_old_names(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedward.client import ledger as ledger_module
-from fedward.client.ledger import PrivacyLedger, compose_epsilon, dataset_fingerprint
+from fedward.client.ledger import PrivacyLedger, dataset_fingerprint
+from fedward.client.privacy import compose_epsilon
 from fedward.common import atomic
 from fedward.common.errors import DataError, PrivacyBudgetExceeded
 

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
+from fedward.client.privacy import compose_epsilon as epsilon_of
 from fedward.client.trainer import (
     check_budget,
-    epsilon_of,
     evaluate,
     plan_dp,
     train_locally,

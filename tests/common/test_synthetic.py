@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
+from importlib import resources
 
 import pytest
 
@@ -196,6 +198,32 @@ def test_zero_notes_is_an_empty_list_and_negative_is_refused():
     assert generate_notes(0, 0, seed=0) == []
     with pytest.raises(ConfigError, match="notes"):
         generate_notes(0, -1, seed=0)
+
+
+def test_the_packaged_profiles_name_only_concepts_the_vocabulary_has():
+    # The tables are package data (common/synthetic_data/*.json): an edit that misspells a key
+    # would otherwise fail only for the seeds that happen to draw it.
+    vocabulary = json.loads(_data_file("vocabulary.json"))
+    profiles = json.loads(_data_file("profiles.json"))
+    assert list(profiles) == list(DIAGNOSES)
+    drugs = set(vocabulary["drugs"])
+    for label, profile in profiles.items():
+        assert set(profile["symptoms"]) <= set(vocabulary["symptoms"]), label
+        assert set(profile["findings"]) <= set(vocabulary["findings"]), label
+        assert set(profile["labs"]) <= set(vocabulary["labs"]), label
+        assert set(profile["vitals"]) <= set(vocabulary["normal_vitals"]), label
+        assert set(profile["history"]) <= set(vocabulary["diseases"]), label
+        assert {drug.lstrip("-") for drug in profile["drugs"]} <= drugs, label
+        assert set(profile["plan"]) <= set(vocabulary["plan_items"]), label
+        assert set(profile["confusable"]) <= set(DIAGNOSES), label
+    assert set(vocabulary["diagnosis_names"]) == set(DIAGNOSES)
+    assert set(vocabulary["nonspecific_symptoms"]) <= set(vocabulary["symptoms"])
+    for condition, drug_keys in vocabulary["home_medications"].items():
+        assert condition in vocabulary["diseases"] and set(drug_keys) <= drugs
+
+
+def _data_file(name: str) -> str:
+    return resources.files("fedward.common").joinpath("synthetic_data", name).read_text("utf-8")
 
 
 # --- named-entity recognition ---------------------------------------------------------------

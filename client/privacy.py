@@ -1,0 +1,106 @@
+"""DP-SGD arithmetic: calibrating the noise, and the epsilon of an accountant history.
+
+One module for the numbers both the trainer (how much noise a run needs) and the privacy ledger
+(how much a data set has spent over all runs) rely on, so the two can never disagree on how
+rounds compose. Everything here is pure: no file, no model, no state beyond a cache of the noise
+search. Opacus's RDP accountant does the arithmetic; it is imported when first needed, so that
+reading a ledger does not pay for importing Opacus until an epsilon is computed.
+
+An accountant history is a list of (noise_multiplier, sample_rate, steps), the form Opacus keeps
+in `RDPAccountant.history`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
+HistoryEntry = tuple[float, float, int]
+
+#: How close to the target the noise search stops (Opacus's `epsilon_tolerance`).
+EPSILON_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The DP-SGD parameters of one hospital for one round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def as_history_entry(self) -> HistoryEntry:
+        """This round as an accountant history entry."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def compose_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
+    """Epsilon of all `history` entries composed with Opacus's RDP accountant, at `delta`.
+
+    An empty history has spent nothing. Consecutive entries with the same noise multiplier and
+    sample rate are merged first (RDP is linear in the number of steps, so this is exact, as in
+    `RDPAccountant.step`), which keeps a long history fast.
+    """
+    merged: list[HistoryEntry] = []
+    for noise_multiplier, sample_rate, steps in history:
+        entry = (float(noise_multiplier), float(sample_rate), int(steps))
+        if merged and merged[-1][:2] == entry[:2]:
+            merged[-1] = (entry[0], entry[1], merged[-1][2] + entry[2])
+        else:
+            merged.append(entry)
+    if not merged:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = merged
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def projected_epsilon(history: Sequence[HistoryEntry], plan: DPPlan, delta: float) -> float:
+    """Epsilon of `history` once the round `plan` is trained too, at `delta`."""
+    return compose_epsilon([*history, plan.as_history_entry()], delta)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends `epsilon` (at `delta`) over `steps` DP-SGD steps.
+
+    Opacus's search with the RDP accountant, to within `EPSILON_TOLERANCE`. It takes seconds of
+    CPU and its answer is the same for every round of a run, so answers are remembered.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=EPSILON_TOLERANCE,
+        )
+    )
+
+
+def plan_rounds(
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    local_epochs: int,
+    batch_size: int,
+    num_train: int,
+) -> DPPlan:
+    """The plan of each round so that `rounds` rounds together spend at most `epsilon`.
+
+    A round is `local_epochs` passes over `num_train` examples in batches of `batch_size`
+    (expected size under Poisson sampling); the noise is calibrated for every round of the run.
+    """
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    sample_rate = 1.0 / steps_per_epoch
+    steps = steps_per_epoch * local_epochs
+    sigma = calibrate_noise(epsilon, delta, sample_rate, steps * rounds)
+    return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
