@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     sys.exit(run_task(args.runtime_api_address, args.token))
