@@ -63,7 +63,11 @@ def start(
         typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
     ] = None,
 ) -> None:
-    """Run this hospital's Flower SuperNode (in the foreground), under its site policy."""
+    """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
+
+    Every message is handled by fedward's own ClientApp, installed here; an app bundle that
+    carries code, names another component or asks for dependencies is refused and audited.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = deploy.HospitalSettings(
         server=server,
@@ -91,7 +95,7 @@ def start(
         f"fedward client: hospital {settings.name} -> {server}; data {data}; policy {policy}; "
         f"ledger {ledger}"
     )
-    deploy.exec_supernode(command)
+    raise typer.Exit(deploy.run_supernode(command, settings))
 
 
 @client_app.command("ledger")

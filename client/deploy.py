@@ -1,21 +1,28 @@
-"""A hospital's side of a deployment: Flower's SuperNode with fedward's node config.
+"""A hospital's side of a deployment: Flower's SuperNode with fedward's node config, and only
+fedward's own ClientApp.
 
 `fedward client start` checks the hospital's files up front (data, policy, CA, key), writes the
-node config as a TOML file next to the ledger, and replaces itself with
+node config as a TOML file next to the ledger, and starts
 
     flower-supernode --superlink HOST:PORT --root-certificates ca.crt \
-        --auth-supernode-private-key node.key --port 9094 --node-config <ledger>/supernode.toml
+        --auth-supernode-private-key node.key --port 9094 --node-config <ledger>/supernode.toml \
+        --isolation process
 
-The SuperNode connects out to the coordinator over HTTPS (TLS on by default), authenticates with
-the node key, and runs the deployed ClientApp (`client.app:app`) for each message; the ClientApp
-finds the data, policy, ledger and audit log through the node config (see client/site.py).
+The SuperNode connects out to the coordinator over HTTPS (TLS on by default) and authenticates
+with the node key. With `--isolation process` it runs no ClientApp itself: the `fedward client
+start` process stays in front (`run_supernode`) and starts fedward's own ClientApp process for
+each message (client/runtime.py), which refuses any app bundle that carries code, names another
+component or asks for dependencies (client/bundle.py), and otherwise runs the installed
+`fedward.client.app:app`. The ClientApp finds the data, policy, ledger and audit log through the
+node config (see client/site.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +138,8 @@ def supernode_command(settings: HospitalSettings, node_config_file: Path) -> lis
         command += ["--root-certificates", str(settings.ca)]
         command += ["--auth-supernode-private-key", str(settings.key)]
     command += ["--port", str(settings.runtime_port), "--node-config", str(node_config_file)]
+    # Flower starts no ClientApp: fedward's own process runs every task (client/runtime.py)
+    command += ["--isolation", "process"]
     if settings.max_wait_time is not None:
         command += ["--max-wait-time", str(settings.max_wait_time)]
     return command
@@ -145,9 +154,41 @@ def prepare_supernode(settings: HospitalSettings) -> list[str]:
     return supernode_command(settings, config_file)
 
 
-def exec_supernode(command: list[str]) -> None:
-    """Replace this process with the SuperNode (so signals and exit codes are the SuperNode's)."""
+def runtime_api_address(settings: HospitalSettings) -> str:
+    """Where the SuperNode serves its Runtime API (loopback only: Flower's default host)."""
+    return f"127.0.0.1:{settings.runtime_port}"
+
+
+def run_supernode(command: list[str], settings: HospitalSettings) -> int:
+    """Run the SuperNode and fedward's ClientApp processes until the SuperNode exits (or this
+    process is interrupted or terminated); returns the SuperNode's exit code."""
+    from fedward.client.runtime import serve_tasks  # imports Flower: only here
+
     log.info("starting: %s", " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], command, flower_env())
+    supernode = subprocess.Popen(command, env=flower_env())
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return serve_tasks(runtime_api_address(settings), supernode)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(supernode)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop(process: subprocess.Popen, grace_seconds: float = 10.0) -> None:
+    """Ask `process` to stop (SIGINT: Flower's graceful shutdown), kill it after a grace."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace_seconds)

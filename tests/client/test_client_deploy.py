@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 
@@ -73,3 +74,17 @@ def test_bad_settings_stop_before_anything_starts(files, tmp_path, change, error
 def test_insecure_mode_runs_without_certificates_or_key(files, tmp_path):
     command = deploy.prepare_supernode(_settings(files, tmp_path, insecure=True, ca=None, key=None))
     assert "--insecure" in command and "--auth-supernode-private-key" not in command
+
+
+def test_flower_starts_no_client_app_itself(files, tmp_path):
+    """The SuperNode runs in process isolation: only fedward's own task processes
+    (client/runtime.py) run a ClientApp, never one Flower loads from the app bundle."""
+    command = deploy.prepare_supernode(_settings(files, tmp_path))
+    assert command[command.index("--isolation") + 1] == "process"
+
+
+def test_each_task_runs_in_this_python_without_the_working_directory_on_its_path():
+    from fedward.client.runtime import task_command
+
+    command = task_command("127.0.0.1:9094", "token")
+    assert command[:4] == [sys.executable, "-P", "-m", "fedward.client.runtime"]
