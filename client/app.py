@@ -18,14 +18,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, evaluate, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
 from fedward.common.errors import DataError, FedwardError, SecAggError
-from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
+from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ def handle_train(
         if open_site is not None:
             site = open_site(context)
             config, result = site.admit(config, run_id, server_round, global_arrays)
+        secagg = None
+        if config.secure_aggregation:  # keys, cohort and threshold are judged before training
+            secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
@@ -124,22 +127,23 @@ def handle_train(
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
-    if config.secure_aggregation:
+    if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
-        try:
-            content[wire.SECAGG] = _start_secure_aggregation(
-                msg, context, run_id, server_round, result
-            )
-        except SecAggError as exc:
-            log.warning("%s: secure aggregation refused in round %d: %s", name, server_round, exc)
-            return _refusal(msg, name, exc)
+        content[wire.SECAGG] = secagg
+        context.state[SECAGG_UPDATE] = ArrayRecord(
+            {
+                "delta": Array(wire.flatten(result.delta)),
+                "weight": Array(np.array([result.num_examples], dtype=np.int64)),
+            }
+        )
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    """One of the SecAgg+ stages after the first: share keys, masked update, unmask."""
+    """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
+    unmask. The session makes and checks the payloads (wire packing included); this relays."""
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
     request = wire.records_to_payload(msg.content[wire.SECAGG])
@@ -156,10 +160,8 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.masked_update(
                 request, update["delta"].numpy(), int(update["weight"].numpy()[0])
             )
-            # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
-            reply["masked_update"] = pack_bits(
-                reply["masked_update"], session.params["modulus_bits"]
-            )
+        elif stage == CONSISTENCY_CHECK:
+            reply = session.consistency_check(request)
         else:
             reply = session.unmask(request)
     except SecAggError as exc:
@@ -179,16 +181,17 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _start_secure_aggregation(msg, context, run_id, server_round, result) -> ConfigRecord:
-    session = SecAggClientSession(context.node_id, run_id, server_round)
+def _advertise_keys(msg, context, run_id, server_round, site) -> ConfigRecord:
+    if site is not None:  # a real hospital: its pinned roster and signing key
+        identity = SecAggIdentity.from_policy(site.policy, site.name, site.ledger_dir / "secagg")
+    else:  # a simulated hospital: generated keys, the roster of the simulated federation
+        node_config = context.node_config
+        identity = SecAggIdentity.simulated(
+            int(node_config["partition-id"]), int(node_config["num-partitions"])
+        )
+    session = SecAggClientSession(context.node_id, run_id, server_round, identity)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    context.state[SECAGG_UPDATE] = ArrayRecord(
-        {
-            "delta": Array(wire.flatten(result.delta)),
-            "weight": Array(np.array([result.num_examples], dtype=np.int64)),
-        }
-    )
     payload, _ = wire.payload_to_records(reply)
     return payload
 
@@ -305,7 +308,13 @@ def masked_update(msg: Message, context: Context) -> Message:
     return handle_secagg_stage(msg, context, MASKED_UPDATE)
 
 
+@app.train("consistency_check")
+def consistency_check(msg: Message, context: Context) -> Message:
+    """Flower entry point: SecAgg+ stage 4 (sign the survivor set)."""
+    return handle_secagg_stage(msg, context, CONSISTENCY_CHECK)
+
+
 @app.train("unmask")
 def unmask(msg: Message, context: Context) -> Message:
-    """Flower entry point: SecAgg+ stage 4."""
+    """Flower entry point: SecAgg+ stage 5."""
     return handle_secagg_stage(msg, context, UNMASK)

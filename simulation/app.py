@@ -17,7 +17,7 @@ from fedward.client import model_cache
 from fedward.client.app import handle_evaluate, handle_secagg_stage, handle_train
 from fedward.common import wire
 from fedward.common.config import RunConfig
-from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.server.app import run_federation
 from fedward.simulation.hospitals import prepare_config, simulated_data
 
@@ -88,9 +88,16 @@ def masked_update(msg: Message, context: Context) -> Message:
     return handle_secagg_stage(msg, context, MASKED_UPDATE)
 
 
+@client_app.train("consistency_check")
+def consistency_check(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4: sign the survivor set."""
+    _maybe_drop(context, CONSISTENCY_CHECK)
+    return handle_secagg_stage(msg, context, CONSISTENCY_CHECK)
+
+
 @client_app.train("unmask")
 def unmask(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 4."""
+    """SecAgg+ stage 5."""
     _maybe_drop(context, UNMASK)
     return handle_secagg_stage(msg, context, UNMASK)
 
