@@ -148,11 +148,14 @@ def quantize(
     """
     rng = rng if rng is not None else np.random.default_rng()
     levels = 2**bits - 1
-    clipped = np.clip(np.asarray(values, dtype=np.float64), -clip, clip)
-    scaled = (clipped + clip) * (levels / (2.0 * clip))
+    scaled = np.clip(np.asarray(values, dtype=np.float64), -clip, clip)
+    scaled += clip
+    scaled *= levels / (2.0 * clip)
     lower = np.floor(scaled)
-    rounded = lower + (rng.random(scaled.shape) < (scaled - lower))
-    return np.clip(rounded, 0, levels).astype(np.uint64)
+    scaled -= lower  # the fraction to the next level: the chance of rounding up
+    rounded = lower.astype(np.uint64)
+    rounded += rng.random(scaled.shape) < scaled
+    return np.minimum(rounded, np.uint64(levels), out=rounded)  # float rounding at the top
 
 
 def dequantize_sum(
@@ -467,22 +470,33 @@ def verify_signature(public_key: bytes, signature: bytes, statement: bytes) -> b
 def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
     """`length` uniform values in [0, 2**modulus_bits) from a 32-byte seed (AES-256-CTR).
 
-    The keystream supplies exactly `modulus_bits` fresh bits per value (read as the bit-packed
-    layout of `unpack_bits`), so a 36-bit modulus costs 36 bits of keystream, not 64. One cipher
-    call and a few vector operations, no Python loop over elements.
+    The keystream is read as little-endian uint64 and reduced by bit masking, which keeps it
+    uniform because the modulus is a power of two. One cipher call, no Python loop over elements.
     """
     if len(seed) != SEED_BYTES:
         raise SecAggError(f"secure aggregation: mask seeds are {SEED_BYTES} bytes")
+    mask = np.empty(length, dtype="<u8")
     if length == 0:
-        return np.empty(0, dtype=np.uint64)
-    needed = (length * modulus_bits + 7) // 8
-    stream = np.empty(needed, dtype=np.uint8)
+        return mask.astype(np.uint64)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_PRG_NONCE)).encryptor()
     # Encrypting zeros yields the bare keystream, written straight into the array's memory.
-    written = encryptor.update_into(np.zeros(needed, dtype=np.uint8), stream)
-    if written != needed:
+    written = encryptor.update_into(_zeros(8 * length), mask.view(np.uint8))
+    if written != 8 * length:
         raise SecAggError("secure aggregation: the mask PRG returned a short keystream")
-    return unpack_bits(stream, modulus_bits, length)
+    mask = mask.astype(np.uint64, copy=False)
+    return reduce_modulus(mask, modulus_bits)
+
+
+_ZEROS = np.zeros(0, dtype=np.uint8)
+
+
+def _zeros(size: int) -> np.ndarray:
+    """A read-only buffer of `size` zero bytes, kept between calls (the PRG's plaintext)."""
+    global _ZEROS
+    if _ZEROS.size < size:
+        _ZEROS = np.zeros(size, dtype=np.uint8)
+        _ZEROS.flags.writeable = False
+    return _ZEROS[:size]
 
 
 def reduce_modulus(values: np.ndarray, modulus_bits: int) -> np.ndarray:
