@@ -230,3 +230,48 @@ def test_repr_shows_no_secrets():
     assert "node_id=5" in text and "share_keys" in text
     for secret in (client._self_seed, *client._own_shares):
         assert secret.hex() not in text and repr(secret) not in text
+
+
+# --- the identity a site policy pins -------------------------------------------------------------
+
+
+def test_a_site_policy_pins_the_signing_key_roster_and_minimum_cohort(tmp_path):
+    from fedward.client.policy import SitePolicy
+    from fedward.client.secagg import write_signing_key
+
+    own = write_signing_key(tmp_path / "a.pem")
+    other = write_signing_key(tmp_path / "b.pem")
+    policy = SitePolicy.build(
+        {
+            "max_epsilon": 8.0,
+            "secagg_signing_key": str(tmp_path / "a.pem"),
+            "secagg_roster": {"hospital-a": own, "hospital-b": f"ed25519:{other}"},
+            "min_secure_aggregation_hospitals": 4,
+        }
+    )
+    identity = SecAggIdentity.from_policy(policy, "hospital-a", tmp_path / "secagg")
+    assert identity.public_key.hex() == own and identity.min_hospitals == 4
+    assert set(identity.roster.values()) == {"hospital-a", "hospital-b"}
+    assert oct((tmp_path / "a.pem").stat().st_mode & 0o777) == "0o600"
+    assert "PRIVATE" not in repr(identity) and own[:16] in repr(identity)
+
+
+def test_a_policy_without_a_roster_refuses_secure_aggregation(tmp_path):
+    from fedward.client.policy import SitePolicy
+    from fedward.common.errors import ConfigError, PolicyError
+
+    policy = SitePolicy.build({"max_epsilon": 8.0})
+    with pytest.raises(PolicyError, match="needs secagg_signing_key and secagg_roster"):
+        SecAggIdentity.from_policy(policy, "hospital-a", None)
+    with pytest.raises(ConfigError, match="secagg_roster"):
+        SitePolicy.build({"max_epsilon": 8.0, "secagg_roster": {"hospital-b": "abc"}})
+    broken = SitePolicy.build(
+        {
+            "max_epsilon": 8.0,
+            "secagg_signing_key": str(tmp_path / "missing.pem"),
+            "secagg_roster": {"hospital-b": "ab" * 32},
+        }
+    )
+    with pytest.raises(PolicyError, match="not a readable") as info:
+        SecAggIdentity.from_policy(broken, "hospital-a", None)
+    assert "missing.pem" not in str(info.value)  # the reason goes to the coordinator
