@@ -21,16 +21,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
 from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
 from fedward.common.errors import DataError, FedwardError, SecAggError
-from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
+from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 
 log = logging.getLogger(__name__)
+
+#: SecAgg+ stages after the first (which rides on the train message), in order.
+SECAGG_STAGES = (SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK)
 
 SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
 SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
@@ -75,6 +78,9 @@ class HospitalSite(Protocol):
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
         """A refusal, for this hospital's own records."""
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
 
 
 #: Opens a hospital's site for one request.
@@ -122,6 +128,9 @@ def handle_train(
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
+        secagg = None
+        if spec.secure_aggregation:  # keys, cohort and threshold are judged before training
+            secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
@@ -152,22 +161,23 @@ def handle_train(
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
-    if spec.secure_aggregation:
+    if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
-        try:
-            content[wire.SECAGG] = _start_secure_aggregation(
-                msg, context, run_id, server_round, result
-            )
-        except SecAggError as exc:
-            log.warning("%s: secure aggregation refused in round %d: %s", name, server_round, exc)
-            return _refusal(msg, name, exc)
+        content[wire.SECAGG] = secagg
+        context.state[SECAGG_UPDATE] = ArrayRecord(
+            {
+                "delta": Array(wire.flatten(result.delta)),
+                "weight": Array(np.array([result.num_examples], dtype=np.int64)),
+            }
+        )
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    """One of the SecAgg+ stages after the first: share keys, masked update, unmask."""
+    """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
+    unmask. The session makes and checks the payloads (wire packing included); this relays."""
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
     request = wire.records_to_payload(msg.content[wire.SECAGG])
@@ -184,10 +194,8 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.masked_update(
                 request, update["delta"].numpy(), int(update["weight"].numpy()[0])
             )
-            # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
-            reply["masked_update"] = pack_bits(
-                reply["masked_update"], session.params["modulus_bits"]
-            )
+        elif stage == CONSISTENCY_CHECK:
+            reply = session.consistency_check(request)
         else:
             reply = session.unmask(request)
     except SecAggError as exc:
@@ -207,16 +215,11 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _start_secure_aggregation(msg, context, run_id, server_round, result) -> ConfigRecord:
-    session = SecAggClientSession(context.node_id, run_id, server_round)
+def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
+    identity = site.secagg_identity()  # whose keys this hospital signs with, whose it accepts
+    session = SecAggClientSession(context.node_id, run_id, server_round, identity)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    context.state[SECAGG_UPDATE] = ArrayRecord(
-        {
-            "delta": Array(wire.flatten(result.delta)),
-            "weight": Array(np.array([result.num_examples], dtype=np.int64)),
-        }
-    )
     payload, _ = wire.payload_to_records(reply)
     return payload
 
@@ -267,7 +270,7 @@ def build_client_app(
         "train": lambda msg, context: handle_train(msg, context, load_data, open_site),
         "evaluate": lambda msg, context: handle_evaluate(msg, context, load_data, open_site),
     }
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         handlers[stage] = functools.partial(_secagg_handler, stage=stage)
 
     def entry(stage: str) -> StageHandler:
@@ -279,7 +282,7 @@ def build_client_app(
     app = ClientApp()
     app.train()(entry("train"))
     app.evaluate()(entry("evaluate"))
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         app.train(stage)(entry(stage))
     return app
 

@@ -39,6 +39,7 @@ import numpy as np
 from fedward.client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
 from fedward.client.ledger import PrivacyLedger
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
@@ -281,6 +282,10 @@ class Site:
             )
         except (OSError, DataError) as audit_error:
             log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """The signing key and roster pinned in this hospital's site policy."""
+        return SecAggIdentity.from_policy(self.policy, self.name, self.ledger_dir / "secagg")
 
     # --- internals -------------------------------------------------------------------------
 

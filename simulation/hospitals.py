@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
+from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
 from fedward.common.config import RunConfig, RunSpec, SimulatedData, SimulationSettings
 from fedward.common.data import Record, label_set, read_records, train_val_split
@@ -51,6 +52,13 @@ class SimulatedSite:
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
         return None  # the coordinator's round table shows it
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """Generated keys, and the roster of the whole simulated federation."""
+        node_config = self.context.node_config
+        return SecAggIdentity.simulated(
+            int(node_config["partition-id"]), int(node_config["num-partitions"])
+        )
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
