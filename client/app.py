@@ -26,9 +26,10 @@ from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
-from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import DataError, FedwardError, SecAggError
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,9 @@ def hospital_name(context: Context) -> str:
 
 def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task."""
-    label_to_id = {label: index for index, label in enumerate(config.labels or [])}
-    if config.task == "ner":
-        from fedward.common.ner import encode_sentences
-
-        encoded = encode_sentences(tokenizer, examples, label_to_id, config.max_length)
-        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
-    return encode_classification(tokenizer, examples, label_to_id, config.max_length)
+    return task_named(config.task).encode(
+        examples, config.labels or [], tokenizer, config.max_length
+    )
 
 
 def handle_train(
@@ -304,14 +301,9 @@ def load_site_data(config: RunConfig, context: Context) -> HospitalData:
 
 def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    if config.task == "ner":
-        from fedward.common.ner import read_conll
-
-        sentences = read_conll(path)
-        cut = max(1, round(len(sentences) * (1 - config.val_fraction)))
-        return HospitalData(name, sentences[:cut], sentences[cut:] or sentences[-1:], str(path))
-    records = read_records(path, config.text_column, config.label_column)
-    train, val = train_val_split(records, config.val_fraction, config.seed)
+    task = task_named(config.task)
+    examples = task.read(path, config.text_column, config.label_column)
+    train, val = task.split(examples, config.val_fraction, config.seed)
     return HospitalData(name, train, val, str(path))
 
 

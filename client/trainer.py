@@ -28,8 +28,8 @@ from fedward.client.privacy import (
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
-from fedward.common.metrics import classification_metrics, ner_metrics_from_ids
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,5 @@ def evaluate(
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())
     metrics = {"loss": total_loss / max(total, 1), "num_examples": float(total)}
-    if config.task == "ner":
-        metrics.update(ner_metrics_from_ids(true_ids, pred_ids, labels))
-    else:
-        metrics.update(classification_metrics(true_ids, pred_ids, len(labels)))
+    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
     return metrics
