@@ -26,6 +26,7 @@ from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
+from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import DataError, FedwardError, SecAggError
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
@@ -110,6 +111,13 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     )
 
 
+def check_data_vocabulary(data: HospitalData, config: RunConfig, tokenizer) -> float:
+    """The share of this hospital's text unknown to the model (`VocabularyError` above the
+    run's `max_unknown_share`; common/coverage.py)."""
+    examples = [*data.train, *data.val]
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_share)
+
+
 def handle_train(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
@@ -121,6 +129,7 @@ def handle_train(
     spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
     site = None
+    coverage: dict[str, float] = {}
     try:
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
@@ -131,6 +140,7 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
+            coverage = {"unknown-share": check_data_vocabulary(data, config, tokenizer)}
             model = cached_model(config, len(config.labels or []))
             dataset = encode(data.train, config, tokenizer)
             history = site.run_history(run_id, server_round)
@@ -152,6 +162,7 @@ def handle_train(
         return _refusal(msg, name, exc)
 
     metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss}
+    metrics.update(coverage)  # empty when an already released update is resent
     if result.epsilon_spent is not None:
         metrics["epsilon"] = result.epsilon_spent
         metrics["noise-multiplier"] = result.plan.noise_multiplier
@@ -234,10 +245,12 @@ def handle_evaluate(
         config = site.check_policy(spec)
         data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
+        share = check_data_vocabulary(data, config, tokenizer)
         model = cached_model(config, len(config.labels or []))
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
+        metrics["unknown-share"] = share
     except FedwardError as exc:
         log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
         if site is not None:

@@ -72,6 +72,14 @@ class TaskSpec(_Group):
         "deployment so every hospital agrees on the head's outputs.",
     )
     max_length: int = Field(128, ge=8, le=4096, description="Max tokens per example.")
+    max_unknown_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest share of a hospital's characters (Chinese, Japanese, Korean) or "
+        "words that the model's tokenizer may map to its unknown token; above it the hospital "
+        "refuses the round before any step (e.g. an English model on Chinese notes).",
+    )
 
     @field_validator("labels")
     @classmethod

@@ -68,6 +68,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
             f"field 'min_hospitals': {config.min_hospitals} is more than hospitals "
             f"({config.hospitals}) in this simulation"
         )
+    check_pooled_vocabulary(config)
     if config.labels:
         return config
     task = task_named(config.task)
@@ -77,6 +78,23 @@ def prepare_config(config: RunConfig) -> RunConfig:
         pooled = _pooled(config.task, config.data, config.text_column, config.label_column, None)
         labels = task.label_set(list(pooled), config.data)
     return config.model_copy(update={"labels": labels})
+
+
+def check_pooled_vocabulary(config: RunConfig) -> float:
+    """The vocabulary guard before any hospital starts: the unknown share of the pooled data
+    file (or of the first hospital's synthetic notes); `VocabularyError` above the run's
+    `max_unknown_share`. Each hospital still checks its own share before every round."""
+    from fedward.client.model_cache import cached_tokenizer
+    from fedward.common.coverage import check_vocabulary
+
+    if config.data is None:
+        examples = task_named(config.task).synthetic_notes(
+            0, config.notes_per_hospital, config.seed, config.hospitals
+        )
+    else:
+        examples = _pooled(config.task, config.data, config.text_column, config.label_column, None)
+    tokenizer = cached_tokenizer(config.model)
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_share)
 
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:

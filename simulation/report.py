@@ -25,7 +25,8 @@ def round_table(
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
     columns = task_named(task).metric_columns
-    table = Table(title=title, header_style="bold")
+    caption = "\n".join(line for line in (coverage_line(rounds), entity_type_line(rounds)) if line)
+    table = Table(title=title, header_style="bold", caption=caption or None)
     table.add_column("round", justify="right")
     table.add_column("status")
     table.add_column("train loss", justify="right")
@@ -57,6 +58,45 @@ def round_table(
                 cells.append("·")
         table.add_row(*cells)
     return table
+
+
+def hospital_coverage(rounds: list[dict]) -> dict[str, float]:
+    """Each hospital's share of characters/words unknown to the model, as it last reported it."""
+    shares: dict[str, float] = {}
+    for row in rounds:
+        for name, hospital in row["hospitals"].items():
+            if hospital.get("unknown_share") is not None:
+                shares[name] = hospital["unknown_share"]
+    return shares
+
+
+def coverage_line(rounds: list[dict]) -> str:
+    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported)."""
+    shares = hospital_coverage(rounds)
+    if not shares:
+        return ""
+    names = sorted(shares, key=lambda n: (len(n), n))
+    return "unknown to the model's vocabulary: " + ", ".join(
+        f"{name} {shares[name]:.1%}" for name in names
+    )
+
+
+def entity_types(metrics: dict) -> list[str]:
+    """The entity types of NER metrics (keys `f1_TYPE`), under the data's own names."""
+    return sorted(key.removeprefix("f1_") for key in metrics if key.startswith("f1_"))
+
+
+def entity_type_line(rounds: list[dict]) -> str:
+    """'entity F1 by type, round N: TYPE 0.412, ...' for the last round ('' for no types)."""
+    if not rounds:
+        return ""
+    metrics = rounds[-1]["global"]
+    types = entity_types(metrics)
+    if not types:
+        return ""
+    return f"entity F1 by type, round {rounds[-1]['round']}: " + ", ".join(
+        f"{name} {_fmt(metrics[f'f1_{name}'])}" for name in types
+    )
 
 
 def _status(row: dict) -> str:
