@@ -113,9 +113,9 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
 
 def check_data_vocabulary(data: HospitalData, config: RunConfig, tokenizer) -> float:
     """The share of this hospital's text unknown to the model (`VocabularyError` above the
-    run's `max_unknown_share`; common/coverage.py)."""
+    run's `max_unknown_rate`; common/coverage.py)."""
     examples = [*data.train, *data.val]
-    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_share)
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
 
 
 def handle_train(
@@ -140,7 +140,7 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
-            coverage = {"unknown-share": check_data_vocabulary(data, config, tokenizer)}
+            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
             model = cached_model(config, len(config.labels or []))
             dataset = encode(data.train, config, tokenizer)
             history = site.run_history(run_id, server_round)
@@ -250,7 +250,7 @@ def handle_evaluate(
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
-        metrics["unknown-share"] = share
+        metrics["unknown-rate"] = share
     except FedwardError as exc:
         log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
         if site is not None:

@@ -72,7 +72,7 @@ class TaskSpec(_Group):
         "deployment so every hospital agrees on the head's outputs.",
     )
     max_length: int = Field(128, ge=8, le=4096, description="Max tokens per example.")
-    max_unknown_share: float = Field(
+    max_unknown_rate: float = Field(
         0.05,
         ge=0,
         le=1,

@@ -5,7 +5,7 @@ a model learns from, and is scored on, a blur: the packaged all-MiniLM-L6-v2 kno
 Han characters, so a Chinese note becomes mostly `[UNK]`, and a run would still train and report
 a score without a word of warning. Before a hospital trains or evaluates, `check_vocabulary`
 measures the share of its text's units that the run's tokenizer cannot represent, and above the
-run spec's `max_unknown_share` refuses with one line naming the model, the share and what to do.
+run spec's `max_unknown_rate` refuses with one line naming the model, the share and what to do.
 
 A unit is a character in scripts written without spaces (Chinese, Japanese, Korean) and a word
 (a run of letters and digits, or one punctuation mark) otherwise, split as `ner.split_words`
@@ -29,17 +29,17 @@ log = logging.getLogger(__name__)
 class VocabularyError(DataError):
     """The run's model cannot represent too much of a hospital's text.
 
-    `unknown_share` and `max_unknown_share` hold the two numbers of the message, so that a
+    `unknown_rate` and `max_unknown_rate` hold the two numbers of the message, so that a
     refusal can carry them as parameters rather than as text.
     """
 
-    def __init__(self, model: str, unknown_share: float, max_unknown_share: float) -> None:
+    def __init__(self, model: str, unknown_rate: float, max_unknown_rate: float) -> None:
         self.model = model
-        self.unknown_share = unknown_share
-        self.max_unknown_share = max_unknown_share
+        self.unknown_rate = unknown_rate
+        self.max_unknown_rate = max_unknown_rate
         super().__init__(
-            f"model {model} maps {unknown_share:.1%} of the text's characters and words to its "
-            f"unknown token (limit {max_unknown_share:.1%}); use a model whose vocabulary "
+            f"model {model} maps {unknown_rate:.1%} of the text's characters and words to its "
+            f"unknown token (limit {max_unknown_rate:.1%}); use a model whose vocabulary "
             "covers the text, e.g. a Chinese BERT (bert-base-chinese, MC-BERT) for Chinese notes"
         )
 
@@ -52,7 +52,7 @@ def example_units(example) -> list[str]:
     return split_words(example.text)[0]
 
 
-def unknown_share(tokenizer, units: Iterable[str]) -> float:
+def unknown_rate(tokenizer, units: Iterable[str]) -> float:
     """Share of `units` (with repetition) that `tokenizer` maps to its unknown token or to
     nothing; 0.0 for no units. Each distinct unit is tokenized once, on its own."""
     counts = Counter(units)
@@ -70,12 +70,12 @@ def unknown_share(tokenizer, units: Iterable[str]) -> float:
     return unknown / total
 
 
-def check_vocabulary(tokenizer, examples: Sequence, model: str, max_unknown_share: float) -> float:
+def check_vocabulary(tokenizer, examples: Sequence, model: str, max_unknown_rate: float) -> float:
     """The unknown share of `examples`; raises `VocabularyError` when it exceeds the limit."""
-    share = unknown_share(
+    share = unknown_rate(
         tokenizer, (unit for example in examples for unit in example_units(example))
     )
     log.info("model %s: %.2f%% of the units are unknown to its tokenizer", model, 100 * share)
-    if share > max_unknown_share:
-        raise VocabularyError(model, share, max_unknown_share)
+    if share > max_unknown_rate:
+        raise VocabularyError(model, share, max_unknown_rate)
     return share

@@ -83,7 +83,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
 def check_pooled_vocabulary(config: RunConfig) -> float:
     """The vocabulary guard before any hospital starts: the unknown share of the pooled data
     file (or of the first hospital's synthetic notes); `VocabularyError` above the run's
-    `max_unknown_share`. Each hospital still checks its own share before every round."""
+    `max_unknown_rate`. Each hospital still checks its own share before every round."""
     from fedward.client.model_cache import cached_tokenizer
     from fedward.common.coverage import check_vocabulary
 
@@ -94,7 +94,7 @@ def check_pooled_vocabulary(config: RunConfig) -> float:
     else:
         examples = _pooled(config.task, config.data, config.text_column, config.label_column, None)
     tokenizer = cached_tokenizer(config.model)
-    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_share)
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
 
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:

@@ -65,8 +65,8 @@ def hospital_coverage(rounds: list[dict]) -> dict[str, float]:
     shares: dict[str, float] = {}
     for row in rounds:
         for name, hospital in row["hospitals"].items():
-            if hospital.get("unknown_share") is not None:
-                shares[name] = hospital["unknown_share"]
+            if hospital.get("unknown_rate") is not None:
+                shares[name] = hospital["unknown_rate"]
     return shares
 
 

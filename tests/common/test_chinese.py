@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from fedward.common.coverage import VocabularyError, check_vocabulary, example_units, unknown_share
+from fedward.common.coverage import VocabularyError, check_vocabulary, example_units, unknown_rate
 from fedward.common.data import Record, read_records
 from fedward.common.errors import DataError
 from fedward.common.ner import (
@@ -227,12 +227,12 @@ def test_an_entity_longer_than_a_piece_is_cut_into_parts_of_its_type(chinese_tok
 # --- the vocabulary guard ----------------------------------------------------------------------
 
 
-def test_unknown_share_of_cmedqa_english_model_versus_chinese_vocabulary(
+def test_unknown_rate_of_cmedqa_english_model_versus_chinese_vocabulary(
     cmedqa, minilm_tokenizer, chinese_tokenizer
 ):
     units = [unit for sentence in cmedqa for unit in example_units(sentence)]
-    english = unknown_share(minilm_tokenizer, units)
-    chinese = unknown_share(chinese_tokenizer, units)
+    english = unknown_rate(minilm_tokenizer, units)
+    chinese = unknown_rate(chinese_tokenizer, units)
     print(f"cmedqa_ner train: all-MiniLM-L6-v2 {english:.2%}, Chinese BERT vocab {chinese:.2%}")
     assert english > 0.30
     assert chinese < 0.01
@@ -244,9 +244,9 @@ def test_the_guard_refuses_the_default_model_on_chinese_notes_in_one_line(cmedqa
     message = str(refused.value)
     assert "\n" not in message
     assert message.startswith("model all-MiniLM-L6-v2 maps ")
-    assert f"{refused.value.unknown_share:.1%}" in message
+    assert f"{refused.value.unknown_rate:.1%}" in message
     assert "Chinese BERT" in message
-    assert isinstance(refused.value, DataError) and refused.value.unknown_share > 0.05
+    assert isinstance(refused.value, DataError) and refused.value.unknown_rate > 0.05
 
 
 def test_the_guard_lets_english_notes_through_the_default_model(minilm_tokenizer):

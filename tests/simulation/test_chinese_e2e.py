@@ -57,7 +57,7 @@ def test_one_dp_round_on_chinese_notes_with_per_type_metrics_and_coverage(
     assert row["secure_aggregation"]
     for name, hospital in row["hospitals"].items():
         assert hospital["trained"] and 0 < hospital["epsilon"] <= 8.0, name
-        assert 0.0 <= hospital["unknown_share"] < 0.01, name
+        assert 0.0 <= hospital["unknown_rate"] < 0.01, name
     # Per-type entity metrics, under cMedQANER's own type names.
     for entity_type in ("disease", "symptom", "body", "crowd"):
         for key in ("precision", "recall", "f1"):
@@ -86,7 +86,7 @@ def test_simulate_refuses_the_default_model_on_chinese_notes_before_any_round(
 ):
     with pytest.raises(VocabularyError) as refused:
         simulate(_config(tmp_path, cmedqa_sample))  # the packaged all-MiniLM-L6-v2
-    assert refused.value.unknown_share > 0.3
+    assert refused.value.unknown_rate > 0.3
     assert not (tmp_path / "out" / "history.json").exists()
 
     fedward = Path(sys.executable).parent / "fedward"
