@@ -1,7 +1,8 @@
-"""Named-entity recognition: CoNLL files in, word-piece labels out, entity-level metrics back.
+"""Named-entity recognition: CoNLL or entity-JSON files in, word-piece labels out, entity-level
+metrics back.
 
 The NER task's data and metrics layer, shared by hospitals (training, evaluation) and the
-coordinator (reports, `fedward predict`). Everything here is a pure function except the two
+coordinator (reports, `fedward predict`). Everything here is a pure function except the
 readers at the top, which turn files into sentences:
 
     sentence  = [(word, tag), ...]          tags are IOB2 once read: O, B-TYPE, I-TYPE
@@ -71,11 +72,14 @@ def read_conll(path: str | Path) -> list[Sentence]:
     """Read one CoNLL-style file into sentences of (word, tag), tags converted to IOB2.
 
     Format: one `word<TAB>tag` per line (with more tab-separated columns, the first is the word
-    and the last the tag), a blank line between sentences, `-DOCSTART-` lines skipped. The tag
-    scheme (IOB1, IOB2, BIOES, BILOU) is detected from the whole file (`detect_scheme`).
+    and the last the tag), or `word tag` separated by spaces in a file whose first line has no
+    tab (character-per-line Chinese corpora, `字 B_disease`; `B_`/`I_` tags read as `B-`/`I-`),
+    a blank line between sentences, `-DOCSTART-` lines skipped. The tag scheme (IOB1, IOB2,
+    BIOES, BILOU) is detected from the whole file (`detect_scheme`).
 
     Raises `DataError` naming the file and line for: a missing or unreadable file, bytes that are
-    not UTF-8, a line without a tab, an empty word or tag, a tag outside O/B-/I-/E-/S-/L-/U-,
+    not UTF-8, a line without the file's separator, an empty word or tag, a tag outside
+    O/B-/I-/E-/S-/L-/U-,
     a tag sequence that the detected scheme forbids, or a file without any sentence.
     """
     path = Path(path)
