@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedward.client.ledger import IDENTIFIER
 from fedward.client.policy import SitePolicy
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.programs import flower_env, flower_program
@@ -41,6 +42,7 @@ DATA_KEY = "data-path"
 POLICY_KEY = "policy"
 LEDGER_KEY = "ledger"
 AUDIT_KEY = "audit-log"
+DATASET_KEY = "dataset-id"
 DEVICE_KEY = "device"
 NAME_KEY = "hospital-name"
 
@@ -58,6 +60,8 @@ class HospitalSettings:
         ca: The federation's CA certificate (`ca.crt` from the coordinator).
         key: This hospital's SuperNode private key (`fedward keys node`).
         name: The name this hospital reports in round tables and audit logs.
+        dataset_id: The name of this data set's privacy ledger (`<ledger>/<dataset_id>.json`);
+            None: `name`. Keep it when records are added or corrected: the budget continues.
         device: auto, cpu or cuda.
         audit_log: The hospital's audit log (default `<ledger>/audit.jsonl`).
         runtime_port: Local port of the SuperNode's Runtime API (one per SuperNode on a host).
@@ -72,6 +76,7 @@ class HospitalSettings:
     ca: Path | None = None
     key: Path | None = None
     name: str = "hospital"
+    dataset_id: str | None = None
     device: str = "auto"
     audit_log: Path | None = None
     runtime_port: int = DEFAULT_RUNTIME_PORT
@@ -86,6 +91,13 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
     if not settings.data.exists():
         raise DataError(f"{settings.data}: data file not found; check --data")
     policy = SitePolicy.load(settings.policy)
+    dataset_id = settings.dataset_id or settings.name
+    if not IDENTIFIER.fullmatch(dataset_id):
+        option = "--dataset-id" if settings.dataset_id else "--name (the default data-set id)"
+        raise ConfigError(
+            f"{option} {dataset_id!r}: a data-set id is 1 to 64 letters, digits, '_' or '-', "
+            "starting with a letter or digit; pass --dataset-id NAME"
+        )
     if settings.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {settings.device!r}: use auto, cpu or cuda")
     if not 0 < settings.runtime_port < 65536:
@@ -118,6 +130,7 @@ def node_config(settings: HospitalSettings) -> dict[str, str]:
         LEDGER_KEY: str(ledger),
         AUDIT_KEY: str(audit),
         NAME_KEY: settings.name,
+        DATASET_KEY: settings.dataset_id or settings.name,
         DEVICE_KEY: settings.device,
     }
 

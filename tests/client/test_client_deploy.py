@@ -50,6 +50,7 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         "ledger": str((tmp_path / "my ledger").resolve()),
         "audit-log": str((tmp_path / "my ledger" / "audit.jsonl").resolve()),
         "hospital-name": "st-mary",
+        "dataset-id": "st-mary",  # the ledger's name: the hospital's unless --dataset-id
         "device": "auto",
     }
 

@@ -102,7 +102,7 @@ def _train(config, node_config, arrays, run_id="run-a", server_round=1) -> Messa
 
 
 def _ledger(node_config) -> PrivacyLedger:
-    return PrivacyLedger.for_dataset(node_config["ledger"], node_config["data-path"])
+    return PrivacyLedger.open(node_config["ledger"], node_config["hospital-name"])
 
 
 def _audit_kinds(node_config) -> list[str]:
