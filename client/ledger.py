@@ -488,8 +488,11 @@ class PrivacyLedger:
         return entry
 
     def rounds_recorded(self, run_id: str) -> list[int]:
-        """The rounds of `run_id` in the ledger (spent or reserved), ascending."""
-        return sorted(e.round for e in self.entries if e.run_id == str(run_id))
+        """The rounds of `run_id` trained and confirmed (spent), ascending; see `reservations`
+        for rounds reserved and not (yet) confirmed."""
+        return sorted(
+            e.round for e in self.entries if e.run_id == str(run_id) and e.status == SPENT
+        )
 
     def reservations(self) -> list[LedgerEntry]:
         """Rounds reserved and never confirmed or released: in progress, or left by a crash."""
