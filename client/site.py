@@ -21,9 +21,13 @@ A train request goes through three gates (`client.app.handle_train`):
 3. `record`, after training and before anything leaves: the ledger entry (written atomically),
    the released update (kept for a replay), and an audit record.
 
-A refusal at any gate becomes a reasoned refusal reply (never a crash) and an audit record.
-Reasons sent to the coordinator name rules and numbers, never a local path: a broken policy or
-ledger file is described in this hospital's log only.
+A refusal at any gate becomes a refusal reply (never a crash) and an audit record. What goes to
+the coordinator is the error's reason code with numbers (common/reasons.py), never its text: a
+path, a column or a record's value is described in this hospital's log and audit log only.
+
+An evaluate request is a release too (`admit_evaluation`, `release_evaluation`): refused unless
+the policy allows it, for a round this data set trained in (or the final one), once a round, and
+within the budget; its metrics are noised counts charged to the ledger (client/release.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ import numpy as np
 from fedward.client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
 from fedward.client.ledger import PrivacyLedger
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.privacy import calibrate_noise
+from fedward.client.release import (
+    Predictions,
+    counts,
+    exact_metrics,
+    metrics_from_counts,
+    noised,
+    sensitivity,
+)
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
@@ -53,6 +66,7 @@ from fedward.common.errors import (
     PrivacyBudgetExceeded,
 )
 from fedward.common.model import resolve_model_path
+from fedward.common.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +78,9 @@ RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
 _RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
+
+#: Ledger key suffix of a run's released evaluations (their rounds, apart from trained rounds).
+EVALUATION_KEY = ".evaluation"
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,9 @@ class Release:
 
 class Site:
     """One hospital's policy, ledger and audit log, opened for one request."""
+
+    #: Metrics leave a deployed hospital only noised and charged (simulation: exact).
+    releases_exact_metrics = False
 
     def __init__(
         self,
@@ -113,11 +133,15 @@ class Site:
         if missing:
             raise PolicyError(
                 f"hospital {name} is not set up for deployment (node config lacks "
-                f"{', '.join(missing)}); it must be started with `fedward client start`"
+                f"{', '.join(missing)}); it must be started with `fedward client start`",
+                reason=Reason("policy.not_configured"),
             )
         device = node_config.get(DEVICE_KEY) or None
         if device not in (None, "auto", "cpu", "cuda"):
-            raise PolicyError(f"hospital {name}: node config 'device' must be auto, cpu or cuda")
+            raise PolicyError(
+                f"hospital {name}: node config 'device' must be auto, cpu or cuda",
+                reason=Reason("policy.not_configured"),
+            )
         ledger_dir = Path(str(node_config[LEDGER_KEY]))
         audit_path = Path(str(node_config.get(AUDIT_KEY) or ledger_dir / "audit.jsonl"))
         try:
@@ -126,7 +150,8 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its site policy file cannot be used (details in the "
-                "hospital's log); every request is refused until it is fixed"
+                "hospital's log); every request is refused until it is fixed",
+                reason=Reason("policy.file_invalid"),
             ) from None
         try:
             schema = DataSchema.build(
@@ -137,7 +162,8 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its data schema in the node config is invalid (details in "
-                "the hospital's log)"
+                "the hospital's log)",
+                reason=Reason("policy.schema_invalid"),
             ) from None
         data_path = Path(str(node_config[DATA_KEY]))
         return cls(name, data_path, policy, ledger_dir, audit_path, device, schema)
@@ -267,8 +293,9 @@ class Site:
             self._save_release(run_id, server_round, result, global_sha256)
         self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
-        """Audit a refusal (the reason also goes back to the coordinator)."""
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
+        """Audit a refusal: the full text for the hospital's staff (only the code goes back)."""
+        code = exc.reason.code if isinstance(exc, FedwardError) else "error.internal"
         try:
             self.audit.append(
                 "refusal",
@@ -277,10 +304,91 @@ class Site:
                 stage=stage,
                 hospital=self.name,
                 error=type(exc).__name__,
+                code=code,
                 reason=str(exc),
             )
         except (OSError, DataError) as audit_error:
             log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    # --- evaluation: an accounted release ---------------------------------------------------
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        """Before any record is read: refuse an evaluation the policy does not allow, one of a
+        round this data set did not train (or not the final one), a second one of a round, or
+        one the budget cannot pay for. Returns the config to evaluate with."""
+        config = self.check_policy(spec)
+        policy = self.policy
+
+        def refuse(code: str, why: str, **params) -> PolicyError:
+            return PolicyError(
+                f"hospital {self.name}: evaluation of run {run_id} round {server_round} "
+                f"refused: {why}",
+                reason=Reason(code, params),
+            )
+
+        if not policy.allow_evaluation:
+            raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
+        if not 1 <= server_round <= spec.rounds:
+            raise refuse(
+                "evaluation.round_out_of_range",
+                f"the run has rounds 1..{spec.rounds}",
+                round=server_round,
+                rounds=spec.rounds,
+            )
+        trained = self.ledger().rounds_recorded(run_id)
+        if policy.evaluate_rounds == "final" and server_round != spec.rounds:
+            raise refuse(
+                "evaluation.not_final", "only the final round is evaluated", rounds=spec.rounds
+            )
+        took_part = bool(trained) if policy.evaluate_rounds == "final" else server_round in trained
+        if not took_part:
+            raise refuse(
+                "evaluation.round_not_trained",
+                "this data set did not train in it",
+                round=server_round,
+            )
+        if server_round in self.ledger().rounds_recorded(run_id + EVALUATION_KEY):
+            raise refuse("evaluation.repeated", "already evaluated", round=server_round)
+        try:
+            self.ledger().check_budget(
+                policy.max_epsilon, policy.max_delta, self._evaluation_noise(), 1.0, 1
+            )
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.budget"),
+            ) from None
+        return config
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """Charge the ledger, then noise the counts: the metrics that may leave (Gaussian
+        mechanism at the policy's evaluation_epsilon and max_delta, client/release.py)."""
+        noise_multiplier = self._evaluation_noise()
+        entry = self.ledger().record(
+            run_id + EVALUATION_KEY, server_round, noise_multiplier, 1.0, 1, self.policy.max_delta
+        )
+        std = noise_multiplier * sensitivity(predictions.task)
+        released = metrics_from_counts(
+            predictions.task,
+            noised(counts(predictions), std, np.random.default_rng()),
+            len(predictions.labels),
+        )
+        self.audit.append(
+            "evaluation",
+            run_id=str(run_id),
+            round=server_round,
+            hospital=self.name,
+            epsilon_evaluation=self.policy.evaluation_epsilon,
+            epsilon_lifetime=entry.epsilon_total,
+            exact=_finite_values(exact_metrics(predictions)),
+            released=_finite_values(released),
+        )
+        return released
+
+    def _evaluation_noise(self) -> float:
+        return calibrate_noise(self.policy.evaluation_epsilon, self.policy.max_delta, 1.0, 1)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -364,3 +472,7 @@ class Site:
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
         )
+
+
+def _finite_values(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {key: float(value) if np.isfinite(value) else None for key, value in metrics.items()}

@@ -1,4 +1,9 @@
-"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib)."""
+"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib).
+
+Epsilon is record-level: the unit of privacy is one record (a note for classification, a
+sentence for NER). A simulated hospital reports exact metrics and training loss, unnoised and
+uncharged; a deployed one releases only DP-noised evaluation counts, charged to its ledger.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +22,23 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
+def privacy_unit(task: str) -> str:
+    """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
+    return "one sentence" if task == "ner" else "one record (a note)"
+
+
 def round_table(
     rounds: list[dict], task: str = "classification", title: str | None = None
 ) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
-    table = Table(title=title, header_style="bold")
+    table = Table(
+        title=title,
+        header_style="bold",
+        caption=f"ε: record-level DP, unit {privacy_unit(task)}, per hospital over the run. "
+        "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
+        "release only DP-noised counts).",
+    )
     table.add_column("round", justify="right")
     table.add_column("status")
     table.add_column("train loss", justify="right")
@@ -41,7 +57,7 @@ def round_table(
         cells = [
             str(row["round"]),
             _status(row),
-            _fmt(row["train_loss"]),
+            _fmt(row.get("train_loss")),
             _fmt(metrics.get("loss")),
         ]
         if task == "ner":
@@ -96,7 +112,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         )
     left.plot(
         x,
-        [_nan(row["train_loss"]) for row in rounds],
+        [_nan(row.get("train_loss")) for row in rounds],
         marker="o",
         linestyle="--",
         label="train loss",
@@ -109,7 +125,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
         right.plot(x, eps, marker="o", label=name)
     right.set_xlabel("round")
-    right.set_ylabel("epsilon spent")
+    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task)})")
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
     if hospital_names(rounds):
