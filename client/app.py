@@ -28,17 +28,21 @@ from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
 from fedward.client.release import Predictions
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, TrainResult, predict, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
-from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
 from fedward.common.reasons import Reason
-from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
+from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
+
+#: SecAgg+ stages after the first (which rides on the train message), in order.
+SECAGG_STAGES = (SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK)
 
 SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
 SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
@@ -95,6 +99,9 @@ class HospitalSite(Protocol):
     ) -> dict[str, float]:
         """The metrics that may leave, for predictions on the validation split."""
 
+    def secagg_identity(self) -> SecAggIdentity:
+        """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
+
 
 #: Opens a hospital's site for one request.
 SiteOpener = Callable[[Context], HospitalSite]
@@ -117,26 +124,9 @@ def hospital_name(context: Context) -> str:
 
 def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task."""
-    label_to_id = {label: index for index, label in enumerate(config.labels or [])}
-    if config.task == "classification":
-        unknown = sorted({example.label for example in examples} - set(label_to_id))
-        if unknown:
-            # The labels themselves are the hospital's data (or, with a wrong label column,
-            # its notes): only their number may leave.
-            raise DataError(
-                f"{len(unknown)} label value(s) of this hospital's data are not in the run's "
-                f"label set (first: {unknown[:3]}); map them, or check --label-column",
-                reason=Reason(
-                    "data.labels_mismatch",
-                    {"unknown_labels": len(unknown), "run_labels": len(label_to_id)},
-                ),
-            )
-    if config.task == "ner":
-        from fedward.common.ner import encode_sentences
-
-        encoded = encode_sentences(tokenizer, examples, label_to_id, config.max_length)
-        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
-    return encode_classification(tokenizer, examples, label_to_id, config.max_length)
+    return task_named(config.task).encode(
+        examples, config.labels or [], tokenizer, config.max_length
+    )
 
 
 def handle_train(
@@ -156,6 +146,9 @@ def handle_train(
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
+        secagg = None
+        if spec.secure_aggregation:  # keys, cohort and threshold are judged before training
+            secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
@@ -193,22 +186,23 @@ def handle_train(
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
-    if spec.secure_aggregation:
+    if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
-        try:
-            content[wire.SECAGG] = _start_secure_aggregation(
-                msg, context, run_id, server_round, result
-            )
-        except Exception as exc:  # whatever it was, only a code leaves
-            _log_refusal(name, "secure aggregation", server_round, exc)
-            return _refusal(msg, name, exc)
+        content[wire.SECAGG] = secagg
+        context.state[SECAGG_UPDATE] = ArrayRecord(
+            {
+                "delta": Array(wire.flatten(result.delta)),
+                "weight": Array(np.array([result.num_examples], dtype=np.int64)),
+            }
+        )
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    """One of the SecAgg+ stages after the first: share keys, masked update, unmask."""
+    """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
+    unmask. The session makes and checks the payloads (wire packing included); this relays."""
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
     request = wire.records_to_payload(msg.content[wire.SECAGG])
@@ -225,10 +219,8 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.masked_update(
                 request, update["delta"].numpy(), int(update["weight"].numpy()[0])
             )
-            # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
-            reply["masked_update"] = pack_bits(
-                reply["masked_update"], session.params["modulus_bits"]
-            )
+        elif stage == CONSISTENCY_CHECK:
+            reply = session.consistency_check(request)
         else:
             reply = session.unmask(request)
     except Exception as exc:  # whatever it was, only a code leaves
@@ -248,16 +240,11 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _start_secure_aggregation(msg, context, run_id, server_round, result) -> ConfigRecord:
-    session = SecAggClientSession(context.node_id, run_id, server_round)
+def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
+    identity = site.secagg_identity()  # whose keys this hospital signs with, whose it accepts
+    session = SecAggClientSession(context.node_id, run_id, server_round, identity)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    context.state[SECAGG_UPDATE] = ArrayRecord(
-        {
-            "delta": Array(wire.flatten(result.delta)),
-            "weight": Array(np.array([result.num_examples], dtype=np.int64)),
-        }
-    )
     payload, _ = wire.payload_to_records(reply)
     return payload
 
@@ -311,7 +298,7 @@ def build_client_app(
         "train": lambda msg, context: handle_train(msg, context, load_data, open_site),
         "evaluate": lambda msg, context: handle_evaluate(msg, context, load_data, open_site),
     }
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         handlers[stage] = functools.partial(_secagg_handler, stage=stage)
 
     def entry(stage: str) -> StageHandler:
@@ -323,7 +310,7 @@ def build_client_app(
     app = ClientApp()
     app.train()(entry("train"))
     app.evaluate()(entry("evaluate"))
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         app.train(stage)(entry(stage))
     return app
 
@@ -345,14 +332,9 @@ def load_site_data(config: RunConfig, context: Context) -> HospitalData:
 
 def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    if config.task == "ner":
-        from fedward.common.ner import read_conll
-
-        sentences = read_conll(path)
-        cut = max(1, round(len(sentences) * (1 - config.val_fraction)))
-        return HospitalData(name, sentences[:cut], sentences[cut:] or sentences[-1:], str(path))
-    records = read_records(path, config.text_column, config.label_column)
-    train, val = train_val_split(records, config.val_fraction, config.seed)
+    task = task_named(config.task)
+    examples = task.read(path, config.text_column, config.label_column)
+    train, val = task.split(examples, config.val_fraction, config.seed)
     return HospitalData(name, train, val, str(path))
 
 

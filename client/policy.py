@@ -17,6 +17,11 @@ approved_run_configs = []                   # optional: pin exact run spec diges
 allow_evaluation = false                    # release DP-noised evaluation metrics
 evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
 evaluate_rounds = "trained"                 # or "final": only the run's last round
+min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds before training
+secagg_signing_key = "/srv/fedward/secagg-signing.pem"   # this hospital's Ed25519 key
+[secagg_roster]                             # hospitals whose SecAgg keys it accepts
+hospital-a = "ed25519:5b0e...c1"            # public keys exchanged out of band
+hospital-b = "ed25519:9a47...0d"
 ```
 
 Keys may also sit under a `[policy]` table. `SitePolicy.check` is pure: it looks only at the run
@@ -74,6 +79,13 @@ class SitePolicy(BaseModel):
             mechanism at max_delta), charged to the data set's lifetime budget.
         evaluate_rounds: "trained" (default): the global adapter of a round this data set
             trained in; "final": only the run's last round. Either way, at most once a round.
+        min_secure_aggregation_hospitals: Fewest hospitals a secure round may have (default 3);
+            a smaller round is refused before training.
+        secagg_signing_key: Path of this hospital's long-term Ed25519 private key (PEM) that
+            signs its SecAgg+ keys and the survivor set; needed for secure aggregation.
+        secagg_roster: Hospital name -> public signing key (64 hex characters) of every
+            hospital whose SecAgg+ keys this hospital accepts, itself included; keys signed by
+            anyone else end the round for this hospital.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,6 +120,31 @@ class SitePolicy(BaseModel):
         "trained",
         description="trained: rounds this data set trained in; final: the run's last round only.",
     )
+
+    min_secure_aggregation_hospitals: int = Field(
+        3, ge=2, description="Fewest hospitals a secure-aggregation round may have."
+    )
+    secagg_signing_key: str | None = Field(
+        None, description="Path of this hospital's Ed25519 SecAgg signing key (PEM)."
+    )
+    secagg_roster: dict[str, str] | None = Field(
+        None, description="Hospital name -> Ed25519 public key (hex) of accepted hospitals."
+    )
+
+    @field_validator("secagg_roster")
+    @classmethod
+    def _check_roster(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        for name, key in value.items():
+            cleaned = str(key).strip().lower().removeprefix("ed25519:")
+            if not re.fullmatch(r"[0-9a-f]{64}", cleaned):
+                raise ValueError(f"entry '{name}' is not an Ed25519 public key (64 hex characters)")
+        if len({str(key).strip().lower().removeprefix("ed25519:") for key in value.values()}) < len(
+            value
+        ):
+            raise ValueError("two hospitals have the same public key")
+        return value
 
     @field_validator("allowed_model_hashes", "approved_run_configs")
     @classmethod

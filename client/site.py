@@ -52,6 +52,7 @@ from fedward.client.release import (
     noised,
     sensitivity,
 )
+from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
@@ -389,6 +390,10 @@ class Site:
 
     def _evaluation_noise(self) -> float:
         return calibrate_noise(self.policy.evaluation_epsilon, self.policy.max_delta, 1.0, 1)
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """The signing key and roster pinned in this hospital's site policy."""
+        return SecAggIdentity.from_policy(self.policy, self.name, self.ledger_dir / "secagg")
 
     # --- internals -------------------------------------------------------------------------
 

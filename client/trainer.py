@@ -28,8 +28,8 @@ from fedward.client.privacy import (
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
-from fedward.common.metrics import classification_metrics, ner_metrics_from_ids
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,7 @@ def evaluate(
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
     loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    if config.task == "ner":
-        metrics.update(ner_metrics_from_ids(true_ids, pred_ids, labels))
-    else:
-        metrics.update(classification_metrics(true_ids, pred_ids, len(labels)))
+    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
     return metrics
 
 

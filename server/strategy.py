@@ -30,7 +30,6 @@ from fedward.common.config import RunConfig
 from fedward.common.errors import FedwardError, ModelError, SecAggError
 from fedward.common.model import ArraySpec
 from fedward.common.reasons import Reason
-from fedward.common.secagg import unpack_bits
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
@@ -170,10 +169,10 @@ class FedwardStrategy:
     ) -> TrainOutcome:
         """Train with SecAgg+: the server only ever holds masked updates and their sum.
 
-        Stage 1 (advertise keys) rides on the train message; stages 2-4 (share keys, masked
-        update, unmask) follow. A hospital missing at any stage is recovered from its
-        neighbours' shares while the threshold holds; otherwise the round fails cleanly and
-        the global adapter stays as it was.
+        Stage 1 (advertise keys) rides on the train message; stages 2-5 (share keys, masked
+        update, consistency check, unmask) follow. A hospital missing at any stage is recovered
+        from its neighbours' shares while the threshold holds; otherwise the round fails
+        cleanly and the global adapter stays as it was.
         """
         vector_length = sum(int(np.prod(item.shape)) for item in self.spec)
         try:
@@ -210,20 +209,10 @@ class FedwardStrategy:
             payloads = self._secagg_stage(
                 grid, server_round, "masked_update", requests, names, outcome
             )
-            for node_id in list(payloads):
-                try:
-                    payloads[node_id]["masked_update"] = unpack_bits(
-                        payloads[node_id]["masked_update"], session.modulus_bits, vector_length + 1
-                    )
-                except (SecAggError, KeyError, ValueError, TypeError) as exc:
-                    # A malformed vector is dropped like a hospital that left: it is recovered.
-                    log.warning(
-                        "round %d, masked_update: %s dropped: %s",
-                        server_round,
-                        names.get(node_id, node_id),
-                        exc,
-                    )
-                    del payloads[node_id]
+            requests = session.consistency_requests(payloads)
+            payloads = self._secagg_stage(
+                grid, server_round, "consistency_check", requests, names, outcome
+            )
             requests = session.unmask_requests(payloads)
             payloads = self._secagg_stage(grid, server_round, "unmask", requests, names, outcome)
             result = session.aggregate(payloads)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from fedward.common.tasks import task_named
+
 
 def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
@@ -24,7 +26,7 @@ def hospital_names(rounds: list[dict]) -> list[str]:
 
 def privacy_unit(task: str) -> str:
     """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
-    return "one sentence" if task == "ner" else "one record (a note)"
+    return task_named(task).privacy_unit
 
 
 def round_table(
@@ -32,6 +34,7 @@ def round_table(
 ) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
+    columns = task_named(task).metric_columns
     table = Table(
         title=title,
         header_style="bold",
@@ -43,13 +46,8 @@ def round_table(
     table.add_column("status")
     table.add_column("train loss", justify="right")
     table.add_column("val loss", justify="right")
-    if task == "ner":
-        table.add_column("entity P", justify="right")
-        table.add_column("entity R", justify="right")
-        table.add_column("entity F1", justify="right")
-    else:
-        table.add_column("accuracy", justify="right")
-        table.add_column("macro-F1", justify="right")
+    for _, title in columns:
+        table.add_column(title, justify="right")
     for name in names:
         table.add_column(f"ε {name}", justify="right")
     for row in rounds:
@@ -60,10 +58,7 @@ def round_table(
             _fmt(row.get("train_loss")),
             _fmt(metrics.get("loss")),
         ]
-        if task == "ner":
-            cells += [_fmt(metrics.get(k)) for k in ("precision", "recall", "f1")]
-        else:
-            cells += [_fmt(metrics.get("accuracy")), _fmt(metrics.get("macro_f1"))]
+        cells += [_fmt(metrics.get(key)) for key, _ in columns]
         for name in names:
             hospital = row["hospitals"].get(name, {})
             if "refused" in hospital:
@@ -103,9 +98,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
 
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = (
-        ("loss", "precision", "recall", "f1") if task == "ner" else ("loss", "accuracy", "macro_f1")
-    )
+    keys = ("loss", *(key for key, _ in task_named(task).metric_columns))
     for key in keys:
         left.plot(
             x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}"

@@ -291,7 +291,18 @@ def test_a_final_only_policy_refuses_earlier_rounds(hospital):
 
 
 def test_with_secure_aggregation_no_example_count_or_loss_leaves_in_the_clear(hospital):
-    config, node_config, _ = hospital
+    from fedward.client.secagg import write_signing_key
+
+    config, node_config, tmp_path = hospital
+    own = write_signing_key(tmp_path / "own.pem")
+    peer = write_signing_key(tmp_path / "peer.pem")
+    _write_policy(
+        tmp_path / "policy.toml",
+        secagg_signing_key=str(tmp_path / "own.pem"),
+        min_secure_aggregation_hospitals=2,
+    )
+    with (tmp_path / "policy.toml").open("a") as policy:
+        policy.write(f'[secagg_roster]\nst-mary = "{own}"\npeer = "{peer}"\n')
     config = config.model_copy(update={"secure_aggregation": True})
     arrays = _arrays(config)
     vector_length = sum(a.size for a in arrays.values())
