@@ -16,6 +16,7 @@ from rich.table import Table
 
 from fedward.client import deploy
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.common.config import DataSchema
 from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,15 @@ def start(
         float | None,
         typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
     ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Column of the data file holding the note text.")
+    ] = "text",
+    label_column: Annotated[
+        str, typer.Option(help="Column of the data file holding the label.")
+    ] = "label",
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the records kept for validation.")
+    ] = 0.2,
 ) -> None:
     """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
 
@@ -91,6 +101,14 @@ def start(
         runtime_port=runtime_port,
         insecure=insecure,
         max_wait_time=max_wait_time,
+        schema=DataSchema.build(
+            {
+                "text_column": text_column,
+                "label_column": label_column,
+                "val_fraction": val_fraction,
+            },
+            source="fedward client start",
+        ),
     )
     command = deploy.prepare_supernode(settings)
     if insecure:

@@ -24,11 +24,12 @@ import logging
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedward.client.ledger import IDENTIFIER
 from fedward.client.policy import SitePolicy
+from fedward.common.config import DataSchema
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.programs import flower_env, flower_program
 
@@ -67,6 +68,8 @@ class HospitalSettings:
         runtime_port: Local port of the SuperNode's Runtime API (one per SuperNode on a host).
         insecure: Plain HTTP without node authentication (testing only).
         max_wait_time: Give up reconnecting after this many seconds (None: never).
+        schema: How to read the data file (text and label columns, validation share): the
+            hospital's own, never the run's.
     """
 
     server: str
@@ -82,6 +85,7 @@ class HospitalSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     insecure: bool = False
     max_wait_time: float | None = None
+    schema: DataSchema = field(default_factory=DataSchema)
 
 
 def check_settings(settings: HospitalSettings) -> SitePolicy:
@@ -120,7 +124,7 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
     return policy
 
 
-def node_config(settings: HospitalSettings) -> dict[str, str]:
+def node_config(settings: HospitalSettings) -> dict[str, str | float]:
     """The SuperNode's node config: what the deployed ClientApp reads (absolute paths)."""
     ledger = settings.ledger.resolve()
     audit = (settings.audit_log or ledger / "audit.jsonl").resolve()
@@ -132,10 +136,11 @@ def node_config(settings: HospitalSettings) -> dict[str, str]:
         NAME_KEY: settings.name,
         DATASET_KEY: settings.dataset_id or settings.name,
         DEVICE_KEY: settings.device,
+        **{key.replace("_", "-"): value for key, value in settings.schema.model_dump().items()},
     }
 
 
-def node_config_toml(values: dict[str, str]) -> str:
+def node_config_toml(values: dict[str, str | float]) -> str:
     """The node config as TOML (`flower-supernode --node-config FILE.toml` reads it)."""
     lines = ["# Written by `fedward client start`; read by the deployed fedward ClientApp."]
     lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]

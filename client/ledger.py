@@ -48,6 +48,7 @@ from fedward.common.atomic import write_json_atomic
 from fedward.common.digest import content_sha256
 from fedward.common.errors import DataError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.locking import exclusive_lock
+from fedward.common.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def check_identifier(value: object, what: str) -> str:
         shown = repr(text[:24]) if text is not None and text[:24].isprintable() else "(hidden)"
         raise PolicyError(
             f"{what} {shown} is not a plain identifier: use 1 to 64 letters, digits, '_' or '-', "
-            "starting with a letter or digit; refused before any file was touched"
+            "starting with a letter or digit; refused before any file was touched",
+            reason=Reason("identifier.invalid"),
         )
     return text
 
@@ -323,13 +325,15 @@ class PrivacyLedger:
         """
         if not 1 <= round <= rounds:
             raise PolicyError(
-                f"round {round} is outside the run's rounds 1..{rounds}; refused, nothing spent"
+                f"round {round} is outside the run's rounds 1..{rounds}; refused, nothing spent",
+                reason=Reason("round.out_of_range", {"round": round, "rounds": rounds}),
             )
         later = [e.round for e in self.entries if e.run_id == run_id and e.round > round]
         if later:
             raise PolicyError(
                 f"round {round} of run {run_id} comes after round {max(later)} of the same run "
-                "on this data set: rounds never go backwards; refused, nothing spent"
+                "on this data set: rounds never go backwards; refused, nothing spent",
+                reason=Reason("round.backwards", {"round": round}),
             )
 
     # --- recording -----------------------------------------------------------------------------
@@ -360,7 +364,8 @@ class PrivacyLedger:
             if any(e.run_id == run_id and e.round == round for e in self.entries):
                 raise PolicyError(
                     f"round {round} of run {run_id} is already recorded on this data set "
-                    "(trained, in progress, or interrupted); a round is trained at most once"
+                    "(trained, in progress, or interrupted); a round is trained at most once",
+                    reason=Reason("round.repeated", {"round": round}),
                 )
             self.check_budget(
                 max_epsilon,

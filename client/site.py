@@ -27,11 +27,15 @@ A train request goes through three gates (`client.app.handle_train`):
 3. `record`, after training and before anything leaves: the reservation is confirmed as spent
    (written atomically), the released update kept for a replay, and an audit record written.
 
-A refusal at any gate becomes a reasoned refusal reply (never a crash) and an audit record; a
-refusal after gate 2 (training failed, nothing left) releases the reservation. A process that
-dies after gate 2 leaves the reservation in the ledger, where it counts as spent.
-Reasons sent to the coordinator name rules and numbers, never a local path: a broken policy or
-ledger file is described in this hospital's log only.
+A refusal at any gate becomes a refusal reply (never a crash) and an audit record; a refusal
+after gate 2 (training failed, nothing left) releases the reservation. A process that dies after
+gate 2 leaves the reservation in the ledger, where it counts as spent. What goes to the
+coordinator is the error's reason code with numbers (common/reasons.py), never its text: a path,
+a column or a record's value is described in this hospital's log and audit log only.
+
+An evaluate request is a release too (`admit_evaluation`, `release_evaluation`): refused unless
+the policy allows it, for a round this data set trained in (or the final one), once a round, and
+within the budget; its metrics are noised counts charged to the ledger (client/release.py).
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ from fedward.client.deploy import (
 )
 from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.privacy import calibrate_noise
+from fedward.client.release import (
+    Predictions,
+    counts,
+    exact_metrics,
+    metrics_from_counts,
+    noised,
+    sensitivity,
+)
+from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
@@ -68,6 +82,7 @@ from fedward.common.errors import (
     PrivacyBudgetExceeded,
 )
 from fedward.common.model import resolve_model_path
+from fedward.common.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +94,9 @@ RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
 _RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
+
+#: Ledger key suffix of a run's released evaluations (their rounds, apart from trained rounds).
+EVALUATION_KEY = "-evaluation"  # ledger rows of released evaluations: <run id>-evaluation
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,9 @@ class Release:
 
 class Site:
     """One hospital's policy, ledger and audit log, opened for one request."""
+
+    #: Metrics leave a deployed hospital only noised and charged (simulation: exact).
+    releases_exact_metrics = False
 
     def __init__(
         self,
@@ -133,11 +154,15 @@ class Site:
         if missing:
             raise PolicyError(
                 f"hospital {name} is not set up for deployment (node config lacks "
-                f"{', '.join(missing)}); it must be started with `fedward client start`"
+                f"{', '.join(missing)}); it must be started with `fedward client start`",
+                reason=Reason("policy.not_configured"),
             )
         device = node_config.get(DEVICE_KEY) or None
         if device not in (None, "auto", "cpu", "cuda"):
-            raise PolicyError(f"hospital {name}: node config 'device' must be auto, cpu or cuda")
+            raise PolicyError(
+                f"hospital {name}: node config 'device' must be auto, cpu or cuda",
+                reason=Reason("policy.not_configured"),
+            )
         ledger_dir = Path(str(node_config[LEDGER_KEY]))
         audit_path = Path(str(node_config.get(AUDIT_KEY) or ledger_dir / "audit.jsonl"))
         try:
@@ -146,7 +171,8 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its site policy file cannot be used (details in the "
-                "hospital's log); every request is refused until it is fixed"
+                "hospital's log); every request is refused until it is fixed",
+                reason=Reason("policy.file_invalid"),
             ) from None
         try:
             schema = DataSchema.build(
@@ -157,7 +183,8 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its data schema in the node config is invalid (details in "
-                "the hospital's log)"
+                "the hospital's log)",
+                reason=Reason("policy.schema_invalid"),
             ) from None
         dataset_id = str(node_config.get(DATASET_KEY) or name)
         try:
@@ -197,7 +224,8 @@ class Site:
         if not 1 <= server_round <= spec.rounds:
             raise PolicyError(
                 f"round {server_round} is outside the run's rounds 1..{spec.rounds}; refused, "
-                "nothing spent"
+                "nothing spent",
+                reason=Reason("round.out_of_range", {"round": server_round, "rounds": spec.rounds}),
             )
         config = self.check_policy(spec)
         self._round = (run_id, server_round, spec.rounds)
@@ -214,7 +242,8 @@ class Site:
             raise PolicyError(
                 f"round {server_round} of run {run_id} is reserved on this data set: it is being "
                 "trained by another request, or its process died (the reservation counts as "
-                "spent; `fedward client ledger` shows it). A round is trained at most once"
+                "spent; `fedward client ledger` shows it). A round is trained at most once",
+                reason=Reason("round.repeated", {"round": server_round}),
             )
         release = self._load_release(run_id)
         global_sha256 = wire.arrays_to_record(global_arrays).object_id
@@ -292,7 +321,8 @@ class Site:
             raise PolicyError(
                 f"hospital {self.name}: {num_train} training examples exceed the run's "
                 f"secagg_max_weight {config.secagg_max_weight}, the largest weight secure "
-                "aggregation can carry; refused before any step, nothing spent"
+                "aggregation can carry; refused before any step, nothing spent",
+                reason=Reason("secagg.weight_too_large", {"max_weight": config.secagg_max_weight}),
             )
         if not config.dp:
             return
@@ -335,15 +365,16 @@ class Site:
             self._save_release(run_id, server_round, result, global_sha256)
         self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
-        """Audit a refusal (the reason also goes back to the coordinator); a reservation this
-        request made is released, since its update never left."""
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
+        """Audit a refusal: the full text for the hospital's staff (only the code goes back). A
+        reservation this request made is released, since its update never left."""
         if self._reserved is not None:
             try:
                 self.ledger().release(*self._reserved)
                 self._reserved = None
             except (OSError, DataError) as ledger_error:  # it then stays, counted as spent
                 log.error("%s: cannot release a ledger reservation: %s", self.name, ledger_error)
+        code = exc.reason.code if isinstance(exc, FedwardError) else "error.internal"
         try:
             self.audit.append(
                 "refusal",
@@ -352,10 +383,115 @@ class Site:
                 stage=stage,
                 hospital=self.name,
                 error=type(exc).__name__,
+                code=code,
                 reason=str(exc),
             )
         except (OSError, DataError) as audit_error:
             log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    # --- evaluation: an accounted release ---------------------------------------------------
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        """Before any record is read: refuse an evaluation the policy does not allow, one of a
+        round this data set did not train (or not the final one), a second one of a round, or
+        one the budget cannot pay for. Returns the config to evaluate with."""
+        config = self.check_policy(spec)
+        policy = self.policy
+
+        def refuse(code: str, why: str, **params) -> PolicyError:
+            return PolicyError(
+                f"hospital {self.name}: evaluation of run {run_id} round {server_round} "
+                f"refused: {why}",
+                reason=Reason(code, params),
+            )
+
+        if not policy.allow_evaluation:
+            raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
+        if not 1 <= server_round <= spec.rounds:
+            raise refuse(
+                "evaluation.round_out_of_range",
+                f"the run has rounds 1..{spec.rounds}",
+                round=server_round,
+                rounds=spec.rounds,
+            )
+        trained = self.ledger().rounds_recorded(run_id)
+        if policy.evaluate_rounds == "final" and server_round != spec.rounds:
+            raise refuse(
+                "evaluation.not_final", "only the final round is evaluated", rounds=spec.rounds
+            )
+        took_part = bool(trained) if policy.evaluate_rounds == "final" else server_round in trained
+        if not took_part:
+            raise refuse(
+                "evaluation.round_not_trained",
+                "this data set did not train in it",
+                round=server_round,
+            )
+        if server_round in self.ledger().rounds_recorded(run_id + EVALUATION_KEY):
+            raise refuse("evaluation.repeated", "already evaluated", round=server_round)
+        try:
+            self.ledger().check_budget(
+                policy.max_epsilon, policy.max_delta, self._evaluation_noise(), 1.0, 1
+            )
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.budget"),
+            ) from None
+        return config
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """Charge the ledger, then noise the counts: the metrics that may leave (Gaussian
+        mechanism at the policy's evaluation_epsilon and max_delta, client/release.py)."""
+        plan = DPPlan(self._evaluation_noise(), 1.0, 1)
+        key, ledger = run_id + EVALUATION_KEY, self.ledger()
+        try:  # check and charge in one locked step: two racing requests cannot both pass
+            ledger.reserve(
+                key,
+                server_round,
+                config.rounds,
+                plan,
+                self.policy.max_delta,
+                self.policy.max_epsilon,
+                self._data_sha256,
+            )
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.budget"),
+            ) from None
+        except PolicyError as exc:
+            raise PolicyError(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.repeated", {"round": server_round}),
+            ) from None
+        entry = ledger.confirm(key, server_round, plan, self.policy.max_delta, self._data_sha256)
+        noise_multiplier = plan.noise_multiplier
+        std = noise_multiplier * sensitivity(predictions.task)
+        released = metrics_from_counts(
+            predictions.task,
+            noised(counts(predictions), std, np.random.default_rng()),
+            len(predictions.labels),
+        )
+        self.audit.append(
+            "evaluation",
+            run_id=str(run_id),
+            round=server_round,
+            hospital=self.name,
+            epsilon_evaluation=self.policy.evaluation_epsilon,
+            epsilon_lifetime=entry.epsilon_total,
+            exact=_finite_values(exact_metrics(predictions)),
+            released=_finite_values(released),
+        )
+        return released
+
+    def _evaluation_noise(self) -> float:
+        return calibrate_noise(self.policy.evaluation_epsilon, self.policy.max_delta, 1.0, 1)
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """The signing key and roster pinned in this hospital's site policy."""
+        return SecAggIdentity.from_policy(self.policy, self.name, self.ledger_dir / "secagg")
 
     # --- internals -------------------------------------------------------------------------
 
@@ -441,3 +577,7 @@ class Site:
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
         )
+
+
+def _finite_values(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {key: float(value) if np.isfinite(value) else None for key, value in metrics.items()}

@@ -92,13 +92,15 @@ def _write_policy(path, **rules) -> None:
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
 
 
-def _train(config, node_config, arrays, run_id="run-a", server_round=1) -> Message:
+def _train(config, node_config, arrays, run_id="run-a", server_round=1, secagg=None) -> Message:
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
             wire.CONFIG: wire.round_config(config, server_round, run_id),
         }
     )
+    if secagg is not None:
+        content[wire.SECAGG] = secagg
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
     context = Context(
         run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
@@ -137,7 +139,7 @@ def test_appending_a_record_does_not_reset_the_budget(hospital):
     reply = _train(config, node_config, _arrays(config), run_id="run-b")
 
     refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PrivacyBudgetExceeded"
+    assert refusal["code"] == "budget.exceeded"
     assert wire.ARRAYS not in reply.content
     ledger = _ledger(node_config)
     assert ledger.epsilon_spent(DELTA) == pytest.approx(spent)
@@ -168,7 +170,7 @@ def test_a_ledger_kept_under_the_old_hash_key_is_carried_over(hospital):
     old_path.write_text(json.dumps({**version_1, "entries": [entry]}), encoding="utf-8")
 
     reply = _train(config, node_config, _arrays(config), run_id="run-b")
-    assert reply.content[wire.REFUSAL]["kind"] == "PrivacyBudgetExceeded"
+    assert reply.content[wire.REFUSAL]["code"] == "budget.exceeded"
     ledger = _ledger(node_config)
     assert ledger.rounds_recorded("old-run") == [1]
     assert ledger.epsilon_spent(DELTA) == pytest.approx(old_spent)
@@ -273,7 +275,7 @@ def test_a_round_that_fails_in_training_gives_its_reservation_back(hospital, mon
 
     monkeypatch.setattr(app_module, "train_locally", broken)
     reply = _train(config, node_config, _arrays(config))
-    assert reply.content[wire.REFUSAL]["kind"] == "ModelError"
+    assert reply.content[wire.REFUSAL]["code"] == "model.unusable"
     assert _ledger(node_config).entries == []  # nothing left the hospital: nothing spent
 
 
@@ -285,7 +287,7 @@ def test_a_round_outside_the_run_is_refused_and_spends_nothing(hospital, server_
     config, node_config, _ = hospital  # the run has rounds = 1
     reply = _train(config, node_config, _arrays(config), server_round=server_round)
     refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError" and "outside the run's rounds" in refusal["reason"]
+    assert refusal["code"] == "round.out_of_range"
     assert _ledger(node_config).entries == []
 
 
@@ -299,7 +301,7 @@ def test_a_round_below_one_already_trained_is_refused(hospital):
 
     reply = _train(config, node_config, arrays, server_round=1)  # the coordinator goes back
     refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError" and "never go backwards" in refusal["reason"]
+    assert refusal["code"] == "round.backwards"
     ledger = _ledger(node_config)
     assert ledger.rounds_recorded("run-a") == [2]
     assert ledger.epsilon_spent(DELTA) == pytest.approx(spent)
@@ -318,8 +320,8 @@ def test_a_run_id_that_is_not_a_plain_name_touches_no_file(hospital, run_id):
     reply = _train(config, node_config, _arrays(config), run_id=run_id)
 
     refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError" and "not a plain identifier" in refusal["reason"]
-    assert "\x00" not in refusal["reason"] and len(refusal["reason"]) < 400
+    assert refusal["code"] == "identifier.invalid"
+    assert "\x00" not in str(dict(refusal)) and len(str(dict(refusal))) < 400
     after = _files(site.parent)
     audit_log = str(Path(node_config["audit-log"]).relative_to(site.parent))
     assert set(after) - {audit_log} == set(before)  # only the audit log's refusal record
@@ -332,12 +334,29 @@ def test_a_run_id_that_is_not_a_plain_name_touches_no_file(hospital, run_id):
 
 
 def test_more_examples_than_secagg_max_weight_are_refused_before_any_step(hospital):
-    config, node_config, _ = hospital
+    from fedward.client.secagg import write_signing_key
+    from fedward.server.secagg import SecAggServerSession
+
+    config, node_config, tmp_path = hospital
+    own = write_signing_key(tmp_path / "own.pem")
+    peer = write_signing_key(tmp_path / "peer.pem")
+    _write_policy(
+        Path(node_config["policy"]),
+        secagg_signing_key=str(tmp_path / "own.pem"),
+        min_secure_aggregation_hospitals=2,
+    )
+    with Path(node_config["policy"]).open("a") as policy:
+        policy.write(f'[secagg_roster]\n{HOSPITAL} = "{own}"\npeer = "{peer}"\n')
     # 32 training examples; the run's secure aggregation can carry a weight of at most 20
     config = config.model_copy(update={"secure_aggregation": True, "secagg_max_weight": 20})
-    reply = _train(config, node_config, _arrays(config))
+    arrays = _arrays(config)
+    size = sum(a.size for a in arrays.values())
+    session = SecAggServerSession("run-a", 1, [7, 8], size, bits=16, max_weight=20)
+    advertise = wire.payload_to_records(session.advertise_keys_requests()[7])[0]
+    reply = _train(config, node_config, arrays, secagg=advertise)
     refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError" and "secagg_max_weight 20" in refusal["reason"]
+    assert refusal["code"] == "secagg.weight_too_large"
+    assert json.loads(refusal["params"]) == {"max_weight": 20}
     assert _ledger(node_config).entries == []
     assert not Path(node_config["ledger"], "releases").exists()
 
