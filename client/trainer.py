@@ -200,7 +200,6 @@ def _noise_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -210,6 +209,21 @@ def evaluate(
     labels: list[str],
 ) -> dict[str, float]:
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
+    metrics = {"loss": loss, "num_examples": float(len(true_ids))}
+    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: RunConfig,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+) -> tuple[float, list, list]:
+    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`."""
     device = pick_device(config.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()
@@ -230,6 +244,4 @@ def evaluate(
         predictions = output.logits.float().argmax(dim=-1).cpu()
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())
-    metrics = {"loss": total_loss / max(total, 1), "num_examples": float(total)}
-    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
-    return metrics
+    return total_loss / max(total, 1), true_ids, pred_ids

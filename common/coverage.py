@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from fedward.common.errors import DataError
 from fedward.common.ner import split_words
+from fedward.common.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,12 @@ class VocabularyError(DataError):
         super().__init__(
             f"model {model} maps {unknown_rate:.1%} of the text's characters and words to its "
             f"unknown token (limit {max_unknown_rate:.1%}); use a model whose vocabulary "
-            "covers the text, e.g. a Chinese BERT (bert-base-chinese, MC-BERT) for Chinese notes"
+            "covers the text, e.g. a Chinese BERT (bert-base-chinese, MC-BERT) for Chinese notes",
+            reason=Reason(
+                "data.vocabulary",
+                # Two decimals: enough to act on, too coarse to test the text for one word.
+                {"unknown_rate": round(unknown_rate, 2), "max_unknown_rate": max_unknown_rate},
+            ),
         )
 
 

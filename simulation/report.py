@@ -1,4 +1,9 @@
-"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib)."""
+"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib).
+
+Epsilon is record-level: the unit of privacy is one record (a note for classification, a
+sentence for NER). A simulated hospital reports exact metrics and training loss, unnoised and
+uncharged; a deployed one releases only DP-noised evaluation counts, charged to its ledger.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +24,26 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
+def privacy_unit(task: str) -> str:
+    """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
+    return task_named(task).privacy_unit
+
+
 def round_table(
     rounds: list[dict], task: str = "classification", title: str | None = None
 ) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
     columns = task_named(task).metric_columns
-    caption = "\n".join(line for line in (coverage_line(rounds), entity_type_line(rounds)) if line)
-    table = Table(title=title, header_style="bold", caption=caption or None)
+    privacy = (
+        f"ε: record-level DP, unit {privacy_unit(task)}, per hospital over the run. Metrics are "
+        "exact: simulated hospitals are not charged for them (deployed hospitals release only "
+        "DP-noised counts)."
+    )
+    lines = (privacy, coverage_line(rounds), entity_type_line(rounds))
+    table = Table(
+        title=title, header_style="bold", caption="\n".join(line for line in lines if line)
+    )
     table.add_column("round", justify="right")
     table.add_column("status")
     table.add_column("train loss", justify="right")
@@ -40,7 +57,7 @@ def round_table(
         cells = [
             str(row["round"]),
             _status(row),
-            _fmt(row["train_loss"]),
+            _fmt(row.get("train_loss")),
             _fmt(metrics.get("loss")),
         ]
         cells += [_fmt(metrics.get(key)) for key, _ in columns]
@@ -129,7 +146,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         )
     left.plot(
         x,
-        [_nan(row["train_loss"]) for row in rounds],
+        [_nan(row.get("train_loss")) for row in rounds],
         marker="o",
         linestyle="--",
         label="train loss",
@@ -142,7 +159,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
         right.plot(x, eps, marker="o", label=name)
     right.set_xlabel("round")
-    right.set_ylabel("epsilon spent")
+    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task)})")
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
     if hospital_names(rounds):

@@ -8,11 +8,14 @@ tag schemes, word pieces, decoding) is `fedward.common.ner`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedward.common.errors import DataError
-from fedward.common.metrics import ner_metrics_from_ids
+from fedward.common.metrics import ner_metrics_from_ids, ratio
 from fedward.common.ner import (
     Sentence,
     cut_long_sentences,
@@ -41,6 +44,8 @@ class NamedEntityRecognition:
     #: The metric that sums up a round (progress lines, round tables, the bench).
     primary_metric = "f1"
     #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
+    privacy_unit = "one sentence"
     head_learning_rate = 0.01
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("precision", "entity P"), ("recall", "entity R"), ("f1", "entity F1"))
@@ -106,6 +111,24 @@ class NamedEntityRecognition:
         pieces = cut_long_sentences(tokenizer, examples, max_length)
         encoded = encode_sentences(tokenizer, pieces, label_to_id, max_length)
         return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
+
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
+        """What a hospital may release of an evaluation, as counts (client/release.py):
+        sentences, and sentences tagged exactly right. A sentence holds any number of entities,
+        so entity counts have no bound; these two have L2 sensitivity sqrt(2)."""
+        exact = sum(
+            all(t == p for t, p in zip(true, pred) if t != -100)
+            for true, pred in zip(true_ids, pred_ids)
+        )
+        return np.array([len(true_ids), exact], dtype=np.float64)
+
+    release_sensitivity = math.sqrt(2.0)
+
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The released metrics: sentence count and sentence accuracy (entity F1 is not
+        released outside simulation)."""
+        examples = float(vector[0])
+        return {"num-examples": examples, "sentence_accuracy": ratio(vector[1], examples)}
 
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
         """The pretrained encoder with Hugging Face's fresh token-classification head."""
