@@ -16,11 +16,10 @@ import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.secagg import pack_bits
 from fedward.common.synthetic import DIAGNOSES
 from fedward.server.secagg import SecAggServerSession
 
@@ -55,10 +54,21 @@ def secure_round_bytes(
         bits=config.secagg_bits,
         max_weight=config.secagg_max_weight,
     )
-    clients = {node: SecAggClientSession(node, "bench", 1) for node in node_ids}
+    clients = {
+        node: SecAggClientSession(
+            node, "bench", 1, SecAggIdentity.simulated(index, hospitals, min_hospitals=2)
+        )
+        for index, node in enumerate(node_ids)
+    }
     down = {node: 0 for node in node_ids}
     up = {node: 0 for node in node_ids}
-    stages = {"advertise_keys": 0, "share_keys": 0, "masked_update": 0, "unmask": 0}
+    stages = {
+        "advertise_keys": 0,
+        "share_keys": 0,
+        "masked_update": 0,
+        "consistency_check": 0,
+        "unmask": 0,
+    }
     base = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
@@ -78,16 +88,21 @@ def secure_round_bytes(
         reply[wire.INFO] = ConfigRecord({"hospital": f"hospital-{node}"})
         up[node] += size(reply)
         stages["advertise_keys"] += size(reply)
-    for stage in ("share_keys", "masked_update", "unmask"):
-        requests = getattr(server, f"{stage}_requests")(replies)
+    collect = {
+        "share_keys": server.share_keys_requests,
+        "masked_update": server.masked_update_requests,
+        "consistency_check": server.consistency_requests,
+        "unmask": server.unmask_requests,
+    }
+    for stage in ("share_keys", "masked_update", "consistency_check", "unmask"):
+        requests = collect[stage](replies)
         replies = {}
         for node, request in requests.items():
             down[node] += size(payload_content(request))
             if stage == "masked_update":
-                reply = clients[node].masked_update(request, delta, 300)
-                wire_reply = dict(reply)
-                wire_reply["masked_update"] = pack_bits(reply["masked_update"], server.modulus_bits)
-                replies[node] = reply
+                reply = wire_reply = replies[node] = clients[node].masked_update(
+                    request, delta, 300
+                )  # already packed for the wire by the session
             else:
                 reply = getattr(clients[node], stage)(request)
                 wire_reply = replies[node] = reply

@@ -41,6 +41,7 @@ from pathlib import Path
 from fedward.common.config import RunConfig
 from fedward.common.data import Record, read_records
 from fedward.common.errors import ConfigError
+from fedward.common.tasks import task_named
 from fedward.simulation import partition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -101,7 +102,7 @@ def train_and_score(config: RunConfig, test: list) -> float:
         tokenizer.pad_token_id,
         config.labels,
     )
-    return metrics["f1"] if config.task == "ner" else metrics["macro_f1"]
+    return metrics[task_named(config.task).primary_metric]
 
 
 def result_labels(result) -> list[str]:

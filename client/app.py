@@ -5,6 +5,12 @@
 simulated one (simulation/app.py: its share of a data set, a `SimulatedSite`). The handlers only
 see the run spec a message carries; the site turns it into the config this hospital trains with,
 adding its own local settings.
+
+What a reply may carry is fixed here: a refusal is a reason code with numbers
+(common/reasons.py), never an exception's text; a train reply carries the update (masked with
+secure aggregation) and epsilon, and the example count and training loss only where the README
+lists them (no secure aggregation: the count weights a clear update; simulation: everything);
+an evaluate reply carries what the site releases (deployed: DP-noised counts, charged).
 """
 
 from __future__ import annotations
@@ -21,16 +27,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.release import Predictions
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
-from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
+from fedward.client.trainer import HistoryEntry, TrainResult, predict, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
-from fedward.common.data import EncodedDataset, encode_classification, read_records, train_val_split
-from fedward.common.errors import DataError, FedwardError, SecAggError
-from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK, pack_bits
+from fedward.common.data import EncodedDataset
+from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
+from fedward.common.reasons import Reason
+from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
+
+#: SecAgg+ stages after the first (which rides on the train message), in order.
+SECAGG_STAGES = (SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK)
 
 SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
 SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
@@ -54,6 +66,9 @@ class HospitalSite(Protocol):
     """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
     (simulation/hospitals.py)."""
 
+    #: True only in simulation: training loss, example counts and exact metrics are reported.
+    releases_exact_metrics: bool
+
     def check_policy(self, spec: RunSpec) -> RunConfig:
         """Accept the run spec (or raise); the config this hospital runs it with."""
 
@@ -73,8 +88,19 @@ class HospitalSite(Protocol):
     ) -> None:
         """Gate 3: trained, nothing sent yet."""
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """A refusal, for this hospital's own records."""
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        """Before any record is read: may this evaluation be released? The config to use."""
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """The metrics that may leave, for predictions on the validation split."""
+
+    def secagg_identity(self) -> SecAggIdentity:
+        """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
 
 
 #: Opens a hospital's site for one request.
@@ -98,13 +124,9 @@ def hospital_name(context: Context) -> str:
 
 def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task."""
-    label_to_id = {label: index for index, label in enumerate(config.labels or [])}
-    if config.task == "ner":
-        from fedward.common.ner import encode_sentences
-
-        encoded = encode_sentences(tokenizer, examples, label_to_id, config.max_length)
-        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
-    return encode_classification(tokenizer, examples, label_to_id, config.max_length)
+    return task_named(config.task).encode(
+        examples, config.labels or [], tokenizer, config.max_length
+    )
 
 
 def handle_train(
@@ -115,13 +137,18 @@ def handle_train(
     The site judges the run spec before any data is read, the privacy budget before the first
     step, and records the update before it leaves (see client/site.py).
     """
-    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
+    spec, server_round, run_id = _round_identity(msg)
     site = None
     try:
+        if spec is None:
+            raise ConfigError("the train request's run spec is invalid")
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
+        secagg = None
+        if spec.secure_aggregation:  # keys, cohort and threshold are judged before training
+            secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
@@ -139,35 +166,43 @@ def handle_train(
                 who=name,
             )
             site.record(config, run_id, server_round, result, global_arrays)
-    except FedwardError as exc:
-        log.warning("%s refused round %d: %s", name, server_round, exc)
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, "train", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "train", exc)
         return _refusal(msg, name, exc)
 
-    metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss}
+    metrics: dict[str, float] = {}
+    if site.releases_exact_metrics or not spec.secure_aggregation:
+        # A clear update is weighted by its count; with SecAgg+ the count travels only inside
+        # the masked vector, and the coordinator learns only the sum.
+        metrics["num-examples"] = result.num_examples
+    if site.releases_exact_metrics:
+        metrics["train-loss"] = result.train_loss  # not DP: simulation only
     if result.epsilon_spent is not None:
         metrics["epsilon"] = result.epsilon_spent
-        metrics["noise-multiplier"] = result.plan.noise_multiplier
+        if site.releases_exact_metrics:
+            metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
-    if spec.secure_aggregation:
+    if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
-        try:
-            content[wire.SECAGG] = _start_secure_aggregation(
-                msg, context, run_id, server_round, result
-            )
-        except SecAggError as exc:
-            log.warning("%s: secure aggregation refused in round %d: %s", name, server_round, exc)
-            return _refusal(msg, name, exc)
+        content[wire.SECAGG] = secagg
+        context.state[SECAGG_UPDATE] = ArrayRecord(
+            {
+                "delta": Array(wire.flatten(result.delta)),
+                "weight": Array(np.array([result.num_examples], dtype=np.int64)),
+            }
+        )
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    """One of the SecAgg+ stages after the first: share keys, masked update, unmask."""
+    """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
+    unmask. The session makes and checks the payloads (wire packing included); this relays."""
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
     request = wire.records_to_payload(msg.content[wire.SECAGG])
@@ -184,14 +219,12 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.masked_update(
                 request, update["delta"].numpy(), int(update["weight"].numpy()[0])
             )
-            # Uniform modulo 2**modulus_bits: send that many bits per value, not 64.
-            reply["masked_update"] = pack_bits(
-                reply["masked_update"], session.params["modulus_bits"]
-            )
+        elif stage == CONSISTENCY_CHECK:
+            reply = session.consistency_check(request)
         else:
             reply = session.unmask(request)
-    except SecAggError as exc:
-        log.warning("%s: %s", name, exc)
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, stage, 0, exc)
         return _refusal(msg, name, exc)
     if stage == UNMASK:
         context.state.pop(SECAGG_STATE, None)
@@ -207,16 +240,11 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _start_secure_aggregation(msg, context, run_id, server_round, result) -> ConfigRecord:
-    session = SecAggClientSession(context.node_id, run_id, server_round)
+def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
+    identity = site.secagg_identity()  # whose keys this hospital signs with, whose it accepts
+    session = SecAggClientSession(context.node_id, run_id, server_round, identity)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    context.state[SECAGG_UPDATE] = ArrayRecord(
-        {
-            "delta": Array(wire.flatten(result.delta)),
-            "weight": Array(np.array([result.num_examples], dtype=np.int64)),
-        }
-    )
     payload, _ = wire.payload_to_records(reply)
     return payload
 
@@ -224,26 +252,29 @@ def _start_secure_aggregation(msg, context, run_id, server_round, result) -> Con
 def handle_evaluate(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
-    """Evaluate the received global adapter on this hospital's validation split; the site
-    policy must accept the run first."""
-    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
+    """Evaluate the received adapter on this hospital's validation split, if the site releases
+    it: the site admits the request before any data is read and decides what leaves."""
     name = hospital_name(context)
+    spec, server_round, run_id = _round_identity(msg)
     site = None
     try:
+        if spec is None:
+            raise ConfigError("the evaluate request's run spec is invalid")
         site = open_site(context)
-        config = site.check_policy(spec)
+        config = site.admit_evaluation(spec, run_id, server_round)
         data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
         model = cached_model(config, len(config.labels or []))
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
-    except FedwardError as exc:
-        log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
+        loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)
+        predictions = Predictions(config.task, loss, true_ids, pred_ids, list(config.labels or []))
+        metrics = site.release_evaluation(config, run_id, server_round, predictions)
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, "evaluate", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "evaluate", exc)
         return _refusal(msg, name, exc)
-    metrics["num-examples"] = metrics.pop("num_examples")
     content = RecordDict(
         {
             wire.METRICS: MetricRecord({key: float(value) for key, value in metrics.items()}),
@@ -267,7 +298,7 @@ def build_client_app(
         "train": lambda msg, context: handle_train(msg, context, load_data, open_site),
         "evaluate": lambda msg, context: handle_evaluate(msg, context, load_data, open_site),
     }
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         handlers[stage] = functools.partial(_secagg_handler, stage=stage)
 
     def entry(stage: str) -> StageHandler:
@@ -279,7 +310,7 @@ def build_client_app(
     app = ClientApp()
     app.train()(entry("train"))
     app.evaluate()(entry("evaluate"))
-    for stage in (SHARE_KEYS, MASKED_UPDATE, UNMASK):
+    for stage in SECAGG_STAGES:
         app.train(stage)(entry(stage))
     return app
 
@@ -301,21 +332,40 @@ def load_site_data(config: RunConfig, context: Context) -> HospitalData:
 
 def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    if config.task == "ner":
-        from fedward.common.ner import read_conll
-
-        sentences = read_conll(path)
-        cut = max(1, round(len(sentences) * (1 - config.val_fraction)))
-        return HospitalData(name, sentences[:cut], sentences[cut:] or sentences[-1:], str(path))
-    records = read_records(path, config.text_column, config.label_column)
-    train, val = train_val_split(records, config.val_fraction, config.seed)
+    task = task_named(config.task)
+    examples = task.read(path, config.text_column, config.label_column)
+    train, val = task.split(examples, config.val_fraction, config.seed)
     return HospitalData(name, train, val, str(path))
 
 
-def _refusal(msg: Message, name: str, exc: FedwardError) -> Message:
+def _round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
+    """Run spec, round and run id of a request; a spec that does not validate is None."""
+    record = msg.content[wire.CONFIG]
+    try:
+        return wire.read_round_config(record)
+    except (FedwardError, KeyError, ValueError, TypeError):
+        values = dict(record)
+        try:
+            server_round = int(values.get(wire.ROUND_KEY, 0))
+        except (TypeError, ValueError):
+            server_round = 0
+        return None, server_round, str(values.get(wire.RUN_KEY, ""))
+
+
+def _log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
+    """The full story, for this hospital's log only."""
+    if isinstance(exc, FedwardError):
+        log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
+    else:
+        log.exception("%s: unexpected error in %s of round %d", name, stage, server_round)
+
+
+def _refusal(msg: Message, name: str, exc: Exception) -> Message:
+    """A refusal reply: the error's reason code and numbers, never its text."""
+    reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
     content = RecordDict(
         {
-            wire.REFUSAL: ConfigRecord({"kind": type(exc).__name__, "reason": str(exc)}),
+            wire.REFUSAL: ConfigRecord(reason.to_record()),
             wire.INFO: ConfigRecord({"hospital": name}),
         }
     )

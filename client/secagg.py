@@ -1,4 +1,4 @@
-"""A hospital's side of one SecAgg+ round: four stages, one method each.
+"""A hospital's side of one SecAgg+ round: five stages, one method each.
 
 `SecAggClientSession` keeps the hospital's secrets for one round (two X25519 key pairs, the
 self-mask seed, the shares its neighbours sent it) and turns each request from the coordinator
@@ -10,28 +10,51 @@ ArrayRecords. Payload keys, per stage (every payload also has run_id, round, sta
   modulus_bits, vector_length; reply share_public_key, mask_public_key.
 - share_keys: request neighbour_ids, share_public_keys, mask_public_keys;
   reply destinations, ciphertexts.
-- masked_update: request sources, ciphertexts; reply masked_update (uint64, vector_length + 1).
-- unmask: request survivors, dropped; reply seed_share_owners, seed_shares, key_share_owners,
-  key_shares.
+- masked_update: request sources, ciphertexts; reply masked_update (uint8: the vector_length + 1
+  masked values bit-packed at modulus_bits each, ready for the wire).
+- consistency_check: request survivors; reply survivors_signature.
+- unmask: request survivors, signer_ids, signer_keys, signatures; reply seed_share_owners,
+  seed_shares, key_share_owners, key_shares.
+
+Against an active coordinator. The advertise_keys reply also carries signing_public_key and
+key_signature: the hospital's long-term Ed25519 key signs both public keys, bound to run, round,
+node and the round's parameters; the share_keys request relays each neighbour's
+signing_public_keys and key_signatures, and a neighbour whose key is not signed by a hospital on
+this site's roster ends the round for this hospital before any share leaves. Before unmasking,
+each survivor signs the survivor set it was told (consistency_check); a hospital reveals shares
+only for a set that it signed itself and that `consistency_quorum` roster hospitals signed too.
+It derives which neighbours survived and which dropped from that signed set, never from a list
+the coordinator makes up per hospital, and reveals for each neighbour either the self-mask seed
+share or the mask-key share, never both. With a `memory_dir` (a real hospital: its ledger
+folder) what it committed to in a round -- who took part, who survived, what it revealed -- is
+kept on disk, so a resumed round that replays the same update into a different set of
+hospitals, or asks for the other share of a neighbour, is refused.
 
 The arithmetic lives in `common.secagg`; this class only holds state and checks messages.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedward.common.errors import SecAggError
+from fedward.common.atomic import write_bytes_atomic
+from fedward.common.errors import PolicyError, SecAggError
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
+    CONSISTENCY_CHECK,
     MASKED_UPDATE,
     SEED_BYTES,
     SHARE_BYTES,
@@ -43,12 +66,17 @@ from fedward.common.secagg import (
     check_modulus,
     check_node_ids,
     check_threshold,
+    consistency_quorum,
     decrypt_share,
     encrypt_share,
     expand_mask,
     header,
+    key_statement,
+    majority,
     mask_sign,
+    pack_bits,
     pair_context,
+    params_digest,
     quantize,
     read_field,
     read_list,
@@ -57,6 +85,8 @@ from fedward.common.secagg import (
     round_seed,
     secagg_graph,
     shamir_split,
+    survivor_statement,
+    verify_signature,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,6 +104,145 @@ def _raw_private(private_key: X25519PrivateKey) -> bytes:
     )
 
 
+def _raw_signing_public(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def _raw_signing_private(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def parse_signing_public_key(text: str, where: str) -> bytes:
+    """A roster entry: 64 hex characters (optionally prefixed 'ed25519:'), as raw key bytes."""
+    cleaned = str(text).strip().lower().removeprefix("ed25519:")
+    try:
+        raw = bytes.fromhex(cleaned)
+    except ValueError:
+        raw = b""
+    if len(raw) != SEED_BYTES:
+        raise PolicyError(
+            f"{where}: not an Ed25519 public key (64 hex characters, as `fedward` printed when "
+            f"the hospital's signing key was made)"
+        )
+    return raw
+
+
+def write_signing_key(path: str | Path) -> str:
+    """Make a hospital's long-term SecAgg signing key (PEM, mode 0600); return its public hex.
+
+    The hospital keeps the file; the hex goes to the other hospitals, which pin it in their
+    site policy's `secagg_roster`.
+    """
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_bytes_atomic(path, pem, mode=0o600)
+    return _raw_signing_public(key).hex()
+
+
+@dataclass(frozen=True)
+class SecAggIdentity:
+    """Who this hospital is in secure aggregation, and which hospitals it trusts.
+
+    Attributes:
+        signing_key: the hospital's long-term Ed25519 key; signs its round keys and the
+            survivor set it was told.
+        roster: public signing key (raw 32 bytes) -> hospital name, accepted out of band; keys
+            signed by anyone else are refused.
+        min_hospitals: fewest hospitals a secure round may have (site policy
+            `min_secure_aggregation_hospitals`); a smaller round is refused before training.
+        memory_dir: where what the hospital committed to in each round is kept, so resumed and
+            replayed rounds are held to it (None: only within one session, as in simulation).
+    """
+
+    signing_key: Ed25519PrivateKey
+    roster: Mapping[bytes, str]
+    min_hospitals: int = 3
+    memory_dir: Path | None = field(default=None)
+
+    def __repr__(self) -> str:
+        return (
+            f"SecAggIdentity(public_key={self.public_key.hex()[:16]}..., "
+            f"roster={len(self.roster)} hospitals, min_hospitals={self.min_hospitals})"
+        )
+
+    @property
+    def public_key(self) -> bytes:
+        """This hospital's public signing key (raw 32 bytes)."""
+        return _raw_signing_public(self.signing_key)
+
+    @classmethod
+    def from_policy(cls, policy: Any, name: str, memory_dir: Path | None) -> SecAggIdentity:
+        """The identity a site policy pins: `secagg_signing_key`, `secagg_roster`, and
+        `min_secure_aggregation_hospitals`. Raises `PolicyError` naming the field (never the
+        path: the reason travels to the coordinator; the path goes to this hospital's log)."""
+        if not policy.secagg_signing_key or not policy.secagg_roster:
+            raise PolicyError(
+                f"hospital {name}: secure aggregation needs secagg_signing_key and secagg_roster "
+                "in the site policy (the hospitals whose keys it accepts); refused"
+            )
+        try:
+            pem = Path(policy.secagg_signing_key).expanduser().read_bytes()
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            logger.error("%s: secagg_signing_key %s: %s", name, policy.secagg_signing_key, exc)
+            key = None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise PolicyError(
+                f"hospital {name}: the site policy's secagg_signing_key is not a readable "
+                "Ed25519 private key (details in the hospital's log); refused"
+            )
+        roster = {
+            parse_signing_public_key(text, f"site policy secagg_roster['{member}']"): member
+            for member, text in policy.secagg_roster.items()
+        }
+        return cls(key, roster, policy.min_secure_aggregation_hospitals, memory_dir)
+
+    @classmethod
+    def simulated(cls, hospital: int, hospitals: int, min_hospitals: int = 2) -> SecAggIdentity:
+        """A simulated hospital's identity: keys derived from its index, the roster of all.
+
+        Simulation only (the keys are predictable). Simulations may run 2 hospitals, so the
+        minimum cohort is the protocol's 2 unless given.
+        """
+
+        def key_of(index: int) -> Ed25519PrivateKey:
+            seed = hashlib.sha256(f"fedward-simulated-hospital|{index}".encode()).digest()
+            return Ed25519PrivateKey.from_private_bytes(seed)
+
+        roster = {_raw_signing_public(key_of(i)): f"hospital-{i}" for i in range(hospitals)}
+        return cls(key_of(hospital), roster, min_hospitals)
+
+
+def _memory_path(identity: SecAggIdentity, run_id: str, server_round: int) -> Path | None:
+    if identity.memory_dir is None:
+        return None
+    return identity.memory_dir / f"{run_id}.{server_round}.json"
+
+
+def _load_memory(path: Path | None, server_round: int) -> dict[str, Any]:
+    """What this hospital committed to in the round in earlier sessions (empty: nothing yet).
+
+    participants: public signing keys (hex) of the hospitals its masked update was sent among;
+    survivors: those of itself and the neighbours in the survivor set it signed;
+    revealed: neighbour key (hex) -> "seed" or "key", the share it revealed for that neighbour.
+    """
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise SecAggError(
+            f"round {server_round}: this hospital's secure-aggregation record of the round "
+            f"cannot be read ({type(exc).__name__}); refusing, so that nothing is revealed twice"
+        ) from None
+
+
 class SecAggClientSession:
     """One hospital's state across the four SecAgg+ stages of one round.
 
@@ -81,27 +250,37 @@ class SecAggClientSession:
         node_id: this hospital's Flower node id.
         run_id: the Flower run id (every message is bound to it).
         server_round: the round number (every message is bound to it).
+        identity: the hospital's signing key, roster and minimum cohort (`SecAggIdentity`).
 
-    Call `advertise_keys`, `share_keys`, `masked_update`, `unmask` in that order, each with the
-    coordinator's request for that stage; each returns the reply. A request for another run,
-    round, stage or node, or one that does not fit what came before, raises `SecAggError`
-    naming this node and the stage. Secrets never appear in `repr`, logs or error messages.
+    Call `advertise_keys`, `share_keys`, `masked_update`, `consistency_check`, `unmask` in that
+    order, each with the coordinator's request for that stage; each returns the reply. A request
+    for another run, round, stage or node, or one that does not fit what came before, raises
+    `SecAggError` naming this node and the stage. Secrets never appear in `repr`, logs or error
+    messages.
     """
 
-    def __init__(self, node_id: int, run_id: int | str, server_round: int) -> None:
+    def __init__(
+        self, node_id: int, run_id: int | str, server_round: int, identity: SecAggIdentity
+    ) -> None:
         self.node_id = node_id
         self.run_id = str(run_id)
         self.server_round = server_round
+        self.identity = identity
         self.stage: str | None = None  # the last stage completed
         self.params: dict[str, Any] = {}  # public round parameters from advertise_keys
+        self._digest = b""  # SHA-256 of params: what every signature is bound to
         self._neighbours: tuple[int, ...] = ()
         self._share_key: X25519PrivateKey | None = None
         self._mask_key: X25519PrivateKey | None = None
         self._self_seed: bytes | None = None
         self._peer_share_keys: dict[int, bytes] = {}
         self._peer_mask_keys: dict[int, bytes] = {}
+        self._peer_signing_keys: dict[int, bytes] = {}  # verified against the roster
         self._own_shares: tuple[bytes, bytes] | None = None  # (seed share, key share) we hold
         self._received: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> its shares for us
+        self._survivors: list[int] | None = None  # the survivor set this hospital signed
+        self._memory_path = _memory_path(identity, self.run_id, server_round)
+        self._memory = _load_memory(self._memory_path, server_round)
 
     def __repr__(self) -> str:
         return (
@@ -123,6 +302,38 @@ class SecAggClientSession:
 
     def _bind(self, stage: str, source: int, destination: int) -> bytes:
         return binding(self.run_id, self.server_round, stage, source, destination)
+
+    def _identities(self, nodes: list[int] | set[int]) -> list[str]:
+        """Public signing keys (hex, sorted) of this hospital and the given neighbours."""
+        own = self.identity.public_key
+        return sorted({own.hex(), *(self._peer_signing_keys[node].hex() for node in nodes)})
+
+    def _commit(self, stage: str, key: str, value: Any) -> None:
+        """Hold this round to `value` across sessions: refuse if an earlier one differs."""
+        earlier = self._memory.get(key)
+        if earlier is not None and earlier != value:
+            raise self._fail(
+                stage,
+                f"an earlier session of this round used a different {key} set; a resumed or "
+                "replayed round must have exactly the same hospitals, so it is refused (the "
+                "difference of two sums would reveal a hospital's update)",
+            )
+        if earlier is None:
+            self._memory[key] = value
+            self._save_memory(stage)
+
+    def _save_memory(self, stage: str) -> None:
+        if self._memory_path is None:
+            return
+        try:
+            self._memory_path.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps(self._memory, sort_keys=True).encode()
+            write_bytes_atomic(self._memory_path, data, mode=0o600)
+        except OSError as exc:
+            logger.error("node %d: cannot write %s: %s", self.node_id, self._memory_path, exc)
+            raise self._fail(
+                stage, "this hospital cannot record its commitments for the round; refused"
+            ) from None
 
     # --- stage 1 -----------------------------------------------------------------------------
 
@@ -152,6 +363,20 @@ class SecAggClientSession:
             expected_bits = check_modulus(len(nodes), max_weight, clip, bits)
         except SecAggError as exc:
             raise self._fail(stage, str(exc)) from None
+        if len(nodes) < self.identity.min_hospitals:
+            raise self._fail(
+                stage,
+                f"the round has {len(nodes)} hospitals, fewer than this site's "
+                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); refused "
+                "before training",
+            )
+        if threshold < majority(len(self._neighbours) + 1):
+            raise self._fail(
+                stage,
+                f"threshold {threshold} is not a majority of the {len(self._neighbours) + 1} "
+                "hospitals that hold this hospital's shares; with a minority threshold the "
+                "coordinator could rebuild both of its secrets from two groups; refused",
+            )
         if modulus_bits != expected_bits:
             raise self._fail(
                 stage,
@@ -170,8 +395,13 @@ class SecAggClientSession:
             "modulus_bits": modulus_bits,
             "vector_length": vector_length,
         }
+        self._digest = params_digest(self.params)
         self._share_key = X25519PrivateKey.generate()
         self._mask_key = X25519PrivateKey.generate()
+        share_public, mask_public = _raw_public(self._share_key), _raw_public(self._mask_key)
+        statement = key_statement(
+            self.run_id, self.server_round, self.node_id, self._digest, share_public, mask_public
+        )
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: keys advertised (%d neighbours)",
@@ -181,8 +411,10 @@ class SecAggClientSession:
         )
         return {
             **header(self.run_id, self.server_round, stage, self.node_id),
-            "share_public_key": _raw_public(self._share_key),
-            "mask_public_key": _raw_public(self._mask_key),
+            "share_public_key": share_public,
+            "mask_public_key": mask_public,
+            "signing_public_key": self.identity.public_key,
+            "key_signature": self.identity.signing_key.sign(statement),
         }
 
     # --- stage 2 -----------------------------------------------------------------------------
@@ -211,6 +443,7 @@ class SecAggClientSession:
             raise self._fail(stage, "a neighbour's public key is not a 32-byte X25519 key")
         if len(set(advertised)) != len(advertised):
             raise self._fail(stage, "two advertised public keys are equal; refusing to share")
+        self._verify_keys(request, share_keys, mask_keys)
         threshold = self.params["threshold"]
         if len(share_keys) + 1 < threshold:
             raise self._fail(
@@ -254,6 +487,54 @@ class SecAggClientSession:
             "destinations": destinations,
             "ciphertexts": ciphertexts,
         }
+
+    def _verify_keys(
+        self,
+        request: Mapping[str, Any],
+        share_keys: dict[int, bytes],
+        mask_keys: dict[int, bytes],
+    ) -> None:
+        """Every neighbour's keys signed by a distinct hospital on the roster, or refuse."""
+        stage = SHARE_KEYS
+        signing = read_node_keyed(
+            request, "neighbour_ids", "signing_public_keys", self.node_id, stage
+        )
+        signatures = read_node_keyed(
+            request, "neighbour_ids", "key_signatures", self.node_id, stage
+        )
+        seen = {self.identity.public_key}
+        for neighbour in sorted(share_keys):
+            public = signing[neighbour]
+            if public not in self.identity.roster:
+                raise self._fail(
+                    stage,
+                    f"node {neighbour}'s keys are signed by a key that is not on this site's "
+                    "secagg_roster; refusing the round (no share is revealed)",
+                )
+            if public in seen:
+                raise self._fail(
+                    stage,
+                    f"node {neighbour} claims the signing key of {self.identity.roster[public]}, "
+                    "which another node of the round already has; refusing the round",
+                )
+            seen.add(public)
+            statement = key_statement(
+                self.run_id,
+                self.server_round,
+                neighbour,
+                self._digest,
+                share_keys[neighbour],
+                mask_keys[neighbour],
+            )
+            if not verify_signature(public, signatures[neighbour], statement):
+                raise self._fail(
+                    stage,
+                    f"node {neighbour}'s keys do not carry a valid signature of "
+                    f"{self.identity.roster[public]} for this run, round, node and round "
+                    "parameters (substituted keys, or a different round shown to it); refusing "
+                    "the round (no share is revealed)",
+                )
+        self._peer_signing_keys = dict(signing)
 
     # --- stage 3 -----------------------------------------------------------------------------
 
@@ -314,6 +595,8 @@ class SecAggClientSession:
         weight = int(weight)
         assert self._share_key is not None and self._mask_key is not None
         assert self._self_seed is not None
+        # A resumed round resends the update it released: only among the very same hospitals.
+        self._commit(stage, "participants", self._identities(set(received)))
         for source, ciphertext in received.items():
             try:
                 key = agree_key(
@@ -379,46 +662,102 @@ class SecAggClientSession:
         )
         return {
             **header(self.run_id, self.server_round, stage, self.node_id),
-            "masked_update": masked,
+            # Uniform modulo 2**modulus_bits: that many bits per value go on the wire, not 64.
+            "masked_update": pack_bits(masked, modulus_bits),
         }
 
     # --- stage 4 -----------------------------------------------------------------------------
 
+    def consistency_check(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Sign the survivor set the coordinator announced, after checking it can be true.
+
+        The set must hold this hospital (its masked update was sent), only nodes of the round,
+        at least `consistency_quorum` hospitals, and enough of its neighbours to reach the
+        threshold. A hospital signs one survivor set per round, ever (`_commit`).
+        """
+        stage = CONSISTENCY_CHECK
+        self._begin(request, stage, MASKED_UPDATE)
+        survivors = read_list(request, "survivors", int, self.node_id, stage)
+        if len(set(survivors)) != len(survivors):
+            raise self._fail(stage, "'survivors' lists a node twice")
+        if self.node_id not in survivors:
+            raise self._fail(
+                stage, "this hospital sent its masked update but is not among the survivors"
+            )
+        strangers = sorted(set(survivors) - set(self.params["node_ids"]))
+        if strangers:
+            raise self._fail(stage, f"nodes {strangers} in 'survivors' are not in the round")
+        quorum = self._quorum()
+        if len(survivors) < quorum:
+            raise self._fail(
+                stage,
+                f"only {len(survivors)} survivors, fewer than the {quorum} this hospital needs "
+                "to sign the set; refusing to unmask",
+            )
+        self._check_enough_neighbours(stage, set(survivors))
+        self._commit(stage, "survivors", self._identities(set(survivors) & set(self._received)))
+        self._survivors = sorted(survivors)
+        statement = survivor_statement(
+            self.run_id, self.server_round, self.node_id, self._digest, self._survivors
+        )
+        self.stage = stage
+        return {
+            **header(self.run_id, self.server_round, stage, self.node_id),
+            "survivors_signature": self.identity.signing_key.sign(statement),
+        }
+
+    def _quorum(self) -> int:
+        return consistency_quorum(self.params["threshold"], len(self.params["node_ids"]))
+
+    def _check_enough_neighbours(self, stage: str, survivors: set[int]) -> None:
+        threshold = self.params["threshold"]
+        alive = survivors & set(self._received)
+        if len(alive) + 1 < threshold:
+            raise self._fail(
+                stage,
+                f"only {len(alive)} neighbours survived, fewer than the threshold "
+                f"{threshold} minus this hospital; refusing to unmask",
+            )
+
+    # --- stage 5 -----------------------------------------------------------------------------
+
     def unmask(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Reveal, for each neighbour, the share the coordinator needs and nothing more.
 
-        For a neighbour whose masked update arrived (a survivor, this hospital included) the
-        share of its self-mask seed; for one that dropped after sharing keys, the share of its
-        mask private key. Never both for the same neighbour.
+        Only once `consistency_quorum` distinct roster hospitals have signed the survivor set
+        this hospital signed. For a neighbour in that set (this hospital included) the share of
+        its self-mask seed; for one that shared keys but is not in it, the share of its mask
+        private key. Never both for the same neighbour, in this session or any earlier one.
         """
         stage = UNMASK
-        self._begin(request, stage, MASKED_UPDATE)
+        self._begin(request, stage, CONSISTENCY_CHECK)
         survivors = read_list(request, "survivors", int, self.node_id, stage)
-        dropped = read_list(request, "dropped", int, self.node_id, stage)
-        if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
-            raise self._fail(stage, "'survivors' or 'dropped' lists a node twice")
-        both = sorted(set(survivors) & set(dropped))
-        if both:
-            raise self._fail(
-                stage, f"nodes {both} are listed as both survivors and dropped; refusing to reveal"
-            )
-        survivors = [node for node in survivors if node != self.node_id]
-        unknown = sorted(set(survivors + dropped) - set(self._received))
-        if unknown:
-            raise self._fail(stage, f"it holds no shares from nodes {unknown}")
-        threshold = self.params["threshold"]
-        if len(survivors) + 1 < threshold:
+        if sorted(survivors) != self._survivors:
             raise self._fail(
                 stage,
-                f"only {len(survivors)} neighbours survived, fewer than the threshold "
-                f"{threshold} minus this hospital; refusing to unmask",
+                "the survivor set differs from the one this hospital signed; refusing to reveal",
             )
+        self._verify_survivor_signatures(request)
+        alive = set(survivors) - {self.node_id}
+        neighbours_alive = sorted(alive & set(self._received))
+        dropped = sorted(set(self._received) - alive)
+        revealed = dict(self._memory.get("revealed", {}))
+        for node, kind in [(n, "seed") for n in neighbours_alive] + [(n, "key") for n in dropped]:
+            peer = self._peer_signing_keys[node].hex()
+            if revealed.get(peer, kind) != kind:
+                raise self._fail(
+                    stage,
+                    f"this hospital already revealed the other share of node {node}'s hospital "
+                    "in this round; revealing both would unmask it; refused",
+                )
+            revealed[peer] = kind
+        if revealed != self._memory.get("revealed"):
+            self._memory["revealed"] = revealed
+            self._save_memory(stage)
         assert self._own_shares is not None
-        seed_owners = [self.node_id, *sorted(survivors)]
-        seed_shares = [self._own_shares[0]] + [
-            self._received[node][0] for node in sorted(survivors)
-        ]
-        key_owners = sorted(dropped)
+        seed_owners = [self.node_id, *neighbours_alive]
+        seed_shares = [self._own_shares[0]] + [self._received[node][0] for node in neighbours_alive]
+        key_owners = dropped
         key_shares = [self._received[node][1] for node in key_owners]
         self.stage = stage
         self._forget()
@@ -437,6 +776,45 @@ class SecAggClientSession:
             "key_shares": key_shares,
         }
 
+    def _verify_survivor_signatures(self, request: Mapping[str, Any]) -> None:
+        """At least the quorum of distinct roster hospitals signed this survivor set."""
+        stage = UNMASK
+        assert self._survivors is not None
+        signer_keys = read_node_keyed(request, "signer_ids", "signer_keys", self.node_id, stage)
+        signatures = read_node_keyed(request, "signer_ids", "signatures", self.node_id, stage)
+        seen: set[bytes] = set()
+        for signer in sorted(signer_keys):
+            public = signer_keys[signer]
+            known = (
+                self.identity.public_key
+                if signer == self.node_id
+                else self._peer_signing_keys.get(signer, public)
+            )
+            statement = survivor_statement(
+                self.run_id, self.server_round, signer, self._digest, self._survivors
+            )
+            if (
+                signer not in self._survivors
+                or public != known
+                or public not in self.identity.roster
+                or public in seen
+                or not verify_signature(public, signatures[signer], statement)
+            ):
+                raise self._fail(
+                    stage,
+                    f"the signature of node {signer} on the survivor set is not valid (not a "
+                    "survivor, not on the roster, a repeated hospital, or signed for another "
+                    "set): the hospitals were not told the same survivors; refusing to reveal",
+                )
+            seen.add(public)
+        quorum = self._quorum()
+        if len(seen) < quorum:
+            raise self._fail(
+                stage,
+                f"only {len(seen)} hospitals signed the survivor set, fewer than the {quorum} "
+                "needed; refusing to reveal",
+            )
+
     # --- persistence between messages --------------------------------------------------------
 
     def to_state(self) -> bytes:
@@ -449,7 +827,16 @@ class SecAggClientSession:
             "share_key": None if self._share_key is None else _raw_private(self._share_key),
             "mask_key": None if self._mask_key is None else _raw_private(self._mask_key),
         }
+        identity = self.identity
         state = {
+            "signing_key": _raw_signing_private(identity.signing_key),
+            "roster": dict(identity.roster),
+            "min_hospitals": identity.min_hospitals,
+            "memory_dir": None if identity.memory_dir is None else str(identity.memory_dir),
+            "digest": self._digest,
+            "peer_signing_keys": self._peer_signing_keys,
+            "survivors": self._survivors,
+            "memory": self._memory,
             "node_id": self.node_id,
             "run_id": self.run_id,
             "server_round": self.server_round,
@@ -469,7 +856,18 @@ class SecAggClientSession:
     def from_state(cls, blob: bytes) -> SecAggClientSession:
         """Rebuild a session saved with `to_state` (by this same node)."""
         state = pickle.loads(blob)
-        session = cls(state["node_id"], state["run_id"], state["server_round"])
+        memory_dir = state["memory_dir"]
+        identity = SecAggIdentity(
+            Ed25519PrivateKey.from_private_bytes(state["signing_key"]),
+            state["roster"],
+            state["min_hospitals"],
+            None if memory_dir is None else Path(memory_dir),
+        )
+        session = cls(state["node_id"], state["run_id"], state["server_round"], identity)
+        session._digest = state["digest"]
+        session._peer_signing_keys = state["peer_signing_keys"]
+        session._survivors = state["survivors"]
+        session._memory = state["memory"]
         session.stage = state["stage"]
         session.params = state["params"]
         session._neighbours = tuple(state["neighbours"])

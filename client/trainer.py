@@ -29,8 +29,8 @@ from fedward.client.privacy import (
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
-from fedward.common.metrics import classification_metrics, ner_metrics_from_ids
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,6 @@ def _noise_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -219,6 +218,21 @@ def evaluate(
     labels: list[str],
 ) -> dict[str, float]:
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
+    metrics = {"loss": loss, "num_examples": float(len(true_ids))}
+    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: RunConfig,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+) -> tuple[float, list, list]:
+    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`."""
     device = pick_device(config.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()
@@ -239,9 +253,4 @@ def evaluate(
         predictions = output.logits.float().argmax(dim=-1).cpu()
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())
-    metrics = {"loss": total_loss / max(total, 1), "num_examples": float(total)}
-    if config.task == "ner":
-        metrics.update(ner_metrics_from_ids(true_ids, pred_ids, labels))
-    else:
-        metrics.update(classification_metrics(true_ids, pred_ids, len(labels)))
-    return metrics
+    return total_loss / max(total, 1), true_ids, pred_ids

@@ -212,9 +212,11 @@ class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, 
     @property
     def head_lr(self) -> float:
         """The task head's learning rate, with the task's default when unset."""
+        from fedward.common.tasks import task_named  # the tasks' modules import torch: not here
+
         if self.head_learning_rate is not None:
             return self.head_learning_rate
-        return 0.01 if self.task == "ner" else 0.03
+        return task_named(self.task).head_learning_rate
 
 
 # --- what stays on the machine that runs it ---------------------------------------------------

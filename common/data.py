@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fedward.common.errors import DataError
+from fedward.common.reasons import Reason
 
 #: Fewest examples a label needs: one for training and one for validation.
 MIN_EXAMPLES_PER_LABEL = 2
@@ -133,9 +134,15 @@ def encode_classification(
     """Tokenize notes (truncated to `max_length`) and map labels to ids."""
     unknown = sorted({r.label for r in records} - set(label_to_id))
     if unknown:
+        # The labels are the hospital's data (or, with a wrong label column, its notes): only
+        # their number leaves, in the reason; the text is for the hospital's own log.
         raise DataError(
             f"labels {unknown[:5]} are not in the run's label set {list(label_to_id)}; "
-            "fix the data or the run config's 'labels'"
+            "fix the data or the run config's 'labels'",
+            reason=Reason(
+                "data.labels_mismatch",
+                {"unknown_labels": len(unknown), "run_labels": len(label_to_id)},
+            ),
         )
     encoded = tokenizer(
         [r.text for r in records], truncation=True, max_length=max_length, padding=False

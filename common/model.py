@@ -20,6 +20,7 @@ import torch
 from fedward.common.atomic import replace_dir_atomic, temp_dir_next_to
 from fedward.common.config import PACKAGED_MODEL, RunConfig
 from fedward.common.errors import ModelError
+from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
     The same config gives bit-identical initial adapters on every hospital and on the server,
     which FFA-LoRA relies on (its frozen A factors never travel).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     base = build_base(config.task, config.model, num_labels)
@@ -71,15 +72,8 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
             f"'{config.model}'"
         )
     top_layers = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
-    # Token classification is PEFT's own task type; the mean-pooling classifier is ours, so its
-    # head is named for PEFT to train and save beside the LoRA factors.
-    task = (
-        {"task_type": TaskType.TOKEN_CLS}
-        if config.task == "ner"
-        else {"modules_to_save": ["classifier"]}
-    )
     lora = LoraConfig(
-        **task,
+        **task_named(config.task).peft_options(),
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
@@ -102,6 +96,8 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
 
 class MeanPoolClassifier(torch.nn.Module):
     """Encoder, mean of the token states under the attention mask, dropout, linear head.
+
+    The head of note classification (`common/tasks/classification.py`).
 
     Sentence-embedding models such as all-MiniLM-L6-v2 are trained to be read through the mean
     of their token states; their [CLS] pooler is an untrained leftover. Under DP the difference
@@ -225,20 +221,16 @@ def _replace(root: torch.nn.Module, path: str, child: torch.nn.Module) -> torch.
 
 
 def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
-    """The frozen base with a fresh task head: token head for NER, mean-pooling classifier else."""
+    """The frozen base with the fresh head of the task named `task` (its `load_base`)."""
     import transformers
-    from transformers import AutoModel, AutoModelForTokenClassification
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     try:
-        if task == "ner":
-            return AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        return task_named(task).load_base(path, num_labels)
     except (OSError, ValueError, TypeError) as exc:  # TypeError: no add_pooling_layer there
         raise ModelError(_unknown_model(model, exc)) from None
-    return MeanPoolClassifier(encoder, num_labels)
 
 
 @dataclass(frozen=True)

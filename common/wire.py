@@ -49,6 +49,7 @@ MASKED_VECTOR = "masked_update"
 SECAGG_STAGE_TYPES = {
     "share_keys": "train.share_keys",
     "masked_update": "train.masked_update",
+    "consistency_check": "train.consistency_check",
     "unmask": "train.unmask",
 }
 

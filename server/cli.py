@@ -20,6 +20,7 @@ from rich.table import Table
 from fedward.common import audit
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
+from fedward.common.tasks import task_named
 from fedward.server import deploy
 
 log = logging.getLogger(__name__)
@@ -295,9 +296,10 @@ def run(
 
 
 def round_line(row: dict, task: str) -> str:
-    """One line per completed round, printed as it arrives."""
+    """One line per completed round, printed as it arrives (reasons as the coordinator rendered
+    them from the hospitals' codes)."""
     metrics = row.get("global", {})
-    headline = "f1" if task == "ner" else "macro_f1"
+    headline = task_named(task).primary_metric
     trained = sorted(name for name, item in row["hospitals"].items() if item.get("trained"))
     parts = [
         f"round {row['round']}: {row['status']}",
@@ -311,12 +313,14 @@ def round_line(row: dict, task: str) -> str:
         parts.append(f"rejected from {name}: {reason}")
     if row.get("dropped"):
         parts.append(f"dropped: {', '.join(row['dropped'])}")
+    if row.get("evaluation_refused"):
+        parts.append(f"no evaluation from: {', '.join(sorted(row['evaluation_refused']))}")
     return "; ".join(parts)
 
 
 def deployment_table(rows: list[dict], task: str) -> Table:
     """The round table: global metrics, who trained, who refused or dropped, epsilon."""
-    headline = "f1" if task == "ner" else "macro_f1"
+    headline = task_named(task).primary_metric
     table = Table(title="fedward: rounds", header_style="bold")
     for column in ("round", "status", "val loss", headline, "trained (ε)", "refused / dropped"):
         table.add_column(

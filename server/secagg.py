@@ -11,8 +11,15 @@ the total weight (`SecAggResult`).
     requests = session.advertise_keys_requests()
     requests = session.share_keys_requests(replies)      # replies to advertise_keys
     requests = session.masked_update_requests(replies)   # replies to share_keys
-    requests = session.unmask_requests(replies)          # replies to masked_update
+    requests = session.consistency_requests(replies)     # replies to masked_update
+    requests = session.unmask_requests(replies)          # replies to consistency_check
     result = session.aggregate(replies)                  # replies to unmask
+
+The coordinator relays each hospital's signatures (on its keys, then on the survivor set) but
+does not need to check them: the hospitals do, and refuse to reveal anything otherwise. Its own
+honesty is not assumed anywhere; the checks here only make an honest round fail early and
+clearly. A masked update arrives bit-packed (`common.secagg.pack_bits`); a malformed one is left
+out like a hospital that dropped, and recovered from its neighbours' shares.
 
 Payload keys are listed in `client.secagg`. A reply from an unknown node, for another run, round
 or stage, of the wrong shape, or too few survivors to unmask, raises `SecAggError` naming the node
@@ -32,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedward.common.errors import SecAggError
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
+    CONSISTENCY_CHECK,
     MASKED_UPDATE,
     SEED_BYTES,
     SHARE_BYTES,
@@ -41,6 +49,7 @@ from fedward.common.secagg import (
     check_header,
     check_modulus,
     check_node_ids,
+    consistency_quorum,
     dequantize_sum,
     expand_mask,
     header,
@@ -51,8 +60,9 @@ from fedward.common.secagg import (
     reduce_modulus,
     round_seed,
     secagg_graph,
+    secure_threshold,
     shamir_combine,
-    threshold_from_fraction,
+    unpack_bits,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,7 +101,8 @@ class SecAggServerSession:
         neighbours: neighbours per hospital in the SecAgg+ graph, rounded up to even; 0
             (default) is all-to-all.
         threshold: share of a neighbourhood (a hospital and its neighbours) needed to recover a
-            hospital's secrets (default 0.5); the count, at least 2, is `self.threshold`.
+            hospital's secrets (default 0.5); the count, at least 2 and at least a majority of
+            the neighbourhood (the hospitals refuse less), is `self.threshold`.
         clip: quantization range [-clip, clip] of update values (default 1.0).
         bits: quantization bits per value (default 24).
         max_weight: largest example count a hospital may weight its update with (default
@@ -126,15 +137,19 @@ class SecAggServerSession:
         self.modulus_bits = check_modulus(len(self.node_ids), max_weight, self.clip, bits)
         self.graph = secagg_graph(self.node_ids, neighbours, round_seed(self.run_id, server_round))
         degree = len(next(iter(self.graph.values()))) if self.graph else 0
-        self.threshold = threshold_from_fraction(threshold, degree + 1)
+        self.threshold = secure_threshold(threshold, degree + 1)
+        self.quorum = consistency_quorum(self.threshold, len(self.node_ids))
         self.stage: str | None = None  # the last stage whose requests were sent
         self._asked: set[int] = set()  # who received the current stage's request
         self._share_public: dict[int, bytes] = {}
         self._mask_public: dict[int, bytes] = {}
+        self._signing_public: dict[int, bytes] = {}
+        self._key_signatures: dict[int, bytes] = {}
         self._sharers: set[int] = set()  # U2: sent their encrypted shares
         self._routes: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
         self._contributors: set[int] = set()  # U3: masked update arrived
         self._sum: np.ndarray | None = None
+        self._survivors: list[int] = []
         self._unmask_asked: dict[int, tuple[list[int], list[int]]] = {}
 
     def __repr__(self) -> str:
@@ -223,9 +238,12 @@ class SecAggServerSession:
         for node, payload in replies.items():
             share_key = read_field(payload, "share_public_key", bytes, node, stage)
             mask_key = read_field(payload, "mask_public_key", bytes, node, stage)
+            signing_key = read_field(payload, "signing_public_key", bytes, node, stage)
+            signature = read_field(payload, "key_signature", bytes, node, stage)
             if len(share_key) != SEED_BYTES or len(mask_key) != SEED_BYTES:
                 raise SecAggError(f"node {node}, stage {stage}: public keys must be 32 bytes")
             self._share_public[node], self._mask_public[node] = share_key, mask_key
+            self._signing_public[node], self._key_signatures[node] = signing_key, signature
         advertised = set(replies)
         self._require_threshold(advertised, advertised, stage, "advertised keys")
         next_stage = SHARE_KEYS
@@ -239,6 +257,8 @@ class SecAggServerSession:
                 neighbour_ids=peers,
                 share_public_keys=[self._share_public[peer] for peer in peers],
                 mask_public_keys=[self._mask_public[peer] for peer in peers],
+                signing_public_keys=[self._signing_public[peer] for peer in peers],
+                key_signatures=[self._key_signatures[peer] for peer in peers],
             )
         return requests
 
@@ -280,55 +300,109 @@ class SecAggServerSession:
 
     # --- stage 4 -----------------------------------------------------------------------------
 
-    def unmask_requests(
+    def consistency_requests(
         self, replies: Mapping[int, Mapping[str, Any]]
     ) -> dict[int, dict[str, Any]]:
-        """Add up the masked updates; ask each contributor for the shares that remove the masks."""
+        """Add up the masked updates; ask each contributor to sign the survivor set."""
         stage = MASKED_UPDATE
         replies = self._receive(replies, stage)
         total = np.zeros(self.vector_length + 1, dtype=np.uint64)
-        limit = 1 << self.modulus_bits
-        for node, payload in replies.items():
-            if "masked_update" not in payload:
-                raise SecAggError(f"node {node}, stage {stage}: payload has no 'masked_update'")
-            vector = payload["masked_update"]
-            if not isinstance(vector, np.ndarray) or vector.ndim != 1:
-                raise SecAggError(f"node {node}, stage {stage}: masked_update must be a 1-D array")
-            if vector.shape[0] != self.vector_length + 1:
-                raise SecAggError(
-                    f"node {node}, stage {stage}: masked_update has {vector.shape[0]} values, "
-                    f"expected {self.vector_length + 1} (adapter size + 1 count slot); rejected"
-                )
-            if vector.dtype != np.uint64:
-                raise SecAggError(
-                    f"node {node}, stage {stage}: masked_update has dtype {vector.dtype}, "
-                    f"expected uint64"
-                )
-            if self.modulus_bits < 64 and int(vector.max()) >= limit:
-                raise SecAggError(
-                    f"node {node}, stage {stage}: masked_update has values outside the "
-                    f"{self.modulus_bits}-bit modulus; rejected"
-                )
-            total += vector
-        contributors = set(replies)
+        contributors = set()
+        for node, payload in sorted(replies.items()):
+            try:
+                total += self._read_masked_update(node, payload)
+            except SecAggError as exc:
+                # Left out like a hospital that dropped: its masks are removed from the shares.
+                logger.warning("secagg round %d: %s; left out", self.server_round, exc)
+                continue
+            contributors.add(node)
         if not contributors:
             raise SecAggError(
                 f"secure aggregation, stage {stage}: no hospital sent a masked update"
+            )
+        if len(contributors) < self.quorum:
+            raise SecAggError(
+                f"secure aggregation, stage {stage}: only {len(contributors)} hospitals sent "
+                f"masked updates, fewer than the {self.quorum} signatures on the survivor set "
+                f"the hospitals need before revealing shares (the threshold, and at least a "
+                f"majority of the round's {len(self.node_ids)})"
             )
         needed = contributors | {
             node for node in self._sharers - contributors if set(self.graph[node]) & contributors
         }
         self._require_threshold(needed, contributors, stage, "sent masked updates")
         self._contributors, self._sum = contributors, reduce_modulus(total, self.modulus_bits)
-        next_stage = UNMASK
+        self._survivors = sorted(contributors)
+        next_stage = CONSISTENCY_CHECK
         self.stage, self._asked = next_stage, contributors
+        return {
+            node: self._request(next_stage, node, survivors=list(self._survivors))
+            for node in self._survivors
+        }
+
+    def _read_masked_update(self, node: int, payload: Mapping[str, Any]) -> np.ndarray:
+        """The node's masked vector, unpacked from `modulus_bits` bits per value."""
+        stage = MASKED_UPDATE
+        if "masked_update" not in payload:
+            raise SecAggError(f"node {node}, stage {stage}: payload has no 'masked_update'")
+        packed = payload["masked_update"]
+        if not isinstance(packed, np.ndarray) or packed.ndim != 1 or packed.dtype != np.uint8:
+            raise SecAggError(
+                f"node {node}, stage {stage}: masked_update must be a 1-D uint8 array (the "
+                f"masked values packed at {self.modulus_bits} bits each)"
+            )
+        try:
+            return unpack_bits(packed, self.modulus_bits, self.vector_length + 1)
+        except SecAggError:
+            raise SecAggError(
+                f"node {node}, stage {stage}: masked_update has {packed.size} bytes, not the "
+                f"{(self.modulus_bits * (self.vector_length + 1) + 7) // 8} that "
+                f"{self.vector_length + 1} values (adapter size + 1 count slot) of "
+                f"{self.modulus_bits} bits take; rejected"
+            ) from None
+
+    # --- stage 5 -----------------------------------------------------------------------------
+
+    def unmask_requests(
+        self, replies: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        """Collect the signatures on the survivor set; relay them all, ask for the shares."""
+        stage = CONSISTENCY_CHECK
+        replies = self._receive(replies, stage)
+        signatures = {
+            node: read_field(payload, "survivors_signature", bytes, node, stage)
+            for node, payload in replies.items()
+        }
+        signers = sorted(signatures)
+        if len(signers) < self.quorum:
+            raise SecAggError(
+                f"secure aggregation, stage {stage}: only {len(signers)} hospitals signed the "
+                f"survivor set, fewer than the {self.quorum} each hospital needs before it "
+                f"reveals a share (the threshold, and at least a majority of the round)"
+            )
+        needed = self._contributors | {
+            node
+            for node in self._sharers - self._contributors
+            if set(self.graph[node]) & self._contributors
+        }
+        self._require_threshold(needed, set(signers), stage, "signed the survivor set")
+        next_stage = UNMASK
+        self.stage, self._asked = next_stage, set(signers)
         requests = {}
-        for node in sorted(contributors):
+        for node in signers:
             peers = set(self._routes[node])  # its neighbours whose shares it holds
-            survivors = sorted(peers & contributors)
-            dropped = sorted(peers - contributors)
-            self._unmask_asked[node] = (survivors, dropped)
-            requests[node] = self._request(next_stage, node, survivors=survivors, dropped=dropped)
+            self._unmask_asked[node] = (
+                sorted(peers & self._contributors),
+                sorted(peers - self._contributors),
+            )
+            requests[node] = self._request(
+                next_stage,
+                node,
+                survivors=list(self._survivors),
+                signer_ids=signers,
+                signer_keys=[self._signing_public[signer] for signer in signers],
+                signatures=[signatures[signer] for signer in signers],
+            )
         return requests
 
     # --- result ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.common.config import GROUPS, RunConfig
+from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
@@ -149,7 +150,7 @@ def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
-            headline = "f1" if config.task == "ner" else "macro_f1"
+            headline = task_named(config.task).primary_metric
             score = metrics.get(headline)
             progress.console.print(
                 f"round {row['round']}: {row['status']}, val loss "

@@ -1,10 +1,17 @@
-"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib)."""
+"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib).
+
+Epsilon is record-level: the unit of privacy is one record (a note for classification, a
+sentence for NER). A simulated hospital reports exact metrics and training loss, unnoised and
+uncharged; a deployed one releases only DP-noised evaluation counts, charged to its ledger.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rich.table import Table
+
+from fedward.common.tasks import task_named
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -17,23 +24,30 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
+def privacy_unit(task: str) -> str:
+    """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
+    return task_named(task).privacy_unit
+
+
 def round_table(
     rounds: list[dict], task: str = "classification", title: str | None = None
 ) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
-    table = Table(title=title, header_style="bold")
+    columns = task_named(task).metric_columns
+    table = Table(
+        title=title,
+        header_style="bold",
+        caption=f"ε: record-level DP, unit {privacy_unit(task)}, per hospital over the run. "
+        "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
+        "release only DP-noised counts).",
+    )
     table.add_column("round", justify="right")
     table.add_column("status")
     table.add_column("train loss", justify="right")
     table.add_column("val loss", justify="right")
-    if task == "ner":
-        table.add_column("entity P", justify="right")
-        table.add_column("entity R", justify="right")
-        table.add_column("entity F1", justify="right")
-    else:
-        table.add_column("accuracy", justify="right")
-        table.add_column("macro-F1", justify="right")
+    for _, title in columns:
+        table.add_column(title, justify="right")
     for name in names:
         table.add_column(f"ε {name}", justify="right")
     for row in rounds:
@@ -41,13 +55,10 @@ def round_table(
         cells = [
             str(row["round"]),
             _status(row),
-            _fmt(row["train_loss"]),
+            _fmt(row.get("train_loss")),
             _fmt(metrics.get("loss")),
         ]
-        if task == "ner":
-            cells += [_fmt(metrics.get(k)) for k in ("precision", "recall", "f1")]
-        else:
-            cells += [_fmt(metrics.get("accuracy")), _fmt(metrics.get("macro_f1"))]
+        cells += [_fmt(metrics.get(key)) for key, _ in columns]
         for name in names:
             hospital = row["hospitals"].get(name, {})
             if "refused" in hospital:
@@ -87,16 +98,14 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
 
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = (
-        ("loss", "precision", "recall", "f1") if task == "ner" else ("loss", "accuracy", "macro_f1")
-    )
+    keys = ("loss", *(key for key, _ in task_named(task).metric_columns))
     for key in keys:
         left.plot(
             x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}"
         )
     left.plot(
         x,
-        [_nan(row["train_loss"]) for row in rounds],
+        [_nan(row.get("train_loss")) for row in rounds],
         marker="o",
         linestyle="--",
         label="train loss",
@@ -109,7 +118,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
         right.plot(x, eps, marker="o", label=name)
     right.set_xlabel("round")
-    right.set_ylabel("epsilon spent")
+    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task)})")
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
     if hospital_names(rounds):

@@ -5,13 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common.errors import SecAggError
-from fedward.common.secagg import ADVERTISE_KEYS, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.secagg import (
+    ADVERTISE_KEYS,
+    CONSISTENCY_CHECK,
+    MASKED_UPDATE,
+    SHARE_KEYS,
+    UNMASK,
+    unpack_bits,
+)
 from fedward.server.secagg import SecAggServerSession
 
 IDS = [5, 6, 7, 8]
 LENGTH = 16
+
+
+def identity(index: int) -> SecAggIdentity:
+    return SecAggIdentity.simulated(index, len(IDS))
 
 
 class Round:
@@ -19,7 +30,10 @@ class Round:
 
     def __init__(self, server_round: int = 1, **options) -> None:
         self.server = SecAggServerSession("run-a", server_round, IDS, LENGTH, **options)
-        self.clients = {node: SecAggClientSession(node, "run-a", server_round) for node in IDS}
+        self.clients = {
+            node: SecAggClientSession(node, "run-a", server_round, identity(index))
+            for index, node in enumerate(IDS)
+        }
         self.requests = self.server.advertise_keys_requests()
 
     def advance(self, stage: str, drop=()) -> dict:
@@ -34,7 +48,8 @@ class Round:
         collect = {
             ADVERTISE_KEYS: self.server.share_keys_requests,
             SHARE_KEYS: self.server.masked_update_requests,
-            MASKED_UPDATE: self.server.unmask_requests,
+            MASKED_UPDATE: self.server.consistency_requests,
+            CONSISTENCY_CHECK: self.server.unmask_requests,
         }[stage]
         self.requests = collect(replies)
         return self.requests
@@ -64,9 +79,11 @@ def test_masked_update_has_the_count_slot_and_the_modulus():
     game.advance(ADVERTISE_KEYS)
     requests = game.advance(SHARE_KEYS)
     reply = game.clients[7].masked_update(requests[7], np.zeros(LENGTH), 10)
-    masked = reply["masked_update"]
-    assert masked.dtype == np.uint64 and masked.shape == (LENGTH + 1,)
-    assert int(masked.max()) < 2**game.server.modulus_bits
+    packed = reply["masked_update"]  # on the wire: modulus_bits per value, not 64
+    bits = game.server.modulus_bits
+    assert packed.dtype == np.uint8 and packed.shape == (((LENGTH + 1) * bits + 7) // 8,)
+    masked = unpack_bits(packed, bits, LENGTH + 1)
+    assert int(masked.max()) < 2**bits
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -164,34 +181,38 @@ def test_bad_update_or_weight_is_refused(update, weight, message):
         game.clients[5].masked_update(requests[5], update, weight)
 
 
-def _unmask_request(game: Round) -> dict:
+def _consistency_request(game: Round) -> dict:
     game.advance(ADVERTISE_KEYS)
     game.advance(SHARE_KEYS)
     return game.advance(MASKED_UPDATE)[5]
 
 
-def test_unmask_never_reveals_both_shares_of_one_neighbour():
+def test_unmask_refuses_a_survivor_set_it_did_not_sign():
     game = Round()
-    request = _unmask_request(game)
-    request = {**request, "dropped": [6]}  # 6 is also listed as a survivor
-    with pytest.raises(SecAggError, match=r"node 5, stage unmask: nodes \[6\] .*both"):
+    _consistency_request(game)
+    requests = game.advance(CONSISTENCY_CHECK)
+    request = {**requests[5], "survivors": [5, 6, 7]}  # 8 now said to have dropped
+    with pytest.raises(SecAggError, match="node 5, stage unmask: the survivor set differs"):
         game.clients[5].unmask(request)
 
 
-def test_unmask_refuses_too_few_survivors_or_unknown_nodes():
+def test_consistency_check_refuses_too_few_survivors_or_unknown_nodes():
     game = Round(threshold=0.75)  # 3 of 4
-    request = _unmask_request(game)
-    with pytest.raises(SecAggError, match="node 5, stage unmask: only 1 neighbours survived"):
-        game.clients[5].unmask({**request, "survivors": [6], "dropped": [7, 8]})
-    with pytest.raises(SecAggError, match=r"node 5, stage unmask: .*\[42\]"):
-        game.clients[5].unmask({**request, "dropped": [42]})
+    request = _consistency_request(game)
+    with pytest.raises(SecAggError, match="node 5, stage consistency_check: only 2 survivors"):
+        game.clients[5].consistency_check({**request, "survivors": [5, 6]})
+    with pytest.raises(SecAggError, match=r"node 5, stage consistency_check: .*\[42\]"):
+        game.clients[5].consistency_check({**request, "survivors": [5, 6, 7, 42]})
+    with pytest.raises(SecAggError, match="node 5, stage consistency_check: .*not among"):
+        game.clients[5].consistency_check({**request, "survivors": [6, 7, 8]})
 
 
 def test_unmask_reveals_seed_shares_for_survivors_and_key_shares_for_the_dropped():
     game = Round()
     game.advance(ADVERTISE_KEYS)
     game.advance(SHARE_KEYS)
-    requests = game.advance(MASKED_UPDATE, drop={8})
+    game.advance(MASKED_UPDATE, drop={8})
+    requests = game.advance(CONSISTENCY_CHECK)
     reply = game.clients[5].unmask(requests[5])
     assert reply["seed_share_owners"] == [5, 6, 7]
     assert reply["key_share_owners"] == [8]
@@ -209,3 +230,48 @@ def test_repr_shows_no_secrets():
     assert "node_id=5" in text and "share_keys" in text
     for secret in (client._self_seed, *client._own_shares):
         assert secret.hex() not in text and repr(secret) not in text
+
+
+# --- the identity a site policy pins -------------------------------------------------------------
+
+
+def test_a_site_policy_pins_the_signing_key_roster_and_minimum_cohort(tmp_path):
+    from fedward.client.policy import SitePolicy
+    from fedward.client.secagg import write_signing_key
+
+    own = write_signing_key(tmp_path / "a.pem")
+    other = write_signing_key(tmp_path / "b.pem")
+    policy = SitePolicy.build(
+        {
+            "max_epsilon": 8.0,
+            "secagg_signing_key": str(tmp_path / "a.pem"),
+            "secagg_roster": {"hospital-a": own, "hospital-b": f"ed25519:{other}"},
+            "min_secure_aggregation_hospitals": 4,
+        }
+    )
+    identity = SecAggIdentity.from_policy(policy, "hospital-a", tmp_path / "secagg")
+    assert identity.public_key.hex() == own and identity.min_hospitals == 4
+    assert set(identity.roster.values()) == {"hospital-a", "hospital-b"}
+    assert oct((tmp_path / "a.pem").stat().st_mode & 0o777) == "0o600"
+    assert "PRIVATE" not in repr(identity) and own[:16] in repr(identity)
+
+
+def test_a_policy_without_a_roster_refuses_secure_aggregation(tmp_path):
+    from fedward.client.policy import SitePolicy
+    from fedward.common.errors import ConfigError, PolicyError
+
+    policy = SitePolicy.build({"max_epsilon": 8.0})
+    with pytest.raises(PolicyError, match="needs secagg_signing_key and secagg_roster"):
+        SecAggIdentity.from_policy(policy, "hospital-a", None)
+    with pytest.raises(ConfigError, match="secagg_roster"):
+        SitePolicy.build({"max_epsilon": 8.0, "secagg_roster": {"hospital-b": "abc"}})
+    broken = SitePolicy.build(
+        {
+            "max_epsilon": 8.0,
+            "secagg_signing_key": str(tmp_path / "missing.pem"),
+            "secagg_roster": {"hospital-b": "ab" * 32},
+        }
+    )
+    with pytest.raises(PolicyError, match="not a readable") as info:
+        SecAggIdentity.from_policy(broken, "hospital-a", None)
+    assert "missing.pem" not in str(info.value)  # the reason goes to the coordinator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Mapping
 
@@ -10,10 +11,11 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from fedward.client.secagg import SecAggClientSession
+from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common.errors import SecAggError
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
+    CONSISTENCY_CHECK,
     MASKED_UPDATE,
     SHARE_KEYS,
     STAGES,
@@ -24,10 +26,17 @@ from fedward.common.secagg import (
     pair_context,
     quantization_bound,
     quantize,
+    round_seed,
+    unpack_bits,
 )
 from fedward.server.secagg import SecAggResult, SecAggServerSession
 
 CHI_SQUARE_15_CRITICAL = 60.0  # P(chi2_15 > 60) is about 3e-7
+
+
+def federation_identities(count: int) -> list[SecAggIdentity]:
+    """Signing keys for `count` hospitals that all trust one another (the simulation's)."""
+    return [SecAggIdentity.simulated(index, count) for index in range(count)]
 
 
 class Federation:
@@ -60,7 +69,10 @@ class Federation:
             clip=clip,
             bits=bits,
         )
-        self.clients = {node: SecAggClientSession(node, "run-1", 3) for node in ids}
+        self.clients = {
+            node: SecAggClientSession(node, "run-1", 3, identity)
+            for node, identity in zip(ids, federation_identities(len(ids)))
+        }
 
     def replies(self, stage: str, requests: Mapping[int, dict], drop: Collection[int] = ()) -> dict:
         out = {}
@@ -82,6 +94,8 @@ class Federation:
         replies = self.replies(SHARE_KEYS, requests, drops.get(SHARE_KEYS, ()))
         requests = self.server.masked_update_requests(replies)
         replies = self.replies(MASKED_UPDATE, requests, drops.get(MASKED_UPDATE, ()))
+        requests = self.server.consistency_requests(replies)
+        replies = self.replies(CONSISTENCY_CHECK, requests, drops.get(CONSISTENCY_CHECK, ()))
         requests = self.server.unmask_requests(replies)
         replies = self.replies(UNMASK, requests, drops.get(UNMASK, ()))
         return self.server.aggregate(replies)
@@ -151,23 +165,29 @@ def test_a_hospital_dropping_at_any_stage_is_recovered(stage):
     federation = Federation(6, 300, seed=11)
     gone = sorted(federation.clients)[2]
     result = federation.run({stage: {gone}})
-    in_sum = stage == UNMASK  # its masked update arrived before it left
+    in_sum = stage in (CONSISTENCY_CHECK, UNMASK)  # its masked update arrived before it left
     assert (gone in result.included) == in_sum
     assert (gone in result.dropped) != in_sum
     assert_matches_plain_average(federation, result)
 
 
 def test_drops_at_every_stage_in_one_round_with_a_sparse_graph():
-    federation = Federation(12, 500, seed=5, neighbours=6, threshold=0.3)  # 3 of 7
-    ids = sorted(federation.clients)
+    federation = Federation(12, 500, seed=5, neighbours=6, threshold=0.3)  # raised to 4 of 7
+    assert federation.server.threshold == 4  # a majority of each neighbourhood
+    # Hospitals 3 apart on the public ring: every neighbourhood (7 in a row) loses at most 3.
+    seed = round_seed("run-1", 3)
+    ring = sorted(
+        federation.clients, key=lambda n: hashlib.sha256(seed + n.to_bytes(8, "big")).digest()
+    )
     drops = {
-        ADVERTISE_KEYS: {ids[0]},
-        SHARE_KEYS: {ids[4]},
-        MASKED_UPDATE: {ids[8]},
-        UNMASK: {ids[11]},
+        ADVERTISE_KEYS: {ring[0]},
+        SHARE_KEYS: {ring[3]},
+        MASKED_UPDATE: {ring[6]},
+        CONSISTENCY_CHECK: set(),
+        UNMASK: {ring[9]},
     }
     result = federation.run(drops)
-    assert set(result.dropped) == {ids[0], ids[4], ids[8]}
+    assert set(result.dropped) == {ring[0], ring[3], ring[6]}
     assert_matches_plain_average(federation, result)
 
 
@@ -175,7 +195,7 @@ def test_drops_at_every_stage_in_one_round_with_a_sparse_graph():
 def test_too_many_dropouts_fail_the_round_cleanly(stage):
     federation = Federation(5, 50, seed=2, threshold=0.8)  # threshold 4 of 5
     ids = sorted(federation.clients)
-    with pytest.raises(SecAggError, match=r"node \d+, stage \w+: .*threshold") as info:
+    with pytest.raises(SecAggError, match=r"stage \w+: .*threshold") as info:
         federation.run({stage: {ids[0], ids[1]}})
     assert "stage" in str(info.value)
 
@@ -201,13 +221,15 @@ def test_server_sees_a_uniform_masked_vector_that_only_the_seeds_undo():
     # A tiny update from a small hospital: unmasked it would sit near the bottom of the range.
     update = np.full(4096, 0.01)
     weight = 3
-    masked = client.masked_update(requests[target], update, weight, rng=np.random.default_rng(4))[
+    packed = client.masked_update(requests[target], update, weight, rng=np.random.default_rng(4))[
         "masked_update"
     ]
     plain = np.append(
         quantize(update, 1.0, 16, np.random.default_rng(4)) * np.uint64(weight), np.uint64(weight)
     )
     modulus_bits = server.modulus_bits
+    assert packed.dtype == np.uint8 and packed.size == (4097 * modulus_bits + 7) // 8
+    masked = unpack_bits(packed, modulus_bits, 4097)
 
     def chi_square(values: np.ndarray) -> float:
         counts = np.bincount((values >> np.uint64(modulus_bits - 4)).astype(np.int64), minlength=16)
@@ -248,9 +270,11 @@ def test_secrets_never_reach_logs_or_reprs(caplog):
     replies = federation.replies(ADVERTISE_KEYS, server.advertise_keys_requests())
     replies = federation.replies(SHARE_KEYS, server.share_keys_requests(replies))
     replies = federation.replies(MASKED_UPDATE, server.masked_update_requests(replies))
+    replies = federation.replies(CONSISTENCY_CHECK, server.consistency_requests(replies))
     secrets: list[bytes] = []
     for client in clients.values():
         secrets += [client._self_seed, *client._own_shares]
+        secrets += [client.identity.signing_key.private_bytes_raw()]
         secrets += [share for pair in client._received.values() for share in pair]
     reprs = [repr(server), *map(repr, clients.values())]
     errors = []

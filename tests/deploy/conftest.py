@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from fedward.client.ledger import PrivacyLedger
+from fedward.client.secagg import write_signing_key
 
 LABELS = ["cardiac", "respiratory"]
 NOTES = {
@@ -196,9 +197,12 @@ class Federation:
             "127.0.0.1",
         )
         assert done.returncode == 0, done.stderr
+        self.roster = {}
         for name in (*HOSPITALS, "intruder"):
             site = self.site(name)
             site.mkdir(parents=True)
+            if name != "intruder":  # the hospitals exchanged their SecAgg signing keys
+                self.roster[name] = write_signing_key(site / "secagg-signing.pem")
             done = self.cli("keys", "node", "--out", str(site), "--name", name)
             assert done.returncode == 0, done.stderr
             write_notes(site / "notes.csv", name)
@@ -206,8 +210,18 @@ class Federation:
 
     def set_policy(self, name: str, **rules) -> None:
         """Write hospital `name`'s site policy (read again by every request)."""
-        values = {"max_epsilon": 50.0, "min_examples": 10, "max_rounds": 5, **rules}
+        values = {
+            "max_epsilon": 50.0,
+            "min_examples": 10,
+            "max_rounds": 5,
+            "min_secure_aggregation_hospitals": 2,  # the tests federate two hospitals
+            "secagg_signing_key": str(self.site(name) / "secagg-signing.pem"),
+            **rules,
+        }
         text = "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+        text += "[secagg_roster]\n" + "".join(
+            f"{member} = {json.dumps(key)}\n" for member, key in self.roster.items()
+        )
         (self.site(name) / "policy.toml").write_text(text, encoding="utf-8")
 
     def start_server(self) -> Process:
@@ -349,7 +363,7 @@ class Federation:
 
     def ledger(self, name: str) -> PrivacyLedger:
         site = self.site(name)
-        return PrivacyLedger.for_dataset(site / "ledger", site / "notes.csv")
+        return PrivacyLedger.open(site / "ledger", name)  # data-set id: the hospital's name
 
     def audit_records(self, path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -1,0 +1,143 @@
+"""Note classification: one label per clinical note (CSV/JSONL records, or synthetic notes).
+
+The head is a mean-pooling classifier over the encoder's token states; the primary metric is
+macro-F1, so that rare diagnoses count as much as common ones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedward.common.metrics import classification_metrics, ratio
+
+if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not with the CLI
+    import torch
+
+    from fedward.common.data import EncodedDataset, Record
+
+
+class Classification:
+    """Diagnosis (or any label) per note; examples are `Record`s."""
+
+    name = "classification"
+    #: The metric that sums up a round (progress lines, round tables, the bench).
+    primary_metric = "macro_f1"
+    #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
+    privacy_unit = "one record (a note)"
+    head_learning_rate = 0.03
+    #: (metric key, column title) of the round table; the plot draws the same keys after loss.
+    metric_columns = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+    #: Simulated partitions of a pooled data set, and the one `partition = auto` means. Each
+    #: record has one label and may have a group column, so label skew and columns are possible.
+    partitions = ("iid", "dirichlet", "blocks", "column")
+    pooled_partition = "iid"
+
+    def read(
+        self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
+    ) -> list[Record]:
+        """The records of a CSV/JSONL file."""
+        from fedward.common.data import read_records
+
+        return read_records(path, text_column, label_column, group_column)
+
+    def label_set(self, examples: list[Record], source: str) -> list[str]:
+        """The sorted labels of `examples`; `DataError` for a label too rare to split."""
+        from fedward.common.data import label_set
+
+        return label_set(examples, source)
+
+    def synthetic_notes(
+        self, hospital: int, per_hospital: int, seed: int, num_hospitals: int
+    ) -> list[Record]:
+        """fedward's synthetic notes of one hospital, grouped by hospital."""
+        from fedward.common.data import Record
+        from fedward.common.synthetic import generate_notes
+
+        notes = generate_notes(hospital, per_hospital, seed, num_hospitals=num_hospitals)
+        return [Record(note["text"], note["label"], note["hospital"]) for note in notes]
+
+    def synthetic_labels(self, hospitals: int, per_hospital: int, seed: int) -> list[str]:
+        """Every diagnosis of the synthetic notes, present in this draw or not."""
+        from fedward.common.synthetic import DIAGNOSES
+
+        return sorted(DIAGNOSES)
+
+    def split(
+        self, examples: list[Record], val_fraction: float, seed: int
+    ) -> tuple[list[Record], list[Record]]:
+        """Training and validation records, stratified by label, shuffled with `seed`."""
+        from fedward.common.data import train_val_split
+
+        return train_val_split(examples, val_fraction, seed)
+
+    def encode(
+        self, examples: list[Record], labels: list[str], tokenizer, max_length: int
+    ) -> EncodedDataset:
+        """Token ids of each note and the id of its label."""
+        from fedward.common.data import encode_classification
+
+        label_to_id = {label: index for index, label in enumerate(labels)}
+        return encode_classification(tokenizer, examples, label_to_id, max_length)
+
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
+        """What a hospital may release of an evaluation, as counts (client/release.py): examples,
+        correct, and TP, FP, FN of every class. One record changes examples by 1, and either
+        correct and one TP (right) or one FN and one FP (wrong): L2 sensitivity sqrt(3)."""
+        true = np.asarray(true_ids, dtype=np.int64)
+        pred = np.asarray(pred_ids, dtype=np.int64)
+        right = true == pred
+        tp = np.bincount(true[right], minlength=num_labels)
+        fn = np.bincount(true[~right], minlength=num_labels)
+        fp = np.bincount(pred[~right], minlength=num_labels)
+        return np.concatenate([[len(true), right.sum()], tp, fp, fn]).astype(np.float64)
+
+    release_sensitivity = math.sqrt(3.0)
+
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The released metrics: example count, accuracy and macro-F1 from (noised) counts."""
+        examples = float(vector[0])
+        tp, fp, fn = (vector[2 + i * num_labels : 2 + (i + 1) * num_labels] for i in range(3))
+        denominator = 2 * tp + fp + fn
+        present = denominator > 0
+        f1 = np.where(present, 2 * tp / np.where(present, denominator, 1.0), 0.0)
+        return {
+            "num-examples": examples,
+            "accuracy": ratio(vector[1], examples),
+            "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        }
+
+    def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
+        """The pretrained encoder (its pooler left out) under a fresh mean-pooling head."""
+        from transformers import AutoModel
+
+        from fedward.common.model import MeanPoolClassifier
+
+        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        return MeanPoolClassifier(encoder, num_labels)
+
+    def peft_options(self) -> dict:
+        """The head is ours, not a PEFT task type: named for PEFT to train and save beside LoRA."""
+        return {"modules_to_save": ["classifier"]}
+
+    def metrics(
+        self, true_ids: list[int], pred_ids: list[int], labels: list[str]
+    ) -> dict[str, float]:
+        """Accuracy and macro-F1."""
+        return classification_metrics(true_ids, pred_ids, len(labels))
+
+    def describe_prediction(
+        self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
+    ) -> str:
+        """The most likely label and its probability, tab-separated (call under no_grad)."""
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        probabilities = model(**encoded).logits.float().softmax(dim=-1)[0]
+        best = int(probabilities.argmax())
+        return f"{labels[best]}\t{float(probabilities[best]):.3f}"
+
+
+CLASSIFICATION = Classification()

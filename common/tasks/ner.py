@@ -1,0 +1,173 @@
+"""Named-entity recognition: a tag per word of a sentence (CoNLL files, or synthetic notes).
+
+The head is Hugging Face's token-classification head; labels are IOB2 tags, scored per entity
+(seqeval), and the primary metric is the entity-level micro-F1. The data layer itself (reading,
+tag schemes, word pieces, decoding) is `fedward.common.ner`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedward.common.errors import DataError
+from fedward.common.metrics import ner_metrics_from_ids, ratio
+from fedward.common.ner import (
+    Sentence,
+    encode_sentences,
+    entity_spans,
+    label_list,
+    predictions_to_word_tags,
+    read_conll,
+    split_words,
+)
+
+if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not with the CLI
+    import torch
+
+    from fedward.common.data import EncodedDataset
+
+#: Names of the training file looked for when the data path is a folder.
+TRAIN_FILES = ("train.tsv", "train.txt", "train.conll")
+
+
+class NamedEntityRecognition:
+    """Entities tagged word by word; examples are sentences of (word, IOB2 tag) pairs."""
+
+    name = "ner"
+    #: The metric that sums up a round (progress lines, round tables, the bench).
+    primary_metric = "f1"
+    #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
+    privacy_unit = "one sentence"
+    head_learning_rate = 0.01
+    #: (metric key, column title) of the round table; the plot draws the same keys after loss.
+    metric_columns = (("precision", "entity P"), ("recall", "entity R"), ("f1", "entity F1"))
+    #: Simulated partitions of a pooled data set, and the one `partition = auto` means. A
+    #: sentence has no single label and no group column; contiguous blocks keep documents whole.
+    partitions = ("blocks", "iid")
+    pooled_partition = "blocks"
+
+    def read(
+        self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
+    ) -> list[Sentence]:
+        """The sentences of a CoNLL file, or of the training file in a folder (columns unused)."""
+        path = Path(path)
+        if path.is_dir():
+            path = _train_file(path)
+        return read_conll(path)
+
+    def label_set(self, examples: list[Sentence], source: str) -> list[str]:
+        """'O', then B-X and I-X for every entity type X in `examples`."""
+        return label_list(examples)
+
+    def synthetic_notes(
+        self, hospital: int, per_hospital: int, seed: int, num_hospitals: int
+    ) -> list[Sentence]:
+        """Tagged sentences of fedward's synthetic notes of one hospital."""
+        from fedward.common.synthetic import generate_ner_notes
+
+        return generate_ner_notes(hospital, per_hospital, seed, num_hospitals=num_hospitals)
+
+    def synthetic_labels(self, hospitals: int, per_hospital: int, seed: int) -> list[str]:
+        """The tags of every hospital's synthetic sentences."""
+        return label_list(
+            [
+                sentence
+                for hospital in range(hospitals)
+                for sentence in self.synthetic_notes(hospital, per_hospital, seed, hospitals)
+            ]
+        )
+
+    def split(
+        self, examples: list[Sentence], val_fraction: float, seed: int
+    ) -> tuple[list[Sentence], list[Sentence]]:
+        """The last `val_fraction` of the sentences for validation (at least one).
+
+        Sentences keep their order, not shuffled (`seed` is unused).
+        """
+        cut = max(1, round(len(examples) * (1 - val_fraction)))
+        return examples[:cut], examples[cut:] or examples[-1:]
+
+    def encode(
+        self, examples: list[Sentence], labels: list[str], tokenizer, max_length: int
+    ) -> EncodedDataset:
+        """Word-piece ids and a label id per piece (-100 where the loss must not look)."""
+        from fedward.common.data import EncodedDataset
+
+        label_to_id = {label: index for index, label in enumerate(labels)}
+        encoded = encode_sentences(tokenizer, examples, label_to_id, max_length)
+        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
+
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
+        """What a hospital may release of an evaluation, as counts (client/release.py):
+        sentences, and sentences tagged exactly right. A sentence holds any number of entities,
+        so entity counts have no bound; these two have L2 sensitivity sqrt(2)."""
+        exact = sum(
+            all(t == p for t, p in zip(true, pred) if t != -100)
+            for true, pred in zip(true_ids, pred_ids)
+        )
+        return np.array([len(true_ids), exact], dtype=np.float64)
+
+    release_sensitivity = math.sqrt(2.0)
+
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The released metrics: sentence count and sentence accuracy (entity F1 is not
+        released outside simulation)."""
+        examples = float(vector[0])
+        return {"num-examples": examples, "sentence_accuracy": ratio(vector[1], examples)}
+
+    def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
+        """The pretrained encoder with Hugging Face's fresh token-classification head."""
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels)
+
+    def peft_options(self) -> dict:
+        """Token classification is PEFT's own task type, which trains and saves its head."""
+        from peft import TaskType
+
+        return {"task_type": TaskType.TOKEN_CLS}
+
+    def metrics(
+        self, true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
+    ) -> dict[str, float]:
+        """Entity-level micro precision, recall and F1, and the same per entity type."""
+        return ner_metrics_from_ids(true_ids, pred_ids, labels)
+
+    def describe_prediction(
+        self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
+    ) -> str:
+        """The entities found, each with its type, words and character span (under no_grad)."""
+        words, offsets = split_words(text)
+        if not words:
+            return "(no words)"
+        encoded = tokenizer(
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        predictions = model(**encoded).logits.argmax(dim=-1)[0].tolist()
+        id_to_label = dict(enumerate(labels))
+        tags = predictions_to_word_tags(predictions, encoded.word_ids(0), id_to_label, len(words))
+        spans = entity_spans(words, tags, text=text, offsets=offsets)
+        found = "; ".join(
+            f"{span.entity_type} '{span.text}' [{span.start_char}:{span.end_char}]"
+            for span in spans
+        )
+        return found or "(no entities)"
+
+
+def _train_file(folder: Path) -> Path:
+    for name in TRAIN_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: no train.tsv/train.txt/train.conll in this folder; pass a file")
+
+
+NER = NamedEntityRecognition()

@@ -1,0 +1,50 @@
+"""Simulated hospitals' data (simulation/hospitals.py), per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedward.client.app import read_hospital_file
+from fedward.common.config import RunConfig
+from fedward.common.errors import DataError
+from fedward.simulation.hospitals import simulated_data
+
+CONLL = "".join(f"word{i}\tB-Disease\nis\tO\nbad\tO\n\n" for i in range(10))
+
+
+class _Context:
+    """The two fields of a Flower Context that `simulated_data` reads."""
+
+    def __init__(self, hospital: int) -> None:
+        self.node_config = {"partition-id": hospital}
+        self.node_id = hospital
+
+
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_a_hospital_file_splits_alike_in_deployment_and_in_simulation(task, tmp_path):
+    if task == "ner":
+        path = tmp_path / "notes.tsv"
+        path.write_text(CONLL, encoding="utf-8")
+    else:
+        path = tmp_path / "notes.csv"
+        rows = [f"note number {i},{'flu' if i % 2 else 'cold'}" for i in range(20)]
+        path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    config = RunConfig(
+        task=task, data=str(path), hospitals=1, min_hospitals=1, partition="blocks", seed=5
+    )
+
+    deployed = read_hospital_file(Path(path), config, "hospital-0")
+    simulated = simulated_data(config, _Context(0))
+
+    assert (simulated.train, simulated.val) == (deployed.train, deployed.val)
+    assert deployed.val and len(deployed.train) > len(deployed.val)
+
+
+def test_ner_has_no_label_skew_partition(tmp_path):
+    path = tmp_path / "notes.tsv"
+    path.write_text(CONLL, encoding="utf-8")
+    config = RunConfig(task="ner", data=str(path), hospitals=2, partition="dirichlet")
+    with pytest.raises(DataError, match="partition 'dirichlet' is not available.*blocks or iid"):
+        simulated_data(config, _Context(0))
