@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedward.client.prefix_cache import cached_training
 from fedward.client.privacy import (
     DPPlan,
     HistoryEntry,
@@ -126,21 +127,29 @@ def train_locally(
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
     secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
+    # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and a
+    # data set of the cached states; sampling, clipping and noise are the same either way.
+    cached = cached_training(model, dataset, config, pad_id, who, device)
+    if cached is not None:
+        train_module, train_data, collate = cached.top, cached, cached.collate
+        inputs_name = "hidden_states"
+    else:
+        train_module, train_data, inputs_name = model, dataset, "input_ids"
+        collate = partial(pad_batch, pad_id=pad_id, pad_to=pad_to)
     loader = DataLoader(
-        dataset,
+        train_data,
         batch_size=config.batch_size,
         shuffle=True,
-        collate_fn=partial(pad_batch, pad_id=pad_id, pad_to=pad_to),
+        collate_fn=collate,
         generator=secret,
     )
 
     engine = None
-    train_module = model
     if plan is not None:
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         engine.accountant.history = [tuple(entry) for entry in history]
         train_module, optimizer, loader = engine.make_private(
-            module=model,
+            module=train_module,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
@@ -157,13 +166,13 @@ def train_locally(
     losses = []
     try:
         for _ in range(config.local_epochs):
-            for input_ids, attention_mask, labels in loader:
-                if len(input_ids) == 0:  # Poisson sampling can draw an empty batch
+            for inputs, attention_mask, labels in loader:
+                if len(inputs) == 0:  # Poisson sampling can draw an empty batch
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 with autocast:
                     output = train_module(
-                        input_ids=input_ids.to(device),
+                        **{inputs_name: inputs.to(device)},
                         attention_mask=attention_mask.to(device),
                         labels=labels.to(device),
                     )

@@ -320,6 +320,18 @@ class LocalSettings(_Group):
         "completed round, under the same fedward run id; the run spec must be the same as when "
         "the run started. `fedward run --resume` sets it.",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="Compute the frozen layers below the lowest LoRA layer once per hospital "
+        "and run, and train only the layers above on their cached outputs (same updates and "
+        "the same DP guarantee; faster). Off by itself when LoRA reaches the bottom layer.",
+    )
+    prefix_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="Memory (MiB) the frozen-prefix caches of one process may hold; caches "
+        "past it are kept in a temporary folder on disk, deleted when the run ends.",
+    )
 
 
 class RunConfig(LocalSettings, SimulationSettings, RunSpec):
