@@ -185,7 +185,7 @@ def run_supernode(command: list[str], settings: HospitalSettings) -> int:
     log.info("starting: %s", " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
-    supernode = subprocess.Popen(command, env=flower_env())
+    supernode = subprocess.Popen(command, env=flower_env(), preexec_fn=_die_with_parent)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return serve_tasks(runtime_api_address(settings), supernode)
@@ -194,6 +194,17 @@ def run_supernode(command: list[str], settings: HospitalSettings) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(supernode)
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode's process, before it starts: ask Linux to end it when `fedward client
+    start` dies, even by SIGKILL, so that no orphaned SuperNode keeps the hospital's node
+    identity (a restarted hospital could not connect while it lives)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

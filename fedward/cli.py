@@ -41,7 +41,7 @@ error_console = Console(stderr=True)
 def main() -> None:
     """Console-script entry point: user errors are one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as `code`
     except FedwardError as exc:
         error_console.print(f"fedward: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -57,6 +57,8 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Exit):
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -292,7 +292,7 @@ def run(
             f"{status.get('status-details', '')}.{advice}",
             highlight=False,
         )
-        sys.exit(1)  # typer.Exit(1) would be swallowed by main() (standalone_mode=False)
+        sys.exit(1)
 
 
 def round_line(row: dict, task: str) -> str:
@@ -371,4 +371,4 @@ def audit_verify(
         console.print(f"{file}: {result.summary()}", highlight=False)
         return
     error_console.print(f"{file}: {result.summary()}", highlight=False)
-    sys.exit(1)  # typer.Exit(1) would be swallowed by main() (standalone_mode=False)
+    sys.exit(1)
