@@ -58,39 +58,119 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
     """Base model + task head + LoRA adapters, initialised deterministically from `config.seed`.
 
     The same config gives bit-identical initial adapters on every hospital and on the server,
-    which FFA-LoRA relies on (its frozen A factors never travel).
+    which FFA-LoRA relies on (its frozen A factors never travel). Which linear layers get LoRA
+    and where the layer list is are found from the base model's architecture
+    (`lora_target_modules`, `transformer_layers`), so any encoder of the common families works.
     """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     base = build_base(config.task, config.model, num_labels)
-    layers = base.config.num_hidden_layers
-    if config.lora_layers > layers:
-        raise ModelError(
-            f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
-            f"'{config.model}'"
-        )
-    top_layers = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
+    targets = lora_target_modules(base, config.lora_target_modules, config.model)
+    top_layers, layers_pattern = None, None
+    if config.lora_layers:
+        layers_pattern, layers = transformer_layers(base, config.model)
+        if config.lora_layers > layers:
+            raise ModelError(
+                f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
+                f"'{config.model}'"
+            )
+        top_layers = list(range(layers - config.lora_layers, layers))
+    options = task_named(config.task).peft_options()
+    # A head the task's options do not name (e.g. ModernBERT's extra dense layer before the
+    # classifier) is new, random and must train and travel too, or predictions would not repeat.
+    heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]
+    if heads:
+        options["modules_to_save"] = [*options.get("modules_to_save", []), *heads]
     lora = LoraConfig(
-        **task_named(config.task).peft_options(),
+        **options,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
+        target_modules=targets,
         layers_to_transform=top_layers,
+        layers_pattern=layers_pattern,
     )
     try:
         model = get_peft_model(base, lora)
     except ValueError as exc:
         raise ModelError(
-            f"field 'lora_target_modules': {config.lora_target_modules} do not match layers of "
-            f"'{config.model}' ({exc})"
+            f"field 'lora_target_modules': {targets} do not match layers of '{config.model}' "
+            f"({str(exc).splitlines()[0][:200]}); its linear layers are named "
+            f"{', '.join(_linear_names(base))}"
         ) from None
     if config.lora_variant == "ffa":
         for name, parameter in model.named_parameters():
             if ".lora_A." in name:
                 parameter.requires_grad_(False)
     return model
+
+
+#: LoRA's modules per architecture (a model config's `model_type`) when `lora_target_modules`
+#: is "auto": the attention's query and value projections, as the LoRA paper adapts, or the
+#: fused query-key-value projection where the architecture has only that (ModernBERT's Wqkv).
+#: Names read from the modeling code of the installed transformers (5.x). DeBERTa-v3 models
+#: are `deberta-v2`. Other architectures fall back to PEFT's own table.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "modernbert": ["Wqkv"],
+}
+
+
+def lora_target_modules(base: torch.nn.Module, requested: str | list[str], model: str) -> list[str]:
+    """The linear layers that get LoRA: `requested` itself, or those of `base`'s architecture
+    when it is "auto"; `ModelError` naming the field for an architecture fedward does not know."""
+    if requested != "auto":
+        return list(requested)
+    model_type = getattr(base.config, "model_type", None)
+    if model_type in LORA_TARGETS:
+        return list(LORA_TARGETS[model_type])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    if model_type in PEFT_TARGETS:
+        return list(PEFT_TARGETS[model_type])
+    raise ModelError(
+        f"field 'lora_target_modules': no default for '{model}' (architecture '{model_type}'); "
+        f"name its attention's linear layers, e.g. two of {', '.join(_linear_names(base))}"
+    )
+
+
+def transformer_layers(base: torch.nn.Module, model: str) -> tuple[str, int]:
+    """The name of `base`'s list of transformer layers (`layer` for BERT, DeBERTa and
+    DistilBERT, `layers` for ModernBERT: PEFT's `layers_pattern`) and how many it holds.
+
+    It is the module list as long as the config's `num_hidden_layers`; `lora_layers` counts
+    from its top.
+    """
+    wanted = base.config.num_hidden_layers
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == wanted and name:
+            return name.rsplit(".", 1)[-1], wanted
+    raise ModelError(
+        f"field 'lora_layers': cannot find the list of {wanted} transformer layers of "
+        f"'{model}' ({type(base).__name__}); set lora_layers = 0 to adapt every layer"
+    )
+
+
+def head_modules(base: torch.nn.Module) -> list[str]:
+    """Names of `base`'s children with weights that are not the pretrained encoder: its fresh
+    task head (`classifier`; ModernBERT adds `head`)."""
+    encoder = getattr(base, "base_model_prefix", None) or "encoder"
+    return [
+        name
+        for name, child in base.named_children()
+        if name != encoder and any(True for _ in child.parameters())
+    ]
+
+
+def _linear_names(base: torch.nn.Module) -> list[str]:
+    linears = (name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear))
+    return sorted({name.rsplit(".", 1)[-1] for name in linears})
 
 
 class MeanPoolClassifier(torch.nn.Module):
@@ -108,7 +188,7 @@ class MeanPoolClassifier(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
-        self.dropout = torch.nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.dropout = torch.nn.Dropout(hidden_dropout(encoder.config))
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **_):
@@ -127,6 +207,16 @@ class MeanPoolClassifier(torch.nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+def hidden_dropout(config) -> float:
+    """The dropout a family's config sets on hidden states: BERT's `hidden_dropout_prob`,
+    DistilBERT's `dropout`, ModernBERT's `classifier_dropout` (it has no hidden dropout)."""
+    for name in ("hidden_dropout_prob", "dropout", "classifier_dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, int | float):
+            return float(value)
+    return 0.1
+
+
 def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
     """The frozen base with the fresh head of the task named `task` (its `load_base`)."""
     import transformers
@@ -136,7 +226,7 @@ def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
     path = resolve_model_path(model)
     try:
         return task_named(task).load_base(path, num_labels)
-    except (OSError, ValueError, TypeError) as exc:  # TypeError: no add_pooling_layer there
+    except (OSError, ValueError, TypeError) as exc:
         raise ModelError(_unknown_model(model, exc)) from None
 
 
@@ -217,6 +307,10 @@ def save_adapter(
             "model": config.model,
             "labels": labels,
             "lora_variant": config.lora_variant,
+            # The modules LoRA adapts, as found for the base model's architecture when the run
+            # spec says "auto" (PEFT's adapter_config.json holds the same for loading).
+            "lora_target_modules": sorted(_peft_config(model).target_modules or []),
+            "lora_layers": config.lora_layers,
             "max_length": config.max_length,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -251,6 +345,10 @@ def trainable_fraction(model: torch.nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable / total
+
+
+def _peft_config(model: torch.nn.Module):
+    return model.peft_config[getattr(model, "active_adapter", "default")]
 
 
 def _unknown_model(name: str, exc: Exception) -> str:
