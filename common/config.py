@@ -104,7 +104,7 @@ class ModelSpec(_Group):
         description="Adapt only the top N transformer layers (0: all). Fewer layers train "
         "faster (no backward pass below them) and put less DP noise on the update.",
     )
-    lora_target_modules: Literal["auto"] | list[str] = Field(
+    lora_target_modules: str | list[str] = Field(
         "auto",
         description="Names of the linear layers that get LoRA adapters; auto: the attention's "
         "query and value projections of the base model's architecture (BERT, RoBERTa, XLM-R, "
@@ -117,6 +117,8 @@ class ModelSpec(_Group):
     def _check_targets(cls, value: str | list[str]) -> str | list[str]:
         if value == "auto" or value == ["auto"]:  # `--lora-target-modules auto` is a list
             return "auto"
+        if isinstance(value, str):
+            raise ValueError("must be 'auto' or a list of module names, e.g. ['query', 'value']")
         if not value or any(not name.strip() for name in value):
             raise ValueError("must name at least one module, e.g. ['query', 'value'], or be 'auto'")
         return value
