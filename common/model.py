@@ -77,8 +77,8 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
             )
         top_layers = list(range(layers - config.lora_layers, layers))
     options = task_named(config.task).peft_options()
-    # A head the task's options do not name (e.g. ModernBERT's extra dense layer before the
-    # classifier) is new, random and must train and travel too, or predictions would not repeat.
+    # Head layers the task's options do not name (ModernBERT's dense layer before its classifier)
+    # are new and random too: they train and travel with the classifier.
     heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]
     if heads:
         options["modules_to_save"] = [*options.get("modules_to_save", []), *heads]
@@ -158,14 +158,23 @@ def transformer_layers(base: torch.nn.Module, model: str) -> tuple[str, int]:
 
 
 def head_modules(base: torch.nn.Module) -> list[str]:
-    """Names of `base`'s children with weights that are not the pretrained encoder: its fresh
-    task head (`classifier`; ModernBERT adds `head`)."""
+    """Names of the linear layers of `base`'s fresh task head, outside the pretrained encoder:
+    `classifier`, and for ModernBERT also `head.dense`.
+
+    They are drawn at random, so they must train and travel, or a loaded adapter would not
+    repeat the run's predictions. A head's norm layer starts at ones (and zeros) on every
+    machine and stays frozen: Opacus cannot clip per-example gradients of a LayerNorm without a
+    bias, which ModernBERT's is.
+    """
     encoder = getattr(base, "base_model_prefix", None) or "encoder"
-    return [
-        name
-        for name, child in base.named_children()
-        if name != encoder and any(True for _ in child.parameters())
-    ]
+    names = []
+    for name, child in base.named_children():
+        if name == encoder:
+            continue
+        for inner, module in child.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                names.append(f"{name}.{inner}" if inner else name)
+    return names
 
 
 def _linear_names(base: torch.nn.Module) -> list[str]:

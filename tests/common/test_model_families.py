@@ -217,6 +217,21 @@ def test_a_run_spec_naming_its_modules_overrides_auto(family_dirs):
         build_model(wrong, 2)  # the error lists the family's own linear layers
 
 
+def test_a_fresh_head_of_more_than_a_linear_layer_trains_and_travels(family_dirs):
+    """ModernBERT's token-classification head is dense + norm + classifier, all new: if only the
+    classifier travelled, the dense layer would be redrawn at random wherever the adapter is
+    loaded. Its norm starts at ones everywhere and stays frozen (Opacus cannot clip a LayerNorm
+    without bias)."""
+    config = RunConfig(model=family_dirs["modernbert"], task="ner", hospitals=2)
+    model = build_model(config, 3)
+    names = [item.name for item in adapter_spec(model)]
+    assert any(".head." in name and ".dense." in name for name in names)
+    assert any(".classifier." in name for name in names)
+    assert not any(".norm." in name for name in names)
+    norms = [p for n, p in model.named_parameters() if ".head." in n and ".norm." in n]
+    assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
+
+
 @pytest.fixture(scope="module", params=[("classification", f) for f in FAMILIES])
 def family_run(request, family_dirs, tmp_path_factory):
     return _run(request.param, family_dirs, tmp_path_factory)
