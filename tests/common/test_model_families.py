@@ -232,12 +232,12 @@ def test_a_fresh_head_of_more_than_a_linear_layer_trains_and_travels(family_dirs
     assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
 
 
-@pytest.fixture(scope="module", params=[("classification", f) for f in FAMILIES])
+@pytest.fixture(scope="module", params=[("classification", f) for f in FAMILIES], ids=FAMILIES)
 def family_run(request, family_dirs, tmp_path_factory):
     return _run(request.param, family_dirs, tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=[("ner", f) for f in NER_FAMILIES])
+@pytest.fixture(scope="module", params=[("ner", f) for f in NER_FAMILIES], ids=NER_FAMILIES)
 def family_ner_run(request, family_dirs, tmp_path_factory):
     return _run(request.param, family_dirs, tmp_path_factory)
 
