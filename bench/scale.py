@@ -2,7 +2,10 @@
 
 Runs `simulate` for 2, 10 and 50 hospitals on the default model with a fixed amount of data per
 hospital, samples the resident memory of this process and all its children (Ray workers
-included) every 0.2 s, and prints the peaks and their ratio to the smallest federation.
+included) every 0.2 s, and prints the peaks and their ratio to the smallest federation. Each
+federation runs twice, with the frozen-prefix cache (client/prefix_cache.py) on and off, and the
+difference of the peaks is the memory the cache adds; beside it, what the cached states of all
+hospitals take in 16 bits (tokens x hidden size x 2 bytes, counted from the same notes).
 
     python -m bench.scale [--hospitals 2 10 50] [--notes 40] [--rounds 1]
 """
@@ -50,7 +53,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def run(hospitals: int, notes: int, rounds: int, secure: bool) -> dict:
+def run(hospitals: int, notes: int, rounds: int, secure: bool, cache: bool = True) -> dict:
     from fedward.simulation.runner import plan_workers, simulate
 
     with tempfile.TemporaryDirectory() as out:
@@ -60,6 +63,7 @@ def run(hospitals: int, notes: int, rounds: int, secure: bool) -> dict:
                 "rounds": rounds,
                 "notes_per_hospital": notes,
                 "secure_aggregation": secure,
+                "prefix_cache": cache,
                 "out": out,
             }
         )
@@ -99,7 +103,13 @@ def main() -> None:
     parser.add_argument("--no-secure-aggregation", action="store_true")
     args = parser.parse_args()
 
-    rows = [run(n, args.notes, args.rounds, not args.no_secure_aggregation) for n in args.hospitals]
+    secure = not args.no_secure_aggregation
+    rows = []
+    for n in args.hospitals:
+        row = run(n, args.notes, args.rounds, secure)
+        row["uncached_peak_mb"] = run(n, args.notes, args.rounds, secure, cache=False)["peak_mb"]
+        row["states_mb"] = cached_states_mb(n, args.notes)
+        rows.append(row)
     base = rows[0]
     print(
         f"default model, {args.notes} notes per hospital, {args.rounds} round(s), "
@@ -116,6 +126,31 @@ def main() -> None:
             f"{row['trained']:>9}{row['model_loads']:>6} in {row['worker_processes']} workers"
         )
     print("target: peak memory at 50 hospitals at most 1.3x that at 2")
+    print("\nmemory of the frozen-prefix cache (peaks with the cache on and off)")
+    print(
+        f"{'hospitals':>10}{'peak MB on':>12}{'peak MB off':>13}{'added MB':>10}{'states MB':>11}"
+    )
+    for row in rows:
+        print(
+            f"{row['hospitals']:>10}{row['peak_mb']:>12.0f}{row['uncached_peak_mb']:>13.0f}"
+            f"{row['peak_mb'] - row['uncached_peak_mb']:>10.0f}{row['states_mb']:>11.1f}"
+        )
+
+
+def cached_states_mb(hospitals: int, notes: int) -> float:
+    """MiB the 16-bit cached states of every hospital's training notes take (all workers)."""
+    from fedward.common.model import load_tokenizer
+    from fedward.common.synthetic import generate_notes
+
+    config = RunConfig()
+    tokenizer = load_tokenizer(config.model)
+    hidden = 384  # all-MiniLM-L6-v2
+    tokens = 0
+    for hospital in range(hospitals):
+        texts = [note["text"] for note in generate_notes(hospital, notes, config.seed, hospitals)]
+        encoded = tokenizer(texts, truncation=True, max_length=config.max_length)
+        tokens += sum(len(ids) for ids in encoded["input_ids"])
+    return tokens * (1 - config.val_fraction) * hidden * 2 / 2**20
 
 
 if __name__ == "__main__":

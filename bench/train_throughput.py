@@ -1,16 +1,19 @@
 """Throughput of one hospital's local training (`client.trainer.train_locally`), in samples/s.
 
-Four configurations of the default `RunConfig` (packaged all-MiniLM-L6-v2, its LoRA and batch
-settings) on the same synthetic notes: DP-SGD on or off, times dynamic padding (each batch padded
-to its longest note) or fixed padding to `max_length` (128). One warm-up call per configuration is
-not timed; the timed calls then run round-robin over the configurations (so a machine that slows
-down during the run penalises all four alike) and the mean of `--repeats` calls is reported, with
-the ratios DP/no-DP and dynamic/fixed.
+The default `RunConfig` (packaged all-MiniLM-L6-v2, LoRA in its top 2 of 6 layers, batch 64,
+dynamic padding) on the same synthetic notes, with DP-SGD on or off and the frozen-prefix cache
+(client/prefix_cache.py) on or off, side by side. Each configuration trains one local epoch per
+call; a repeat is `--epochs` calls in a row from a fresh cache, so the first call is the epoch that
+builds the cache (or round 1) and the later calls are the epochs (or rounds) that reuse it. The
+calls alternate between cache on and off (a machine that slows down penalises both alike); DP
+on and off are separate runs. Rates are means over `--repeats`. One warm-up call per
+configuration is not timed.
 
-    python bench/train_throughput.py --examples 128 --repeats 3
+    python -m bench.train_throughput --examples 128 --epochs 3 --repeats 2
 
 Samples/s counts the data set once per local epoch (Poisson sampling under DP draws batches of
-varying size, but the expected number of examples per epoch is the same).
+varying size, but the expected number of examples per epoch is the same). Also printed: how far
+16-bit storage of the cached states moves the loss and the gradient of one batch.
 """
 
 from __future__ import annotations
@@ -23,18 +26,24 @@ import warnings
 
 import torch
 
+from fedward.client.prefix_cache import drop_prefix_caches
 from fedward.client.trainer import pick_device, train_locally
 from fedward.common.config import RunConfig
-from fedward.common.data import Record, encode_classification
-from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
+from fedward.common.data import Record, encode_classification, pad_batch
+from fedward.common.model import (
+    build_model,
+    get_adapter_arrays,
+    load_tokenizer,
+    split_frozen_prefix,
+)
 from fedward.common.synthetic import DIAGNOSES, generate_notes
 
-#: (label, dp, padding) of the four configurations, in the order they are printed.
+#: (label, dp, prefix cache) of the configurations, in the order they are printed.
 CONFIGURATIONS = [
-    ("DP, dynamic padding", True, "dynamic"),
-    ("DP, fixed padding", True, "max_length"),
-    ("no DP, dynamic padding", False, "dynamic"),
-    ("no DP, fixed padding", False, "max_length"),
+    ("DP, cache", True, True),
+    ("DP, no cache", True, False),
+    ("no DP, cache", False, True),
+    ("no DP, no cache", False, False),
 ]
 
 
@@ -44,7 +53,10 @@ def parse_args() -> argparse.Namespace:
         "--examples", type=int, default=128, help="notes per timed call (default 128)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed calls per configuration (default 3)"
+        "--epochs", type=int, default=3, help="one-epoch calls per repeat (default 3)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="repeats per configuration (default 2)"
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the synthetic notes (default 0)"
@@ -61,6 +73,45 @@ def time_call(function) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def storage_error(model, dataset, pad_id: int, lora_layers: int) -> dict[str, tuple]:
+    """Relative change of one batch's loss and gradient when the prefix states are stored in
+    float16 or bfloat16 instead of float32 (an adapter with B != 0, as after training)."""
+    model.eval()
+    prefix, top = split_frozen_prefix(model, lora_layers)
+    trainable = [p for p in top.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trainable]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    batch = [(dataset.input_ids[i], dataset.labels[i]) for i in range(min(64, len(dataset)))]
+    input_ids, attention_mask, labels = pad_batch(batch, pad_id)
+    with torch.no_grad():
+        states = prefix(input_ids, attention_mask)
+
+    def loss_and_gradient(hidden):
+        for parameter in trainable:
+            parameter.grad = None
+        loss = top(hidden_states=hidden, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return float(loss), torch.cat([p.grad.flatten() for p in trainable])
+
+    exact_loss, exact = loss_and_gradient(states)
+    errors = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        loss, gradient = loss_and_gradient(states.to(dtype).float())
+        errors[str(dtype).removeprefix("torch.")] = (
+            abs(loss - exact_loss) / abs(exact_loss),
+            float((gradient - exact).norm() / exact.norm()),
+        )
+    with torch.no_grad():
+        for parameter, value in zip(trainable, saved):
+            parameter.copy_(value)
+            parameter.grad = None
+    model.train()
+    return errors
 
 
 def main() -> None:
@@ -85,12 +136,12 @@ def main() -> None:
     model = build_model(base_config, len(labels))
     start = get_adapter_arrays(model)
     configs = {
-        name: base_config.model_copy(update={"dp": dp, "padding": padding})
-        for name, dp, padding in CONFIGURATIONS
+        name: base_config.model_copy(update={"dp": dp, "prefix_cache": cache, "local_epochs": 1})
+        for name, dp, cache in CONFIGURATIONS
     }
 
-    def train(config: RunConfig, data) -> None:
-        train_locally(model, data, config, start, [], pad_id=tokenizer.pad_token_id, who="bench")
+    def train(config: RunConfig, data, who: str) -> None:
+        train_locally(model, data, config, start, [], pad_id=tokenizer.pad_token_id, who=who)
 
     print(f"model        {base_config.model}")
     print(f"device       {pick_device(base_config.device)}")
@@ -100,36 +151,55 @@ def main() -> None:
         f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length {base_config.max_length})"
     )
     print(
-        f"training     batch_size {base_config.batch_size}, "
-        f"local_epochs {base_config.local_epochs}, LoRA r={base_config.lora_rank} "
-        f"on {base_config.lora_target_modules} of the top {base_config.lora_layers} layers"
+        f"training     batch_size {base_config.batch_size}, {base_config.padding} padding, "
+        f"LoRA r={base_config.lora_rank} on {base_config.lora_target_modules} of the top "
+        f"{base_config.lora_layers} layers"
     )
-    print(f"repeats      {args.repeats} timed calls per configuration after 1 warm-up call\n")
+    print(
+        f"repeats      {args.repeats} x {args.epochs} one-epoch calls per configuration "
+        "after 1 warm-up call\n"
+    )
 
-    for config in configs.values():
-        train(config, warmup)
+    for name, config in configs.items():
+        train(config, warmup, f"warm-up {name}")
+    drop_prefix_caches()
 
-    seconds: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
-        for name, config in configs.items():
-            seconds[name].append(time_call(lambda config=config: train(config, dataset)))
+    first: dict[str, list[float]] = {name: [] for name in configs}
+    later: dict[str, list[float]] = {name: [] for name in configs}
+    # DP on and off are different run specs, hence different runs for the cache: each pair of
+    # cache on/off is timed round-robin within one run.
+    for pair in (CONFIGURATIONS[:2], CONFIGURATIONS[2:]):
+        for _ in range(args.repeats):
+            drop_prefix_caches()  # a new run: the first epoch builds the cache again
+            for epoch in range(args.epochs):
+                for name, _, _ in pair:
+                    config = configs[name]
+                    seconds = time_call(lambda config=config: train(config, dataset, "bench"))
+                    (first if epoch == 0 else later)[name].append(seconds)
+    drop_prefix_caches()
 
-    samples = len(dataset) * base_config.local_epochs
-    rate = {name: samples / statistics.mean(values) for name, values in seconds.items()}
-    print(f"{'configuration':<24} {'samples/s':>10} {'s per call':>11} {'spread':>8}")
-    for name, values in seconds.items():
-        spread = (max(values) - min(values)) / statistics.mean(values)
-        print(f"{name:<24} {rate[name]:>10.1f} {statistics.mean(values):>11.2f} {spread:>7.0%}")
+    def rate(values: list[float]) -> float:
+        return len(dataset) / statistics.mean(values) if values else float("nan")
 
-    print("\nratios of samples/s")
-    ratios = [
-        ("DP / no DP (dynamic padding)", "DP, dynamic padding", "no DP, dynamic padding"),
-        ("DP / no DP (fixed padding)", "DP, fixed padding", "no DP, fixed padding"),
-        ("dynamic / fixed padding (DP)", "DP, dynamic padding", "DP, fixed padding"),
-        ("dynamic / fixed padding (no DP)", "no DP, dynamic padding", "no DP, fixed padding"),
-    ]
-    for label, numerator, denominator in ratios:
-        print(f"  {label:<34} {rate[numerator] / rate[denominator]:.2f}")
+    print(f"{'configuration':<18} {'1st epoch samples/s':>20} {'later epochs samples/s':>23}")
+    for name in configs:
+        print(f"{name:<18} {rate(first[name]):>20.1f} {rate(later[name]):>23.1f}")
+
+    print("\nratios of samples/s, cache / no cache")
+    for label, cached, uncached in [
+        ("DP", "DP, cache", "DP, no cache"),
+        ("no DP", "no DP, cache", "no DP, no cache"),
+    ]:
+        print(
+            f"  {label:<6} first epoch {rate(first[cached]) / rate(first[uncached]):.2f}, "
+            f"later epochs {rate(later[cached]) / rate(later[uncached]):.2f}"
+        )
+
+    print("\n16-bit storage of the cached states, relative change of one batch's")
+    for dtype, (loss, gradient) in storage_error(
+        model, dataset, tokenizer.pad_token_id, base_config.lora_layers
+    ).items():
+        print(f"  {dtype:<9} loss {loss:.1e}, gradient {gradient:.1e}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@
 simulated one (simulation/app.py: its share of a data set, a `SimulatedSite`). The handlers only
 see the run spec a message carries; the site turns it into the config this hospital trains with,
 adding its own local settings.
+
+What a reply may carry is fixed here: a refusal is a reason code with numbers
+(common/reasons.py), never an exception's text; a train reply carries the update (masked with
+secure aggregation) and epsilon, and the example count and training loss only where the README
+lists them (no secure aggregation: the count weights a clear update; simulation: everything);
+an evaluate reply carries what the site releases (deployed: DP-noised counts, charged).
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
+from fedward.client.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
-from fedward.client.trainer import HistoryEntry, TrainResult, evaluate, train_locally
+from fedward.client.trainer import HistoryEntry, TrainResult, predict, train_locally
 from fedward.common import wire
 from fedward.common.config import RunConfig, RunSpec
+from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset
-from fedward.common.errors import DataError, FedwardError, SecAggError
+from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
+from fedward.common.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.common.tasks import task_named
 
@@ -58,6 +67,9 @@ class HospitalSite(Protocol):
     """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
     (simulation/hospitals.py)."""
 
+    #: True only in simulation: training loss, example counts and exact metrics are reported.
+    releases_exact_metrics: bool
+
     def check_policy(self, spec: RunSpec) -> RunConfig:
         """Accept the run spec (or raise); the config this hospital runs it with."""
 
@@ -77,8 +89,16 @@ class HospitalSite(Protocol):
     ) -> None:
         """Gate 3: trained, nothing sent yet."""
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """A refusal, for this hospital's own records."""
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        """Before any record is read: may this evaluation be released? The config to use."""
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """The metrics that may leave, for predictions on the validation split."""
 
     def secagg_identity(self) -> SecAggIdentity:
         """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
@@ -110,6 +130,13 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     )
 
 
+def check_data_vocabulary(data: HospitalData, config: RunConfig, tokenizer) -> float:
+    """The share of this hospital's text unknown to the model (`VocabularyError` above the
+    run's `max_unknown_rate`; common/coverage.py)."""
+    examples = [*data.train, *data.val]
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
+
+
 def handle_train(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
@@ -118,10 +145,13 @@ def handle_train(
     The site judges the run spec before any data is read, the privacy budget before the first
     step, and records the update before it leaves (see client/site.py).
     """
-    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
     name = hospital_name(context)
+    spec, server_round, run_id = _round_identity(msg)
     site = None
+    coverage: dict[str, float] = {}
     try:
+        if spec is None:
+            raise ConfigError("the train request's run spec is invalid")
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
@@ -131,6 +161,7 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
+            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
             model = cached_model(config, len(config.labels or []))
             dataset = encode(data.train, config, tokenizer)
             history = site.run_history(run_id, server_round)
@@ -145,16 +176,25 @@ def handle_train(
                 who=name,
             )
             site.record(config, run_id, server_round, result, global_arrays)
-    except FedwardError as exc:
-        log.warning("%s refused round %d: %s", name, server_round, exc)
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, "train", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "train", exc)
         return _refusal(msg, name, exc)
 
-    metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss}
+    metrics: dict[str, float] = {}
+    if site.releases_exact_metrics or not spec.secure_aggregation:
+        # A clear update is weighted by its count; with SecAgg+ the count travels only inside
+        # the masked vector, and the coordinator learns only the sum.
+        metrics["num-examples"] = result.num_examples
+    if site.releases_exact_metrics:
+        metrics["train-loss"] = result.train_loss  # not DP: simulation only
+    if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
+        metrics.update(coverage)
     if result.epsilon_spent is not None:
         metrics["epsilon"] = result.epsilon_spent
-        metrics["noise-multiplier"] = result.plan.noise_multiplier
+        if site.releases_exact_metrics:
+            metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
         {wire.METRICS: MetricRecord(metrics), wire.INFO: ConfigRecord({"hospital": name})}
     )
@@ -195,8 +235,8 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.consistency_check(request)
         else:
             reply = session.unmask(request)
-    except SecAggError as exc:
-        log.warning("%s: %s", name, exc)
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, stage, 0, exc)
         return _refusal(msg, name, exc)
     if stage == UNMASK:
         context.state.pop(SECAGG_STATE, None)
@@ -224,26 +264,32 @@ def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> C
 def handle_evaluate(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
-    """Evaluate the received global adapter on this hospital's validation split; the site
-    policy must accept the run first."""
-    spec, server_round, run_id = wire.read_round_config(msg.content[wire.CONFIG])
+    """Evaluate the received adapter on this hospital's validation split, if the site releases
+    it: the site admits the request before any data is read and decides what leaves."""
     name = hospital_name(context)
+    spec, server_round, run_id = _round_identity(msg)
     site = None
     try:
+        if spec is None:
+            raise ConfigError("the evaluate request's run spec is invalid")
         site = open_site(context)
-        config = site.check_policy(spec)
+        config = site.admit_evaluation(spec, run_id, server_round)
         data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
+        share = check_data_vocabulary(data, config, tokenizer)
         model = cached_model(config, len(config.labels or []))
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        metrics = evaluate(model, dataset, config, arrays, tokenizer.pad_token_id, config.labels)
-    except FedwardError as exc:
-        log.warning("%s could not evaluate round %d: %s", name, server_round, exc)
+        loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)
+        predictions = Predictions(config.task, loss, true_ids, pred_ids, list(config.labels or []))
+        metrics = site.release_evaluation(config, run_id, server_round, predictions)
+        if site.releases_exact_metrics:
+            metrics["unknown-rate"] = share
+    except Exception as exc:  # whatever it was, only a code leaves
+        _log_refusal(name, "evaluate", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "evaluate", exc)
         return _refusal(msg, name, exc)
-    metrics["num-examples"] = metrics.pop("num_examples")
     content = RecordDict(
         {
             wire.METRICS: MetricRecord({key: float(value) for key, value in metrics.items()}),
@@ -307,10 +353,34 @@ def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData
     return HospitalData(name, train, val, str(path))
 
 
-def _refusal(msg: Message, name: str, exc: FedwardError) -> Message:
+def _round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
+    """Run spec, round and run id of a request; a spec that does not validate is None."""
+    record = msg.content[wire.CONFIG]
+    try:
+        return wire.read_round_config(record)
+    except (FedwardError, KeyError, ValueError, TypeError):
+        values = dict(record)
+        try:
+            server_round = int(values.get(wire.ROUND_KEY, 0))
+        except (TypeError, ValueError):
+            server_round = 0
+        return None, server_round, str(values.get(wire.RUN_KEY, ""))
+
+
+def _log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
+    """The full story, for this hospital's log only."""
+    if isinstance(exc, FedwardError):
+        log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
+    else:
+        log.exception("%s: unexpected error in %s of round %d", name, stage, server_round)
+
+
+def _refusal(msg: Message, name: str, exc: Exception) -> Message:
+    """A refusal reply: the error's reason code and numbers, never its text."""
+    reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
     content = RecordDict(
         {
-            wire.REFUSAL: ConfigRecord({"kind": type(exc).__name__, "reason": str(exc)}),
+            wire.REFUSAL: ConfigRecord(reason.to_record()),
             wire.INFO: ConfigRecord({"hospital": name}),
         }
     )

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from fedward.client import deploy
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.common.config import DataSchema
 from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ def start(
     name: Annotated[
         str | None, typer.Option(help="Name shown to the coordinator [default: the key's name].")
     ] = None,
+    dataset_id: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset-id",
+            help="Name of this data set's privacy ledger; keep it when records change, the "
+            "budget continues [default: the hospital's name].",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     audit_log: Annotated[
         Path | None, typer.Option(help="This hospital's audit log [default: <ledger>/audit.jsonl].")
@@ -62,6 +71,15 @@ def start(
         float | None,
         typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
     ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Column of the data file holding the note text.")
+    ] = "text",
+    label_column: Annotated[
+        str, typer.Option(help="Column of the data file holding the label.")
+    ] = "label",
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the records kept for validation.")
+    ] = 0.2,
 ) -> None:
     """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
 
@@ -77,11 +95,20 @@ def start(
         ca=ca,
         key=key,
         name=name or (key.stem if key is not None else "hospital"),
+        dataset_id=dataset_id,
         device=device,
         audit_log=audit_log,
         runtime_port=runtime_port,
         insecure=insecure,
         max_wait_time=max_wait_time,
+        schema=DataSchema.build(
+            {
+                "text_column": text_column,
+                "label_column": label_column,
+                "val_fraction": val_fraction,
+            },
+            source="fedward client start",
+        ),
     )
     command = deploy.prepare_supernode(settings)
     if insecure:
@@ -92,8 +119,8 @@ def start(
         log.warning(warning)
         error_console.print(f"[bold red]WARNING: {warning}[/]", highlight=False)
     console.print(
-        f"fedward client: hospital {settings.name} -> {server}; data {data}; policy {policy}; "
-        f"ledger {ledger}"
+        f"fedward client: hospital {settings.name} -> {server}; data {data} (data set "
+        f"{settings.dataset_id or settings.name}); policy {policy}; ledger {ledger}"
     )
     raise typer.Exit(deploy.run_supernode(command, settings))
 
@@ -101,36 +128,38 @@ def start(
 @client_app.command("ledger")
 def ledger_command(
     ledger: LedgerOption = Path("fedward-ledger"),
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Show only this data set's ledger.")
+    dataset_id: Annotated[
+        str | None,
+        typer.Option("--dataset-id", help="Show only this data set's ledger (its data-set id)."),
     ] = None,
     policy: Annotated[
         Path | None, typer.Option("--policy", help="Show totals at the policy's delta and budget.")
     ] = None,
 ) -> None:
-    """Print the privacy ledger: every DP round each local data set took part in."""
-    from fedward.client.ledger import (  # imports opacus: only here
-        PrivacyLedger,
-        dataset_fingerprint,
-    )
+    """Print the privacy ledger: every DP round each local data set took part in.
+
+    A round marked "reserved" was planned but never confirmed or released: in progress now, or
+    its process died. It counts as spent (the ledger never under-counts).
+    """
+    from fedward.client.ledger import RESERVED, PrivacyLedger  # imports opacus: only here
 
     site_policy = SitePolicy.load(policy) if policy is not None else None
-    if data is not None:
-        path = ledger / f"{dataset_fingerprint(data)}.json"
-        ledgers = [PrivacyLedger.load(path)] if path.is_file() else []
+    if dataset_id is not None:
+        ledgers = [PrivacyLedger.open(ledger, dataset_id)]
+        ledgers = [item for item in ledgers if item.path.is_file()]
     elif ledger.is_dir():
         ledgers = PrivacyLedger.all_in(ledger)
     else:
         raise DataError(f"{ledger}: ledger folder not found; check --ledger")
     if not ledgers:
-        console.print(f"{ledger}: no privacy spent yet" + (f" on {data}" if data else ""))
+        console.print(
+            f"{ledger}: no privacy spent yet" + (f" on {dataset_id}" if dataset_id else "")
+        )
         return
     delta = site_policy.max_delta if site_policy is not None else None
     for item in ledgers:
         rows = item.describe(delta)
-        title = f"data set {item.dataset[:12]}" + (
-            f" ({item.description})" if item.description else ""
-        )
+        title = f"data set {item.dataset}" + (f" ({item.description})" if item.description else "")
         table = Table(title=title, header_style="bold")
         for column in (
             "run",
@@ -141,9 +170,12 @@ def ledger_command(
             "δ",
             "ε round",
             "ε total",
+            "status",
+            "data sha256",
             "recorded",
         ):
-            table.add_column(column, justify="left" if column in ("run", "recorded") else "right")
+            left = column in ("run", "status", "data sha256", "recorded")
+            table.add_column(column, justify="left" if left else "right")
         for row in rows:
             table.add_row(
                 row.run_id[:12],
@@ -154,11 +186,19 @@ def ledger_command(
                 f"{row.delta:g}",
                 f"{row.epsilon_round:.3f}",
                 f"{row.epsilon_total:.3f}",
+                "[bold yellow]reserved[/]" if row.status == RESERVED else row.status,
+                (row.data_sha256 or "")[:12],
                 row.recorded_at,
             )
         console.print(table)
         spent = rows[-1].epsilon_total if rows else 0.0
         line = f"spent: epsilon {spent:.3f} over {len(rows)} rounds"
+        reserved = len(item.reservations())
+        if reserved:
+            line += (
+                f", of which {reserved} reserved (in progress, or left by a process that died: "
+                "counted as spent)"
+            )
         if site_policy is not None:
             line += (
                 f" of the site budget {site_policy.max_epsilon:g} (delta {site_policy.max_delta:g})"

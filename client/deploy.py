@@ -24,10 +24,12 @@ import logging
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedward.client.ledger import IDENTIFIER
 from fedward.client.policy import SitePolicy
+from fedward.common.config import DataSchema
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.programs import flower_env, flower_program
 
@@ -41,6 +43,7 @@ DATA_KEY = "data-path"
 POLICY_KEY = "policy"
 LEDGER_KEY = "ledger"
 AUDIT_KEY = "audit-log"
+DATASET_KEY = "dataset-id"
 DEVICE_KEY = "device"
 NAME_KEY = "hospital-name"
 
@@ -58,11 +61,15 @@ class HospitalSettings:
         ca: The federation's CA certificate (`ca.crt` from the coordinator).
         key: This hospital's SuperNode private key (`fedward keys node`).
         name: The name this hospital reports in round tables and audit logs.
+        dataset_id: The name of this data set's privacy ledger (`<ledger>/<dataset_id>.json`);
+            None: `name`. Keep it when records are added or corrected: the budget continues.
         device: auto, cpu or cuda.
         audit_log: The hospital's audit log (default `<ledger>/audit.jsonl`).
         runtime_port: Local port of the SuperNode's Runtime API (one per SuperNode on a host).
         insecure: Plain HTTP without node authentication (testing only).
         max_wait_time: Give up reconnecting after this many seconds (None: never).
+        schema: How to read the data file (text and label columns, validation share): the
+            hospital's own, never the run's.
     """
 
     server: str
@@ -72,11 +79,13 @@ class HospitalSettings:
     ca: Path | None = None
     key: Path | None = None
     name: str = "hospital"
+    dataset_id: str | None = None
     device: str = "auto"
     audit_log: Path | None = None
     runtime_port: int = DEFAULT_RUNTIME_PORT
     insecure: bool = False
     max_wait_time: float | None = None
+    schema: DataSchema = field(default_factory=DataSchema)
 
 
 def check_settings(settings: HospitalSettings) -> SitePolicy:
@@ -86,6 +95,13 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
     if not settings.data.exists():
         raise DataError(f"{settings.data}: data file not found; check --data")
     policy = SitePolicy.load(settings.policy)
+    dataset_id = settings.dataset_id or settings.name
+    if not IDENTIFIER.fullmatch(dataset_id):
+        option = "--dataset-id" if settings.dataset_id else "--name (the default data-set id)"
+        raise ConfigError(
+            f"{option} {dataset_id!r}: a data-set id is 1 to 64 letters, digits, '_' or '-', "
+            "starting with a letter or digit; pass --dataset-id NAME"
+        )
     if settings.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {settings.device!r}: use auto, cpu or cuda")
     if not 0 < settings.runtime_port < 65536:
@@ -108,7 +124,7 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
     return policy
 
 
-def node_config(settings: HospitalSettings) -> dict[str, str]:
+def node_config(settings: HospitalSettings) -> dict[str, str | float]:
     """The SuperNode's node config: what the deployed ClientApp reads (absolute paths)."""
     ledger = settings.ledger.resolve()
     audit = (settings.audit_log or ledger / "audit.jsonl").resolve()
@@ -118,11 +134,13 @@ def node_config(settings: HospitalSettings) -> dict[str, str]:
         LEDGER_KEY: str(ledger),
         AUDIT_KEY: str(audit),
         NAME_KEY: settings.name,
+        DATASET_KEY: settings.dataset_id or settings.name,
         DEVICE_KEY: settings.device,
+        **{key.replace("_", "-"): value for key, value in settings.schema.model_dump().items()},
     }
 
 
-def node_config_toml(values: dict[str, str]) -> str:
+def node_config_toml(values: dict[str, str | float]) -> str:
     """The node config as TOML (`flower-supernode --node-config FILE.toml` reads it)."""
     lines = ["# Written by `fedward client start`; read by the deployed fedward ClientApp."]
     lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]

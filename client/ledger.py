@@ -6,15 +6,28 @@ Opacus RDP accountant (noise multiplier, sample rate, steps) for every round of 
 that a new run, a resumed run and a new process all continue the same composition. The
 arithmetic is `client.privacy`'s, the same the trainer calibrates its noise with.
 
-One JSON file per data set, `<ledger folder>/<fingerprint>.json`, where the fingerprint is the
-SHA-256 of the data file bytes (`dataset_fingerprint`). Writes are atomic (`common.atomic`) and
-serialised with a lock file (`common.locking`), so a crash or a second process never loses a
-recorded round.
+One JSON file per data set, `<ledger folder>/<dataset id>.json`. The data-set id is a name the
+hospital chooses (`fedward client start --dataset-id`, default the hospital's name), not the
+hash of the data file: a coordinator cannot make a data set look new, and a hospital that adds or
+corrects records keeps spending the same budget. The data file's SHA-256 at the time of each
+round is kept in that round's entry, for the audit.
 
-A note on keys: if the records of a data set change (records added or removed), its fingerprint
-changes and a fresh ledger starts. The records it shares with the old version have then been
-used under two budgets. A hospital that grows its data set should keep the same ledger key by
-passing its own stable name as the fingerprint (`PrivacyLedger.open(folder, "icu-notes")`).
+Threats this module guards against (a dishonest coordinator, or two runs sharing a data set):
+- *Reset*: the key does not follow the file's bytes, so appending a record starts nothing new.
+  A ledger written by an older fedward (`<sha256 of the data>.json`) is carried over into the
+  named ledger the first time that data set is opened by name (`migrate_hash_ledger`).
+- *Race*: checking the budget and recording a round happen under one exclusive lock across
+  processes (`common.locking`). `reserve` checks and writes the planned round as a reservation
+  before the first DP step, so a concurrent request already sees it; `confirm` turns it into a
+  spent round after training, `release` drops it when training failed and nothing left. A
+  process that dies in between leaves the reservation, and a reservation counts as spent: the
+  ledger fails safe, never under-counts (`fedward client ledger` shows such rows as reserved).
+- *Replays and crafted rounds*: a (run, round) is reserved at most once; a round outside
+  1..rounds, or below a round this run already reserved, is refused (`PolicyError`).
+- *Paths*: run ids and data-set ids are checked against a strict pattern (`check_identifier`)
+  before they are used in any file name.
+
+Writes are atomic (`common.atomic`), so a crash never leaves half a ledger.
 """
 
 from __future__ import annotations
@@ -26,25 +39,56 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedward.client.privacy import DPPlan, HistoryEntry, compose_epsilon, projected_epsilon
 from fedward.common.atomic import write_json_atomic
 from fedward.common.digest import content_sha256
-from fedward.common.errors import DataError, PrivacyBudgetExceeded
+from fedward.common.errors import DataError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.locking import exclusive_lock
+from fedward.common.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "fedward-privacy-ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: keyed by the data hash, no reservations
 
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Identifiers used in file names: run ids from the coordinator, data-set ids from the hospital.
+#: Letters, digits, '_' and '-', starting with a letter or digit, at most 64: no '.', no '/',
+#: no NUL, nothing a file system reads as a path.
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_OLD_KEY = re.compile(r"[0-9a-f]{64}")  # the file name of a version-1 (hash-keyed) ledger
+
+SPENT = "spent"
+RESERVED = "reserved"
+
+
+def check_identifier(value: object, what: str) -> str:
+    """`value` if it is a safe identifier (`IDENTIFIER`); else `PolicyError` naming `what`.
+
+    The message quotes at most a short, printable prefix of the value: it may come from the
+    coordinator and goes back to it.
+    """
+    text = value if isinstance(value, str) else None
+    if text is None or not IDENTIFIER.fullmatch(text):
+        shown = repr(text[:24]) if text is not None and text[:24].isprintable() else "(hidden)"
+        raise PolicyError(
+            f"{what} {shown} is not a plain identifier: use 1 to 64 letters, digits, '_' or '-', "
+            "starting with a letter or digit; refused before any file was touched",
+            reason=Reason("identifier.invalid"),
+        )
+    return text
 
 
 class LedgerEntry(BaseModel):
-    """One round of DP training on the data set, as recorded after the round was trained."""
+    """One round of DP training on the data set: reserved before its first step, spent after.
+
+    A `reserved` entry counts exactly like a spent one: it is either a round in progress or one
+    whose process died before it could confirm or release it (fail safe).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,6 +101,12 @@ class LedgerEntry(BaseModel):
     epsilon_round: float = Field(..., ge=0, description="This round alone, at `delta`.")
     epsilon_total: float = Field(..., ge=0, description="All rounds so far, at `delta`.")
     recorded_at: str
+    status: Literal["spent", "reserved"] = Field(
+        SPENT, description="reserved: planned before the first step, not yet confirmed."
+    )
+    data_sha256: str | None = Field(
+        None, description="SHA-256 of the data file when the round was reserved (audit only)."
+    )
 
 
 class _LedgerFile(BaseModel):
@@ -67,6 +117,7 @@ class _LedgerFile(BaseModel):
     dataset: str
     description: str | None = None
     accountant: str = "rdp"
+    migrated_from: list[str] = Field(default_factory=list)
     entries: list[LedgerEntry]
 
 
@@ -83,13 +134,16 @@ class LedgerRow:
     epsilon_round: float
     epsilon_total: float
     recorded_at: str
+    status: str = SPENT
+    data_sha256: str | None = None
 
 
 def dataset_fingerprint(path: str | Path) -> str:
     """SHA-256 (hex) of a data set's bytes: the file, or every file of a folder in sorted order.
 
     For a folder each file contributes its relative path, its size and its bytes, so renaming,
-    moving or editing any file changes the fingerprint (`common.digest.content_sha256`). Raises
+    moving or editing any file changes the fingerprint (`common.digest.content_sha256`). It is
+    recorded with each ledger entry (and was the ledger key before version 2). Raises
     `DataError` when the path is missing or the folder holds no file.
     """
     try:
@@ -103,8 +157,10 @@ def dataset_fingerprint(path: str | Path) -> str:
 class PrivacyLedger:
     """The DP history of one local data set, persisted as one JSON file.
 
-    Use `PrivacyLedger.open(folder, fingerprint)`; nothing is written until the first `record`.
-    Before a round: `check_budget(...)`. After the round trained: `record(...)`.
+    Use `PrivacyLedger.open(folder, dataset_id)`; nothing is written until the first change.
+    A training request: `reserve(...)` before the first step (checks the round and the budget
+    and writes a reservation, atomically under the lock), then `confirm(...)` once trained or
+    `release(...)` if it failed before anything left.
     """
 
     def __init__(
@@ -113,40 +169,35 @@ class PrivacyLedger:
         dataset: str,
         entries: list[LedgerEntry] | None = None,
         description: str | None = None,
+        migrated_from: list[str] | None = None,
     ) -> None:
         self.path = path
         self.dataset = dataset
         self.entries: list[LedgerEntry] = list(entries or [])
         self.description = description
+        self.migrated_from: list[str] = list(migrated_from or [])
 
     # --- opening -------------------------------------------------------------------------------
 
     @classmethod
     def open(
-        cls, folder: str | Path, fingerprint: str, description: str | None = None
+        cls, folder: str | Path, dataset_id: str, description: str | None = None
     ) -> PrivacyLedger:
-        """The ledger of data set `fingerprint` in `folder` (empty if none was recorded yet).
+        """The ledger of data set `dataset_id` in `folder` (empty if none was recorded yet).
 
         `description` (e.g. the data path) is shown by `describe`; it stays on this machine.
         """
-        if not _KEY.match(fingerprint):
-            raise DataError(
-                f"ledger key {fingerprint!r}: use letters, digits, '.', '_' or '-' "
-                "(at most 128), e.g. the output of dataset_fingerprint"
-            )
-        folder = Path(folder)
-        path = folder / f"{fingerprint}.json"
+        try:
+            check_identifier(dataset_id, "ledger key (data-set id)")
+        except PolicyError as exc:
+            raise DataError(str(exc)) from None
+        path = Path(folder) / f"{dataset_id}.json"
         if path.exists():
             ledger = cls.load(path)
             if description and ledger.description is None:
                 ledger.description = description
             return ledger
-        return cls(path, fingerprint, description=description)
-
-    @classmethod
-    def for_dataset(cls, folder: str | Path, data_path: str | Path) -> PrivacyLedger:
-        """Open the ledger of the data set at `data_path`, keyed by its content fingerprint."""
-        return cls.open(folder, dataset_fingerprint(data_path), description=str(data_path))
+        return cls(path, dataset_id, description=description)
 
     @classmethod
     def load(cls, path: str | Path) -> PrivacyLedger:
@@ -174,27 +225,64 @@ class PrivacyLedger:
             raise DataError(
                 f"{path}: privacy ledger is malformed at '{where}' ({first['msg']}); {advice}"
             ) from None
-        if parsed.format != LEDGER_FORMAT or parsed.version != LEDGER_VERSION:
+        if parsed.format != LEDGER_FORMAT or parsed.version not in _READABLE_VERSIONS:
             raise DataError(
                 f"{path}: not a fedward privacy ledger version {LEDGER_VERSION} "
                 f"(format {parsed.format!r}, version {parsed.version}); {advice}"
             )
-        return cls(path, parsed.dataset, parsed.entries, parsed.description)
+        entries = parsed.entries
+        if parsed.version == 1:  # keyed by the data hash: that hash is each entry's data_sha256
+            entries = [e.model_copy(update={"data_sha256": parsed.dataset}) for e in entries]
+        return cls(path, parsed.dataset, entries, parsed.description, parsed.migrated_from)
 
     @classmethod
     def all_in(cls, folder: str | Path) -> list[PrivacyLedger]:
         """Every ledger in `folder`, sorted by file name (for `fedward client ledger`)."""
         return [cls.load(path) for path in sorted(Path(folder).glob("*.json"))]
 
+    def migrate_hash_ledger(self, data_sha256: str) -> int:
+        """Carry over the entries of a version-1 ledger of this data (`<data_sha256>.json`).
+
+        Older fedward keyed ledgers by the data file's hash. If such a file exists for the
+        current data, its rounds are spent budget of this data set: they are added here (a
+        (run, round) already present is not added twice), and the old file is renamed to
+        `<hash>.json.migrated` so it is neither listed nor carried over again. Returns the
+        number of entries carried over.
+        """
+        if not _OLD_KEY.fullmatch(data_sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {data_sha256!r}")
+        old_path = self.path.with_name(f"{data_sha256}.json")
+        if old_path == self.path or not old_path.exists():
+            return 0
+        with self._locked():
+            if not old_path.exists():  # another process migrated it meanwhile
+                return 0
+            old = PrivacyLedger.load(old_path)
+            present = {(e.run_id, e.round) for e in self.entries}
+            carried = [e for e in old.entries if (e.run_id, e.round) not in present]
+            self.migrated_from.append(data_sha256)
+            self._write_entries(_with_totals([*carried, *self.entries]))
+            old_path.replace(old_path.with_name(old_path.name + ".migrated"))
+        logger.warning(
+            "ledger %s: carried over %d rounds from the hash-keyed ledger %s",
+            self.dataset,
+            len(carried),
+            old_path.name,
+        )
+        return len(carried)
+
     # --- arithmetic ----------------------------------------------------------------------------
 
     @property
     def history(self) -> list[HistoryEntry]:
-        """The accountant history of every recorded round, oldest first."""
+        """The accountant history of every recorded round (reserved ones too), oldest first."""
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
 
     def epsilon_spent(self, delta: float) -> float:
-        """Epsilon this data set has spent over every recorded round, at `delta`."""
+        """Epsilon this data set has spent over every recorded round, at `delta`.
+
+        Reservations count as spent (a round in progress, or one a crash left unconfirmed).
+        """
         return compose_epsilon(self.history, delta)
 
     def projected_epsilon(
@@ -213,20 +301,155 @@ class PrivacyLedger:
     ) -> float:
         """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `max_epsilon`.
 
-        Call before any training step. Returns the projected epsilon when the round fits.
+        Looks at this object's entries only; `reserve` runs the same check under the lock on
+        what is on disk. Returns the projected epsilon when the round fits.
         """
         projected = self.projected_epsilon(delta, noise_multiplier, sample_rate, steps)
         if projected > max_epsilon:
             spent = self.epsilon_spent(delta)
+            reserved = len(self.reservations())
+            pending = f" (including {reserved} reserved rounds)" if reserved else ""
             raise PrivacyBudgetExceeded(
-                f"data set {self._name()}: privacy budget would be exceeded: spent epsilon "
-                f"{spent:.3f}, after this round {projected:.3f}, site limit {max_epsilon:g} "
-                f"(delta {delta:g}); no step was taken. Training on this data set must stop, "
-                "or the data owner must raise max_epsilon in the site policy"
+                f"data set {self.dataset}: privacy budget would be exceeded: spent epsilon "
+                f"{spent:.3f}{pending}, after this round {projected:.3f}, site limit "
+                f"{max_epsilon:g} (delta {delta:g}); no step was taken. Training on this data "
+                "set must stop, or the data owner must raise max_epsilon in the site policy"
             )
         return projected
 
+    def check_round(self, run_id: str, round: int, rounds: int) -> None:
+        """Refuse (`PolicyError`) a round outside 1..`rounds` or below one this run reserved.
+
+        A round equal to one already recorded is the caller's to handle (a replay, or a
+        refusal in `reserve`).
+        """
+        if not 1 <= round <= rounds:
+            raise PolicyError(
+                f"round {round} is outside the run's rounds 1..{rounds}; refused, nothing spent",
+                reason=Reason("round.out_of_range", {"round": round, "rounds": rounds}),
+            )
+        later = [e.round for e in self.entries if e.run_id == run_id and e.round > round]
+        if later:
+            raise PolicyError(
+                f"round {round} of run {run_id} comes after round {max(later)} of the same run "
+                "on this data set: rounds never go backwards; refused, nothing spent",
+                reason=Reason("round.backwards", {"round": round}),
+            )
+
     # --- recording -----------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        run_id: str,
+        round: int,
+        rounds: int,
+        plan: DPPlan,
+        delta: float,
+        max_epsilon: float,
+        data_sha256: str | None = None,
+        budget_delta: float | None = None,
+    ) -> LedgerEntry:
+        """Check the round and the budget and write this round as reserved, in one locked step.
+
+        Call before the first DP step. The ledger is re-read under the lock, so a concurrent
+        request's reservation is counted. The entry is recorded at `delta` (the run's); the
+        budget is checked at `budget_delta` (the site's max_delta; default `delta`). Raises
+        `PolicyError` (a crafted or repeated round) or `PrivacyBudgetExceeded` and then writes
+        nothing.
+        """
+        run_id = check_identifier(run_id, "run id")
+        with self._locked():
+            self._reload()
+            self.check_round(run_id, round, rounds)
+            if any(e.run_id == run_id and e.round == round for e in self.entries):
+                raise PolicyError(
+                    f"round {round} of run {run_id} is already recorded on this data set "
+                    "(trained, in progress, or interrupted); a round is trained at most once",
+                    reason=Reason("round.repeated", {"round": round}),
+                )
+            self.check_budget(
+                max_epsilon,
+                delta if budget_delta is None else budget_delta,
+                plan.noise_multiplier,
+                plan.sample_rate,
+                plan.steps,
+            )
+            entry = self._entry(run_id, round, plan, delta, RESERVED, data_sha256, self.history)
+            self._write_entries([*self.entries, entry])
+        logger.info(
+            "ledger %s: reserved run %s round %d, epsilon %.3f with it",
+            self.dataset,
+            run_id,
+            round,
+            entry.epsilon_total,
+        )
+        return entry
+
+    def confirm(
+        self,
+        run_id: str,
+        round: int,
+        plan: DPPlan,
+        delta: float,
+        data_sha256: str | None = None,
+    ) -> LedgerEntry:
+        """Turn the reservation of (run, round) into a spent round, with the plan trained.
+
+        Without a reservation (it was released by another process, say) the round is added as
+        spent: a trained round is always counted.
+        """
+        with self._locked():
+            self._reload()
+            index = next(
+                (i for i, e in enumerate(self.entries) if (e.run_id, e.round) == (run_id, round)),
+                None,
+            )
+            if index is not None and self.entries[index].status == SPENT:
+                return self.entries[index]
+            others = [e for i, e in enumerate(self.entries) if i != index]
+            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, [])
+            if index is None:
+                logger.warning(
+                    "ledger %s: run %s round %d had no reservation; recorded as spent",
+                    self.dataset,
+                    run_id,
+                    round,
+                )
+                entries = [*others, entry]
+            else:
+                entries = [*self.entries[:index], entry, *self.entries[index + 1 :]]
+            entries = _with_totals(entries)
+            self._write_entries(entries)
+        confirmed = next(e for e in self.entries if (e.run_id, e.round) == (run_id, round))
+        logger.info(
+            "ledger %s: recorded run %s round %d, epsilon spent %.3f (delta %g)",
+            self.dataset,
+            run_id,
+            round,
+            confirmed.epsilon_total,
+            delta,
+        )
+        return confirmed
+
+    def release(self, run_id: str, round: int) -> bool:
+        """Drop the reservation of (run, round): its training failed and nothing left.
+
+        A spent round is never dropped. Returns whether a reservation was removed.
+        """
+        with self._locked():
+            self._reload()
+            kept = [
+                e
+                for e in self.entries
+                if not ((e.run_id, e.round) == (run_id, round) and e.status == RESERVED)
+            ]
+            if len(kept) == len(self.entries):
+                return False
+            self._write_entries(_with_totals(kept))
+        logger.info(
+            "ledger %s: released the reservation of run %s round %d", self.dataset, run_id, round
+        )
+        return True
 
     def record(
         self,
@@ -236,48 +459,32 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         delta: float,
+        data_sha256: str | None = None,
     ) -> LedgerEntry:
-        """Add one trained round and write the file atomically; returns the entry.
+        """Add one spent round directly (no reservation) and write the file atomically.
 
-        Idempotent per `(run_id, round)`: recording a round that is already in the ledger
-        changes nothing and returns the stored entry, so a resumed run never counts a round
-        twice. (This assumes a round's update is released at most once; a round whose
-        aggregate was released and is then trained again must be recorded under a new key.)
-        The file is re-read under a lock first, so rounds recorded by another process survive.
+        Idempotent per `(run_id, round)`: a round already in the ledger changes nothing and
+        the stored entry is returned. The file is re-read under the lock first, so rounds
+        recorded by another process survive. A training request uses `reserve`/`confirm`.
         """
         run_id = str(run_id)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.path.with_name(self.path.name + ".lock")):
-            if self.path.exists():
-                on_disk = PrivacyLedger.load(self.path)
-                self.entries = on_disk.entries
-                self.description = self.description or on_disk.description
+        with self._locked():
+            self._reload()
             for entry in self.entries:
                 if entry.run_id == run_id and entry.round == round:
                     logger.info(
                         "ledger %s: run %s round %d already recorded; not counted again",
-                        self._name(),
+                        self.dataset,
                         run_id,
                         round,
                     )
                     return entry
-            step: HistoryEntry = (noise_multiplier, sample_rate, steps)
-            entry = LedgerEntry(
-                run_id=run_id,
-                round=round,
-                noise_multiplier=noise_multiplier,
-                sample_rate=sample_rate,
-                steps=steps,
-                delta=delta,
-                epsilon_round=_finite(compose_epsilon([step], delta)),
-                epsilon_total=_finite(compose_epsilon([*self.history, step], delta)),
-                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
-            self._write([*self.entries, entry])
-            self.entries.append(entry)
+            plan = DPPlan(noise_multiplier, sample_rate, steps)
+            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, self.history)
+            self._write_entries([*self.entries, entry])
         logger.info(
             "ledger %s: recorded run %s round %d, epsilon spent %.3f (delta %g)",
-            self._name(),
+            self.dataset,
             run_id,
             round,
             entry.epsilon_total,
@@ -286,8 +493,15 @@ class PrivacyLedger:
         return entry
 
     def rounds_recorded(self, run_id: str) -> list[int]:
-        """The rounds of `run_id` already in the ledger, ascending."""
-        return sorted(e.round for e in self.entries if e.run_id == str(run_id))
+        """The rounds of `run_id` trained and confirmed (spent), ascending; see `reservations`
+        for rounds reserved and not (yet) confirmed."""
+        return sorted(
+            e.round for e in self.entries if e.run_id == str(run_id) and e.status == SPENT
+        )
+
+    def reservations(self) -> list[LedgerEntry]:
+        """Rounds reserved and never confirmed or released: in progress, or left by a crash."""
+        return [e for e in self.entries if e.status == RESERVED]
 
     def describe(self, delta: float | None = None) -> list[LedgerRow]:
         """One row per recorded round with the running epsilon total.
@@ -313,26 +527,75 @@ class PrivacyLedger:
                     epsilon_round=epsilon_round,
                     epsilon_total=epsilon_total,
                     recorded_at=entry.recorded_at,
+                    status=entry.status,
+                    data_sha256=entry.data_sha256,
                 )
             )
         return rows
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _name(self) -> str:
-        short = self.dataset[:12]
-        return f"{short} ({self.description})" if self.description else short
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return exclusive_lock(self.path.with_name(self.path.name + ".lock"))
 
-    def _write(self, entries: list[LedgerEntry]) -> None:
+    def _reload(self) -> None:
+        """Re-read the file (call under the lock): other processes may have written it."""
+        if self.path.exists():
+            on_disk = PrivacyLedger.load(self.path)
+            self.entries = on_disk.entries
+            self.description = self.description or on_disk.description
+            self.migrated_from = on_disk.migrated_from or self.migrated_from
+
+    @staticmethod
+    def _entry(
+        run_id: str,
+        round: int,
+        plan: DPPlan,
+        delta: float,
+        status: str,
+        data_sha256: str | None,
+        before: list[HistoryEntry],
+    ) -> LedgerEntry:
+        step: HistoryEntry = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+        return LedgerEntry(
+            run_id=run_id,
+            round=round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=delta,
+            epsilon_round=_finite(compose_epsilon([step], delta)),
+            epsilon_total=_finite(compose_epsilon([*before, step], delta)),
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            status=status,
+            data_sha256=data_sha256,
+        )
+
+    def _write_entries(self, entries: list[LedgerEntry]) -> None:
+        """Write `entries` atomically (under the lock), then adopt them."""
         document = {
             "format": LEDGER_FORMAT,
             "version": LEDGER_VERSION,
             "dataset": self.dataset,
             "description": self.description,
             "accountant": "rdp",
+            "migrated_from": self.migrated_from,
             "entries": [entry.model_dump() for entry in entries],
         }
         write_json_atomic(self.path, document)
+        self.entries = list(entries)
+
+
+def _with_totals(entries: list[LedgerEntry]) -> list[LedgerEntry]:
+    """`entries` with each running total recomputed (after one was added, changed or dropped)."""
+    history: list[HistoryEntry] = []
+    out = []
+    for entry in entries:
+        history.append((entry.noise_multiplier, entry.sample_rate, entry.steps))
+        total = _finite(compose_epsilon(history, entry.delta))
+        out.append(entry.model_copy(update={"epsilon_total": total}))
+    return out
 
 
 def _finite(value: float) -> float:

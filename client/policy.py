@@ -14,6 +14,9 @@ min_examples = 200
 require_secure_aggregation = true
 require_dp = true
 approved_run_configs = []                   # optional: pin exact run spec digests
+allow_evaluation = false                    # release DP-noised evaluation metrics
+evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
+evaluate_rounds = "trained"                 # or "final": only the run's last round
 min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds before training
 secagg_signing_key = "/srv/fedward/secagg-signing.pem"   # this hospital's Ed25519 key
 [secagg_roster]                             # hospitals whose SecAgg keys it accepts
@@ -23,8 +26,8 @@ hospital-b = "ed25519:9a47...0d"
 
 Keys may also sit under a `[policy]` table. `SitePolicy.check` is pure: it looks only at the run
 configuration and the base model's content hash, so a request is refused before any data is
-loaded. The reasons of a refusal travel back to the coordinator (round table, audit log); they
-name the rule and the values, never a path or anything about the records.
+loaded. A refusal travels back to the coordinator as a reason code with the broken rules' names
+and limits (common/reasons.py); the sentences below are for the hospital's own log.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedward.common.config import RunSpec, describe_invalid, read_toml
 from fedward.common.digest import content_sha256
 from fedward.common.errors import ConfigError, ModelError, PolicyError
+from fedward.common.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+#: Rules whose limit a refusal may state (the policy's own numbers, not the hospital's data).
+_LIMITS = ("max_epsilon", "max_delta", "max_rounds", "min_examples")
 
 
 class SitePolicy(BaseModel):
@@ -66,6 +73,12 @@ class SitePolicy(BaseModel):
         require_dp: Refuse runs without DP-SGD (default True).
         approved_run_configs: If set, only runs whose run spec digest (`RunSpec.digest()`,
             printed by `fedward run`) is listed.
+        allow_evaluation: Release evaluation metrics to the coordinator (default False). They
+            are always differentially private: noised counts, charged to the ledger.
+        evaluation_epsilon: Epsilon of one released evaluation (default 0.5, Gaussian
+            mechanism at max_delta), charged to the data set's lifetime budget.
+        evaluate_rounds: "trained" (default): the global adapter of a round this data set
+            trained in; "final": only the run's last round. Either way, at most once a round.
         min_secure_aggregation_hospitals: Fewest hospitals a secure round may have (default 3);
             a smaller round is refused before training.
         secagg_signing_key: Path of this hospital's long-term Ed25519 private key (PEM) that
@@ -97,6 +110,17 @@ class SitePolicy(BaseModel):
     approved_run_configs: list[str] | None = Field(
         None, description="If set, only runs whose run spec digest (RunSpec.digest()) is listed."
     )
+    allow_evaluation: bool = Field(
+        False, description="Release DP-noised evaluation metrics (charged to the ledger)."
+    )
+    evaluation_epsilon: float = Field(
+        0.5, gt=0, le=10, description="Epsilon charged for one released evaluation."
+    )
+    evaluate_rounds: Literal["trained", "final"] = Field(
+        "trained",
+        description="trained: rounds this data set trained in; final: the run's last round only.",
+    )
+
     min_secure_aggregation_hospitals: int = Field(
         3, ge=2, description="Fewest hospitals a secure-aggregation round may have."
     )
@@ -179,52 +203,88 @@ class SitePolicy(BaseModel):
 
     def violations(self, run_config: RunSpec, model_hash: str | None) -> list[str]:
         """Every rule the request breaks, as short human reasons; empty when it is acceptable."""
-        reasons: list[str] = []
+        return [message for _, message in self._broken(run_config, model_hash)]
+
+    def _broken(self, run_config: RunSpec, model_hash: str | None) -> list[tuple[str, str]]:
+        """(rule name, human reason) for every broken rule; the names may leave the hospital."""
+        broken: list[tuple[str, str]] = []
         if self.allowed_models is not None and run_config.model not in self.allowed_models:
-            reasons.append(
-                f"base model '{run_config.model}' is not allowed "
-                f"(allowed: {', '.join(self.allowed_models) or 'none'})"
+            broken.append(
+                (
+                    "allowed_models",
+                    f"base model '{run_config.model}' is not allowed "
+                    f"(allowed: {', '.join(self.allowed_models) or 'none'})",
+                )
             )
         if self.allowed_model_hashes is not None:
             if model_hash is None:
-                reasons.append(
-                    "the site policy pins model content hashes but the base model's hash "
-                    "could not be computed (the model must be a local folder)"
+                broken.append(
+                    (
+                        "allowed_model_hashes",
+                        "the site policy pins model content hashes but the base model's hash "
+                        "could not be computed (the model must be a local folder)",
+                    )
                 )
             elif model_hash.lower().removeprefix("sha256:") not in self.allowed_model_hashes:
-                reasons.append(
-                    f"base model content {model_hash[:12]}... is not an allowed model version"
+                broken.append(
+                    (
+                        "allowed_model_hashes",
+                        f"base model content {model_hash[:12]}... is not an allowed model version",
+                    )
                 )
         if run_config.task not in self.allowed_tasks:
-            reasons.append(
-                f"task '{run_config.task}' is not allowed "
-                f"(allowed: {', '.join(self.allowed_tasks)})"
+            broken.append(
+                (
+                    "allowed_tasks",
+                    f"task '{run_config.task}' is not allowed "
+                    f"(allowed: {', '.join(self.allowed_tasks)})",
+                )
             )
         if self.require_dp and not run_config.dp:
-            reasons.append("differential privacy is off but the site policy requires it")
+            broken.append(
+                ("require_dp", "differential privacy is off but the site policy requires it")
+            )
         if run_config.dp and run_config.epsilon > self.max_epsilon:
-            reasons.append(
-                f"run epsilon {run_config.epsilon:g} is above the site's lifetime budget "
-                f"max_epsilon {self.max_epsilon:g}"
+            broken.append(
+                (
+                    "max_epsilon",
+                    f"run epsilon {run_config.epsilon:g} is above the site's lifetime budget "
+                    f"max_epsilon {self.max_epsilon:g}",
+                )
             )
         if run_config.dp and run_config.delta > self.max_delta:
-            reasons.append(
-                f"run delta {run_config.delta:g} is above the site's max_delta {self.max_delta:g}"
+            broken.append(
+                (
+                    "max_delta",
+                    f"run delta {run_config.delta:g} is above the site's max_delta "
+                    f"{self.max_delta:g}",
+                )
             )
         if run_config.rounds > self.max_rounds:
-            reasons.append(
-                f"run asks for {run_config.rounds} rounds, the site allows at most "
-                f"{self.max_rounds}"
+            broken.append(
+                (
+                    "max_rounds",
+                    f"run asks for {run_config.rounds} rounds, the site allows at most "
+                    f"{self.max_rounds}",
+                )
             )
         if self.require_secure_aggregation and not run_config.secure_aggregation:
-            reasons.append("secure aggregation is off but the site policy requires it")
+            broken.append(
+                (
+                    "require_secure_aggregation",
+                    "secure aggregation is off but the site policy requires it",
+                )
+            )
         if self.approved_run_configs is not None:
             digest = run_config.digest()
             if digest not in self.approved_run_configs:
-                reasons.append(
-                    f"run configuration {digest[:12]}... is not on the site's approved list"
+                broken.append(
+                    (
+                        "approved_run_configs",
+                        f"run configuration {digest[:12]}... is not on the site's approved list",
+                    )
                 )
-        return reasons
+        return broken
 
     def check(
         self,
@@ -236,16 +296,24 @@ class SitePolicy(BaseModel):
 
         `num_examples`, when known, is checked too (see `check_examples`).
         """
-        reasons = self.violations(run_config, model_hash)
+        broken = self._broken(run_config, model_hash)
         if num_examples is not None and num_examples < self.min_examples:
-            reasons.append(self._too_few(num_examples))
-        if reasons:
-            raise PolicyError("site policy refuses the run: " + "; ".join(reasons))
+            broken.append(("min_examples", self._too_few(num_examples)))
+        if broken:
+            rules = sorted({rule for rule, _ in broken})
+            limits = {rule: getattr(self, rule) for rule in rules if rule in _LIMITS}
+            raise PolicyError(
+                "site policy refuses the run: " + "; ".join(message for _, message in broken),
+                reason=Reason("policy.rules", {"rules": ",".join(rules), **limits}),
+            )
 
     def check_examples(self, num_examples: int) -> None:
         """Raise `PolicyError` when the local training set is smaller than `min_examples`."""
         if num_examples < self.min_examples:
-            raise PolicyError("site policy refuses the run: " + self._too_few(num_examples))
+            raise PolicyError(
+                "site policy refuses the run: " + self._too_few(num_examples),
+                reason=Reason("policy.too_few_examples", {"min_examples": self.min_examples}),
+            )
 
     def _too_few(self, num_examples: int) -> str:
         return (

@@ -6,24 +6,36 @@ The deployed ClientApp (`client.app:app`) opens a `Site` from its node config, w
     data-path      the hospital's data file (CSV/JSONL, or CoNLL for NER)
     policy         the site policy TOML (read again for every request, so an edit applies at once)
     ledger         folder of the privacy ledgers (one file per data set) and released updates
+    dataset-id     the name of this data set's privacy ledger (default: the hospital's name)
     audit-log      the hospital's own hash-chained audit log (default: <ledger>/audit.jsonl)
     hospital-name  the name this hospital reports
     device         where this hospital trains (auto, cpu, cuda); overrides the run's choice
 
 A train request goes through three gates (`client.app.handle_train`):
 
-1. `admit`, before any record is read: the site policy judges the run config alone. If this
-   data set already released an update for this (run, round) -- a resumed run repeating the
-   round it was interrupted in -- the very same update is sent again ("replay"): nothing is
-   trained, so nothing more is spent, and the ledger keeps one entry for the round.
+1. `admit`, before any record is read: the run id from the coordinator must be a plain
+   identifier (it is used in file names), the round must lie in 1..rounds, and the site policy
+   judges the run config alone. If this data set already released an update for this (run,
+   round) -- a resumed run repeating the round it was interrupted in -- the very same update is
+   sent again ("replay"): nothing is trained, so nothing more is spent, and the ledger keeps one
+   entry for the round. Any other repeat, and a round below one this run already trained, is
+   refused.
 2. `check_budget`, after the data is loaded and before the first step: the policy's minimum
-   example count, and the ledger's lifetime budget including this round's planned DP steps.
-3. `record`, after training and before anything leaves: the ledger entry (written atomically),
-   the released update (kept for a replay), and an audit record.
+   example count, the secure-aggregation weight limit, then the ledger reserves this round's
+   planned DP steps if they fit the lifetime budget (one locked step, so two concurrent
+   requests cannot both pass).
+3. `record`, after training and before anything leaves: the reservation is confirmed as spent
+   (written atomically), the released update kept for a replay, and an audit record written.
 
-A refusal at any gate becomes a reasoned refusal reply (never a crash) and an audit record.
-Reasons sent to the coordinator name rules and numbers, never a local path: a broken policy or
-ledger file is described in this hospital's log only.
+A refusal at any gate becomes a refusal reply (never a crash) and an audit record; a refusal
+after gate 2 (training failed, nothing left) releases the reservation. A process that dies after
+gate 2 leaves the reservation in the ledger, where it counts as spent. What goes to the
+coordinator is the error's reason code with numbers (common/reasons.py), never its text: a path,
+a column or a record's value is described in this hospital's log and audit log only.
+
+An evaluate request is a release too (`admit_evaluation`, `release_evaluation`): refused unless
+the policy allows it, for a round this data set trained in (or the final one), once a round, and
+within the budget; its metrics are noised counts charged to the ledger (client/release.py).
 """
 
 from __future__ import annotations
@@ -36,9 +48,25 @@ from typing import Any
 
 import numpy as np
 
-from fedward.client.deploy import AUDIT_KEY, DATA_KEY, DEVICE_KEY, LEDGER_KEY, POLICY_KEY
-from fedward.client.ledger import PrivacyLedger
+from fedward.client.deploy import (
+    AUDIT_KEY,
+    DATA_KEY,
+    DATASET_KEY,
+    DEVICE_KEY,
+    LEDGER_KEY,
+    POLICY_KEY,
+)
+from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
 from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.privacy import calibrate_noise
+from fedward.client.release import (
+    Predictions,
+    counts,
+    exact_metrics,
+    metrics_from_counts,
+    noised,
+    sensitivity,
+)
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
@@ -54,6 +82,7 @@ from fedward.common.errors import (
     PrivacyBudgetExceeded,
 )
 from fedward.common.model import resolve_model_path
+from fedward.common.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +94,9 @@ RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
 _RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
+
+#: Ledger key suffix of a run's released evaluations (their rounds, apart from trained rounds).
+EVALUATION_KEY = "-evaluation"  # ledger rows of released evaluations: <run id>-evaluation
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,9 @@ class Release:
 class Site:
     """One hospital's policy, ledger and audit log, opened for one request."""
 
+    #: Metrics leave a deployed hospital only noised and charged (simulation: exact).
+    releases_exact_metrics = False
+
     def __init__(
         self,
         name: str,
@@ -93,6 +128,7 @@ class Site:
         audit_path: Path,
         device: str | None = None,
         schema: DataSchema | None = None,
+        dataset_id: str | None = None,
     ) -> None:
         self.name = name
         self.data_path = data_path
@@ -101,7 +137,11 @@ class Site:
         self.audit = AuditLog(audit_path)
         self.device = device
         self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
+        self.dataset_id = dataset_id or name  # the ledger's key; checked when it is opened
         self._ledger: PrivacyLedger | None = None
+        self._data_sha256: str | None = None
+        self._round: tuple[str, int, int] | None = None  # (run id, round, rounds) once admitted
+        self._reserved: tuple[str, int] | None = None  # a reservation to confirm or release
 
     @classmethod
     def open(cls, node_config: Mapping[str, Any], name: str) -> Site:
@@ -114,11 +154,15 @@ class Site:
         if missing:
             raise PolicyError(
                 f"hospital {name} is not set up for deployment (node config lacks "
-                f"{', '.join(missing)}); it must be started with `fedward client start`"
+                f"{', '.join(missing)}); it must be started with `fedward client start`",
+                reason=Reason("policy.not_configured"),
             )
         device = node_config.get(DEVICE_KEY) or None
         if device not in (None, "auto", "cpu", "cuda"):
-            raise PolicyError(f"hospital {name}: node config 'device' must be auto, cpu or cuda")
+            raise PolicyError(
+                f"hospital {name}: node config 'device' must be auto, cpu or cuda",
+                reason=Reason("policy.not_configured"),
+            )
         ledger_dir = Path(str(node_config[LEDGER_KEY]))
         audit_path = Path(str(node_config.get(AUDIT_KEY) or ledger_dir / "audit.jsonl"))
         try:
@@ -127,7 +171,8 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its site policy file cannot be used (details in the "
-                "hospital's log); every request is refused until it is fixed"
+                "hospital's log); every request is refused until it is fixed",
+                reason=Reason("policy.file_invalid"),
             ) from None
         try:
             schema = DataSchema.build(
@@ -138,10 +183,20 @@ class Site:
             log.error("%s: %s", name, exc)
             raise PolicyError(
                 f"hospital {name}: its data schema in the node config is invalid (details in "
-                "the hospital's log)"
+                "the hospital's log)",
+                reason=Reason("policy.schema_invalid"),
+            ) from None
+        dataset_id = str(node_config.get(DATASET_KEY) or name)
+        try:
+            check_identifier(dataset_id, "data-set id")
+        except PolicyError:
+            log.error("%s: node config 'dataset-id' %r is not a plain identifier", name, dataset_id)
+            raise PolicyError(
+                f"hospital {name}: its data-set id in the node config is invalid (details in "
+                "the hospital's log); every request is refused until it is fixed"
             ) from None
         data_path = Path(str(node_config[DATA_KEY]))
-        return cls(name, data_path, policy, ledger_dir, audit_path, device, schema)
+        return cls(name, data_path, policy, ledger_dir, audit_path, device, schema, dataset_id)
 
     # --- gate 1: before any data is read -----------------------------------------------------
 
@@ -160,10 +215,36 @@ class Site:
         global_arrays: dict[str, np.ndarray],
     ) -> tuple[RunConfig, TrainResult | None]:
         """Gate 1. Returns the config to train with, and the update to resend if this (run,
-        round) was already released by this data set (None: train)."""
+        round) was already released by this data set (None: train).
+
+        The run id and round come from the coordinator: both are checked before anything else
+        (the run id names files), and a crafted round is refused with nothing spent.
+        """
+        run_id = check_identifier(run_id, "run id")
+        if not 1 <= server_round <= spec.rounds:
+            raise PolicyError(
+                f"round {server_round} is outside the run's rounds 1..{spec.rounds}; refused, "
+                "nothing spent",
+                reason=Reason("round.out_of_range", {"round": server_round, "rounds": spec.rounds}),
+            )
         config = self.check_policy(spec)
-        if not config.dp or server_round not in self.ledger().rounds_recorded(run_id):
+        self._round = (run_id, server_round, spec.rounds)
+        if not config.dp:
             return config, None
+        ledger = self.ledger()
+        recorded = next(
+            (e for e in ledger.entries if e.run_id == run_id and e.round == server_round), None
+        )
+        if recorded is None:
+            ledger.check_round(run_id, server_round, spec.rounds)  # never backwards
+            return config, None
+        if recorded.status != "spent":
+            raise PolicyError(
+                f"round {server_round} of run {run_id} is reserved on this data set: it is being "
+                "trained by another request, or its process died (the reservation counts as "
+                "spent; `fedward client ledger` shows it). A round is trained at most once",
+                reason=Reason("round.repeated", {"round": server_round}),
+            )
         release = self._load_release(run_id)
         global_sha256 = wire.arrays_to_record(global_arrays).object_id
         if release is None or release.round != server_round:
@@ -185,11 +266,6 @@ class Site:
                 plan=release.plan,
                 history=self.run_history(run_id, server_round + 1),
             )
-            recorded = next(
-                e
-                for e in self.ledger().entries
-                if e.run_id == str(run_id) and e.round == server_round
-            )
             self._audit_release(
                 "replay", run_id, server_round, result, global_sha256, recorded.epsilon_total
             )
@@ -203,10 +279,19 @@ class Site:
     # --- gate 2: data loaded, no step taken ------------------------------------------------
 
     def ledger(self) -> PrivacyLedger:
-        """The privacy ledger of this hospital's data set (keyed by its content hash)."""
+        """The privacy ledger of this hospital's data set, keyed by its data-set id.
+
+        The data file's SHA-256 is taken now (it goes into each entry, for the audit); a
+        ledger an older fedward kept under that hash is carried over (`migrate_hash_ledger`).
+        """
         if self._ledger is None:
             try:
-                self._ledger = PrivacyLedger.for_dataset(self.ledger_dir, self.data_path)
+                ledger = PrivacyLedger.open(
+                    self.ledger_dir, self.dataset_id, description=str(self.data_path)
+                )
+                self._data_sha256 = dataset_fingerprint(self.data_path)
+                ledger.migrate_hash_ledger(self._data_sha256)
+                self._ledger = ledger
             except DataError as exc:
                 log.error("%s: %s", self.name, exc)
                 raise DataError(
@@ -229,18 +314,34 @@ class Site:
         ]
 
     def check_budget(self, config: RunConfig, num_train: int) -> None:
-        """Gate 2: enough examples, and this round fits the data set's lifetime budget."""
+        """Gate 2, before the first step: enough examples, a weight secure aggregation can
+        carry, and a reservation of this round's planned cost within the lifetime budget."""
         self.policy.check_examples(num_train)
+        if config.secure_aggregation and num_train > config.secagg_max_weight:
+            raise PolicyError(
+                f"hospital {self.name}: {num_train} training examples exceed the run's "
+                f"secagg_max_weight {config.secagg_max_weight}, the largest weight secure "
+                "aggregation can carry; refused before any step, nothing spent",
+                reason=Reason("secagg.weight_too_large", {"max_weight": config.secagg_max_weight}),
+            )
         if not config.dp:
             return
+        if self._round is None:
+            raise RuntimeError("Site.check_budget called before Site.admit")
+        run_id, server_round, rounds = self._round
         plan = plan_dp(config, num_train)  # its noise search is cached (client/privacy.py)
-        self.ledger().check_budget(
+        ledger = self.ledger()
+        ledger.reserve(
+            run_id,
+            server_round,
+            rounds,
+            plan,
+            config.delta,
             self.policy.max_epsilon,
-            self.policy.max_delta,
-            plan.noise_multiplier,
-            plan.sample_rate,
-            plan.steps,
+            data_sha256=self._data_sha256,
+            budget_delta=self.policy.max_delta,
         )
+        self._reserved = (run_id, server_round)
 
     # --- gate 3: trained, nothing sent yet -------------------------------------------------
 
@@ -256,20 +357,24 @@ class Site:
         global_sha256 = wire.arrays_to_record(global_arrays).object_id
         lifetime = None
         if result.plan is not None:
-            entry = self.ledger().record(
-                run_id,
-                server_round,
-                result.plan.noise_multiplier,
-                result.plan.sample_rate,
-                result.plan.steps,
-                config.delta,
+            entry = self.ledger().confirm(
+                str(run_id), server_round, result.plan, config.delta, self._data_sha256
             )
+            self._reserved = None
             lifetime = entry.epsilon_total
             self._save_release(run_id, server_round, result, global_sha256)
         self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
-        """Audit a refusal (the reason also goes back to the coordinator)."""
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
+        """Audit a refusal: the full text for the hospital's staff (only the code goes back). A
+        reservation this request made is released, since its update never left."""
+        if self._reserved is not None:
+            try:
+                self.ledger().release(*self._reserved)
+                self._reserved = None
+            except (OSError, DataError) as ledger_error:  # it then stays, counted as spent
+                log.error("%s: cannot release a ledger reservation: %s", self.name, ledger_error)
+        code = exc.reason.code if isinstance(exc, FedwardError) else "error.internal"
         try:
             self.audit.append(
                 "refusal",
@@ -278,10 +383,111 @@ class Site:
                 stage=stage,
                 hospital=self.name,
                 error=type(exc).__name__,
+                code=code,
                 reason=str(exc),
             )
         except (OSError, DataError) as audit_error:
             log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    # --- evaluation: an accounted release ---------------------------------------------------
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        """Before any record is read: refuse an evaluation the policy does not allow, one of a
+        round this data set did not train (or not the final one), a second one of a round, or
+        one the budget cannot pay for. Returns the config to evaluate with."""
+        config = self.check_policy(spec)
+        policy = self.policy
+
+        def refuse(code: str, why: str, **params) -> PolicyError:
+            return PolicyError(
+                f"hospital {self.name}: evaluation of run {run_id} round {server_round} "
+                f"refused: {why}",
+                reason=Reason(code, params),
+            )
+
+        if not policy.allow_evaluation:
+            raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
+        if not 1 <= server_round <= spec.rounds:
+            raise refuse(
+                "evaluation.round_out_of_range",
+                f"the run has rounds 1..{spec.rounds}",
+                round=server_round,
+                rounds=spec.rounds,
+            )
+        trained = self.ledger().rounds_recorded(run_id)
+        if policy.evaluate_rounds == "final" and server_round != spec.rounds:
+            raise refuse(
+                "evaluation.not_final", "only the final round is evaluated", rounds=spec.rounds
+            )
+        took_part = bool(trained) if policy.evaluate_rounds == "final" else server_round in trained
+        if not took_part:
+            raise refuse(
+                "evaluation.round_not_trained",
+                "this data set did not train in it",
+                round=server_round,
+            )
+        if server_round in self.ledger().rounds_recorded(run_id + EVALUATION_KEY):
+            raise refuse("evaluation.repeated", "already evaluated", round=server_round)
+        try:
+            self.ledger().check_budget(
+                policy.max_epsilon, policy.max_delta, self._evaluation_noise(), 1.0, 1
+            )
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.budget"),
+            ) from None
+        return config
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """Charge the ledger, then noise the counts: the metrics that may leave (Gaussian
+        mechanism at the policy's evaluation_epsilon and max_delta, client/release.py)."""
+        plan = DPPlan(self._evaluation_noise(), 1.0, 1)
+        key, ledger = run_id + EVALUATION_KEY, self.ledger()
+        try:  # check and charge in one locked step: two racing requests cannot both pass
+            ledger.reserve(
+                key,
+                server_round,
+                config.rounds,
+                plan,
+                self.policy.max_delta,
+                self.policy.max_epsilon,
+                self._data_sha256,
+            )
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.budget"),
+            ) from None
+        except PolicyError as exc:
+            raise PolicyError(
+                f"hospital {self.name}: evaluation refused: {exc}",
+                reason=Reason("evaluation.repeated", {"round": server_round}),
+            ) from None
+        entry = ledger.confirm(key, server_round, plan, self.policy.max_delta, self._data_sha256)
+        noise_multiplier = plan.noise_multiplier
+        std = noise_multiplier * sensitivity(predictions.task)
+        released = metrics_from_counts(
+            predictions.task,
+            noised(counts(predictions), std, np.random.default_rng()),
+            len(predictions.labels),
+        )
+        self.audit.append(
+            "evaluation",
+            run_id=str(run_id),
+            round=server_round,
+            hospital=self.name,
+            epsilon_evaluation=self.policy.evaluation_epsilon,
+            epsilon_lifetime=entry.epsilon_total,
+            exact=_finite_values(exact_metrics(predictions)),
+            released=_finite_values(released),
+        )
+        return released
+
+    def _evaluation_noise(self) -> float:
+        return calibrate_noise(self.policy.evaluation_epsilon, self.policy.max_delta, 1.0, 1)
 
     def secagg_identity(self) -> SecAggIdentity:
         """The signing key and roster pinned in this hospital's site policy."""
@@ -314,7 +520,8 @@ class Site:
             run_id=str(run_id),
             round=server_round,
             hospital=self.name,
-            dataset_sha256=self.ledger().dataset,
+            dataset=self.dataset_id,
+            dataset_sha256=self._data_sha256,
             global_sha256=global_sha256,
             update_sha256=wire.arrays_to_record(result.delta).object_id,
             num_examples=result.num_examples,
@@ -324,7 +531,8 @@ class Site:
         )
 
     def _release_path(self, run_id: str) -> Path:
-        return self.ledger_dir / RELEASES / f"{self.ledger().dataset}.{run_id}.npz"
+        # both names are plain identifiers (checked in `open` and `admit`): no path tricks
+        return self.ledger_dir / RELEASES / f"{self.dataset_id}.{run_id}.npz"
 
     def _save_release(
         self, run_id: str, server_round: int, result: TrainResult, global_sha256: str
@@ -369,3 +577,7 @@ class Site:
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
         )
+
+
+def _finite_values(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {key: float(value) if np.isfinite(value) else None for key, value in metrics.items()}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedward.client.prefix_cache import cached_training
 from fedward.client.privacy import (
     DPPlan,
     HistoryEntry,
@@ -126,21 +127,29 @@ def train_locally(
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
     secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
+    # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and a
+    # data set of the cached states; sampling, clipping and noise are the same either way.
+    cached = cached_training(model, dataset, config, pad_id, who, device)
+    if cached is not None:
+        train_module, train_data, collate = cached.top, cached, cached.collate
+        inputs_name = "hidden_states"
+    else:
+        train_module, train_data, inputs_name = model, dataset, "input_ids"
+        collate = partial(pad_batch, pad_id=pad_id, pad_to=pad_to)
     loader = DataLoader(
-        dataset,
+        train_data,
         batch_size=config.batch_size,
         shuffle=True,
-        collate_fn=partial(pad_batch, pad_id=pad_id, pad_to=pad_to),
+        collate_fn=collate,
         generator=secret,
     )
 
     engine = None
-    train_module = model
     if plan is not None:
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         engine.accountant.history = [tuple(entry) for entry in history]
         train_module, optimizer, loader = engine.make_private(
-            module=model,
+            module=train_module,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
@@ -157,13 +166,13 @@ def train_locally(
     losses = []
     try:
         for _ in range(config.local_epochs):
-            for input_ids, attention_mask, labels in loader:
-                if len(input_ids) == 0:  # Poisson sampling can draw an empty batch
+            for inputs, attention_mask, labels in loader:
+                if len(inputs) == 0:  # Poisson sampling can draw an empty batch
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 with autocast:
                     output = train_module(
-                        input_ids=input_ids.to(device),
+                        **{inputs_name: inputs.to(device)},
                         attention_mask=attention_mask.to(device),
                         labels=labels.to(device),
                     )
@@ -200,7 +209,6 @@ def _noise_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -210,6 +218,21 @@ def evaluate(
     labels: list[str],
 ) -> dict[str, float]:
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
+    metrics = {"loss": loss, "num_examples": float(len(true_ids))}
+    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: RunConfig,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+) -> tuple[float, list, list]:
+    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`."""
     device = pick_device(config.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()
@@ -230,6 +253,4 @@ def evaluate(
         predictions = output.logits.float().argmax(dim=-1).cpu()
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())
-    metrics = {"loss": total_loss / max(total, 1), "num_examples": float(total)}
-    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
-    return metrics
+    return total_loss / max(total, 1), true_ids, pred_ids

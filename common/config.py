@@ -72,6 +72,14 @@ class TaskSpec(_Group):
         "deployment so every hospital agrees on the head's outputs.",
     )
     max_length: int = Field(128, ge=8, le=4096, description="Max tokens per example.")
+    max_unknown_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest share of a hospital's characters (Chinese, Japanese, Korean) or "
+        "words that the model's tokenizer may map to its unknown token; above it the hospital "
+        "refuses the round before any step (e.g. an English model on Chinese notes).",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -318,6 +326,18 @@ class LocalSettings(_Group):
         description="Continue the run checkpointed in `out` (its checkpoint.npz) from its last "
         "completed round, under the same fedward run id; the run spec must be the same as when "
         "the run started. `fedward run --resume` sets it.",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="Compute the frozen layers below the lowest LoRA layer once per hospital "
+        "and run, and train only the layers above on their cached outputs (same updates and "
+        "the same DP guarantee; faster). Off by itself when LoRA reaches the bottom layer.",
+    )
+    prefix_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="Memory (MiB) the frozen-prefix caches of one process may hold; caches "
+        "past it are kept in a temporary folder on disk, deleted when the run ends.",
     )
 
 

@@ -1,4 +1,5 @@
-"""Classification data: reading CSV/JSONL records, label maps, validation splits, batching.
+"""Classification data: reading CSV/TSV/JSONL/`label<TAB>text` records, label maps, validation
+splits, batching.
 
 Every problem with a data file raises `DataError` naming the file (and line) and what to do.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedward.common.errors import DataError
+from fedward.common.reasons import Reason
 
 #: Fewest examples a label needs: one for training and one for validation.
 MIN_EXAMPLES_PER_LABEL = 2
@@ -36,22 +38,36 @@ def read_records(
     label_column: str = "label",
     group_column: str | None = None,
 ) -> list[Record]:
-    """Read labelled notes from a `.csv` or `.jsonl` file.
+    """Read labelled notes from a `.csv`, `.tsv`, `.jsonl` or `.txt` file.
+
+    The format follows the extension. `.csv`/`.tsv` have a header line naming the columns,
+    except a `.tsv` whose first line names neither `text_column` nor `label_column`: that one,
+    like every `.txt`, is headerless `label<TAB>text`, one note a line (as Chinese
+    classification sets are often shipped); the text is everything after the first tab.
 
     Raises `DataError` for a missing/unreadable/empty file, text that is not UTF-8, a missing
-    column, an empty text or label, or a malformed JSON line; each names the file and line.
+    column, an empty text or label, a `label<TAB>text` line without a tab, or a malformed JSON
+    line; each names the file and line.
     """
     path = Path(path)
     text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it needs a header and at least 2 records")
     suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".ndjson"}:
+    first_line = text.lstrip("\n").split("\n", 1)[0].rstrip("\r").split("\t")
+    if suffix == ".txt" or (
+        suffix == ".tsv" and not {text_column, label_column} & {f.strip() for f in first_line}
+    ):
+        rows = _label_text_rows(path, text, text_column, label_column)
+    elif suffix in {".jsonl", ".ndjson"}:
         rows = _jsonl_rows(path, text)
     elif suffix in {".csv", ".tsv"}:
         rows = _csv_rows(path, text, delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        raise DataError(f"{path}: unknown data format '{suffix}'; use a .csv or .jsonl file")
+        raise DataError(
+            f"{path}: unknown data format '{suffix}'; use a .csv, .tsv, .jsonl or .txt "
+            "(label<TAB>text) file"
+        )
 
     records = []
     for line, row in rows:
@@ -133,9 +149,15 @@ def encode_classification(
     """Tokenize notes (truncated to `max_length`) and map labels to ids."""
     unknown = sorted({r.label for r in records} - set(label_to_id))
     if unknown:
+        # The labels are the hospital's data (or, with a wrong label column, its notes): only
+        # their number leaves, in the reason; the text is for the hospital's own log.
         raise DataError(
             f"labels {unknown[:5]} are not in the run's label set {list(label_to_id)}; "
-            "fix the data or the run config's 'labels'"
+            "fix the data or the run config's 'labels'",
+            reason=Reason(
+                "data.labels_mismatch",
+                {"unknown_labels": len(unknown), "run_labels": len(label_to_id)},
+            ),
         )
     encoded = tokenizer(
         [r.text for r in records], truncation=True, max_length=max_length, padding=False
@@ -206,6 +228,25 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict[str
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     if reader.fieldnames is None:
         raise DataError(f"{path}: no header line; the first line must name the columns")
+    return rows
+
+
+def _label_text_rows(
+    path: Path, text: str, text_column: str, label_column: str
+) -> list[tuple[int, dict[str, str]]]:
+    """Headerless `label<TAB>text` lines as rows of the two columns; blank lines are skipped."""
+    rows = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataError(
+                f"{path}:{line_number}: no tab between label and text in {line[:40]!r}; each "
+                "line must be `label<TAB>text` (or give the file a header and a .csv/.tsv name)"
+            )
+        label, note = line.split("\t", 1)
+        rows.append((line_number, {label_column: label, text_column: note}))
     return rows
 
 

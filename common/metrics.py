@@ -43,3 +43,8 @@ def ner_metrics_from_ids(
         for key in ("precision", "recall", "f1"):
             flat[f"{key}_{entity_type}"] = type_scores[key]
     return flat
+
+
+def ratio(part: float, whole: float) -> float:
+    """part / whole, at most 1 (counts may be noised); NaN when there is nothing to divide."""
+    return float(min(1.0, part / whole)) if whole > 0 else float("nan")

@@ -7,6 +7,7 @@ shapes and dtypes are fixed by the run config; `set_adapter_arrays` checks them 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -200,13 +201,18 @@ class MeanPoolClassifier(torch.nn.Module):
         self.dropout = torch.nn.Dropout(hidden_dropout(encoder.config))
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **_):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **_):
         # fedward's batches carry ids, mask and labels only; PEFT may add keywords it does not use.
+        # `inputs_embeds` is how the top of a split model receives the cached prefix states.
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            device = input_ids.device if input_ids is not None else inputs_embeds.device
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        states = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds
+        ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         logits = self.classifier(self.dropout(pooled))
@@ -224,6 +230,93 @@ def hidden_dropout(config) -> float:
         if isinstance(value, int | float):
             return float(value)
     return 0.1
+
+
+class FrozenPrefix(torch.nn.Module):
+    """The bottom of a split model: embeddings and the frozen layers below the first LoRA layer.
+
+    `forward(input_ids, attention_mask)` gives the hidden states after the last frozen layer.
+    It shares its modules with the full model and is only ever run without gradients.
+    """
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TrainableTop(torch.nn.Module):
+    """The top of a split model: the layers with LoRA and the task head, fed the prefix's states.
+
+    `forward(hidden_states, attention_mask, labels)` returns what the full model returns (loss,
+    logits). Its parameters are the full model's own objects, so training it trains the model.
+    """
+
+    def __init__(self, task_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.task_model = task_model
+
+    def forward(self, hidden_states=None, attention_mask=None, labels=None):
+        return self.task_model(
+            inputs_embeds=hidden_states, attention_mask=attention_mask, labels=labels
+        )
+
+
+class _PassStates(torch.nn.Module):
+    """Stands in for the embeddings in the top: hands the cached states on unchanged."""
+
+    def forward(self, inputs_embeds=None, **_):
+        return inputs_embeds
+
+
+def split_frozen_prefix(
+    model: torch.nn.Module, lora_layers: int
+) -> tuple[FrozenPrefix, TrainableTop] | None:
+    """Split a `build_model` model below its lowest LoRA layer, or None where that is not possible.
+
+    None when LoRA reaches the bottom layer (`lora_layers` 0 or all layers), when anything below
+    the split is trainable, or when the encoder's layers cannot be found. Both halves share the
+    model's modules (nothing is copied but the containers), so `top(prefix(x))` is the model.
+    Callers check the split on real inputs (`client/prefix_cache.py`) before trusting it with an
+    architecture it was not tested on.
+    """
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    if inner is None:
+        return None
+    encoder_name = "encoder" if isinstance(inner, MeanPoolClassifier) else inner.base_model_prefix
+    encoder = getattr(inner, encoder_name, None)
+    layers_total = getattr(getattr(inner, "config", None), "num_hidden_layers", 0)
+    split = layers_total - lora_layers
+    if encoder is None or lora_layers <= 0 or split <= 0:
+        return None
+    found = [
+        name
+        for name, module in encoder.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers_total
+    ]
+    if len(found) != 1 or not hasattr(encoder, "embeddings"):
+        return None
+    layers = encoder.get_submodule(found[0])
+    below = [encoder.embeddings, *layers[:split]]
+    if any(p.requires_grad for module in below for p in module.parameters()):
+        return None
+    bottom = _replace(encoder, found[0], torch.nn.ModuleList(layers[:split]))
+    top_encoder = _replace(encoder, found[0], torch.nn.ModuleList(layers[split:]))
+    top_encoder = _replace(top_encoder, "embeddings", _PassStates())
+    top = _replace(inner, encoder_name, top_encoder)
+    return FrozenPrefix(bottom), TrainableTop(top)
+
+
+def _replace(root: torch.nn.Module, path: str, child: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `root` with the submodule at dotted `path` replaced; only the containers on the
+    path are copied, every other module (and every parameter) is shared with `root`."""
+    head, _, rest = path.partition(".")
+    clone = copy.copy(root)
+    clone._modules = dict(root._modules)
+    clone._modules[head] = _replace(root._modules[head], rest, child) if rest else child
+    return clone
 
 
 def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:

@@ -1,7 +1,8 @@
-"""Named-entity recognition: CoNLL files in, word-piece labels out, entity-level metrics back.
+"""Named-entity recognition: CoNLL or entity-JSON files in, word-piece labels out, entity-level
+metrics back.
 
 The NER task's data and metrics layer, shared by hospitals (training, evaluation) and the
-coordinator (reports, `fedward predict`). Everything here is a pure function except the two
+coordinator (reports, `fedward predict`). Everything here is a pure function except the
 readers at the top, which turn files into sentences:
 
     sentence  = [(word, tag), ...]          tags are IOB2 once read: O, B-TYPE, I-TYPE
@@ -52,6 +53,8 @@ SPLIT_NAMES = {
 }
 #: File extensions read as CoNLL inside a data folder (other files, e.g. a LICENSE, are ignored).
 CONLL_SUFFIXES = {".tsv", ".conll", ".txt", ".iob", ".iob2", ".bio", ".bioes"}
+#: File extensions read as entity JSON (CBLUE/CMeEE: text plus entities with offsets).
+JSON_SUFFIXES = {".json", ".jsonl"}
 
 _TAG = re.compile(r"(?:O|([BIESLU])-([^\s-]\S*))")
 _ALLOWED_PREFIXES = {
@@ -69,11 +72,14 @@ def read_conll(path: str | Path) -> list[Sentence]:
     """Read one CoNLL-style file into sentences of (word, tag), tags converted to IOB2.
 
     Format: one `word<TAB>tag` per line (with more tab-separated columns, the first is the word
-    and the last the tag), a blank line between sentences, `-DOCSTART-` lines skipped. The tag
-    scheme (IOB1, IOB2, BIOES, BILOU) is detected from the whole file (`detect_scheme`).
+    and the last the tag), or `word tag` separated by spaces in a file whose first line has no
+    tab (character-per-line Chinese corpora, `字 B_disease`; `B_`/`I_` tags read as `B-`/`I-`),
+    a blank line between sentences, `-DOCSTART-` lines skipped. The tag scheme (IOB1, IOB2,
+    BIOES, BILOU) is detected from the whole file (`detect_scheme`).
 
     Raises `DataError` naming the file and line for: a missing or unreadable file, bytes that are
-    not UTF-8, a line without a tab, an empty word or tag, a tag outside O/B-/I-/E-/S-/L-/U-,
+    not UTF-8, a line without the file's separator, an empty word or tag, a tag outside
+    O/B-/I-/E-/S-/L-/U-,
     a tag sequence that the detected scheme forbids, or a file without any sentence.
     """
     path = Path(path)
@@ -111,20 +117,23 @@ def read_conll_splits(path: str | Path) -> dict[str, list[Sentence]]:
     """Read a NER data set: a folder of split files, or a single file (all of it is 'train').
 
     In a folder, `train.*` is required; `dev.*`, `devel.*`, `valid.*` or `validation.*` is
-    returned as 'devel', and `test.*` as 'test', where present. Extensions: .tsv, .conll, .txt,
-    .iob, .iob2, .bio, .bioes; other files (README, LICENSE) are ignored. Each file is read with
-    `read_conll`, so each may use its own tag scheme; all come back in IOB2.
+    returned as 'devel', and `test.*` as 'test', where present (a prefix before an underscore
+    is allowed, as in CMeEE's `CMeEE_train.json`). Extensions: .tsv, .conll, .txt, .iob, .iob2,
+    .bio, .bioes (CoNLL) and .json, .jsonl (entity JSON); other files (README, LICENSE) are
+    ignored. Each file is read with `read_ner_file`, so each may use its own format and tag
+    scheme; all come back in IOB2.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; check the NER data path")
     if path.is_file():
-        return {"train": read_conll(path)}
+        return {"train": read_ner_file(path)}
 
     found: dict[str, list[Path]] = {}
     for file in sorted(path.iterdir()):
-        split = SPLIT_NAMES.get(file.stem.lower())
-        if file.is_file() and split is not None and file.suffix.lower() in CONLL_SUFFIXES:
+        split = SPLIT_NAMES.get(file.stem.lower().rsplit("_", 1)[-1])
+        suffix = file.suffix.lower()
+        if file.is_file() and split is not None and suffix in CONLL_SUFFIXES | JSON_SUFFIXES:
             found.setdefault(split, []).append(file)
     for split, files in found.items():
         if len(files) > 1:
@@ -138,7 +147,141 @@ def read_conll_splits(path: str | Path) -> dict[str, list[Sentence]]:
             f"{path}: no training file in the folder (found: {present}); name it train.tsv "
             "(optionally also devel.tsv and test.tsv), one `word<TAB>tag` per line"
         )
-    return {split: read_conll(files[0]) for split, files in found.items()}
+    return {split: read_ner_file(files[0]) for split, files in found.items()}
+
+
+def read_ner_file(path: str | Path) -> list[Sentence]:
+    """One NER file, its format told by its extension: .json/.jsonl is entity JSON
+    (`read_entity_json`), anything else CoNLL, one word (or character) and its tag per line
+    (`read_conll`)."""
+    path = Path(path)
+    if path.suffix.lower() in JSON_SUFFIXES:
+        return read_entity_json(path)
+    return read_conll(path)
+
+
+def read_entity_json(path: str | Path) -> list[Sentence]:
+    """Read CBLUE/CMeEE-style entity JSON into character sentences with IOB2 tags.
+
+    The file is a JSON array of records or one record per line (JSON lines). A record is
+    `{"text": "...", "entities": [{"start_idx": 0, "end_idx": 3, "type": "dis"}, ...]}`.
+    Offsets count characters. As in CMeEE, `end_idx` is *inclusive* (the entity is
+    `text[start_idx:end_idx + 1]`); an entity written with `start`/`end` instead has an exclusive
+    end (`text[start:end]`, like a Python slice). The type is `type` (or `label`). When an entity
+    also gives its `entity` text, it must equal that slice: a mismatch (usually an off-by-one end
+    convention) is an error, not a silent shift.
+
+    Every character becomes a word. Nested or overlapping entities (CMeEE nests e.g. a body part
+    inside a symptom) cannot all be tagged in IOB2; the rule is: the longest entity is kept, on a
+    tie the one that starts first, and every entity overlapping a kept one is dropped (their
+    number is logged). Raises `DataError` naming the file and the line (JSON lines) or record
+    (array) for: JSON that does not parse, a record without text, an entity without a type or
+    with offsets outside its text, or an entity text that does not match its offsets.
+    """
+    import json
+
+    path = Path(path)
+    text = _read_text(path)
+    records: list[tuple[str, Any]] = []
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: the file is empty; it needs JSON records with text and entities")
+    if stripped.startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        records = [(f"{path}, record {n}", record) for n, record in enumerate(array, start=1)]
+    else:
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); the file must be a JSON "
+                    "array of records or one JSON record per line"
+                ) from None
+    sentences: list[Sentence] = []
+    dropped = kept = 0
+    for where, record in records:
+        entities = _record_entities(where, record)
+        chosen = _outermost_entities(entities)
+        dropped += len(entities) - len(chosen)
+        kept += len(chosen)
+        tags = ["O"] * len(record["text"])
+        for start, end, entity_type in chosen:
+            tags[start] = f"B-{entity_type}"
+            for i in range(start + 1, end):
+                tags[i] = f"I-{entity_type}"
+        sentences.append(list(zip(record["text"], tags, strict=True)))
+    if not sentences:
+        raise DataError(f"{path}: no records; it needs JSON records with text and entities")
+    logger.info(
+        "read %s: %d texts, %d entities%s",
+        path,
+        len(sentences),
+        kept,
+        f" ({dropped} nested or overlapping entities dropped: the longest is kept)"
+        if dropped
+        else "",
+    )
+    return sentences
+
+
+def _record_entities(where: str, record: Any) -> list[tuple[int, int, str]]:
+    """(start, exclusive end, type) of each entity of one JSON record, checked."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: each record must be a JSON object with 'text' and 'entities'")
+    text = record.get("text")
+    if not isinstance(text, str) or not text:
+        raise DataError(f"{where}: the record has no 'text' (a non-empty string)")
+    raw_entities = record.get("entities", [])
+    if not isinstance(raw_entities, list):
+        raise DataError(f"{where}: 'entities' must be a list of objects")
+    entities = []
+    for n, entity in enumerate(raw_entities, start=1):
+        at = f"{where}, entity {n}"
+        if not isinstance(entity, dict):
+            raise DataError(f"{at}: must be an object with start_idx, end_idx and type")
+        if "start_idx" in entity:
+            start, last = entity.get("start_idx"), entity.get("end_idx")
+            convention = "end_idx is inclusive (CMeEE)"
+            end = last + 1 if isinstance(last, int) else None
+        else:
+            start, end = entity.get("start"), entity.get("end")
+            convention = "end is exclusive"
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise DataError(
+                f"{at}: needs integer offsets: start_idx and end_idx (CMeEE, end inclusive) "
+                "or start and end (end exclusive)"
+            )
+        if not 0 <= start < end <= len(text):
+            raise DataError(
+                f"{at}: offsets [{start}, {end}) fall outside the text of {len(text)} characters "
+                f"({convention})"
+            )
+        entity_type = entity.get("type", entity.get("label"))
+        if not isinstance(entity_type, str) or not entity_type or re.search(r"\s", entity_type):
+            raise DataError(f"{at}: needs a 'type' (a name without spaces), got {entity_type!r}")
+        given = entity.get("entity")
+        if given is not None and given != text[start:end]:
+            raise DataError(
+                f"{at}: entity text {given!r} is not the text at its offsets "
+                f"({text[start:end]!r}; {convention}); fix the offsets"
+            )
+        entities.append((start, end, entity_type))
+    return entities
+
+
+def _outermost_entities(entities: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Non-overlapping entities: longest first, then earliest; overlapping ones are dropped."""
+    kept: list[tuple[int, int, str]] = []
+    for start, end, entity_type in sorted(entities, key=lambda e: (e[0] - e[1], e[0])):
+        if all(end <= s or start >= e for s, e, _ in kept):
+            kept.append((start, end, entity_type))
+    return sorted(kept)
 
 
 def _read_text(path: Path) -> str:
@@ -167,27 +310,44 @@ def _read_text(path: Path) -> str:
 
 
 def _parse_conll(text: str, path: Path) -> tuple[list[Sentence], list[list[int]]]:
-    """Split CoNLL text into sentences of raw (word, tag) and, in parallel, their line numbers."""
+    """Split CoNLL text into sentences of raw (word, tag) and, in parallel, their line numbers.
+
+    Columns are separated by tabs, or, in a file whose first line has no tab, by spaces (as in
+    character-per-line Chinese corpora: `字 B_disease`). Only ASCII spaces and tabs separate: an
+    ideographic space (U+3000) is a character like any other. Tags written `B_type`/`I_type` are
+    read as `B-type`/`I-type`.
+    """
     sentences: list[Sentence] = []
     lines: list[list[int]] = []
     sentence: Sentence = []
     at: list[int] = []
+    separator: str | None = None  # "\t", or " " when the file's first line has no tab
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
-        if not line.strip() or line.startswith("-DOCSTART-"):
+        if not line.strip(" \t") or line.startswith("-DOCSTART-"):
             if sentence:
                 sentences.append(sentence)
                 lines.append(at)
                 sentence, at = [], []
             continue
-        if "\t" not in line:
-            raise DataError(
-                f"{path}:{number}: no tab between word and tag in {line[:60]!r}; each line must "
-                "be `word<TAB>tag` (if the file separates columns with spaces, replace them "
-                "with a tab)"
-            )
-        columns = line.split("\t")
-        word, tag = columns[0].strip(), columns[-1].strip()
+        if separator is None:
+            separator = "\t" if "\t" in line else " "
+        if separator == "\t":
+            if "\t" not in line:
+                raise DataError(
+                    f"{path}:{number}: no tab between word and tag in {line[:60]!r}; each line "
+                    "must be `word<TAB>tag` like the file's first line (or separate every line's "
+                    "columns with spaces)"
+                )
+            columns = [column.strip(" ") for column in line.split("\t")]
+        else:
+            columns = [column for column in re.split(r"[ \t]+", line) if column]
+            if len(columns) < 2:
+                raise DataError(
+                    f"{path}:{number}: no tag after the word in {line[:60]!r}; each line must "
+                    "be `word TAG` (a space or tab between them), e.g. `字 B_disease`"
+                )
+        word, tag = columns[0], _underscore_tag(columns[-1])
         if not word:
             raise DataError(f"{path}:{number}: no word before the tab; write `word<TAB>tag`")
         if not tag:
@@ -198,6 +358,13 @@ def _parse_conll(text: str, path: Path) -> tuple[list[Sentence], list[list[int]]
         sentences.append(sentence)
         lines.append(at)
     return sentences, lines
+
+
+def _underscore_tag(tag: str) -> str:
+    """`B_disease` -> `B-disease` (corpora that join prefix and type with '_'); others as given."""
+    if len(tag) > 2 and tag[0] in "BIESLU" and tag[1] == "_":
+        return f"{tag[0]}-{tag[2:]}"
+    return tag
 
 
 # --- tag schemes --------------------------------------------------------------------------------
@@ -392,6 +559,92 @@ def align_labels(
     return labels
 
 
+#: Characters after which a long sentence is preferably cut (ends of clauses, any script).
+_CLAUSE_ENDS = frozenset("。！？；，、.!?;,")
+
+
+def cut_long_sentences(
+    tokenizer: Any, sentences: Sequence[Sequence[tuple[str, str]]], max_length: int
+) -> list[Sentence]:
+    """Cut sentences longer than `max_length` word pieces into pieces that fit, so that no word
+    is lost to truncation (long Chinese records run to hundreds of characters).
+
+    A cut is only made before a word that does not continue an entity (its tag is not I-X), so
+    no entity is split or lost; within that rule the cut is made after the last clause end
+    (。，；! ...) in the second half of the piece, else as late as possible. An entity longer
+    than a whole piece cannot be kept whole: it is cut where the piece is full and its remainder
+    starts the next piece as a new entity of the same type (a warning counts them). Special
+    tokens ([CLS], [SEP]) are accounted for. Unlabelled text (all tags 'O') is cut the same way.
+    """
+    budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
+    pieces_per_word = _pieces_per_word(tokenizer, sentences)
+    result: list[Sentence] = []
+    records_cut = entities_cut = 0
+    for sentence, sizes in zip(sentences, pieces_per_word, strict=True):
+        if sum(sizes) <= budget:
+            result.append(list(sentence))
+            continue
+        records_cut += 1
+        start = 0
+        while start < len(sentence):
+            end, used = start, 0
+            while end < len(sentence) and (end == start or used + sizes[end] <= budget):
+                used += sizes[end]
+                end += 1
+            if end < len(sentence):
+                end, split_entity = _cut_point(sentence, start, end)
+                entities_cut += split_entity
+            piece = list(sentence[start:end])
+            word, tag = piece[0]
+            if tag.startswith("I-"):  # the remainder of an entity longer than a piece
+                piece[0] = (word, "B-" + tag[2:])
+            result.append(piece)
+            start = end
+    if records_cut:
+        logger.info(
+            "%d of %d sentences are longer than max_length=%d word pieces: cut into %d pieces "
+            "at boundaries outside entities",
+            records_cut,
+            len(sentences),
+            max_length,
+            len(result) - len(sentences) + records_cut,
+        )
+    if entities_cut:
+        logger.warning(
+            "%d entities are longer than max_length=%d word pieces and were cut into parts",
+            entities_cut,
+            max_length,
+        )
+    return result
+
+
+def _cut_point(sentence: Sequence[tuple[str, str]], start: int, end: int) -> tuple[int, bool]:
+    """Where to end a piece that may hold words start..end-1: (cut, whether it splits an
+    entity). See `cut_long_sentences`."""
+    allowed = [i for i in range(start + 1, end + 1) if not sentence[i][1].startswith("I-")]
+    if not allowed:
+        return end, True
+    half = start + (end - start) // 2
+    after_clause = [i for i in allowed if i > half and sentence[i - 1][0] in _CLAUSE_ENDS]
+    return (after_clause or allowed)[-1], False
+
+
+def _pieces_per_word(tokenizer: Any, sentences: Sequence[Sequence[tuple[str, str]]]) -> list:
+    """For each sentence, the number of word pieces of each of its words."""
+    if not sentences:
+        return []
+    words = [[word for word, _ in sentence] for sentence in sentences]
+    encoding = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+    counts = []
+    for i, sentence in enumerate(sentences):
+        sizes = [0] * len(sentence)
+        for word_id in encoding.word_ids(i):
+            if word_id is not None:
+                sizes[word_id] += 1
+        counts.append(sizes)
+    return counts
+
+
 def encode_sentences(
     tokenizer: Any,
     sentences: Sequence[Sequence[tuple[str, str]]],
@@ -484,12 +737,20 @@ def predictions_to_word_tags(
     return tags
 
 
-_WORD = re.compile(r"\w+|[^\w\s]")
+#: Scripts written without spaces between words (Han, kana, Hangul syllables, CJK
+#: compatibility ideographs): every character is a word of its own, as in character-per-line
+#: corpora such as cMedQANER and CMeEE.
+CJK_CHARACTERS = (
+    "\u2e80-\u2fdf\u3005-\u3007\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f"
+)
+_WORD = re.compile(rf"[{CJK_CHARACTERS}]|(?:(?![{CJK_CHARACTERS}])\w)+|[^\w\s]")
 
 
 def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     """Split raw text into words the way the NER corpora are tokenized (runs of letters/digits,
-    each punctuation mark on its own) and their character offsets [start, end) in `text`.
+    each punctuation mark on its own, each Chinese/Japanese/Korean character on its own) and
+    their character offsets [start, end) in `text`.
     """
     matches = list(_WORD.finditer(text))
     return [m.group() for m in matches], [(m.start(), m.end()) for m in matches]

@@ -173,6 +173,8 @@ def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays:
 def round_audit_fields(row: dict, run_id: str, checkpoint_sha256: str, adapter_sha256: str) -> dict:
     """One round's audit record: who took part, who refused and why, epsilon, hashes.
 
+    Reasons are the coordinator's own rendering of the hospitals' reason codes (never their text).
+
     Per-hospital facts are lists of objects (not maps keyed by hospital name), so a hospital's
     name can never be mistaken for a secret-looking field and redacted.
     """
@@ -195,6 +197,10 @@ def round_audit_fields(row: dict, run_id: str, checkpoint_sha256: str, adapter_s
             {"hospital": name, "reason": reason} for name, reason in sorted(row["rejected"].items())
         ],
         "dropped": list(row["dropped"]),
+        "evaluation_refused": [
+            {"hospital": name, "reason": reason}
+            for name, reason in sorted(row.get("evaluation_refused", {}).items())
+        ],
         "global": row["global"],
         "checkpoint_sha256": checkpoint_sha256,
         "adapter_sha256": adapter_sha256,
@@ -211,14 +217,18 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
     for name, metrics in sorted(outcome.hospitals.items()):
         entry = hospitals.setdefault(name, {})
         entry["trained"] = True
-        entry["num_train_examples"] = int(metrics["num_examples"])
-        entry["train_loss"] = finite_or_none(metrics.get("train_loss"))
+        if "num_examples" in metrics:  # with secure aggregation only the sum is known
+            entry["num_train_examples"] = int(metrics["num_examples"])
+        if "train_loss" in metrics:  # simulation only
+            entry["train_loss"] = finite_or_none(metrics["train_loss"])
         entry["epsilon"] = finite_or_none(metrics.get("epsilon"))
         for key in ("worker_pid", "model_loads"):  # simulation diagnostics, when present
             if key in metrics:
                 entry[key] = int(metrics[key])
     for name, reason in {**outcome.refused, **outcome.rejected}.items():
         hospitals.setdefault(name, {})["refused"] = reason
+    for name, reason in evaluation.refused.items():
+        hospitals.setdefault(name, {})["evaluation_refused"] = reason
     return {
         "round": server_round,
         "status": outcome.status,
@@ -229,6 +239,7 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
         "refused": outcome.refused,
         "rejected": outcome.rejected,
         "dropped": outcome.dropped,
+        "evaluation_refused": evaluation.refused,
         "seconds": round(seconds, 2),
     }
 

@@ -296,7 +296,8 @@ def run(
 
 
 def round_line(row: dict, task: str) -> str:
-    """One line per completed round, printed as it arrives."""
+    """One line per completed round, printed as it arrives (reasons as the coordinator rendered
+    them from the hospitals' codes)."""
     metrics = row.get("global", {})
     headline = task_named(task).primary_metric
     trained = sorted(name for name, item in row["hospitals"].items() if item.get("trained"))
@@ -312,6 +313,8 @@ def round_line(row: dict, task: str) -> str:
         parts.append(f"rejected from {name}: {reason}")
     if row.get("dropped"):
         parts.append(f"dropped: {', '.join(row['dropped'])}")
+    if row.get("evaluation_refused"):
+        parts.append(f"no evaluation from: {', '.join(sorted(row['evaluation_refused']))}")
     return "; ".join(parts)
 
 

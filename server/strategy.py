@@ -6,6 +6,11 @@ One method per phase of a round, as in Flower's `FedAvg`: `configure_train`, `ag
 Each update is validated before it is counted (names, shapes, dtypes, finite, within the clipping
 range); a bad update is dropped and logged and the round goes on with the others. A round with
 fewer usable updates than `min_hospitals` fails cleanly: the global adapter stays as it was.
+
+A hospital's refusal is a reason code with numbers (common/reasons.py); it is rendered here from
+the coordinator's own templates, so nothing a hospital writes as text is stored. With secure
+aggregation a hospital sends no example count or loss in the clear: the count it weights its
+update with is inside the masked vector, and only the sum is unmasked.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.errors import FedwardError, ModelError, SecAggError
 from fedward.common.model import ArraySpec
+from fedward.common.reasons import Reason
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
@@ -51,10 +57,11 @@ class TrainOutcome:
 
 @dataclass
 class EvaluateOutcome:
-    """Global-model metrics (weighted over hospitals) and each hospital's own."""
+    """Global-model metrics (weighted over hospitals), each hospital's own, and who refused."""
 
     metrics: dict[str, float]
     hospitals: dict[str, dict[str, float]]
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class FedwardStrategy:
@@ -262,7 +269,7 @@ class FedwardStrategy:
                 if reply.has_error():
                     reason = reply.error.reason
                 elif wire.REFUSAL in reply.content:
-                    reason = str(reply.content[wire.REFUSAL]["reason"])
+                    reason = refusal_reason(reply)
                 else:
                     reason = "reply without a secure-aggregation payload"
                 log.warning(
@@ -292,20 +299,22 @@ class FedwardStrategy:
                 )
                 continue
             if wire.REFUSAL in reply.content:
-                reason = str(reply.content[wire.REFUSAL]["reason"])
+                reason = refusal_reason(reply)
                 outcome.refused[name] = reason
                 log.warning("round %d: %s refused: %s", server_round, name, reason)
                 continue
             try:
                 metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
-                if not metrics.get("num-examples", 0) > 0:
+                weighted_in_clear = not self.config.secure_aggregation
+                if weighted_in_clear and not metrics.get("num-examples", 0) > 0:
                     raise ModelError("num-examples must be a positive count")
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
                 outcome.rejected[name] = f"rejected reply: {exc}"
                 log.warning("round %d: %s rejected reply: %s", server_round, name, exc)
                 continue
             accepted[reply.metadata.src_node_id] = (name, reply)
-            losses.append((metrics.get("train-loss", float("nan")), metrics["num-examples"]))
+            if "train-loss" in metrics and "num-examples" in metrics:
+                losses.append((metrics["train-loss"], metrics["num-examples"]))
             outcome.hospitals[name] = {k.replace("-", "_"): v for k, v in metrics.items()}
         outcome.dropped.extend(f"no reply #{i + 1}" for i in range(sent - received))
         outcome.train_loss = weighted_mean(losses)
@@ -339,8 +348,13 @@ class FedwardStrategy:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateOutcome:
         """Example-weighted mean of the hospitals' metrics: the global model's metrics."""
         hospitals: dict[str, dict[str, float]] = {}
+        refused: dict[str, str] = {}
         for reply in replies:
             name = self._name(reply)
+            if not reply.has_error() and wire.REFUSAL in reply.content:
+                refused[name] = refusal_reason(reply)
+                log.info("round %d: no evaluation from %s: %s", server_round, name, refused[name])
+                continue
             if reply.has_error() or wire.METRICS not in reply.content:
                 log.warning("round %d: no evaluation from %s", server_round, name)
                 continue
@@ -353,14 +367,24 @@ class FedwardStrategy:
             )
             for key in keys
         }
-        return EvaluateOutcome(metrics=merged, hospitals=hospitals)
+        return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 
 def _train_loss(outcome: TrainOutcome) -> float:
-    """Example-weighted train loss of the hospitals whose updates are in the average."""
+    """Example-weighted train loss of the hospitals whose updates are in the average (NaN when
+    hospitals do not report it: deployed ones do not)."""
     return weighted_mean(
-        [(m.get("train_loss", float("nan")), m["num_examples"]) for m in outcome.hospitals.values()]
+        [
+            (m["train_loss"], m["num_examples"])
+            for m in outcome.hospitals.values()
+            if "train_loss" in m and "num_examples" in m
+        ]
     )
+
+
+def refusal_reason(reply: Message) -> str:
+    """A refusal reply's reason, rendered by the coordinator from its code and numbers."""
+    return Reason.from_record(reply.content[wire.REFUSAL]).render()
 
 
 def _first_line(reason: str) -> str:

@@ -13,10 +13,11 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
+from fedward.client.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
 from fedward.common.config import RunConfig, RunSpec, SimulatedData, SimulationSettings
-from fedward.common.errors import ConfigError, DataError, FedwardError
+from fedward.common.errors import ConfigError, DataError
 from fedward.common.tasks import Task, task_named
 from fedward.simulation import partition
 
@@ -25,7 +26,12 @@ DP_STATE = "fedward.dp"  # node-state record holding the accountant history with
 
 class SimulatedSite:
     """A simulated hospital's site: accepts every run, adds the simulation's local settings,
-    keeps the run's accountant history in the node state (no ledger, no audit log)."""
+    keeps the run's accountant history in the node state (no ledger, no audit log).
+
+    Unlike a deployed hospital it reports exact metrics: training loss, example counts and
+    evaluation of every round, unnoised and uncharged (the report says so)."""
+
+    releases_exact_metrics = True
 
     def __init__(self, context: Context, settings: SimulationSettings | None) -> None:
         self.context = context
@@ -49,8 +55,14 @@ class SimulatedSite:
     def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
 
-    def refused(self, run_id: str, server_round: int, stage: str, exc: FedwardError) -> None:
+    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         return None  # the coordinator's round table shows it
+
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+        return self.check_policy(spec)
+
+    def release_evaluation(self, config, run_id, server_round, predictions) -> dict[str, float]:
+        return exact_metrics(predictions)
 
     def secagg_identity(self) -> SecAggIdentity:
         """Generated keys, and the roster of the whole simulated federation."""
@@ -68,6 +80,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
             f"field 'min_hospitals': {config.min_hospitals} is more than hospitals "
             f"({config.hospitals}) in this simulation"
         )
+    check_pooled_vocabulary(config)
     if config.labels:
         return config
     task = task_named(config.task)
@@ -77,6 +90,23 @@ def prepare_config(config: RunConfig) -> RunConfig:
         pooled = _pooled(config.task, config.data, config.text_column, config.label_column, None)
         labels = task.label_set(list(pooled), config.data)
     return config.model_copy(update={"labels": labels})
+
+
+def check_pooled_vocabulary(config: RunConfig) -> float:
+    """The vocabulary guard before any hospital starts: the unknown share of the pooled data
+    file (or of the first hospital's synthetic notes); `VocabularyError` above the run's
+    `max_unknown_rate`. Each hospital still checks its own share before every round."""
+    from fedward.client.model_cache import cached_tokenizer
+    from fedward.common.coverage import check_vocabulary
+
+    if config.data is None:
+        examples = task_named(config.task).synthetic_notes(
+            0, config.notes_per_hospital, config.seed, config.hospitals
+        )
+    else:
+        examples = _pooled(config.task, config.data, config.text_column, config.label_column, None)
+    tokenizer = cached_tokenizer(config.model)
+    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
 
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:

@@ -1,4 +1,9 @@
-"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib)."""
+"""The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib).
+
+Epsilon is record-level: the unit of privacy is one record (a note for classification, a
+sentence for NER). A simulated hospital reports exact metrics and training loss, unnoised and
+uncharged; a deployed one releases only DP-noised evaluation counts, charged to its ledger.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,26 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
+def privacy_unit(task: str) -> str:
+    """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
+    return task_named(task).privacy_unit
+
+
 def round_table(
     rounds: list[dict], task: str = "classification", title: str | None = None
 ) -> Table:
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
     names = hospital_names(rounds)
     columns = task_named(task).metric_columns
-    table = Table(title=title, header_style="bold")
+    privacy = (
+        f"ε: record-level DP, unit {privacy_unit(task)}, per hospital over the run. Metrics are "
+        "exact: simulated hospitals are not charged for them (deployed hospitals release only "
+        "DP-noised counts)."
+    )
+    lines = (privacy, coverage_line(rounds), entity_type_line(rounds))
+    table = Table(
+        title=title, header_style="bold", caption="\n".join(line for line in lines if line)
+    )
     table.add_column("round", justify="right")
     table.add_column("status")
     table.add_column("train loss", justify="right")
@@ -39,7 +57,7 @@ def round_table(
         cells = [
             str(row["round"]),
             _status(row),
-            _fmt(row["train_loss"]),
+            _fmt(row.get("train_loss")),
             _fmt(metrics.get("loss")),
         ]
         cells += [_fmt(metrics.get(key)) for key, _ in columns]
@@ -57,6 +75,45 @@ def round_table(
                 cells.append("·")
         table.add_row(*cells)
     return table
+
+
+def hospital_coverage(rounds: list[dict]) -> dict[str, float]:
+    """Each hospital's share of characters/words unknown to the model, as it last reported it."""
+    shares: dict[str, float] = {}
+    for row in rounds:
+        for name, hospital in row["hospitals"].items():
+            if hospital.get("unknown_rate") is not None:
+                shares[name] = hospital["unknown_rate"]
+    return shares
+
+
+def coverage_line(rounds: list[dict]) -> str:
+    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported)."""
+    shares = hospital_coverage(rounds)
+    if not shares:
+        return ""
+    names = sorted(shares, key=lambda n: (len(n), n))
+    return "unknown to the model's vocabulary: " + ", ".join(
+        f"{name} {shares[name]:.1%}" for name in names
+    )
+
+
+def entity_types(metrics: dict) -> list[str]:
+    """The entity types of NER metrics (keys `f1_TYPE`), under the data's own names."""
+    return sorted(key.removeprefix("f1_") for key in metrics if key.startswith("f1_"))
+
+
+def entity_type_line(rounds: list[dict]) -> str:
+    """'entity F1 by type, round N: TYPE 0.412, ...' for the last round ('' for no types)."""
+    if not rounds:
+        return ""
+    metrics = rounds[-1]["global"]
+    types = entity_types(metrics)
+    if not types:
+        return ""
+    return f"entity F1 by type, round {rounds[-1]['round']}: " + ", ".join(
+        f"{name} {_fmt(metrics[f'f1_{name}'])}" for name in types
+    )
 
 
 def _status(row: dict) -> str:
@@ -89,7 +146,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         )
     left.plot(
         x,
-        [_nan(row["train_loss"]) for row in rounds],
+        [_nan(row.get("train_loss")) for row in rounds],
         marker="o",
         linestyle="--",
         label="train loss",
@@ -102,7 +159,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
         right.plot(x, eps, marker="o", label=name)
     right.set_xlabel("round")
-    right.set_ylabel("epsilon spent")
+    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task)})")
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
     if hospital_names(rounds):

@@ -36,3 +36,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real corpora are only in the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def chinese_model_dir(shared_data, tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT on the Chinese BERT vocabulary (`../shared/data`), saved
+    with a fast tokenizer made from that vocab.txt: the shape of bert-base-chinese, no weights."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-chinese-bert")
+    tokenizer = BertTokenizerFast.from_pretrained(shared_data / "chinese_bert_vocab")
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

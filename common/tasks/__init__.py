@@ -16,6 +16,7 @@ from fedward.common.tasks.classification import CLASSIFICATION
 from fedward.common.tasks.ner import NER
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from fedward.common.data import EncodedDataset
@@ -26,7 +27,9 @@ class Task(Protocol):
 
     name: str
     primary_metric: str
+    privacy_unit: str
     head_learning_rate: float
+    release_sensitivity: float
     metric_columns: tuple[tuple[str, str], ...]
     partitions: tuple[str, ...]
     pooled_partition: str
@@ -46,6 +49,8 @@ class Task(Protocol):
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module: ...
     def peft_options(self) -> dict: ...
     def metrics(self, true_ids: list, pred_ids: list, labels: list[str]) -> dict[str, float]: ...
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray: ...
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]: ...
     def describe_prediction(
         self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
     ) -> str: ...

@@ -6,10 +6,13 @@ macro-F1, so that rare diagnoses count as much as common ones.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedward.common.metrics import classification_metrics
+import numpy as np
+
+from fedward.common.metrics import classification_metrics, ratio
 
 if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not with the CLI
     import torch
@@ -24,6 +27,8 @@ class Classification:
     #: The metric that sums up a round (progress lines, round tables, the bench).
     primary_metric = "macro_f1"
     #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
+    privacy_unit = "one record (a note)"
     head_learning_rate = 0.03
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
@@ -78,6 +83,33 @@ class Classification:
 
         label_to_id = {label: index for index, label in enumerate(labels)}
         return encode_classification(tokenizer, examples, label_to_id, max_length)
+
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
+        """What a hospital may release of an evaluation, as counts (client/release.py): examples,
+        correct, and TP, FP, FN of every class. One record changes examples by 1, and either
+        correct and one TP (right) or one FN and one FP (wrong): L2 sensitivity sqrt(3)."""
+        true = np.asarray(true_ids, dtype=np.int64)
+        pred = np.asarray(pred_ids, dtype=np.int64)
+        right = true == pred
+        tp = np.bincount(true[right], minlength=num_labels)
+        fn = np.bincount(true[~right], minlength=num_labels)
+        fp = np.bincount(pred[~right], minlength=num_labels)
+        return np.concatenate([[len(true), right.sum()], tp, fp, fn]).astype(np.float64)
+
+    release_sensitivity = math.sqrt(3.0)
+
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The released metrics: example count, accuracy and macro-F1 from (noised) counts."""
+        examples = float(vector[0])
+        tp, fp, fn = (vector[2 + i * num_labels : 2 + (i + 1) * num_labels] for i in range(3))
+        denominator = 2 * tp + fp + fn
+        present = denominator > 0
+        f1 = np.where(present, 2 * tp / np.where(present, denominator, 1.0), 0.0)
+        return {
+            "num-examples": examples,
+            "accuracy": ratio(vector[1], examples),
+            "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        }
 
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
         """The pretrained encoder (its pooler left out) under a fresh mean-pooling head.

@@ -1,4 +1,5 @@
-"""Named-entity recognition: a tag per word of a sentence (CoNLL files, or synthetic notes).
+"""Named-entity recognition: a tag per word of a sentence (CoNLL or entity JSON files, or
+synthetic notes).
 
 The head is Hugging Face's token-classification head; labels are IOB2 tags, scored per entity
 (seqeval), and the primary metric is the entity-level micro-F1. The data layer itself (reading,
@@ -7,18 +8,22 @@ tag schemes, word pieces, decoding) is `fedward.common.ner`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedward.common.errors import DataError
-from fedward.common.metrics import ner_metrics_from_ids
+from fedward.common.metrics import ner_metrics_from_ids, ratio
 from fedward.common.ner import (
     Sentence,
+    cut_long_sentences,
     encode_sentences,
     entity_spans,
     label_list,
     predictions_to_word_tags,
-    read_conll,
+    read_ner_file,
     split_words,
 )
 
@@ -27,8 +32,9 @@ if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not
 
     from fedward.common.data import EncodedDataset
 
-#: Names of the training file looked for when the data path is a folder.
-TRAIN_FILES = ("train.tsv", "train.txt", "train.conll")
+#: Names of the training file looked for when the data path is a folder (then `*_train.json`,
+#: as CMeEE names it).
+TRAIN_FILES = ("train.tsv", "train.txt", "train.conll", "train.json", "train.jsonl")
 
 
 class NamedEntityRecognition:
@@ -38,6 +44,8 @@ class NamedEntityRecognition:
     #: The metric that sums up a round (progress lines, round tables, the bench).
     primary_metric = "f1"
     #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
+    privacy_unit = "one sentence"
     head_learning_rate = 0.01
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("precision", "entity P"), ("recall", "entity R"), ("f1", "entity F1"))
@@ -49,11 +57,12 @@ class NamedEntityRecognition:
     def read(
         self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
     ) -> list[Sentence]:
-        """The sentences of a CoNLL file, or of the training file in a folder (columns unused)."""
+        """The sentences of a CoNLL or entity-JSON file (`ner.read_ner_file`), or of the training
+        file in a folder (columns unused)."""
         path = Path(path)
         if path.is_dir():
             path = _train_file(path)
-        return read_conll(path)
+        return read_ner_file(path)
 
     def label_set(self, examples: list[Sentence], source: str) -> list[str]:
         """'O', then B-X and I-X for every entity type X in `examples`."""
@@ -90,12 +99,36 @@ class NamedEntityRecognition:
     def encode(
         self, examples: list[Sentence], labels: list[str], tokenizer, max_length: int
     ) -> EncodedDataset:
-        """Word-piece ids and a label id per piece (-100 where the loss must not look)."""
+        """Word-piece ids and a label id per piece (-100 where the loss must not look).
+
+        Sentences longer than `max_length` pieces are first cut at boundaries outside entities
+        (`ner.cut_long_sentences`); each piece is then an example of its own, and DP-SGD
+        protects each piece: a sentence cut into k pieces has the group privacy of k examples.
+        """
         from fedward.common.data import EncodedDataset
 
         label_to_id = {label: index for index, label in enumerate(labels)}
-        encoded = encode_sentences(tokenizer, examples, label_to_id, max_length)
+        pieces = cut_long_sentences(tokenizer, examples, max_length)
+        encoded = encode_sentences(tokenizer, pieces, label_to_id, max_length)
         return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
+
+    def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
+        """What a hospital may release of an evaluation, as counts (client/release.py):
+        sentences, and sentences tagged exactly right. A sentence holds any number of entities,
+        so entity counts have no bound; these two have L2 sensitivity sqrt(2)."""
+        exact = sum(
+            all(t == p for t, p in zip(true, pred) if t != -100)
+            for true, pred in zip(true_ids, pred_ids)
+        )
+        return np.array([len(true_ids), exact], dtype=np.float64)
+
+    release_sensitivity = math.sqrt(2.0)
+
+    def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+        """The released metrics: sentence count and sentence accuracy (entity F1 is not
+        released outside simulation)."""
+        examples = float(vector[0])
+        return {"num-examples": examples, "sentence_accuracy": ratio(vector[1], examples)}
 
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
         """The pretrained encoder with Hugging Face's fresh token-classification head."""
@@ -118,20 +151,28 @@ class NamedEntityRecognition:
     def describe_prediction(
         self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
     ) -> str:
-        """The entities found, each with its type, words and character span (under no_grad)."""
+        """The entities found, each with its type, words and character span [start:end) in
+        `text` (under no_grad). Words are split as the corpora are (`ner.split_words`: each
+        Chinese character on its own), so spans count characters of the original text; a text
+        longer than `max_length` pieces is read piece by piece, none of it truncated away."""
         words, offsets = split_words(text)
         if not words:
             return "(no words)"
-        encoded = tokenizer(
-            words,
-            is_split_into_words=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        predictions = model(**encoded).logits.argmax(dim=-1)[0].tolist()
         id_to_label = dict(enumerate(labels))
-        tags = predictions_to_word_tags(predictions, encoded.word_ids(0), id_to_label, len(words))
+        tags: list[str] = []
+        for piece in cut_long_sentences(tokenizer, [[(w, "O") for w in words]], max_length):
+            piece_words = [word for word, _ in piece]
+            encoded = tokenizer(
+                piece_words,
+                is_split_into_words=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            predictions = model(**encoded).logits.argmax(dim=-1)[0].tolist()
+            tags += predictions_to_word_tags(
+                predictions, encoded.word_ids(0), id_to_label, len(piece_words)
+            )
         spans = entity_spans(words, tags, text=text, offsets=offsets)
         found = "; ".join(
             f"{span.entity_type} '{span.text}' [{span.start_char}:{span.end_char}]"
@@ -144,7 +185,13 @@ def _train_file(folder: Path) -> Path:
     for name in TRAIN_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"{folder}: no train.tsv/train.txt/train.conll in this folder; pass a file")
+    prefixed = sorted(folder.glob("*_train.json")) + sorted(folder.glob("*_train.jsonl"))
+    if len(prefixed) == 1:
+        return prefixed[0]
+    raise DataError(
+        f"{folder}: no train.tsv/train.txt/train.conll/train.json (or one *_train.json) in this "
+        "folder; pass a file"
+    )
 
 
 NER = NamedEntityRecognition()

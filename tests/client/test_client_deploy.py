@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from fedward.client import deploy
+from fedward.client.site import Site
+from fedward.common.config import DataSchema
 from fedward.common.errors import ConfigError, DataError
 
 
@@ -50,7 +52,11 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         "ledger": str((tmp_path / "my ledger").resolve()),
         "audit-log": str((tmp_path / "my ledger" / "audit.jsonl").resolve()),
         "hospital-name": "st-mary",
+        "dataset-id": "st-mary",  # the ledger's name: the hospital's unless --dataset-id
         "device": "auto",
+        "text-column": "text",
+        "label-column": "label",
+        "val-fraction": 0.2,
     }
 
 
@@ -88,3 +94,13 @@ def test_each_task_runs_in_this_python_without_the_working_directory_on_its_path
 
     command = task_command("127.0.0.1:9094", "token")
     assert command[:4] == [sys.executable, "-P", "-m", "fedward.client.runtime"]
+
+
+def test_the_hospitals_data_schema_reaches_its_clientapp(files, tmp_path):
+    """`fedward client start --text-column/--label-column/--val-fraction`: the schema is the
+    hospital's, written into its node config, and the site reads the data file with it."""
+    schema = DataSchema(text_column="note", label_column="diagnosis", val_fraction=0.3)
+    command = deploy.prepare_supernode(_settings(files, tmp_path, schema=schema))
+    node_config_file = Path(command[command.index("--node-config") + 1])
+    values = tomllib.loads(node_config_file.read_text(encoding="utf-8"))
+    assert Site.open(values, "st-mary").schema == schema

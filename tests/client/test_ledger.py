@@ -54,25 +54,25 @@ def test_composition_is_opacus_rdp():
 
 def test_composition_continues_across_runs_from_disk(tmp_path, data_file):
     folder = tmp_path / "ledgers"
-    first_run = PrivacyLedger.for_dataset(folder, data_file)
+    first_run = PrivacyLedger.open(folder, "notes")
     assert first_run.epsilon_spent(DELTA) == 0.0
     first_run.record("run-1", 1, delta=DELTA, **ROUND)
     after_one = first_run.epsilon_spent(DELTA)
 
     # A later run in a new process opens the same ledger and continues the composition.
-    second_run = PrivacyLedger.for_dataset(folder, data_file)
+    second_run = PrivacyLedger.open(folder, "notes")
     assert second_run.rounds_recorded("run-1") == [1]
     projected = second_run.projected_epsilon(DELTA, **ROUND)
     second_run.record("run-2", 1, delta=DELTA, **ROUND)
     assert second_run.epsilon_spent(DELTA) == pytest.approx(projected)
     assert second_run.epsilon_spent(DELTA) > after_one
-    rows = PrivacyLedger.for_dataset(folder, data_file).describe()
+    rows = PrivacyLedger.open(folder, "notes").describe()
     assert [(row.run_id, row.round) for row in rows] == [("run-1", 1), ("run-2", 1)]
     assert rows[-1].epsilon_total == pytest.approx(projected)
 
 
 def test_budget_refused_before_training_with_clear_numbers(tmp_path, data_file):
-    ledger = PrivacyLedger.for_dataset(tmp_path, data_file)
+    ledger = PrivacyLedger.open(tmp_path, "notes")
     ledger.record("run-1", 1, delta=DELTA, **ROUND)
     assert ledger.check_budget(12.0, DELTA, **ROUND) == pytest.approx(
         ledger.projected_epsilon(DELTA, **ROUND)
@@ -80,34 +80,34 @@ def test_budget_refused_before_training_with_clear_numbers(tmp_path, data_file):
     with pytest.raises(PrivacyBudgetExceeded) as caught:
         ledger.check_budget(10.0, DELTA, **ROUND)
     message = str(caught.value)
-    assert dataset_fingerprint(data_file)[:12] in message and "notes.csv" in message
+    assert "data set notes:" in message and str(tmp_path) not in message
     assert "spent epsilon 7.899" in message and "after this round 11.016" in message
     assert "limit 10" in message
     assert ledger.rounds_recorded("run-1") == [1]  # the refusal recorded nothing
 
 
 def test_record_is_idempotent_per_run_and_round(tmp_path, data_file):
-    ledger = PrivacyLedger.for_dataset(tmp_path, data_file)
+    ledger = PrivacyLedger.open(tmp_path, "notes")
     ledger.record("run-1", 3, delta=DELTA, **ROUND)
     spent = ledger.epsilon_spent(DELTA)
     # A resumed run records round 3 again, from a fresh object: nothing is counted twice.
-    again = PrivacyLedger.for_dataset(tmp_path, data_file)
+    again = PrivacyLedger.open(tmp_path, "notes")
     again.record("run-1", 3, delta=DELTA, **ROUND)
     assert again.epsilon_spent(DELTA) == pytest.approx(spent)
-    assert len(PrivacyLedger.for_dataset(tmp_path, data_file).entries) == 1
+    assert len(PrivacyLedger.open(tmp_path, "notes").entries) == 1
 
 
 def test_record_keeps_rounds_written_by_another_process(tmp_path, data_file):
-    a = PrivacyLedger.for_dataset(tmp_path, data_file)
-    b = PrivacyLedger.for_dataset(tmp_path, data_file)  # opened before a wrote anything
+    a = PrivacyLedger.open(tmp_path, "notes")
+    b = PrivacyLedger.open(tmp_path, "notes")  # opened before a wrote anything
     a.record("run-1", 1, delta=DELTA, **ROUND)
     b.record("run-2", 1, delta=DELTA, **ROUND)
-    on_disk = PrivacyLedger.for_dataset(tmp_path, data_file)
+    on_disk = PrivacyLedger.open(tmp_path, "notes")
     assert [(e.run_id, e.round) for e in on_disk.entries] == [("run-1", 1), ("run-2", 1)]
 
 
 def test_failed_write_leaves_previous_ledger_intact(tmp_path, data_file, monkeypatch):
-    ledger = PrivacyLedger.for_dataset(tmp_path, data_file)
+    ledger = PrivacyLedger.open(tmp_path, "notes")
     ledger.record("run-1", 1, delta=DELTA, **ROUND)
     before = ledger.path.read_bytes()
 
@@ -120,7 +120,7 @@ def test_failed_write_leaves_previous_ledger_intact(tmp_path, data_file, monkeyp
     monkeypatch.undo()
 
     assert ledger.path.read_bytes() == before
-    reloaded = PrivacyLedger.for_dataset(tmp_path, data_file)
+    reloaded = PrivacyLedger.open(tmp_path, "notes")
     assert reloaded.rounds_recorded("run-1") == [1]
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [ledger.path.name]
 
@@ -162,7 +162,7 @@ def test_ledger_key_must_be_a_plain_name(tmp_path):
 
 
 def test_describe_at_a_common_delta(tmp_path, data_file):
-    ledger = PrivacyLedger.for_dataset(tmp_path, data_file)
+    ledger = PrivacyLedger.open(tmp_path, "notes")
     ledger.record("run-1", 1, delta=1e-5, **ROUND)
     ledger.record("run-1", 2, delta=1e-5, **ROUND)
     looser = ledger.describe(delta=1e-3)

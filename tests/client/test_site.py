@@ -21,6 +21,7 @@ from fedward.client.trainer import plan_dp
 from fedward.common import audit, wire
 from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.reasons import Reason
 
 LABELS = ["cardiac", "respiratory"]
 WORDS = {
@@ -102,7 +103,7 @@ def _train(config, node_config, arrays, run_id="run-a", server_round=1) -> Messa
 
 
 def _ledger(node_config) -> PrivacyLedger:
-    return PrivacyLedger.for_dataset(node_config["ledger"], node_config["data-path"])
+    return PrivacyLedger.open(node_config["ledger"], node_config["hospital-name"])
 
 
 def _audit_kinds(node_config) -> list[str]:
@@ -110,14 +111,26 @@ def _audit_kinds(node_config) -> list[str]:
     return [json.loads(line)["kind"] for line in lines]
 
 
+def _reason(reply: Message) -> Reason:
+    """The refusal as it travels: a code and numbers (the coordinator renders it)."""
+    refusal = dict(reply.content[wire.REFUSAL])
+    assert set(refusal) == {"code", "params"}
+    return Reason.from_record(refusal)
+
+
+def _audited_refusal(node_config) -> dict:
+    lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    return [record["fields"] for record in records if record["kind"] == "refusal"][-1]
+
+
 def test_policy_refusal_comes_back_as_a_reason_before_any_data_is_read(hospital):
     config, node_config, tmp_path = hospital
     _write_policy(tmp_path / "policy.toml", allowed_tasks=["ner"])
     node_config = {**node_config, "data-path": str(tmp_path / "does-not-exist.csv")}
     reply = _train(config, node_config, _initial_arrays(config))
-    refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError"
-    assert "task 'classification' is not allowed" in refusal["reason"]
+    reason = _reason(reply)
+    assert reason.code == "policy.rules" and reason.params["rules"] == "allowed_tasks"
     # the data file does not exist: had it been touched, the refusal would be a DataError
     assert wire.ARRAYS not in reply.content
     assert _audit_kinds(node_config) == ["refusal"]
@@ -130,7 +143,7 @@ def test_policy_also_gates_evaluation(hospital):
     message = _train_message(config, _initial_arrays(config))
     message.metadata.message_type = MessageType.EVALUATE
     reply = handle_evaluate(message, _context(node_config), load_site_data, open_site)
-    assert "rounds" in reply.content[wire.REFUSAL]["reason"]
+    assert _reason(reply).params == {"rules": "max_rounds", "max_rounds": 1}
 
 
 def test_a_trained_round_is_in_the_ledger_and_audit_log_before_the_update_leaves(hospital):
@@ -166,8 +179,8 @@ def test_repeating_a_released_round_from_another_global_adapter_is_refused(hospi
     _train(config, node_config, arrays)
     other = {name: value + 0.01 for name, value in arrays.items()}
     reply = _train(config, node_config, other)
-    assert reply.content[wire.REFUSAL]["kind"] == "PrivacyBudgetExceeded"
-    assert "already trained" in reply.content[wire.REFUSAL]["reason"]
+    assert _reason(reply).code == "budget.exceeded"
+    assert "already trained" in _audited_refusal(node_config)["reason"]
     assert _ledger(node_config).rounds_recorded("run-a") == [1]
 
 
@@ -188,9 +201,9 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
         )
     assert ledger.epsilon_spent(1e-5) < 5.5  # the earlier run fitted the lifetime budget
     reply = _train(config, node_config, _initial_arrays(config), run_id="run-b")
-    refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PrivacyBudgetExceeded"
-    assert "site limit 5.5" in refusal["reason"] and "no step was taken" in refusal["reason"]
+    assert _reason(reply).code == "budget.exceeded"
+    audited = _audited_refusal(node_config)["reason"]  # the details stay with the hospital
+    assert "site limit 5.5" in audited and "no step was taken" in audited
     assert _ledger(node_config).rounds_recorded("run-b") == []
 
 
@@ -215,20 +228,20 @@ def test_too_few_examples_are_refused(hospital):
     config, node_config, tmp_path = hospital
     _write_policy(tmp_path / "policy.toml", min_examples=500)
     reply = _train(config, node_config, _initial_arrays(config))
-    assert "at least 500" in reply.content[wire.REFUSAL]["reason"]
+    assert _reason(reply) == Reason("policy.too_few_examples", {"min_examples": 500})
     assert _ledger(node_config).rounds_recorded("run-a") == []
 
 
 def test_a_node_without_site_configuration_refuses_instead_of_crashing(hospital):
     config, node_config, _ = hospital
     reply = _train(config, {"data-path": node_config["data-path"]}, _initial_arrays(config))
-    refusal = reply.content[wire.REFUSAL]
-    assert refusal["kind"] == "PolicyError" and "fedward client start" in refusal["reason"]
+    assert _reason(reply).code == "policy.not_configured"
+    assert "fedward client start" in _reason(reply).render()
 
 
 def test_a_broken_policy_file_is_refused_without_revealing_its_path(hospital):
     config, node_config, tmp_path = hospital
     (tmp_path / "policy.toml").write_text("max_epsilon = 'lots'\n", encoding="utf-8")
     reply = _train(config, node_config, _initial_arrays(config))
-    reason = reply.content[wire.REFUSAL]["reason"]
-    assert "site policy" in reason and str(tmp_path) not in reason
+    reason = _reason(reply)
+    assert reason.code == "policy.file_invalid" and str(tmp_path) not in reason.render()

@@ -363,7 +363,7 @@ class Federation:
 
     def ledger(self, name: str) -> PrivacyLedger:
         site = self.site(name)
-        return PrivacyLedger.for_dataset(site / "ledger", site / "notes.csv")
+        return PrivacyLedger.open(site / "ledger", name)  # data-set id: the hospital's name
 
     def audit_records(self, path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -18,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import ArraySpec
+from fedward.common.reasons import Reason
 from fedward.server.strategy import FedwardStrategy
 
 SPEC = [ArraySpec("lora_B", (2, 2), "float32"), ArraySpec("head.bias", (3,), "float32")]
@@ -64,10 +65,11 @@ def _update_reply(
     return Message(content=content, reply_to=instruction)
 
 
-def _refusal_reply(instruction: Message, name: str, reason: str) -> Message:
+def _refusal_reply(instruction: Message, name: str, reason: Reason | dict) -> Message:
+    record = reason.to_record() if isinstance(reason, Reason) else reason
     content = RecordDict(
         {
-            wire.REFUSAL: ConfigRecord({"kind": "PrivacyBudgetExceeded", "reason": reason}),
+            wire.REFUSAL: ConfigRecord(record),
             wire.INFO: ConfigRecord({"hospital": name}),
         }
     )
@@ -100,7 +102,7 @@ def test_aggregate_train_drops_bad_and_refused_replies_and_averages_the_rest(cap
         _update_reply(to[0], "hospital-a", _arrays(0.2, 0.4), examples=30, loss=0.6),
         _update_reply(to[1], "hospital-b", _arrays(-0.2, 0.8), examples=10, loss=0.2),
         _update_reply(to[2], "hospital-c", broken, examples=50, loss=0.6),
-        _refusal_reply(to[3], "hospital-d", "epsilon would exceed 8"),
+        _refusal_reply(to[3], "hospital-d", Reason("budget.exceeded")),
         Message(Error(code=0, reason="worker crashed"), reply_to=to[4]),
     ]
     with caplog.at_level(logging.WARNING, logger="fedward.server.strategy"):
@@ -114,7 +116,8 @@ def test_aggregate_train_drops_bad_and_refused_replies_and_averages_the_rest(cap
     assert outcome.hospitals["hospital-a"]["num_examples"] == 30
     assert outcome.hospitals["hospital-a"]["epsilon"] == 1.5
     assert list(outcome.rejected) == ["hospital-c"] and "NaN" in outcome.rejected["hospital-c"]
-    assert outcome.refused == {"hospital-d": "epsilon would exceed 8"}
+    assert outcome.refused == {"hospital-d": Reason("budget.exceeded").render()}
+    assert "privacy budget would be exceeded" in outcome.refused["hospital-d"]
     assert outcome.dropped == ["node-15"]
 
     logged = caplog.text
@@ -189,7 +192,7 @@ def test_too_few_usable_updates_fail_the_round_and_keep_the_adapter(caplog):
     replies = [
         _update_reply(to[0], "hospital-a", _arrays(0.1, 0.1), examples=10),
         _update_reply(to[1], "hospital-b", _arrays(0.1, 0.1), examples=10),
-        _refusal_reply(to[2], "hospital-c", "site policy: model not allowed"),
+        _refusal_reply(to[2], "hospital-c", Reason("policy.rules", {"rules": "allowed_models"})),
     ]  # hospital 14 never answers
     with caplog.at_level(logging.WARNING, logger="fedward.server.strategy"):
         outcome = strategy.aggregate_train(2, global_arrays, replies, sent=len(to))
@@ -237,3 +240,42 @@ def test_aggregate_evaluate_weights_hospitals_by_examples_and_skips_failures():
     assert outcome.metrics["loss"] == pytest.approx(1.25)
     assert outcome.metrics["accuracy"] == pytest.approx(0.8)
     assert "num_examples" not in outcome.metrics
+
+
+def test_a_refusal_carrying_text_is_stored_as_unknown_never_as_its_text():
+    """A hospital (an old version, or a broken one) that sends text instead of a code: the
+    coordinator renders its own `reason.unknown`, so the text reaches no history or audit log."""
+    strategy = _strategy()
+    global_arrays = _arrays(1.0, 0.0)
+    to = strategy.configure_train(1, global_arrays, [11, 12, 13])
+    leaked = "patient SENTINEL-4711 had chest pain"
+    replies = [
+        _update_reply(to[0], "hospital-a", _arrays(0.2, 0.4), examples=30),
+        _update_reply(to[1], "hospital-b", _arrays(0.2, 0.4), examples=30),
+        _refusal_reply(to[2], "hospital-c", {"kind": "DataError", "reason": leaked}),
+    ]
+    outcome = strategy.aggregate_train(1, global_arrays, replies, sent=len(to))
+    assert outcome.refused == {"hospital-c": Reason("reason.unknown").render()}
+    crafted = Reason.from_record({"code": "policy.rules", "params": '{"rules": "' + leaked + '"}'})
+    assert crafted == Reason("reason.unknown")
+
+
+def test_with_secure_aggregation_replies_need_no_clear_example_count():
+    """Deployed hospitals send no example count or loss in the clear under SecAgg+: their
+    replies are accepted, and the round's train loss is unknown rather than invented."""
+    strategy = _strategy(secure_aggregation=True)
+    to = strategy.configure_train(1, _arrays(0.0, 0.0), [11, 12])
+    replies = []
+    for instruction, name in zip(to, ("hospital-a", "hospital-b")):
+        content = RecordDict(
+            {
+                wire.METRICS: MetricRecord({"epsilon": 1.5}),
+                wire.INFO: ConfigRecord({"hospital": name}),
+                wire.SECAGG: ConfigRecord({}),
+            }
+        )
+        replies.append(Message(content=content, reply_to=instruction))
+    outcome, accepted = strategy._read_train_replies(1, replies, sent=2)
+    assert sorted(name for name, _ in accepted.values()) == ["hospital-a", "hospital-b"]
+    assert outcome.hospitals["hospital-a"] == {"epsilon": 1.5}
+    assert math.isnan(outcome.train_loss)

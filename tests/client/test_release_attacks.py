@@ -1,0 +1,315 @@
+"""Attacks of a dishonest coordinator on what a hospital releases (issue 14, items 1, 3, 5).
+
+Each test acts as the coordinator would: it crafts run specs and evaluate requests, sends them to
+the deployed ClientApp's handlers (real data file, policy, ledger, audit log, tiny model), then
+stores the replies the way the coordinator does (strategy, history.json, audit.jsonl). Sentinel
+strings planted in the hospital's notes, labels, column names and file path must never appear in
+anything the coordinator receives or stores; the hospital's own audit log may hold them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
+from fedward.client.ledger import PrivacyLedger
+from fedward.client.site import EVALUATION_KEY
+from fedward.common import wire
+from fedward.common.audit import AuditLog
+from fedward.common.config import RunConfig
+from fedward.common.model import adapter_spec, build_model, get_adapter_arrays
+from fedward.common.reasons import Reason
+from fedward.server.app import history_row, round_audit_fields, write_history
+from fedward.server.secagg import SecAggServerSession
+from fedward.server.strategy import FedwardStrategy
+
+LABELS = ["cardiac", "respiratory"]
+SENTINEL = "SENTINEL7Q"  # planted in notes, labels, column names and the file's path
+WORDS = {
+    "cardiac": "chest pain radiating to the left arm with troponin rise",
+    "respiratory": "productive cough with fever and crackles at the lung base",
+}
+
+
+@pytest.fixture(autouse=True)
+def inside_a_flower_app(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def hospital(tmp_path, tiny_model_dir):
+    """40 notes, each carrying a sentinel, in a folder whose name carries one too."""
+    folder = tmp_path / f"records-{SENTINEL}-path"
+    folder.mkdir()
+    data = folder / "notes.csv"
+    _write_notes(data, ["text", "label", f"mrn_{SENTINEL}_col"])
+    node_config = {
+        "data-path": str(data),
+        "policy": str(tmp_path / "policy.toml"),
+        "ledger": str(tmp_path / "ledger"),
+        "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
+        "hospital-name": "st-mary",
+        "device": "cpu",
+    }
+    _write_policy(tmp_path / "policy.toml")
+    config = RunConfig(
+        model=tiny_model_dir,
+        labels=LABELS,
+        rounds=2,
+        epsilon=5.0,
+        batch_size=8,
+        max_length=24,
+        secure_aggregation=False,
+        device="cpu",
+    )
+    return config, node_config, tmp_path
+
+
+def _write_notes(path: Path, header: list[str], extra_label: str | None = None) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(40):
+            label = LABELS[i % 2]
+            if extra_label is not None and i % 10 == 0:
+                label = extra_label
+            writer.writerow([f"patient {SENTINEL}-{i}: {WORDS[LABELS[i % 2]]}", label, i])
+
+
+def _write_policy(path: Path, **rules) -> None:
+    values = {"max_epsilon": 8.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _message(config, arrays, kind=MessageType.TRAIN, server_round=1, run_id="run-a", extra=None):
+    record = wire.round_config(config, server_round, run_id)
+    for key, value in (extra or {}).items():
+        record[key] = value
+    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: record})
+    return Message(content=content, message_type=kind, dst_node_id=7)
+
+
+def _arrays(config) -> dict:
+    return get_adapter_arrays(build_model(config, len(LABELS)))
+
+
+def _train(config, node_config, arrays, **options) -> Message:
+    message = _message(config, arrays, MessageType.TRAIN, **options)
+    return handle_train(message, _context(node_config), load_site_data, open_site)
+
+
+def _evaluate(config, node_config, arrays, **options) -> Message:
+    message = _message(config, arrays, MessageType.EVALUATE, **options)
+    return handle_evaluate(message, _context(node_config), load_site_data, open_site)
+
+
+def _received(reply: Message) -> str:
+    """Everything in a reply except the update's tensor values, as text."""
+    parts = []
+    for key, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            parts.append(f"{key}: {list(record)}")
+        else:
+            parts.append(f"{key}: {dict(record)!r}")
+    return "\n".join(parts)
+
+
+def _reason(reply: Message) -> Reason:
+    assert wire.REFUSAL in reply.content, _received(reply)
+    return Reason.from_record(reply.content[wire.REFUSAL])
+
+
+def _store_as_the_coordinator(config, train_replies, evaluate_replies, out: Path) -> str:
+    """What the coordinator keeps from a round's replies: history.json and audit.jsonl."""
+    spec = adapter_spec(build_model(config, len(LABELS)))
+    strategy = FedwardStrategy(config, spec, "run-a")
+    outcome = strategy.aggregate_train(1, _arrays(config), train_replies, len(train_replies))
+    evaluation = strategy.aggregate_evaluate(1, evaluate_replies)
+    row = history_row(1, outcome, evaluation, config, 1.0)
+    write_history(out, config, "run-a", [row])
+    AuditLog(out / "audit.jsonl").append("round", **round_audit_fields(row, "run-a", "c", "a"))
+    return (out / "history.json").read_text() + (out / "audit.jsonl").read_text()
+
+
+def _hospital_audit(node_config) -> str:
+    return Path(node_config["audit-log"]).read_text(encoding="utf-8")
+
+
+# --- item 1: reasons carry no data ---------------------------------------------------------------
+
+
+def test_label_column_set_to_the_notes_sends_back_counts_not_notes(hospital):
+    """The old attack: with the notes as labels, the reason listed five notes a request."""
+    config, node_config, tmp_path = hospital
+    node_config = {**node_config, "label-column": "text"}  # misconfigured: notes as labels
+    arrays = _arrays(config)
+    train = _train(config, node_config, arrays)
+    evaluate = _evaluate(config, node_config, arrays)
+
+    assert _reason(train) == Reason("data.labels_mismatch", {"unknown_labels": 40, "run_labels": 2})
+    stored = _store_as_the_coordinator(config, [train], [evaluate], tmp_path / "coordinator")
+    for text in (_received(train), _received(evaluate), stored):
+        assert SENTINEL not in text and "patient" not in text
+    assert "label value(s) in the hospital's data" in stored  # the coordinator's own rendering
+    assert SENTINEL in _hospital_audit(node_config)  # the details stay with the hospital
+
+
+def test_an_unknown_column_reveals_no_column_name_and_no_path(hospital):
+    config, node_config, tmp_path = hospital
+    node_config = {**node_config, "text-column": "note_body"}  # not a column of the file
+    arrays = _arrays(config)
+    train = _train(config, node_config, arrays)
+    assert _reason(train).code == "data.unreadable"
+    stored = _store_as_the_coordinator(config, [train], [], tmp_path / "coordinator")
+    for text in (_received(train), stored):
+        assert SENTINEL not in text and str(tmp_path) not in text and "note_body" not in text
+    assert f"mrn_{SENTINEL}_col" in _hospital_audit(node_config)
+
+
+def test_label_values_outside_the_run_are_counted_not_named(hospital):
+    config, node_config, _ = hospital
+    _write_notes(
+        Path(node_config["data-path"]), ["text", "label", "mrn"], extra_label=f"hiv-{SENTINEL}"
+    )
+    reply = _train(config, node_config, _arrays(config))
+    assert _reason(reply) == Reason("data.labels_mismatch", {"unknown_labels": 1, "run_labels": 2})
+    assert SENTINEL not in _received(reply)
+
+
+def test_the_coordinator_cannot_choose_the_hospitals_columns(hospital):
+    """Data schema keys slipped into the run spec are ignored: the schema is the hospital's."""
+    config, node_config, _ = hospital
+    crafted = {"label-column": "text", "text-column": f"mrn_{SENTINEL}_col", "val-fraction": 0.9}
+    reply = _train(config, node_config, _arrays(config), extra=crafted)
+    assert wire.REFUSAL not in reply.content, _received(reply)
+    assert wire.ARRAYS in reply.content
+
+
+def test_an_unexpected_error_leaves_as_a_generic_code(hospital):
+    config, node_config, _ = hospital
+
+    def broken_loader(run_config, context):
+        raise KeyError(f"patient {SENTINEL} record 12")  # a bug whose text holds a record
+
+    message = _message(config, _arrays(config))
+    reply = handle_train(message, _context(node_config), broken_loader, open_site)
+    assert _reason(reply).code == "error.internal"
+    assert SENTINEL not in _received(reply)
+
+
+# --- item 3: evaluation is an accounted release --------------------------------------------------
+
+
+def _ledger(node_config) -> PrivacyLedger:
+    return PrivacyLedger.open(node_config["ledger"], node_config["hospital-name"])
+
+
+def test_evaluation_is_refused_by_default(hospital):
+    config, node_config, _ = hospital
+    arrays = _arrays(config)
+    assert wire.REFUSAL not in _train(config, node_config, arrays).content
+    reply = _evaluate(config, node_config, arrays)
+    assert _reason(reply).code == "evaluation.not_allowed"
+    assert wire.METRICS not in reply.content
+
+
+def test_evaluate_requests_are_refused_or_charged_as_the_policy_says(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluation_epsilon=0.5)
+    arrays = _arrays(config)
+    # a round this hospital did not train, and rounds that do not exist
+    assert _reason(_evaluate(config, node_config, arrays)).code == "evaluation.round_not_trained"
+    for server_round in (0, 3):
+        reply = _evaluate(config, node_config, arrays, server_round=server_round)
+        assert _reason(reply).code == "evaluation.round_out_of_range"
+    assert _ledger(node_config).rounds_recorded("run-a" + EVALUATION_KEY) == []
+
+    assert wire.REFUSAL not in _train(config, node_config, arrays).content
+    spent_before = _ledger(node_config).epsilon_spent(1e-5)
+    reply = _evaluate(config, node_config, arrays)
+    released = dict(reply.content[wire.METRICS])
+    assert set(released) == {"num-examples", "accuracy", "macro_f1"}  # no loss: unbounded
+    assert _ledger(node_config).rounds_recorded("run-a" + EVALUATION_KEY) == [1]
+    assert _ledger(node_config).epsilon_spent(1e-5) > spent_before  # charged
+    record = [
+        json.loads(line)["fields"]
+        for line in _hospital_audit(node_config).splitlines()
+        if json.loads(line)["kind"] == "evaluation"
+    ][-1]
+    assert record["exact"]["num-examples"] == 8  # the validation split, exactly
+    assert released["num-examples"] != 8  # what left was noised
+
+    # twice a round, with an arbitrary adapter: refused, nothing more charged
+    crafted = {name: np.random.default_rng(1).normal(size=a.shape) for name, a in arrays.items()}
+    spent = _ledger(node_config).epsilon_spent(1e-5)
+    reply = _evaluate(config, node_config, crafted)
+    assert _reason(reply) == Reason("evaluation.repeated", {"round": 1})
+    assert _ledger(node_config).epsilon_spent(1e-5) == spent
+
+
+def test_evaluation_after_the_budget_is_spent_is_refused(hospital):
+    config, node_config, tmp_path = hospital
+    arrays = _arrays(config)
+    assert wire.REFUSAL not in _train(config, node_config, arrays).content
+    assert _ledger(node_config).epsilon_spent(1e-5) < config.epsilon
+    # the run still fits the policy, but a release of epsilon 10 does not fit what is left
+    _write_policy(
+        tmp_path / "policy.toml",
+        allow_evaluation=True,
+        evaluation_epsilon=10.0,
+        max_epsilon=config.epsilon,
+    )
+    reply = _evaluate(config, node_config, arrays)
+    assert _reason(reply).code == "evaluation.budget"
+    assert wire.METRICS not in reply.content
+    assert _ledger(node_config).rounds_recorded("run-a" + EVALUATION_KEY) == []
+
+
+def test_a_final_only_policy_refuses_earlier_rounds(hospital):
+    config, node_config, tmp_path = hospital
+    _write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluate_rounds="final")
+    arrays = _arrays(config)
+    assert wire.REFUSAL not in _train(config, node_config, arrays).content
+    reply = _evaluate(config, node_config, arrays)
+    assert _reason(reply) == Reason("evaluation.not_final", {"rounds": 2})
+
+
+# --- item 5: only what the README lists goes out in the clear -----------------------------------
+
+
+def test_with_secure_aggregation_no_example_count_or_loss_leaves_in_the_clear(hospital):
+    from fedward.client.secagg import write_signing_key
+
+    config, node_config, tmp_path = hospital
+    own = write_signing_key(tmp_path / "own.pem")
+    peer = write_signing_key(tmp_path / "peer.pem")
+    _write_policy(
+        tmp_path / "policy.toml",
+        secagg_signing_key=str(tmp_path / "own.pem"),
+        min_secure_aggregation_hospitals=2,
+    )
+    with (tmp_path / "policy.toml").open("a") as policy:
+        policy.write(f'[secagg_roster]\nst-mary = "{own}"\npeer = "{peer}"\n')
+    config = config.model_copy(update={"secure_aggregation": True})
+    arrays = _arrays(config)
+    vector_length = sum(a.size for a in arrays.values())
+    session = SecAggServerSession("run-a", 1, [7, 8], vector_length, bits=16, max_weight=65_536)
+    message = _message(config, arrays)
+    message.content[wire.SECAGG] = wire.payload_to_records(session.advertise_keys_requests()[7])[0]
+    reply = handle_train(message, _context(node_config), load_site_data, open_site)
+    assert wire.REFUSAL not in reply.content, _received(reply)
+    assert set(reply.content[wire.METRICS]) == {"epsilon"}
+    assert wire.ARRAYS not in reply.content  # the update leaves only masked, in a later stage
