@@ -267,7 +267,13 @@ class TrainableTop(torch.nn.Module):
 class _PassStates(torch.nn.Module):
     """Stands in for the embeddings in the top: hands the cached states on unchanged."""
 
-    def forward(self, inputs_embeds=None, **_):
+    def forward(self, *args, inputs_embeds=None, **_):
+        # Families call their embeddings differently (DistilBERT positionally): the states are
+        # the one floating-point tensor among the arguments.
+        if inputs_embeds is None:
+            inputs_embeds = next(
+                (a for a in args if torch.is_tensor(a) and a.is_floating_point()), None
+            )
         return inputs_embeds
 
 
