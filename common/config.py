@@ -112,16 +112,23 @@ class ModelSpec(_Group):
         description="Adapt only the top N transformer layers (0: all). Fewer layers train "
         "faster (no backward pass below them) and put less DP noise on the update.",
     )
-    lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"],
-        description="Names of the linear layers that get LoRA adapters.",
+    lora_target_modules: str | list[str] = Field(
+        "auto",
+        description="Names of the linear layers that get LoRA adapters; auto: the attention's "
+        "query and value projections of the base model's architecture (BERT, RoBERTa, XLM-R, "
+        "ELECTRA: query, value; DistilBERT: q_lin, v_lin; DeBERTa-v2/v3: query_proj, "
+        "value_proj; ModernBERT: Wqkv). The adapter's fedward.json records the modules used.",
     )
 
     @field_validator("lora_target_modules")
     @classmethod
-    def _check_targets(cls, value: list[str]) -> list[str]:
+    def _check_targets(cls, value: str | list[str]) -> str | list[str]:
+        if value == "auto" or value == ["auto"]:  # `--lora-target-modules auto` is a list
+            return "auto"
+        if isinstance(value, str):
+            raise ValueError("must be 'auto' or a list of module names, e.g. ['query', 'value']")
         if not value or any(not name.strip() for name in value):
-            raise ValueError("must name at least one module, e.g. ['query', 'value']")
+            raise ValueError("must name at least one module, e.g. ['query', 'value'], or be 'auto'")
         return value
 
 

@@ -59,39 +59,128 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
     """Base model + task head + LoRA adapters, initialised deterministically from `config.seed`.
 
     The same config gives bit-identical initial adapters on every hospital and on the server,
-    which FFA-LoRA relies on (its frozen A factors never travel).
+    which FFA-LoRA relies on (its frozen A factors never travel). Which linear layers get LoRA
+    and where the layer list is are found from the base model's architecture
+    (`lora_target_modules`, `transformer_layers`), so any encoder of the common families works.
     """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     base = build_base(config.task, config.model, num_labels)
-    layers = base.config.num_hidden_layers
-    if config.lora_layers > layers:
-        raise ModelError(
-            f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
-            f"'{config.model}'"
-        )
-    top_layers = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
+    targets = lora_target_modules(base, config.lora_target_modules, config.model)
+    top_layers, layers_pattern = None, None
+    if config.lora_layers:
+        layers_pattern, layers = transformer_layers(base, config.model)
+        if config.lora_layers > layers:
+            raise ModelError(
+                f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
+                f"'{config.model}'"
+            )
+        top_layers = list(range(layers - config.lora_layers, layers))
+    options = task_named(config.task).peft_options()
+    # Head layers the task's options do not name (ModernBERT's dense layer before its classifier)
+    # are new and random too: they train and travel with the classifier.
+    heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]
+    if heads:
+        options["modules_to_save"] = [*options.get("modules_to_save", []), *heads]
     lora = LoraConfig(
-        **task_named(config.task).peft_options(),
+        **options,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
+        target_modules=targets,
         layers_to_transform=top_layers,
+        layers_pattern=layers_pattern,
     )
     try:
         model = get_peft_model(base, lora)
     except ValueError as exc:
         raise ModelError(
-            f"field 'lora_target_modules': {config.lora_target_modules} do not match layers of "
-            f"'{config.model}' ({exc})"
+            f"field 'lora_target_modules': {targets} do not match layers of '{config.model}' "
+            f"({str(exc).splitlines()[0][:200]}); its linear layers are named "
+            f"{', '.join(_linear_names(base))}"
         ) from None
     if config.lora_variant == "ffa":
         for name, parameter in model.named_parameters():
             if ".lora_A." in name:
                 parameter.requires_grad_(False)
     return model
+
+
+#: LoRA's modules per architecture (a model config's `model_type`) when `lora_target_modules`
+#: is "auto": the attention's query and value projections, as the LoRA paper adapts, or the
+#: fused query-key-value projection where the architecture has only that (ModernBERT's Wqkv).
+#: Names read from the modeling code of the installed transformers (5.x). DeBERTa-v3 models
+#: are `deberta-v2`. Other architectures fall back to PEFT's own table.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "modernbert": ["Wqkv"],
+}
+
+
+def lora_target_modules(base: torch.nn.Module, requested: str | list[str], model: str) -> list[str]:
+    """The linear layers that get LoRA: `requested` itself, or those of `base`'s architecture
+    when it is "auto"; `ModelError` naming the field for an architecture fedward does not know."""
+    if requested != "auto":
+        return list(requested)
+    model_type = getattr(base.config, "model_type", None)
+    if model_type in LORA_TARGETS:
+        return list(LORA_TARGETS[model_type])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    if model_type in PEFT_TARGETS:
+        return list(PEFT_TARGETS[model_type])
+    raise ModelError(
+        f"field 'lora_target_modules': no default for '{model}' (architecture '{model_type}'); "
+        f"name its attention's linear layers, e.g. two of {', '.join(_linear_names(base))}"
+    )
+
+
+def transformer_layers(base: torch.nn.Module, model: str) -> tuple[str, int]:
+    """The name of `base`'s list of transformer layers (`layer` for BERT, DeBERTa and
+    DistilBERT, `layers` for ModernBERT: PEFT's `layers_pattern`) and how many it holds.
+
+    It is the module list as long as the config's `num_hidden_layers`; `lora_layers` counts
+    from its top.
+    """
+    wanted = base.config.num_hidden_layers
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == wanted and name:
+            return name.rsplit(".", 1)[-1], wanted
+    raise ModelError(
+        f"field 'lora_layers': cannot find the list of {wanted} transformer layers of "
+        f"'{model}' ({type(base).__name__}); set lora_layers = 0 to adapt every layer"
+    )
+
+
+def head_modules(base: torch.nn.Module) -> list[str]:
+    """Names of the linear layers of `base`'s fresh task head, outside the pretrained encoder:
+    `classifier`, and for ModernBERT also `head.dense`.
+
+    They are drawn at random, so they must train and travel, or a loaded adapter would not
+    repeat the run's predictions. A head's norm layer starts at ones (and zeros) on every
+    machine and stays frozen: Opacus cannot clip per-example gradients of a LayerNorm without a
+    bias, which ModernBERT's is.
+    """
+    encoder = getattr(base, "base_model_prefix", None) or "encoder"
+    names = []
+    for name, child in base.named_children():
+        if name == encoder:
+            continue
+        for inner, module in child.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                names.append(f"{name}.{inner}" if inner else name)
+    return names
+
+
+def _linear_names(base: torch.nn.Module) -> list[str]:
+    linears = (name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear))
+    return sorted({name.rsplit(".", 1)[-1] for name in linears})
 
 
 class MeanPoolClassifier(torch.nn.Module):
@@ -109,7 +198,7 @@ class MeanPoolClassifier(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
-        self.dropout = torch.nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.dropout = torch.nn.Dropout(hidden_dropout(encoder.config))
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **_):
@@ -131,6 +220,16 @@ class MeanPoolClassifier(torch.nn.Module):
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def hidden_dropout(config) -> float:
+    """The dropout a family's config sets on hidden states: BERT's `hidden_dropout_prob`,
+    DistilBERT's `dropout`, ModernBERT's `classifier_dropout` (it has no hidden dropout)."""
+    for name in ("hidden_dropout_prob", "dropout", "classifier_dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, int | float):
+            return float(value)
+    return 0.1
 
 
 class FrozenPrefix(torch.nn.Module):
@@ -168,7 +267,13 @@ class TrainableTop(torch.nn.Module):
 class _PassStates(torch.nn.Module):
     """Stands in for the embeddings in the top: hands the cached states on unchanged."""
 
-    def forward(self, inputs_embeds=None, **_):
+    def forward(self, *args, inputs_embeds=None, **_):
+        # Families call their embeddings differently (DistilBERT positionally): the states are
+        # the one floating-point tensor among the arguments.
+        if inputs_embeds is None:
+            inputs_embeds = next(
+                (a for a in args if torch.is_tensor(a) and a.is_floating_point()), None
+            )
         return inputs_embeds
 
 
@@ -229,7 +334,7 @@ def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
     path = resolve_model_path(model)
     try:
         return task_named(task).load_base(path, num_labels)
-    except (OSError, ValueError, TypeError) as exc:  # TypeError: no add_pooling_layer there
+    except (OSError, ValueError, TypeError) as exc:
         raise ModelError(_unknown_model(model, exc)) from None
 
 
@@ -310,6 +415,10 @@ def save_adapter(
             "model": config.model,
             "labels": labels,
             "lora_variant": config.lora_variant,
+            # The modules LoRA adapts, as found for the base model's architecture when the run
+            # spec says "auto" (PEFT's adapter_config.json holds the same for loading).
+            "lora_target_modules": sorted(_peft_config(model).target_modules or []),
+            "lora_layers": config.lora_layers,
             "max_length": config.max_length,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -344,6 +453,10 @@ def trainable_fraction(model: torch.nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable / total
+
+
+def _peft_config(model: torch.nn.Module):
+    return model.peft_config[getattr(model, "active_adapter", "default")]
 
 
 def _unknown_model(name: str, exc: Exception) -> str:

@@ -112,12 +112,23 @@ class Classification:
         }
 
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
-        """The pretrained encoder (its pooler left out) under a fresh mean-pooling head."""
-        from transformers import AutoModel
+        """The pretrained encoder (its pooler left out) under a fresh mean-pooling head.
+
+        BERT, RoBERTa and XLM-R have a pooler, which the mean-pooling head does not read;
+        DeBERTa, DistilBERT, ELECTRA and ModernBERT have none and take no such option.
+        """
+        import inspect
+
+        from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 
         from fedward.common.model import MeanPoolClassifier
 
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        config = AutoConfig.from_pretrained(path)
+        encoder_class = MODEL_MAPPING.get(type(config), None)
+        options = {}
+        if encoder_class and "add_pooling_layer" in inspect.signature(encoder_class).parameters:
+            options["add_pooling_layer"] = False
+        encoder = AutoModel.from_pretrained(path, config=config, **options)
         return MeanPoolClassifier(encoder, num_labels)
 
     def peft_options(self) -> dict:

@@ -159,3 +159,13 @@ def test_flower_app_config_lists_every_field_with_its_default():
     table = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(table) == {name.replace("_", "-") for name in RunConfig.model_fields}
     assert RunConfig.from_flower(table) == RunConfig()
+
+
+def test_lora_target_modules_default_to_auto_and_a_named_list_still_loads(tmp_path):
+    assert RunConfig().lora_target_modules == "auto"
+    assert RunConfig.build({"lora-target-modules": ["auto"]}).lora_target_modules == "auto"  # CLI
+    path = tmp_path / "old.toml"
+    path.write_text('lora_target_modules = ["query", "value"]\n', encoding="utf-8")
+    assert RunConfig.from_toml(path).lora_target_modules == ["query", "value"]
+    with pytest.raises(ConfigError, match="'lora_target_modules'"):
+        RunConfig.build({"lora_target_modules": "query"})
