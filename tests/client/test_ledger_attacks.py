@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from site_fixtures import LABELS, run_config, write_policy, write_secagg_policy
 from typer.testing import CliRunner
 
 from fedward.client import deploy
@@ -32,7 +33,6 @@ from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.model import build_model, get_adapter_arrays
 
-LABELS = ["cardiac", "respiratory"]
 WORDS = {
     "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
     "respiratory": "productive cough with fever and crackles at the right lung base",
@@ -62,7 +62,7 @@ def hospital(tmp_path, tiny_model_dir):
         for i in range(40):
             label = LABELS[i % 2]
             writer.writerow([f"patient {i}: {WORDS[label]}", label])
-    _write_policy(site / "policy.toml")
+    write_policy(site / "policy.toml")
     settings = deploy.HospitalSettings(
         server="127.0.0.1:9092",
         data=data,
@@ -74,22 +74,8 @@ def hospital(tmp_path, tiny_model_dir):
     )
     deploy.check_settings(settings)
     node_config = deploy.node_config(settings)
-    config = RunConfig(
-        model=tiny_model_dir,
-        labels=LABELS,
-        rounds=1,
-        epsilon=5.0,
-        batch_size=8,
-        max_length=24,
-        secure_aggregation=False,
-        device="cpu",
-    )
+    config = run_config(tiny_model_dir, rounds=1)
     return config, node_config, site
-
-
-def _write_policy(path, **rules) -> None:
-    values = {"max_epsilon": 6.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
-    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
 
 
 def _train(config, node_config, arrays, run_id="run-a", server_round=1, secagg=None) -> Message:
@@ -294,7 +280,7 @@ def test_a_round_outside_the_run_is_refused_and_spends_nothing(hospital, server_
 def test_a_round_below_one_already_trained_is_refused(hospital):
     config, node_config, _ = hospital
     config = config.model_copy(update={"rounds": 3})
-    _write_policy(Path(node_config["policy"]), max_epsilon=20.0)
+    write_policy(Path(node_config["policy"]), max_epsilon=20.0)
     arrays = _arrays(config)
     assert wire.REFUSAL not in _train(config, node_config, arrays, server_round=2).content
     spent = _ledger(node_config).epsilon_spent(DELTA)
@@ -334,19 +320,10 @@ def test_a_run_id_that_is_not_a_plain_name_touches_no_file(hospital, run_id):
 
 
 def test_more_examples_than_secagg_max_weight_are_refused_before_any_step(hospital):
-    from fedward.client.secagg import write_signing_key
     from fedward.server.secagg import SecAggServerSession
 
-    config, node_config, tmp_path = hospital
-    own = write_signing_key(tmp_path / "own.pem")
-    peer = write_signing_key(tmp_path / "peer.pem")
-    _write_policy(
-        Path(node_config["policy"]),
-        secagg_signing_key=str(tmp_path / "own.pem"),
-        min_secure_aggregation_hospitals=2,
-    )
-    with Path(node_config["policy"]).open("a") as policy:
-        policy.write(f'[secagg_roster]\n{HOSPITAL} = "{own}"\npeer = "{peer}"\n')
+    config, node_config, _ = hospital
+    write_secagg_policy(Path(node_config["policy"]), HOSPITAL)
     # 32 training examples; the run's secure aggregation can carry a weight of at most 20
     config = config.model_copy(update={"secure_aggregation": True, "secagg_max_weight": 20})
     arrays = _arrays(config)

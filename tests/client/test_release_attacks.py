@@ -17,20 +17,19 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from site_fixtures import LABELS, run_config, write_policy, write_secagg_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.ledger import PrivacyLedger
 from fedward.client.site import EVALUATION_KEY
 from fedward.common import wire
 from fedward.common.audit import AuditLog
-from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_model, get_adapter_arrays
 from fedward.common.reasons import Reason
 from fedward.server.app import history_row, round_audit_fields, write_history
 from fedward.server.secagg import SecAggServerSession
 from fedward.server.strategy import FedwardStrategy
 
-LABELS = ["cardiac", "respiratory"]
 SENTINEL = "SENTINEL7Q"  # planted in notes, labels, column names and the file's path
 WORDS = {
     "cardiac": "chest pain radiating to the left arm with troponin rise",
@@ -60,17 +59,8 @@ def hospital(tmp_path, tiny_model_dir):
         "hospital-name": "st-mary",
         "device": "cpu",
     }
-    _write_policy(tmp_path / "policy.toml")
-    config = RunConfig(
-        model=tiny_model_dir,
-        labels=LABELS,
-        rounds=2,
-        epsilon=5.0,
-        batch_size=8,
-        max_length=24,
-        secure_aggregation=False,
-        device="cpu",
-    )
+    write_policy(tmp_path / "policy.toml")
+    config = run_config(tiny_model_dir, rounds=2)
     return config, node_config, tmp_path
 
 
@@ -83,11 +73,6 @@ def _write_notes(path: Path, header: list[str], extra_label: str | None = None) 
             if extra_label is not None and i % 10 == 0:
                 label = extra_label
             writer.writerow([f"patient {SENTINEL}-{i}: {WORDS[LABELS[i % 2]]}", label, i])
-
-
-def _write_policy(path: Path, **rules) -> None:
-    values = {"max_epsilon": 8.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
-    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
 
 
 def _context(node_config: dict) -> Context:
@@ -228,7 +213,7 @@ def test_evaluation_is_refused_by_default(hospital):
 
 def test_evaluate_requests_are_refused_or_charged_as_the_policy_says(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluation_epsilon=0.5)
+    write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluation_epsilon=0.5)
     arrays = _arrays(config)
     # a round this hospital did not train, and rounds that do not exist
     assert _reason(_evaluate(config, node_config, arrays)).code == "evaluation.round_not_trained"
@@ -266,7 +251,7 @@ def test_evaluation_after_the_budget_is_spent_is_refused(hospital):
     assert wire.REFUSAL not in _train(config, node_config, arrays).content
     assert _ledger(node_config).epsilon_spent(1e-5) < config.epsilon
     # the run still fits the policy, but a release of epsilon 10 does not fit what is left
-    _write_policy(
+    write_policy(
         tmp_path / "policy.toml",
         allow_evaluation=True,
         evaluation_epsilon=10.0,
@@ -280,7 +265,7 @@ def test_evaluation_after_the_budget_is_spent_is_refused(hospital):
 
 def test_a_final_only_policy_refuses_earlier_rounds(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluate_rounds="final")
+    write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluate_rounds="final")
     arrays = _arrays(config)
     assert wire.REFUSAL not in _train(config, node_config, arrays).content
     reply = _evaluate(config, node_config, arrays)
@@ -291,18 +276,8 @@ def test_a_final_only_policy_refuses_earlier_rounds(hospital):
 
 
 def test_with_secure_aggregation_no_example_count_or_loss_leaves_in_the_clear(hospital):
-    from fedward.client.secagg import write_signing_key
-
     config, node_config, tmp_path = hospital
-    own = write_signing_key(tmp_path / "own.pem")
-    peer = write_signing_key(tmp_path / "peer.pem")
-    _write_policy(
-        tmp_path / "policy.toml",
-        secagg_signing_key=str(tmp_path / "own.pem"),
-        min_secure_aggregation_hospitals=2,
-    )
-    with (tmp_path / "policy.toml").open("a") as policy:
-        policy.write(f'[secagg_roster]\nst-mary = "{own}"\npeer = "{peer}"\n')
+    write_secagg_policy(tmp_path / "policy.toml", "st-mary")
     config = config.model_copy(update={"secure_aggregation": True})
     arrays = _arrays(config)
     vector_length = sum(a.size for a in arrays.values())

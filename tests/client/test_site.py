@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from site_fixtures import LABELS, run_config, write_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.ledger import PrivacyLedger
@@ -23,7 +24,6 @@ from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.reasons import Reason
 
-LABELS = ["cardiac", "respiratory"]
 WORDS = {
     "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
     "respiratory": "productive cough with fever and crackles at the right lung base",
@@ -49,7 +49,7 @@ def hospital(tmp_path, tiny_model_dir):
             label = LABELS[i % 2]
             writer.writerow([f"patient {i}: {WORDS[label]}", label])
     policy = tmp_path / "policy.toml"
-    _write_policy(policy)
+    write_policy(policy)
     node_config = {
         "data-path": str(data),
         "policy": str(policy),
@@ -58,23 +58,8 @@ def hospital(tmp_path, tiny_model_dir):
         "hospital-name": "st-mary",
         "device": "cpu",
     }
-    config = RunConfig(
-        model=tiny_model_dir,
-        labels=LABELS,
-        rounds=2,
-        epsilon=5.0,
-        batch_size=8,
-        max_length=24,
-        secure_aggregation=False,
-        device="cpu",
-    )
+    config = run_config(tiny_model_dir, rounds=2)
     return config, node_config, tmp_path
-
-
-def _write_policy(path, **rules) -> None:
-    """A site policy with `rules` over these defaults (updates travel unmasked in these tests)."""
-    values = {"max_epsilon": 6.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
-    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
 
 
 def _context(node_config: dict) -> Context:
@@ -126,7 +111,7 @@ def _audited_refusal(node_config) -> dict:
 
 def test_policy_refusal_comes_back_as_a_reason_before_any_data_is_read(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", allowed_tasks=["ner"])
+    write_policy(tmp_path / "policy.toml", allowed_tasks=["ner"])
     node_config = {**node_config, "data-path": str(tmp_path / "does-not-exist.csv")}
     reply = _train(config, node_config, _initial_arrays(config))
     reason = _reason(reply)
@@ -139,7 +124,7 @@ def test_policy_refusal_comes_back_as_a_reason_before_any_data_is_read(hospital)
 
 def test_policy_also_gates_evaluation(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", max_rounds=1)
+    write_policy(tmp_path / "policy.toml", max_rounds=1)
     message = _train_message(config, _initial_arrays(config))
     message.metadata.message_type = MessageType.EVALUATE
     reply = handle_evaluate(message, _context(node_config), load_site_data, open_site)
@@ -186,7 +171,7 @@ def test_repeating_a_released_round_from_another_global_adapter_is_refused(hospi
 
 def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", max_epsilon=5.5)
+    write_policy(tmp_path / "policy.toml", max_epsilon=5.5)
     # an earlier run on the same data set spent its whole epsilon of 5 (2 rounds of 32 examples)
     plan = plan_dp(config, 32)
     ledger = _ledger(node_config)
@@ -209,7 +194,7 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
 
 def test_the_run_budget_counts_only_this_runs_rounds(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", max_epsilon=30.0)
+    write_policy(tmp_path / "policy.toml", max_epsilon=30.0)
     # run-a used its whole run epsilon of 5 on this data set
     plan = plan_dp(config, 32)
     ledger = _ledger(node_config)
@@ -226,7 +211,7 @@ def test_the_run_budget_counts_only_this_runs_rounds(hospital):
 
 def test_too_few_examples_are_refused(hospital):
     config, node_config, tmp_path = hospital
-    _write_policy(tmp_path / "policy.toml", min_examples=500)
+    write_policy(tmp_path / "policy.toml", min_examples=500)
     reply = _train(config, node_config, _initial_arrays(config))
     assert _reason(reply) == Reason("policy.too_few_examples", {"min_examples": 500})
     assert _ledger(node_config).rounds_recorded("run-a") == []

@@ -1,0 +1,48 @@
+"""What the tests of a real hospital's gates share: its site policy, its secure-aggregation
+identity and the run spec it is asked to train (tests/client/test_site.py and the attack tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedward.client.secagg import write_signing_key
+from fedward.common.config import RunConfig
+
+LABELS = ["cardiac", "respiratory"]
+
+
+def write_policy(path: Path, **rules) -> None:
+    """A site policy with `rules` over these defaults (updates travel unmasked unless a test
+    asks for secure aggregation)."""
+    values = {"max_epsilon": 6.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+
+
+def write_secagg_policy(path: Path, hospital: str, **rules) -> None:
+    """A policy with a signing key for `hospital` and a roster of it and one peer, so that a
+    two-hospital secure round is accepted."""
+    own = write_signing_key(path.parent / "own.pem")
+    peer = write_signing_key(path.parent / "peer.pem")
+    write_policy(
+        path,
+        secagg_signing_key=str(path.parent / "own.pem"),
+        min_secure_aggregation_hospitals=2,
+        **rules,
+    )
+    with path.open("a", encoding="utf-8") as policy:
+        policy.write(f'[secagg_roster]\n{hospital} = "{own}"\npeer = "{peer}"\n')
+
+
+def run_config(model_dir: str, rounds: int) -> RunConfig:
+    """A small run spending epsilon 5 over `rounds` rounds (of a site's 6), updates unmasked."""
+    return RunConfig(
+        model=model_dir,
+        labels=LABELS,
+        rounds=rounds,
+        epsilon=5.0,
+        batch_size=8,
+        max_length=24,
+        secure_aggregation=False,
+        device="cpu",
+    )
