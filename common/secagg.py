@@ -606,12 +606,15 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     if bits < 8 or bits > 56:
         return _pack_bits_slow(values, bits)
     out = np.zeros(size + 8, dtype=np.uint8)  # 8 spare bytes for the last 64-bit window
+    shifted = np.empty((count + 7) // 8, dtype="<u8")  # one buffer for every pass
     for phase in range(min(8, count)):
         start, shift = divmod(phase * bits, 8)
         window = np.ndarray(
             ((count - phase + 7) // 8,), dtype="<u8", buffer=out, offset=start, strides=(bits,)
         )
-        window |= values[phase::8] << np.uint64(shift)
+        part = shifted[: window.size]
+        np.left_shift(values[phase::8], np.uint64(shift), out=part)
+        np.bitwise_or(window, part, out=window)
     return out[:size]
 
 
@@ -635,7 +638,9 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         window = np.ndarray(
             ((count - phase + 7) // 8,), dtype="<u8", buffer=padded, offset=start, strides=(bits,)
         )
-        out[phase::8] = (window >> np.uint64(shift)) & low
+        values = out[phase::8]  # shift and mask in place: no temporaries of 10M values
+        np.right_shift(window, np.uint64(shift), out=values)
+        np.bitwise_and(values, low, out=values)
     return out
 
 
