@@ -97,8 +97,16 @@ def test_the_installed_package_does_not_answer_to_the_old_names(tmp_path):
         "print(all(importlib.util.find_spec(n) is None "
         "for n in ('common', 'client', 'server', 'simulation')))"
     )
+    # Without PYTHONPATH: Flower's simulation sets it to the app folder (here the repository) in
+    # the test process, which is not what a hospital's environment has.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
