@@ -606,16 +606,33 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     if bits < 8 or bits > 56:
         return _pack_bits_slow(values, bits)
     out = np.zeros(size + 8, dtype=np.uint8)  # 8 spare bytes for the last 64-bit window
-    shifted = np.empty((count + 7) // 8, dtype="<u8")  # one buffer for every pass
-    for phase in range(min(8, count)):
-        start, shift = divmod(phase * bits, 8)
-        window = np.ndarray(
-            ((count - phase + 7) // 8,), dtype="<u8", buffer=out, offset=start, strides=(bits,)
-        )
-        part = shifted[: window.size]
-        np.left_shift(values[phase::8], np.uint64(shift), out=part)
-        np.bitwise_or(window, part, out=window)
+    shifted = np.empty(_PACK_CHUNK // 8, dtype="<u8")  # one buffer for every pass
+    for first, part, base in _chunks(count, bits):
+        block = values[first : first + part]
+        for phase in range(min(8, part)):
+            start, shift = divmod(phase * bits, 8)
+            window = np.ndarray(
+                ((part - phase + 7) // 8,),
+                dtype="<u8",
+                buffer=out,
+                offset=base + start,
+                strides=(bits,),
+            )
+            moved = shifted[: window.size]
+            np.left_shift(block[phase::8], np.uint64(shift), out=moved)
+            np.bitwise_or(window, moved, out=window)
     return out[:size]
+
+
+#: Values packed or unpacked at a time: a multiple of 8 (each chunk starts on a byte boundary),
+#: small enough that a chunk's eight strided passes stay in the processor's cache.
+_PACK_CHUNK = 8 * 4096
+
+
+def _chunks(count: int, bits: int):
+    """(first value, values in the chunk, first byte) of each chunk of `_PACK_CHUNK` values."""
+    for first in range(0, count, _PACK_CHUNK):
+        yield first, min(_PACK_CHUNK, count - first), first * bits // 8
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -633,14 +650,20 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     padded[:needed] = packed
     out = np.empty(count, dtype=np.uint64)
     low = np.uint64((1 << bits) - 1)
-    for phase in range(min(8, count)):
-        start, shift = divmod(phase * bits, 8)
-        window = np.ndarray(
-            ((count - phase + 7) // 8,), dtype="<u8", buffer=padded, offset=start, strides=(bits,)
-        )
-        values = out[phase::8]  # shift and mask in place: no temporaries of 10M values
-        np.right_shift(window, np.uint64(shift), out=values)
-        np.bitwise_and(values, low, out=values)
+    for first, part, base in _chunks(count, bits):
+        block = out[first : first + part]
+        for phase in range(min(8, part)):
+            start, shift = divmod(phase * bits, 8)
+            window = np.ndarray(
+                ((part - phase + 7) // 8,),
+                dtype="<u8",
+                buffer=padded,
+                offset=base + start,
+                strides=(bits,),
+            )
+            values = block[phase::8]  # shift and mask in place: no temporaries
+            np.right_shift(window, np.uint64(shift), out=values)
+            np.bitwise_and(values, low, out=values)
     return out
 
 
