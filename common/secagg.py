@@ -607,20 +607,10 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         return _pack_bits_slow(values, bits)
     out = np.zeros(size + 8, dtype=np.uint8)  # 8 spare bytes for the last 64-bit window
     shifted = np.empty(_PACK_CHUNK // 8, dtype="<u8")  # one buffer for every pass
-    for first, part, base in _chunks(count, bits):
-        block = values[first : first + part]
-        for phase in range(min(8, part)):
-            start, shift = divmod(phase * bits, 8)
-            window = np.ndarray(
-                ((part - phase + 7) // 8,),
-                dtype="<u8",
-                buffer=out,
-                offset=base + start,
-                strides=(bits,),
-            )
-            moved = shifted[: window.size]
-            np.left_shift(block[phase::8], np.uint64(shift), out=moved)
-            np.bitwise_or(window, moved, out=window)
+    for values_of_pass, window, shift in _windows(values, out, bits):
+        moved = shifted[: window.size]
+        np.left_shift(values_of_pass, shift, out=moved)
+        np.bitwise_or(window, moved, out=window)
     return out[:size]
 
 
@@ -629,10 +619,23 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 _PACK_CHUNK = 8 * 4096
 
 
-def _chunks(count: int, bits: int):
-    """(first value, values in the chunk, first byte) of each chunk of `_PACK_CHUNK` values."""
-    for first in range(0, count, _PACK_CHUNK):
-        yield first, min(_PACK_CHUNK, count - first), first * bits // 8
+def _windows(values: np.ndarray, packed: np.ndarray, bits: int):
+    """The passes of packing `values` into (or unpacking them from) `packed`, chunk by chunk:
+    (every 8th value of the chunk, the strided 64-bit view of `packed` that holds them, the shift
+    of those values within it). Value i of a pass starts `bits` bytes after value i - 1."""
+    for first in range(0, values.size, _PACK_CHUNK):
+        block = values[first : first + _PACK_CHUNK]
+        base = first * bits // 8
+        for phase in range(min(8, block.size)):
+            start, shift = divmod(phase * bits, 8)
+            window = np.ndarray(
+                ((block.size - phase + 7) // 8,),
+                dtype="<u8",
+                buffer=packed,
+                offset=base + start,
+                strides=(bits,),
+            )
+            yield block[phase::8], window, np.uint64(shift)
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -650,20 +653,9 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     padded[:needed] = packed
     out = np.empty(count, dtype=np.uint64)
     low = np.uint64((1 << bits) - 1)
-    for first, part, base in _chunks(count, bits):
-        block = out[first : first + part]
-        for phase in range(min(8, part)):
-            start, shift = divmod(phase * bits, 8)
-            window = np.ndarray(
-                ((part - phase + 7) // 8,),
-                dtype="<u8",
-                buffer=padded,
-                offset=base + start,
-                strides=(bits,),
-            )
-            values = block[phase::8]  # shift and mask in place: no temporaries
-            np.right_shift(window, np.uint64(shift), out=values)
-            np.bitwise_and(values, low, out=values)
+    for values, window, shift in _windows(out, padded, bits):
+        np.right_shift(window, shift, out=values)  # shift and mask in place: no temporaries
+        np.bitwise_and(values, low, out=values)
     return out
 
 
