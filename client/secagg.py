@@ -60,6 +60,7 @@ from fedward.common.secagg import (
     SHARE_BYTES,
     SHARE_KEYS,
     UNMASK,
+    add_masks,
     agree_key,
     binding,
     check_header,
@@ -69,7 +70,6 @@ from fedward.common.secagg import (
     consistency_quorum,
     decrypt_share,
     encrypt_share,
-    expand_mask,
     header,
     key_statement,
     majority,
@@ -81,7 +81,6 @@ from fedward.common.secagg import (
     read_field,
     read_list,
     read_node_keyed,
-    reduce_modulus,
     round_seed,
     secagg_graph,
     shamir_split,
@@ -635,7 +634,7 @@ class SecAggClientSession:
         masked = np.empty(vector_length + 1, dtype=np.uint64)
         masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
         masked[-1] = weight
-        masked += expand_mask(self._self_seed, vector_length + 1, modulus_bits)
+        masks = [(self._self_seed, 1)]  # (seed, sign): added or subtracted below
         for source in sorted(received):
             try:
                 seed = agree_key(
@@ -647,12 +646,8 @@ class SecAggClientSession:
                 )
             except ValueError:
                 raise self._fail(stage, f"node {source}'s mask public key is invalid") from None
-            pairwise = expand_mask(seed, vector_length + 1, modulus_bits)
-            if mask_sign(self.node_id, source) > 0:
-                masked += pairwise
-            else:
-                masked -= pairwise
-        reduce_modulus(masked, modulus_bits)
+            masks.append((seed, mask_sign(self.node_id, source)))
+        add_masks(masked, masks, modulus_bits)
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: masked update of %d values sent",

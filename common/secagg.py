@@ -499,6 +499,46 @@ def _zeros(size: int) -> np.ndarray:
     return _ZEROS[:size]
 
 
+#: Mask values generated at a time by `add_masks`: 512 KiB of keystream, so the buffer and the
+#: slice of the vector it is added to stay in the processor's cache.
+_MASK_CHUNK = 1 << 16
+
+
+def add_masks(
+    values: np.ndarray, masks: Sequence[tuple[bytes, int]], modulus_bits: int
+) -> np.ndarray:
+    """Add sign * `expand_mask(seed, ...)` to uint64 `values` for each (seed, sign), in place.
+
+    The same arithmetic as adding or subtracting each expanded mask, modulo 2**modulus_bits,
+    without building any mask in full: each seed's AES-256-CTR keystream is generated a chunk at
+    a time into one reused buffer and added (sign +1) or subtracted (sign -1) straight away. The
+    keystream is not reduced first (the power-of-two modulus makes that the same), so the result
+    is reduced once, at the end (`reduce_modulus`).
+    """
+    for seed, sign in masks:
+        if len(seed) != SEED_BYTES:
+            raise SecAggError(f"secure aggregation: mask seeds are {SEED_BYTES} bytes")
+        if sign not in (1, -1):
+            raise SecAggError(
+                f"secure aggregation: a mask is added (+1) or subtracted (-1), not {sign!r}"
+            )
+    streams = [
+        (Cipher(algorithms.AES(seed), modes.CTR(_PRG_NONCE)).encryptor(), sign)
+        for seed, sign in masks
+    ]
+    buffer = np.empty(min(_MASK_CHUNK, values.size), dtype="<u8")
+    for first in range(0, values.size, _MASK_CHUNK):
+        part = values[first : first + _MASK_CHUNK]
+        keystream = buffer[: part.size]
+        for encryptor, sign in streams:
+            # Encrypting zeros yields the bare keystream: the next part.size mask values.
+            written = encryptor.update_into(_zeros(8 * part.size), keystream.view(np.uint8))
+            if written != 8 * part.size:
+                raise SecAggError("secure aggregation: the mask PRG returned a short keystream")
+            (np.add if sign > 0 else np.subtract)(part, keystream, out=part)
+    return reduce_modulus(values, modulus_bits)
+
+
 def reduce_modulus(values: np.ndarray, modulus_bits: int) -> np.ndarray:
     """Reduce uint64 values (already wrapped mod 2**64) modulo 2**modulus_bits, in place."""
     if modulus_bits < 64:
@@ -657,6 +697,77 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         np.right_shift(window, shift, out=values)  # shift and mask in place: no temporaries
         np.bitwise_and(values, low, out=values)
     return out
+
+
+def sum_packed(packed_vectors: Sequence[np.ndarray], bits: int, count: int) -> np.ndarray:
+    """The sum, modulo 2**bits, of vectors packed by `pack_bits`: `count` uint64 values.
+
+    What the coordinator needs from the masked updates, without unpacking any of them into a
+    vector of its own. The packed bytes are read through the same 64-bit windows as
+    `unpack_bits`, but the bits above a value (the start of the next one) are not masked off:
+    they only reach bits at or above `bits` of the sum, which the final reduction drops. The
+    window of every 8th value ("phase") of a chunk is added to a contiguous row of an
+    accumulator that stays in cache for all the vectors; one transpose per chunk puts the sums
+    back in order.
+    """
+    size = (count * bits + 7) // 8
+    packed_vectors = [np.ascontiguousarray(packed) for packed in packed_vectors]
+    for index, packed in enumerate(packed_vectors):
+        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != size:
+            raise SecAggError(
+                f"secure aggregation: packed vector {index} has {packed.size} bytes, expected "
+                f"{size} for {count} values of {bits} bits"
+            )
+    if bits < 8 or bits > 56:
+        total = np.zeros(count, dtype=np.uint64)
+        for packed in packed_vectors:
+            total += unpack_bits(packed, bits, count)
+        return reduce_modulus(total, bits)
+    groups = (count + 7) // 8  # 8 values take `bits` bytes
+    total = np.empty(8 * groups, dtype=np.uint64)
+    by_group = total.reshape(groups, 8)
+    phases = [divmod(phase * bits, 8) for phase in range(8)]  # (byte, shift) within a group
+    # Groups whose last window ends inside the packed bytes; the rest are read from a copy.
+    inside = min(groups, max(0, (size - 8 - phases[7][0]) // bits + 1))
+    chunk = _SUM_CHUNK // 8
+    rows = np.empty((8, min(chunk, groups)), dtype=np.uint64)
+    shifted = np.empty(rows.shape[1], dtype=np.uint64)
+
+    def add_groups(sources: Sequence[np.ndarray], offset: int, first: int, last: int) -> None:
+        sums = rows[:, : last - first]
+        sums.fill(0)
+        moved = shifted[: last - first]
+        for packed in sources:
+            for phase, (start, shift) in enumerate(phases):
+                window = np.ndarray(
+                    (last - first,),
+                    dtype="<u8",
+                    buffer=packed,
+                    offset=offset + start,
+                    strides=(bits,),
+                )
+                if shift:
+                    np.right_shift(window, np.uint64(shift), out=moved)
+                    np.add(sums[phase], moved, out=sums[phase])
+                else:
+                    np.add(sums[phase], window, out=sums[phase])
+        by_group[first:last] = sums.T
+
+    for first in range(0, inside, chunk):
+        last = min(inside, first + chunk)
+        add_groups(packed_vectors, first * bits, first, last)
+    if inside < groups:  # the last few groups: their windows would run past the end
+        tails = []
+        for packed in packed_vectors:
+            tail = np.zeros((groups - inside) * bits + 8, dtype=np.uint8)
+            tail[: size - inside * bits] = packed[inside * bits :]
+            tails.append(tail)
+        add_groups(tails, 0, inside, groups)
+    return reduce_modulus(total[:count], bits)
+
+
+#: Values summed at a time by `sum_packed`: the accumulator (8 bytes a value) stays in cache.
+_SUM_CHUNK = 8 * 8192
 
 
 def _pack_bits_slow(values: np.ndarray, bits: int) -> np.ndarray:

@@ -45,24 +45,23 @@ from fedward.common.secagg import (
     SHARE_BYTES,
     SHARE_KEYS,
     UNMASK,
+    add_masks,
     agree_key,
     check_header,
     check_modulus,
     check_node_ids,
     consistency_quorum,
     dequantize_sum,
-    expand_mask,
     header,
     mask_sign,
     pair_context,
     read_field,
     read_node_keyed,
-    reduce_modulus,
     round_seed,
     secagg_graph,
     secure_threshold,
     shamir_combine,
-    unpack_bits,
+    sum_packed,
 )
 
 logger = logging.getLogger(__name__)
@@ -306,11 +305,11 @@ class SecAggServerSession:
         """Add up the masked updates; ask each contributor to sign the survivor set."""
         stage = MASKED_UPDATE
         replies = self._receive(replies, stage)
-        total = np.zeros(self.vector_length + 1, dtype=np.uint64)
+        packed_updates = []
         contributors = set()
         for node, payload in sorted(replies.items()):
             try:
-                total += self._read_masked_update(node, payload)
+                packed_updates.append(self._read_masked_update(node, payload))
             except SecAggError as exc:
                 # Left out like a hospital that dropped: its masks are removed from the shares.
                 logger.warning("secagg round %d: %s; left out", self.server_round, exc)
@@ -331,7 +330,10 @@ class SecAggServerSession:
             node for node in self._sharers - contributors if set(self.graph[node]) & contributors
         }
         self._require_threshold(needed, contributors, stage, "sent masked updates")
-        self._contributors, self._sum = contributors, reduce_modulus(total, self.modulus_bits)
+        # Summed straight from the packed bytes (reduced modulo 2**modulus_bits): no hospital's
+        # masked vector is ever unpacked on its own.
+        self._sum = sum_packed(packed_updates, self.modulus_bits, self.vector_length + 1)
+        self._contributors = contributors
         self._survivors = sorted(contributors)
         next_stage = CONSISTENCY_CHECK
         self.stage, self._asked = next_stage, contributors
@@ -341,7 +343,7 @@ class SecAggServerSession:
         }
 
     def _read_masked_update(self, node: int, payload: Mapping[str, Any]) -> np.ndarray:
-        """The node's masked vector, unpacked from `modulus_bits` bits per value."""
+        """The node's masked vector, packed at `modulus_bits` bits per value, checked."""
         stage = MASKED_UPDATE
         if "masked_update" not in payload:
             raise SecAggError(f"node {node}, stage {stage}: payload has no 'masked_update'")
@@ -351,15 +353,14 @@ class SecAggServerSession:
                 f"node {node}, stage {stage}: masked_update must be a 1-D uint8 array (the "
                 f"masked values packed at {self.modulus_bits} bits each)"
             )
-        try:
-            return unpack_bits(packed, self.modulus_bits, self.vector_length + 1)
-        except SecAggError:
+        expected = (self.modulus_bits * (self.vector_length + 1) + 7) // 8
+        if packed.size != expected:
             raise SecAggError(
                 f"node {node}, stage {stage}: masked_update has {packed.size} bytes, not the "
-                f"{(self.modulus_bits * (self.vector_length + 1) + 7) // 8} that "
-                f"{self.vector_length + 1} values (adapter size + 1 count slot) of "
-                f"{self.modulus_bits} bits take; rejected"
-            ) from None
+                f"{expected} that {self.vector_length + 1} values (adapter size + 1 count slot) "
+                f"of {self.modulus_bits} bits take; rejected"
+            )
+        return packed
 
     # --- stage 5 -----------------------------------------------------------------------------
 
@@ -435,11 +436,12 @@ class SecAggServerSession:
                 key_shares[owner][node] = share
 
         assert self._sum is not None
-        length = self.vector_length + 1
-        total = self._sum.copy()
-        for owner in sorted(self._contributors):
-            seed = self._recover(owner, seed_shares[owner], "self-mask seed")
-            total -= expand_mask(seed, length, self.modulus_bits)
+        # Every mask still in the sum, as (seed, sign): each survivor's self mask, and the
+        # pairwise masks survivors shared with hospitals that dropped after sharing keys.
+        masks = [
+            (self._recover(owner, seed_shares[owner], "self-mask seed"), -1)
+            for owner in sorted(self._contributors)
+        ]
         for owner in sorted(self._sharers - self._contributors):
             partners = sorted(set(self.graph[owner]) & self._contributors)
             if not partners:
@@ -459,12 +461,9 @@ class SecAggServerSession:
                     raise SecAggError(
                         f"node {partner}, stage {UNMASK}: its mask public key is invalid"
                     ) from None
-                pairwise = expand_mask(seed, length, self.modulus_bits)
-                if mask_sign(partner, owner) > 0:  # the survivor added it, so subtract it
-                    total -= pairwise
-                else:
-                    total += pairwise
-        reduce_modulus(total, self.modulus_bits)
+                # The survivor added it (sign +1) or subtracted it: do the opposite.
+                masks.append((seed, -mask_sign(partner, owner)))
+        total = add_masks(self._sum.copy(), masks, self.modulus_bits)
         return self._result(total)
 
     def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fedward.common.errors import SecAggError
 from fedward.common.secagg import (
     SEED_BYTES,
+    add_masks,
     agree_key,
     binding,
     check_modulus,
@@ -24,12 +25,14 @@ from fedward.common.secagg import (
     encrypt_share,
     expand_mask,
     mask_sign,
+    pack_bits,
     quantization_bound,
     quantize,
     round_seed,
     secagg_graph,
     shamir_combine,
     shamir_split,
+    sum_packed,
     threshold_from_fraction,
 )
 
@@ -279,3 +282,55 @@ def test_mask_is_deterministic_in_range_and_uniform():
 def test_mask_seed_must_be_256_bits():
     with pytest.raises(SecAggError):
         expand_mask(os.urandom(16), 10, 32)
+
+
+def test_masks_added_chunk_by_chunk_equal_the_expanded_masks():
+    # Longer than one keystream chunk, so the masks are generated in several pieces.
+    length = 3 * 65536 + 5
+    seeds = [os.urandom(32) for _ in range(3)]
+    signs = [1, -1, -1]
+    for modulus_bits in (37, 64):
+        start = np.random.default_rng(1).integers(0, 2**modulus_bits - 1, length, dtype=np.uint64)
+        expected = start.copy()
+        for seed, sign in zip(seeds, signs):
+            mask = expand_mask(seed, length, modulus_bits)
+            expected = expected + mask if sign > 0 else expected - mask
+        expected &= np.uint64(2**modulus_bits - 1)
+        got = add_masks(start.copy(), list(zip(seeds, signs)), modulus_bits)
+        assert np.array_equal(got, expected)
+    with pytest.raises(SecAggError):
+        add_masks(np.zeros(4, dtype=np.uint64), [(os.urandom(16), 1)], 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    bits=st.integers(1, 64),
+    count=st.integers(0, 300),
+    vectors=st.integers(1, 5),
+)
+def test_sum_of_packed_vectors_is_the_sum_of_their_values(seed, bits, count, vectors):
+    rng = np.random.default_rng(seed)
+    values = [
+        rng.integers(0, 2**bits - 1, count, dtype=np.uint64, endpoint=True) for _ in range(vectors)
+    ]
+    expected = [sum(int(v[i]) for v in values) % 2**bits for i in range(count)]
+    got = sum_packed([pack_bits(v, bits) for v in values], bits, count)
+    assert got.dtype == np.uint64 and got.tolist() == expected
+
+
+def test_sum_of_packed_vectors_across_chunks_and_a_ragged_tail():
+    rng = np.random.default_rng(2)
+    count = 2 * 65536 + 13  # two full chunks and a few values that end mid-byte
+    for bits in (8, 36, 37, 56):
+        values = [rng.integers(0, 2**bits, count, dtype=np.uint64) for _ in range(4)]
+        expected = values[0] + values[1] + values[2] + values[3]
+        expected &= np.uint64(2**bits - 1)
+        packed = [np.frombuffer(pack_bits(v, bits).tobytes(), dtype=np.uint8) for v in values]
+        assert np.array_equal(sum_packed(packed, bits, count), expected)
+
+
+def test_sum_of_packed_vectors_rejects_a_vector_of_the_wrong_size():
+    packed = [pack_bits(np.arange(10, dtype=np.uint64), 36)] * 2
+    with pytest.raises(SecAggError, match="packed vector 1 has 44 bytes, expected 45"):
+        sum_packed([packed[0], packed[1][:-1]], 36, 10)
