@@ -77,8 +77,10 @@ def time_call(function) -> float:
 
 def storage_error(model, dataset, pad_id: int, lora_layers: int) -> dict[str, tuple]:
     """Relative change of one batch's loss and gradient when the prefix states are stored in
-    float16 or bfloat16 instead of float32 (an adapter with B != 0, as after training)."""
-    model.eval()
+    float16 or bfloat16 instead of float32 (an adapter with B != 0, as after training).
+    Measured on the CPU in float32 wherever the throughput ran (a CUDA run leaves the model there).
+    """
+    model.cpu().eval()
     prefix, top = split_frozen_prefix(model, lora_layers)
     trainable = [p for p in top.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in trainable]
