@@ -16,7 +16,7 @@ from rich.table import Table
 
 from fedward.client import deploy
 from fedward.client.policy import SitePolicy, model_content_hash
-from fedward.common.config import DataSchema
+from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,19 @@ def start(
     val_fraction: Annotated[
         float, typer.Option(help="Share of the records kept for validation.")
     ] = 0.2,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            help="Compute the frozen layers' outputs once per run and train the layers above on "
+            "them (faster; same updates and DP guarantee). Off: recompute in every epoch."
+        ),
+    ] = LocalSettings.model_fields["prefix_cache"].default,
+    prefix_cache_mb: Annotated[
+        int,
+        typer.Option(
+            help="Memory (MiB) the prefix cache may hold; past it, a private temporary folder."
+        ),
+    ] = LocalSettings.model_fields["prefix_cache_mb"].default,
 ) -> None:
     """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
 
@@ -109,6 +122,8 @@ def start(
             },
             source="fedward client start",
         ),
+        prefix_cache=prefix_cache,
+        prefix_cache_mb=prefix_cache_mb,
     )
     command = deploy.prepare_supernode(settings)
     if insecure:

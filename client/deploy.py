@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fedward.client.ledger import IDENTIFIER
 from fedward.client.policy import SitePolicy
-from fedward.common.config import DataSchema
+from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.programs import flower_env, flower_program
 
@@ -45,6 +45,8 @@ LEDGER_KEY = "ledger"
 AUDIT_KEY = "audit-log"
 DATASET_KEY = "dataset-id"
 DEVICE_KEY = "device"
+#: The hospital's own frozen-prefix cache settings (`LocalSettings`), never the run's.
+CACHE_KEYS = ("prefix-cache", "prefix-cache-mb")
 NAME_KEY = "hospital-name"
 
 
@@ -70,6 +72,10 @@ class HospitalSettings:
         max_wait_time: Give up reconnecting after this many seconds (None: never).
         schema: How to read the data file (text and label columns, validation share): the
             hospital's own, never the run's.
+        prefix_cache: Cache the frozen layers' outputs once per run (client/prefix_cache.py);
+            off: recompute them in every epoch (slower, less memory).
+        prefix_cache_mb: Memory (MiB) the cache may hold before it spills to a private
+            temporary folder.
     """
 
     server: str
@@ -86,6 +92,8 @@ class HospitalSettings:
     insecure: bool = False
     max_wait_time: float | None = None
     schema: DataSchema = field(default_factory=DataSchema)
+    prefix_cache: bool = LocalSettings.model_fields["prefix_cache"].default
+    prefix_cache_mb: int = LocalSettings.model_fields["prefix_cache_mb"].default
 
 
 def check_settings(settings: HospitalSettings) -> SitePolicy:
@@ -104,6 +112,11 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
         )
     if settings.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {settings.device!r}: use auto, cpu or cuda")
+    if settings.prefix_cache_mb < 0:
+        raise ConfigError(
+            f"--prefix-cache-mb {settings.prefix_cache_mb}: give 0 or more MiB (0 keeps the "
+            "cache on disk only)"
+        )
     if not 0 < settings.runtime_port < 65536:
         raise ConfigError(f"--runtime-port {settings.runtime_port}: not a TCP port (1-65535)")
     if settings.insecure:
@@ -136,6 +149,7 @@ def node_config(settings: HospitalSettings) -> dict[str, str | float]:
         NAME_KEY: settings.name,
         DATASET_KEY: settings.dataset_id or settings.name,
         DEVICE_KEY: settings.device,
+        **dict(zip(CACHE_KEYS, (settings.prefix_cache, settings.prefix_cache_mb), strict=True)),
         **{key.replace("_", "-"): value for key, value in settings.schema.model_dump().items()},
     }
 

@@ -50,6 +50,7 @@ import numpy as np
 
 from fedward.client.deploy import (
     AUDIT_KEY,
+    CACHE_KEYS,
     DATA_KEY,
     DATASET_KEY,
     DEVICE_KEY,
@@ -129,6 +130,7 @@ class Site:
         device: str | None = None,
         schema: DataSchema | None = None,
         dataset_id: str | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.data_path = data_path
@@ -138,6 +140,7 @@ class Site:
         self.device = device
         self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
         self.dataset_id = dataset_id or name  # the ledger's key; checked when it is opened
+        self.cache = cache or {}  # the hospital's prefix-cache settings (LocalSettings fields)
         self._ledger: PrivacyLedger | None = None
         self._data_sha256: str | None = None
         self._round: tuple[str, int, int] | None = None  # (run id, round, rounds) once admitted
@@ -195,8 +198,22 @@ class Site:
                 f"hospital {name}: its data-set id in the node config is invalid (details in "
                 "the hospital's log); every request is refused until it is fixed"
             ) from None
+        cache = {
+            key.replace("-", "_"): node_config[key] for key in CACHE_KEYS if key in node_config
+        }
+        try:
+            LocalSettings.build(cache, source="node config")
+        except ConfigError as exc:
+            log.error("%s: %s", name, exc)
+            raise PolicyError(
+                f"hospital {name}: its prefix-cache settings in the node config are invalid "
+                "(details in the hospital's log)",
+                reason=Reason("policy.not_configured"),
+            ) from None
         data_path = Path(str(node_config[DATA_KEY]))
-        return cls(name, data_path, policy, ledger_dir, audit_path, device, schema, dataset_id)
+        return cls(
+            name, data_path, policy, ledger_dir, audit_path, device, schema, dataset_id, cache
+        )
 
     # --- gate 1: before any data is read -----------------------------------------------------
 
@@ -204,7 +221,7 @@ class Site:
         """Raise `PolicyError` unless the policy accepts the run spec; returns the config to use
         here: the spec with this hospital's own device and data schema."""
         self.policy.check(spec, self._model_hash(spec))
-        local = LocalSettings(device=self.device or "auto")
+        local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         return RunConfig.with_spec(spec, local).model_copy(update=self.schema.model_dump())
 
     def admit(

@@ -10,8 +10,8 @@ import pytest
 
 from fedward.client import deploy
 from fedward.client.site import Site
-from fedward.common.config import DataSchema
-from fedward.common.errors import ConfigError, DataError
+from fedward.common.config import DataSchema, RunSpec
+from fedward.common.errors import ConfigError, DataError, PolicyError
 
 
 @pytest.fixture
@@ -54,6 +54,8 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         "hospital-name": "st-mary",
         "dataset-id": "st-mary",  # the ledger's name: the hospital's unless --dataset-id
         "device": "auto",
+        "prefix-cache": True,
+        "prefix-cache-mb": 512,
         "text-column": "text",
         "label-column": "label",
         "val-fraction": 0.2,
@@ -104,3 +106,30 @@ def test_the_hospitals_data_schema_reaches_its_clientapp(files, tmp_path):
     node_config_file = Path(command[command.index("--node-config") + 1])
     values = tomllib.loads(node_config_file.read_text(encoding="utf-8"))
     assert Site.open(values, "st-mary").schema == schema
+
+
+def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_round(
+    files, tmp_path
+):
+    """`fedward client start --no-prefix-cache --prefix-cache-mb N`: the hospital's machine,
+    the hospital's choice. It reaches the config the trainer uses; the run spec cannot set it."""
+    import dataclasses
+
+    settings = dataclasses.replace(
+        _settings(files, tmp_path), prefix_cache=False, prefix_cache_mb=64
+    )
+    command = deploy.prepare_supernode(settings)
+    values = tomllib.loads(Path(command[command.index("--node-config") + 1]).read_text("utf-8"))
+    site = Site.open(values, "st-mary")
+    config = site.check_policy(RunSpec(labels=["a", "b"]))
+    assert (config.prefix_cache, config.prefix_cache_mb) == (False, 64)
+    assert (
+        Site.open({**values, "prefix-cache": True}, "st-mary")
+        .check_policy(RunSpec(labels=["a", "b"]))
+        .prefix_cache
+    )
+
+    with pytest.raises(PolicyError, match="prefix-cache settings"):
+        Site.open({**values, "prefix-cache-mb": -1}, "st-mary")
+    with pytest.raises(ConfigError, match="--prefix-cache-mb -1"):
+        deploy.prepare_supernode(dataclasses.replace(settings, prefix_cache_mb=-1))
