@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from bench.utility import SHARED, parse_overrides, shares, split_classification
+from bench.utility import SHARED, parse_overrides, read_corpus, shares
 from fedward.common.config import RunConfig
 
 #: Settings of the sweep rows that are not RunConfig fields.
@@ -48,20 +48,7 @@ def load_corpus(corpus: str, args) -> tuple[str, list, list, list[str], list[lis
     """(task, train examples, test examples, labels, hospital shares of the train examples)."""
     if corpus == "synthetic":
         return _synthetic(args)
-    if corpus == "classification":
-        train, test = split_classification(
-            SHARED / "medical_abstracts" / "medical_tc.csv", args.seed, args.max_train
-        )
-        labels = sorted({r.label for r in train + test})
-        task = "classification"
-    else:
-        from fedward.common.ner import label_list, read_conll_splits
-
-        splits = read_conll_splits(SHARED / "ncbi_disease")
-        train = splits["train"][: args.max_train] if args.max_train else splits["train"]
-        test = splits["test"]
-        labels = label_list(train + test)
-        task = "ner"
+    task, train, test, labels = read_corpus(corpus, args.seed, args.max_train)
     return task, train, test, labels, shares(corpus, train, args.hospitals, 0.5, args.seed)
 
 

@@ -2,7 +2,7 @@
 
 For each corpus (Medical Abstracts classification with a fixed, seeded 20% test split; NCBI
 disease NER with its own train/test files) and the same base model, seed and optimizer steps
-per example (`--rounds` passes over every training example), trains:
+per example (`--rounds` rounds of `local_epochs` passes over every training example), trains:
 
 - centralized LoRA without DP (all training data pooled, one site);
 - centralized LoRA with DP at epsilon 8 (what privacy costs without federation);
@@ -61,6 +61,21 @@ def split_classification(
     return train, test
 
 
+def read_corpus(corpus: str, seed: int, max_train: int | None) -> tuple[str, list, list, list]:
+    """(task, training examples, test examples, labels) of a shared corpus: Medical Abstracts
+    (`classification`, seeded 80/20 split) or NCBI disease (`ner`, its own test file)."""
+    if corpus == "classification":
+        train, test = split_classification(
+            SHARED / "medical_abstracts" / "medical_tc.csv", seed, max_train
+        )
+        return "classification", train, test, sorted({r.label for r in train + test})
+    from fedward.common.ner import label_list, read_conll_splits
+
+    splits = read_conll_splits(SHARED / "ncbi_disease")
+    train = splits["train"][:max_train] if max_train else splits["train"]
+    return "ner", train, splits["test"], label_list(train + splits["test"])
+
+
 def write_csv(records: list[Record], path: Path) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -112,23 +127,8 @@ def result_labels(result) -> list[str]:
 
 
 def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
-    task = "classification" if corpus == "classification" else "ner"
-    if task == "classification":
-        train, test = split_classification(
-            SHARED / "medical_abstracts" / "medical_tc.csv", args.seed, args.max_train
-        )
-        labels = sorted({r.label for r in train + test})
-        write = write_csv
-        suffix = ".csv"
-    else:
-        from fedward.common.ner import label_list, read_conll_splits
-
-        splits = read_conll_splits(SHARED / "ncbi_disease")
-        train = splits["train"][: args.max_train] if args.max_train else splits["train"]
-        test = splits["test"]
-        labels = label_list(train + test)
-        write = write_conll
-        suffix = ".tsv"
+    task, train, test, labels = read_corpus(corpus, args.seed, args.max_train)
+    write, suffix = (write_csv, ".csv") if task == "classification" else (write_conll, ".tsv")
     common = {
         "task": task,
         "labels": labels,
@@ -253,7 +253,9 @@ def main() -> None:
     logging.disable(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=["classification", "ner", "both"], default="both")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over each training example")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds (each local_epochs passes over every example)"
+    )
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--max-train", type=int, default=0, help="cap training examples (0: all)")
@@ -299,8 +301,9 @@ def main() -> None:
         f"Command: `python -m bench.utility {shlex.join(sys.argv[1:])}`",
         "",
         (
-            f"Base model {args.model}, {args.hospitals} hospitals, {args.rounds} passes "
-            f"over each training example, seed {args.seed}, max length {args.max_length}, "
+            f"Base model {args.model}, {args.hospitals} hospitals, {args.rounds} rounds "
+            f"(each `local_epochs` passes over every training example), seed {args.seed}, "
+            f"max length {args.max_length}, "
             "delta 1e-5, other settings at RunConfig defaults. Classification: Medical Abstracts, "
             "seeded 80/20 split, Dirichlet(0.5) label skew, macro-F1 on the 20% test split. NER: "
             "NCBI disease, contiguous blocks, entity micro-F1 (seqeval, strict IOB2) on its test "

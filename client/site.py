@@ -41,10 +41,10 @@ within the budget; its metrics are noised counts charged to the ledger (client/r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -86,6 +86,7 @@ from fedward.common.model import resolve_model_path
 from fedward.common.reasons import Reason
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Node-config keys of the hospital's data schema (`fedward client start --text-column ...`).
 SCHEMA_KEYS = tuple(name.replace("_", "-") for name in DataSchema.model_fields)
@@ -168,27 +169,21 @@ class Site:
             )
         ledger_dir = Path(str(node_config[LEDGER_KEY]))
         audit_path = Path(str(node_config.get(AUDIT_KEY) or ledger_dir / "audit.jsonl"))
-        try:
-            policy = SitePolicy.load(str(node_config[POLICY_KEY]))
-        except ConfigError as exc:
-            log.error("%s: %s", name, exc)
-            raise PolicyError(
-                f"hospital {name}: its site policy file cannot be used (details in the "
-                "hospital's log); every request is refused until it is fixed",
-                reason=Reason("policy.file_invalid"),
-            ) from None
-        try:
-            schema = DataSchema.build(
+        policy = _node_setting(
+            name,
+            "its site policy file cannot be used",
+            "policy.file_invalid",
+            lambda: SitePolicy.load(str(node_config[POLICY_KEY])),
+        )
+        schema = _node_setting(
+            name,
+            "its data schema in the node config is invalid",
+            "policy.schema_invalid",
+            lambda: DataSchema.build(
                 {key: node_config[key] for key in SCHEMA_KEYS if key in node_config},
                 source="node config",
-            )
-        except ConfigError as exc:
-            log.error("%s: %s", name, exc)
-            raise PolicyError(
-                f"hospital {name}: its data schema in the node config is invalid (details in "
-                "the hospital's log)",
-                reason=Reason("policy.schema_invalid"),
-            ) from None
+            ),
+        )
         dataset_id = str(node_config.get(DATASET_KEY) or name)
         try:
             check_identifier(dataset_id, "data-set id")
@@ -201,15 +196,12 @@ class Site:
         cache = {
             key.replace("-", "_"): node_config[key] for key in CACHE_KEYS if key in node_config
         }
-        try:
-            LocalSettings.build(cache, source="node config")
-        except ConfigError as exc:
-            log.error("%s: %s", name, exc)
-            raise PolicyError(
-                f"hospital {name}: its prefix-cache settings in the node config are invalid "
-                "(details in the hospital's log)",
-                reason=Reason("policy.not_configured"),
-            ) from None
+        _node_setting(
+            name,
+            "its prefix-cache settings in the node config are invalid",
+            "policy.not_configured",
+            lambda: LocalSettings.build(cache, source="node config"),
+        )
         data_path = Path(str(node_config[DATA_KEY]))
         return cls(
             name, data_path, policy, ledger_dir, audit_path, device, schema, dataset_id, cache
@@ -598,3 +590,17 @@ class Site:
 
 def _finite_values(metrics: dict[str, float]) -> dict[str, float | None]:
     return {key: float(value) if np.isfinite(value) else None for key, value in metrics.items()}
+
+
+def _node_setting(name: str, problem: str, reason: str, read: Callable[[], T]) -> T:
+    """`read()`, or a `PolicyError` that says only `problem`: the details (paths, values) go to
+    this hospital's log, never to the coordinator."""
+    try:
+        return read()
+    except ConfigError as exc:
+        log.error("%s: %s", name, exc)
+        raise PolicyError(
+            f"hospital {name}: {problem} (details in the hospital's log); every request is "
+            "refused until it is fixed",
+            reason=Reason(reason),
+        ) from None
