@@ -112,6 +112,13 @@ class ModelSpec(_Group):
         description="Adapt only the top N transformer layers (0: all). Fewer layers train "
         "faster (no backward pass below them) and put less DP noise on the update.",
     )
+    attention_dropout: bool = Field(
+        False,
+        description="Keep the base model's dropout on the attention probabilities while "
+        "training. Off by default: under DP the noise already regularises, and on a CPU "
+        "attention with dropout runs 4-5x slower than without (1.3x per training epoch "
+        "overall, bench/results/train_throughput.md).",
+    )
     lora_target_modules: str | list[str] = Field(
         "auto",
         description="Names of the linear layers that get LoRA adapters; auto: the attention's "

@@ -208,6 +208,35 @@ def test_auto_finds_the_lora_modules_and_the_top_layer_of_each_family(family_dir
     assert all(re.search(r"\.layers?\.1\.", name) for name in lora), lora  # the top layer only
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_dropout_is_off_unless_the_run_spec_keeps_it(family_dirs, family):
+    """Off by default (DP noise regularises; attention with dropout is 4-5x slower on a CPU);
+    the hidden-state dropout stays as the model has it."""
+
+    def dropouts(model) -> tuple[list[float], list[float]]:
+        attention, hidden = [], []
+        for module in model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.Dropout):  # the probabilities' dropout: `dropout`
+                    kind = "SelfAttention" in type(module).__name__ and name == "dropout"
+                    (attention if kind else hidden).append(child.p)
+        return attention, hidden
+
+    config = RunConfig(model=family_dirs[family], hospitals=2, lora_layers=1)
+    off, hidden_off = dropouts(build_model(config, 3))
+    kept, hidden_kept = dropouts(
+        build_model(config.model_copy(update={"attention_dropout": True}), 3)
+    )
+    from transformers import AutoConfig
+
+    if family == "modernbert":  # no dropout module in its attention, and its rate is 0 already
+        assert off == kept == [] and AutoConfig.from_pretrained(config.model).attention_dropout == 0
+    else:
+        assert off and set(off) == {0.0}
+        assert kept and min(kept) > 0
+    assert hidden_off == hidden_kept
+
+
 def test_a_run_spec_naming_its_modules_overrides_auto(family_dirs):
     config = RunConfig(model=family_dirs["distilbert"], hospitals=2, lora_target_modules=["q_lin"])
     lora = [item.name for item in adapter_spec(build_model(config, 2)) if ".lora_" in item.name]
