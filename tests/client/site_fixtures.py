@@ -3,6 +3,7 @@ identity and the run spec it is asked to train (tests/client/test_site.py and th
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,6 +11,24 @@ from fedward.client.secagg import write_signing_key
 from fedward.common.config import RunConfig
 
 LABELS = ["cardiac", "respiratory"]
+WORDS = {
+    "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
+    "respiratory": "productive cough with fever and crackles at the right lung base",
+}
+
+
+def write_notes(
+    path: Path, columns: tuple[str, ...] = ("text", "label"), marker: str = "", relabel: str = ""
+) -> None:
+    """40 notes alternating the two labels, as a CSV with `columns` (a third column holds the
+    row number). `marker` is written into every note; `relabel` replaces every tenth label."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for i in range(40):
+            label = relabel if relabel and i % 10 == 0 else LABELS[i % 2]
+            text = f"patient {marker}{i}: {WORDS[LABELS[i % 2]]}"
+            writer.writerow([text, label, i][: len(columns)])
 
 
 def write_policy(path: Path, **rules) -> None:

@@ -10,7 +10,6 @@ processes on the ledger) and checks that nothing is spent that should not be.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import multiprocessing
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from site_fixtures import LABELS, run_config, write_policy, write_secagg_policy
+from site_fixtures import LABELS, run_config, write_notes, write_policy, write_secagg_policy
 from typer.testing import CliRunner
 
 from fedward.client import deploy
@@ -33,20 +31,12 @@ from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.model import build_model, get_adapter_arrays
 
-WORDS = {
-    "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
-    "respiratory": "productive cough with fever and crackles at the right lung base",
-}
 DELTA = 1e-5
 HOSPITAL = "st-mary"
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_app(monkeypatch):
-    """Flower stamps messages with the running task's identity, as its runtime does."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+#: Every test runs as inside a Flower app: messages are stamped with the task's identity.
+pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
 
 
 @pytest.fixture
@@ -56,12 +46,7 @@ def hospital(tmp_path, tiny_model_dir):
     site = tmp_path / "site"
     site.mkdir()
     data = site / "notes.csv"
-    with open(data, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(40):
-            label = LABELS[i % 2]
-            writer.writerow([f"patient {i}: {WORDS[label]}", label])
+    write_notes(data)
     write_policy(site / "policy.toml")
     settings = deploy.HospitalSettings(
         server="127.0.0.1:9092",

@@ -9,15 +9,13 @@ anything the coordinator receives or stores; the hospital's own audit log may ho
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from site_fixtures import LABELS, run_config, write_policy, write_secagg_policy
+from site_fixtures import LABELS, run_config, write_notes, write_policy, write_secagg_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.ledger import PrivacyLedger
@@ -31,17 +29,10 @@ from fedward.server.secagg import SecAggServerSession
 from fedward.server.strategy import FedwardStrategy
 
 SENTINEL = "SENTINEL7Q"  # planted in notes, labels, column names and the file's path
-WORDS = {
-    "cardiac": "chest pain radiating to the left arm with troponin rise",
-    "respiratory": "productive cough with fever and crackles at the lung base",
-}
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_app(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+#: Every test runs as inside a Flower app: messages are stamped with the task's identity.
+pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
 
 
 @pytest.fixture
@@ -50,7 +41,7 @@ def hospital(tmp_path, tiny_model_dir):
     folder = tmp_path / f"records-{SENTINEL}-path"
     folder.mkdir()
     data = folder / "notes.csv"
-    _write_notes(data, ["text", "label", f"mrn_{SENTINEL}_col"])
+    _write_notes(data, ("text", "label", f"mrn_{SENTINEL}_col"))
     node_config = {
         "data-path": str(data),
         "policy": str(tmp_path / "policy.toml"),
@@ -64,15 +55,8 @@ def hospital(tmp_path, tiny_model_dir):
     return config, node_config, tmp_path
 
 
-def _write_notes(path: Path, header: list[str], extra_label: str | None = None) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for i in range(40):
-            label = LABELS[i % 2]
-            if extra_label is not None and i % 10 == 0:
-                label = extra_label
-            writer.writerow([f"patient {SENTINEL}-{i}: {WORDS[LABELS[i % 2]]}", label, i])
+def _write_notes(path: Path, columns: tuple[str, ...], relabel: str = "") -> None:
+    write_notes(path, columns, marker=f"{SENTINEL}-", relabel=relabel)
 
 
 def _context(node_config: dict) -> Context:
@@ -167,7 +151,7 @@ def test_an_unknown_column_reveals_no_column_name_and_no_path(hospital):
 def test_label_values_outside_the_run_are_counted_not_named(hospital):
     config, node_config, _ = hospital
     _write_notes(
-        Path(node_config["data-path"]), ["text", "label", "mrn"], extra_label=f"hiv-{SENTINEL}"
+        Path(node_config["data-path"]), ("text", "label", "mrn"), relabel=f"hiv-{SENTINEL}"
     )
     reply = _train(config, node_config, _arrays(config))
     assert _reason(reply) == Reason("data.labels_mismatch", {"unknown_labels": 1, "run_labels": 2})

@@ -6,15 +6,13 @@ a real data file, policy file, ledger folder and audit log, as the SuperNode wou
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from site_fixtures import LABELS, run_config, write_policy
+from site_fixtures import LABELS, run_config, write_notes, write_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.ledger import PrivacyLedger
@@ -24,30 +22,15 @@ from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.reasons import Reason
 
-WORDS = {
-    "cardiac": "chest pain radiating to the left arm with sweating and troponin rise",
-    "respiratory": "productive cough with fever and crackles at the right lung base",
-}
-
-
-@pytest.fixture(autouse=True)
-def inside_a_flower_app(monkeypatch):
-    """Flower stamps messages with the running task's identity, as its runtime does."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+#: Every test runs as inside a Flower app: messages are stamped with the task's identity.
+pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
 
 
 @pytest.fixture
 def hospital(tmp_path, tiny_model_dir):
     """A hospital's files: 40 notes, a policy, an (empty) ledger folder; and its node config."""
     data = tmp_path / "notes.csv"
-    with open(data, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(40):
-            label = LABELS[i % 2]
-            writer.writerow([f"patient {i}: {WORDS[label]}", label])
+    write_notes(data)
     policy = tmp_path / "policy.toml"
     write_policy(policy)
     node_config = {

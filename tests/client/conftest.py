@@ -1,0 +1,14 @@
+"""Fixtures of the client tests."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture
+def inside_a_flower_app(monkeypatch):
+    """Flower stamps messages with the running task's identity, as its runtime does."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
