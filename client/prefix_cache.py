@@ -73,9 +73,9 @@ class PrefixStates:
         return self.states.numel() * self.states.element_size()
 
 
-class CachedTraining(torch.utils.data.Dataset):
-    """What the trainer needs to train on a cache: the top module, and a data set of example
-    indices whose `collate` gathers (states, attention mask, labels) like `pad_batch` does."""
+class CachedTraining:
+    """What the trainer needs to train on a cache: the top module, and `batch`, which gathers
+    examples' cached states (with attention mask and labels, as `pad_batch` makes them)."""
 
     def __init__(
         self, top: TrainableTop, cache: PrefixStates, dataset: EncodedDataset, pad_to: int | None
@@ -85,14 +85,7 @@ class CachedTraining(torch.utils.data.Dataset):
         self.labels = dataset.labels
         self.pad_to = pad_to
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[int]:
-        return (index,)  # a tuple, as Opacus reads the structure of a sample from item 0
-
-    def collate(self, items: list[tuple[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        indices = [index for (index,) in items]
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         offsets = self.cache.offsets
         lengths = [int(offsets[i + 1] - offsets[i]) for i in indices]
         width = max(self.pad_to or 0, max(lengths, default=1))

@@ -27,12 +27,16 @@ from fedward.client.privacy import (
     projected_epsilon,
 )
 from fedward.common.config import RunConfig
-from fedward.common.data import EncodedDataset, pad_batch
+from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
+
+# The fixed cost of one more forward and backward pass, in padded tokens: `length_groups` splits
+# a batch only where the padding it saves outweighs it (bench/results/train_throughput.md).
+MICRO_BATCH_OVERHEAD_TOKENS = 1024
 
 
 @dataclass
@@ -127,22 +131,27 @@ def train_locally(
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
     secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
-    # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and a
-    # data set of the cached states; sampling, clipping and noise are the same either way.
+    # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and the
+    # cached states; sampling, clipping and noise are the same either way. The loader draws
+    # example indices; `make_batch` turns a micro-batch of them into padded tensors.
     cached = cached_training(model, dataset, config, pad_id, who, device)
     if cached is not None:
-        train_module, train_data, collate = cached.top, cached, cached.collate
-        inputs_name = "hidden_states"
+        train_module, make_batch, inputs_name = cached.top, cached.batch, "hidden_states"
     else:
-        train_module, train_data, inputs_name = model, dataset, "input_ids"
-        collate = partial(pad_batch, pad_id=pad_id, pad_to=pad_to)
+        train_module, inputs_name = model, "input_ids"
+
+        def make_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
+
     loader = DataLoader(
-        train_data,
+        _ExampleIndices(len(dataset)),
         batch_size=config.batch_size,
         shuffle=True,
-        collate_fn=collate,
+        collate_fn=_collate_indices,
         generator=secret,
     )
+    lengths = [len(ids) for ids in dataset.input_ids]
+    bucketing = config.length_bucketing and pad_to is None
 
     engine = None
     if plan is not None:
@@ -166,20 +175,42 @@ def train_locally(
     losses = []
     try:
         for _ in range(config.local_epochs):
-            for inputs, attention_mask, labels in loader:
-                if len(inputs) == 0:  # Poisson sampling can draw an empty batch
+            for (indices,) in loader:
+                indices = indices.tolist()
+                groups = _micro_batch_indices(indices, lengths) if bucketing else [indices]
+                micro_batches = [make_batch(group) for group in groups]
+                labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
+                if sum(labelled) == 0:  # Poisson sampling can draw an empty batch
                     optimizer.zero_grad(set_to_none=True)
                     continue
-                with autocast:
-                    output = train_module(
-                        **{inputs_name: inputs.to(device)},
-                        attention_mask=attention_mask.to(device),
-                        labels=labels.to(device),
-                    )
-                output.loss.backward()
+                batch_loss = 0.0
+                steps = [k for k, count in enumerate(labelled) if count > 0]
+                for k in steps:
+                    inputs, attention_mask, labels = micro_batches[k]
+                    with autocast:
+                        output = train_module(
+                            **{inputs_name: inputs.to(device)},
+                            attention_mask=attention_mask.to(device),
+                            labels=labels.to(device),
+                        )
+                    # The loss of the whole batch is its mean over labelled positions (one per
+                    # note; one per token in NER): weigh each micro-batch's mean accordingly.
+                    # Opacus multiplies a mean loss by the micro-batch's size to get per-example
+                    # gradients, so under DP the weight also carries batch / micro-batch size.
+                    weight = labelled[k] / sum(labelled)
+                    if engine is not None:
+                        weight *= len(indices) / len(inputs)
+                    (output.loss * weight).backward()
+                    batch_loss += float(output.loss.detach()) * labelled[k] / sum(labelled)
+                    if engine is not None and k != steps[-1]:
+                        # Clip and add up this micro-batch's per-example gradients; noise and
+                        # the step come once, after the batch's last micro-batch.
+                        optimizer.signal_skip_step(do_skip=True)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(output.loss.detach()))
+                losses.append(batch_loss)
     finally:
         if engine is not None:
             train_module._close()  # remove Opacus hooks so the cached model can be reused
@@ -201,6 +232,29 @@ def train_locally(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[int]]:
+    """`indices` split into groups of similar length (`length_groups`)."""
+    groups = length_groups([lengths[i] for i in indices], MICRO_BATCH_OVERHEAD_TOKENS)
+    return [[indices[position] for position in group] for group in groups]
+
+
+class _ExampleIndices(torch.utils.data.Dataset):
+    """Example positions 0..n-1: the loader samples indices, the trainer builds the tensors."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[int]:
+        return (index,)  # a tuple, as Opacus reads the structure of a sample from item 0
+
+
+def _collate_indices(items: list[tuple[int]]) -> tuple[torch.Tensor]:
+    return (torch.tensor([index for (index,) in items], dtype=torch.long),)
 
 
 def _noise_generator(device: torch.device) -> torch.Generator:

@@ -348,6 +348,12 @@ class LocalSettings(_Group):
         description="Memory (MiB) the frozen-prefix caches of one process may hold; caches "
         "past it are kept in a temporary folder on disk, deleted when the run ends.",
     )
+    length_bucketing: bool = Field(
+        True,
+        description="Split each training batch into micro-batches of similar length, each "
+        "padded only to its own longest (the same per-example gradients, one optimizer step and "
+        "one draw of DP noise per batch; faster when note lengths vary).",
+    )
 
 
 class RunConfig(LocalSettings, SimulationSettings, RunSpec):

