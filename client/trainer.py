@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # The fixed cost of one more forward and backward pass, in padded tokens: `length_groups` splits
 # a batch only where the padding it saves outweighs it (bench/results/train_throughput.md).
-MICRO_BATCH_OVERHEAD_TOKENS = 1024
+MICRO_BATCH_OVERHEAD_TOKENS = 256
 
 
 @dataclass
@@ -181,6 +181,8 @@ def train_locally(
                 micro_batches = [make_batch(group) for group in groups]
                 labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
                 if sum(labelled) == 0:  # Poisson sampling can draw an empty batch
+                    if engine is not None:
+                        _noise_only_step(optimizer)
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 batch_loss = 0.0
@@ -232,6 +234,21 @@ def train_locally(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def _noise_only_step(optimizer) -> None:
+    """The step of an empty Poisson batch: noise alone, as DP-SGD's analysis assumes.
+
+    Skipping it would leave the adapter still for that step, which tells whoever sees the update
+    that no record was sampled; with small expected batches that happens often enough
+    (probability about e^-batch_size) to exceed delta.
+    """
+    for p in optimizer.params:
+        p.summed_grad = torch.zeros_like(p)
+    optimizer.add_noise()
+    for p in optimizer.params:
+        p.grad /= optimizer.expected_batch_size
+    optimizer.original_optimizer.step()
 
 
 def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[int]]:

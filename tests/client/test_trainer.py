@@ -6,7 +6,12 @@ import random
 
 import numpy as np
 import pytest
+from tiny_training import config as tiny_config
+from tiny_training import data as tiny_data
+from tiny_training import tokenizer as tiny_tokenizer
+from tiny_training import train as tiny_train
 
+from fedward.client import trainer
 from fedward.client.privacy import compose_epsilon as epsilon_of
 from fedward.client.trainer import (
     check_budget,
@@ -152,3 +157,46 @@ def test_plan_dp_keeps_all_rounds_within_the_target(epsilon, rounds, local_epoch
 
 def test_epsilon_of_nothing_is_zero():
     assert epsilon_of([], 1e-5) == 0.0
+
+
+def test_an_empty_poisson_batch_still_takes_a_step_of_noise(four_layer_model_dir, monkeypatch):
+    """A curious reader of the update must not learn that some step sampled no record: with an
+    expected batch of 1 of 40 notes, about a third of the Poisson batches are empty, and each
+    must still move the adapter by noise, as every other step does."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    settings = tiny_config(four_layer_model_dir, dp=True, batch_size=1, local_epochs=1)
+    tok = tiny_tokenizer(four_layer_model_dir)
+    dataset = tiny_data(settings, tok)
+    batches: list[int] = []
+    steps: list[int] = []
+    original_step = DPOptimizer.step
+
+    def counting_step(self, closure=None):
+        steps.append(1)
+        return original_step(self, closure)
+
+    original_batch = trainer._micro_batch_indices
+
+    def counting_batch(indices, lengths):
+        batches.append(len(indices))
+        return original_batch(indices, lengths)
+
+    monkeypatch.setattr(DPOptimizer, "step", counting_step)
+    monkeypatch.setattr(trainer, "_micro_batch_indices", counting_batch)
+    moved: list[bool] = []
+    original_noise_step = trainer._noise_only_step
+
+    def watching(optimizer):
+        before = [p.detach().clone() for p in optimizer.params]
+        original_noise_step(optimizer)
+        moved.append(all(not p.equal(b) for p, b in zip(optimizer.params, before, strict=True)))
+
+    monkeypatch.setattr(trainer, "_noise_only_step", watching)
+    tiny_train(settings, dataset, tok)
+
+    assert len(batches) == len(dataset) // settings.batch_size  # Poisson batches of an epoch
+    empty = batches.count(0)
+    assert empty > 0, "no empty batch was drawn (chance about 1e-6)"
+    assert len(moved) == empty and all(moved)
+    assert len(steps) == len(batches) - empty  # and the others their usual step each
