@@ -1,12 +1,13 @@
 """Throughput of one hospital's local training (`client.trainer.train_locally`), in samples/s.
 
-The default `RunConfig` (packaged all-MiniLM-L6-v2, LoRA in its top 2 of 6 layers, batch 64,
-dynamic padding) on the same synthetic notes, with DP-SGD on or off and the frozen-prefix cache
-(client/prefix_cache.py) on or off, side by side. Each configuration trains one local epoch per
-call; a repeat is `--epochs` calls in a row from a fresh cache, so the first call is the epoch that
-builds the cache (or round 1) and the later calls are the epochs (or rounds) that reuse it. The
-calls alternate between cache on and off (a machine that slows down penalises both alike); DP
-on and off are separate runs. Rates are means over `--repeats`. One warm-up call per
+The default `RunConfig` (packaged all-MiniLM-L6-v2, LoRA in its top 2 of 6 layers, batch 128,
+dynamic padding) on the same synthetic notes, with DP-SGD on or off, the frozen-prefix cache
+(client/prefix_cache.py) on or off and length-bucketed micro-batches (client/trainer.py) on or
+off, side by side. Each configuration trains one local epoch per call; a repeat is `--epochs`
+calls in a row from a fresh cache, so the first call is the epoch that builds the cache (or
+round 1) and the later calls are the epochs (or rounds) that reuse it. The calls alternate
+between the configurations of the same DP setting (a machine that slows down penalises all
+alike); DP on and off are separate runs. Rates are means over `--repeats`. One warm-up call per
 configuration is not timed.
 
     python -m bench.train_throughput --examples 128 --epochs 3 --repeats 2
@@ -38,12 +39,27 @@ from fedward.common.model import (
 )
 from fedward.common.synthetic import DIAGNOSES, generate_notes
 
-#: (label, dp, prefix cache) of the configurations, in the order they are printed.
+#: (label, dp, prefix cache, length bucketing) of the configurations, in the order printed.
 CONFIGURATIONS = [
-    ("DP, cache", True, True),
-    ("DP, no cache", True, False),
-    ("no DP, cache", False, True),
-    ("no DP, no cache", False, False),
+    ("DP, cache, buckets", True, True, True),
+    ("DP, cache", True, True, False),
+    ("DP, buckets", True, False, True),
+    ("DP", True, False, False),
+    ("no DP, cache, buckets", False, True, True),
+    ("no DP, cache", False, True, False),
+    ("no DP, buckets", False, False, True),
+    ("no DP", False, False, False),
+]
+#: (label, faster configuration, slower one) of the printed ratios.
+RATIOS = [
+    ("DP: cache / none", "DP, cache", "DP"),
+    ("DP: buckets / none", "DP, buckets", "DP"),
+    ("DP: cache and buckets / cache", "DP, cache, buckets", "DP, cache"),
+    ("DP: cache and buckets / none", "DP, cache, buckets", "DP"),
+    ("no DP: cache / none", "no DP, cache", "no DP"),
+    ("no DP: buckets / none", "no DP, buckets", "no DP"),
+    ("no DP: cache and buckets / cache", "no DP, cache, buckets", "no DP, cache"),
+    ("no DP: cache and buckets / none", "no DP, cache, buckets", "no DP"),
 ]
 
 
@@ -138,8 +154,15 @@ def main() -> None:
     model = build_model(base_config, len(labels))
     start = get_adapter_arrays(model)
     configs = {
-        name: base_config.model_copy(update={"dp": dp, "prefix_cache": cache, "local_epochs": 1})
-        for name, dp, cache in CONFIGURATIONS
+        name: base_config.model_copy(
+            update={
+                "dp": dp,
+                "prefix_cache": cache,
+                "length_bucketing": buckets,
+                "local_epochs": 1,
+            }
+        )
+        for name, dp, cache, buckets in CONFIGURATIONS
     }
 
     def train(config: RunConfig, data, who: str) -> None:
@@ -168,33 +191,33 @@ def main() -> None:
 
     first: dict[str, list[float]] = {name: [] for name in configs}
     later: dict[str, list[float]] = {name: [] for name in configs}
-    # DP on and off are different run specs, hence different runs for the cache: each pair of
-    # cache on/off is timed round-robin within one run.
-    for pair in (CONFIGURATIONS[:2], CONFIGURATIONS[2:]):
+    # DP on and off are different run specs, hence different runs for the cache: the
+    # configurations of one DP setting are timed round-robin within one run.
+    for dp_setting in (True, False):
+        group = [name for name, dp, _, _ in CONFIGURATIONS if dp == dp_setting]
         for _ in range(args.repeats):
             drop_prefix_caches()  # a new run: the first epoch builds the cache again
             for epoch in range(args.epochs):
-                for name, _, _ in pair:
+                for name in group:
                     config = configs[name]
-                    seconds = time_call(lambda config=config: train(config, dataset, "bench"))
+                    seconds = time_call(
+                        lambda config=config, name=name: train(config, dataset, f"bench {name}")
+                    )
                     (first if epoch == 0 else later)[name].append(seconds)
     drop_prefix_caches()
 
     def rate(values: list[float]) -> float:
         return len(dataset) / statistics.mean(values) if values else float("nan")
 
-    print(f"{'configuration':<18} {'1st epoch samples/s':>20} {'later epochs samples/s':>23}")
+    print(f"{'configuration':<22} {'1st epoch samples/s':>20} {'later epochs samples/s':>23}")
     for name in configs:
-        print(f"{name:<18} {rate(first[name]):>20.1f} {rate(later[name]):>23.1f}")
+        print(f"{name:<22} {rate(first[name]):>20.1f} {rate(later[name]):>23.1f}")
 
-    print("\nratios of samples/s, cache / no cache")
-    for label, cached, uncached in [
-        ("DP", "DP, cache", "DP, no cache"),
-        ("no DP", "no DP, cache", "no DP, no cache"),
-    ]:
+    print("\nratios of samples/s")
+    for label, faster, slower in RATIOS:
         print(
-            f"  {label:<6} first epoch {rate(first[cached]) / rate(first[uncached]):.2f}, "
-            f"later epochs {rate(later[cached]) / rate(later[uncached]):.2f}"
+            f"  {label:<33} first epoch {rate(first[faster]) / rate(first[slower]):.2f}, "
+            f"later epochs {rate(later[faster]) / rate(later[slower]):.2f}"
         )
 
     print("\n16-bit storage of the cached states, relative change of one batch's")
