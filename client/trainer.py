@@ -180,7 +180,8 @@ def train_locally(
                 groups = _micro_batch_indices(indices, lengths) if bucketing else [indices]
                 micro_batches = [make_batch(group) for group in groups]
                 labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
-                if sum(labelled) == 0:  # Poisson sampling can draw an empty batch
+                total = sum(labelled)
+                if total == 0:  # Poisson sampling can draw an empty batch
                     if engine is not None:
                         _noise_only_step(optimizer)
                     optimizer.zero_grad(set_to_none=True)
@@ -199,11 +200,11 @@ def train_locally(
                     # note; one per token in NER): weigh each micro-batch's mean accordingly.
                     # Opacus multiplies a mean loss by the micro-batch's size to get per-example
                     # gradients, so under DP the weight also carries batch / micro-batch size.
-                    weight = labelled[k] / sum(labelled)
+                    weight = labelled[k] / total
                     if engine is not None:
                         weight *= len(indices) / len(inputs)
                     (output.loss * weight).backward()
-                    batch_loss += float(output.loss.detach()) * labelled[k] / sum(labelled)
+                    batch_loss += float(output.loss.detach()) * labelled[k] / total
                     if engine is not None and k != steps[-1]:
                         # Clip and add up this micro-batch's per-example gradients; noise and
                         # the step come once, after the batch's last micro-batch.
