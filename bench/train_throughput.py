@@ -97,7 +97,7 @@ def storage_error(model, dataset, pad_id: int, lora_layers: int) -> dict[str, tu
     Measured on the CPU in float32 wherever the throughput ran (a CUDA run leaves the model there).
     """
     model.cpu().eval()
-    prefix, top = split_frozen_prefix(model, lora_layers)
+    prefix, top = split_frozen_prefix(model)
     trainable = [p for p in top.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in trainable]
     generator = torch.Generator().manual_seed(0)

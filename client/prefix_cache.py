@@ -1,7 +1,8 @@
 """Frozen-prefix cache: the frozen bottom of the model runs once per hospital and run.
 
-LoRA sits only in the top `lora_layers` layers by default, so the hidden states after the last
-frozen layer are a fixed function of a hospital's token ids for the whole run. They are computed
+LoRA sits only in the top `lora_layers` layers by default (and nowhere that trains with
+`lora_variant = "head"`), so the hidden states after the last frozen layer are a fixed function
+of a hospital's token ids for the whole run. They are computed
 once (in the process that serves the hospital, without dropout), stored per example without
 padding, and every epoch of every round trains only the top of the network on them.
 
@@ -112,7 +113,7 @@ def cached_training(
     does not split exactly)."""
     if not config.prefix_cache or len(dataset) == 0:
         return None
-    halves = split_frozen_prefix(model, config.lora_layers)
+    halves = split_frozen_prefix(model)
     if halves is None:
         return None
     prefix, top = halves

@@ -100,8 +100,11 @@ class ModelSpec(_Group):
         description="Base model: a local folder or hub id; the default is the packaged "
         "all-MiniLM-L6-v2.",
     )
-    lora_variant: Literal["lora", "ffa"] = Field(
-        "lora", description="lora: train A and B; ffa: FFA-LoRA, A frozen, only B trained and sent."
+    lora_variant: Literal["lora", "ffa", "head"] = Field(
+        "lora",
+        description="lora: train A and B; ffa: FFA-LoRA, A frozen, only B trained and sent; "
+        "head: no LoRA factor trains, only the task head on the frozen encoder (the fewest "
+        "trainable dimensions, so the least DP noise; lora_layers does not apply).",
     )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")

@@ -102,10 +102,12 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
             f"({str(exc).splitlines()[0][:200]}); its linear layers are named "
             f"{', '.join(_linear_names(base))}"
         ) from None
-    if config.lora_variant == "ffa":
-        for name, parameter in model.named_parameters():
-            if ".lora_A." in name:
-                parameter.requires_grad_(False)
+    # FFA-LoRA freezes the A factors, head-only both: B starts at zero, so the frozen factors
+    # leave the base model's output as it was, and they never travel.
+    frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(config.lora_variant, ())
+    for name, parameter in model.named_parameters():
+        if any(part in name for part in frozen):
+            parameter.requires_grad_(False)
     return model
 
 
@@ -296,16 +298,17 @@ class _PassStates(torch.nn.Module):
         return inputs_embeds
 
 
-def split_frozen_prefix(
-    model: torch.nn.Module, lora_layers: int
-) -> tuple[FrozenPrefix, TrainableTop] | None:
-    """Split a `build_model` model below its lowest LoRA layer, or None where that is not possible.
+def split_frozen_prefix(model: torch.nn.Module) -> tuple[FrozenPrefix, TrainableTop] | None:
+    """Split a `build_model` model below its lowest trainable layer, or None where that is not
+    possible.
 
-    None when LoRA reaches the bottom layer (`lora_layers` 0 or all layers), when anything below
-    the split is trainable, or when the encoder's layers cannot be found. Both halves share the
-    model's modules (nothing is copied but the containers), so `top(prefix(x))` is the model.
-    Callers check the split on real inputs (`client/prefix_cache.py`) before trusting it with an
-    architecture it was not tested on.
+    The split is where the first parameter that trains sits: below the lowest LoRA layer, or
+    after the last layer when only the task head trains (`lora_variant = "head"`). None when the
+    bottom layer trains (`lora_layers` 0 or all layers), when the embeddings train, or when the
+    encoder's layers cannot be found. Both halves share the model's modules (nothing is copied
+    but the containers), so `top(prefix(x))` is the model. Callers check the split on real
+    inputs (`client/prefix_cache.py`) before trusting it with an architecture it was not tested
+    on.
     """
     inner = getattr(getattr(model, "base_model", None), "model", None)
     if inner is None:
@@ -313,8 +316,7 @@ def split_frozen_prefix(
     encoder_name = "encoder" if isinstance(inner, MeanPoolClassifier) else inner.base_model_prefix
     encoder = getattr(inner, encoder_name, None)
     layers_total = getattr(getattr(inner, "config", None), "num_hidden_layers", 0)
-    split = layers_total - lora_layers
-    if encoder is None or lora_layers <= 0 or split <= 0:
+    if encoder is None or layers_total <= 0:
         return None
     found = [
         name
@@ -324,8 +326,11 @@ def split_frozen_prefix(
     if len(found) != 1 or not hasattr(encoder, "embeddings"):
         return None
     layers = encoder.get_submodule(found[0])
-    below = [encoder.embeddings, *layers[:split]]
-    if any(p.requires_grad for module in below for p in module.parameters()):
+    split = next(
+        (i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+        layers_total,
+    )
+    if split == 0 or any(p.requires_grad for p in encoder.embeddings.parameters()):
         return None
     bottom = _replace(encoder, found[0], torch.nn.ModuleList(layers[:split]))
     top_encoder = _replace(encoder, found[0], torch.nn.ModuleList(layers[split:]))

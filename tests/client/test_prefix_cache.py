@@ -24,11 +24,17 @@ def fresh_caches():
 
 
 @pytest.mark.parametrize(
-    "task, padding",
-    [("classification", "dynamic"), ("classification", "max_length"), ("ner", "dynamic")],
+    "task, padding, variant",
+    [
+        ("classification", "dynamic", "lora"),
+        ("classification", "max_length", "lora"),
+        ("ner", "dynamic", "lora"),
+        ("classification", "dynamic", "head"),
+        ("ner", "dynamic", "head"),
+    ],
 )
 def test_cached_training_gives_the_same_update_as_uncached(
-    four_layer_model_dir, monkeypatch, task, padding
+    four_layer_model_dir, monkeypatch, task, padding, variant
 ):
     """DP off, same seed: the cache changes where the states come from, not the update.
 
@@ -39,7 +45,7 @@ def test_cached_training_gives_the_same_update_as_uncached(
     storage rounds the states by at most 2**-11 of their size; over 10 AdamW steps that moves the
     update by well under 1% (measured: about 1e-3), far below DP noise.
     """
-    config = _config(four_layer_model_dir, task=task, padding=padding)
+    config = _config(four_layer_model_dir, task=task, padding=padding, lora_variant=variant)
     tokenizer = _tokenizer(four_layer_model_dir)
     dataset = _data(config, tokenizer)
     model, start, uncached = _train(
@@ -72,7 +78,7 @@ def test_16_bit_storage_moves_loss_and_gradients_little(four_layer_model_dir):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)  # a trained-looking adapter, not B = 0
-    prefix, top = split_frozen_prefix(model, config.lora_layers)
+    prefix, top = split_frozen_prefix(model)
     batch = [(dataset.input_ids[i], dataset.labels[i]) for i in range(len(dataset))]
     _, attention_mask, labels = pad_batch(batch, tokenizer.pad_token_id)
     input_ids = pad_batch(batch, tokenizer.pad_token_id)[0]
@@ -152,12 +158,25 @@ def test_dp_clips_per_sample_gradients_of_exactly_the_trainable_parameters(
         assert all(getattr(p, "grad_sample", None) is None for p in frozen)
 
 
+@pytest.mark.parametrize("variant, cached_layers", [("lora", 2), ("ffa", 2), ("head", 4)])
+def test_the_cache_ends_below_the_lowest_layer_that_trains(
+    four_layer_model_dir, variant, cached_layers
+):
+    """LoRA in the top 2 of 4 layers: the bottom 2 are cached (FFA-LoRA's frozen A factors
+    do not move the split, its B factors train there); head-only: all 4 layers are."""
+    config = _config(four_layer_model_dir, lora_variant=variant)
+    prefix, top = split_frozen_prefix(build_model(config, len(LABELS)))
+    assert len(prefix.encoder.encoder.layer) == cached_layers
+    assert len(top.task_model.encoder.encoder.layer) == 4 - cached_layers
+    assert all(not p.requires_grad for p in prefix.parameters())
+
+
 @pytest.mark.parametrize("lora_layers", [0, 4])
 def test_cache_is_off_when_lora_reaches_the_bottom_layer(four_layer_model_dir, lora_layers):
     config = _config(four_layer_model_dir, lora_layers=lora_layers, local_epochs=1)
     tokenizer = _tokenizer(four_layer_model_dir)
     model = build_model(config, len(LABELS))
-    assert split_frozen_prefix(model, lora_layers) is None
+    assert split_frozen_prefix(model) is None
     _train(config, _data(config, tokenizer), tokenizer, model=model)
     assert prefix_cache.build_count == 0 or prefix_cache.cache_usage()["caches"] == 0
 

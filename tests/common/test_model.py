@@ -76,6 +76,20 @@ def test_ffa_variant_freezes_a_and_sends_only_b(tiny_model_dir):
     assert not any(".lora_A." in n for n in names)
 
 
+def test_head_variant_trains_and_sends_only_the_task_head(tiny_model_dir):
+    """Head-only: no LoRA factor travels (a peer or the coordinator sees the head alone), and
+    the untrained LoRA factors (B = 0) leave the base model's output as it was."""
+    config = RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="head")
+    model = build_model(config, 2)
+    names = [item.name for item in adapter_spec(model)]
+    assert names and all("modules_to_save" in n for n in names)
+    assert not any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    lora = build_model(config.model_copy(update={"lora_variant": "lora"}), 2).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, lora(input_ids=ids).logits)
+
+
 def test_arrays_round_trip_into_a_fresh_model(config):
     source = build_model(config, len(LABELS))
     arrays = _perturbed(get_adapter_arrays(source))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
@@ -149,3 +150,16 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter(tiny_model_dir, tmp_p
         torch.tensor(secure.rounds[0]["hospitals"]["hospital-0"]["train_loss"]),
         torch.tensor(plain.rounds[0]["hospitals"]["hospital-0"]["train_loss"]),
     )
+
+
+def test_a_head_only_run_sends_and_saves_only_the_task_head(tiny_model_dir, tmp_path):
+    """`lora_variant = "head"`: only the classifier travels (securely aggregated, under DP), the
+    saved adapter's LoRA factors are the untrained ones (B = 0, so the encoder is the base
+    model's), and the head moved."""
+    config = _config(tiny_model_dir, tmp_path / "out", lora_variant="head")
+    result = simulate(config)
+    _check_run(config, result)
+    assert result.arrays and all("modules_to_save" in name for name in result.arrays)
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    lora_b = [tensor for name, tensor in saved.items() if ".lora_B." in name]
+    assert lora_b and all(not tensor.any() for tensor in lora_b)
