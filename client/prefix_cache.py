@@ -39,7 +39,7 @@ import torch
 
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, pad_batch
-from fedward.common.model import TrainableTop, split_frozen_prefix
+from fedward.common.model import FrozenPrefix, TrainableTop, split_frozen_prefix
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class PrefixStates:
     fingerprint: str  # of the token ids they were computed from
     model: weakref.ref  # the model whose prefix computed them
     path: Path | None  # the file backing `states` when spilled to disk
+    min_top_layers: int = 0  # the split they were cut at (`split_frozen_prefix`)
 
     @property
     def nbytes(self) -> int:
@@ -113,10 +114,6 @@ def cached_training(
     does not split exactly)."""
     if not config.prefix_cache or len(dataset) == 0:
         return None
-    halves = split_frozen_prefix(model)
-    if halves is None:
-        return None
-    prefix, top = halves
     pad_to = config.max_length if config.padding == "max_length" else None
     fingerprint = _fingerprint(dataset)
     with _lock:
@@ -124,9 +121,12 @@ def cached_training(
         cache = _caches.get(who)
         if cache is None or cache.fingerprint != fingerprint or cache.model() is not model:
             _drop(who)
-            if not _split_is_exact(model, prefix, top, dataset, pad_id, device):
+            found = _exact_split(model, dataset, pad_id, device)
+            if found is None:
                 return None
+            min_top_layers, prefix = found
             cache = _build(prefix, dataset, config, pad_id, device, fingerprint, model)
+            cache.min_top_layers = min_top_layers
             if cache is None:
                 return None
             _caches[who] = cache
@@ -137,6 +137,7 @@ def cached_training(
                 cache.nbytes / 2**20,
                 "on disk" if cache.path else "in memory",
             )
+    _, top = split_frozen_prefix(model, cache.min_top_layers)
     return CachedTraining(top, cache, dataset, pad_to)
 
 
@@ -196,11 +197,27 @@ def _fingerprint(dataset: EncodedDataset) -> str:
     return digest.hexdigest()
 
 
+def _exact_split(model, dataset, pad_id, device) -> tuple[int, FrozenPrefix] | None:
+    """Where to cut, as (`min_top_layers`, the prefix): below the lowest layer that trains, or,
+    for an encoder that cannot run its top without a layer of its own (DeBERTa-v2 when only the
+    head trains), one layer lower; None when neither reproduces the model."""
+    for min_top_layers in (0, 1):
+        halves = split_frozen_prefix(model, min_top_layers)
+        if halves is None:
+            break
+        problem = _split_problem(model, *halves, dataset, pad_id, device)
+        if problem is None:
+            return min_top_layers, halves[0]
+    else:
+        log.warning("frozen-prefix cache off: %s", problem)
+    return None
+
+
 @torch.no_grad()
-def _split_is_exact(model, prefix, top, dataset, pad_id, device) -> bool:
-    """The split must reproduce the whole model on a few real examples (in float32, without
-    dropout); an architecture where it does not (e.g. a normalisation after the last layer that
-    the split misplaces) trains uncached instead."""
+def _split_problem(model, prefix, top, dataset, pad_id, device) -> str | None:
+    """Why the split does not reproduce the whole model on a few real examples (in float32,
+    without dropout), or None when it does; an architecture where it does not (e.g. a
+    normalisation after the last layer that the split misplaces) trains uncached instead."""
     batch = [(dataset.input_ids[i], dataset.labels[i]) for i in range(min(4, len(dataset)))]
     input_ids, attention_mask, labels = (t.to(device) for t in pad_batch(batch, pad_id))
     was_training = model.training
@@ -212,16 +229,14 @@ def _split_is_exact(model, prefix, top, dataset, pad_id, device) -> bool:
             attention_mask=attention_mask,
             labels=labels,
         ).logits
-    except (TypeError, ValueError, RuntimeError) as exc:  # a family the split does not fit
-        log.warning("frozen-prefix cache off: the split model does not run (%s)", exc)
-        return False
+    except Exception as exc:  # a family the split does not fit, whatever it raises
+        return f"the split model does not run ({type(exc).__name__}: {exc})"
     finally:
         model.train(was_training)
     error = float((whole.float() - split.float()).abs().max())
     if error > 1e-4 * (1.0 + float(whole.float().abs().max())):
-        log.warning("frozen-prefix cache off: the split model is %.2e off the whole", error)
-        return False
-    return True
+        return f"the split model is {error:.2e} off the whole"
+    return None
 
 
 @torch.no_grad()

@@ -298,12 +298,16 @@ class _PassStates(torch.nn.Module):
         return inputs_embeds
 
 
-def split_frozen_prefix(model: torch.nn.Module) -> tuple[FrozenPrefix, TrainableTop] | None:
+def split_frozen_prefix(
+    model: torch.nn.Module, min_top_layers: int = 0
+) -> tuple[FrozenPrefix, TrainableTop] | None:
     """Split a `build_model` model below its lowest trainable layer, or None where that is not
     possible.
 
     The split is where the first parameter that trains sits: below the lowest LoRA layer, or
-    after the last layer when only the task head trains (`lora_variant = "head"`). None when the
+    after the last layer when only the task head trains (`lora_variant = "head"`), but with at
+    least `min_top_layers` layers in the top (some encoders, DeBERTa-v2's, cannot run without
+    a layer: `client/prefix_cache.py` then asks for one). None when the
     bottom layer trains (`lora_layers` 0 or all layers), when the embeddings train, or when the
     encoder's layers cannot be found. Both halves share the model's modules (nothing is copied
     but the containers), so `top(prefix(x))` is the model. Callers check the split on real
@@ -330,7 +334,8 @@ def split_frozen_prefix(model: torch.nn.Module) -> tuple[FrozenPrefix, Trainable
         (i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
         layers_total,
     )
-    if split == 0 or any(p.requires_grad for p in encoder.embeddings.parameters()):
+    split = min(split, layers_total - min_top_layers)
+    if split <= 0 or any(p.requires_grad for p in encoder.embeddings.parameters()):
         return None
     bottom = _replace(encoder, found[0], torch.nn.ModuleList(layers[:split]))
     top_encoder = _replace(encoder, found[0], torch.nn.ModuleList(layers[split:]))

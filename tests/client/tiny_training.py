@@ -33,6 +33,7 @@ def config(model_dir: str, **overrides) -> RunConfig:
         epsilon=50.0,
         max_length=24,
         lora_layers=2,
+        lora_variant="lora",  # the trainer's harder path: per-sample gradients inside layers
         dp=False,
         device="cpu",
     )

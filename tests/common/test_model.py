@@ -64,7 +64,8 @@ def test_same_seed_same_initial_adapter_other_seed_differs(config):
 
 
 def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir):
-    model = build_model(RunConfig(model=tiny_model_dir, hospitals=2, lora_layers=1), 2)
+    config = RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="lora", lora_layers=1)
+    model = build_model(config, 2)
     lora_names = [item.name for item in adapter_spec(model) if "lora_" in item.name]
     assert lora_names and all(".layer.1." in n for n in lora_names)
 

@@ -181,9 +181,11 @@ def family_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 def _config(folder: str, out: Path, task: str) -> RunConfig:
+    # Classification trains the default head-only, NER LoRA: every family runs both.
     return RunConfig(
         model=folder,
         task=task,
+        lora_variant="head" if task == "classification" else "lora",
         hospitals=2,
         min_hospitals=2,
         rounds=1,
@@ -200,7 +202,7 @@ def _config(folder: str, out: Path, task: str) -> RunConfig:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_finds_the_lora_modules_and_the_top_layer_of_each_family(family_dirs, family):
-    config = RunConfig(model=family_dirs[family], hospitals=2, lora_layers=1)
+    config = RunConfig(model=family_dirs[family], hospitals=2, lora_variant="lora", lora_layers=1)
     model = build_model(config, 3)
     lora = [item.name for item in adapter_spec(model) if ".lora_" in item.name]
     adapted = {re.search(r"\.(\w+)\.lora_", name).group(1) for name in lora}
@@ -238,7 +240,12 @@ def test_attention_dropout_is_off_unless_the_run_spec_keeps_it(family_dirs, fami
 
 
 def test_a_run_spec_naming_its_modules_overrides_auto(family_dirs):
-    config = RunConfig(model=family_dirs["distilbert"], hospitals=2, lora_target_modules=["q_lin"])
+    config = RunConfig(
+        model=family_dirs["distilbert"],
+        hospitals=2,
+        lora_variant="lora",
+        lora_target_modules=["q_lin"],
+    )
     lora = [item.name for item in adapter_spec(build_model(config, 2)) if ".lora_" in item.name]
     assert lora and all(".q_lin.lora_" in name for name in lora)
     wrong = config.model_copy(update={"lora_target_modules": ["query", "value"]})
@@ -287,7 +294,7 @@ def _check_round_and_adapter(family: str, config: RunConfig, result) -> dict:
     meta = json.loads((result.adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
     assert meta["lora_target_modules"] == EXPECTED_TARGETS[family]
     # Loaded as `fedward predict` loads it, every travelling tensor is the final global one:
-    # LoRA factors and the whole fresh head (ModernBERT's includes a dense layer).
+    # the whole fresh head (ModernBERT's includes a dense layer), and the LoRA factors with lora.
     model, _tokenizer, _meta = load_adapter_for_inference(result.adapter_dir)
     parameters = dict(model.named_parameters())
     for name, value in result.arrays.items():
@@ -326,3 +333,45 @@ def test_a_site_pins_a_hospital_model_folder_by_its_weights(family_dirs):
     other = model_content_hash(family_dirs["roberta"])
     assert other != pinned
     assert any("not an allowed model version" in v for v in policy.violations(spec, other))
+
+
+@pytest.mark.parametrize("family, top_layers", [("bert", 0), ("deberta-v2", 1)])
+def test_head_only_caches_the_whole_encoder_or_all_but_a_layer_it_needs(
+    family_dirs, family, top_layers
+):
+    """Head-only: BERT's top is the head alone; DeBERTa-v2's encoder cannot run without a layer
+    (transformers fails on an empty one), so its last layer stays in the top, and the cache
+    still reproduces the whole model rather than turning itself off."""
+    from fedward.client import prefix_cache
+    from fedward.common.model import load_tokenizer
+    from fedward.common.tasks import task_named
+
+    config = RunConfig(model=family_dirs[family], hospitals=2, lora_variant="head", max_length=32)
+    task = task_named("classification")
+    notes = task.synthetic_notes(0, 8, 3, 2)
+    labels = sorted({note.label for note in notes})
+    tokenizer = load_tokenizer(config.model)
+    dataset = task.encode(notes, labels, tokenizer, config.max_length)
+    model = build_model(config, len(labels))
+    prefix_cache.drop_prefix_caches()
+    try:
+        cached = prefix_cache.cached_training(
+            model, dataset, config, tokenizer.pad_token_id, "hospital-0", torch.device("cpu")
+        )
+        assert cached is not None
+        found = [m for m in cached.top.modules() if isinstance(m, torch.nn.ModuleList)]
+        assert [len(m) for m in found if len(m) <= 2] == [top_layers]
+        ids, mask, _ = (t for t in _pad(dataset, tokenizer.pad_token_id))
+        hidden, cached_mask, _ = cached.batch(list(range(len(dataset))))
+        with torch.no_grad():
+            whole = model.eval()(input_ids=ids, attention_mask=mask).logits
+            split = cached.top(hidden_states=hidden, attention_mask=cached_mask).logits
+        torch.testing.assert_close(split, whole, rtol=1e-2, atol=1e-3)  # 16-bit storage
+    finally:
+        prefix_cache.drop_prefix_caches()
+
+
+def _pad(dataset, pad_id):
+    from fedward.common.data import pad_batch
+
+    return pad_batch([dataset[i] for i in range(len(dataset))], pad_id)
