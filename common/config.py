@@ -269,7 +269,7 @@ class SimulatedData(DataSchema):
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
     notes_per_hospital: int = Field(
-        400, ge=10, description="Synthetic notes generated per hospital (before the split)."
+        700, ge=10, description="Synthetic notes generated per hospital (before the split)."
     )
 
     @field_validator("partition")
