@@ -100,15 +100,26 @@ class ModelSpec(_Group):
         description="Base model: a local folder or hub id; the default is the packaged "
         "all-MiniLM-L6-v2.",
     )
-    lora_variant: Literal["lora", "ffa", "head"] = Field(
-        "head",
-        description="head: no LoRA factor trains, only the task head on the frozen encoder "
-        "(the fewest trainable dimensions, so the least DP noise, and the whole encoder is "
-        "cached; lora_layers does not apply); lora: train A and B; ffa: FFA-LoRA, A frozen, "
-        "only B trained and sent. Under DP at epsilon 8 on a few hundred records per hospital, "
-        "head matched or beat lora on every corpus measured, at a fifth of the time "
-        "(bench/results/utility-probes.md); with more data, or without DP, try lora.",
+    lora_variant: Literal["lora", "ffa", "head"] | None = Field(
+        None,
+        description="What trains. head: no LoRA factor, only the task head on the frozen "
+        "encoder (the fewest trainable dimensions, so the least DP noise, and the whole encoder "
+        "is cached; lora_layers does not apply); lora: LoRA's A and B in the top lora_layers "
+        "layers, and the head; ffa: FFA-LoRA, A frozen, only B and the head. Unset: head for "
+        "classification (under DP it matched or beat lora on every corpus measured, at a fifth "
+        "of the time), lora for NER (head-only stops at about 0.31 entity F1 even without DP, "
+        "where lora reaches 0.69); bench/results/utility-probes.md.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_of_the_task(cls, values: Any) -> Any:
+        # Resolved here, so that the run spec hospitals agree to and hash names it.
+        if isinstance(values, dict) and values.get("lora_variant") in (None, ""):
+            task = values.get("task", "classification")
+            values = {**values, "lora_variant": "lora" if task == "ner" else "head"}
+        return values
+
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")

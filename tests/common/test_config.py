@@ -169,3 +169,15 @@ def test_lora_target_modules_default_to_auto_and_a_named_list_still_loads(tmp_pa
     assert RunConfig.from_toml(path).lora_target_modules == ["query", "value"]
     with pytest.raises(ConfigError, match="'lora_target_modules'"):
         RunConfig.build({"lora_target_modules": "query"})
+
+
+def test_what_trains_defaults_by_task_and_the_run_spec_names_it():
+    """Head-only for classification, LoRA for NER, a value set wins; the spec a hospital
+    receives (and hashes) names the variant, so no hospital resolves it differently."""
+    assert RunConfig().lora_variant == "head"
+    assert RunConfig(task="ner").lora_variant == "lora"
+    assert RunConfig(task="ner", lora_variant="head").lora_variant == "head"
+    spec = RunConfig(task="ner").spec()
+    assert spec.lora_variant == "lora"
+    assert RunConfig.from_flower(RunConfig(task="ner").to_flower()).lora_variant == "lora"
+    assert spec.digest() != RunConfig(task="ner", lora_variant="head").spec().digest()
