@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, nargs="+", default=[3, 10, 50])
     args = parser.parse_args()
 
-    config = RunConfig.build({"labels": sorted(DIAGNOSES)})
+    # LoRA, as comm.md records; head-only (the classification default) sends the head alone.
+    config = RunConfig.build({"labels": sorted(DIAGNOSES), "lora_variant": "lora"})
     model = build_model(config, len(config.labels))
     arrays = get_adapter_arrays(model)
     full = sum(p.numel() for p in model.parameters()) * 4

@@ -59,6 +59,7 @@ def run(hospitals: int, notes: int, rounds: int, secure: bool, cache: bool = Tru
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig.build(
             {
+                "lora_variant": "lora",  # as scale.md records
                 "hospitals": hospitals,
                 "rounds": rounds,
                 "notes_per_hospital": notes,
@@ -142,7 +143,7 @@ def cached_states_mb(hospitals: int, notes: int) -> float:
     from fedward.common.model import load_tokenizer
     from fedward.common.synthetic import generate_notes
 
-    config = RunConfig()
+    config = RunConfig(lora_variant="lora")
     tokenizer = load_tokenizer(config.model)
     hidden = 384  # all-MiniLM-L6-v2
     tokens = 0

@@ -177,6 +177,7 @@ def round_seconds(secure: bool, hospitals: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig.build(
             {
+                "lora_variant": "lora",
                 "hospitals": hospitals,
                 "rounds": 1,
                 "notes_per_hospital": 40,
@@ -197,7 +198,7 @@ def main() -> None:
     parser.add_argument("--skip-round", action="store_true", help="only the in-process parts")
     args = parser.parse_args()
 
-    config = RunConfig()
+    config = RunConfig(lora_variant="lora")  # LoRA's update length, as secagg.md records
     labels = [str(i) for i in range(10)]
     model = build_model(config.model_copy(update={"labels": labels}), len(labels))
     adapter = sum(a.size for a in get_adapter_arrays(model).values())  # the default adapter

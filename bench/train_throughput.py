@@ -140,7 +140,7 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
 
-    base_config = RunConfig()
+    base_config = RunConfig(lora_variant="lora")  # the LoRA path, as train_throughput.md records
     labels = sorted(DIAGNOSES)
     label_to_id = {label: i for i, label in enumerate(labels)}
     tokenizer = load_tokenizer(base_config.model)
