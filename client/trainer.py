@@ -121,7 +121,7 @@ def train_locally(
     ]
     groups = [
         {"params": lora, "lr": config.learning_rate},
-        {"params": head, "lr": config.head_learning_rate},
+        {"params": head, "lr": config.head_lr},
     ]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=0.9)

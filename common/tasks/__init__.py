@@ -28,6 +28,7 @@ class Task(Protocol):
     name: str
     primary_metric: str
     privacy_unit: str
+    head_learning_rate: float
     release_sensitivity: float
     metric_columns: tuple[tuple[str, str], ...]
     partitions: tuple[str, ...]

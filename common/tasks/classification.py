@@ -28,6 +28,8 @@ class Classification:
     primary_metric = "macro_f1"
     #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
     privacy_unit = "one record (a note)"
+    #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    head_learning_rate = 0.1
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
     #: Simulated partitions of a pooled data set, and the one `partition = auto` means. Each

@@ -45,6 +45,8 @@ class NamedEntityRecognition:
     primary_metric = "f1"
     #: What one unit of (epsilon, delta)-DP protects, said next to epsilon.
     privacy_unit = "one sentence"
+    #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
+    head_learning_rate = 0.01
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("precision", "entity P"), ("recall", "entity R"), ("f1", "entity F1"))
     #: Simulated partitions of a pooled data set, and the one `partition = auto` means. A

@@ -35,6 +35,12 @@ def test_an_unknown_task_is_one_config_error_naming_the_field():
         task_named("summarise")
 
 
+def test_the_head_learning_rate_defaults_per_task_and_a_set_value_wins():
+    assert RunConfig(task="classification").head_lr == 0.1
+    assert RunConfig(task="ner").head_lr == 0.01
+    assert RunConfig(task="ner", head_learning_rate=0.2).head_lr == 0.2
+
+
 def test_classification_scores_its_primary_metric_and_its_table_columns():
     scores = CLASSIFICATION.metrics([0, 1, 1, 2], [0, 1, 0, 2], ["a", "b", "c"])
     assert scores["accuracy"] == 0.75
