@@ -126,9 +126,9 @@ def cached_training(
                 return None
             min_top_layers, prefix = found
             cache = _build(prefix, dataset, config, pad_id, device, fingerprint, model)
-            cache.min_top_layers = min_top_layers
             if cache is None:
                 return None
+            cache.min_top_layers = min_top_layers
             _caches[who] = cache
             log.info(
                 "%s: frozen prefix cached (%d examples, %.1f MiB %s)",

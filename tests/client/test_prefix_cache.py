@@ -237,3 +237,21 @@ def test_memory_limit_spills_to_disk_and_the_files_go_at_the_end(four_layer_mode
     prefix_cache.drop_prefix_caches()  # the end of the run
     assert not folder.exists()
     assert prefix_cache.cache_usage() == {"caches": 0, "memory_bytes": 0, "disk_bytes": 0}
+
+
+def test_states_too_large_for_16_bits_turn_the_cache_off_and_training_goes_on(
+    four_layer_model_dir, monkeypatch
+):
+    """A model whose frozen states would overflow float16 trains uncached, not with an error."""
+    from fedward.common.model import FrozenPrefix
+
+    config = _config(four_layer_model_dir, local_epochs=1)
+    tokenizer = _tokenizer(four_layer_model_dir)
+    forward = FrozenPrefix.forward
+    monkeypatch.setattr(FrozenPrefix, "forward", lambda self, *a: forward(self, *a) * 1e5)
+    monkeypatch.setattr(prefix_cache, "_split_problem", lambda *args: None)
+    builds = prefix_cache.build_count
+    _, _, result = _train(config, _data(config, tokenizer), tokenizer)
+    assert result.num_examples > 0
+    assert prefix_cache.build_count == builds
+    assert prefix_cache.cache_usage()["caches"] == 0
