@@ -49,20 +49,22 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
     monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
     args = bench_args(
         tiny_model_dir,
-        only=["centralized", "federated LoRA, DP epsilon 8"],
+        only=["centralized", "federated head-only, DP epsilon 8"],
         overrides=utility.parse_overrides(["max_grad_norm=0.5"]),
     )
     rows = dict(utility.run_corpus("classification", args, tmp_path))
 
-    # the named rows (not FFA-LoRA, not epsilon 1, no local-only) and the ratios they allow
+    # the named rows (not FFA-LoRA, not epsilon 1, no local-only) and the ratios they allow;
+    # classification trains the head alone by default, and so do its rows
     assert list(rows) == [
-        "centralized LoRA, no DP (pooled)",
-        "centralized LoRA, DP epsilon 8 (pooled)",
-        "federated LoRA, DP epsilon 8",
-        "ratio: federated DP epsilon 8 / centralized (target >= 0.95)",
-        "ratio: centralized DP epsilon 8 / centralized (DP alone)",
+        "centralized head-only, no DP (pooled)",
+        "centralized head-only, DP epsilon 8 (pooled)",
+        "federated head-only, DP epsilon 8",
+        "ratio: federated DP / centralized DP, epsilon 8 (target >= 0.97)",
+        "ratio: centralized DP / no DP, epsilon 8 (target >= 0.97)",
+        "ratio: federated DP epsilon 8 / centralized no DP",
     ]
-    assert rows["ratio: federated DP epsilon 8 / centralized (target >= 0.95)"] == "1.00"
+    assert rows["ratio: federated DP / centralized DP, epsilon 8 (target >= 0.97)"] == "1.00"
     central, central_private, private = seen
     assert (central.hospitals, central.dp) == (1, False)
     assert (central_private.hospitals, central_private.dp, central_private.epsilon) == (
@@ -70,12 +72,8 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
         True,
         8.0,
     )
-    assert (private.hospitals, private.dp, private.epsilon, private.lora_variant) == (
-        3,
-        True,
-        8.0,
-        "lora",
-    )
+    assert (private.hospitals, private.dp, private.epsilon) == (3, True, 8.0)
+    assert central.lora_variant == central_private.lora_variant == private.lora_variant == "head"
     assert central.max_grad_norm == private.max_grad_norm == 0.5
 
 
@@ -92,13 +90,35 @@ def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
     monkeypatch.setattr(utility, "SHARED", shared_data)
     monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
     args = bench_args(
-        tiny_model_dir, only=["no DP (pooled)", "federated LoRA, DP epsilon 8"], repeats=2
+        tiny_model_dir, only=["no DP (pooled)", "federated head-only, DP epsilon 8"], repeats=2
     )
     rows = dict(utility.run_corpus("classification", args, tmp_path))
 
     # the row without DP is deterministic and trained once; the DP row twice, in its own folders
     assert [config.dp for config in seen] == [False, True, True]
     assert len({config.out for config in seen}) == 3
-    assert rows["centralized LoRA, no DP (pooled)"] == "0.600"
-    assert rows["federated LoRA, DP epsilon 8"] == "0.450 (0.400-0.500, 2 runs)"
-    assert rows["ratio: federated DP epsilon 8 / centralized (target >= 0.95)"] == "0.75"
+    assert rows["centralized head-only, no DP (pooled)"] == "0.600"
+    assert rows["federated head-only, DP epsilon 8"] == "0.450 (0.400-0.500, 2 runs)"
+    assert rows["ratio: federated DP epsilon 8 / centralized no DP"] == "0.75"
+
+
+def test_ner_rows_train_lora_and_carry_the_ner_target(
+    shared_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    scores = iter([0.70, 0.56, 0.56, 0.28, 0.30])
+    seen = []
+
+    def fake_train_and_score(config, test):
+        seen.append(config)
+        return next(scores)
+
+    monkeypatch.setattr(utility, "SHARED", shared_data)
+    monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
+    args = bench_args(tiny_model_dir, only=["(pooled)", "federated LoRA, DP epsilon 8"], repeats=2)
+    rows = dict(utility.run_corpus("ner", args, tmp_path))
+
+    assert [config.lora_variant for config in seen] == ["lora"] * 5
+    assert rows["federated LoRA, DP epsilon 8"] == "0.290 (0.280-0.300, 2 runs)"
+    assert rows["ratio: centralized DP / no DP, epsilon 8 (target >= 0.75)"] == "0.80"
+    # federated DP against centralized DP, both with DP: 0.29 / 0.56
+    assert rows["ratio: federated DP / centralized DP, epsilon 8 (target >= 0.97)"] == "0.52"
