@@ -152,6 +152,7 @@ def train_locally(
     )
     lengths = [len(ids) for ids in dataset.input_ids]
     bucketing = config.length_bucketing and pad_to is None
+    outside_id = config.labels.index("O") if config.outside_tag_weight != 1.0 else None
 
     engine = None
     if plan is not None:
@@ -190,11 +191,17 @@ def train_locally(
                 steps = [k for k, count in enumerate(labelled) if count > 0]
                 for k in steps:
                     inputs, attention_mask, labels = micro_batches[k]
+                    labels = labels.to(device)
                     with autocast:
                         output = train_module(
                             **{inputs_name: inputs.to(device)},
                             attention_mask=attention_mask.to(device),
-                            labels=labels.to(device),
+                            labels=labels,
+                        )
+                    loss = output.loss
+                    if outside_id is not None:  # NER's class-weighted loss
+                        loss = weighted_token_loss(
+                            output.logits, labels, outside_id, config.outside_tag_weight
                         )
                     # The loss of the whole batch is its mean over labelled positions (one per
                     # note; one per token in NER): weigh each micro-batch's mean accordingly.
@@ -203,8 +210,8 @@ def train_locally(
                     weight = labelled[k] / total
                     if engine is not None:
                         weight *= len(indices) / len(inputs)
-                    (output.loss * weight).backward()
-                    batch_loss += float(output.loss.detach()) * labelled[k] / total
+                    (loss * weight).backward()
+                    batch_loss += float(loss.detach()) * labelled[k] / total
                     if engine is not None and k != steps[-1]:
                         # Clip and add up this micro-batch's per-example gradients; noise and
                         # the step come once, after the batch's last micro-batch.
@@ -235,6 +242,20 @@ def train_locally(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def weighted_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, outside_id: int, outside_weight: float
+) -> torch.Tensor:
+    """Token cross-entropy with the O tag's terms weighted by `outside_weight`, averaged over
+    the labelled tokens (-100 is unlabelled), as the plain loss is: weight 1 gives the plain
+    loss, and a smaller weight only shrinks the O tokens' share of each sentence's gradient."""
+    labels = labels.reshape(-1)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.float().reshape(labels.numel(), -1), labels, ignore_index=-100, reduction="none"
+    )
+    weights = torch.where(labels == outside_id, outside_weight, 1.0)
+    return (per_token * weights).sum() / (labels != -100).sum().clamp(min=1)
 
 
 def _noise_only_step(optimizer) -> None:

@@ -199,6 +199,15 @@ class TrainingSpec(_Group):
         "for NER (with LoRA under DP, 0.1 fell from 0.33 to 0.22 entity F1; head-only NER "
         "wants 0.1). bench/results/utility-probes.md.",
     )
+    outside_tag_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="NER only: weight of the training loss on tokens tagged O (outside every "
+        "entity), against 1 for entity tags; below 1 the many O tokens pull each update less "
+        "toward predicting O (a class-weighted loss). The loss stays a mean over the labelled "
+        "tokens, so 1 is the plain loss.",
+    )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
 
 
@@ -239,6 +248,19 @@ class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, 
     run resumes. Local settings (output folder, device, timeouts) and simulation knobs live in
     `LocalSettings` and `SimulationSettings`, never in here.
     """
+
+    @model_validator(mode="after")
+    def _check_task_options(self) -> Self:
+        if self.outside_tag_weight == 1.0:
+            return self
+        if self.task != "ner":
+            raise ValueError(
+                f"outside_tag_weight ({self.outside_tag_weight:g}) applies to NER only; "
+                "leave it at 1 for classification"
+            )
+        if self.labels is not None and "O" not in self.labels:
+            raise ValueError("outside_tag_weight needs the tag 'O' among the labels")
+        return self
 
     @classmethod
     def from_flower(cls, values: dict[str, Any]) -> RunSpec:
