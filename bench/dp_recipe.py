@@ -139,8 +139,9 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
     }
 
 
-def grid_settings(pairs: list[str]) -> list[dict]:
-    """The product of `FIELD=V1,V2` pairs, as RunConfig value dicts (checked up front)."""
+def grid_settings(pairs: list[str], fixed: dict | None = None) -> list[dict]:
+    """The product of `FIELD=V1,V2` pairs, as RunConfig value dicts (checked up front, together
+    with the `fixed` values: the corpus's task and `--set`)."""
     axes = []
     for pair in pairs:
         key, sep, values = pair.partition("=")
@@ -152,7 +153,7 @@ def grid_settings(pairs: list[str]) -> list[dict]:
     for values in settings:
         fields = {k: v for k, v in values.items() if k != "setting"}
         try:
-            RunConfig.build(fields, source="--grid")
+            RunConfig.build({**(fixed or {}), **fields}, source="--grid")
         except Exception as exc:  # a bad value names its field before any training
             raise SystemExit(str(exc)) from None
     return settings
@@ -174,10 +175,11 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="also write the markdown table here")
     parser.add_argument("--log", type=Path, help="append each finished run here as a JSON line")
     args = parser.parse_args()
-    args.fixed = parse_overrides(args.fixed_pairs)
+    task = "ner" if args.corpus == "ner" else "classification"  # synthetic: --set task=...
+    args.fixed = parse_overrides(args.fixed_pairs, (task,))
     if args.corpus != "synthetic" and not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the {args.corpus} corpus is read from there")
-    settings = grid_settings(args.grid) or [{}]
+    settings = grid_settings(args.grid, {"task": task, **args.fixed}) or [{}]
 
     started = time.monotonic()
     runs: dict[int, list[dict]] = {i: [] for i in range(len(settings))}

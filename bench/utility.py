@@ -243,8 +243,11 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    """`FIELD=VALUE` pairs for RunConfig fields (pydantic converts the strings), checked up front.
+def parse_overrides(
+    pairs: list[str], tasks: tuple[str, ...] = ("classification",)
+) -> dict[str, str]:
+    """`FIELD=VALUE` pairs for RunConfig fields (pydantic converts the strings), checked up front
+    for each of `tasks` (a value may apply to one task only, as NER's `outside_tag_weight`).
 
     They apply to every row, except where a row sets the field itself (every row's data, hospitals
     and partition; the centralized and local-only rows' DP; the DP rows' epsilon and LoRA variant).
@@ -257,7 +260,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RunConfig field")
         overrides[key] = value.strip()
     try:  # a bad value names its field now, before any training
-        RunConfig.build(overrides, source="--set")
+        for task in tasks:
+            RunConfig.build({"task": task, **overrides}, source="--set")
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     return overrides
@@ -301,13 +305,13 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
-    args.overrides = parse_overrides(args.settings)
+    corpora = ["classification", "ner"] if args.corpus == "both" else [args.corpus]
+    args.overrides = parse_overrides(args.settings, tuple(corpora))
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the utility benchmark needs the shared corpora")
 
-    corpora = ["classification", "ner"] if args.corpus == "both" else [args.corpus]
     started = time.monotonic()
     lines = [
         "# Utility on real corpora",

@@ -23,6 +23,16 @@ def test_grid_is_the_product_of_its_axes_and_refuses_unknown_fields_and_bad_valu
         dp_recipe.grid_settings(["batch_size=64,many"])
 
 
+def test_grid_values_are_checked_against_the_corpus_task():
+    # NER's class-weighted loss is a valid NER grid, and refused up front for classification
+    assert dp_recipe.grid_settings(["outside_tag_weight=0.1,0.3"], {"task": "ner"}) == [
+        {"outside_tag_weight": "0.1"},
+        {"outside_tag_weight": "0.3"},
+    ]
+    with pytest.raises(SystemExit, match="NER only"):
+        dp_recipe.grid_settings(["outside_tag_weight=0.1"], {"task": "classification"})
+
+
 def test_a_federated_setting_trains_every_hospital_under_its_dp_plan(tiny_model_dir):
     args = argparse.Namespace(
         seed=7,

@@ -18,6 +18,12 @@ def test_set_converts_values_and_refuses_unknown_fields_and_bad_values():
         utility.parse_overrides(["nope=1"])
     with pytest.raises(SystemExit, match="learning_rate"):
         utility.parse_overrides(["learning_rate=fast"])
+    # a value for one task only is checked against the corpora it will reach
+    assert utility.parse_overrides(["outside_tag_weight=0.3"], ("ner",)) == {
+        "outside_tag_weight": "0.3"
+    }
+    with pytest.raises(SystemExit, match="NER only"):
+        utility.parse_overrides(["outside_tag_weight=0.3"], ("classification", "ner"))
 
 
 def bench_args(model: str, **values) -> argparse.Namespace:
