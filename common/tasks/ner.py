@@ -47,6 +47,11 @@ class NamedEntityRecognition:
     privacy_unit = "one sentence"
     #: Learning rate of the new head when the run config leaves `head_learning_rate` unset.
     head_learning_rate = 0.01
+    #: What trains when the run config leaves `lora_variant` unset: LoRA (a frozen encoder's
+    #: token states stopped NER at about 0.31 entity F1 even without DP, where LoRA reaches 0.69).
+    lora_variant = "lora"
+    #: Weight of the O tag's loss when the run config leaves `outside_tag_weight` unset.
+    outside_tag_weight = 1.0
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.
     metric_columns = (("precision", "entity P"), ("recall", "entity R"), ("f1", "entity F1"))
     #: Simulated partitions of a pooled data set, and the one `partition = auto` means. A

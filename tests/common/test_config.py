@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedward.common.config import PACKAGED_MODEL, RunConfig
+from fedward.common.config import PACKAGED_MODEL, RunConfig, RunSpec
 from fedward.common.errors import ConfigError
 
 
@@ -181,3 +181,20 @@ def test_what_trains_defaults_by_task_and_the_run_spec_names_it():
     assert spec.lora_variant == "lora"
     assert RunConfig.from_flower(RunConfig(task="ner").to_flower()).lora_variant == "lora"
     assert spec.digest() != RunConfig(task="ner", lora_variant="head").spec().digest()
+
+
+def test_the_o_tag_weight_defaults_by_task_and_the_run_spec_names_it():
+    """NER's class-weighted loss: unset, each task's own weight (1 for classification, where it
+    does not apply), resolved into the spec before it travels, so a hospital trains with the
+    weight the digest it pinned names, whatever its fedward version's default."""
+    from fedward.common.tasks import NER
+
+    assert RunConfig().outside_tag_weight == 1.0
+    assert RunConfig(task="ner").outside_tag_weight == NER.outside_tag_weight
+    assert RunConfig(task="ner", outside_tag_weight=0.5).outside_tag_weight == 0.5
+    assert RunConfig.build({"task": "ner", "outside_tag_weight": ""}).outside_tag_weight == (
+        NER.outside_tag_weight
+    )
+    sent = RunConfig(task="ner", outside_tag_weight=0.5).spec().to_flower()
+    assert sent["outside-tag-weight"] == 0.5
+    assert RunSpec.from_flower(sent).outside_tag_weight == 0.5
