@@ -28,7 +28,7 @@ from fedward.client.privacy import (
 )
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
-from fedward.common.errors import PrivacyBudgetExceeded
+from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 from fedward.common.tasks import task_named
 
@@ -152,7 +152,7 @@ def train_locally(
     )
     lengths = [len(ids) for ids in dataset.input_ids]
     bucketing = config.length_bucketing and pad_to is None
-    outside_id = config.labels.index("O") if config.outside_tag_weight != 1.0 else None
+    outside_id = _outside_tag_id(config)
 
     engine = None
     if plan is not None:
@@ -242,6 +242,17 @@ def train_locally(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def _outside_tag_id(config: RunConfig) -> int | None:
+    """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1)."""
+    if config.outside_tag_weight == 1.0:
+        return None
+    if not config.labels or "O" not in config.labels:
+        raise ConfigError(
+            f"outside_tag_weight {config.outside_tag_weight:g} needs the run's labels, with 'O'"
+        )
+    return config.labels.index("O")
 
 
 def weighted_token_loss(

@@ -55,7 +55,7 @@ def _o_probability(config, dataset, tok, result, start, model) -> float:
 
 
 def test_a_smaller_o_weight_makes_the_model_less_sure_of_o(four_layer_model_dir):
-    settings = config(four_layer_model_dir, task="ner", labels=TAGS, local_epochs=1)
+    settings = config(four_layer_model_dir, task="ner", outside_tag_weight=1.0, local_epochs=1)
     tok = tokenizer(four_layer_model_dir)
     dataset = data(settings, tok)
     model, start, plain = train(settings, dataset, tok)
@@ -83,7 +83,6 @@ def test_under_dp_micro_batches_still_give_the_whole_batch_update(
     settings = config(
         four_layer_model_dir,
         task="ner",
-        labels=TAGS,
         dp=True,
         prefix_cache=use_cache,
         local_epochs=1,
@@ -101,6 +100,14 @@ def test_under_dp_micro_batches_still_give_the_whole_batch_update(
     assert bucketed.epsilon_spent == whole.epsilon_spent
 
 
+def test_training_without_the_o_tag_among_the_labels_is_refused(four_layer_model_dir):
+    settings = config(four_layer_model_dir, task="ner", outside_tag_weight=0.3)
+    tok = tokenizer(four_layer_model_dir)
+    dataset = data(settings, tok)
+    with pytest.raises(ConfigError, match="'O'"):
+        train(settings.model_copy(update={"labels": None}), dataset, tok)
+
+
 def test_the_weight_is_refused_where_it_cannot_apply():
     with pytest.raises(ConfigError, match="outside_tag_weight.*NER only"):
         RunConfig.build({"task": "classification", "outside_tag_weight": 0.5})
@@ -108,6 +115,6 @@ def test_the_weight_is_refused_where_it_cannot_apply():
         RunConfig.build({"task": "ner", "labels": ["B-X", "I-X"], "outside_tag_weight": 0.5})
     with pytest.raises(ConfigError, match="outside_tag_weight"):
         RunConfig.build({"task": "ner", "outside_tag_weight": 0})
-    spec = RunConfig.build({"task": "ner", "outside_tag_weight": 0.3}).spec()
-    assert spec.outside_tag_weight == 0.3
+    spec = RunConfig.build({"task": "ner", "outside_tag_weight": 0.5}).spec()
+    assert spec.outside_tag_weight == 0.5
     assert spec.digest() != RunConfig.build({"task": "ner"}).spec().digest()

@@ -37,6 +37,8 @@ def config(model_dir: str, **overrides) -> RunConfig:
         dp=False,
         device="cpu",
     )
+    if overrides.get("task") == "ner":
+        values["labels"] = TAGS  # as a simulation fills them in from the data
     return RunConfig(**{**values, **overrides})
 
 
