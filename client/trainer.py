@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedward.client.dp_adam import BiasCorrectedAdam
 from fedward.client.prefix_cache import cached_training
 from fedward.client.privacy import (
     DPPlan,
@@ -125,6 +126,8 @@ def train_locally(
     ]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=0.9)
+    elif config.optimizer == "adam_bc":
+        optimizer = BiasCorrectedAdam(groups)
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     pad_to = config.max_length if config.padding == "max_length" else None
@@ -167,6 +170,11 @@ def train_locally(
             poisson_sampling=True,
             noise_generator=_noise_generator(device),
         )
+        if config.optimizer == "adam_bc":
+            # The variance DP adds to each coordinate of the averaged gradient Adam sees.
+            optimizer.original_optimizer.noise_variance = (
+                plan.noise_multiplier * config.max_grad_norm / optimizer.expected_batch_size
+            ) ** 2
 
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)

@@ -179,8 +179,10 @@ class TrainingSpec(_Group):
     padding: Literal["dynamic", "max_length"] = Field(
         "dynamic", description="Pad each batch to its longest example, or always to max_length."
     )
-    optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="adamw: AdamW; sgd: SGD with momentum 0.9."
+    optimizer: Literal["adamw", "sgd", "adam_bc"] = Field(
+        "adamw",
+        description="adamw: AdamW; sgd: SGD with momentum 0.9; adam_bc: DP-AdamBC, Adam with the "
+        "DP noise's variance taken out of its second moment (client/dp_adam.py).",
     )
     learning_rate: float = Field(5e-3, gt=0, description="Learning rate of the LoRA factors.")
     head_learning_rate: float | None = Field(
