@@ -42,17 +42,24 @@ def bench_args(model: str, **values) -> argparse.Namespace:
     return argparse.Namespace(**{**settings, **values})
 
 
-def test_only_trains_the_named_rows_and_set_reaches_the_run(
-    shared_data, tiny_model_dir, tmp_path, monkeypatch
-):
+def scored_by(monkeypatch, shared_data, scores) -> list:
+    """Training stands in by handing out `scores` in turn; the configs it got, in order."""
     seen = []
+    scores = iter(scores)
 
     def fake_train_and_score(config, test):
         seen.append(config)
-        return 0.5
+        return next(scores)
 
     monkeypatch.setattr(utility, "SHARED", shared_data)
     monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
+    return seen
+
+
+def test_only_trains_the_named_rows_and_set_reaches_the_run(
+    shared_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    seen = scored_by(monkeypatch, shared_data, [0.5] * 3)
     args = bench_args(
         tiny_model_dir,
         only=["centralized", "federated head-only, DP epsilon 8"],
@@ -86,15 +93,7 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
 def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
     shared_data, tiny_model_dir, tmp_path, monkeypatch
 ):
-    scores = iter([0.60, 0.40, 0.50])
-    seen = []
-
-    def fake_train_and_score(config, test):
-        seen.append(config)
-        return next(scores)
-
-    monkeypatch.setattr(utility, "SHARED", shared_data)
-    monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
+    seen = scored_by(monkeypatch, shared_data, [0.60, 0.40, 0.50])
     args = bench_args(
         tiny_model_dir, only=["no DP (pooled)", "federated head-only, DP epsilon 8"], repeats=2
     )
@@ -111,15 +110,7 @@ def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
 def test_ner_rows_train_lora_and_carry_the_ner_target(
     shared_data, tiny_model_dir, tmp_path, monkeypatch
 ):
-    scores = iter([0.70, 0.56, 0.56, 0.28, 0.30])
-    seen = []
-
-    def fake_train_and_score(config, test):
-        seen.append(config)
-        return next(scores)
-
-    monkeypatch.setattr(utility, "SHARED", shared_data)
-    monkeypatch.setattr(utility, "train_and_score", fake_train_and_score)
+    seen = scored_by(monkeypatch, shared_data, [0.70, 0.56, 0.56, 0.28, 0.30])
     args = bench_args(tiny_model_dir, only=["(pooled)", "federated LoRA, DP epsilon 8"], repeats=2)
     rows = dict(utility.run_corpus("ner", args, tmp_path))
 

@@ -12,3 +12,13 @@ def inside_a_flower_app(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 11)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def fresh_prefix_caches():
+    """No frozen-prefix cache from an earlier test, and none left for the next."""
+    from fedward.client import prefix_cache
+
+    prefix_cache.drop_prefix_caches()
+    yield
+    prefix_cache.drop_prefix_caches()

@@ -10,15 +10,10 @@ import pytest
 import torch
 from tiny_training import config, data, tokenizer, train
 
-from fedward.client import prefix_cache, trainer
+from fedward.client import trainer
 from fedward.client.dp_adam import BiasCorrectedAdam
 
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    prefix_cache.drop_prefix_caches()
-    yield
-    prefix_cache.drop_prefix_caches()
+pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 
 
 def test_without_noise_it_takes_adams_steps():

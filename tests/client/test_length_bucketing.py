@@ -14,12 +14,7 @@ from tiny_training import config, data, relative_difference, tokenizer, train
 
 from fedward.client import prefix_cache, trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    prefix_cache.drop_prefix_caches()
-    yield
-    prefix_cache.drop_prefix_caches()
+pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 
 
 def _count_forward_passes(monkeypatch) -> list[int]:

@@ -14,12 +14,7 @@ from fedward.client.trainer import predict, weighted_token_loss
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    prefix_cache.drop_prefix_caches()
-    yield
-    prefix_cache.drop_prefix_caches()
+pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 
 
 def test_weight_one_is_the_plain_loss_and_a_smaller_weight_scales_only_o_terms():

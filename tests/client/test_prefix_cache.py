@@ -15,12 +15,7 @@ from fedward.client import prefix_cache
 from fedward.common.data import pad_batch
 from fedward.common.model import build_model, get_adapter_arrays, split_frozen_prefix
 
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    prefix_cache.drop_prefix_caches()
-    yield
-    prefix_cache.drop_prefix_caches()
+pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 
 
 @pytest.mark.parametrize(
