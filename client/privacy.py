@@ -36,6 +36,11 @@ class DPPlan:
         """This round as an accountant history entry."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
+    def noise_variance(self, max_grad_norm: float, num_train: int) -> float:
+        """Variance of the noise on each coordinate of the averaged gradient a step sees
+        (the noise on the clipped sum, divided by the expected batch size)."""
+        return (self.noise_multiplier * max_grad_norm / (self.sample_rate * num_train)) ** 2
+
 
 def compose_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
     """Epsilon of all `history` entries composed with Opacus's RDP accountant, at `delta`.

@@ -172,9 +172,9 @@ def train_locally(
         )
         if config.optimizer == "adam_bc":
             # The variance DP adds to each coordinate of the averaged gradient Adam sees.
-            optimizer.original_optimizer.noise_variance = (
-                plan.noise_multiplier * config.max_grad_norm / optimizer.expected_batch_size
-            ) ** 2
+            optimizer.original_optimizer.noise_variance = plan.noise_variance(
+                config.max_grad_norm, len(dataset)
+            )
 
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
