@@ -25,10 +25,17 @@ each survivor signs the survivor set it was told (consistency_check); a hospital
 only for a set that it signed itself and that `consistency_quorum` roster hospitals signed too.
 It derives which neighbours survived and which dropped from that signed set, never from a list
 the coordinator makes up per hospital, and reveals for each neighbour either the self-mask seed
-share or the mask-key share, never both. With a `memory_dir` (a real hospital: its ledger
-folder) what it committed to in a round -- who took part, who survived, what it revealed -- is
-kept on disk, so a resumed round that replays the same update into a different set of
-hospitals, or asks for the other share of a neighbour, is refused.
+share or the mask-key share, never both. The consistency quorum is only a majority (2 of 3), so
+the survivor set must also hold the site's own minimum cohort (`min_secure_aggregation_hospitals`,
+counting itself and the neighbours it masked with): otherwise a coordinator that declares the
+third of three hospitals dropped after the masked uploads would unmask the sum of two, which is
+one hospital's update to the other. Below the minimum the hospital withholds its masked update,
+its signature and every share, and refuses with `secagg.cohort_too_small`.
+
+With a `memory_dir` (a real hospital: its ledger folder) what it committed to in a round -- who
+took part, who survived, what it revealed -- is kept on disk, so a resumed round that replays the
+same update into a different set of hospitals, or asks for the other share of a neighbour, is
+refused.
 
 The arithmetic lives in `common.secagg`; this class only holds state and checks messages.
 """
@@ -52,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.common.atomic import write_bytes_atomic
 from fedward.common.errors import PolicyError, SecAggError
+from fedward.common.reasons import Reason
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
@@ -153,8 +161,11 @@ class SecAggIdentity:
             survivor set it was told.
         roster: public signing key (raw 32 bytes) -> hospital name, accepted out of band; keys
             signed by anyone else are refused.
-        min_hospitals: fewest hospitals a secure round may have (site policy
-            `min_secure_aggregation_hospitals`); a smaller round is refused before training.
+        min_hospitals: fewest hospitals whose updates may be unmasked together with this
+            one's (site policy `min_secure_aggregation_hospitals`, itself included): a round
+            with a smaller neighbourhood is refused before training, and the masked update, the
+            signature on the survivor set and every share are withheld while fewer than this
+            many of the hospitals it masked with are still in the round.
         memory_dir: where what the hospital committed to in each round is kept, so resumed and
             replayed rounds are held to it (None: only within one session, as in simulation).
     """
@@ -292,6 +303,17 @@ class SecAggClientSession:
     def _fail(self, stage: str, what: str) -> SecAggError:
         return SecAggError(f"node {self.node_id}, stage {stage}: {what}")
 
+    def _too_few(self, stage: str, members: int, what: str) -> SecAggError:
+        """The refusal for a cohort below the site policy's minimum. The message (for the
+        hospital's log, where the client app writes it) tells the whole story; only the code,
+        the count and the policy's minimum travel: numbers of the protocol and the policy,
+        never of the data."""
+        reason = Reason(
+            "secagg.cohort_too_small",
+            {"hospitals": members, "min_secure_aggregation_hospitals": self.identity.min_hospitals},
+        )
+        return SecAggError(f"node {self.node_id}, stage {stage}: {what}", reason=reason)
+
     def _begin(self, request: Mapping[str, Any], stage: str, previous: str | None) -> None:
         if self.stage != previous:
             raise self._fail(
@@ -362,12 +384,14 @@ class SecAggClientSession:
             expected_bits = check_modulus(len(nodes), max_weight, clip, bits)
         except SecAggError as exc:
             raise self._fail(stage, str(exc)) from None
-        if len(nodes) < self.identity.min_hospitals:
-            raise self._fail(
+        if len(self._neighbours) + 1 < self.identity.min_hospitals:
+            raise self._too_few(
                 stage,
-                f"the round has {len(nodes)} hospitals, fewer than this site's "
-                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); refused "
-                "before training",
+                len(self._neighbours) + 1,
+                f"the round has {len(nodes)} hospitals and this hospital masks with "
+                f"{len(self._neighbours)} neighbours, fewer than this site's "
+                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}) with itself; "
+                "refused before training",
             )
         if threshold < majority(len(self._neighbours) + 1):
             raise self._fail(
@@ -570,6 +594,15 @@ class SecAggClientSession:
                 f"only {len(received)} neighbours sent shares, fewer than the threshold "
                 f"{threshold} minus this hospital",
             )
+        if len(received) + 1 < self.identity.min_hospitals:
+            raise self._too_few(
+                stage,
+                len(received) + 1,
+                f"only {len(received)} neighbours sent shares, so this hospital's update would "
+                f"be masked among {len(received) + 1} hospitals, fewer than this site's "
+                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); the masked "
+                "update is not sent",
+            )
         vector_length = self.params["vector_length"]
         values = np.asarray(update)
         if values.ndim != 1 or values.shape[0] != vector_length:
@@ -690,6 +723,7 @@ class SecAggClientSession:
                 "to sign the set; refusing to unmask",
             )
         self._check_enough_neighbours(stage, set(survivors))
+        self._check_minimum_cohort(stage, set(survivors))
         self._commit(stage, "survivors", self._identities(set(survivors) & set(self._received)))
         self._survivors = sorted(survivors)
         statement = survivor_statement(
@@ -703,6 +737,27 @@ class SecAggClientSession:
 
     def _quorum(self) -> int:
         return consistency_quorum(self.params["threshold"], len(self.params["node_ids"]))
+
+    def _check_minimum_cohort(self, stage: str, survivors: set[int]) -> None:
+        """Sign and reveal only for a survivor set of at least the site's minimum cohort.
+
+        Counted are this hospital and the survivors it masked its update with (neighbours whose
+        roster-signed keys it checked and whose shares it holds): those are the hospitals whose
+        updates any unmasking of its own must add in. A survivor it never shared masks with (a
+        node said to have dropped earlier, or padded in by the coordinator) does not count:
+        with it, a round of three could still unmask two updates, one hospital's to the other.
+        """
+        members = len(survivors & set(self._received)) + 1
+        if members < self.identity.min_hospitals:
+            raise self._too_few(
+                stage,
+                members,
+                f"the survivor set holds {members} hospitals that this hospital masked its "
+                f"update with (itself included), fewer than this site's "
+                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); refusing to "
+                "sign it or reveal any share (the coordinator would learn the sum of too few "
+                "updates)",
+            )
 
     def _check_enough_neighbours(self, stage: str, survivors: set[int]) -> None:
         threshold = self.params["threshold"]
@@ -733,6 +788,7 @@ class SecAggClientSession:
                 "the survivor set differs from the one this hospital signed; refusing to reveal",
             )
         self._verify_survivor_signatures(request)
+        self._check_minimum_cohort(stage, set(survivors))
         alive = set(survivors) - {self.node_id}
         neighbours_alive = sorted(alive & set(self._received))
         dropped = sorted(set(self._received) - alive)

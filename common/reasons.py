@@ -47,6 +47,10 @@ REASONS: dict[str, str] = {
     "model.unusable": "the base model or the adapter tensors cannot be used at this hospital",
     "config.invalid": "the run spec received is invalid",
     "secagg.failed": "secure aggregation failed at this hospital",
+    "secagg.cohort_too_small": "secure aggregation refused: only {hospitals} hospital(s), this "
+    "one included, would be unmasked together, fewer than the site policy's "
+    "min_secure_aggregation_hospitals ({min_secure_aggregation_hospitals}); the hospital "
+    "revealed nothing more",
     # evaluation (an accounted release, see client/site.py)
     "evaluation.not_allowed": "the site policy does not release evaluation metrics",
     "evaluation.round_out_of_range": "evaluation refused: round {round} is outside 1..{rounds}",
@@ -107,6 +111,8 @@ PARAMS = frozenset(
         "max_weight",
         "unknown_rate",
         "max_unknown_rate",
+        "hospitals",
+        "min_secure_aggregation_hospitals",
     }
 )
 

@@ -64,6 +64,7 @@ class Coordinator:
         memory: Path | None = None,
         ids: list[int] | None = None,
         seed: int = 0,
+        min_hospitals: int = 2,
     ) -> None:
         self.ids = ids or [100 + index for index in range(count)]
         self.round = server_round
@@ -76,16 +77,22 @@ class Coordinator:
             identity = SecAggIdentity.simulated(index, count)
             if memory is not None:  # each hospital's own folder, as a real hospital's ledger
                 identity = SecAggIdentity(
-                    identity.signing_key, identity.roster, 2, memory / f"hospital-{index}"
+                    identity.signing_key,
+                    identity.roster,
+                    min_hospitals,
+                    memory / f"hospital-{index}",
                 )
             else:
-                identity = SecAggIdentity(identity.signing_key, identity.roster, 2)
+                identity = SecAggIdentity(identity.signing_key, identity.roster, min_hospitals)
             self.clients[node] = SecAggClientSession(node, RUN, server_round, identity)
         self.refusals: dict[int, str] = {}
+        self.errors: dict[int, SecAggError] = {}  # what each refusal would carry (its reason)
         self.masked: dict[int, np.ndarray] = {}
         self.seed_shares: dict[int, dict[int, bytes]] = defaultdict(dict)
         self.key_shares: dict[int, dict[int, bytes]] = defaultdict(dict)
         self.mask_public: dict[int, bytes] = {}  # what each node advertised
+        self.sources: dict[int, list[int]] = {}  # whose shares each node was handed to mask with
+        self.signatures: dict[int, bytes] = {}  # each node's signature on its survivor set
         # victim -> peer -> the share key the coordinator showed the victim as that peer's
         self.swapped: dict[int, dict[int, X25519PrivateKey]] = defaultdict(dict)
 
@@ -117,15 +124,19 @@ class Coordinator:
                     reply = getattr(client, stage)(request)
             except SecAggError as exc:
                 self.refusals[node] = str(exc)
+                self.errors[node] = exc
                 continue
             replies[node] = reply
             if stage == ADVERTISE_KEYS:
                 self.mask_public[node] = reply["mask_public_key"]
             if stage == MASKED_UPDATE:
+                self.sources[node] = list(request["sources"])
                 bits = client.params["modulus_bits"]
                 self.masked[node] = unpack_bits(reply["masked_update"], bits, LENGTH + 1)
             if stage == SHARE_KEYS:
                 self._open_shares_sent_to_its_keys(node, reply)
+            if stage == CONSISTENCY_CHECK:
+                self.signatures[node] = reply["survivors_signature"]
             if stage == UNMASK:
                 for owner, share in zip(reply["seed_share_owners"], reply["seed_shares"]):
                     self.seed_shares[owner][node] = share
@@ -460,3 +471,189 @@ def test_a_replay_whose_survivors_differ_is_not_unmasked(tmp_path):
         assert "different survivors set" in again.refusals[node]
     assert not again.seed_shares and not again.key_shares
     assert not again.unmasked(victim)
+
+
+# --- a round shrunk below the hospitals' minimum cohort ------------------------------------------
+#
+# The consistency quorum is a majority: 2 of 3. A coordinator that declares the third of three
+# hospitals dropped after every masked update arrived would unmask the sum of two, which is one
+# hospital's update to the other; with one colluding hospital, the victim's update itself. These
+# run at the deployed default, `min_secure_aggregation_hospitals = 3`.
+
+
+def _with_minimum(coordinator: Coordinator, node: int, minimum: int) -> None:
+    """Give one hospital another site minimum (a colluder's session signs whatever it is told)."""
+    identity = coordinator.clients[node].identity
+    coordinator.clients[node] = SecAggClientSession(
+        node, RUN, coordinator.round, SecAggIdentity(identity.signing_key, identity.roster, minimum)
+    )
+
+
+def _upload_all_then_drop(coordinator: Coordinator, dropped: int) -> dict[int, dict]:
+    """Every hospital sends its masked update; the coordinator then says `dropped` never did."""
+    shares = coordinator.ask(SHARE_KEYS, coordinator.keys())
+    masked = coordinator.ask(MASKED_UPDATE, coordinator.server.masked_update_requests(shares))
+    assert set(masked) == set(coordinator.ids)
+    return coordinator.server.consistency_requests(
+        {node: reply for node, reply in masked.items() if node != dropped}
+    )
+
+
+def _finish(coordinator: Coordinator, requests: dict[int, dict]):
+    """The rest of the round as the coordinator's server session runs it; None if it fails."""
+    signed = coordinator.ask(CONSISTENCY_CHECK, requests)
+    try:
+        unmask = coordinator.server.unmask_requests(signed)
+        return coordinator.server.aggregate(coordinator.ask(UNMASK, unmask))
+    except SecAggError:
+        return None
+
+
+def _recover_with_colluder(
+    coordinator: Coordinator,
+    victim: int,
+    colluder_mask_key: X25519PrivateKey,
+    colluder_shares: dict[int, tuple[bytes, bytes]],
+    colluder: int,
+) -> np.ndarray | None:
+    """Strip the victim's masks with what was revealed plus what the colluder hands over: its
+    mask private key and the shares of its neighbours' secrets it holds."""
+    if victim not in coordinator.masked:
+        return None
+    params = coordinator.clients[victim].params
+    threshold, bits = params["threshold"], params["modulus_bits"]
+
+    def rebuild(shares: dict[int, bytes], own_share: bytes) -> bytes | None:
+        try:
+            return shamir_combine({**shares, colluder: own_share}, threshold)
+        except SecAggError:
+            return None  # fewer shares than the threshold
+
+    self_seed = rebuild(coordinator.seed_shares[victim], colluder_shares[victim][0])
+    if self_seed is None:
+        return None
+    vector = coordinator.masked[victim] - expand_mask(self_seed, LENGTH + 1, bits)
+    for peer in coordinator.sources[victim]:
+        if peer == colluder:
+            peer_key = colluder_mask_key
+        else:
+            raw = rebuild(coordinator.key_shares[peer], colluder_shares[peer][1])
+            if raw is None:
+                return None
+            peer_key = X25519PrivateKey.from_private_bytes(raw)
+        seed = agree_key(
+            peer_key,
+            coordinator.mask_public[victim],
+            pair_context(RUN, coordinator.round, "pairwise-mask", victim, peer),
+        )
+        mask = expand_mask(seed, LENGTH + 1, bits)
+        vector = vector - mask if mask_sign(victim, peer) > 0 else vector + mask
+    vector &= np.uint64((1 << bits) - 1)
+    return vector[:-1]
+
+
+def _revealed_by(coordinator: Coordinator, node: int) -> int:
+    """How many shares (of any kind, for any owner) `node` revealed to the coordinator."""
+    return sum(
+        node in holders
+        for shares in (coordinator.seed_shares, coordinator.key_shares)
+        for holders in shares.values()
+    )
+
+
+def test_a_drop_declared_after_the_masked_uploads_unmasks_nothing_below_the_minimum():
+    coordinator = Coordinator(3, min_hospitals=3)
+    first, second, dropped = coordinator.ids
+    requests = _upload_all_then_drop(coordinator, dropped)
+    assert requests[first]["survivors"] == [first, second]
+    assert _finish(coordinator, requests) is None  # the round fails for the coordinator
+    for node in (first, second):
+        reason = coordinator.errors[node].reason
+        assert reason.code == "secagg.cohort_too_small"
+        assert reason.params == {"hospitals": 2, "min_secure_aggregation_hospitals": 3}
+        assert "min_secure_aggregation_hospitals (3)" in coordinator.refusals[node]
+        assert _revealed_by(coordinator, node) == 0
+    # Asked to reveal anyway: nothing.
+    unmask = {node: {**requests[node], "stage": UNMASK} for node in (first, second)}
+    assert coordinator.ask(UNMASK, unmask) == {}
+    assert not coordinator.seed_shares and not coordinator.key_shares
+    for node in coordinator.ids:
+        assert not coordinator.unmasked(node)
+
+
+@pytest.mark.parametrize(
+    ("minimum", "recovered"),
+    [
+        # What a site that accepts a cohort of two gives away, and what every site gave away
+        # before the survivor set was held to the minimum (the check ran only at the start).
+        (2, True),
+        # The deployed default: the victim signs nothing and reveals nothing.
+        (3, False),
+    ],
+)
+def test_one_colluding_hospital_and_a_drop_after_the_upload_recover_no_update(minimum, recovered):
+    coordinator = Coordinator(3, min_hospitals=3)
+    victim, colluder, dropped = coordinator.ids
+    _with_minimum(coordinator, victim, minimum)
+    _with_minimum(coordinator, colluder, 2)  # the colluder signs any set
+    requests = _upload_all_then_drop(coordinator, dropped)
+    session = coordinator.clients[colluder]  # the colluder hands over its secrets
+    colluder_mask_key, colluder_shares = session._mask_key, dict(session._received)
+    result = _finish(coordinator, requests)
+    update = _recover_with_colluder(
+        coordinator, victim, colluder_mask_key, colluder_shares, colluder
+    )
+    if recovered:
+        assert result is not None and result.included == (victim, colluder)
+        assert update is not None and np.array_equal(update, coordinator.expected(victim))
+        return
+    assert result is None
+    assert coordinator.errors[victim].reason.code == "secagg.cohort_too_small"
+    assert _revealed_by(coordinator, victim) == 0
+    # The coordinator relays the colluder's signature and asks the victim to reveal anyway.
+    assert set(coordinator.signatures) == {colluder}
+    forced = {
+        **requests[victim],
+        "stage": UNMASK,
+        "signer_ids": [colluder],
+        "signer_keys": [coordinator.advertised[colluder]["signing_public_key"]],
+        "signatures": [coordinator.signatures[colluder]],
+    }
+    assert coordinator.ask(UNMASK, {victim: forced}) == {}
+    assert _revealed_by(coordinator, victim) == 0
+    assert update is None
+    assert not coordinator.unmasked(victim)
+
+
+def test_a_drop_declared_before_the_masked_upload_keeps_the_update_home():
+    coordinator = Coordinator(3, min_hospitals=3)
+    first, second, dropped = coordinator.ids
+    shares = coordinator.ask(SHARE_KEYS, coordinator.keys())
+    # The third hospital's shares are never relayed: the other two would mask only together.
+    requests = coordinator.server.masked_update_requests(
+        {node: reply for node, reply in shares.items() if node != dropped}
+    )
+    assert coordinator.ask(MASKED_UPDATE, requests) == {}
+    assert coordinator.masked == {}
+    for node in (first, second):
+        reason = coordinator.errors[node].reason
+        assert reason.code == "secagg.cohort_too_small" and reason.params["hospitals"] == 2
+
+
+@pytest.mark.parametrize(("count", "drops"), [(3, 0), (4, 1), (5, 2)])
+def test_rounds_that_keep_the_minimum_still_unmask_the_sum(count, drops):
+    coordinator = Coordinator(count, min_hospitals=3, threshold=0.5)
+    survivors = coordinator.ids[: count - drops]
+    shares = coordinator.ask(SHARE_KEYS, coordinator.keys())
+    masked = coordinator.ask(MASKED_UPDATE, coordinator.server.masked_update_requests(shares))
+    requests = coordinator.server.consistency_requests(
+        {node: reply for node, reply in masked.items() if node in survivors}
+    )
+    result = _finish(coordinator, requests)
+    assert not coordinator.refusals
+    assert result is not None and result.included == tuple(survivors)
+    expected = sum(coordinator.weights[node] * coordinator.updates[node] for node in survivors)
+    weight = sum(coordinator.weights[node] for node in survivors)
+    np.testing.assert_allclose(
+        result.weighted_sum, expected, atol=weight * quantization_bound(1.0, 16)
+    )
