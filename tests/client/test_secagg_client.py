@@ -275,3 +275,84 @@ def test_a_policy_without_a_roster_refuses_secure_aggregation(tmp_path):
     with pytest.raises(PolicyError, match="not a readable") as info:
         SecAggIdentity.from_policy(broken, "hospital-a", None)
     assert "missing.pem" not in str(info.value)  # the reason goes to the coordinator
+
+
+# --- the site's minimum cohort, to the end of the round ------------------------------------------
+
+
+def test_a_round_shrunk_below_the_minimum_is_refused_with_a_code_and_logged_in_full(
+    monkeypatch, caplog
+):
+    import logging
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedward.client.app import SECAGG_STATE, handle_secagg_stage
+    from fedward.common import wire
+    from fedward.common.reasons import Reason
+
+    ids = [5, 6, 7]
+    server = SecAggServerSession("run-a", 1, ids, LENGTH)
+    clients = {}
+    for index, node in enumerate(ids):
+        simulated = SecAggIdentity.simulated(index, len(ids))
+        identity = SecAggIdentity(simulated.signing_key, simulated.roster, 3)  # the default
+        clients[node] = SecAggClientSession(node, "run-a", 1, identity)
+    requests = server.advertise_keys_requests()
+    replies = {node: clients[node].advertise_keys(requests[node]) for node in ids}
+    requests = server.share_keys_requests(replies)
+    replies = {node: clients[node].share_keys(requests[node]) for node in ids}
+    requests = server.masked_update_requests(replies)
+    replies = {
+        node: clients[node].masked_update(requests[node], np.zeros(LENGTH), 10) for node in ids
+    }
+    del replies[7]  # it arrived, but the coordinator declares hospital 7 dropped
+    request = server.consistency_requests(replies)[5]
+    assert request["survivors"] == [5, 6]
+
+    context = Context(
+        run_id=11,
+        node_id=5,
+        node_config={"hospital-name": "hospital-a"},
+        state=RecordDict(),
+        run_config={},
+    )
+    context.state[SECAGG_STATE] = ConfigRecord({"session": clients[5].to_state()})
+    monkeypatch.setattr(TaskIdentity, "_run_id", 11)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    payload, _ = wire.payload_to_records(request)
+    message = Message(
+        content=RecordDict({wire.SECAGG: payload}),
+        dst_node_id=5,
+        message_type=wire.SECAGG_STAGE_TYPES[CONSISTENCY_CHECK],
+    )
+    with caplog.at_level(logging.WARNING):
+        reply = handle_secagg_stage(message, context, CONSISTENCY_CHECK)
+
+    assert wire.SECAGG not in reply.content  # no signature, so no share later
+    refusal = reply.content[wire.REFUSAL]
+    assert set(refusal) == {"code", "params"}
+    reason = Reason.from_record(refusal)
+    assert reason == Reason(
+        "secagg.cohort_too_small", {"hospitals": 2, "min_secure_aggregation_hospitals": 3}
+    )
+    assert "only 2 hospital(s)" in reason.render()
+    # The hospital's own log tells the whole story; the coordinator gets the code and numbers.
+    assert "hospital-a refused consistency_check" in caplog.text
+    assert "min_secure_aggregation_hospitals (3); refusing to sign it" in caplog.text
+
+
+def test_a_sparse_neighbourhood_smaller_than_the_minimum_is_refused_before_training():
+    ids = list(range(1, 11))
+    server = SecAggServerSession("run-a", 1, ids, LENGTH, neighbours=2)
+    simulated = SecAggIdentity.simulated(0, len(ids))
+    client = SecAggClientSession(
+        1, "run-a", 1, SecAggIdentity(simulated.signing_key, simulated.roster, 4)
+    )
+    with pytest.raises(SecAggError, match="masks with 2 neighbours") as info:
+        client.advertise_keys(server.advertise_keys_requests()[1])
+    assert info.value.reason.code == "secagg.cohort_too_small"
+    assert info.value.reason.params == {"hospitals": 3, "min_secure_aggregation_hospitals": 4}

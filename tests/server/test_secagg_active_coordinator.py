@@ -657,3 +657,30 @@ def test_rounds_that_keep_the_minimum_still_unmask_the_sum(count, drops):
     np.testing.assert_allclose(
         result.weighted_sum, expected, atol=weight * quantization_bound(1.0, 16)
     )
+
+
+def test_a_survivor_the_hospital_never_masked_with_does_not_count_toward_its_minimum():
+    # Sites that demand 5 of 6. The sixth hospital's keys are never relayed, so the other five
+    # mask among themselves (five: enough); then the coordinator declares the fifth dropped after
+    # its upload and pads the survivor set with the sixth, which never masked with anyone. Five
+    # names are listed, but only four updates would be unmasked together.
+    coordinator = Coordinator(6, min_hospitals=5)
+    *four, fifth, sixth = coordinator.ids
+    shares = coordinator.ask(SHARE_KEYS, coordinator.keys())
+    requests = coordinator.server.masked_update_requests(
+        {node: reply for node, reply in shares.items() if node != sixth}
+    )
+    masked = coordinator.ask(MASKED_UPDATE, requests)
+    assert set(masked) == {*four, fifth}
+    requests = coordinator.server.consistency_requests(
+        {node: reply for node, reply in masked.items() if node != fifth}
+    )
+    padded = sorted([*four, sixth])
+    told = {node: {**requests[node], "survivors": padded} for node in four}
+    signed = coordinator.ask(CONSISTENCY_CHECK, told)
+    assert signed == {}
+    for node in four:
+        reason = coordinator.errors[node].reason
+        assert reason.code == "secagg.cohort_too_small"
+        assert reason.params == {"hospitals": 4, "min_secure_aggregation_hospitals": 5}
+    assert not coordinator.seed_shares and not coordinator.key_shares
