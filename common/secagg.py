@@ -17,9 +17,12 @@ round's public parameters (`key_statement`), and its peers check the signature a
 federation roster they accepted out of band, so the coordinator cannot swap in keys of its own.
 Before anything is unmasked, every survivor signs the survivor set it was told
 (`survivor_statement`); a hospital reveals shares only after it sees `consistency_quorum` valid
-signatures on that same set, so two hospitals can never be told different dropout stories. The
-reconstruction threshold is at least a majority of a neighbourhood (`secure_threshold`), so no two
-disjoint groups of hospitals can each rebuild one secret of the same hospital.
+signatures on that same set, so two hospitals can never be told different dropout stories. That
+quorum is a majority only (2 when 3 take part), so it says nothing about how few updates are
+unmasked together: each hospital also holds the survivor set to its own site minimum
+(`min_secure_aggregation_hospitals`, see `client.secagg`). The reconstruction threshold is at
+least a majority of a neighbourhood (`secure_threshold`), so no two disjoint groups of hospitals
+can each rebuild one secret of the same hospital.
 
 Everything here is pure (no I/O, no state): quantization, the modulus check, the neighbour graph,
 the thresholds, Shamir secret sharing, key agreement, share encryption and mask expansion. The
@@ -269,7 +272,8 @@ def consistency_quorum(threshold: int, cohort_size: int) -> int:
 
     At least the reconstruction threshold and a majority of the round's cohort: two different
     survivor sets cannot both reach a cohort majority unless some hospital signed both, which an
-    honest hospital never does.
+    honest hospital never does. It bounds disagreement, not the size of the sum: 2 of 3 reach it,
+    so the hospitals check the survivor set against their own minimum cohort as well.
     """
     return max(threshold, majority(cohort_size))
 

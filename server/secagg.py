@@ -18,8 +18,11 @@ the total weight (`SecAggResult`).
 The coordinator relays each hospital's signatures (on its keys, then on the survivor set) but
 does not need to check them: the hospitals do, and refuse to reveal anything otherwise. Its own
 honesty is not assumed anywhere; the checks here only make an honest round fail early and
-clearly. A masked update arrives bit-packed (`common.secagg.pack_bits`); a malformed one is left
-out like a hospital that dropped, and recovered from its neighbours' shares.
+clearly. A hospital that refuses a stage (a survivor set smaller than its site's
+`min_secure_aggregation_hospitals`, say: reason `secagg.cohort_too_small`) is simply missing from
+the replies, like one that dropped; with fewer signers than the quorum the round fails. A masked
+update arrives bit-packed (`common.secagg.pack_bits`); a malformed one is left out like a hospital
+that dropped, and recovered from its neighbours' shares.
 
 Payload keys are listed in `client.secagg`. A reply from an unknown node, for another run, round
 or stage, of the wrong shape, or too few survivors to unmask, raises `SecAggError` naming the node
