@@ -18,6 +18,7 @@ from rich.console import Console
 from fedward.client.cli import client_app
 from fedward.common.errors import FedwardError
 from fedward.server import cli as server_cli
+from fedward.server.dashboard.cli import dashboard
 from fedward.simulation import cli as simulation_cli
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(server_cli.keys_app, name="keys")
 app.add_typer(server_cli.server_app, name="server")
 app.add_typer(client_app, name="client")
 app.add_typer(server_cli.audit_app, name="audit")
+app.command()(dashboard)
 
 error_console = Console(stderr=True)
 
