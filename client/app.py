@@ -142,8 +142,10 @@ def handle_train(
 ) -> Message:
     """Train the received global adapter on this hospital's data; reply with the update.
 
-    The site judges the run spec before any data is read, the privacy budget before the first
-    step, and records the update before it leaves (see client/site.py).
+    The site judges the run spec before any data is read; the privacy budget is the first thing
+    judged with the data, before every check whose answer depends on the records (the example
+    count, the vocabulary, the labels), so that such a refusal is charged like a trained round;
+    the site records the update before it leaves (see client/site.py).
     """
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
@@ -159,13 +161,13 @@ def handle_train(
         if spec.secure_aggregation:  # keys, cohort and threshold are judged before training
             secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
-            data = load_data(config, context)
             tokenizer = cached_tokenizer(config.model)
-            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
             model = cached_model(config, len(config.labels or []))
-            dataset = encode(data.train, config, tokenizer)
+            data = load_data(config, context)
             history = site.run_history(run_id, server_round)
-            site.check_budget(config, len(dataset))
+            site.check_budget(config, len(data.train))  # the budget gate: charged from here on
+            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
+            dataset = encode(data.train, config, tokenizer)
             result = train_locally(
                 model,
                 dataset,
@@ -204,7 +206,7 @@ def handle_train(
         context.state[SECAGG_UPDATE] = ArrayRecord(
             {
                 "delta": Array(wire.flatten(result.delta)),
-                "weight": Array(np.array([result.num_examples], dtype=np.int64)),
+                "weight": Array(np.array([secagg_weight(result, config)], dtype=np.int64)),
             }
         )
     else:
@@ -228,9 +230,10 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
             reply = session.share_keys(request)
         elif stage == MASKED_UPDATE:
             update = context.state[SECAGG_UPDATE]
-            reply = session.masked_update(
-                request, update["delta"].numpy(), int(update["weight"].numpy()[0])
-            )
+            # capped again at the limit this round's keys were agreed with: a weight above it
+            # would be a refusal that tells the coordinator the count exceeds its limit
+            weight = min(int(update["weight"].numpy()[0]), int(session.params["max_weight"]))
+            reply = session.masked_update(request, update["delta"].numpy(), weight)
         elif stage == CONSISTENCY_CHECK:
             reply = session.consistency_check(request)
         else:
@@ -252,6 +255,18 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def secagg_weight(result: TrainResult, config: RunConfig) -> int:
+    """The weight this hospital's masked update carries: its example count, capped at the run's
+    `secagg_max_weight`.
+
+    A count above the limit is not refused: the refusal would answer "are there more than N
+    training records?" for any N the coordinator chose (issue 28: sixteen requests for the exact
+    count). Capped, a larger hospital counts as `secagg_max_weight` examples in the average, and
+    the count travels only inside the masked sum.
+    """
+    return min(result.num_examples, config.secagg_max_weight)
+
+
 def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
     identity = site.secagg_identity()  # whose keys this hospital signs with, whose it accepts
     session = SecAggClientSession(context.node_id, run_id, server_round, identity)
@@ -265,7 +280,8 @@ def handle_evaluate(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
     """Evaluate the received adapter on this hospital's validation split, if the site releases
-    it: the site admits the request before any data is read and decides what leaves."""
+    it: the site admits (and charges) the request before any data is read and decides what
+    leaves; a refusal after admission keeps the charge."""
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
     site = None
@@ -274,10 +290,10 @@ def handle_evaluate(
             raise ConfigError("the evaluate request's run spec is invalid")
         site = open_site(context)
         config = site.admit_evaluation(spec, run_id, server_round)
-        data = load_data(config, context)
         tokenizer = cached_tokenizer(config.model)
-        share = check_data_vocabulary(data, config, tokenizer)
         model = cached_model(config, len(config.labels or []))
+        data = load_data(config, context)
+        share = check_data_vocabulary(data, config, tokenizer)
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)

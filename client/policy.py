@@ -7,6 +7,7 @@ The policy is a TOML file owned by the hospital (not by the coordinator). Exampl
 allowed_models = ["all-MiniLM-L6-v2"]
 allowed_model_hashes = ["3f1c...e9"]        # `fedward client model-hash PATH` prints it
 allowed_tasks = ["classification"]
+labels = ["cardiac", "respiratory"]        # this hospital's label values; a run must list them
 max_epsilon = 8.0                           # lifetime budget per local data set
 max_delta = 1e-5
 max_rounds = 50
@@ -63,6 +64,11 @@ class SitePolicy(BaseModel):
         allowed_model_hashes: SHA-256 digests (`model_content_hash`) of the weight files
             accepted; None accepts any content. When both lists are set, both must match.
         allowed_tasks: Tasks the hospital trains.
+        labels: The label values of this hospital's data (its schema, declared by its staff;
+            for NER the tags). Set, a run must list every one of them, which is checked before
+            any record is read; unset, a record whose label the run does not list is found only
+            when the data is read, after the budget gate, and the refusal is charged. Either
+            way, whether any record carries a label is not told for free.
         max_epsilon: Lifetime epsilon budget of each local data set, over all runs. A run whose
             own target epsilon is above it is refused outright; the ledger refuses a round that
             would push the data set past it.
@@ -98,6 +104,9 @@ class SitePolicy(BaseModel):
     )
     allowed_tasks: list[Literal["classification", "ner"]] = Field(
         default_factory=lambda: ["classification", "ner"], description="Tasks accepted."
+    )
+    labels: list[str] | None = Field(
+        None, description="This hospital's label values; a run must list every one of them."
     )
     max_epsilon: float = Field(
         ..., gt=0, le=100, description="Lifetime epsilon budget of each local data set."
@@ -156,6 +165,13 @@ class SitePolicy(BaseModel):
         if bad:
             raise ValueError(f"not a SHA-256 hex digest (64 hex characters): {bad[0]!r}")
         return normalised
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) < len(value)):
+            raise ValueError("must list each of the hospital's label values once (or be unset)")
+        return value
 
     @field_validator("allowed_tasks")
     @classmethod
@@ -240,6 +256,16 @@ class SitePolicy(BaseModel):
                     f"(allowed: {', '.join(self.allowed_tasks)})",
                 )
             )
+        if self.labels is not None:
+            missing = sorted(set(self.labels) - set(run_config.labels or []))
+            if missing:
+                broken.append(
+                    (
+                        "labels",
+                        f"the run's labels lack {len(missing)} of the site's declared labels "
+                        f"({', '.join(missing[:5])})",
+                    )
+                )
         if self.require_dp and not run_config.dp:
             broken.append(
                 ("require_dp", "differential privacy is off but the site policy requires it")

@@ -6,7 +6,8 @@ The deployed ClientApp (`client.app:app`) opens a `Site` from its node config, w
     data-path      the hospital's data file (CSV/JSONL, or CoNLL for NER)
     policy         the site policy TOML (read again for every request, so an edit applies at once)
     ledger         folder of the privacy ledgers (one file per data set) and released updates
-    dataset-id     the name of this data set's privacy ledger (default: the hospital's name)
+    dataset-id     the name of this data set's privacy ledger (required: a file name an operator
+                   may change must not start a fresh lifetime budget)
     audit-log      the hospital's own hash-chained audit log (default: <ledger>/audit.jsonl)
     hospital-name  the name this hospital reports
     device         where this hospital trains (auto, cpu, cuda); overrides the run's choice
@@ -14,33 +15,51 @@ The deployed ClientApp (`client.app:app`) opens a `Site` from its node config, w
 A train request goes through three gates (`client.app.handle_train`):
 
 1. `admit`, before any record is read: the run id from the coordinator must be a plain
-   identifier (it is used in file names), the round must lie in 1..rounds, and the site policy
-   judges the run config alone. If this data set already released an update for this (run,
-   round) -- a resumed run repeating the round it was interrupted in -- the very same update is
-   sent again ("replay"): nothing is trained, so nothing more is spent, and the ledger keeps one
-   entry for the round. Any other repeat, and a round below one this run already trained, is
-   refused.
-2. `check_budget`, after the data is loaded and before the first step: the policy's minimum
-   example count, the secure-aggregation weight limit, then the ledger reserves this round's
-   planned DP steps if they fit the lifetime budget (one locked step, so two concurrent
-   requests cannot both pass).
+   identifier (it is used in file names), the round must lie in 1..rounds, the site policy
+   judges the run spec alone (its models, tasks, budget, rounds and the hospital's declared
+   labels), and the run's spec is fixed: the first spec this data set accepts for a run id is
+   kept with the hospital's run state (`<ledger>/runs/`), and a later message for that run with
+   another spec is refused (`run.spec_changed`), so a coordinator cannot ask the same run with
+   fewer rounds. If this data set already released an update for this (run, round) -- a
+   resumed run repeating the round it was interrupted in -- the very same update is sent again
+   ("replay"): nothing is trained, so nothing more is spent, and the ledger keeps one entry for
+   the round. Any other repeat, and a round below one this run already trained, is refused.
+2. `check_budget`, once the data is read and before any check that depends on it: the ledger
+   reserves this round's planned DP steps if they fit the lifetime budget (one locked step, so
+   two concurrent requests cannot both pass). Only then are the data-dependent checks made --
+   the policy's minimum example count here, the vocabulary and the labels in client/app.py --
+   and a refusal from any of them keeps the reservation: it is charged as a trained round.
 3. `record`, after training and before anything leaves: the reservation is confirmed as spent
    (written atomically), the released update kept for a replay, and an audit record written.
 
-A refusal at any gate becomes a refusal reply (never a crash) and an audit record; a refusal
-after gate 2 (training failed, nothing left) releases the reservation. A process that dies after
-gate 2 leaves the reservation in the ledger, where it counts as spent. What goes to the
-coordinator is the error's reason code with numbers (common/reasons.py), never its text: a path,
-a column or a record's value is described in this hospital's log and audit log only.
+Why this order (issue 28). A refusal is a reply the coordinator reads without noise. If it
+depended on the records and came before the budget gate, a coordinator could ask as often as it
+liked, for free: "does any record carry the label HIV-positive?" (labels [cardiac, HIV-positive]
+against [cardiac, zzz-decoy]), "are there more than N training records?" (a crafted
+secagg_max_weight, sixteen requests for the exact count). So: a refusal carries no number
+derived from the data; what the hospital can judge from its own policy (including its declared
+`labels`) is judged in gate 1, before any data is read; and whatever depends on the data comes
+after the budget gate and is paid for. A secure-aggregation weight above the run's
+`secagg_max_weight` is not refused at all: the weight is capped at it (client/app.py).
+
+A refusal at any gate becomes a refusal reply (never a crash) and an audit record. A process
+that dies after gate 2 leaves the reservation in the ledger, where it counts as spent. What goes
+to the coordinator is the error's reason code with numbers (common/reasons.py), never its text:
+a path, a column or a record's value is described in this hospital's log and audit log only.
 
 An evaluate request is a release too (`admit_evaluation`, `release_evaluation`): refused unless
 the policy allows it, for a round this data set trained in (or the final one), once a round, and
-within the budget; its metrics are noised counts charged to the ledger (client/release.py).
+within the budget, all before any record is read; the release is charged to the ledger before
+the data is read (a refusal after that keeps the charge), and its metrics are noised counts
+(client/release.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +91,7 @@ from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
+from fedward.common.atomic import fsync_dir, write_json_atomic
 from fedward.common.audit import AuditLog
 from fedward.common.config import DataSchema, LocalSettings, RunConfig, RunSpec
 from fedward.common.errors import (
@@ -96,6 +116,9 @@ RELEASES = "releases"
 RELEASE_MODE = 0o600  # an update is DP-protected, but it stays the hospital's own
 
 _RELEASE_PREFIX = "delta:"  # the update's tensors inside the .npz (common.arrays_file)
+
+#: Sub-folder of the ledger folder holding each (data set, run)'s spec, fixed on first contact.
+RUNS = "runs"
 
 #: Ledger key suffix of a run's released evaluations (their rounds, apart from trained rounds).
 EVALUATION_KEY = "-evaluation"  # ledger rows of released evaluations: <run id>-evaluation
@@ -140,12 +163,12 @@ class Site:
         self.audit = AuditLog(audit_path)
         self.device = device
         self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
-        self.dataset_id = dataset_id or name  # the ledger's key; checked when it is opened
+        self.dataset_id = dataset_id or name  # the ledger's key (deployed: from the node config)
         self.cache = cache or {}  # the hospital's prefix-cache settings (LocalSettings fields)
         self._ledger: PrivacyLedger | None = None
         self._data_sha256: str | None = None
         self._round: tuple[str, int, int] | None = None  # (run id, round, rounds) once admitted
-        self._reserved: tuple[str, int] | None = None  # a reservation to confirm or release
+        self._reserved: tuple[str, int] | None = None  # this request's reservation (charged)
 
     @classmethod
     def open(cls, node_config: Mapping[str, Any], name: str) -> Site:
@@ -154,7 +177,8 @@ class Site:
         A missing key or a broken policy file raises `PolicyError` with a reason fit for the
         coordinator; the details (paths) go to this hospital's log.
         """
-        missing = [key for key in (DATA_KEY, POLICY_KEY, LEDGER_KEY) if not node_config.get(key)]
+        required = (DATA_KEY, POLICY_KEY, LEDGER_KEY, DATASET_KEY)
+        missing = [key for key in required if not node_config.get(key)]
         if missing:
             raise PolicyError(
                 f"hospital {name} is not set up for deployment (node config lacks "
@@ -184,7 +208,7 @@ class Site:
                 source="node config",
             ),
         )
-        dataset_id = str(node_config.get(DATASET_KEY) or name)
+        dataset_id = str(node_config[DATASET_KEY])
         try:
             check_identifier(dataset_id, "data-set id")
         except PolicyError:
@@ -237,6 +261,7 @@ class Site:
                 reason=Reason("round.out_of_range", {"round": server_round, "rounds": spec.rounds}),
             )
         config = self.check_policy(spec)
+        self.fix_run_spec(run_id, spec)
         self._round = (run_id, server_round, spec.rounds)
         if not config.dp:
             return config, None
@@ -323,34 +348,34 @@ class Site:
         ]
 
     def check_budget(self, config: RunConfig, num_train: int) -> None:
-        """Gate 2, before the first step: enough examples, a weight secure aggregation can
-        carry, and a reservation of this round's planned cost within the lifetime budget."""
-        self.policy.check_examples(num_train)
-        if config.secure_aggregation and num_train > config.secagg_max_weight:
-            raise PolicyError(
-                f"hospital {self.name}: {num_train} training examples exceed the run's "
-                f"secagg_max_weight {config.secagg_max_weight}, the largest weight secure "
-                "aggregation can carry; refused before any step, nothing spent",
-                reason=Reason("secagg.weight_too_large", {"max_weight": config.secagg_max_weight}),
+        """Gate 2, the first thing done with the data: reserve this round's planned cost within
+        the lifetime budget; then the policy's minimum example count, charged.
+
+        From the reservation on, a refusal keeps it (`refused`): every check that depends on
+        the records comes after this gate and is paid for, so that a coordinator cannot ask
+        questions about the data for free. A training count above the run's
+        `secagg_max_weight` is no refusal at all: the weight is capped (client/app.py).
+        """
+        if config.dp:
+            if self._round is None:
+                raise RuntimeError("Site.check_budget called before Site.admit")
+            run_id, server_round, rounds = self._round
+            # its noise search is cached (client/privacy.py); an empty split is planned as one
+            # example and then refused, charged, below
+            plan = plan_dp(config, max(num_train, 1))
+            ledger = self.ledger()
+            ledger.reserve(
+                run_id,
+                server_round,
+                rounds,
+                plan,
+                config.delta,
+                self.policy.max_epsilon,
+                data_sha256=self._data_sha256,
+                budget_delta=self.policy.max_delta,
             )
-        if not config.dp:
-            return
-        if self._round is None:
-            raise RuntimeError("Site.check_budget called before Site.admit")
-        run_id, server_round, rounds = self._round
-        plan = plan_dp(config, num_train)  # its noise search is cached (client/privacy.py)
-        ledger = self.ledger()
-        ledger.reserve(
-            run_id,
-            server_round,
-            rounds,
-            plan,
-            config.delta,
-            self.policy.max_epsilon,
-            data_sha256=self._data_sha256,
-            budget_delta=self.policy.max_delta,
-        )
-        self._reserved = (run_id, server_round)
+            self._reserved = (run_id, server_round)
+        self.policy.check_examples(num_train)
 
     # --- gate 3: trained, nothing sent yet -------------------------------------------------
 
@@ -375,14 +400,23 @@ class Site:
         self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
-        """Audit a refusal: the full text for the hospital's staff (only the code goes back). A
-        reservation this request made is released, since its update never left."""
-        if self._reserved is not None:
-            try:
-                self.ledger().release(*self._reserved)
-                self._reserved = None
-            except (OSError, DataError) as ledger_error:  # it then stays, counted as spent
-                log.error("%s: cannot release a ledger reservation: %s", self.name, ledger_error)
+        """Audit a refusal: the full text for the hospital's staff (only the code goes back).
+
+        A reservation this request made stays in the ledger, counted as spent: past the budget
+        gate the request had read the data, and its answer -- a refusal rather than an update --
+        may depend on it. Giving the reservation back would make such questions free.
+        """
+        charged = self._reserved
+        if charged is not None:
+            log.warning(
+                "%s: run %s round %d refused after the budget gate; its reservation stays "
+                "charged to data set %s",
+                self.name,
+                charged[0],
+                charged[1],
+                self.dataset_id,
+            )
+            self._reserved = None
         code = exc.reason.code if isinstance(exc, FedwardError) else "error.internal"
         try:
             self.audit.append(
@@ -393,10 +427,51 @@ class Site:
                 hospital=self.name,
                 error=type(exc).__name__,
                 code=code,
+                charged=charged is not None,
                 reason=str(exc),
             )
         except (OSError, DataError) as audit_error:
             log.error("%s: cannot write the audit log: %s", self.name, audit_error)
+
+    # --- the run's spec, fixed on first contact ---------------------------------------------
+
+    def fix_run_spec(self, run_id: str, spec: RunSpec) -> None:
+        """Fix the run's spec at this hospital on first contact; refuse any other spec later.
+
+        The first spec this data set accepts for a run id is written (atomically, never
+        overwritten) to `<ledger>/runs/<data-set id>.<run id>.json`; a later train or evaluate
+        message for that run whose spec digest differs is refused with `run.spec_changed` and
+        logged. So a run's rounds, labels, model and budget are the ones this hospital agreed
+        to, whatever a later message claims (issue 28: "evaluation only after the final round"
+        asked again with rounds = 1). The file survives a restart.
+        """
+        digest = spec.digest()
+        path = self.ledger_dir / RUNS / f"{self.dataset_id}.{run_id}.json"
+        try:
+            fixed = _fix_once(
+                path, {"run_id": str(run_id), "spec_sha256": digest, "rounds": spec.rounds}
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("%s: cannot read or write the run state %s: %s", self.name, path, exc)
+            raise DataError(
+                f"hospital {self.name}: the state of run {run_id} cannot be read or written "
+                "(details in the hospital's log); refused"
+            ) from None
+        if fixed["spec_sha256"] != digest:
+            log.warning(
+                "%s: run %s: a message with run spec %s... refused; the run was fixed at %s... "
+                "on first contact",
+                self.name,
+                run_id,
+                digest[:12],
+                str(fixed["spec_sha256"])[:12],
+            )
+            raise PolicyError(
+                f"hospital {self.name}: run {run_id} was fixed on first contact with run spec "
+                f"{str(fixed['spec_sha256'])[:12]}... ({fixed['rounds']} rounds); this message "
+                f"carries {digest[:12]}... ({spec.rounds} rounds). Refused, nothing spent",
+                reason=Reason("run.spec_changed"),
+            )
 
     # --- evaluation: an accounted release ---------------------------------------------------
 
@@ -406,6 +481,7 @@ class Site:
         one the budget cannot pay for. Returns the config to evaluate with."""
         config = self.check_policy(spec)
         policy = self.policy
+        self.fix_run_spec(run_id, spec)
 
         def refuse(code: str, why: str, **params) -> PolicyError:
             return PolicyError(
@@ -437,29 +513,15 @@ class Site:
             )
         if server_round in self.ledger().rounds_recorded(run_id + EVALUATION_KEY):
             raise refuse("evaluation.repeated", "already evaluated", round=server_round)
-        try:
-            self.ledger().check_budget(
-                policy.max_epsilon, policy.max_delta, self._evaluation_noise(), 1.0, 1
-            )
-        except PrivacyBudgetExceeded as exc:
-            raise PrivacyBudgetExceeded(
-                f"hospital {self.name}: evaluation refused: {exc}",
-                reason=Reason("evaluation.budget"),
-            ) from None
-        return config
-
-    def release_evaluation(
-        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
-    ) -> dict[str, float]:
-        """Charge the ledger, then noise the counts: the metrics that may leave (Gaussian
-        mechanism at the policy's evaluation_epsilon and max_delta, client/release.py)."""
+        # Charged now, before any record is read: a refusal from here on (the vocabulary, the
+        # labels) keeps the charge, so its answer is not free either.
         plan = DPPlan(self._evaluation_noise(), 1.0, 1)
-        key, ledger = run_id + EVALUATION_KEY, self.ledger()
+        key = run_id + EVALUATION_KEY
         try:  # check and charge in one locked step: two racing requests cannot both pass
-            ledger.reserve(
+            self.ledger().reserve(
                 key,
                 server_round,
-                config.rounds,
+                spec.rounds,
                 plan,
                 self.policy.max_delta,
                 self.policy.max_epsilon,
@@ -475,7 +537,21 @@ class Site:
                 f"hospital {self.name}: evaluation refused: {exc}",
                 reason=Reason("evaluation.repeated", {"round": server_round}),
             ) from None
-        entry = ledger.confirm(key, server_round, plan, self.policy.max_delta, self._data_sha256)
+        self._reserved = (key, server_round)
+        return config
+
+    def release_evaluation(
+        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+    ) -> dict[str, float]:
+        """Confirm the charge made at admission, then noise the counts: the metrics that may
+        leave (Gaussian mechanism at the policy's evaluation_epsilon and max_delta,
+        client/release.py)."""
+        plan = DPPlan(self._evaluation_noise(), 1.0, 1)
+        key = run_id + EVALUATION_KEY
+        entry = self.ledger().confirm(
+            key, server_round, plan, self.policy.max_delta, self._data_sha256
+        )
+        self._reserved = None
         noise_multiplier = plan.noise_multiplier
         std = noise_multiplier * sensitivity(predictions.task)
         released = metrics_from_counts(
@@ -586,6 +662,29 @@ class Site:
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
         )
+
+
+def _fix_once(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record kept at `path`: `record` if no other was written first, else that one.
+
+    Written to a temporary file (fsynced) and linked into place, which fails if the file exists:
+    of two racing first contacts, one wins and the other reads what it wrote. Never overwritten.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        write_json_atomic(temp, record, mode=RELEASE_MODE)
+        try:
+            os.link(temp, path)
+            fsync_dir(path.parent)
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink(missing_ok=True)
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(kept, dict) or not isinstance(kept.get("spec_sha256"), str):
+        raise ValueError(f"{path}: not a run state record")
+    return kept
 
 
 def _finite_values(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -10,8 +10,8 @@ run spec's `max_unknown_rate` refuses with one line naming the model, the share 
 A unit is a character in scripts written without spaces (Chinese, Japanese, Korean) and a word
 (a run of letters and digits, or one punctuation mark) otherwise, split as `ner.split_words`
 does. A unit counts as unknown when any of its pieces is the unknown token, or when the tokenizer
-drops it entirely (it then reaches the model as nothing). Only the share, one number, leaves the
-hospital: in its reply's metrics, or in the refusal.
+drops it entirely (it then reaches the model as nothing). The share, one number, leaves the hospital
+only in simulation's report; a refusal carries only the run's own limit.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ class VocabularyError(DataError):
             f"model {model} maps {unknown_rate:.1%} of the text's characters and words to its "
             f"unknown token (limit {max_unknown_rate:.1%}); use a model whose vocabulary "
             "covers the text, e.g. a Chinese BERT (bert-base-chinese, MC-BERT) for Chinese notes",
-            reason=Reason(
-                "data.vocabulary",
-                # Two decimals: enough to act on, too coarse to test the text for one word.
-                {"unknown_rate": round(unknown_rate, 2), "max_unknown_rate": max_unknown_rate},
-            ),
+            # Only the run's own limit leaves: the share is derived from the hospital's text
+            # (and, against limits a coordinator chooses, would be searched for digit by digit).
+            reason=Reason("data.vocabulary", {"max_unknown_rate": max_unknown_rate}),
         )
 
 

@@ -149,15 +149,13 @@ def encode_classification(
     """Tokenize notes (truncated to `max_length`) and map labels to ids."""
     unknown = sorted({r.label for r in records} - set(label_to_id))
     if unknown:
-        # The labels are the hospital's data (or, with a wrong label column, its notes): only
-        # their number leaves, in the reason; the text is for the hospital's own log.
+        # The labels are the hospital's data (or, with a wrong label column, its notes): not
+        # even their number leaves (it would tell whether a record carries a label); the text
+        # is for the hospital's own log.
         raise DataError(
-            f"labels {unknown[:5]} are not in the run's label set {list(label_to_id)}; "
-            "fix the data or the run config's 'labels'",
-            reason=Reason(
-                "data.labels_mismatch",
-                {"unknown_labels": len(unknown), "run_labels": len(label_to_id)},
-            ),
+            f"{len(unknown)} labels {unknown[:5]} are not in the run's label set "
+            f"{list(label_to_id)}; fix the data or the run config's 'labels'",
+            reason=Reason("data.labels_mismatch"),
         )
     encoded = tokenizer(
         [r.text for r in records], truncation=True, max_length=max_length, padding=False

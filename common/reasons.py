@@ -38,14 +38,19 @@ REASONS: dict[str, str] = {
     # data
     "data.unreadable": "the hospital cannot read its data with its data schema (details in the "
     "hospital's own log)",
-    "data.labels_mismatch": "{unknown_labels} label value(s) in the hospital's data are not in "
-    "the run's {run_labels} labels; the hospital's staff must map them, or the run list them",
+    # A data-dependent refusal carries no number derived from the data (issue 28): it comes
+    # after the hospital's budget gate and is charged (client/site.py).
+    "data.labels_mismatch": "label values in the hospital's data are not in the run's labels; "
+    "the hospital's staff must map them (or declare the site's labels in its policy), or the "
+    "run list them; the round was charged",
     # model, configuration, secure aggregation
-    "data.vocabulary": "the base model's tokenizer maps a share {unknown_rate} of the hospital's "
-    "text to its unknown token (limit {max_unknown_rate}); use a model whose vocabulary covers the "
+    "data.vocabulary": "the base model's tokenizer maps more of the hospital's text to its unknown "
+    "token than the run's limit {max_unknown_rate}; use a model whose vocabulary covers the "
     "text (e.g. a Chinese BERT for Chinese notes)",
     "model.unusable": "the base model or the adapter tensors cannot be used at this hospital",
     "config.invalid": "the run spec received is invalid",
+    "run.spec_changed": "the run spec differs from the one this hospital fixed for the run on "
+    "first contact; refused, nothing spent",
     "secagg.failed": "secure aggregation failed at this hospital",
     "secagg.cohort_too_small": "secure aggregation refused: only {hospitals} hospital(s), this "
     "one included, would be unmasked together, fewer than the site policy's "
@@ -92,6 +97,7 @@ RULES = frozenset(
         "allow_evaluation",
         "evaluation_epsilon",
         "evaluate_rounds",
+        "labels",
     }
 )
 
@@ -105,11 +111,8 @@ PARAMS = frozenset(
         "max_epsilon",
         "max_delta",
         "max_rounds",
-        "unknown_labels",
-        "run_labels",
         "epsilon",
         "max_weight",
-        "unknown_rate",
         "max_unknown_rate",
         "hospitals",
         "min_secure_aggregation_hospitals",

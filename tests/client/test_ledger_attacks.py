@@ -21,6 +21,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from site_fixtures import LABELS, run_config, write_notes, write_policy, write_secagg_policy
 from typer.testing import CliRunner
 
+from fedward.client import app as app_module
 from fedward.client import deploy
 from fedward.client.app import handle_train, load_site_data, open_site
 from fedward.client.cli import client_app
@@ -235,7 +236,9 @@ def test_a_reservation_left_by_a_dead_process_counts_as_spent_and_is_shown(tmp_p
     assert "reserved" in shown.output and "1 reserved" in shown.output
 
 
-def test_a_round_that_fails_in_training_gives_its_reservation_back(hospital, monkeypatch):
+def test_a_round_refused_after_the_budget_gate_keeps_its_reservation(hospital, monkeypatch):
+    """Past the budget gate the hospital has read its data, and whether it refuses may depend on
+    the records: the refusal is charged (issue 28), the reservation stays, counted as spent."""
     from fedward.client import app as app_module
     from fedward.common.errors import ModelError
 
@@ -247,7 +250,11 @@ def test_a_round_that_fails_in_training_gives_its_reservation_back(hospital, mon
     monkeypatch.setattr(app_module, "train_locally", broken)
     reply = _train(config, node_config, _arrays(config))
     assert reply.content[wire.REFUSAL]["code"] == "model.unusable"
-    assert _ledger(node_config).entries == []  # nothing left the hospital: nothing spent
+    ledger = _ledger(node_config)
+    assert [(e.run_id, e.round, e.status) for e in ledger.entries] == [("run-a", 1, "reserved")]
+    assert ledger.epsilon_spent(DELTA) > 0
+    refusal = json.loads(Path(node_config["audit-log"]).read_text().splitlines()[-1])["fields"]
+    assert refusal["charged"] is True
 
 
 # --- crafted rounds -----------------------------------------------------------------------------
@@ -304,23 +311,39 @@ def test_a_run_id_that_is_not_a_plain_name_touches_no_file(hospital, run_id):
 # --- a refusal known before training comes before training --------------------------------------
 
 
-def test_more_examples_than_secagg_max_weight_are_refused_before_any_step(hospital):
+def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
+    """Issue 28, 2(b): the refusal "more examples than secagg_max_weight" carried the limit and
+    came before the budget gate, so sixteen requests found the exact training count for free.
+    Now the weight is capped at the limit and the round trains as any other."""
     from fedward.server.secagg import SecAggServerSession
 
     config, node_config, _ = hospital
-    write_secagg_policy(Path(node_config["policy"]), HOSPITAL)
+    write_secagg_policy(Path(node_config["policy"]), HOSPITAL, max_epsilon=20.0)
+    context = Context(
+        run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
+    )
     # 32 training examples; the run's secure aggregation can carry a weight of at most 20
-    config = config.model_copy(update={"secure_aggregation": True, "secagg_max_weight": 20})
-    arrays = _arrays(config)
-    size = sum(a.size for a in arrays.values())
-    session = SecAggServerSession("run-a", 1, [7, 8], size, bits=16, max_weight=20)
-    advertise = wire.payload_to_records(session.advertise_keys_requests()[7])[0]
-    reply = _train(config, node_config, arrays, secagg=advertise)
-    refusal = reply.content[wire.REFUSAL]
-    assert refusal["code"] == "secagg.weight_too_large"
-    assert json.loads(refusal["params"]) == {"max_weight": 20}
-    assert _ledger(node_config).entries == []
-    assert not Path(node_config["ledger"], "releases").exists()
+    for run_id, max_weight in (("run-a", 20), ("run-b", 65_536)):
+        config = config.model_copy(
+            update={"secure_aggregation": True, "secagg_max_weight": max_weight}
+        )
+        arrays = _arrays(config)
+        size = sum(a.size for a in arrays.values())
+        session = SecAggServerSession(run_id, 1, [7, 8], size, bits=16, max_weight=max_weight)
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(arrays),
+                wire.CONFIG: wire.round_config(config, 1, run_id),
+                wire.SECAGG: wire.payload_to_records(session.advertise_keys_requests()[7])[0],
+            }
+        )
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+        reply = handle_train(message, context, load_site_data, open_site)
+        assert wire.REFUSAL not in reply.content
+        assert set(reply.content[wire.METRICS]) == {"epsilon"}
+        weight = int(context.state[app_module.SECAGG_UPDATE]["weight"].numpy()[0])
+        assert weight == min(32, max_weight)
+    assert _ledger(node_config).rounds_recorded("run-a") == [1]
 
 
 def test_the_data_set_id_defaults_to_the_hospital_name_and_must_be_plain(hospital):

@@ -48,6 +48,7 @@ def hospital(tmp_path, tiny_model_dir):
         "ledger": str(tmp_path / "ledger"),
         "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
         "hospital-name": "st-mary",
+        "dataset-id": "st-mary",
         "device": "cpu",
     }
     write_policy(tmp_path / "policy.toml")
@@ -120,7 +121,7 @@ def _hospital_audit(node_config) -> str:
 # --- item 1: reasons carry no data ---------------------------------------------------------------
 
 
-def test_label_column_set_to_the_notes_sends_back_counts_not_notes(hospital):
+def test_label_column_set_to_the_notes_sends_back_a_code_not_notes(hospital):
     """The old attack: with the notes as labels, the reason listed five notes a request."""
     config, node_config, tmp_path = hospital
     node_config = {**node_config, "label-column": "text"}  # misconfigured: notes as labels
@@ -128,11 +129,11 @@ def test_label_column_set_to_the_notes_sends_back_counts_not_notes(hospital):
     train = _train(config, node_config, arrays)
     evaluate = _evaluate(config, node_config, arrays)
 
-    assert _reason(train) == Reason("data.labels_mismatch", {"unknown_labels": 40, "run_labels": 2})
+    assert _reason(train) == Reason("data.labels_mismatch")  # not even how many
     stored = _store_as_the_coordinator(config, [train], [evaluate], tmp_path / "coordinator")
     for text in (_received(train), _received(evaluate), stored):
         assert SENTINEL not in text and "patient" not in text
-    assert "label value(s) in the hospital's data" in stored  # the coordinator's own rendering
+    assert "label values in the hospital's data" in stored  # the coordinator's own rendering
     assert SENTINEL in _hospital_audit(node_config)  # the details stay with the hospital
 
 
@@ -148,14 +149,18 @@ def test_an_unknown_column_reveals_no_column_name_and_no_path(hospital):
     assert f"mrn_{SENTINEL}_col" in _hospital_audit(node_config)
 
 
-def test_label_values_outside_the_run_are_counted_not_named(hospital):
+def test_label_values_outside_the_run_are_neither_named_nor_counted_and_are_charged(hospital):
     config, node_config, _ = hospital
     _write_notes(
         Path(node_config["data-path"]), ("text", "label", "mrn"), relabel=f"hiv-{SENTINEL}"
     )
     reply = _train(config, node_config, _arrays(config))
-    assert _reason(reply) == Reason("data.labels_mismatch", {"unknown_labels": 1, "run_labels": 2})
+    assert _reason(reply) == Reason("data.labels_mismatch")
     assert SENTINEL not in _received(reply)
+    # the answer depends on the records, so it came after the budget gate and was paid for
+    assert [(e.run_id, e.round, e.status) for e in _ledger(node_config).entries] == [
+        ("run-a", 1, "reserved")
+    ]
 
 
 def test_the_coordinator_cannot_choose_the_hospitals_columns(hospital):

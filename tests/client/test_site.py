@@ -39,6 +39,7 @@ def hospital(tmp_path, tiny_model_dir):
         "ledger": str(tmp_path / "ledger"),
         "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
         "hospital-name": "st-mary",
+        "dataset-id": "st-mary",
         "device": "cpu",
     }
     config = run_config(tiny_model_dir, rounds=2)
