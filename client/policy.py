@@ -18,7 +18,7 @@ approved_run_configs = []                   # optional: pin exact run spec diges
 allow_evaluation = false                    # release DP-noised evaluation metrics
 evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
 evaluate_rounds = "trained"                 # or "final": only the run's last round
-min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds before training
+min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds, and smaller sums
 secagg_signing_key = "/srv/fedward/secagg-signing.pem"   # this hospital's Ed25519 key
 [secagg_roster]                             # hospitals whose SecAgg keys it accepts
 hospital-a = "ed25519:5b0e...c1"            # public keys exchanged out of band
@@ -86,7 +86,8 @@ class SitePolicy(BaseModel):
         evaluate_rounds: "trained" (default): the global adapter of a round this data set
             trained in; "final": only the run's last round. Either way, at most once a round.
         min_secure_aggregation_hospitals: Fewest hospitals a secure round may have (default 3);
-            a smaller round is refused before training.
+            a smaller round is refused before training, and a survivor set with fewer (this
+            hospital and those it masked with) is neither signed nor unmasked: no share leaves.
         secagg_signing_key: Path of this hospital's long-term Ed25519 private key (PEM) that
             signs its SecAgg+ keys and the survivor set; needed for secure aggregation.
         secagg_roster: Hospital name -> public signing key (64 hex characters) of every
