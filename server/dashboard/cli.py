@@ -102,4 +102,4 @@ def dashboard(
     console.print(f"fedward dashboard (read-only) at [bold]{address}[/]", soft_wrap=True)
     if token and not ssl:
         console.print("[bold red]plain HTTP: the token travels in the clear[/]")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", **ssl)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", ws="none", **ssl)
