@@ -16,6 +16,10 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedward.common.config import RunSpec
 
 #: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
 HistoryEntry = tuple[float, float, int]
@@ -109,3 +113,11 @@ def plan_rounds(
     steps = steps_per_epoch * local_epochs
     sigma = calibrate_noise(epsilon, delta, sample_rate, steps * rounds)
     return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+
+
+def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
+    """The round plan of a run spec for `num_train` examples: all of the run's rounds together
+    stay within its target epsilon (`plan_rounds`)."""
+    return plan_rounds(
+        spec.epsilon, spec.delta, spec.rounds, spec.local_epochs, spec.batch_size, num_train
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +25,7 @@ from fedward.client.privacy import (
     DPPlan,
     HistoryEntry,
     compose_epsilon,
-    plan_rounds,
+    plan_dp,
     projected_epsilon,
 )
 from fedward.common.config import RunConfig
@@ -59,18 +60,6 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def plan_dp(config: RunConfig, num_train: int) -> DPPlan:
-    """Noise for this data size so that all rounds of the run stay within `config.epsilon`."""
-    return plan_rounds(
-        config.epsilon,
-        config.delta,
-        config.rounds,
-        config.local_epochs,
-        config.batch_size,
-        num_train,
-    )
-
-
 def check_budget(
     history: list[HistoryEntry], plan: DPPlan, max_epsilon: float, delta: float, who: str
 ) -> float:
@@ -98,38 +87,41 @@ def train_locally(
     history: list[HistoryEntry],
     pad_id: int,
     who: str = "hospital",
+    plan: DPPlan | None = None,
 ) -> TrainResult:
     """Train the adapter from `global_arrays` on `dataset`; return the clipped delta.
 
     Only the trainable tensors change. Under DP the Opacus accountant starts from `history`
     (earlier rounds and runs of this data set) and the returned history includes this round.
-    """
-    from opacus import PrivacyEngine
+    `plan` is the round's DP plan as the budget gate reserved it (`Site.check_budget`); left
+    out, it is computed here (benchmarks, tests).
 
+    Args:
+        model: The PEFT model from `build_model`, its adapter trainable.
+        dataset: This hospital's encoded training examples.
+        config: The run's config (its spec and this machine's local settings).
+        global_arrays: The global adapter this round starts from (`get_adapter_arrays`).
+        history: Accountant history of this run's earlier rounds on this data set.
+        pad_id: The tokenizer's padding id.
+        who: The hospital's name, for log lines and refusals.
+        plan: The round's DP plan; None computes it from `config` (under DP).
+
+    Returns:
+        The update (new minus global, clipped to `secagg_clip`), the example count, the mean
+        training loss, the epsilon spent so far in the run and the history including this round.
+    """
     device = pick_device(config.device)
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
     torch.manual_seed(config.seed + len(history))
-
-    plan = plan_dp(config, len(dataset)) if config.dp else None
+    if not config.dp:
+        plan = None
+    elif plan is None:
+        plan = plan_dp(config, len(dataset))
     if plan is not None:
         check_budget(history, plan, config.epsilon, config.delta, who)
 
-    # Two groups: the task head (new, needs large steps) and the LoRA factors (small steps).
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    lora = [
-        p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
-    ]
-    groups = [
-        {"params": lora, "lr": config.learning_rate},
-        {"params": head, "lr": config.head_lr},
-    ]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, momentum=0.9)
-    elif config.optimizer == "adam_bc":
-        optimizer = BiasCorrectedAdam(groups)
-    else:
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = make_optimizer(model, config)
     pad_to = config.max_length if config.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
@@ -153,84 +145,32 @@ def train_locally(
         collate_fn=_collate_indices,
         generator=secret,
     )
-    lengths = [len(ids) for ids in dataset.input_ids]
-    bucketing = config.length_bucketing and pad_to is None
-    outside_id = _outside_tag_id(config)
-
-    engine = None
-    if plan is not None:
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        engine.accountant.history = [tuple(entry) for entry in history]
-        train_module, optimizer, loader = engine.make_private(
-            module=train_module,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=_noise_generator(device),
+    private = plan is not None
+    if private:
+        train_module, optimizer, loader = make_private(
+            train_module, optimizer, loader, plan, history, config, len(dataset), device
         )
-        if config.optimizer == "adam_bc":
-            # The variance DP adds to each coordinate of the averaged gradient Adam sees.
-            optimizer.original_optimizer.noise_variance = plan.noise_variance(
-                config.max_grad_norm, len(dataset)
-            )
-
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else nullcontext()
+    step = _BatchStep(
+        module=train_module,
+        optimizer=optimizer,
+        make_batch=make_batch,
+        inputs_name=inputs_name,
+        lengths=[len(ids) for ids in dataset.input_ids],
+        bucketing=config.length_bucketing and pad_to is None,
+        outside=_outside_tag_id(config),
+        outside_weight=config.outside_tag_weight,
+        private=private,
+        device=device,
     )
     losses = []
     try:
         for _ in range(config.local_epochs):
             for (indices,) in loader:
-                indices = indices.tolist()
-                groups = _micro_batch_indices(indices, lengths) if bucketing else [indices]
-                micro_batches = [make_batch(group) for group in groups]
-                labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
-                total = sum(labelled)
-                if total == 0:  # Poisson sampling can draw an empty batch
-                    if engine is not None:
-                        _noise_only_step(optimizer)
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                batch_loss = 0.0
-                steps = [k for k, count in enumerate(labelled) if count > 0]
-                for k in steps:
-                    inputs, attention_mask, labels = micro_batches[k]
-                    labels = labels.to(device)
-                    with autocast:
-                        output = train_module(
-                            **{inputs_name: inputs.to(device)},
-                            attention_mask=attention_mask.to(device),
-                            labels=labels,
-                        )
-                    loss = output.loss
-                    if outside_id is not None:  # NER's class-weighted loss
-                        loss = weighted_token_loss(
-                            output.logits, labels, outside_id, config.outside_tag_weight
-                        )
-                    # The loss of the whole batch is its mean over labelled positions (one per
-                    # note; one per token in NER): weigh each micro-batch's mean accordingly.
-                    # Opacus multiplies a mean loss by the micro-batch's size to get per-example
-                    # gradients, so under DP the weight also carries batch / micro-batch size.
-                    weight = labelled[k] / total
-                    if engine is not None:
-                        weight *= len(indices) / len(inputs)
-                    (loss * weight).backward()
-                    batch_loss += float(loss.detach()) * labelled[k] / total
-                    if engine is not None and k != steps[-1]:
-                        # Clip and add up this micro-batch's per-example gradients; noise and
-                        # the step come once, after the batch's last micro-batch.
-                        optimizer.signal_skip_step(do_skip=True)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(batch_loss)
+                loss = step(indices.tolist())
+                if loss is not None:
+                    losses.append(loss)
     finally:
-        if engine is not None:
+        if private:
             train_module._close()  # remove Opacus hooks so the cached model can be reused
 
     new_arrays = get_adapter_arrays(model)
@@ -250,6 +190,127 @@ def train_locally(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimizer over two groups: the task head (new, needs large steps) and the LoRA
+    factors (small steps)."""
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    lora = [
+        p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
+    ]
+    groups = [
+        {"params": lora, "lr": config.learning_rate},
+        {"params": head, "lr": config.head_lr},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    if config.optimizer == "adam_bc":
+        return BiasCorrectedAdam(groups)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def make_private(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    plan: DPPlan,
+    history: list[HistoryEntry],
+    config: RunConfig,
+    num_train: int,
+    device: torch.device,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Opacus's private module, optimizer and Poisson loader for `plan`, its accountant
+    continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`)."""
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    engine.accountant.history = [tuple(entry) for entry in history]
+    module, optimizer, loader = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=_noise_generator(device),
+    )
+    if config.optimizer == "adam_bc":
+        # The variance DP adds to each coordinate of the averaged gradient Adam sees.
+        optimizer.original_optimizer.noise_variance = plan.noise_variance(
+            config.max_grad_norm, num_train
+        )
+    return module, optimizer, loader
+
+
+@dataclass
+class _BatchStep:
+    """One optimizer step on one (Poisson) batch of example indices, in micro-batches of
+    similar length: each micro-batch's per-example gradients are clipped and added up, and
+    under DP the noise and the step come once, after the batch's last micro-batch."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    make_batch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    inputs_name: str
+    lengths: list[int]
+    bucketing: bool
+    outside: int | None  # the O tag's id when NER's loss is class-weighted
+    outside_weight: float | None
+    private: bool
+    device: torch.device
+
+    def __call__(self, indices: list[int]) -> float | None:
+        """Train on the batch `indices`; its mean loss, or None for an empty batch."""
+        groups = _micro_batch_indices(indices, self.lengths) if self.bucketing else [indices]
+        micro_batches = [self.make_batch(group) for group in groups]
+        labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
+        total = sum(labelled)
+        if total == 0:  # Poisson sampling can draw an empty batch
+            if self.private:
+                _noise_only_step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        batch_loss = 0.0
+        steps = [k for k, count in enumerate(labelled) if count > 0]
+        for k in steps:
+            loss = self._loss(*micro_batches[k])
+            # The loss of the whole batch is its mean over labelled positions (one per note;
+            # one per token in NER): weigh each micro-batch's mean accordingly. Opacus
+            # multiplies a mean loss by the micro-batch's size to get per-example gradients,
+            # so under DP the weight also carries batch / micro-batch size.
+            weight = labelled[k] / total
+            if self.private:
+                weight *= len(indices) / len(micro_batches[k][0])
+            (loss * weight).backward()
+            batch_loss += float(loss.detach()) * labelled[k] / total
+            if self.private and k != steps[-1]:
+                # Clip and add up this micro-batch's per-example gradients; no step yet.
+                self.optimizer.signal_skip_step(do_skip=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return batch_loss
+
+    def _loss(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        labels = labels.to(self.device)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else nullcontext()
+        )
+        with autocast:
+            output = self.module(
+                **{self.inputs_name: inputs.to(self.device)},
+                attention_mask=attention_mask.to(self.device),
+                labels=labels,
+            )
+        if self.outside is None:
+            return output.loss
+        return weighted_token_loss(output.logits, labels, self.outside, self.outside_weight)
 
 
 def _outside_tag_id(config: RunConfig) -> int | None:
