@@ -130,6 +130,36 @@ def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
     )
 
 
+def example_labels(example) -> set[str]:
+    """The labels an example carries: a `Record`'s label, or a tagged sentence's tags."""
+    if isinstance(example, list | tuple):  # a sentence of (word, tag)
+        return {tag for _, tag in example}
+    return {example.label}
+
+
+def with_run_labels(data: HospitalData, config: RunConfig) -> HospitalData:
+    """The examples whose labels the run lists; the others are left out, not refused.
+
+    A refusal here would answer "does any record carry label X?" (a run listing [cardiac, X]
+    against one listing [cardiac, decoy]): whether a record is used is a function of the record
+    alone, so a left-out record is one more neighbour the DP update hides, and the count of the
+    left-out ones is for this hospital's log only. A hospital that declares its labels in its
+    policy (`labels`) has a run missing one of them refused before any record is read.
+    """
+    known = set(config.labels or [])
+    train = [example for example in data.train if example_labels(example) <= known]
+    val = [example for example in data.val if example_labels(example) <= known]
+    left_out = len(data.train) + len(data.val) - len(train) - len(val)
+    if left_out:
+        log.warning(
+            "%s: %d of %d examples carry labels the run does not list; they are not used",
+            data.name,
+            left_out,
+            len(data.train) + len(data.val),
+        )
+    return HospitalData(data.name, train, val, data.source)
+
+
 def check_data_vocabulary(data: HospitalData, config: RunConfig, tokenizer) -> float:
     """The share of this hospital's text unknown to the model (`VocabularyError` above the
     run's `max_unknown_rate`; common/coverage.py)."""
@@ -163,7 +193,7 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.model)
             model = cached_model(config, len(config.labels or []))
-            data = load_data(config, context)
+            data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
             site.check_budget(config, len(data.train))  # the budget gate: charged from here on
             coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
@@ -194,7 +224,11 @@ def handle_train(
     if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
         metrics.update(coverage)
     if result.epsilon_spent is not None:
-        metrics["epsilon"] = result.epsilon_spent
+        # Deployed: the run's epsilon, which bounds what the run spends here (the plan is
+        # calibrated to it, the ledger enforces it). The accountant's exact figure after this
+        # round depends on ceil(training count / batch size), so it stays in the ledger.
+        exact = site.releases_exact_metrics
+        metrics["epsilon"] = result.epsilon_spent if exact else config.epsilon
         if site.releases_exact_metrics:
             metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
@@ -292,7 +326,7 @@ def handle_evaluate(
         config = site.admit_evaluation(spec, run_id, server_round)
         tokenizer = cached_tokenizer(config.model)
         model = cached_model(config, len(config.labels or []))
-        data = load_data(config, context)
+        data = with_run_labels(load_data(config, context), config)
         share = check_data_vocabulary(data, config, tokenizer)
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])

@@ -19,6 +19,7 @@ allow_evaluation = false                    # release DP-noised evaluation metri
 evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
 evaluate_rounds = "trained"                 # or "final": only the run's last round
 min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds, and smaller sums
+max_unknown_rate = 0.05                     # the vocabulary limit applied here (not the run's)
 secagg_signing_key = "/srv/fedward/secagg-signing.pem"   # this hospital's Ed25519 key
 [secagg_roster]                             # hospitals whose SecAgg keys it accepts
 hospital-a = "ed25519:5b0e...c1"            # public keys exchanged out of band
@@ -85,6 +86,10 @@ class SitePolicy(BaseModel):
             mechanism at max_delta), charged to the data set's lifetime budget.
         evaluate_rounds: "trained" (default): the global adapter of a round this data set
             trained in; "final": only the run's last round. Either way, at most once a round.
+        max_unknown_rate: Largest share of this hospital's text the model's tokenizer may map to
+            its unknown token (default: the run spec's default, 0.05). The hospital applies its
+            own limit, not the run's: against limits a coordinator chose, the refusal would
+            answer "is the share above x?" for any x, and find the share digit by digit.
         min_secure_aggregation_hospitals: Fewest hospitals a secure round may have (default 3);
             a smaller round is refused before training, and a survivor set with fewer (this
             hospital and those it masked with) is neither signed nor unmasked: no share leaves.
@@ -130,7 +135,12 @@ class SitePolicy(BaseModel):
         "trained",
         description="trained: rounds this data set trained in; final: the run's last round only.",
     )
-
+    max_unknown_rate: float = Field(
+        RunSpec.model_fields["max_unknown_rate"].default,
+        ge=0,
+        le=1,
+        description="Vocabulary limit applied at this hospital (the run's own is not used).",
+    )
     min_secure_aggregation_hospitals: int = Field(
         3, ge=2, description="Fewest hospitals a secure-aggregation round may have."
     )

@@ -235,10 +235,13 @@ class Site:
 
     def check_policy(self, spec: RunSpec) -> RunConfig:
         """Raise `PolicyError` unless the policy accepts the run spec; returns the config to use
-        here: the spec with this hospital's own device and data schema."""
+        here: the spec with this hospital's own device, data schema and vocabulary limit (the
+        policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
+        refusal a question about the text it could ask again and again)."""
         self.policy.check(spec, self._model_hash(spec))
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
-        return RunConfig.with_spec(spec, local).model_copy(update=self.schema.model_dump())
+        own = {**self.schema.model_dump(), "max_unknown_rate": self.policy.max_unknown_rate}
+        return RunConfig.with_spec(spec, local).model_copy(update=own)
 
     def admit(
         self,

@@ -99,7 +99,8 @@ def test_appending_a_record_does_not_reset_the_budget(hospital):
     config, node_config, _ = hospital
     reply = _train(config, node_config, _arrays(config), run_id="run-a")
     assert wire.REFUSAL not in reply.content
-    spent = reply.content[wire.METRICS]["epsilon"]
+    assert reply.content[wire.METRICS]["epsilon"] == config.epsilon  # the run's bound
+    spent = _ledger(node_config).epsilon_spent(DELTA)
     assert 4.0 < spent <= 5.0 + 1e-3  # of the site's 6: no second run fits
 
     # The attacker gets one more note into the hospital's file (or the hospital adds one) and
