@@ -22,6 +22,7 @@ from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.tasks import task_named
 from fedward.server import deploy
+from fedward.server.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -238,6 +239,10 @@ def run(
     timeout: Annotated[
         float | None, typer.Option(help="Stop following after this many seconds.")
     ] = None,
+    tracking: Annotated[
+        str | None,
+        typer.Option(help="mlflow: record the run in <out>/mlflow.db; or an MLflow server's URI."),
+    ] = None,
 ) -> None:
     """Submit a fedward run to the SuperLink and follow its rounds (coordinator).
 
@@ -254,6 +259,9 @@ def run(
         )
     if not config.secure_aggregation:
         console.print("[bold red]secure aggregation is OFF for this run (debugging only)[/]")
+    if tracking and detach:
+        raise ConfigError("--tracking records rounds while following the run; drop --detach")
+    tracker = open_tracker(tracking, config, "deployment")  # None without --tracking
     flower_run_id = deploy.submit_run(connection, config)
     digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
@@ -273,8 +281,14 @@ def run(
     def on_row(row: dict) -> None:
         rows.append(row)
         console.print(round_line(row, config.task), highlight=False)
+        if tracker is not None:
+            tracker.log_round(row)
 
     status = deploy.follow_run(connection, Path(config.out), flower_run_id, on_row, timeout=timeout)
+    if tracker is not None:
+        history = deploy.read_history(Path(config.out)) or {}
+        failed = str(status.get("status")) != "finished:completed"
+        tracker.finish(Path(config.out), str(history.get("run_id", "")), failed=failed)
     if rows:
         console.print(deployment_table(rows, config.task))
     out_dir = Path(config.out)
@@ -304,7 +318,7 @@ def round_line(row: dict, task: str) -> str:
     parts = [
         f"round {row['round']}: {row['status']}",
         f"val loss {_num(metrics.get('loss'))}",
-        f"{headline} {_num(metrics.get(headline))}",
+        f"{headline} {_headline_cell(metrics, task)}",
         f"trained: {', '.join(trained) or 'none'}",
     ]
     for name, reason in sorted(row.get("refused", {}).items()):
@@ -321,7 +335,13 @@ def round_line(row: dict, task: str) -> str:
 def deployment_table(rows: list[dict], task: str) -> Table:
     """The round table: global metrics, who trained, who refused or dropped, epsilon."""
     headline = task_named(task).primary_metric
-    table = Table(title="fedward: rounds", header_style="bold")
+    caption = None
+    if any(_headline_cell(row.get("global", {}), task).endswith("*") for row in rows):
+        caption = (
+            f"* {headline} recorded before fedward pooled the hospitals' counts (a resumed run): "
+            "the mean of the hospitals' own, not the global model's over all their rows."
+        )
+    table = Table(title="fedward: rounds", header_style="bold", caption=caption)
     for column in ("round", "status", "val loss", headline, "trained (ε)", "refused / dropped"):
         table.add_column(
             column, justify="right" if column in ("round", "val loss", headline) else "left"
@@ -343,11 +363,23 @@ def deployment_table(rows: list[dict], task: str) -> Table:
             str(row["round"]),
             status,
             _num(metrics.get("loss")),
-            _num(metrics.get(headline)),
+            _headline_cell(metrics, task),
             ", ".join(trained) or "—",
             ", ".join(missing) or "—",
         )
     return table
+
+
+def _headline_cell(metrics: dict, task: str) -> str:
+    """The round's headline score; marked `*` in a row from an older history (a run resumed
+    across the change), whose global macro-F1 was the mean of the hospitals' own: such a row
+    has no `hospital_mean_<score>` beside it (strategy.aggregate_evaluate)."""
+    headline = task_named(task).primary_metric
+    value = metrics.get(headline)
+    older = (
+        headline in task_named(task).pooled_scores and f"hospital_mean_{headline}" not in metrics
+    )
+    return _num(value) + ("*" if value is not None and older else "")
 
 
 def _num(value, digits: int = 3) -> str:

@@ -64,13 +64,17 @@ def simulate(
         Path | None, typer.Option("--config", help="TOML file with any RunConfig field.")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower/Ray logs.")] = False,
+    tracking: Annotated[
+        str | None,
+        typer.Option(help="mlflow: record the run in <out>/mlflow.db; or an MLflow server's URI."),
+    ] = None,
     **fields: Any,
 ) -> None:
     """Run a federated fine-tuning across simulated hospitals on this machine."""
     quiet_libraries(verbose)
     flags = {name: value for name, value in fields.items() if value not in (None, [])}
     config = load_config(config_file, flags)
-    run_simulation_with_report(config, verbose)
+    run_simulation_with_report(config, verbose, tracking)
 
 
 #: Shorter spellings kept for the flags users type most.
@@ -127,9 +131,12 @@ simulate.__signature__ = inspect.Signature(
 )
 
 
-def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None:
+def run_simulation_with_report(
+    config: RunConfig, verbose: bool = False, tracking: str | None = None
+) -> None:
     """Simulate with a progress bar and a row per round, then print the report."""
     from fedward.common.model import load_tokenizer
+    from fedward.server.tracking import open_tracker
     from fedward.simulation.hospitals import prepare_config
     from fedward.simulation.report import round_table, save_plot
     from fedward.simulation.runner import simulate as run_simulation
@@ -137,6 +144,7 @@ def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None
     config = prepare_config(config)  # reads and checks the data before anything starts
     load_tokenizer(config.model)  # an unknown model fails here, not inside a worker
     _announce(config)
+    tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
     with Progress(
         SpinnerColumn(),
@@ -157,10 +165,15 @@ def run_simulation_with_report(config: RunConfig, verbose: bool = False) -> None
                 f"{_num(metrics.get('loss'))}, {headline} {_num(score)} ({row['seconds']:.0f} s)"
             )
             progress.advance(bar)
+            if tracker is not None:
+                tracker.log_round(row)
 
         result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     plot = save_plot(result.rounds, result.out / "metrics.png", config.task)
+    if tracker is not None:
+        tracker.finish(result.out, result.run_id)
+        console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
     console.print(round_table(result.rounds, config.task, title="fedward: rounds"))
     if not config.secure_aggregation:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
