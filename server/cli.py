@@ -318,7 +318,7 @@ def round_line(row: dict, task: str) -> str:
     parts = [
         f"round {row['round']}: {row['status']}",
         f"val loss {_num(metrics.get('loss'))}",
-        f"{headline} {_headline_cell(metrics, task)}",
+        f"{headline} {_num(metrics.get(headline))}",
         f"trained: {', '.join(trained) or 'none'}",
     ]
     for name, reason in sorted(row.get("refused", {}).items()):
@@ -335,13 +335,7 @@ def round_line(row: dict, task: str) -> str:
 def deployment_table(rows: list[dict], task: str) -> Table:
     """The round table: global metrics, who trained, who refused or dropped, epsilon."""
     headline = task_named(task).primary_metric
-    caption = None
-    if any(_headline_cell(row.get("global", {}), task).endswith("*") for row in rows):
-        caption = (
-            f"* {headline} recorded before fedward pooled the hospitals' counts (a resumed run): "
-            "the mean of the hospitals' own, not the global model's over all their rows."
-        )
-    table = Table(title="fedward: rounds", header_style="bold", caption=caption)
+    table = Table(title="fedward: rounds", header_style="bold")
     for column in ("round", "status", "val loss", headline, "trained (ε)", "refused / dropped"):
         table.add_column(
             column, justify="right" if column in ("round", "val loss", headline) else "left"
@@ -363,23 +357,11 @@ def deployment_table(rows: list[dict], task: str) -> Table:
             str(row["round"]),
             status,
             _num(metrics.get("loss")),
-            _headline_cell(metrics, task),
+            _num(metrics.get(headline)),
             ", ".join(trained) or "—",
             ", ".join(missing) or "—",
         )
     return table
-
-
-def _headline_cell(metrics: dict, task: str) -> str:
-    """The round's headline score; marked `*` in a row from an older history (a run resumed
-    across the change), whose global macro-F1 was the mean of the hospitals' own: such a row
-    has no `hospital_mean_<score>` beside it (strategy.aggregate_evaluate)."""
-    headline = task_named(task).primary_metric
-    value = metrics.get(headline)
-    older = (
-        headline in task_named(task).pooled_scores and f"hospital_mean_{headline}" not in metrics
-    )
-    return _num(value) + ("*" if value is not None and older else "")
 
 
 def _num(value, digits: int = 3) -> str:
