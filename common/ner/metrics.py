@@ -1,0 +1,58 @@
+"""Entity-level precision, recall and F1, computed with seqeval in strict IOB2 mode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
+    """Entity-level precision, recall and F1 (seqeval, strict IOB2; see the module docstring).
+
+    Returns {"precision", "recall", "f1": micro-averaged over all entities, "support": number of
+    true entities, "per_type": {TYPE: {"precision", "recall", "f1", "support"}}}. Types that
+    occur only in the predictions are listed with support 0. A score with nothing to divide by
+    (no predictions, or no true entities) is 0.0.
+    """
+    from seqeval.metrics.v1 import precision_recall_fscore_support
+    from seqeval.scheme import IOB2, Entities
+
+    if len(true_tags) != len(pred_tags):
+        raise ValueError(f"{len(true_tags)} true sentences but {len(pred_tags)} predicted")
+    for n, (true, pred) in enumerate(zip(true_tags, pred_tags, strict=True)):
+        if len(true) != len(pred):
+            raise ValueError(f"sentence {n}: {len(true)} true tags but {len(pred)} predicted")
+    true_lists = [list(tags) for tags in true_tags]
+    pred_lists = [list(tags) for tags in pred_tags]
+    if not true_lists:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "per_type": {}}
+    # Extract the entities once (strict IOB2) and let seqeval count and divide.
+    entities = {
+        "entities_true": Entities(true_lists, IOB2),
+        "entities_pred": Entities(pred_lists, IOB2),
+    }
+    types = sorted(entities["entities_true"].unique_tags | entities["entities_pred"].unique_tags)
+
+    def scores(average: str | None) -> tuple[Any, Any, Any, Any]:
+        return precision_recall_fscore_support(
+            true_lists, pred_lists, average=average, scheme=IOB2, zero_division=0, **entities
+        )
+
+    precision, recall, f1, support = scores("micro")
+    metrics: dict[str, Any] = {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "support": int(support),
+    }
+    per_type = zip(types, *scores(None), strict=True)
+    metrics["per_type"] = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in per_type
+    }
+    return metrics
