@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -98,7 +99,8 @@ def dashboard(
         superlink_db=superlink_db,
     )
     scheme = "https" if ssl else "http"
-    address = f"{scheme}://{host}:{port}/" + (f"?token={token}" if token else "")
+    shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host  # all interfaces: a name
+    address = f"{scheme}://{shown}:{port}/" + (f"?token={token}" if token else "")
     console.print(f"fedward dashboard (read-only) at [bold]{address}[/]", soft_wrap=True)
     if token and not ssl:
         console.print("[bold red]plain HTTP: the token travels in the clear[/]")
