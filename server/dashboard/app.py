@@ -102,6 +102,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
             return denied
         folders, notes = scan()
         views = [runs.read_run(folder) for folder in folders]
+        views.sort(key=lambda view: view.last_update or 0.0, reverse=True)  # newest first
         node_list, node_problem = [], ""
         if settings.superlink_db is not None:
             node_list, node_problem = nodes.read_nodes(settings.superlink_db)
