@@ -8,10 +8,14 @@ Decentralized Data".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from fedward.common.errors import ModelError
+from fedward.common.metrics import summed_counts
 from fedward.common.model import ArraySpec, check_adapter_arrays
+from fedward.common.tasks import Task
 
 Arrays = dict[str, np.ndarray]
 
@@ -65,3 +69,48 @@ def weighted_mean(values: list[tuple[float, float]]) -> float:
     if not kept:
         return float("nan")
     return float(sum(v * w for v, w in kept) / sum(w for _, w in kept))
+
+
+def global_evaluation(
+    task: Task,
+    scores: Mapping[str, Mapping[str, float]],
+    counts: Mapping[str, Mapping[str, float]],
+) -> dict[str, float]:
+    """The global model's metrics from every hospital's evaluation.
+
+    Args:
+        task: The run's task; its `pooled_scores` are computed from counts, not averaged.
+        scores: Each hospital's metrics (`num_examples`, accuracy, its own macro-F1...).
+        counts: Each hospital's `tp:`/`fp:`/`fn:` entries (common.metrics), possibly none.
+
+    Returns:
+        The example-weighted mean of each metric (for loss and accuracy that is their value
+        over all hospitals' rows), except the task's `pooled_scores` (macro-F1; entity P/R/F1
+        and their per-type forms), which are computed from the counts summed over hospitals:
+        the score of the global model on all validation rows at once. The example-weighted mean
+        of the hospitals' own primary score is kept beside it as `hospital_mean_<score>` (how
+        well the model does on a hospital's own label mix). When some hospital sent scores but
+        no counts the pooled scores are left out rather than replaced by the mean.
+    """
+    keys = sorted({key for metrics in scores.values() for key in metrics} - {"num_examples"})
+    merged = {
+        key: weighted_mean(
+            [(m.get(key, float("nan")), m.get("num_examples", 0.0)) for m in scores.values()]
+        )
+        for key in keys
+    }
+    pooled = [key for key in keys if _is_pooled(key, task.pooled_scores)]
+    if not pooled:
+        return merged
+    primary = task.primary_metric
+    if primary in merged:
+        merged[f"hospital_mean_{primary}"] = merged[primary]
+    for key in pooled:
+        del merged[key]
+    if all(counts.get(name) for name in scores):
+        merged.update(task.pooled_metrics(summed_counts(counts[name] for name in scores)))
+    return merged
+
+
+def _is_pooled(key: str, pooled_scores: tuple[str, ...]) -> bool:
+    return any(key == score or key.startswith(f"{score}_") for score in pooled_scores)

@@ -28,11 +28,14 @@ from flwr.serverapp import Grid
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.errors import FedwardError, ModelError, SecAggError
+from fedward.common.metrics import split_counts
 from fedward.common.model import ArraySpec
 from fedward.common.reasons import Reason
+from fedward.common.tasks import task_named
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
+    global_evaluation,
     validate_update,
     weighted_mean,
     weighted_sum,
@@ -57,7 +60,8 @@ class TrainOutcome:
 
 @dataclass
 class EvaluateOutcome:
-    """Global-model metrics (weighted over hospitals), each hospital's own, and who refused."""
+    """Global-model metrics (over all hospitals' validation rows), each hospital's own, and who
+    refused."""
 
     metrics: dict[str, float]
     hospitals: dict[str, dict[str, float]]
@@ -346,8 +350,11 @@ class FedwardStrategy:
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateOutcome:
-        """Example-weighted mean of the hospitals' metrics: the global model's metrics."""
+        """The global model's metrics (`aggregation.global_evaluation`: macro-F1 or entity F1
+        from the hospitals' summed counts, the rest example-weighted means) and each hospital's
+        own (its counts are summed, not kept)."""
         hospitals: dict[str, dict[str, float]] = {}
+        counts: dict[str, dict[str, float]] = {}
         refused: dict[str, str] = {}
         for reply in replies:
             name = self._name(reply)
@@ -358,15 +365,14 @@ class FedwardStrategy:
             if reply.has_error() or wire.METRICS not in reply.content:
                 log.warning("round %d: no evaluation from %s", server_round, name)
                 continue
-            metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
-            hospitals[name] = {key.replace("-", "_"): value for key, value in metrics.items()}
-        keys = sorted({key for metrics in hospitals.values() for key in metrics} - {"num_examples"})
-        merged = {
-            key: weighted_mean(
-                [(m.get(key, float("nan")), m.get("num_examples", 0.0)) for m in hospitals.values()]
-            )
-            for key in keys
-        }
+            try:
+                metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
+            except (TypeError, ValueError):
+                log.warning("round %d: unreadable evaluation from %s", server_round, name)
+                continue
+            scores, counts[name] = split_counts(metrics)
+            hospitals[name] = {key.replace("-", "_"): value for key, value in scores.items()}
+        merged = global_evaluation(task_named(self.config.task), hospitals, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 

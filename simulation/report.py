@@ -40,7 +40,7 @@ def round_table(
         "exact: simulated hospitals are not charged for them (deployed hospitals release only "
         "DP-noised counts)."
     )
-    lines = (privacy, coverage_line(rounds), entity_type_line(rounds))
+    lines = (privacy, pooled_line(task), coverage_line(rounds), entity_type_line(rounds))
     table = Table(
         title=title, header_style="bold", caption="\n".join(line for line in lines if line)
     )
@@ -75,6 +75,17 @@ def round_table(
                 cells.append("·")
         table.add_row(*cells)
     return table
+
+
+def pooled_line(task: str) -> str:
+    """What the global scores are: the global model's over all hospitals' validation rows at
+    once, from their summed counts (not a mean of the hospitals' own; those are in history.json)."""
+    what = {"classification": "macro-F1", "ner": "entity P/R/F1"}.get(task, "scores")
+    rows = "sentences" if task == "ner" else "notes"
+    return (
+        f"{what}: the global model's over all hospitals' validation {rows} pooled "
+        "(each hospital's own: history.json)."
+    )
 
 
 def hospital_coverage(rounds: list[dict]) -> dict[str, float]:

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedward.common.metrics import classification_metrics, ratio
+from fedward.common.metrics import (
+    classification_metrics,
+    count_metrics,
+    label_counts,
+    pooled_macro_f1,
+    ratio,
+)
 
 if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not with the CLI
     import torch
@@ -94,28 +100,33 @@ class Classification:
         """What a hospital may release of an evaluation, as counts (client/release.py): examples,
         correct, and TP, FP, FN of every class. One record changes examples by 1, and either
         correct and one TP (right) or one FN and one FP (wrong): L2 sensitivity sqrt(3)."""
-        true = np.asarray(true_ids, dtype=np.int64)
-        pred = np.asarray(pred_ids, dtype=np.int64)
-        right = true == pred
-        tp = np.bincount(true[right], minlength=num_labels)
-        fn = np.bincount(true[~right], minlength=num_labels)
-        fp = np.bincount(pred[~right], minlength=num_labels)
-        return np.concatenate([[len(true), right.sum()], tp, fp, fn]).astype(np.float64)
+        tp, fp, fn = label_counts(true_ids, pred_ids, num_labels)
+        return np.concatenate([[len(true_ids), tp.sum()], tp, fp, fn]).astype(np.float64)
 
     release_sensitivity = math.sqrt(3.0)
 
     def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]:
-        """The released metrics: example count, accuracy and macro-F1 from (noised) counts."""
+        """The released metrics: example count, accuracy and macro-F1 from (noised) counts, and
+        the (noised) counts per label themselves, so that the coordinator can pool them
+        (releasing the noised vector costs nothing more than what is computed from it)."""
         examples = float(vector[0])
         tp, fp, fn = (vector[2 + i * num_labels : 2 + (i + 1) * num_labels] for i in range(3))
-        denominator = 2 * tp + fp + fn
-        present = denominator > 0
-        f1 = np.where(present, 2 * tp / np.where(present, denominator, 1.0), 0.0)
+        counts = {str(k): (tp[k], fp[k], fn[k]) for k in range(num_labels)}
         return {
             "num-examples": examples,
             "accuracy": ratio(vector[1], examples),
-            "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+            "macro_f1": pooled_macro_f1(counts),
+            **count_metrics(counts),
         }
+
+    #: The scores the coordinator computes from the hospitals' summed counts (`pooled_metrics`)
+    #: instead of averaging the hospitals' own.
+    pooled_scores = ("macro_f1",)
+
+    def pooled_metrics(self, counts: dict[str, tuple[float, float, float]]) -> dict[str, float]:
+        """Macro-F1 of the global model over all hospitals' validation notes, from their
+        per-label counts summed (common.metrics.summed_counts)."""
+        return {"macro_f1": pooled_macro_f1(counts)}
 
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
         """The pretrained encoder (its pooler left out) under a fresh mean-pooling head.
@@ -144,8 +155,12 @@ class Classification:
     def metrics(
         self, true_ids: list[int], pred_ids: list[int], labels: list[str]
     ) -> dict[str, float]:
-        """Accuracy and macro-F1."""
-        return classification_metrics(true_ids, pred_ids, len(labels))
+        """Accuracy and macro-F1, and the counts per label id (`tp:<id>`, `fp:<id>`, `fn:<id>`)."""
+        tp, fp, fn = label_counts(true_ids, pred_ids, len(labels))
+        return {
+            **classification_metrics(true_ids, pred_ids, len(labels)),
+            **count_metrics({str(k): (tp[k], fp[k], fn[k]) for k in range(len(labels))}),
+        }
 
     def describe_prediction(
         self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedward.common.errors import DataError
-from fedward.common.metrics import ner_metrics_from_ids, ratio
+from fedward.common.metrics import ner_metrics_from_ids, pooled_entity_scores, ratio
 from fedward.common.ner import (
     Sentence,
     cut_long_sentences,
@@ -137,6 +137,17 @@ class NamedEntityRecognition:
         examples = float(vector[0])
         return {"num-examples": examples, "sentence_accuracy": ratio(vector[1], examples)}
 
+    #: The scores the coordinator computes from the hospitals' summed entity counts
+    #: (`pooled_metrics`), with their per-type forms (`f1_TYPE`...), instead of averaging the
+    #: hospitals' own. Only simulated hospitals report entity counts: a deployed one releases
+    #: none (`release_counts`), so a deployment has no entity F1 at all.
+    pooled_scores = ("precision", "recall", "f1")
+
+    def pooled_metrics(self, counts: dict[str, tuple[float, float, float]]) -> dict[str, float]:
+        """Entity micro precision, recall and F1 (and per type) over all hospitals' validation
+        sentences, from their per-type entity counts summed."""
+        return pooled_entity_scores(counts)
+
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module:
         """The pretrained encoder with Hugging Face's fresh token-classification head."""
         from transformers import AutoModelForTokenClassification
@@ -152,7 +163,8 @@ class NamedEntityRecognition:
     def metrics(
         self, true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
     ) -> dict[str, float]:
-        """Entity-level micro precision, recall and F1, and the same per entity type."""
+        """Entity-level micro precision, recall and F1, the same per entity type, and the
+        entity counts per type (`tp:<TYPE>`...: exact, so simulation and local audit only)."""
         return ner_metrics_from_ids(true_ids, pred_ids, labels)
 
     def describe_prediction(

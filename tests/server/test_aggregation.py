@@ -6,10 +6,20 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from fedward.common.errors import ModelError
+from fedward.common.metrics import split_counts
 from fedward.common.model import ArraySpec
-from fedward.server.aggregation import apply_average, validate_update, weighted_mean, weighted_sum
+from fedward.common.tasks.classification import CLASSIFICATION
+from fedward.common.tasks.ner import NER
+from fedward.server.aggregation import (
+    apply_average,
+    global_evaluation,
+    validate_update,
+    weighted_mean,
+    weighted_sum,
+)
 
 SPEC = [ArraySpec("lora_A", (2, 3), "float32"), ArraySpec("head.bias", (2,), "float32")]
 
@@ -94,3 +104,51 @@ def test_weighted_mean_skips_nan_and_empty_weights():
     assert weighted_mean([(1.0, 1), (4.0, 3)]) == pytest.approx(3.25)
     assert weighted_mean([(1.0, 1), (math.nan, 5), (9.0, 0)]) == 1.0
     assert math.isnan(weighted_mean([]))
+
+
+# --- the global model's evaluation ----------------------------------------------------------
+
+
+def _hospital(true: list[int], pred: list[int], labels: int) -> tuple[dict, dict]:
+    """A hospital's evaluation as the coordinator receives it: scores, and counts apart."""
+    scores, counts = split_counts(
+        CLASSIFICATION.metrics(true, pred, [f"label{k}" for k in range(labels)])
+    )
+    return {**scores, "num_examples": float(len(true))}, counts
+
+
+def test_global_macro_f1_is_that_of_all_rows_pooled_and_the_hospital_mean_is_named_apart():
+    # label skew: each hospital has one note of the other's common label and misses it
+    a_true, a_pred = [0, 0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]
+    b_true, b_pred = [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]
+    scores_a, counts_a = _hospital(a_true, a_pred, 2)
+    scores_b, counts_b = _hospital(b_true, b_pred, 2)
+    merged = global_evaluation(
+        CLASSIFICATION, {"a": scores_a, "b": scores_b}, {"a": counts_a, "b": counts_b}
+    )
+    pooled = f1_score(a_true + b_true, a_pred + b_pred, average="macro")
+    mean = (8 * scores_a["macro_f1"] + 6 * scores_b["macro_f1"]) / 14
+    assert merged["macro_f1"] == pytest.approx(pooled)
+    assert merged["hospital_mean_macro_f1"] == pytest.approx(mean)
+    assert pooled > mean + 0.3  # 0.84 against 0.46
+    assert merged["accuracy"] == pytest.approx(np.mean(np.equal(a_true + b_true, a_pred + b_pred)))
+    assert not any(":" in key for key in merged)
+
+
+def test_without_every_hospitals_counts_there_is_no_global_macro_f1_rather_than_a_mean():
+    scores_a, counts_a = _hospital([0, 1], [0, 1], 2)
+    scores_b, _ = _hospital([0, 1], [1, 1], 2)  # e.g. an older fedward: scores, no counts
+    merged = global_evaluation(
+        CLASSIFICATION, {"a": scores_a, "b": scores_b}, {"a": counts_a, "b": {}}
+    )
+    assert "macro_f1" not in merged and "hospital_mean_macro_f1" in merged
+    assert merged["accuracy"] == pytest.approx(0.75)
+
+
+def test_deployed_ner_releases_no_entity_scores_and_none_are_made_up():
+    merged = global_evaluation(
+        NER,
+        {"a": {"num_examples": 10.0, "sentence_accuracy": 0.5}, "b": {"num_examples": 30.0}},
+        {"a": {}, "b": {}},
+    )
+    assert merged == {"sentence_accuracy": 0.5}

@@ -14,11 +14,13 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from sklearn.metrics import f1_score
 
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import ArraySpec
 from fedward.common.reasons import Reason
+from fedward.common.tasks.classification import CLASSIFICATION
 from fedward.server.strategy import FedwardStrategy
 
 SPEC = [ArraySpec("lora_B", (2, 2), "float32"), ArraySpec("head.bias", (3,), "float32")]
@@ -279,3 +281,32 @@ def test_with_secure_aggregation_replies_need_no_clear_example_count():
     assert sorted(name for name, _ in accepted.values()) == ["hospital-a", "hospital-b"]
     assert outcome.hospitals["hospital-a"] == {"epsilon": 1.5}
     assert math.isnan(outcome.train_loss)
+
+
+def test_aggregate_evaluate_pools_the_hospitals_counts_and_keeps_them_out_of_their_rows():
+    strategy = _strategy()
+    to = [
+        Message(content=RecordDict(), message_type=MessageType.EVALUATE, dst_node_id=node)
+        for node in (11, 12)
+    ]
+    replies = []
+    for instruction, name, (true, pred) in zip(
+        to,
+        ("hospital-a", "hospital-b"),
+        (([0, 0, 0, 0, 0, 0, 0, 1], [0] * 8), ([1, 1, 1, 1, 1, 0], [1] * 6)),
+        strict=True,
+    ):
+        metrics = {"num-examples": len(true), **CLASSIFICATION.metrics(true, pred, ["a", "b"])}
+        content = RecordDict(
+            {
+                wire.METRICS: MetricRecord(metrics),
+                wire.INFO: ConfigRecord({"hospital": name}),
+            }
+        )
+        replies.append(Message(content=content, reply_to=instruction))
+    outcome = strategy.aggregate_evaluate(1, replies)
+    pooled = f1_score([0] * 7 + [1] + [1] * 5 + [0], [0] * 8 + [1] * 6, average="macro")
+    assert outcome.metrics["macro_f1"] == pytest.approx(pooled)
+    assert outcome.metrics["hospital_mean_macro_f1"] < pooled - 0.3
+    for scores in outcome.hospitals.values():
+        assert set(scores) == {"num_examples", "accuracy", "macro_f1"}

@@ -115,3 +115,10 @@ def test_save_plot_replaces_an_earlier_plot(tmp_path):
     path.write_bytes(b"old")
     save_plot(_rounds()[:1], path, task="classification")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_round_table_says_the_global_scores_are_over_all_hospitals_rows_pooled():
+    text = " ".join(" ".join(_render(round_table(_rounds()))).split())
+    assert "macro-F1: the global model's over all hospitals' validation notes pooled" in text
+    ner = " ".join(" ".join(_render(round_table(_rounds(), task="ner"))).split())
+    assert "entity P/R/F1: the global model's over all hospitals' validation sentences" in ner
