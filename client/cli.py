@@ -18,6 +18,7 @@ from fedward.client import deploy
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import DataError
+from fedward.common.output_paths import check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -99,6 +100,9 @@ def start(
     Every message is handled by fedward's own ClientApp, installed here; an app bundle that
     carries code, names another component or asks for dependencies is refused and audited.
     """
+    check_output_folder(ledger, "--ledger")
+    if audit_log is not None:
+        check_output_file(audit_log, "--audit-log")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = deploy.HospitalSettings(
         server=server,

@@ -20,6 +20,7 @@ from rich.table import Table
 from fedward.common import audit
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
+from fedward.common.output_paths import check_output_file, check_output_folder
 from fedward.common.tasks import task_named
 from fedward.server import deploy
 from fedward.server.tracking import open_tracker
@@ -72,6 +73,7 @@ def certs_init(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a private CA and the SuperLink's certificate (no openssl needed)."""
+    check_output_folder(out, "--out")
     from fedward.server.certs import init_ca_and_server
 
     paths = init_ca_and_server(out, server_name, days=days, overwrite=force)
@@ -91,6 +93,7 @@ def keys_node(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a hospital's SuperNode key pair (run it at the hospital)."""
+    check_output_folder(out, "--out")
     from fedward.server.certs import make_node_keys
 
     paths = make_node_keys(out, name, overwrite=force)
@@ -128,6 +131,9 @@ def server_start(
     ] = None,
 ) -> None:
     """Run Flower's SuperLink with TLS and SuperNode authentication (in the foreground)."""
+    check_output_file(database, "--database")
+    if log_file is not None:
+        check_output_file(log_file, "--log-file")
     _setup_logging()
     settings = deploy.SuperLinkSettings(
         certs=None if insecure else certs,
@@ -251,7 +257,9 @@ def run(
     """
     _setup_logging()
     overrides = {"out": str(out)} if out is not None else None
-    config = prepare_run(RunConfig.from_toml(config_file, overrides=overrides), resume)
+    config = RunConfig.from_toml(config_file, overrides=overrides)
+    check_output_folder(config.out, "--out" if out is not None else f"{config_file}: 'out'")
+    config = prepare_run(config, resume)
     connection = deploy.Connection(server, None if insecure else ca, insecure)
     if config.data:
         console.print(
@@ -318,7 +326,7 @@ def round_line(row: dict, task: str) -> str:
     parts = [
         f"round {row['round']}: {row['status']}",
         f"val loss {_num(metrics.get('loss'))}",
-        f"{headline} {_num(metrics.get(headline))}",
+        f"{headline} {_headline_cell(metrics, task)}",
         f"trained: {', '.join(trained) or 'none'}",
     ]
     for name, reason in sorted(row.get("refused", {}).items()):
@@ -335,7 +343,13 @@ def round_line(row: dict, task: str) -> str:
 def deployment_table(rows: list[dict], task: str) -> Table:
     """The round table: global metrics, who trained, who refused or dropped, epsilon."""
     headline = task_named(task).primary_metric
-    table = Table(title="fedward: rounds", header_style="bold")
+    caption = None
+    if any(_headline_cell(row.get("global", {}), task).endswith("*") for row in rows):
+        caption = (
+            f"* {headline} recorded before fedward pooled the hospitals' counts (a resumed run): "
+            "the mean of the hospitals' own, not the global model's over all their rows."
+        )
+    table = Table(title="fedward: rounds", header_style="bold", caption=caption)
     for column in ("round", "status", "val loss", headline, "trained (ε)", "refused / dropped"):
         table.add_column(
             column, justify="right" if column in ("round", "val loss", headline) else "left"
@@ -357,11 +371,23 @@ def deployment_table(rows: list[dict], task: str) -> Table:
             str(row["round"]),
             status,
             _num(metrics.get("loss")),
-            _num(metrics.get(headline)),
+            _headline_cell(metrics, task),
             ", ".join(trained) or "—",
             ", ".join(missing) or "—",
         )
     return table
+
+
+def _headline_cell(metrics: dict, task: str) -> str:
+    """The round's headline score; marked `*` in a row from an older history (a run resumed
+    across the change), whose global macro-F1 was the mean of the hospitals' own: such a row
+    has no `hospital_mean_<score>` beside it (strategy.aggregate_evaluate)."""
+    headline = task_named(task).primary_metric
+    value = metrics.get(headline)
+    older = (
+        headline in task_named(task).pooled_scores and f"hospital_mean_{headline}" not in metrics
+    )
+    return _num(value) + ("*" if value is not None and older else "")
 
 
 def _num(value, digits: int = 3) -> str:

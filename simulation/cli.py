@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.common.config import GROUPS, RunConfig
+from fedward.common.output_paths import check_output_folder
 from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
@@ -74,6 +75,7 @@ def simulate(
     quiet_libraries(verbose)
     flags = {name: value for name, value in fields.items() if value not in (None, [])}
     config = load_config(config_file, flags)
+    check_output_folder(config.out, "--out")  # before minutes of work, not after
     run_simulation_with_report(config, verbose, tracking)
 
 

@@ -182,3 +182,16 @@ def test_simulate_writes_adapter_history_and_plot_and_says_where(tiny_model_dir,
     assert commands and f"--adapter {out / 'adapter'} " in commands[0], (
         "the printed `fedward predict` command is wrapped across lines:\n" + report
     )
+
+
+def test_out_that_is_an_existing_file_is_one_line_naming_it_and_the_flag(tmp_path):
+    out = _csv(tmp_path / "results", "an existing regular file\n")
+    result = _fedward("simulate", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"fedward: error: --out {out}: is a file, not a folder; give a folder path (it is "
+        "created if missing)"
+    ]
+    assert out.read_text() == "an existing regular file\n"  # left alone
