@@ -48,11 +48,11 @@ def secure_round_bytes(
         1,
         node_ids,
         delta.size,
-        neighbours=config.secagg_neighbours,
-        threshold=config.secagg_threshold,
-        clip=config.secagg_clip,
-        bits=config.secagg_bits,
-        max_weight=config.secagg_max_weight,
+        neighbours=config.spec.secagg.secagg_neighbours,
+        threshold=config.spec.secagg.secagg_threshold,
+        clip=config.spec.secagg.secagg_clip,
+        bits=config.spec.secagg.secagg_bits,
+        max_weight=config.spec.secagg.secagg_max_weight,
     )
     clients = {
         node: SecAggClientSession(
@@ -141,15 +141,15 @@ def main() -> None:
 
     # LoRA, as comm.md records; head-only (the classification default) sends the head alone.
     config = RunConfig.build({"labels": sorted(DIAGNOSES), "lora_variant": "lora"})
-    model = build_model(config, len(config.labels))
+    model = build_model(config.spec, len(config.spec.task.labels))
     arrays = get_adapter_arrays(model)
     full = sum(p.numel() for p in model.parameters()) * 4
     adapter_values = sum(a.size for a in arrays.values())
     print(
-        f"model {config.model}: full model {full / 1e6:.1f} MB (float32); adapter "
+        f"model {config.spec.model.name}: full model {full / 1e6:.1f} MB (float32); adapter "
         f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB "
-        f"(LoRA r={config.lora_rank} on "
-        f"{config.lora_target_modules} of the top {config.lora_layers} layers + head)"
+        f"(LoRA r={config.spec.model.lora_rank} on "
+        f"{config.spec.model.lora_target_modules} of the top {config.spec.model.lora_layers} layers + head)"
     )
     plain_down, plain_up = plain_round_bytes(config, arrays)
     print()

@@ -38,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from bench.utility import SHARED, parse_overrides, read_corpus, shares
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, flat_names
 
 #: Settings of the sweep rows that are not RunConfig fields.
 SETTINGS = ("central", "federated")
@@ -57,16 +57,20 @@ def _synthetic(args) -> tuple[str, list, list, list[str], list[list[int]]]:
     from fedward.common.tasks import task_named
 
     values = RunConfig.build(args.fixed)
-    task = task_named(values.task)
+    task = task_named(values.spec.task.name)
     train, test, parts = [], [], []
     for hospital in range(args.hospitals):
-        notes = task.synthetic_notes(hospital, values.notes_per_hospital, args.seed, args.hospitals)
-        own_train, own_val = task.split(notes, values.val_fraction, args.seed + hospital)
+        notes = task.synthetic_notes(
+            hospital, values.simulation.notes_per_hospital, args.seed, args.hospitals
+        )
+        own_train, own_val = task.split(
+            notes, values.data_schema.val_fraction, args.seed + hospital
+        )
         parts.append(list(range(len(train), len(train) + len(own_train))))
         train += own_train
         test += own_val
     labels = task.label_set(train + test, "synthetic notes")
-    return values.task, train, test, labels, parts
+    return values.spec.task.name, train, test, labels, parts
 
 
 def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
@@ -94,11 +98,12 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
             "min_hospitals": 1,
         }
     )
-    tokenizer = load_tokenizer(config.model)
-    model = build_model(config, len(labels))
+    tokenizer = load_tokenizer(config.spec.model.name)
+    model = build_model(config.spec, len(labels))
     encode = task_named(task).encode
     sites = [
-        encode([train[i] for i in share], labels, tokenizer, config.max_length) for share in parts
+        encode([train[i] for i in share], labels, tokenizer, config.spec.task.max_length)
+        for share in parts
     ]
     arrays = get_adapter_arrays(model)
     histories: list[list] = [[] for _ in sites]
@@ -106,7 +111,7 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
 
     builds = prefix_cache.build_count
     epsilon = None
-    for _ in range(config.rounds):
+    for _ in range(config.spec.federation.rounds):
         updates = []
         for hospital, dataset in enumerate(sites):
             result = train_locally(
@@ -125,7 +130,7 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
         arrays = apply_average(arrays, summed, weight)
     metrics = evaluate(
         model,
-        encode(test, labels, tokenizer, config.max_length),
+        encode(test, labels, tokenizer, config.spec.task.max_length),
         config,
         arrays,
         tokenizer.pad_token_id,
@@ -146,7 +151,7 @@ def grid_settings(pairs: list[str], fixed: dict | None = None) -> list[dict]:
     for pair in pairs:
         key, sep, values = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or (key not in RunConfig.model_fields and key != "setting"):
+        if not sep or (key not in flat_names(RunConfig) and key != "setting"):
             raise SystemExit(f"--grid {pair!r}: expected FIELD=V1,V2 with a RunConfig field")
         axes.append([(key, value.strip()) for value in values.split(",")])
     settings = [dict(choice) for choice in itertools.product(*axes)]

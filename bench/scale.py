@@ -144,14 +144,17 @@ def cached_states_mb(hospitals: int, notes: int) -> float:
     from fedward.common.synthetic import generate_notes
 
     config = RunConfig(lora_variant="lora")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.spec.model.name)
     hidden = 384  # all-MiniLM-L6-v2
     tokens = 0
     for hospital in range(hospitals):
-        texts = [note["text"] for note in generate_notes(hospital, notes, config.seed, hospitals)]
-        encoded = tokenizer(texts, truncation=True, max_length=config.max_length)
+        texts = [
+            note["text"]
+            for note in generate_notes(hospital, notes, config.spec.training.seed, hospitals)
+        ]
+        encoded = tokenizer(texts, truncation=True, max_length=config.spec.task.max_length)
         tokens += sum(len(ids) for ids in encoded["input_ids"])
-    return tokens * (1 - config.val_fraction) * hidden * 2 / 2**20
+    return tokens * (1 - config.data_schema.val_fraction) * hidden * 2 / 2**20
 
 
 if __name__ == "__main__":

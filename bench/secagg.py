@@ -49,11 +49,11 @@ def one_secure_round(hospitals: int, length: int, config: RunConfig) -> dict[str
         1,
         node_ids,
         length,
-        neighbours=config.secagg_neighbours,
-        threshold=config.secagg_threshold,
-        clip=config.secagg_clip,
-        bits=config.secagg_bits,
-        max_weight=config.secagg_max_weight,
+        neighbours=config.spec.secagg.secagg_neighbours,
+        threshold=config.spec.secagg.secagg_threshold,
+        clip=config.spec.secagg.secagg_clip,
+        bits=config.spec.secagg.secagg_bits,
+        max_weight=config.spec.secagg.secagg_max_weight,
     )
     requests = server.advertise_keys_requests()
     server_seconds += time.perf_counter() - started
@@ -200,12 +200,16 @@ def main() -> None:
 
     config = RunConfig(lora_variant="lora")  # LoRA's update length, as secagg.md records
     labels = [str(i) for i in range(10)]
-    model = build_model(config.model_copy(update={"labels": labels}), len(labels))
+    model = build_model(config.updated(**{"labels": labels}).spec, len(labels))
     adapter = sum(a.size for a in get_adapter_arrays(model).values())  # the default adapter
-    graph = f"{config.secagg_neighbours} neighbours" if config.secagg_neighbours else "all-to-all"
+    graph = (
+        f"{config.spec.secagg.secagg_neighbours} neighbours"
+        if config.spec.secagg.secagg_neighbours
+        else "all-to-all"
+    )
     print(
-        f"SecAgg+ ({config.secagg_bits}-bit quantization, clip {config.secagg_clip}, {graph}, "
-        f"threshold {config.secagg_threshold:g} raised to a majority; signed keys and a signed "
+        f"SecAgg+ ({config.spec.secagg.secagg_bits}-bit quantization, clip {config.spec.secagg.secagg_clip}, {graph}, "
+        f"threshold {config.spec.secagg.secagg_threshold:g} raised to a majority; signed keys and a signed "
         f"survivor set)"
     )
     print(

@@ -143,19 +143,23 @@ def main() -> None:
     base_config = RunConfig(lora_variant="lora")  # the LoRA path, as train_throughput.md records
     labels = sorted(DIAGNOSES)
     label_to_id = {label: i for i, label in enumerate(labels)}
-    tokenizer = load_tokenizer(base_config.model)
+    tokenizer = load_tokenizer(base_config.spec.model.name)
     notes = generate_notes(0, args.examples, args.seed)
     records = [Record(note["text"], note["label"]) for note in notes]
-    dataset = encode_classification(tokenizer, records, label_to_id, base_config.max_length)
-    warmup_records = records[: 2 * base_config.batch_size]
-    warmup = encode_classification(tokenizer, warmup_records, label_to_id, base_config.max_length)
+    dataset = encode_classification(
+        tokenizer, records, label_to_id, base_config.spec.task.max_length
+    )
+    warmup_records = records[: 2 * base_config.spec.training.batch_size]
+    warmup = encode_classification(
+        tokenizer, warmup_records, label_to_id, base_config.spec.task.max_length
+    )
     lengths = [len(ids) for ids in dataset.input_ids]
 
-    model = build_model(base_config, len(labels))
+    model = build_model(base_config.spec, len(labels))
     start = get_adapter_arrays(model)
     configs = {
-        name: base_config.model_copy(
-            update={
+        name: base_config.updated(
+            **{
                 "dp": dp,
                 "prefix_cache": cache,
                 "length_bucketing": buckets,
@@ -168,17 +172,17 @@ def main() -> None:
     def train(config: RunConfig, data, who: str) -> None:
         train_locally(model, data, config, start, [], pad_id=tokenizer.pad_token_id, who=who)
 
-    print(f"model        {base_config.model}")
-    print(f"device       {pick_device(base_config.device)}")
+    print(f"model        {base_config.spec.model.name}")
+    print(f"device       {pick_device(base_config.local.device)}")
     print(f"torch        {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"data         {len(dataset)} synthetic notes, tokens per note: mean "
-        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length {base_config.max_length})"
+        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length {base_config.spec.task.max_length})"
     )
     print(
-        f"training     batch_size {base_config.batch_size}, {base_config.padding} padding, "
-        f"LoRA r={base_config.lora_rank} on {base_config.lora_target_modules} of the top "
-        f"{base_config.lora_layers} layers"
+        f"training     batch_size {base_config.spec.training.batch_size}, {base_config.spec.training.padding} padding, "
+        f"LoRA r={base_config.spec.model.lora_rank} on {base_config.spec.model.lora_target_modules} of the top "
+        f"{base_config.spec.model.lora_layers} layers"
     )
     print(
         f"repeats      {args.repeats} x {args.epochs} one-epoch calls per configuration "
@@ -222,7 +226,7 @@ def main() -> None:
 
     print("\n16-bit storage of the cached states, relative change of one batch's")
     for dtype, (loss, gradient) in storage_error(
-        model, dataset, tokenizer.pad_token_id, base_config.lora_layers
+        model, dataset, tokenizer.pad_token_id, base_config.spec.model.lora_layers
     ).items():
         print(f"  {dtype:<9} loss {loss:.1e}, gradient {gradient:.1e}")
 

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, flat_names
 from fedward.common.data import Record, read_records
 from fedward.common.errors import ConfigError
 from fedward.common.tasks import task_named
@@ -113,18 +113,18 @@ def train_and_score(config: RunConfig, test: list) -> float:
     from fedward.simulation.runner import simulate
 
     result = simulate(config)
-    config = config.model_copy(update={"labels": result_labels(result)})
-    tokenizer = load_tokenizer(config.model)
-    model = build_model(config, len(config.labels))
+    config = config.updated(**{"labels": result_labels(result)})
+    tokenizer = load_tokenizer(config.spec.model.name)
+    model = build_model(config.spec, len(config.spec.task.labels))
     metrics = evaluate(
         model,
         encode(test, config, tokenizer),
         config,
         result.arrays,
         tokenizer.pad_token_id,
-        config.labels,
+        config.spec.task.labels,
     )
-    return metrics[task_named(config.task).primary_metric]
+    return metrics[task_named(config.spec.task.name).primary_metric]
 
 
 def result_labels(result) -> list[str]:
@@ -195,13 +195,13 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
     }
     # The rows train what the task trains by default (head-only for classification, LoRA for
     # NER), so the ratios are those of the targets; FFA-LoRA is the one extra variant.
-    variant = RunConfig.build(common).lora_variant
+    variant = RunConfig.build(common).spec.model.lora_variant
     what = VARIANT_NAMES[variant]
     central = f"centralized {what}, no DP (pooled)"
     row(central, data=str(pooled), **alone)
     # DP on the pooled data: what privacy alone costs, without federation
     central_private = f"centralized {what}, DP epsilon 8 (pooled)"
-    row(central_private, data=str(pooled), **alone | {"dp": True, "epsilon": 8.0})
+    row(central_private, data=str(pooled), **alone | {"dp": True, "target_epsilon": 8.0})
     local = []
     name = "local-only, no DP (mean / worst of 3)"
     if wanted(name):
@@ -223,7 +223,7 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
                 f"federated {VARIANT_NAMES[each]}, DP epsilon {epsilon:g}",
                 **federated,
                 lora_variant=each,
-                epsilon=epsilon,
+                target_epsilon=epsilon,
             )
     private = f"federated {what}, DP epsilon 8"
     alone_target = f"target >= {DP_ALONE_TARGET[task]:.2f}"
@@ -256,7 +256,7 @@ def parse_overrides(
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in RunConfig.model_fields:
+        if not sep or key not in flat_names(RunConfig):
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RunConfig field")
         overrides[key] = value.strip()
     try:  # a bad value names its field now, before any training

@@ -32,7 +32,7 @@ from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
 from fedward.client.trainer import HistoryEntry, TrainResult, predict, train_locally
 from fedward.common import wire
-from fedward.common.config import RunConfig, RunSpec
+from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
@@ -60,7 +60,7 @@ class HospitalData:
 
 
 #: Loads a hospital's data for a run: (config, context) -> HospitalData.
-DataSource = Callable[[RunConfig, Context], HospitalData]
+DataSource = Callable[[LocalRun, Context], HospitalData]
 
 
 class HospitalSite(Protocol):
@@ -70,33 +70,33 @@ class HospitalSite(Protocol):
     #: True only in simulation: training loss, example counts and exact metrics are reported.
     releases_exact_metrics: bool
 
-    def check_policy(self, spec: RunSpec) -> RunConfig:
+    def check_policy(self, spec: RunSpec) -> LocalRun:
         """Accept the run spec (or raise); the config this hospital runs it with."""
 
     def admit(
         self, spec: RunSpec, run_id: str, server_round: int, global_arrays: dict
-    ) -> tuple[RunConfig, TrainResult | None]:
+    ) -> tuple[LocalRun, TrainResult | None]:
         """Gate 1: the config to train with, and an update to resend (None: train)."""
 
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
         """The run's accountant history before `server_round`."""
 
-    def check_budget(self, config: RunConfig, num_train: int) -> None:
+    def check_budget(self, config: LocalRun, num_train: int) -> None:
         """Gate 2: data loaded, no step taken."""
 
     def record(
-        self, config: RunConfig, run_id: str, server_round: int, result: TrainResult, global_arrays
+        self, config: LocalRun, run_id: str, server_round: int, result: TrainResult, global_arrays
     ) -> None:
         """Gate 3: trained, nothing sent yet."""
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """A refusal, for this hospital's own records."""
 
-    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> LocalRun:
         """Before any record is read: may this evaluation be released? The config to use."""
 
     def release_evaluation(
-        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+        self, config: LocalRun, run_id: str, server_round: int, predictions: Predictions
     ) -> dict[str, float]:
         """The metrics that may leave, for predictions on the validation split."""
 
@@ -123,10 +123,10 @@ def hospital_name(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def encode(examples: list, config: RunConfig, tokenizer) -> EncodedDataset:
+def encode(examples: list, config: LocalRun, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task."""
-    return task_named(config.task).encode(
-        examples, config.labels or [], tokenizer, config.max_length
+    return task_named(config.spec.task.name).encode(
+        examples, config.spec.task.labels or [], tokenizer, config.spec.task.max_length
     )
 
 
@@ -137,7 +137,7 @@ def example_labels(example) -> set[str]:
     return {example.label}
 
 
-def with_run_labels(data: HospitalData, config: RunConfig) -> HospitalData:
+def with_run_labels(data: HospitalData, config: LocalRun) -> HospitalData:
     """The examples whose labels the run lists; the others are left out, not refused.
 
     A refusal here would answer "does any record carry label X?" (a run listing [cardiac, X]
@@ -146,7 +146,7 @@ def with_run_labels(data: HospitalData, config: RunConfig) -> HospitalData:
     left-out ones is for this hospital's log only. A hospital that declares its labels in its
     policy (`labels`) has a run missing one of them refused before any record is read.
     """
-    known = set(config.labels or [])
+    known = set(config.spec.task.labels or [])
     train = [example for example in data.train if example_labels(example) <= known]
     val = [example for example in data.val if example_labels(example) <= known]
     left_out = len(data.train) + len(data.val) - len(train) - len(val)
@@ -160,11 +160,13 @@ def with_run_labels(data: HospitalData, config: RunConfig) -> HospitalData:
     return HospitalData(data.name, train, val, data.source)
 
 
-def check_data_vocabulary(data: HospitalData, config: RunConfig, tokenizer) -> float:
+def check_data_vocabulary(data: HospitalData, config: LocalRun, tokenizer) -> float:
     """The share of this hospital's text unknown to the model (`VocabularyError` above the
     run's `max_unknown_rate`; common/coverage.py)."""
     examples = [*data.train, *data.val]
-    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
+    return check_vocabulary(
+        tokenizer, examples, config.spec.model.name, config.spec.task.max_unknown_rate
+    )
 
 
 def handle_train(
@@ -188,11 +190,11 @@ def handle_train(
         site = open_site(context)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
-        if spec.secure_aggregation:  # keys, cohort and threshold are judged before training
+        if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
             secagg = _advertise_keys(msg, context, run_id, server_round, site)
         if result is None:  # None unless a resumed run repeats a round already released
-            tokenizer = cached_tokenizer(config.model)
-            model = cached_model(config, len(config.labels or []))
+            tokenizer = cached_tokenizer(config.spec.model.name)
+            model = cached_model(config, len(config.spec.task.labels or []))
             data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
             site.check_budget(config, len(data.train))  # the budget gate: charged from here on
@@ -215,7 +217,7 @@ def handle_train(
         return _refusal(msg, name, exc)
 
     metrics: dict[str, float] = {}
-    if site.releases_exact_metrics or not spec.secure_aggregation:
+    if site.releases_exact_metrics or not spec.secagg.secure_aggregation:
         # A clear update is weighted by its count; with SecAgg+ the count travels only inside
         # the masked vector, and the coordinator learns only the sum.
         metrics["num-examples"] = result.num_examples
@@ -228,7 +230,7 @@ def handle_train(
         # calibrated to it, the ledger enforces it). The accountant's exact figure after this
         # round depends on ceil(training count / batch size), so it stays in the ledger.
         exact = site.releases_exact_metrics
-        metrics["epsilon"] = result.epsilon_spent if exact else config.epsilon
+        metrics["epsilon"] = result.epsilon_spent if exact else config.spec.privacy.target_epsilon
         if site.releases_exact_metrics:
             metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
@@ -289,7 +291,7 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def secagg_weight(result: TrainResult, config: RunConfig) -> int:
+def secagg_weight(result: TrainResult, config: LocalRun) -> int:
     """The weight this hospital's masked update carries: its example count, capped at the run's
     `secagg_max_weight`.
 
@@ -298,7 +300,7 @@ def secagg_weight(result: TrainResult, config: RunConfig) -> int:
     count). Capped, a larger hospital counts as `secagg_max_weight` examples in the average, and
     the count travels only inside the masked sum.
     """
-    return min(result.num_examples, config.secagg_max_weight)
+    return min(result.num_examples, config.spec.secagg.secagg_max_weight)
 
 
 def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
@@ -324,14 +326,16 @@ def handle_evaluate(
             raise ConfigError("the evaluate request's run spec is invalid")
         site = open_site(context)
         config = site.admit_evaluation(spec, run_id, server_round)
-        tokenizer = cached_tokenizer(config.model)
-        model = cached_model(config, len(config.labels or []))
+        tokenizer = cached_tokenizer(config.spec.model.name)
+        model = cached_model(config, len(config.spec.task.labels or []))
         data = with_run_labels(load_data(config, context), config)
         share = check_data_vocabulary(data, config, tokenizer)
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)
-        predictions = Predictions(config.task, loss, true_ids, pred_ids, list(config.labels or []))
+        predictions = Predictions(
+            config.spec.task.name, loss, true_ids, pred_ids, list(config.spec.task.labels or [])
+        )
         metrics = site.release_evaluation(config, run_id, server_round, predictions)
         if site.releases_exact_metrics:
             metrics["unknown-rate"] = share
@@ -384,7 +388,7 @@ def _secagg_handler(msg: Message, context: Context, stage: str) -> Message:
     return handle_secagg_stage(msg, context, stage)
 
 
-def load_site_data(config: RunConfig, context: Context) -> HospitalData:
+def load_site_data(config: LocalRun, context: Context) -> HospitalData:
     """A real hospital's data: the file named by the node config's 'data-path'."""
     path = context.node_config.get("data-path")
     if not path:
@@ -395,11 +399,11 @@ def load_site_data(config: RunConfig, context: Context) -> HospitalData:
     return read_hospital_file(Path(str(path)), config, hospital_name(context))
 
 
-def read_hospital_file(path: Path, config: RunConfig, name: str) -> HospitalData:
+def read_hospital_file(path: Path, config: LocalRun, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    task = task_named(config.task)
-    examples = task.read(path, config.text_column, config.label_column)
-    train, val = task.split(examples, config.val_fraction, config.seed)
+    task = task_named(config.spec.task.name)
+    examples = task.read(path, config.data_schema.text_column, config.data_schema.label_column)
+    train, val = task.split(examples, config.data_schema.val_fraction, config.spec.training.seed)
     return HospitalData(name, train, val, str(path))
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from fedward.common.config import ModelSpec, RunConfig
+from fedward.common.config import LocalRun
 from fedward.common.model import build_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,15 @@ _lock = threading.Lock()
 load_count = 0
 
 
-def model_key(config: RunConfig, num_labels: int) -> tuple:
+def model_key(config: LocalRun, num_labels: int) -> tuple:
     """Everything that changes the model's architecture or its initial (frozen) weights: every
     `ModelSpec` field, the task and its number of labels (the head), and the seed (the initial
     adapter)."""
-    model = ModelSpec(**config.values_of(ModelSpec)).model_dump_json()
-    return (config.task, num_labels, config.seed, model)
+    model = config.spec.model.model_dump_json()
+    return (config.spec.task.name, num_labels, config.spec.training.seed, model)
 
 
-def cached_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
+def cached_model(config: LocalRun, num_labels: int) -> torch.nn.Module:
     """The process's model for this setup, built on first use."""
     global load_count
     key = model_key(config, num_labels)
@@ -41,12 +41,12 @@ def cached_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
-        model = build_model(config, num_labels)
+        model = build_model(config.spec, num_labels)
         load_count += 1
         log.info(
             "built model %s for task %s (load %d in this process)",
-            config.model,
-            config.task,
+            config.spec.model.name,
+            config.spec.task.name,
             load_count,
         )
         _models[key] = model

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedward.common.config import RunSpec, describe_invalid, read_toml
+from fedward.common.config import RunSpec, TaskSpec, describe_invalid, read_toml
 from fedward.common.digest import content_sha256
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 from fedward.common.reasons import Reason
@@ -136,7 +136,7 @@ class SitePolicy(BaseModel):
         description="trained: rounds this data set trained in; final: the run's last round only.",
     )
     max_unknown_rate: float = Field(
-        RunSpec.model_fields["max_unknown_rate"].default,
+        TaskSpec.model_fields["max_unknown_rate"].default,
         ge=0,
         le=1,
         description="Vocabulary limit applied at this hospital (the run's own is not used).",
@@ -228,18 +228,18 @@ class SitePolicy(BaseModel):
 
     # --- checks --------------------------------------------------------------------------------
 
-    def violations(self, run_config: RunSpec, model_hash: str | None) -> list[str]:
+    def violations(self, spec: RunSpec, model_hash: str | None) -> list[str]:
         """Every rule the request breaks, as short human reasons; empty when it is acceptable."""
-        return [message for _, message in self._broken(run_config, model_hash)]
+        return [message for _, message in self._broken(spec, model_hash)]
 
-    def _broken(self, run_config: RunSpec, model_hash: str | None) -> list[tuple[str, str]]:
+    def _broken(self, spec: RunSpec, model_hash: str | None) -> list[tuple[str, str]]:
         """(rule name, human reason) for every broken rule; the names may leave the hospital."""
         broken: list[tuple[str, str]] = []
-        if self.allowed_models is not None and run_config.model not in self.allowed_models:
+        if self.allowed_models is not None and spec.model.name not in self.allowed_models:
             broken.append(
                 (
                     "allowed_models",
-                    f"base model '{run_config.model}' is not allowed "
+                    f"base model '{spec.model.name}' is not allowed "
                     f"(allowed: {', '.join(self.allowed_models) or 'none'})",
                 )
             )
@@ -259,16 +259,16 @@ class SitePolicy(BaseModel):
                         f"base model content {model_hash[:12]}... is not an allowed model version",
                     )
                 )
-        if run_config.task not in self.allowed_tasks:
+        if spec.task.name not in self.allowed_tasks:
             broken.append(
                 (
                     "allowed_tasks",
-                    f"task '{run_config.task}' is not allowed "
+                    f"task '{spec.task.name}' is not allowed "
                     f"(allowed: {', '.join(self.allowed_tasks)})",
                 )
             )
         if self.labels is not None:
-            missing = sorted(set(self.labels) - set(run_config.labels or []))
+            missing = sorted(set(self.labels) - set(spec.task.labels or []))
             if missing:
                 broken.append(
                     (
@@ -277,35 +277,35 @@ class SitePolicy(BaseModel):
                         f"({', '.join(missing[:5])})",
                     )
                 )
-        if self.require_dp and not run_config.dp:
+        if self.require_dp and not spec.privacy.dp:
             broken.append(
                 ("require_dp", "differential privacy is off but the site policy requires it")
             )
-        if run_config.dp and run_config.epsilon > self.max_epsilon:
+        if spec.privacy.dp and spec.privacy.target_epsilon > self.max_epsilon:
             broken.append(
                 (
                     "max_epsilon",
-                    f"run epsilon {run_config.epsilon:g} is above the site's lifetime budget "
+                    f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime budget "
                     f"max_epsilon {self.max_epsilon:g}",
                 )
             )
-        if run_config.dp and run_config.delta > self.max_delta:
+        if spec.privacy.dp and spec.privacy.delta > self.max_delta:
             broken.append(
                 (
                     "max_delta",
-                    f"run delta {run_config.delta:g} is above the site's max_delta "
+                    f"run delta {spec.privacy.delta:g} is above the site's max_delta "
                     f"{self.max_delta:g}",
                 )
             )
-        if run_config.rounds > self.max_rounds:
+        if spec.federation.rounds > self.max_rounds:
             broken.append(
                 (
                     "max_rounds",
-                    f"run asks for {run_config.rounds} rounds, the site allows at most "
+                    f"run asks for {spec.federation.rounds} rounds, the site allows at most "
                     f"{self.max_rounds}",
                 )
             )
-        if self.require_secure_aggregation and not run_config.secure_aggregation:
+        if self.require_secure_aggregation and not spec.secagg.secure_aggregation:
             broken.append(
                 (
                     "require_secure_aggregation",
@@ -313,7 +313,7 @@ class SitePolicy(BaseModel):
                 )
             )
         if self.approved_run_configs is not None:
-            digest = run_config.digest()
+            digest = spec.digest()
             if digest not in self.approved_run_configs:
                 broken.append(
                     (
@@ -325,7 +325,7 @@ class SitePolicy(BaseModel):
 
     def check(
         self,
-        run_config: RunSpec,
+        spec: RunSpec,
         model_hash: str | None = None,
         num_examples: int | None = None,
     ) -> None:
@@ -333,7 +333,7 @@ class SitePolicy(BaseModel):
 
         `num_examples`, when known, is checked too (see `check_examples`).
         """
-        broken = self._broken(run_config, model_hash)
+        broken = self._broken(spec, model_hash)
         if num_examples is not None and num_examples < self.min_examples:
             broken.append(("min_examples", self._too_few(num_examples)))
         if broken:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedward.common.config import RunConfig
+from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.model import FrozenPrefix, TrainableTop, split_frozen_prefix
 
@@ -104,7 +104,7 @@ class CachedTraining:
 def cached_training(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: RunConfig,
+    config: LocalRun,
     pad_id: int,
     who: str,
     device: torch.device,
@@ -112,9 +112,9 @@ def cached_training(
     """The top of `model` and `who`'s cached prefix states, built on first use in this run;
     None when the cache is off (local setting, LoRA down to the bottom layer, or a model that
     does not split exactly)."""
-    if not config.prefix_cache or len(dataset) == 0:
+    if not config.local.prefix_cache or len(dataset) == 0:
         return None
-    pad_to = config.max_length if config.padding == "max_length" else None
+    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
     fingerprint = _fingerprint(dataset)
     with _lock:
         _start_run(config.digest())
@@ -251,7 +251,7 @@ def _build(prefix, dataset, config, pad_id, device, fingerprint, model) -> Prefi
     nbytes = int(offsets[-1]) * hidden_size * torch.empty(0, dtype=dtype).element_size()
     in_memory = sum(c.nbytes for c in _caches.values() if c.path is None)
     path = None
-    if in_memory + nbytes > config.prefix_cache_mb * 2**20:
+    if in_memory + nbytes > config.local.prefix_cache_mb * 2**20:
         path = _new_spill_file()
         states = torch.from_file(
             str(path), shared=True, size=int(offsets[-1]) * hidden_size, dtype=dtype

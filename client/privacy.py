@@ -119,5 +119,10 @@ def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
     """The round plan of a run spec for `num_train` examples: all of the run's rounds together
     stay within its target epsilon (`plan_rounds`)."""
     return plan_rounds(
-        spec.epsilon, spec.delta, spec.rounds, spec.local_epochs, spec.batch_size, num_train
+        spec.privacy.target_epsilon,
+        spec.privacy.delta,
+        spec.federation.rounds,
+        spec.training.local_epochs,
+        spec.training.batch_size,
+        num_train,
     )

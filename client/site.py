@@ -93,7 +93,7 @@ from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.atomic import fsync_dir, write_json_atomic
 from fedward.common.audit import AuditLog
-from fedward.common.config import DataSchema, LocalSettings, RunConfig, RunSpec
+from fedward.common.config import DataSchema, LocalRun, LocalSettings, RunSpec
 from fedward.common.errors import (
     ConfigError,
     DataError,
@@ -233,15 +233,16 @@ class Site:
 
     # --- gate 1: before any data is read -----------------------------------------------------
 
-    def check_policy(self, spec: RunSpec) -> RunConfig:
+    def check_policy(self, spec: RunSpec) -> LocalRun:
         """Raise `PolicyError` unless the policy accepts the run spec; returns the config to use
         here: the spec with this hospital's own device, data schema and vocabulary limit (the
         policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
         refusal a question about the text it could ask again and again)."""
         self.policy.check(spec, self._model_hash(spec))
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
-        own = {**self.schema.model_dump(), "max_unknown_rate": self.policy.max_unknown_rate}
-        return RunConfig.with_spec(spec, local).model_copy(update=own)
+        task = spec.task.model_copy(update={"max_unknown_rate": self.policy.max_unknown_rate})
+        own_limit = spec.model_copy(update={"task": task})
+        return LocalRun(spec=own_limit, local=local, data_schema=self.schema)
 
     def admit(
         self,
@@ -249,7 +250,7 @@ class Site:
         run_id: str,
         server_round: int,
         global_arrays: dict[str, np.ndarray],
-    ) -> tuple[RunConfig, TrainResult | None]:
+    ) -> tuple[LocalRun, TrainResult | None]:
         """Gate 1. Returns the config to train with, and the update to resend if this (run,
         round) was already released by this data set (None: train).
 
@@ -257,23 +258,25 @@ class Site:
         (the run id names files), and a crafted round is refused with nothing spent.
         """
         run_id = check_identifier(run_id, "run id")
-        if not 1 <= server_round <= spec.rounds:
+        if not 1 <= server_round <= spec.federation.rounds:
             raise PolicyError(
-                f"round {server_round} is outside the run's rounds 1..{spec.rounds}; refused, "
+                f"round {server_round} is outside the run's rounds 1..{spec.federation.rounds}; refused, "
                 "nothing spent",
-                reason=Reason("round.out_of_range", {"round": server_round, "rounds": spec.rounds}),
+                reason=Reason(
+                    "round.out_of_range", {"round": server_round, "rounds": spec.federation.rounds}
+                ),
             )
         config = self.check_policy(spec)
         self.fix_run_spec(run_id, spec)
-        self._round = (run_id, server_round, spec.rounds)
-        if not config.dp:
+        self._round = (run_id, server_round, spec.federation.rounds)
+        if not config.spec.privacy.dp:
             return config, None
         ledger = self.ledger()
         recorded = next(
             (e for e in ledger.entries if e.run_id == run_id and e.round == server_round), None
         )
         if recorded is None:
-            ledger.check_round(run_id, server_round, spec.rounds)  # never backwards
+            ledger.check_round(run_id, server_round, spec.federation.rounds)  # never backwards
             return config, None
         if recorded.status != "spent":
             raise PolicyError(
@@ -350,7 +353,7 @@ class Site:
             if entry.run_id == str(run_id) and entry.round < server_round
         ]
 
-    def check_budget(self, config: RunConfig, num_train: int) -> None:
+    def check_budget(self, config: LocalRun, num_train: int) -> None:
         """Gate 2, the first thing done with the data: reserve this round's planned cost within
         the lifetime budget; then the policy's minimum example count, charged.
 
@@ -359,20 +362,20 @@ class Site:
         questions about the data for free. A training count above the run's
         `secagg_max_weight` is no refusal at all: the weight is capped (client/app.py).
         """
-        if config.dp:
+        if config.spec.privacy.dp:
             if self._round is None:
                 raise RuntimeError("Site.check_budget called before Site.admit")
             run_id, server_round, rounds = self._round
             # its noise search is cached (client/privacy.py); an empty split is planned as one
             # example and then refused, charged, below
-            plan = plan_dp(config, max(num_train, 1))
+            plan = plan_dp(config.spec, max(num_train, 1))
             ledger = self.ledger()
             ledger.reserve(
                 run_id,
                 server_round,
                 rounds,
                 plan,
-                config.delta,
+                config.spec.privacy.delta,
                 self.policy.max_epsilon,
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
@@ -384,7 +387,7 @@ class Site:
 
     def record(
         self,
-        config: RunConfig,
+        config: LocalRun,
         run_id: str,
         server_round: int,
         result: TrainResult,
@@ -395,7 +398,7 @@ class Site:
         lifetime = None
         if result.plan is not None:
             entry = self.ledger().confirm(
-                str(run_id), server_round, result.plan, config.delta, self._data_sha256
+                str(run_id), server_round, result.plan, config.spec.privacy.delta, self._data_sha256
             )
             self._reserved = None
             lifetime = entry.epsilon_total
@@ -452,7 +455,8 @@ class Site:
         path = self.ledger_dir / RUNS / f"{self.dataset_id}.{run_id}.json"
         try:
             fixed = _fix_once(
-                path, {"run_id": str(run_id), "spec_sha256": digest, "rounds": spec.rounds}
+                path,
+                {"run_id": str(run_id), "spec_sha256": digest, "rounds": spec.federation.rounds},
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("%s: cannot read or write the run state %s: %s", self.name, path, exc)
@@ -472,13 +476,13 @@ class Site:
             raise PolicyError(
                 f"hospital {self.name}: run {run_id} was fixed on first contact with run spec "
                 f"{str(fixed['spec_sha256'])[:12]}... ({fixed['rounds']} rounds); this message "
-                f"carries {digest[:12]}... ({spec.rounds} rounds). Refused, nothing spent",
+                f"carries {digest[:12]}... ({spec.federation.rounds} rounds). Refused, nothing spent",
                 reason=Reason("run.spec_changed"),
             )
 
     # --- evaluation: an accounted release ---------------------------------------------------
 
-    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
+    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> LocalRun:
         """Before any record is read: refuse an evaluation the policy does not allow, one of a
         round this data set did not train (or not the final one), a second one of a round, or
         one the budget cannot pay for. Returns the config to evaluate with."""
@@ -495,17 +499,19 @@ class Site:
 
         if not policy.allow_evaluation:
             raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
-        if not 1 <= server_round <= spec.rounds:
+        if not 1 <= server_round <= spec.federation.rounds:
             raise refuse(
                 "evaluation.round_out_of_range",
-                f"the run has rounds 1..{spec.rounds}",
+                f"the run has rounds 1..{spec.federation.rounds}",
                 round=server_round,
-                rounds=spec.rounds,
+                rounds=spec.federation.rounds,
             )
         trained = self.ledger().rounds_recorded(run_id)
-        if policy.evaluate_rounds == "final" and server_round != spec.rounds:
+        if policy.evaluate_rounds == "final" and server_round != spec.federation.rounds:
             raise refuse(
-                "evaluation.not_final", "only the final round is evaluated", rounds=spec.rounds
+                "evaluation.not_final",
+                "only the final round is evaluated",
+                rounds=spec.federation.rounds,
             )
         took_part = bool(trained) if policy.evaluate_rounds == "final" else server_round in trained
         if not took_part:
@@ -524,7 +530,7 @@ class Site:
             self.ledger().reserve(
                 key,
                 server_round,
-                spec.rounds,
+                spec.federation.rounds,
                 plan,
                 self.policy.max_delta,
                 self.policy.max_epsilon,
@@ -544,7 +550,7 @@ class Site:
         return config
 
     def release_evaluation(
-        self, config: RunConfig, run_id: str, server_round: int, predictions: Predictions
+        self, config: LocalRun, run_id: str, server_round: int, predictions: Predictions
     ) -> dict[str, float]:
         """Confirm the charge made at admission, then noise the counts: the metrics that may
         leave (Gaussian mechanism at the policy's evaluation_epsilon and max_delta,
@@ -587,7 +593,7 @@ class Site:
         if self.policy.allowed_model_hashes is None:
             return None
         try:
-            return model_content_hash(resolve_model_path(config.model))
+            return model_content_hash(resolve_model_path(config.spec.model.name))
         except ModelError as exc:
             log.warning("%s: %s", self.name, exc)
             return None  # the policy then refuses: the hash cannot be checked

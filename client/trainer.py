@@ -28,7 +28,7 @@ from fedward.client.privacy import (
     plan_dp,
     projected_epsilon,
 )
-from fedward.common.config import RunConfig
+from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -82,7 +82,7 @@ def check_budget(
 def train_locally(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: RunConfig,
+    config: LocalRun,
     global_arrays: dict[str, np.ndarray],
     history: list[HistoryEntry],
     pad_id: int,
@@ -110,19 +110,21 @@ def train_locally(
         The update (new minus global, clipped to `secagg_clip`), the example count, the mean
         training loss, the epsilon spent so far in the run and the history including this round.
     """
-    device = pick_device(config.device)
+    device = pick_device(config.local.device)
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
-    torch.manual_seed(config.seed + len(history))
-    if not config.dp:
+    torch.manual_seed(config.spec.training.seed + len(history))
+    if not config.spec.privacy.dp:
         plan = None
     elif plan is None:
-        plan = plan_dp(config, len(dataset))
+        plan = plan_dp(config.spec, len(dataset))
     if plan is not None:
-        check_budget(history, plan, config.epsilon, config.delta, who)
+        check_budget(
+            history, plan, config.spec.privacy.target_epsilon, config.spec.privacy.delta, who
+        )
 
     optimizer = make_optimizer(model, config)
-    pad_to = config.max_length if config.padding == "max_length" else None
+    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
     secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
@@ -140,7 +142,7 @@ def train_locally(
 
     loader = DataLoader(
         _ExampleIndices(len(dataset)),
-        batch_size=config.batch_size,
+        batch_size=config.spec.training.batch_size,
         shuffle=True,
         collate_fn=_collate_indices,
         generator=secret,
@@ -156,15 +158,15 @@ def train_locally(
         make_batch=make_batch,
         inputs_name=inputs_name,
         lengths=[len(ids) for ids in dataset.input_ids],
-        bucketing=config.length_bucketing and pad_to is None,
+        bucketing=config.local.length_bucketing and pad_to is None,
         outside=_outside_tag_id(config),
-        outside_weight=config.outside_tag_weight,
+        outside_weight=config.spec.training.outside_tag_weight,
         private=private,
         device=device,
     )
     losses = []
     try:
-        for _ in range(config.local_epochs):
+        for _ in range(config.spec.training.local_epochs):
             for (indices,) in loader:
                 loss = step(indices.tolist())
                 if loss is not None:
@@ -174,7 +176,7 @@ def train_locally(
             train_module._close()  # remove Opacus hooks so the cached model can be reused
 
     new_arrays = get_adapter_arrays(model)
-    clip = config.secagg_clip
+    clip = config.spec.secagg.secagg_clip
     delta = {
         name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
         for name in global_arrays
@@ -184,7 +186,7 @@ def train_locally(
     if plan is not None:
         # Account the planned steps (not the drawn batches): conservative and reproducible.
         new_history.append(plan.as_history_entry())
-        epsilon = compose_epsilon(new_history, config.delta)
+        epsilon = compose_epsilon(new_history, config.spec.privacy.delta)
     train_loss = float(np.mean(losses)) if losses else float("nan")
     log.info(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
@@ -192,7 +194,7 @@ def train_locally(
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
 
 
-def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: LocalRun) -> torch.optim.Optimizer:
     """The run's optimizer over two groups: the task head (new, needs large steps) and the LoRA
     factors (small steps)."""
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
@@ -200,12 +202,12 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
         p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
     ]
     groups = [
-        {"params": lora, "lr": config.learning_rate},
-        {"params": head, "lr": config.head_lr},
+        {"params": lora, "lr": config.spec.training.learning_rate},
+        {"params": head, "lr": config.spec.head_lr},
     ]
-    if config.optimizer == "sgd":
+    if config.spec.training.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
-    if config.optimizer == "adam_bc":
+    if config.spec.training.optimizer == "adam_bc":
         return BiasCorrectedAdam(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
@@ -216,7 +218,7 @@ def make_private(
     loader: DataLoader,
     plan: DPPlan,
     history: list[HistoryEntry],
-    config: RunConfig,
+    config: LocalRun,
     num_train: int,
     device: torch.device,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
@@ -231,14 +233,14 @@ def make_private(
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.spec.privacy.max_grad_norm,
         poisson_sampling=True,
         noise_generator=_noise_generator(device),
     )
-    if config.optimizer == "adam_bc":
+    if config.spec.training.optimizer == "adam_bc":
         # The variance DP adds to each coordinate of the averaged gradient Adam sees.
         optimizer.original_optimizer.noise_variance = plan.noise_variance(
-            config.max_grad_norm, num_train
+            config.spec.privacy.max_grad_norm, num_train
         )
     return module, optimizer, loader
 
@@ -313,15 +315,15 @@ class _BatchStep:
         return weighted_token_loss(output.logits, labels, self.outside, self.outside_weight)
 
 
-def _outside_tag_id(config: RunConfig) -> int | None:
+def _outside_tag_id(config: LocalRun) -> int | None:
     """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1)."""
-    if config.outside_tag_weight == 1.0:
+    if config.spec.training.outside_tag_weight == 1.0:
         return None
-    if not config.labels or "O" not in config.labels:
+    if not config.spec.task.labels or "O" not in config.spec.task.labels:
         raise ConfigError(
-            f"outside_tag_weight {config.outside_tag_weight:g} needs the run's labels, with 'O'"
+            f"outside_tag_weight {config.spec.training.outside_tag_weight:g} needs the run's labels, with 'O'"
         )
-    return config.labels.index("O")
+    return config.spec.task.labels.index("O")
 
 
 def weighted_token_loss(
@@ -385,7 +387,7 @@ def _noise_generator(device: torch.device) -> torch.Generator:
 def evaluate(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: RunConfig,
+    config: LocalRun,
     arrays: dict[str, np.ndarray],
     pad_id: int,
     labels: list[str],
@@ -393,7 +395,7 @@ def evaluate(
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
     loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    metrics.update(task_named(config.task).metrics(true_ids, pred_ids, labels))
+    metrics.update(task_named(config.spec.task.name).metrics(true_ids, pred_ids, labels))
     return metrics
 
 
@@ -401,12 +403,12 @@ def evaluate(
 def predict(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: RunConfig,
+    config: LocalRun,
     arrays: dict[str, np.ndarray],
     pad_id: int,
 ) -> tuple[float, list, list]:
     """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`."""
-    device = pick_device(config.device)
+    device = pick_device(config.local.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()
     loader = DataLoader(

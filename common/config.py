@@ -1,15 +1,18 @@
 """A run's options, named, defaulted, documented and checked in one place.
 
-`RunSpec` is what every hospital agrees to (task, labels, model, LoRA, DP, rounds, sampling,
-secure aggregation): the only configuration that travels in messages, hashed for site policies
-and compared on resume. `LocalSettings` (output folder, device, timeouts) and
-`SimulationSettings` (simulated hospitals, their data, workers) stay on the machine that runs
-them. `RunConfig` is all three, flat, as a user writes it in TOML or on the command line. Fields
-are grouped by concern (`ModelSpec`, `PrivacySpec`, ...), and every subset fedward needs is a
-group, never a list kept by hand.
+`RunSpec` is what every hospital agrees to: the only configuration that travels in messages,
+hashed for site policies and compared on resume. It holds one typed group per concern as a
+field: `spec.task`, `spec.model`, `spec.privacy`, `spec.federation`, `spec.training`,
+`spec.secagg`; a function takes the groups it uses. What stays on the machine that runs it lives
+beside the spec, never inside it: `LocalSettings` (output folder, device, timeouts, caches),
+`DataSchema` (how a data file is read: a hospital's own business) and, in a simulation only,
+`SimulationSettings` (simulated hospitals, their data, workers). `RunConfig` bundles the four for
+the coordinator and a simulation; a hospital holds a spec and its own local settings only.
 
-Everything loads from a TOML file, from CLI flags and from Flower's run config (flat keys, scalar
-values); a bad value raises `ConfigError` naming the field. Nothing else re-parses option strings.
+TOML files, CLI flags and Flower's run config and messages stay flat (`rounds = 5`,
+`--target-epsilon 3`, `target-epsilon`): `flat()` and `from_flat()` are the one flattener, and
+every flat key is derived from the groups' fields. A bad value raises `ConfigError` naming the
+field; a key renamed since an earlier version is refused with one line naming the new one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from fedward.common.errors import ConfigError
 from fedward.common.tasks import TASKS, task_named
@@ -31,31 +35,21 @@ PACKAGED_MODEL = "all-MiniLM-L6-v2"
 
 
 class _Group(BaseModel):
-    """Fields of one concern; `RunSpec`, the settings and `RunConfig` are unions of groups."""
+    """Fields of one concern. A field's flat name (TOML key, CLI flag, Flower key) is its alias
+    where it has one (`TaskSpec.name` is `task`), else its own name."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, populate_by_name=True
+    )
 
     @classmethod
     def build(cls, values: dict[str, Any], source: str = "config") -> Self:
-        """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
-        normalised = {key.replace("-", "_"): value for key, value in values.items()}
-        try:
-            return cls(**normalised)
-        except ValidationError as exc:
-            raise ConfigError(describe_invalid(exc, source, "", cls.model_fields)) from None
+        """Validate `values` (flat keys, with '-' or '_'); a bad value raises `ConfigError`."""
+        return build(cls, values, source)
 
     def values_of(self, group: type[BaseModel]) -> dict[str, Any]:
         """This object's values of `group`'s fields (a copy)."""
         return {name: getattr(self, name) for name in group.model_fields}
-
-    def to_flower(self) -> dict[str, bool | int | float | str]:
-        """Flat scalar form for Flower's run config and ConfigRecord (None is dropped)."""
-        flat: dict[str, bool | int | float | str] = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            flat[name.replace("_", "-")] = json.dumps(value) if isinstance(value, list) else value
-        return flat
 
 
 # --- what every hospital agrees to: the run spec ---------------------------------------------
@@ -64,8 +58,10 @@ class _Group(BaseModel):
 class TaskSpec(_Group):
     """What the model learns and what it outputs."""
 
-    task: Literal["classification", "ner"] = Field(
-        "classification", description="What the model learns: note classification or NER."
+    name: Literal["classification", "ner"] = Field(
+        "classification",
+        alias="task",
+        description="What the model learns: note classification or NER.",
     )
     labels: list[str] | None = Field(
         None,
@@ -96,8 +92,9 @@ class TaskSpec(_Group):
 class ModelSpec(_Group):
     """The base model and its LoRA adapter: everything that shapes the model's architecture."""
 
-    model: str = Field(
+    name: str = Field(
         PACKAGED_MODEL,
+        alias="model",
         description="Base model: a local folder or hub id; the default is the packaged "
         "all-MiniLM-L6-v2.",
     )
@@ -152,8 +149,12 @@ class PrivacySpec(_Group):
     """Record-level differential privacy of each hospital's updates."""
 
     dp: bool = Field(True, description="Train with Opacus DP-SGD (off only for baselines).")
-    epsilon: float = Field(
-        8.0, gt=0, le=100, description="Target epsilon per hospital over all rounds of the run."
+    target_epsilon: float = Field(
+        8.0,
+        gt=0,
+        le=100,
+        description="Target epsilon per hospital over all rounds of the run, per record (a note; "
+        "a sentence for NER).",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta)-DP.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
@@ -238,61 +239,101 @@ class SecAggSpec(_Group):
     )
 
 
-class RunSpec(TrainingSpec, SecAggSpec, FederationSpec, PrivacySpec, ModelSpec, TaskSpec):
+class RunSpec(BaseModel):
     """What every hospital of a run agrees to: the only configuration that travels in messages.
 
-    It is hashed (`digest`, what a site policy's `approved_run_configs` pins) and compared when a
-    run resumes. Local settings (output folder, device, timeouts) and simulation knobs live in
-    `LocalSettings` and `SimulationSettings`, never in here.
+    One group per concern, each a field. It is hashed (`digest`, what a site policy's
+    `approved_run_configs` pins) and compared when a run resumes. Local settings and simulation
+    knobs live beside it (`LocalSettings`, `DataSchema`, `SimulationSettings`), never in here.
+    Built from flat keys as TOML, CLI flags and Flower messages have them, or from groups.
+
+    Example:
+        >>> spec = RunSpec(task="ner", labels=["O", "B-Disease", "I-Disease"], rounds=5)
+        >>> spec.task.name, spec.federation.rounds, spec.privacy.target_epsilon
+        ('ner', 5, 8.0)
+        >>> spec.training.outside_tag_weight  # unset: the NER task's default
+        0.3
+        >>> RunSpec.from_flat(spec.flat()) == spec
+        True
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    federation: FederationSpec = Field(default_factory=FederationSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    secagg: SecAggSpec = Field(default_factory=SecAggSpec)
 
     @model_validator(mode="before")
     @classmethod
-    def _task_defaults(cls, values: Any) -> Any:
-        # Unset fields that default by task are resolved here, from the task object, so that
-        # the run spec hospitals agree to and hash names the values they train with.
+    def _nest(cls, values: Any) -> Any:
+        # Flat keys (`rounds=5`, `task="ner"`) go to their group; then unset fields that default
+        # by task are resolved from the task object, so that the spec hospitals agree to and
+        # hash names the values they train with.
         if not isinstance(values, dict):
             return values
-        task = TASKS.get(values.get("task", "classification"))
-        if task is None:
-            return values  # the field's own validation names the unknown task
-        unset = [name for name in TASK_DEFAULTS if values.get(name) in (None, "")]
-        return {**values, **{name: getattr(task, name) for name in unset}}
+        values = nest(cls, values)
+        task = TASKS.get(_group_value(values, "task", "name", "task") or "classification")
+        if task is not None:  # an unknown task is named by the field's own validation
+            for group, name in TASK_DEFAULTS:
+                if _group_value(values, group, name) in (None, ""):
+                    values[group] = _with(values.get(group), name, getattr(task, name))
+        return values
 
     @model_validator(mode="after")
     def _check_task_options(self) -> Self:
-        if self.outside_tag_weight == 1.0:
+        weight = self.training.outside_tag_weight
+        if weight == 1.0:
             return self
-        if self.task != "ner":
+        if self.task.name != "ner":
             raise ValueError(
-                f"outside_tag_weight ({self.outside_tag_weight:g}) applies to NER only; "
-                "leave it at 1 for classification"
+                f"outside_tag_weight ({weight:g}) applies to NER only; leave it at 1 for "
+                "classification"
             )
-        if self.labels is not None and "O" not in self.labels:
+        if self.task.labels is not None and "O" not in self.task.labels:
             raise ValueError("outside_tag_weight needs the tag 'O' among the labels")
         return self
 
     @classmethod
-    def from_flower(cls, values: dict[str, Any]) -> RunSpec:
-        """Rebuild from Flower's flat config (a message's ConfigRecord); other keys are ignored."""
-        return cls.build(_from_flat(values, cls.model_fields), source="run spec")
+    def from_flat(cls, values: dict[str, Any], source: str = "run spec") -> RunSpec:
+        """Rebuild from flat keys (a TOML table, Flower's ConfigRecord: lists as JSON strings,
+        "" for unset); keys of other objects (Flower's own, local settings) are ignored."""
+        return build(cls, _parse_flat(values, flat_names(cls)), source)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field under its flat name: the form of TOML files, messages and the digest."""
+        return flatten(self)
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat scalar form for Flower's ConfigRecord (lists as JSON, None dropped)."""
+        return to_flower(self)
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON form: what a site policy can pin."""
-        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON of the flat form: what a site policy can pin.
+
+        Example:
+            >>> RunSpec(rounds=5).digest() == RunSpec.from_flat({"rounds": "5"}).digest()
+            True
+        """
+        canonical = json.dumps(self.flat(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def head_lr(self) -> float:
         """The task head's learning rate, with the task's default when unset."""
-        if self.head_learning_rate is not None:
-            return self.head_learning_rate
-        return task_named(self.task).head_learning_rate
+        if self.training.head_learning_rate is not None:
+            return self.training.head_learning_rate
+        return task_named(self.task.name).head_learning_rate
 
 
-#: Run-spec fields that, left unset, take their task's value (`Classification.lora_variant`,
-#: `NamedEntityRecognition.outside_tag_weight`, ...) when the spec is built.
-TASK_DEFAULTS = ("lora_variant", "outside_tag_weight")
+#: Run-spec fields (group, field) that, left unset, take their task's value
+#: (`Classification.lora_variant`, `NamedEntityRecognition.outside_tag_weight`) when built.
+TASK_DEFAULTS = (("model", "lora_variant"), ("training", "outside_tag_weight"))
+
+#: Flat keys renamed since an earlier version: an old key is refused, naming the new one.
+RENAMED = {"epsilon": "target_epsilon"}
 
 
 # --- what stays on the machine that runs it ---------------------------------------------------
@@ -308,7 +349,7 @@ class DataSchema(_Group):
     )
 
 
-class SimulatedData(DataSchema):
+class SimulatedData(_Group):
     """Simulation only: the simulated hospitals and how they share the data."""
 
     data: str | None = Field(
@@ -366,7 +407,8 @@ class SimulationResources(_Group):
 
 
 class SimulationSettings(SimulationResources, SimulatedData):
-    """Simulation only: the simulated hospitals, their data and the workers that run them."""
+    """Simulation only: the simulated hospitals, their data and the workers that run them; a
+    coordinator in deployment ignores them and a hospital never holds them."""
 
 
 class LocalSettings(_Group):
@@ -408,38 +450,70 @@ class LocalSettings(_Group):
     )
 
 
-class RunConfig(LocalSettings, SimulationSettings, RunSpec):
-    """Every option of a fedward run on one machine: the run spec plus local and simulation
-    settings, as one flat object loaded from TOML, CLI flags or Flower's run config.
+class LocalRun(BaseModel):
+    """A run as one machine runs it: the run spec, and beside it this machine's local settings
+    and the schema of its data. What a hospital holds for a round (it never holds simulation
+    settings); `RunConfig` adds those for the coordinator and a simulation."""
 
-    Only `spec()` leaves the machine; `fields_of(group)` names a group's fields, so subsets
-    (what the model cache keys on, what may change on resume) follow from the groups above.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-    @model_validator(mode="after")
-    def _check_federation(self) -> RunConfig:
-        # Only a simulation has a number of hospitals; a deployment's is whoever connects.
-        if "hospitals" in self.model_fields_set and self.min_hospitals > self.hospitals:
-            raise ValueError(
-                f"min_hospitals ({self.min_hospitals}) is more than hospitals ({self.hospitals})"
-            )
-        return self
+    spec: RunSpec = Field(default_factory=RunSpec)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    data_schema: DataSchema = Field(default_factory=DataSchema)
 
-    def spec(self) -> RunSpec:
-        """The run spec: what travels to hospitals, is hashed and compared on resume."""
-        return RunSpec(**self.values_of(RunSpec))
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any) -> Any:
+        return nest(cls, values) if isinstance(values, dict) else values
+
+    def flat(self) -> dict[str, Any]:
+        """Every option under its flat name (TOML keys)."""
+        return flatten(self)
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat scalar form for Flower's run config (lists as JSON, None dropped)."""
+        return to_flower(self)
 
     def digest(self) -> str:
         """The run spec's SHA-256 (local and simulation settings are not part of it)."""
-        return self.spec().digest()
+        return self.spec.digest()
 
-    @classmethod
-    def with_spec(cls, spec: RunSpec, settings: BaseModel | None = None) -> RunConfig:
-        """A hospital's config: the run spec it received plus its own local settings."""
-        local = settings.model_dump(exclude=set(RunSpec.model_fields)) if settings else {}
-        return cls(**spec.model_dump(), **local)
+    def updated(self, **values: Any) -> Self:
+        """A copy with flat options changed (`updated(rounds=5, out="x")`), validated again."""
+        return build(type(self), {**self.flat(), **values}, "config")
+
+
+class RunConfig(LocalRun):
+    """Every option of a fedward run on the coordinator's machine or in a simulation: the run
+    spec, and beside it this machine's local settings, the data schema and the simulation
+    settings. Loaded flat from a TOML file, CLI flags or Flower's run config.
+
+    Only `spec` leaves the machine. A hospital never builds one: it holds the spec it received
+    with its own local settings and data schema (`LocalRun`).
+
+    Example:
+        >>> config = RunConfig(rounds=2, out="runs/first", hospitals=4)
+        >>> config.spec.federation.rounds, config.local.out, config.simulation.hospitals
+        (2, 'runs/first', 4)
+    """
+
+    simulation: SimulationSettings = Field(default_factory=SimulationSettings)
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> Self:
+        # Only a simulation has a number of hospitals; a deployment's is whoever connects.
+        hospitals = self.simulation.hospitals
+        minimum = self.spec.federation.min_hospitals
+        if "hospitals" in self.simulation.model_fields_set and minimum > hospitals:
+            raise ValueError(f"min_hospitals ({minimum}) is more than hospitals ({hospitals})")
+        return self
 
     # --- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Validate flat `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
+        return build(cls, values, source)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -447,12 +521,12 @@ class RunConfig(LocalSettings, SimulationSettings, RunSpec):
         raw = read_toml(path, "config file", "--config")
         values = raw.get("fedward", raw)
         values = {**values, **(overrides or {})}
-        return cls.build(values, source=str(path))
+        return build(cls, values, str(path))
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
         """Rebuild from Flower's flat run config (lists travel as JSON strings)."""
-        return cls.build(_from_flat(run_config, cls.model_fields), source="Flower run config")
+        return build(cls, _parse_flat(run_config, _flat_fields(cls)), "Flower run config")
 
 
 #: Every group of fields, in the order a user reads them (help pages, docs).
@@ -470,18 +544,105 @@ GROUPS: tuple[type[_Group], ...] = (
 )
 
 
-def fields_of(group: type[BaseModel]) -> tuple[str, ...]:
-    """The field names of a group (`ModelSpec`, `RunSpec`, `LocalSettings`...), in order."""
-    return tuple(group.model_fields)
+# --- the flattener: flat keys <-> groups ---------------------------------------------------------
 
 
-def _from_flat(values: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """Flower's flat scalar config back to field values ("" is unset, lists are JSON)."""
+def _composite_groups(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """A composite's (`RunSpec`, `RunConfig`) fields: name -> the group class it holds."""
+    return {name: field.annotation for name, field in cls.model_fields.items()}
+
+
+def _flat_fields(cls: type[BaseModel]) -> dict[str, FieldInfo]:
+    """Flat name -> field, for a group or (recursively) a composite."""
+    if issubclass(cls, _Group):
+        return {field.alias or name: field for name, field in cls.model_fields.items()}
+    return {
+        key: field
+        for group in _composite_groups(cls).values()
+        for key, field in _flat_fields(group).items()
+    }
+
+
+def flat_names(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The flat names (TOML keys, flags without '--', Flower keys with '-') of a group or a
+    composite, in order."""
+    return tuple(_flat_fields(cls))
+
+
+def flatten(value: BaseModel) -> dict[str, Any]:
+    """A group or composite as one flat dict under the flat names."""
+    if isinstance(value, _Group):
+        return value.model_dump(by_alias=True)
+    flat: dict[str, Any] = {}
+    for name in type(value).model_fields:
+        flat.update(flatten(getattr(value, name)))
+    return flat
+
+
+def nest(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """Flat keys of a composite's groups moved into those groups; a key naming a group with a
+    dict or model as its value is that group; other keys stay (validation names them)."""
+    owner = {
+        key: name for name, group in _composite_groups(cls).items() for key in flat_names(group)
+    }
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in cls.model_fields and isinstance(value, dict | BaseModel):
+            nested[key] = _merge(nested.get(key), value)
+        elif key in owner:
+            nested[owner[key]] = _merge(nested.get(owner[key]), {key: value})
+        else:
+            nested[key] = value
+    return nested
+
+
+def _merge(existing: Any, new: dict[str, Any] | BaseModel) -> dict[str, Any] | BaseModel:
+    if existing is None:
+        return new
+    as_dict = [flatten(item) if isinstance(item, BaseModel) else item for item in (existing, new)]
+    return {**as_dict[0], **as_dict[1]}
+
+
+def _group_value(values: dict[str, Any], group: str, name: str, flat: str | None = None) -> Any:
+    """The value of field `name` (flat name `flat`) in `values[group]`, a dict or a model."""
+    held = values.get(group)
+    if isinstance(held, BaseModel):
+        return getattr(held, name)
+    if isinstance(held, dict):
+        return held.get(name, held.get(flat or name))
+    return None
+
+
+def _with(held: Any, name: str, value: Any) -> dict[str, Any] | BaseModel:
+    """A group value (dict, model or None) with field `name` set to `value`."""
+    if isinstance(held, BaseModel):
+        return held.model_copy(update={name: value})
+    return {**(held or {}), name: value}
+
+
+def to_flower(value: BaseModel) -> dict[str, bool | int | float | str]:
+    """Flat scalar form for Flower's run config and ConfigRecord ('-' keys; lists as JSON;
+    None dropped)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, item in flatten(value).items():
+        if item is None:
+            continue
+        flat[key.replace("_", "-")] = json.dumps(item) if isinstance(item, list) else item
+    return flat
+
+
+def _parse_flat(values: dict[str, Any], fields: dict[str, FieldInfo]) -> dict[str, Any]:
+    """Flower's flat scalar config back to field values ("" is unset, lists are JSON); keys
+    that are not flat names here are dropped, renamed ones kept so that they are refused."""
     parsed: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name in RENAMED:
+            parsed[name] = value
+            continue
         if name not in fields:
-            continue  # Flower's own keys (e.g. partition-id), or another group's fields
+            continue  # Flower's own keys (e.g. partition-id), or another object's fields
         if value == "" and fields[name].default is None:
             continue  # "" stands for "unset" in Flower's scalar-only config
         if isinstance(value, str) and value.startswith(("[", "null")):
@@ -491,6 +652,27 @@ def _from_flat(values: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]
                 pass
         parsed[name] = value
     return parsed
+
+
+def refuse_renamed(values: dict[str, Any], source: str) -> None:
+    """`ConfigError` naming the new key for a key renamed since an earlier version."""
+    for key in values:
+        new = RENAMED.get(key.replace("-", "_"))
+        if new is not None:
+            raise ConfigError(
+                f"{source}: '{key}' is now called '{new}' (TOML: {new} = ..., flag: "
+                f"--{new.replace('_', '-')}); rename it"
+            )
+
+
+def build(cls: type[BaseModel], values: dict[str, Any], source: str) -> Any:
+    """Validate flat (or nested) `values` into `cls`; `ConfigError` naming the field otherwise."""
+    normalised = {key.replace("-", "_"): value for key, value in values.items()}
+    refuse_renamed(normalised, source)
+    try:
+        return cls(**normalised)
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc, source, "", flat_names(cls))) from None
 
 
 def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
@@ -510,7 +692,10 @@ def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str
     """One line naming every invalid field of a pydantic model, what was wrong and the value."""
     parts = []
     for error in exc.errors():
-        field = ".".join(str(item) for item in error["loc"])
+        loc = list(error["loc"])
+        while loc and loc[0] in _GROUP_FIELDS and (len(loc) > 1 or error["type"] == "value_error"):
+            loc = loc[1:]  # the flat name is what a user wrote (`rounds`, not `federation.rounds`)
+        field = ".".join(str(item) for item in loc)
         if error["type"] == "extra_forbidden":
             parts.append(f"unknown field '{field}' (known fields: {', '.join(known)})")
             continue
@@ -522,3 +707,6 @@ def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {message}{shown}" if field else message)
     return f"{source}: invalid {what + ': ' if what else ''}" + "; ".join(parts)
+
+
+_GROUP_FIELDS = {*RunSpec.model_fields, *RunConfig.model_fields}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedward.common.atomic import replace_dir_atomic, temp_dir_next_to
-from fedward.common.config import PACKAGED_MODEL, RunConfig
+from fedward.common.config import PACKAGED_MODEL, LocalRun, RunSpec
 from fedward.common.errors import ModelError
 from fedward.common.tasks import task_named
 
@@ -55,31 +55,46 @@ def load_tokenizer(name: str):
         raise ModelError(_unknown_model(name, exc)) from None
 
 
-def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
-    """Base model + task head + LoRA adapters, initialised deterministically from `config.seed`.
+def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
+    """Base model + task head + LoRA adapters, initialised deterministically from the seed.
 
-    The same config gives bit-identical initial adapters on every hospital and on the server,
+    The same spec gives bit-identical initial adapters on every hospital and on the server,
     which FFA-LoRA relies on (its frozen A factors never travel). Which linear layers get LoRA
     and where the layer list is are found from the base model's architecture
     (`lora_target_modules`, `transformer_layers`), so any encoder of the common families works.
+
+    Args:
+        spec: The run spec; its `model` group (base model, LoRA), task and seed are used.
+        num_labels: Outputs of the task head (labels, or NER tags).
+
+    Returns:
+        A PEFT model whose trainable tensors are the adapter and the task head.
+
+    Example:
+        >>> from fedward.common.config import RunSpec
+        >>> model = build_model(RunSpec(labels=["cardiac", "respiratory"]), num_labels=2)
+        >>> sorted(get_adapter_arrays(model))[:1]  # what travels: the head (head-only default)
+        ['base_model.model.classifier.modules_to_save.default.bias']
     """
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(config.seed)
-    base = build_base(config.task, config.model, num_labels)
-    if not config.attention_dropout:
+    model_spec = spec.model
+
+    torch.manual_seed(spec.training.seed)
+    base = build_base(spec.task.name, model_spec.name, num_labels)
+    if not model_spec.attention_dropout:
         drop_attention_dropout(base)
-    targets = lora_target_modules(base, config.lora_target_modules, config.model)
+    targets = lora_target_modules(base, model_spec.lora_target_modules, model_spec.name)
     top_layers, layers_pattern = None, None
-    if config.lora_layers:
-        layers_pattern, layers = transformer_layers(base, config.model)
-        if config.lora_layers > layers:
+    if model_spec.lora_layers:
+        layers_pattern, layers = transformer_layers(base, model_spec.name)
+        if model_spec.lora_layers > layers:
             raise ModelError(
-                f"field 'lora_layers': {config.lora_layers} is more than the {layers} layers of "
-                f"'{config.model}'"
+                f"field 'lora_layers': {model_spec.lora_layers} is more than the {layers} layers of "
+                f"'{model_spec.name}'"
             )
-        top_layers = list(range(layers - config.lora_layers, layers))
-    options = task_named(config.task).peft_options()
+        top_layers = list(range(layers - model_spec.lora_layers, layers))
+    options = task_named(spec.task.name).peft_options()
     # Head layers the task's options do not name (ModernBERT's dense layer before its classifier)
     # are new and random too: they train and travel with the classifier.
     heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]
@@ -87,9 +102,9 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
         options["modules_to_save"] = [*options.get("modules_to_save", []), *heads]
     lora = LoraConfig(
         **options,
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
+        r=model_spec.lora_rank,
+        lora_alpha=model_spec.lora_alpha,
+        lora_dropout=model_spec.lora_dropout,
         target_modules=targets,
         layers_to_transform=top_layers,
         layers_pattern=layers_pattern,
@@ -98,13 +113,15 @@ def build_model(config: RunConfig, num_labels: int) -> torch.nn.Module:
         model = get_peft_model(base, lora)
     except ValueError as exc:
         raise ModelError(
-            f"field 'lora_target_modules': {targets} do not match layers of '{config.model}' "
+            f"field 'lora_target_modules': {targets} do not match layers of '{model_spec.name}' "
             f"({str(exc).splitlines()[0][:200]}); its linear layers are named "
             f"{', '.join(_linear_names(base))}"
         ) from None
     # FFA-LoRA freezes the A factors, head-only both: B starts at zero, so the frozen factors
     # leave the base model's output as it was, and they never travel.
-    frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(config.lora_variant, ())
+    frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(
+        model_spec.lora_variant, ()
+    )
     for name, parameter in model.named_parameters():
         if any(part in name for part in frozen):
             parameter.requires_grad_(False)
@@ -426,7 +443,7 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) ->
 
 
 def save_adapter(
-    model: torch.nn.Module, out_dir: str | Path, labels: list[str], config: RunConfig
+    model: torch.nn.Module, out_dir: str | Path, labels: list[str], config: LocalRun
 ) -> Path:
     """Save the adapter with PEFT's `save_pretrained` plus label map; swap in atomically.
 
@@ -440,15 +457,15 @@ def save_adapter(
     try:
         model.save_pretrained(staging)
         meta = {
-            "task": config.task,
-            "model": config.model,
+            "task": config.spec.task.name,
+            "model": config.spec.model.name,
             "labels": labels,
-            "lora_variant": config.lora_variant,
+            "lora_variant": config.spec.model.lora_variant,
             # The modules LoRA adapts, as found for the base model's architecture when the run
             # spec says "auto" (PEFT's adapter_config.json holds the same for loading).
             "lora_target_modules": sorted(_peft_config(model).target_modules or []),
-            "lora_layers": config.lora_layers,
-            "max_length": config.max_length,
+            "lora_layers": config.spec.model.lora_layers,
+            "max_length": config.spec.task.max_length,
         }
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for path in staging.iterdir():

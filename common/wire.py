@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedward.common.config import RunConfig, RunSpec
+from fedward.common.config import LocalRun, RunSpec
 
 ARRAYS = "arrays"  # the global adapter (server -> hospital) or an update (hospital -> server)
 CONFIG = "config"  # run spec + round identity (server -> hospital)
@@ -30,17 +30,17 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: record[name].numpy() for name in record}
 
 
-def round_config(config: RunConfig | RunSpec, server_round: int, run_id: int) -> ConfigRecord:
+def round_config(config: LocalRun | RunSpec, server_round: int, run_id: int) -> ConfigRecord:
     """The config record sent with every message of a round: the run spec only (a config's
     local and simulation settings never leave the machine)."""
-    spec = config.spec() if isinstance(config, RunConfig) else config
+    spec = config.spec if isinstance(config, LocalRun) else config
     return ConfigRecord({**spec.to_flower(), ROUND_KEY: server_round, RUN_KEY: str(run_id)})
 
 
 def read_round_config(record: ConfigRecord) -> tuple[RunSpec, int, str]:
     """Run spec, round number and run id from a received config record."""
     values = dict(record)
-    return RunSpec.from_flower(values), int(values[ROUND_KEY]), str(values[RUN_KEY])
+    return RunSpec.from_flat(values), int(values[ROUND_KEY]), str(values[RUN_KEY])
 
 
 SECAGG = "secagg"  # a SecAgg+ stage payload (ConfigRecord); the masked vector travels in ARRAYS

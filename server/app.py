@@ -67,21 +67,21 @@ class RunResult:
 def run_federation(
     grid: Grid, config: RunConfig, run_id: int | str, on_round: RoundCallback | None = None
 ) -> RunResult:
-    """Run rounds 1..`config.rounds` of federated training and evaluation.
+    """Run rounds 1..`config.spec.federation.rounds` of federated training and evaluation.
 
     `run_id` is Flower's run id (recorded, for tying logs together). Hospitals see the fedward
-    run id instead: a new random one, or with `config.resume` the id of the run checkpointed in
-    `config.out`, which then continues with the round after its last completed one.
+    run id instead: a new random one, or with `config.local.resume` the id of the run checkpointed in
+    `config.local.out`, which then continues with the round after its last completed one.
     """
-    if not config.labels:
+    if not config.spec.task.labels:
         raise ConfigError(
             "field 'labels': the run's label set is missing; list the labels in the run config"
         )
-    out = Path(config.out)
-    model = build_model(config, len(config.labels))
+    out = Path(config.local.out)
+    model = build_model(config.spec, len(config.spec.task.labels))
     spec = adapter_spec(model)
     audit = AuditLog(out / AUDIT_LOG)
-    if config.resume:
+    if config.local.resume:
         checkpoint = load_checkpoint(out)
         check_resumable(checkpoint, config)
         check_adapter_arrays(spec, checkpoint.arrays)
@@ -107,13 +107,13 @@ def run_federation(
         fedward_run_id,
         run_id,
         first_round,
-        config.rounds,
-        config.model,
+        config.spec.federation.rounds,
+        config.spec.model.name,
         len(spec),
         sum(a.size for a in arrays.values()),
     )
 
-    for server_round in range(first_round, config.rounds + 1):
+    for server_round in range(first_round, config.spec.federation.rounds + 1):
         started = time.monotonic()
         outcome = strategy.train_round(server_round, arrays, grid)
         if outcome.arrays is not None:
@@ -122,7 +122,7 @@ def run_federation(
             server_round,
             grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, grid),
-                timeout=config.round_timeout,
+                timeout=config.local.round_timeout,
             ),
         )
         row = history_row(server_round, outcome, evaluation, config, time.monotonic() - started)
@@ -132,7 +132,7 @@ def run_federation(
             out, fedward_run_id, config, server_round, arrays, result.rounds
         )
         set_adapter_arrays(model, arrays)
-        save_adapter(model, out / "adapter", config.labels, config)
+        save_adapter(model, out / "adapter", config.spec.task.labels, config)
         write_history(out, config, fedward_run_id, result.rounds, str(run_id), first_round)
         audit.append(
             "round",
@@ -157,15 +157,15 @@ def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays:
         "run_id": run_id,
         "flower_run_id": flower_run_id,
         "config_sha256": config.digest(),
-        "task": config.task,
-        "model": config.model,
-        "labels": list(config.labels or []),
-        "rounds": config.rounds,
-        "dp": config.dp,
-        "epsilon": config.epsilon,
-        "delta": config.delta,
-        "secure_aggregation": config.secure_aggregation,
-        "min_hospitals": config.min_hospitals,
+        "task": config.spec.task.name,
+        "model": config.spec.model.name,
+        "labels": list(config.spec.task.labels or []),
+        "rounds": config.spec.federation.rounds,
+        "dp": config.spec.privacy.dp,
+        "epsilon": config.spec.privacy.target_epsilon,
+        "delta": config.spec.privacy.delta,
+        "secure_aggregation": config.spec.secagg.secure_aggregation,
+        "min_hospitals": config.spec.federation.min_hospitals,
         "initial_adapter_sha256": arrays_digest(arrays),
     }
 
@@ -232,7 +232,7 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
     return {
         "round": server_round,
         "status": outcome.status,
-        "secure_aggregation": config.secure_aggregation,
+        "secure_aggregation": config.spec.secagg.secure_aggregation,
         "train_loss": finite_or_none(outcome.train_loss),
         "global": {key: finite_or_none(value) for key, value in evaluation.metrics.items()},
         "hospitals": hospitals,
@@ -264,7 +264,7 @@ def write_history(
             "run_id": str(run_id),
             "flower_run_id": flower_run_id,
             "first_round": first_round,
-            "config": config.model_dump(),
+            "config": config.flat(),
             "rounds": rounds,
         },
     )

@@ -202,21 +202,20 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     what cannot be resumed and to overwrite an unfinished run."""
     from fedward.server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
 
-    if not config.labels:
+    if not config.spec.task.labels:
         raise ConfigError(
             "field 'labels': required for a deployment, so that every hospital's model has the "
             'same outputs; list them in the config, e.g. labels = ["cardio", "respiratory"]'
         )
-    out = Path(config.out).expanduser().resolve()
-    config = config.model_copy(update={"out": str(out), "resume": resume})
-    RunConfig.model_validate(config.model_dump())  # still valid after the updates
+    out = Path(config.local.out).expanduser().resolve()
+    config = config.updated(out=str(out), resume=resume)
     has_checkpoint = checkpoint_path(out).is_file()
     if resume:
         checkpoint = load_checkpoint(out)
         check_resumable(checkpoint, config)
         if not unfinished(checkpoint):
             raise ConfigError(
-                f"{out}: run {checkpoint.run_id} already completed all {config.rounds} rounds; "
+                f"{out}: run {checkpoint.run_id} already completed all {config.spec.federation.rounds} rounds; "
                 "nothing to resume"
             )
     elif has_checkpoint:
@@ -258,14 +257,14 @@ def run(
     _setup_logging()
     overrides = {"out": str(out)} if out is not None else None
     config = RunConfig.from_toml(config_file, overrides=overrides)
-    check_output_folder(config.out, "--out" if out is not None else f"{config_file}: 'out'")
+    check_output_folder(config.local.out, "--out" if out is not None else f"{config_file}: 'out'")
     config = prepare_run(config, resume)
     connection = deploy.Connection(server, None if insecure else ca, insecure)
-    if config.data:
+    if config.simulation.data:
         console.print(
             "[yellow]note: 'data' is ignored in a deployment (hospitals use their own)[/]"
         )
-    if not config.secure_aggregation:
+    if not config.spec.secagg.secure_aggregation:
         console.print("[bold red]secure aggregation is OFF for this run (debugging only)[/]")
     if tracking and detach:
         raise ConfigError("--tracking records rounds while following the run; drop --detach")
@@ -274,13 +273,13 @@ def run(
     digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
     console.print(
-        f"fedward run: {what} as Flower run {flower_run_id}; {config.rounds} rounds, task "
-        f"{config.task}, model {config.model}; output {config.out}"
+        f"fedward run: {what} as Flower run {flower_run_id}; {config.spec.federation.rounds} rounds, task "
+        f"{config.spec.task.name}, model {config.spec.model.name}; output {config.local.out}"
     )
     console.print(f"run spec sha256 (for sites' approved_run_configs): {digest}")
     if detach:
         console.print(
-            f"follow: history in {config.out}/history.json; stop: flwr stop {flower_run_id}"
+            f"follow: history in {config.local.out}/history.json; stop: flwr stop {flower_run_id}"
         )
         return
 
@@ -288,18 +287,20 @@ def run(
 
     def on_row(row: dict) -> None:
         rows.append(row)
-        console.print(round_line(row, config.task), highlight=False)
+        console.print(round_line(row, config.spec.task.name), highlight=False)
         if tracker is not None:
             tracker.log_round(row)
 
-    status = deploy.follow_run(connection, Path(config.out), flower_run_id, on_row, timeout=timeout)
+    status = deploy.follow_run(
+        connection, Path(config.local.out), flower_run_id, on_row, timeout=timeout
+    )
     if tracker is not None:
-        history = deploy.read_history(Path(config.out)) or {}
+        history = deploy.read_history(Path(config.local.out)) or {}
         failed = str(status.get("status")) != "finished:completed"
-        tracker.finish(Path(config.out), str(history.get("run_id", "")), failed=failed)
+        tracker.finish(Path(config.local.out), str(history.get("run_id", "")), failed=failed)
     if rows:
-        console.print(deployment_table(rows, config.task))
-    out_dir = Path(config.out)
+        console.print(deployment_table(rows, config.spec.task.name))
+    out_dir = Path(config.local.out)
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, flat_names
 from fedward.common.errors import ConfigError, FedwardError
 from fedward.common.programs import flower_env, flower_program
 
@@ -272,7 +272,7 @@ def app_config_table(config: RunConfig) -> dict[str, bool | int | float | str]:
     """Every RunConfig field as Flower app config ('-' for '_'; lists as JSON; None as "")."""
     flat = config.to_flower()
     table = {}
-    for name in RunConfig.model_fields:
+    for name in flat_names(RunConfig):
         key = name.replace("_", "-")
         table[key] = flat.get(key, "")
     return table

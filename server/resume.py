@@ -156,4 +156,4 @@ def unfinished(checkpoint: Checkpoint) -> bool:
 
 
 def _comparable(config: RunConfig) -> dict[str, Any]:
-    return config.spec().model_dump()
+    return config.spec.flat()

@@ -101,9 +101,14 @@ class FedwardStrategy:
 
     def sample_hospitals(self, server_round: int, grid: Grid) -> list[int]:
         """Node ids for this round: `fraction` of those connected, at least `min_hospitals`."""
-        node_ids = wait_for_nodes(grid, self.config.min_hospitals, self.config.round_timeout)
-        wanted = max(self.config.min_hospitals, round(len(node_ids) * self.config.fraction))
-        rng = random.Random(f"{self.config.seed}:{server_round}")
+        node_ids = wait_for_nodes(
+            grid, self.config.spec.federation.min_hospitals, self.config.local.round_timeout
+        )
+        wanted = max(
+            self.config.spec.federation.min_hospitals,
+            round(len(node_ids) * self.config.spec.federation.fraction),
+        )
+        rng = random.Random(f"{self.config.spec.training.seed}:{server_round}")
         return sorted(rng.sample(node_ids, min(wanted, len(node_ids))))
 
     def configure_train(
@@ -136,10 +141,10 @@ class FedwardStrategy:
     def train_round(self, server_round: int, arrays: Arrays, grid: Grid) -> TrainOutcome:
         """Sample, train and aggregate one round; secure or plain per the run config."""
         node_ids = self.sample_hospitals(server_round, grid)
-        if not self.config.secure_aggregation:
+        if not self.config.spec.secagg.secure_aggregation:
             replies = grid.send_and_receive(
                 self.configure_train(server_round, arrays, node_ids),
-                timeout=self.config.round_timeout,
+                timeout=self.config.local.round_timeout,
             )
             return self.aggregate_train(server_round, arrays, replies, sent=len(node_ids))
         return self.secure_train_round(server_round, arrays, node_ids, grid)
@@ -153,7 +158,7 @@ class FedwardStrategy:
         for _node_id, (name, reply) in accepted.items():
             try:
                 update = wire.record_to_arrays(reply.content[wire.ARRAYS])
-                validate_update(self.spec, update, self.config.secagg_clip)
+                validate_update(self.spec, update, self.config.spec.secagg.secagg_clip)
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
                 reason = f"rejected update: {exc}"
                 outcome.rejected[name] = reason
@@ -185,18 +190,18 @@ class FedwardStrategy:
                 server_round,
                 node_ids,
                 vector_length,
-                neighbours=self.config.secagg_neighbours,
-                threshold=self.config.secagg_threshold,
-                clip=self.config.secagg_clip,
-                bits=self.config.secagg_bits,
-                max_weight=self.config.secagg_max_weight,
+                neighbours=self.config.spec.secagg.secagg_neighbours,
+                threshold=self.config.spec.secagg.secagg_threshold,
+                clip=self.config.spec.secagg.secagg_clip,
+                bits=self.config.spec.secagg.secagg_bits,
+                max_weight=self.config.spec.secagg.secagg_max_weight,
             )
             requests = session.advertise_keys_requests()
         except SecAggError as exc:
             return TrainOutcome(arrays=None, status=f"failed: secure aggregation: {exc}")
         replies = grid.send_and_receive(
             self.configure_train(server_round, global_arrays, node_ids, requests),
-            timeout=self.config.round_timeout,
+            timeout=self.config.local.round_timeout,
         )
         outcome, accepted = self._read_train_replies(server_round, replies, len(node_ids))
         payloads = {
@@ -234,7 +239,7 @@ class FedwardStrategy:
             return outcome
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
         try:
-            validate_update(self.spec, average, self.config.secagg_clip)
+            validate_update(self.spec, average, self.config.spec.secagg.secagg_clip)
         except FedwardError as exc:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
@@ -266,7 +271,7 @@ class FedwardStrategy:
                 )
             )
         payloads: dict[int, dict] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.config.secagg_timeout):
+        for reply in grid.send_and_receive(messages, timeout=self.config.local.secagg_timeout):
             node_id = reply.metadata.src_node_id
             name = names.get(node_id, f"node-{node_id}")
             if reply.has_error() or wire.SECAGG not in reply.content:
@@ -309,7 +314,7 @@ class FedwardStrategy:
                 continue
             try:
                 metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
-                weighted_in_clear = not self.config.secure_aggregation
+                weighted_in_clear = not self.config.spec.secagg.secure_aggregation
                 if weighted_in_clear and not metrics.get("num-examples", 0) > 0:
                     raise ModelError("num-examples must be a positive count")
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
@@ -325,11 +330,11 @@ class FedwardStrategy:
         return outcome, accepted
 
     def _too_few(self, server_round: int, outcome: TrainOutcome, usable: int) -> bool:
-        if usable >= self.config.min_hospitals:
+        if usable >= self.config.spec.federation.min_hospitals:
             return False
         outcome.status = (
             f"failed: {usable} usable update(s), fewer than min_hospitals "
-            f"({self.config.min_hospitals}); global adapter unchanged"
+            f"({self.config.spec.federation.min_hospitals}); global adapter unchanged"
         )
         log.warning("round %d %s", server_round, outcome.status)
         return True
@@ -372,7 +377,7 @@ class FedwardStrategy:
                 continue
             scores, counts[name] = split_counts(metrics)
             hospitals[name] = {key.replace("-", "_"): value for key, value in scores.items()}
-        merged = global_evaluation(task_named(self.config.task), hospitals, counts)
+        merged = global_evaluation(task_named(self.config.spec.task.name), hospitals, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 

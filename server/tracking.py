@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedward.common.config import RunConfig, RunSpec
+from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def open_tracker(tracking: str | None, config: RunConfig, kind: str) -> MlflowTr
     """The tracker `--tracking` asks for (None without it); starts the MLflow run."""
     if not tracking:
         return None
-    return MlflowTracker(tracking_uri(tracking, Path(config.out)), config, kind)
+    return MlflowTracker(tracking_uri(tracking, Path(config.local.out)), config, kind)
 
 
 class MlflowTracker:
@@ -75,7 +75,7 @@ class MlflowTracker:
     Example:
         >>> tracker = open_tracker("mlflow", config, "simulation")  # doctest: +SKIP
         >>> tracker.log_round(history_row)  # after each round  # doctest: +SKIP
-        >>> tracker.finish(Path(config.out))  # doctest: +SKIP
+        >>> tracker.finish(Path(config.local.out))  # doctest: +SKIP
     """
 
     def __init__(self, uri: str, config: RunConfig, kind: str) -> None:
@@ -89,7 +89,7 @@ class MlflowTracker:
         for name in ("mlflow", "alembic"):  # schema migrations of a new local store are chatty
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = uri
-        self.out = Path(config.out)
+        self.out = Path(config.local.out)
         self.client = MlflowClient(tracking_uri=uri)
         try:
             experiment_id = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME"))
@@ -100,7 +100,7 @@ class MlflowTracker:
                     "fedward.kind": kind,
                     "fedward.out": str(self.out.resolve()),
                     "fedward.spec_sha256": config.digest(),
-                    "fedward.task": config.task,
+                    "fedward.task": config.spec.task.name,
                 },
             )
         except Exception as exc:  # MLflow raises its own and the HTTP client's errors
@@ -124,10 +124,10 @@ class MlflowTracker:
     def _log_params(self, config: RunConfig) -> None:
         from mlflow.entities import Param
 
-        spec = set(RunSpec.model_fields)
+        spec = config.spec.flat()
         params = [
             Param(name if name in spec else f"local.{name}", _param_value(value))
-            for name, value in config.model_dump().items()
+            for name, value in config.flat().items()
         ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])

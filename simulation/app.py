@@ -67,8 +67,8 @@ def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
         if stage == "train":
             spec, server_round, _ = wire.read_round_config(msg.content[wire.CONFIG])
             hospital = int(context.node_config["partition-id"])
-            rate = settings_of(context).dropout_rate
-            planned = dropout_stage(spec.seed, server_round, hospital, rate)
+            rate = settings_of(context).simulation.dropout_rate
+            planned = dropout_stage(spec.training.seed, server_round, hospital, rate)
             context.state[_DROPOUT_STATE] = ConfigRecord({"stage": planned or ""})
         if stage != "evaluate":
             _maybe_drop(context, stage)

@@ -75,7 +75,7 @@ def simulate(
     quiet_libraries(verbose)
     flags = {name: value for name, value in fields.items() if value not in (None, [])}
     config = load_config(config_file, flags)
-    check_output_folder(config.out, "--out")  # before minutes of work, not after
+    check_output_folder(config.local.out, "--out")  # before minutes of work, not after
     run_simulation_with_report(config, verbose, tracking)
 
 
@@ -91,7 +91,8 @@ def field_options(groups: list[type[BaseModel]], skip: set[str]) -> list[inspect
     parameters = []
     for group in groups:
         panel = (group.__doc__ or group.__name__).strip().splitlines()[0]
-        for name, field in group.model_fields.items():
+        for field_name, field in group.model_fields.items():
+            name = field.alias or field_name  # the flat name: --task, --model
             if name in skip or any(p.name == name for p in parameters):
                 continue
             flag = "--" + name.replace("_", "-")
@@ -144,7 +145,7 @@ def run_simulation_with_report(
     from fedward.simulation.runner import simulate as run_simulation
 
     config = prepare_config(config)  # reads and checks the data before anything starts
-    load_tokenizer(config.model)  # an unknown model fails here, not inside a worker
+    load_tokenizer(config.spec.model.name)  # an unknown model fails here, not inside a worker
     _announce(config)
     tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
@@ -156,11 +157,11 @@ def run_simulation_with_report(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bar = progress.add_task("federated training", total=config.rounds)
+        bar = progress.add_task("federated training", total=config.spec.federation.rounds)
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
-            headline = task_named(config.task).primary_metric
+            headline = task_named(config.spec.task.name).primary_metric
             score = metrics.get(headline)
             progress.console.print(
                 f"round {row['round']}: {row['status']}, val loss "
@@ -172,12 +173,12 @@ def run_simulation_with_report(
 
         result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
-    plot = save_plot(result.rounds, result.out / "metrics.png", config.task)
+    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name)
     if tracker is not None:
         tracker.finish(result.out, result.run_id)
         console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
-    console.print(round_table(result.rounds, config.task, title="fedward: rounds"))
-    if not config.secure_aggregation:
+    console.print(round_table(result.rounds, config.spec.task.name, title="fedward: rounds"))
+    if not config.spec.secagg.secure_aggregation:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
@@ -193,20 +194,20 @@ def run_simulation_with_report(
 
 
 def _announce(config: RunConfig) -> None:
-    data = config.data or "synthetic clinical notes"
+    data = config.simulation.data or "synthetic clinical notes"
     privacy = (
-        f"DP epsilon {config.epsilon:g}, delta {config.delta:g}"
-        if config.dp
+        f"DP epsilon {config.spec.privacy.target_epsilon:g}, delta {config.spec.privacy.delta:g}"
+        if config.spec.privacy.dp
         else "[bold red]DP OFF[/]"
     )
     secagg = (
         "secure aggregation on"
-        if config.secure_aggregation
+        if config.spec.secagg.secure_aggregation
         else "[bold red]secure aggregation OFF[/]"
     )
     console.print(
-        f"fedward simulate: {config.hospitals} hospitals x {config.rounds} rounds, task "
-        f"{config.task}, model {config.model}, data {data}; {privacy}; {secagg}"
+        f"fedward simulate: {config.simulation.hospitals} hospitals x {config.spec.federation.rounds} rounds, task "
+        f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
 
 

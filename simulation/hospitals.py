@@ -16,7 +16,7 @@ from fedward.client.app import HospitalData, hospital_name
 from fedward.client.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
-from fedward.common.config import RunConfig, RunSpec, SimulatedData, SimulationSettings
+from fedward.common.config import RunConfig, RunSpec, SimulatedData
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.tasks import Task, task_named
 from fedward.simulation import partition
@@ -33,12 +33,13 @@ class SimulatedSite:
 
     releases_exact_metrics = True
 
-    def __init__(self, context: Context, settings: SimulationSettings | None) -> None:
+    def __init__(self, context: Context, settings: RunConfig | None) -> None:
         self.context = context
         self.settings = settings
 
     def check_policy(self, spec: RunSpec) -> RunConfig:
-        return RunConfig.with_spec(spec, self.settings)
+        settings = self.settings or RunConfig()
+        return settings.model_copy(update={"spec": spec})
 
     def admit(self, spec, run_id, server_round, global_arrays) -> tuple[RunConfig, None]:
         return self.check_policy(spec), None
@@ -75,21 +76,31 @@ class SimulatedSite:
 def prepare_config(config: RunConfig) -> RunConfig:
     """Check the simulation and fill in what the coordinator must know before round 1: the
     label set of the data."""
-    if config.min_hospitals > config.hospitals:
+    if config.spec.federation.min_hospitals > config.simulation.hospitals:
         raise ConfigError(
-            f"field 'min_hospitals': {config.min_hospitals} is more than hospitals "
-            f"({config.hospitals}) in this simulation"
+            f"field 'min_hospitals': {config.spec.federation.min_hospitals} is more than hospitals "
+            f"({config.simulation.hospitals}) in this simulation"
         )
     check_pooled_vocabulary(config)
-    if config.labels:
+    if config.spec.task.labels:
         return config
-    task = task_named(config.task)
-    if config.data is None:
-        labels = task.synthetic_labels(config.hospitals, config.notes_per_hospital, config.seed)
+    task = task_named(config.spec.task.name)
+    if config.simulation.data is None:
+        labels = task.synthetic_labels(
+            config.simulation.hospitals,
+            config.simulation.notes_per_hospital,
+            config.spec.training.seed,
+        )
     else:
-        pooled = _pooled(config.task, config.data, config.text_column, config.label_column, None)
-        labels = task.label_set(list(pooled), config.data)
-    return config.model_copy(update={"labels": labels})
+        pooled = _pooled(
+            config.spec.task.name,
+            config.simulation.data,
+            config.data_schema.text_column,
+            config.data_schema.label_column,
+            None,
+        )
+        labels = task.label_set(list(pooled), config.simulation.data)
+    return config.updated(labels=labels)
 
 
 def check_pooled_vocabulary(config: RunConfig) -> float:
@@ -99,22 +110,37 @@ def check_pooled_vocabulary(config: RunConfig) -> float:
     from fedward.client.model_cache import cached_tokenizer
     from fedward.common.coverage import check_vocabulary
 
-    if config.data is None:
-        examples = task_named(config.task).synthetic_notes(
-            0, config.notes_per_hospital, config.seed, config.hospitals
+    if config.simulation.data is None:
+        examples = task_named(config.spec.task.name).synthetic_notes(
+            0,
+            config.simulation.notes_per_hospital,
+            config.spec.training.seed,
+            config.simulation.hospitals,
         )
     else:
-        examples = _pooled(config.task, config.data, config.text_column, config.label_column, None)
-    tokenizer = cached_tokenizer(config.model)
-    return check_vocabulary(tokenizer, examples, config.model, config.max_unknown_rate)
+        examples = _pooled(
+            config.spec.task.name,
+            config.simulation.data,
+            config.data_schema.text_column,
+            config.data_schema.label_column,
+            None,
+        )
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    return check_vocabulary(
+        tokenizer, examples, config.spec.model.name, config.spec.task.max_unknown_rate
+    )
 
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:
     """The share of hospital `partition-id` (a `client.app.DataSource`)."""
     hospital = int(context.node_config["partition-id"])
     # The split depends on the task, the seed and every field of `SimulatedData`, no other.
-    shared = SimulatedData(**config.values_of(SimulatedData)).model_dump_json()
-    train, val, source = _hospital_split(config.task, config.seed, shared, hospital)
+    shared = json.dumps(
+        {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
+    )
+    train, val, source = _hospital_split(
+        config.spec.task.name, config.spec.training.seed, shared, hospital
+    )
     return HospitalData(hospital_name(context), list(train), list(val), source)
 
 
@@ -122,10 +148,10 @@ def simulated_data(config: RunConfig, context: Context) -> HospitalData:
 def _hospital_split(
     task_name: str, seed: int, shared_json: str, hospital: int
 ) -> tuple[tuple, tuple, str]:
-    shared = SimulatedData.model_validate_json(shared_json)
-    data, text_column, label_column = shared.data, shared.text_column, shared.label_column
-    scheme, alpha, hospitals = shared.partition, shared.alpha, shared.hospitals
-    per_hospital, val_fraction = shared.notes_per_hospital, shared.val_fraction
+    shared = json.loads(shared_json)
+    data, text_column, label_column = shared["data"], shared["text_column"], shared["label_column"]
+    scheme, alpha, hospitals = shared["partition"], shared["alpha"], shared["hospitals"]
+    per_hospital, val_fraction = shared["notes_per_hospital"], shared["val_fraction"]
     task = task_named(task_name)
     if data is None and scheme == "auto":
         examples = task.synthetic_notes(hospital, per_hospital, seed, hospitals)

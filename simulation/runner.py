@@ -27,7 +27,7 @@ class WorkerResources:
 def plan_workers(
     config: RunConfig, cpus: int | None = None, gpus: int | None = None
 ) -> WorkerResources:
-    """Concurrent hospitals: what the machine holds (or `config.workers`), at most the hospitals.
+    """Concurrent hospitals: what the machine holds (or `config.simulation.workers`), at most the hospitals.
 
     Each worker process holds one copy of the frozen base model, so memory grows with the
     number of workers, not with the number of hospitals.
@@ -36,12 +36,12 @@ def plan_workers(
 
     cpus = cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    per_hospital = config.cpus_per_hospital
-    workers = config.workers or max(1, cpus // per_hospital)
-    workers = max(1, min(config.hospitals, workers))
-    if config.gpus_per_hospital >= 0:
-        gpu_share = config.gpus_per_hospital
-    elif gpus and config.device != "cpu":
+    per_hospital = config.simulation.cpus_per_hospital
+    workers = config.simulation.workers or max(1, cpus // per_hospital)
+    workers = max(1, min(config.simulation.hospitals, workers))
+    if config.simulation.gpus_per_hospital >= 0:
+        gpu_share = config.simulation.gpus_per_hospital
+    elif gpus and config.local.device != "cpu":
         gpu_share = min(1.0, gpus / workers)
     else:
         gpu_share = 0.0
@@ -67,22 +67,24 @@ def simulate(
             "num_gpus": resources.gpus_per_hospital,
         },
         "init_args": {
-            **({"address": config.ray_address} if config.ray_address else {}),
+            **({"address": config.simulation.ray_address} if config.simulation.ray_address else {}),
             "num_cpus": resources.workers * resources.cpus_per_hospital,
             "logging_level": "ERROR" if not verbose else "INFO",
             "log_to_driver": verbose,
             "include_dashboard": False,
         },
     }
-    if config.ray_address:
+    if config.simulation.ray_address:
         del backend_config["init_args"]["num_cpus"]  # the cluster says what it has
-    log.info("simulating %d hospitals on %d workers", config.hospitals, resources.workers)
+    log.info(
+        "simulating %d hospitals on %d workers", config.simulation.hospitals, resources.workers
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=config.hospitals,
+            num_supernodes=config.simulation.hospitals,
             backend_config=backend_config,
             verbose_logging=verbose,
         )

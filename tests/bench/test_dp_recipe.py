@@ -41,7 +41,7 @@ def test_a_federated_setting_trains_every_hospital_under_its_dp_plan(tiny_model_
         threads=1,
         fixed={"model": tiny_model_dir, "notes_per_hospital": "30", "max_length": "32"},
     )
-    values = {"rounds": "2", "epsilon": "3", "batch_size": "8"}
+    values = {"rounds": "2", "target_epsilon": "3", "batch_size": "8"}
     run = dp_recipe.train_setting("synthetic", "federated", values, args)
 
     # the epsilon each hospital spent over both rounds is the one asked for, not more

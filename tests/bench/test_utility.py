@@ -79,15 +79,28 @@ def test_only_trains_the_named_rows_and_set_reaches_the_run(
     ]
     assert rows["ratio: federated DP / centralized DP, epsilon 8 (target >= 0.97)"] == "1.00"
     central, central_private, private = seen
-    assert (central.hospitals, central.dp) == (1, False)
-    assert (central_private.hospitals, central_private.dp, central_private.epsilon) == (
+    assert (central.simulation.hospitals, central.spec.privacy.dp) == (1, False)
+    assert (
+        central_private.simulation.hospitals,
+        central_private.spec.privacy.dp,
+        central_private.spec.privacy.target_epsilon,
+    ) == (
         1,
         True,
         8.0,
     )
-    assert (private.hospitals, private.dp, private.epsilon) == (3, True, 8.0)
-    assert central.lora_variant == central_private.lora_variant == private.lora_variant == "head"
-    assert central.max_grad_norm == private.max_grad_norm == 0.5
+    assert (
+        private.simulation.hospitals,
+        private.spec.privacy.dp,
+        private.spec.privacy.target_epsilon,
+    ) == (3, True, 8.0)
+    assert (
+        central.spec.model.lora_variant
+        == central_private.spec.model.lora_variant
+        == private.spec.model.lora_variant
+        == "head"
+    )
+    assert central.spec.privacy.max_grad_norm == private.spec.privacy.max_grad_norm == 0.5
 
 
 def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
@@ -100,8 +113,8 @@ def test_repeats_trains_each_dp_row_again_and_reports_mean_and_range(
     rows = dict(utility.run_corpus("classification", args, tmp_path))
 
     # the row without DP is deterministic and trained once; the DP row twice, in its own folders
-    assert [config.dp for config in seen] == [False, True, True]
-    assert len({config.out for config in seen}) == 3
+    assert [config.spec.privacy.dp for config in seen] == [False, True, True]
+    assert len({config.local.out for config in seen}) == 3
     assert rows["centralized head-only, no DP (pooled)"] == "0.600"
     assert rows["federated head-only, DP epsilon 8"] == "0.450 (0.400-0.500, 2 runs)"
     assert rows["ratio: federated DP epsilon 8 / centralized no DP"] == "0.75"
@@ -114,7 +127,7 @@ def test_ner_rows_train_lora_and_carry_the_ner_target(
     args = bench_args(tiny_model_dir, only=["(pooled)", "federated LoRA, DP epsilon 8"], repeats=2)
     rows = dict(utility.run_corpus("ner", args, tmp_path))
 
-    assert [config.lora_variant for config in seen] == ["lora"] * 5
+    assert [config.spec.model.lora_variant for config in seen] == ["lora"] * 5
     assert rows["federated LoRA, DP epsilon 8"] == "0.290 (0.280-0.300, 2 runs)"
     assert rows["ratio: centralized DP / no DP, epsilon 8 (target >= 0.75)"] == "0.80"
     # federated DP against centralized DP, both with DP: 0.29 / 0.56

@@ -59,7 +59,7 @@ def run_config(model_dir: str, rounds: int) -> RunConfig:
         model=model_dir,
         labels=LABELS,
         rounds=rounds,
-        epsilon=5.0,
+        target_epsilon=5.0,
         batch_size=8,
         max_length=24,
         secure_aggregation=False,

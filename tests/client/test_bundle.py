@@ -41,7 +41,7 @@ def test_the_bundle_fedward_run_submits_is_accepted(app_dir):
 
 
 def test_any_run_config_is_accepted(tmp_path):
-    config = RunConfig(labels=["a", "b", "c"], task="classification", epsilon=2.0, rounds=7)
+    config = RunConfig(labels=["a", "b", "c"], task="classification", target_epsilon=2.0, rounds=7)
     assert bundle.check_bundle(_fab(write_app(tmp_path, config))) is None
 
 

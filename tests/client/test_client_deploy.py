@@ -122,7 +122,7 @@ def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_ro
     values = tomllib.loads(Path(command[command.index("--node-config") + 1]).read_text("utf-8"))
     site = Site.open(values, "st-mary")
     config = site.check_policy(RunSpec(labels=["a", "b"]))
-    assert (config.prefix_cache, config.prefix_cache_mb) == (False, 64)
+    assert (config.local.prefix_cache, config.local.prefix_cache_mb) == (False, 64)
     assert (
         Site.open({**values, "prefix-cache": True}, "st-mary")
         .check_policy(RunSpec(labels=["a", "b"]))

@@ -76,6 +76,8 @@ def test_the_trainer_gives_it_the_noise_variance_of_the_rounds_plan(
     assert built[0].noise_variance == pytest.approx(
         (plan.noise_multiplier * 0.5 / expected_batch) ** 2, rel=0.02
     )
-    assert 0 < result.epsilon_spent <= settings.epsilon  # accounted as with any optimizer
+    assert (
+        0 < result.epsilon_spent <= settings.spec.privacy.target_epsilon
+    )  # accounted as with any optimizer
     moved = [np.abs(result.delta[name]).max() for name in start]
     assert all(np.isfinite(value) for value in moved) and max(moved) > 0

@@ -81,7 +81,7 @@ def _train(config, node_config, arrays, run_id="run-a", server_round=1, secagg=N
 
 
 def _arrays(config: RunConfig) -> dict:
-    return get_adapter_arrays(build_model(config, len(LABELS)))
+    return get_adapter_arrays(build_model(config.spec, len(LABELS)))
 
 
 def _ledger(node_config) -> PrivacyLedger:
@@ -99,7 +99,9 @@ def test_appending_a_record_does_not_reset_the_budget(hospital):
     config, node_config, _ = hospital
     reply = _train(config, node_config, _arrays(config), run_id="run-a")
     assert wire.REFUSAL not in reply.content
-    assert reply.content[wire.METRICS]["epsilon"] == config.epsilon  # the run's bound
+    assert (
+        reply.content[wire.METRICS]["epsilon"] == config.spec.privacy.target_epsilon
+    )  # the run's bound
     spent = _ledger(node_config).epsilon_spent(DELTA)
     assert 4.0 < spent <= 5.0 + 1e-3  # of the site's 6: no second run fits
 
@@ -272,7 +274,7 @@ def test_a_round_outside_the_run_is_refused_and_spends_nothing(hospital, server_
 
 def test_a_round_below_one_already_trained_is_refused(hospital):
     config, node_config, _ = hospital
-    config = config.model_copy(update={"rounds": 3})
+    config = config.updated(**{"rounds": 3})
     write_policy(Path(node_config["policy"]), max_epsilon=20.0)
     arrays = _arrays(config)
     assert wire.REFUSAL not in _train(config, node_config, arrays, server_round=2).content
@@ -325,9 +327,7 @@ def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
     )
     # 32 training examples; the run's secure aggregation can carry a weight of at most 20
     for run_id, max_weight in (("run-a", 20), ("run-b", 65_536)):
-        config = config.model_copy(
-            update={"secure_aggregation": True, "secagg_max_weight": max_weight}
-        )
+        config = config.updated(**{"secure_aggregation": True, "secagg_max_weight": max_weight})
         arrays = _arrays(config)
         size = sum(a.size for a in arrays.values())
         session = SecAggServerSession(run_id, 1, [7, 8], size, bits=16, max_weight=max_weight)

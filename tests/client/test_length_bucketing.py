@@ -47,14 +47,12 @@ def test_micro_batches_give_the_update_of_the_whole_batch(
     tok = tokenizer(four_layer_model_dir)
     dataset = data(settings, tok)
 
-    model, start, whole = train(
-        settings.model_copy(update={"length_bucketing": False}), dataset, tok
-    )
+    model, start, whole = train(settings.updated(**{"length_bucketing": False}), dataset, tok)
     prefix_cache.drop_prefix_caches()
     sizes = _count_forward_passes(monkeypatch)
     _, _, bucketed = train(settings, dataset, tok, model=model, start=start)
 
-    assert len(sizes) > 2 * len(dataset) / settings.batch_size, "no batch was split"
+    assert len(sizes) > 2 * len(dataset) / settings.spec.training.batch_size, "no batch was split"
     assert relative_difference(bucketed.delta, whole.delta) < 1e-4
     assert bucketed.train_loss == pytest.approx(whole.train_loss, rel=1e-4)
     assert bucketed.epsilon_spent == whole.epsilon_spent

@@ -54,7 +54,7 @@ def test_a_smaller_o_weight_makes_the_model_less_sure_of_o(four_layer_model_dir)
     tok = tokenizer(four_layer_model_dir)
     dataset = data(settings, tok)
     model, start, plain = train(settings, dataset, tok)
-    weighted_settings = settings.model_copy(update={"outside_tag_weight": 0.05})
+    weighted_settings = settings.updated(**{"outside_tag_weight": 0.05})
     _, _, weighted = train(weighted_settings, dataset, tok, model=model, start=start)
 
     assert relative_difference(weighted.delta, plain.delta) > 0.05
@@ -85,9 +85,7 @@ def test_under_dp_micro_batches_still_give_the_whole_batch_update(
     )
     tok = tokenizer(four_layer_model_dir)
     dataset = data(settings, tok)
-    model, start, whole = train(
-        settings.model_copy(update={"length_bucketing": False}), dataset, tok
-    )
+    model, start, whole = train(settings.updated(**{"length_bucketing": False}), dataset, tok)
     prefix_cache.drop_prefix_caches()
     _, _, bucketed = train(settings, dataset, tok, model=model, start=start)
 
@@ -100,7 +98,7 @@ def test_training_without_the_o_tag_among_the_labels_is_refused(four_layer_model
     tok = tokenizer(four_layer_model_dir)
     dataset = data(settings, tok)
     with pytest.raises(ConfigError, match="'O'"):
-        train(settings.model_copy(update={"labels": None}), dataset, tok)
+        train(settings.updated(**{"labels": None}), dataset, tok)
 
 
 def test_the_weight_is_refused_where_it_cannot_apply():
@@ -110,6 +108,6 @@ def test_the_weight_is_refused_where_it_cannot_apply():
         RunConfig.build({"task": "ner", "labels": ["B-X", "I-X"], "outside_tag_weight": 0.5})
     with pytest.raises(ConfigError, match="outside_tag_weight"):
         RunConfig.build({"task": "ner", "outside_tag_weight": 0})
-    spec = RunConfig.build({"task": "ner", "outside_tag_weight": 0.5}).spec()
-    assert spec.outside_tag_weight == 0.5
-    assert spec.digest() != RunConfig.build({"task": "ner"}).spec().digest()
+    spec = RunConfig.build({"task": "ner", "outside_tag_weight": 0.5}).spec
+    assert spec.training.outside_tag_weight == 0.5
+    assert spec.digest() != RunConfig.build({"task": "ner"}).spec.digest()

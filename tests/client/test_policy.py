@@ -3,7 +3,7 @@
 import pytest
 
 from fedward.client.policy import SitePolicy, model_content_hash
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, RunSpec
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 
 POLICY_TOML = """
@@ -27,13 +27,17 @@ def policy_file(tmp_path):
 def test_load_and_accept_a_conforming_run(policy_file):
     policy = SitePolicy.load(policy_file)
     assert policy.require_secure_aggregation is True  # default
-    policy.check(RunConfig(task="classification", epsilon=4.0, rounds=10), model_hash=None)
+    policy.check(RunSpec(task="classification", target_epsilon=4.0, rounds=10), model_hash=None)
 
 
 def test_refusal_lists_every_broken_rule(policy_file):
     policy = SitePolicy.load(policy_file)
-    run = RunConfig(
-        task="ner", model="some/other-model", epsilon=12.0, rounds=50, secure_aggregation=False
+    run = RunSpec(
+        task="ner",
+        model="some/other-model",
+        target_epsilon=12.0,
+        rounds=50,
+        secure_aggregation=False,
     )
     with pytest.raises(PolicyError) as caught:
         policy.check(run)
@@ -49,8 +53,8 @@ def test_refusal_lists_every_broken_rule(policy_file):
 def test_dp_off_refused_unless_policy_allows(policy_file):
     policy = SitePolicy.load(policy_file)
     with pytest.raises(PolicyError, match="differential privacy is off"):
-        policy.check(RunConfig(dp=False, rounds=5))
-    SitePolicy.permissive(require_dp=False).check(RunConfig(dp=False))
+        policy.check(RunSpec(dp=False, rounds=5))
+    SitePolicy.permissive(require_dp=False).check(RunSpec(dp=False))
 
 
 def test_example_count_checked_separately(policy_file):
@@ -59,7 +63,7 @@ def test_example_count_checked_separately(policy_file):
     with pytest.raises(PolicyError, match="only 12 local training examples.*at least 50"):
         policy.check_examples(12)
     with pytest.raises(PolicyError, match="only 12"):
-        policy.check(RunConfig(rounds=5), num_examples=12)
+        policy.check(RunSpec(rounds=5), num_examples=12)
 
 
 def test_model_hash_pinning(tmp_path):
@@ -69,7 +73,7 @@ def test_model_hash_pinning(tmp_path):
     (model_dir / "config.json").write_text("{}")
     digest = model_content_hash(model_dir)
     policy = SitePolicy.permissive(allowed_model_hashes=[digest])
-    policy.check(RunConfig(), model_hash=digest)
+    policy.check(RunSpec(), model_hash=digest)
 
     # A config edit leaves the hash alone; a weight edit changes it and is refused.
     (model_dir / "config.json").write_text('{"edited": true}')
@@ -78,9 +82,9 @@ def test_model_hash_pinning(tmp_path):
     changed = model_content_hash(model_dir)
     assert changed != digest
     with pytest.raises(PolicyError, match="not an allowed model version"):
-        policy.check(RunConfig(), model_hash=changed)
+        policy.check(RunSpec(), model_hash=changed)
     with pytest.raises(PolicyError, match="hash could not be computed"):
-        policy.check(RunConfig(), model_hash=None)
+        policy.check(RunSpec(), model_hash=None)
 
 
 def test_model_hash_needs_weights(tmp_path):
@@ -94,19 +98,17 @@ def test_model_hash_needs_weights(tmp_path):
 def test_approved_run_config_digests():
     approved = RunConfig(rounds=5)
     policy = SitePolicy.permissive(approved_run_configs=[approved.digest()])
-    policy.check(RunConfig(rounds=5))
+    policy.check(RunSpec(rounds=5))
     with pytest.raises(PolicyError, match="not on the site's approved list"):
-        policy.check(RunConfig(rounds=6))
+        policy.check(RunSpec(rounds=6))
 
 
 def test_permissive_policy_still_requires_secure_aggregation():
     policy = SitePolicy.permissive()
-    policy.check(RunConfig(task="ner", epsilon=50, rounds=500), num_examples=3)
+    policy.check(RunSpec(task="ner", target_epsilon=50, rounds=500), num_examples=3)
     with pytest.raises(PolicyError, match="secure aggregation"):
-        policy.check(RunConfig(secure_aggregation=False))
-    SitePolicy.permissive(require_secure_aggregation=False).check(
-        RunConfig(secure_aggregation=False)
-    )
+        policy.check(RunSpec(secure_aggregation=False))
+    SitePolicy.permissive(require_secure_aggregation=False).check(RunSpec(secure_aggregation=False))
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,7 @@ def test_cached_training_gives_the_same_update_as_uncached(
     config = _config(four_layer_model_dir, task=task, padding=padding, lora_variant=variant)
     tokenizer = _tokenizer(four_layer_model_dir)
     dataset = _data(config, tokenizer)
-    model, start, uncached = _train(
-        config.model_copy(update={"prefix_cache": False}), dataset, tokenizer
-    )
+    model, start, uncached = _train(config.updated(**{"prefix_cache": False}), dataset, tokenizer)
     assert prefix_cache.build_count == 0 or prefix_cache.cache_usage()["caches"] == 0
 
     builds = prefix_cache.build_count
@@ -68,7 +66,7 @@ def test_16_bit_storage_moves_loss_and_gradients_little(four_layer_model_dir):
     config = _config(four_layer_model_dir)
     tokenizer = _tokenizer(four_layer_model_dir)
     dataset = _data(config, tokenizer)
-    model = build_model(config, len(LABELS)).eval()
+    model = build_model(config.spec, len(LABELS)).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -129,9 +127,7 @@ def test_dp_clips_per_sample_gradients_of_exactly_the_trainable_parameters(
     for use_cache in (False, True):
         seen.clear()
         builds = prefix_cache.build_count
-        model, _, result = _train(
-            config.model_copy(update={"prefix_cache": use_cache}), dataset, tokenizer
-        )
+        model, _, result = _train(config.updated(**{"prefix_cache": use_cache}), dataset, tokenizer)
         assert prefix_cache.build_count == builds + int(use_cache)
         assert result.epsilon_spent is not None
         trainable = {id(p): p for p in model.parameters() if p.requires_grad}
@@ -160,7 +156,7 @@ def test_the_cache_ends_below_the_lowest_layer_that_trains(
     """LoRA in the top 2 of 4 layers: the bottom 2 are cached (FFA-LoRA's frozen A factors
     do not move the split, its B factors train there); head-only: all 4 layers are."""
     config = _config(four_layer_model_dir, lora_variant=variant)
-    prefix, top = split_frozen_prefix(build_model(config, len(LABELS)))
+    prefix, top = split_frozen_prefix(build_model(config.spec, len(LABELS)))
     assert len(prefix.encoder.encoder.layer) == cached_layers
     assert len(top.task_model.encoder.encoder.layer) == 4 - cached_layers
     assert all(not p.requires_grad for p in prefix.parameters())
@@ -170,7 +166,7 @@ def test_the_cache_ends_below_the_lowest_layer_that_trains(
 def test_cache_is_off_when_lora_reaches_the_bottom_layer(four_layer_model_dir, lora_layers):
     config = _config(four_layer_model_dir, lora_layers=lora_layers, local_epochs=1)
     tokenizer = _tokenizer(four_layer_model_dir)
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     assert split_frozen_prefix(model) is None
     _train(config, _data(config, tokenizer), tokenizer, model=model)
     assert prefix_cache.build_count == 0 or prefix_cache.cache_usage()["caches"] == 0
@@ -182,7 +178,7 @@ def test_cache_is_off_by_local_setting(four_layer_model_dir):
     builds = prefix_cache.build_count
     _train(config, _data(config, tokenizer), tokenizer)
     assert prefix_cache.build_count == builds
-    assert "prefix_cache" not in config.spec().model_dump()  # hospitals do not agree on it
+    assert "prefix_cache" not in config.spec.model_dump()  # hospitals do not agree on it
 
 
 def test_cache_is_built_once_per_hospital_and_run(four_layer_model_dir):
@@ -192,17 +188,17 @@ def test_cache_is_built_once_per_hospital_and_run(four_layer_model_dir):
     tokenizer = _tokenizer(four_layer_model_dir)
     data_a = _data(config, tokenizer, seed=1)
     data_b = _data(config, tokenizer, seed=2)
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     builds = prefix_cache.build_count
     start = get_adapter_arrays(model)
-    for _ in range(config.rounds):
+    for _ in range(config.spec.federation.rounds):
         _, _, result_a = _train(config, data_a, tokenizer, "hospital-a", model, start)
         _train(config, data_b, tokenizer, "hospital-b", model, start)
         start = {name: start[name] + result_a.delta[name] for name in start}
     assert prefix_cache.build_count == builds + 2
     assert prefix_cache.cache_usage()["caches"] == 2
 
-    new_run = config.model_copy(update={"rounds": 5})
+    new_run = config.updated(**{"rounds": 5})
     _train(new_run, data_a, tokenizer, "hospital-a", model)
     assert prefix_cache.build_count == builds + 3
     assert prefix_cache.cache_usage()["caches"] == 1  # hospital-b's states of the old run: gone
@@ -217,7 +213,7 @@ def test_memory_limit_spills_to_disk_and_the_files_go_at_the_end(four_layer_mode
     assert prefix_cache.spill_folder() is None
 
     prefix_cache.drop_prefix_caches()
-    spilling = config.model_copy(update={"prefix_cache_mb": 0})
+    spilling = config.updated(**{"prefix_cache_mb": 0})
     _, _, on_disk = _train(spilling, dataset, tokenizer, "hospital-a", model, start)
     usage = prefix_cache.cache_usage()
     assert usage["memory_bytes"] == 0 and usage["disk_bytes"] > 0

@@ -73,7 +73,7 @@ def _message(config, arrays, kind=MessageType.TRAIN, server_round=1, run_id="run
 
 
 def _arrays(config) -> dict:
-    return get_adapter_arrays(build_model(config, len(LABELS)))
+    return get_adapter_arrays(build_model(config.spec, len(LABELS)))
 
 
 def _train(config, node_config, arrays, **options) -> Message:
@@ -104,7 +104,7 @@ def _reason(reply: Message) -> Reason:
 
 def _store_as_the_coordinator(config, train_replies, evaluate_replies, out: Path) -> str:
     """What the coordinator keeps from a round's replies: history.json and audit.jsonl."""
-    spec = adapter_spec(build_model(config, len(LABELS)))
+    spec = adapter_spec(build_model(config.spec, len(LABELS)))
     strategy = FedwardStrategy(config, spec, "run-a")
     outcome = strategy.aggregate_train(1, _arrays(config), train_replies, len(train_replies))
     evaluation = strategy.aggregate_evaluate(1, evaluate_replies)
@@ -216,7 +216,9 @@ def test_evaluate_requests_are_refused_or_charged_as_the_policy_says(hospital):
     reply = _evaluate(config, node_config, arrays)
     released = dict(reply.content[wire.METRICS])
     # no loss (unbounded); the noised counts per label the scores come from, for pooling
-    counts = {f"{kind}:{k}" for kind in ("tp", "fp", "fn") for k in range(len(config.labels))}
+    counts = {
+        f"{kind}:{k}" for kind in ("tp", "fp", "fn") for k in range(len(config.spec.task.labels))
+    }
     assert set(released) == {"num-examples", "accuracy", "macro_f1"} | counts
     assert _ledger(node_config).rounds_recorded("run-a" + EVALUATION_KEY) == [1]
     assert _ledger(node_config).epsilon_spent(1e-5) > spent_before  # charged
@@ -240,13 +242,13 @@ def test_evaluation_after_the_budget_is_spent_is_refused(hospital):
     config, node_config, tmp_path = hospital
     arrays = _arrays(config)
     assert wire.REFUSAL not in _train(config, node_config, arrays).content
-    assert _ledger(node_config).epsilon_spent(1e-5) < config.epsilon
+    assert _ledger(node_config).epsilon_spent(1e-5) < config.spec.privacy.target_epsilon
     # the run still fits the policy, but a release of epsilon 10 does not fit what is left
     write_policy(
         tmp_path / "policy.toml",
         allow_evaluation=True,
         evaluation_epsilon=10.0,
-        max_epsilon=config.epsilon,
+        max_epsilon=config.spec.privacy.target_epsilon,
     )
     reply = _evaluate(config, node_config, arrays)
     assert _reason(reply).code == "evaluation.budget"
@@ -269,7 +271,7 @@ def test_a_final_only_policy_refuses_earlier_rounds(hospital):
 def test_with_secure_aggregation_no_example_count_or_loss_leaves_in_the_clear(hospital):
     config, node_config, tmp_path = hospital
     write_secagg_policy(tmp_path / "policy.toml", "st-mary")
-    config = config.model_copy(update={"secure_aggregation": True})
+    config = config.updated(**{"secure_aggregation": True})
     arrays = _arrays(config)
     vector_length = sum(a.size for a in arrays.values())
     session = SecAggServerSession("run-a", 1, [7, 8], vector_length, bits=16, max_weight=65_536)

@@ -64,7 +64,7 @@ def _train_message(
 
 
 def _initial_arrays(config: RunConfig) -> dict:
-    return get_adapter_arrays(build_model(config, len(LABELS)))
+    return get_adapter_arrays(build_model(config.spec, len(LABELS)))
 
 
 def _train(config, node_config, arrays, run_id="run-a", server_round=1) -> Message:
@@ -124,8 +124,8 @@ def test_a_trained_round_is_in_the_ledger_and_audit_log_before_the_update_leaves
     assert ledger.rounds_recorded("run-a") == [1]
     # the coordinator is told the run's epsilon, a bound; the exact figure stays in the ledger
     # (it depends on ceil(training count / batch size))
-    assert reply.content[wire.METRICS]["epsilon"] == config.epsilon
-    assert 0 < ledger.epsilon_spent(config.delta) <= config.epsilon
+    assert reply.content[wire.METRICS]["epsilon"] == config.spec.privacy.target_epsilon
+    assert 0 < ledger.epsilon_spent(config.spec.privacy.delta) <= config.spec.privacy.target_epsilon
     record = json.loads(Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()[-1])
     assert record["kind"] == "train" and record["fields"]["round"] == 1
     assert "notes" not in json.dumps(record)  # no path, no record content in the log
@@ -159,7 +159,7 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
     config, node_config, tmp_path = hospital
     write_policy(tmp_path / "policy.toml", max_epsilon=5.5)
     # an earlier run on the same data set spent its whole epsilon of 5 (2 rounds of 32 examples)
-    plan = plan_dp(config, 32)
+    plan = plan_dp(config.spec, 32)
     ledger = _ledger(node_config)
     for server_round in (1, 2):
         ledger.record(
@@ -168,7 +168,7 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
             plan.noise_multiplier,
             plan.sample_rate,
             plan.steps,
-            config.delta,
+            config.spec.privacy.delta,
         )
     assert ledger.epsilon_spent(1e-5) < 5.5  # the earlier run fitted the lifetime budget
     reply = _train(config, node_config, _initial_arrays(config), run_id="run-b")
@@ -182,19 +182,26 @@ def test_the_run_budget_counts_only_this_runs_rounds(hospital):
     config, node_config, tmp_path = hospital
     write_policy(tmp_path / "policy.toml", max_epsilon=30.0)
     # run-a used its whole run epsilon of 5 on this data set
-    plan = plan_dp(config, 32)
+    plan = plan_dp(config.spec, 32)
     ledger = _ledger(node_config)
     for server_round in (1, 2):
         ledger.record(
-            "run-a", server_round, plan.noise_multiplier, plan.sample_rate, plan.steps, config.delta
+            "run-a",
+            server_round,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+            config.spec.privacy.delta,
         )
     # run-b may spend its own epsilon of 5 again: the lifetime budget of 30 allows it
     reply = _train(config, node_config, _initial_arrays(config), run_id="run-b")
     assert wire.REFUSAL not in reply.content
-    assert reply.content[wire.METRICS]["epsilon"] == config.epsilon
+    assert reply.content[wire.METRICS]["epsilon"] == config.spec.privacy.target_epsilon
     run_b = [(e.noise_multiplier, e.sample_rate, e.steps) for e in _ledger(node_config).entries]
-    assert compose_epsilon(run_b[2:], 1e-5) < config.epsilon  # run-b's round 1 of 2
-    assert _ledger(node_config).epsilon_spent(1e-5) > config.epsilon
+    assert (
+        compose_epsilon(run_b[2:], 1e-5) < config.spec.privacy.target_epsilon
+    )  # run-b's round 1 of 2
+    assert _ledger(node_config).epsilon_spent(1e-5) > config.spec.privacy.target_epsilon
 
 
 def test_too_few_examples_are_refused(hospital):

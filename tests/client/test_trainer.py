@@ -50,18 +50,20 @@ def setup(tiny_model_dir):
         local_epochs=10,
         batch_size=16,
         learning_rate=0.1,
-        epsilon=50.0,
+        target_epsilon=50.0,
         max_length=16,
         device="cpu",
     )
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.spec.model.name)
     label_to_id = {label: i for i, label in enumerate(LABELS)}
-    dataset = encode_classification(tokenizer, _toy_records(), label_to_id, config.max_length)
+    dataset = encode_classification(
+        tokenizer, _toy_records(), label_to_id, config.spec.task.max_length
+    )
     return config, tokenizer, dataset
 
 
 def _train(config, tokenizer, dataset, history=()):
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     start = get_adapter_arrays(model)
     result = train_locally(
         model, dataset, config, start, list(history), tokenizer.pad_token_id, who="hospital-a"
@@ -82,7 +84,7 @@ def test_dp_training_learns_and_stays_within_the_budget(setup):
 
     assert result.num_examples == len(dataset)
     assert np.isfinite(result.train_loss)
-    assert 0 < result.epsilon_spent <= config.epsilon * (1 + 1e-3)
+    assert 0 < result.epsilon_spent <= config.spec.privacy.target_epsilon * (1 + 1e-3)
     assert result.history == [
         (result.plan.noise_multiplier, result.plan.sample_rate, result.plan.steps)
     ]
@@ -91,7 +93,7 @@ def test_dp_training_learns_and_stays_within_the_budget(setup):
 
 def test_the_update_is_clipped_to_the_secagg_range(setup):
     config, tokenizer, dataset = setup
-    tight = config.model_copy(update={"secagg_clip": 1e-3, "local_epochs": 1})
+    tight = config.updated(**{"secagg_clip": 1e-3, "local_epochs": 1})
     _, start, result = _train(tight, tokenizer, dataset)
     assert set(result.delta) == set(start)
     assert all(value.dtype == np.float32 for value in result.delta.values())
@@ -102,7 +104,7 @@ def test_the_update_is_clipped_to_the_secagg_range(setup):
 
 def test_without_dp_there_is_no_epsilon(setup):
     config, tokenizer, dataset = setup
-    no_dp = config.model_copy(update={"dp": False, "local_epochs": 1})
+    no_dp = config.updated(**{"dp": False, "local_epochs": 1})
     _, _, result = _train(no_dp, tokenizer, dataset)
     assert result.epsilon_spent is None and result.plan is None and result.history == []
     assert any(float(np.abs(value).max()) > 0 for value in result.delta.values())
@@ -110,13 +112,13 @@ def test_without_dp_there_is_no_epsilon(setup):
 
 def test_an_exhausted_budget_is_refused_before_any_step(setup):
     config, tokenizer, dataset = setup
-    one_epoch = config.model_copy(update={"local_epochs": 1})
-    plan = plan_dp(one_epoch, len(dataset))
+    one_epoch = config.updated(**{"local_epochs": 1})
+    plan = plan_dp(one_epoch.spec, len(dataset))
     # Earlier runs already spent the whole budget: the same training, twice over.
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps * 2)]
-    assert epsilon_of(history, one_epoch.delta) > one_epoch.epsilon
+    assert epsilon_of(history, one_epoch.spec.privacy.delta) > one_epoch.spec.privacy.target_epsilon
 
-    model = build_model(one_epoch, len(LABELS))
+    model = build_model(one_epoch.spec, len(LABELS))
     start = get_adapter_arrays(model)
     with pytest.raises(PrivacyBudgetExceeded) as caught:
         train_locally(
@@ -131,11 +133,15 @@ def test_an_exhausted_budget_is_refused_before_any_step(setup):
 
 def test_a_second_run_continues_the_composition(setup):
     config, tokenizer, dataset = setup
-    one_epoch = config.model_copy(update={"local_epochs": 1, "rounds": 2})
+    one_epoch = config.updated(**{"local_epochs": 1, "rounds": 2})
     _, _, first = _train(one_epoch, tokenizer, dataset)
     _, _, second = _train(one_epoch, tokenizer, dataset, history=first.history)
     assert len(second.history) == 2
-    assert first.epsilon_spent < second.epsilon_spent <= one_epoch.epsilon * (1 + 1e-3)
+    assert (
+        first.epsilon_spent
+        < second.epsilon_spent
+        <= one_epoch.spec.privacy.target_epsilon * (1 + 1e-3)
+    )
     with pytest.raises(PrivacyBudgetExceeded):
         _train(one_epoch, tokenizer, dataset, history=second.history)
 
@@ -145,14 +151,18 @@ def test_a_second_run_continues_the_composition(setup):
     [(8.0, 3, 1, 320), (1.0, 10, 2, 100), (50.0, 1, 5, 64), (3.0, 20, 1, 1000)],
 )
 def test_plan_dp_keeps_all_rounds_within_the_target(epsilon, rounds, local_epochs, num_train):
-    config = RunConfig(epsilon=epsilon, rounds=rounds, local_epochs=local_epochs, batch_size=32)
-    plan = plan_dp(config, num_train)
+    config = RunConfig(
+        target_epsilon=epsilon, rounds=rounds, local_epochs=local_epochs, batch_size=32
+    )
+    plan = plan_dp(config.spec, num_train)
     assert plan.steps == -(-num_train // 32) * local_epochs
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * rounds
-    spent = epsilon_of(history, config.delta)
+    spent = epsilon_of(history, config.spec.privacy.delta)
     assert spent <= epsilon * (1 + 1e-3)
     assert spent > epsilon * 0.9  # not wastefully noisy either
-    assert check_budget(history[:-1], plan, epsilon, config.delta, "h") == pytest.approx(spent)
+    assert check_budget(
+        history[:-1], plan, epsilon, config.spec.privacy.delta, "h"
+    ) == pytest.approx(spent)
 
 
 def test_epsilon_of_nothing_is_zero():
@@ -195,7 +205,9 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_noise(four_layer_model_dir
     monkeypatch.setattr(trainer, "_noise_only_step", watching)
     tiny_train(settings, dataset, tok)
 
-    assert len(batches) == len(dataset) // settings.batch_size  # Poisson batches of an epoch
+    assert (
+        len(batches) == len(dataset) // settings.spec.training.batch_size
+    )  # Poisson batches of an epoch
     empty = batches.count(0)
     assert empty > 0, "no empty batch was drawn (chance about 1e-6)"
     assert len(moved) == empty and all(moved)

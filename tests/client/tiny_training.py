@@ -30,7 +30,7 @@ def config(model_dir: str, **overrides) -> RunConfig:
         local_epochs=2,
         batch_size=8,
         learning_rate=0.05,
-        epsilon=50.0,
+        target_epsilon=50.0,
         max_length=24,
         lora_layers=2,
         lora_variant="lora",  # the trainer's harder path: per-sample gradients inside layers
@@ -45,14 +45,14 @@ def config(model_dir: str, **overrides) -> RunConfig:
 def data(config: RunConfig, tokenizer, count: int = 40, seed: int = 0) -> EncodedDataset:
     """Notes (or tagged sentences) of varying length, so that batches need padding."""
     rng = random.Random(seed)
-    if config.task == "ner":
+    if config.spec.task.name == "ner":
         sentences = []
         for _ in range(count):
             words = [(rng.choice(WORDS["migraine"]), "O") for _ in range(rng.randint(2, 9))]
             words.insert(rng.randrange(len(words)), ("pneumonia", "B-Disease"))
             sentences.append(words)
         tag_to_id = {tag: i for i, tag in enumerate(TAGS)}
-        encoded = encode_sentences(tokenizer, sentences, tag_to_id, config.max_length)
+        encoded = encode_sentences(tokenizer, sentences, tag_to_id, config.spec.task.max_length)
         return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
     records = []
     for i in range(count):
@@ -60,7 +60,7 @@ def data(config: RunConfig, tokenizer, count: int = 40, seed: int = 0) -> Encode
         words = [rng.choice(WORDS[label]) for _ in range(rng.randint(2, 12))]
         records.append(Record(" ".join(words), label))
     label_to_id = {label: i for i, label in enumerate(LABELS)}
-    return encode_classification(tokenizer, records, label_to_id, config.max_length)
+    return encode_classification(tokenizer, records, label_to_id, config.spec.task.max_length)
 
 
 def tokenizer(model_dir: str):
@@ -70,11 +70,11 @@ def tokenizer(model_dir: str):
 
 
 def num_labels(config: RunConfig) -> int:
-    return len(TAGS) if config.task == "ner" else len(LABELS)
+    return len(TAGS) if config.spec.task.name == "ner" else len(LABELS)
 
 
 def train(config, dataset, tokenizer, who="hospital-a", model=None, start=None, history=()):
-    model = model if model is not None else build_model(config, num_labels(config))
+    model = model if model is not None else build_model(config.spec, num_labels(config))
     start = start if start is not None else get_adapter_arrays(model)
     result = train_locally(
         model, dataset, config, start, list(history), tokenizer.pad_token_id, who=who

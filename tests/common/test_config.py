@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from fedward.common.config import PACKAGED_MODEL, RunConfig, RunSpec
+from fedward.common.config import PACKAGED_MODEL, RunConfig, RunSpec, flat_names
 from fedward.common.errors import ConfigError
 
 
 def test_defaults_are_valid_and_private_by_default():
     config = RunConfig()
-    assert config.model == PACKAGED_MODEL
-    assert config.dp is True
-    assert config.secure_aggregation is True
-    assert config.min_hospitals <= config.hospitals
+    assert config.spec.model.name == PACKAGED_MODEL
+    assert config.spec.privacy.dp is True
+    assert config.spec.secagg.secure_aggregation is True
+    assert config.spec.federation.min_hospitals <= config.simulation.hospitals
     assert RunConfig.build({}) == config
 
 
@@ -21,8 +21,8 @@ def test_defaults_are_valid_and_private_by_default():
     ("values", "field"),
     [
         ({"rounds": 0}, "rounds"),
-        ({"epsilon": -1}, "epsilon"),
-        ({"epsilon": 0}, "epsilon"),
+        ({"target_epsilon": -1}, "target_epsilon"),
+        ({"target_epsilon": 0}, "target_epsilon"),
         ({"delta": 1.5}, "delta"),
         ({"partition": "bogus"}, "partition"),
         ({"partition": "column:"}, "partition"),
@@ -58,31 +58,31 @@ def test_more_min_hospitals_than_hospitals_is_rejected():
 
 def test_build_accepts_dashed_keys_like_the_cli():
     config = RunConfig.build({"local-epochs": 4, "lora-rank": 4})
-    assert (config.local_epochs, config.lora_rank) == (4, 4)
+    assert (config.spec.training.local_epochs, config.spec.model.lora_rank) == (4, 4)
 
 
 def test_assignment_is_validated_too():
     config = RunConfig()
     with pytest.raises(ValueError):
-        config.rounds = 0
+        config.spec.federation.rounds = 0
 
 
 def test_from_toml_reads_the_file_and_overrides_win(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('rounds = 5\nepsilon = 4.0\npartition = "dirichlet"\n', encoding="utf-8")
+    path.write_text('rounds = 5\ntarget_epsilon = 4.0\npartition = "dirichlet"\n', encoding="utf-8")
     config = RunConfig.from_toml(path, overrides={"rounds": 7})
-    assert config.rounds == 7  # the flag beats the file
-    assert config.epsilon == 4.0  # the file beats the default
-    assert config.partition == "dirichlet"
-    assert config.hospitals == RunConfig().hospitals  # untouched: the default
+    assert config.spec.federation.rounds == 7  # the flag beats the file
+    assert config.spec.privacy.target_epsilon == 4.0  # the file beats the default
+    assert config.simulation.partition == "dirichlet"
+    assert config.simulation.hospitals == RunConfig().simulation.hospitals  # untouched: the default
 
 
 def test_from_toml_reads_a_fedward_table(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[fedward]\nhospitals = 4\nlora_target_modules = ["query"]\n', encoding="utf-8")
     config = RunConfig.from_toml(path)
-    assert config.hospitals == 4
-    assert config.lora_target_modules == ["query"]
+    assert config.simulation.hospitals == 4
+    assert config.spec.model.lora_target_modules == ["query"]
 
 
 def test_from_toml_missing_file(tmp_path):
@@ -103,11 +103,11 @@ def test_from_toml_invalid_toml(tmp_path):
 
 def test_from_toml_bad_value_names_file_and_field(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text("epsilon = -1\n", encoding="utf-8")
+    path.write_text("target_epsilon = -1\n", encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_toml(path)
     assert str(path) in str(caught.value)
-    assert "'epsilon'" in str(caught.value)
+    assert "'target_epsilon'" in str(caught.value)
 
 
 def test_from_toml_unreadable_path_is_a_config_error(tmp_path):
@@ -121,7 +121,7 @@ def test_flower_round_trip_keeps_every_value():
         labels=["flu", "cold", "covid"],
         lora_target_modules=["query", "key", "value"],
         partition="column:site",
-        epsilon=3.5,
+        target_epsilon=3.5,
         dp=False,
         data="notes.csv",
     )
@@ -147,7 +147,7 @@ def test_from_flower_bad_value_is_a_config_error():
 
 def test_digest_changes_with_any_option():
     assert RunConfig().digest() == RunConfig().digest()
-    assert RunConfig().digest() != RunConfig(epsilon=7.9).digest()
+    assert RunConfig().digest() != RunConfig(target_epsilon=7.9).digest()
 
 
 def test_flower_app_config_lists_every_field_with_its_default():
@@ -157,16 +157,18 @@ def test_flower_app_config_lists_every_field_with_its_default():
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     table = pyproject["tool"]["flwr"]["app"]["config"]
-    assert set(table) == {name.replace("_", "-") for name in RunConfig.model_fields}
+    assert set(table) == {name.replace("_", "-") for name in flat_names(RunConfig)}
     assert RunConfig.from_flower(table) == RunConfig()
 
 
 def test_lora_target_modules_default_to_auto_and_a_named_list_still_loads(tmp_path):
-    assert RunConfig().lora_target_modules == "auto"
-    assert RunConfig.build({"lora-target-modules": ["auto"]}).lora_target_modules == "auto"  # CLI
+    assert RunConfig().spec.model.lora_target_modules == "auto"
+    assert (
+        RunConfig.build({"lora-target-modules": ["auto"]}).spec.model.lora_target_modules == "auto"
+    )  # CLI
     path = tmp_path / "old.toml"
     path.write_text('lora_target_modules = ["query", "value"]\n', encoding="utf-8")
-    assert RunConfig.from_toml(path).lora_target_modules == ["query", "value"]
+    assert RunConfig.from_toml(path).spec.model.lora_target_modules == ["query", "value"]
     with pytest.raises(ConfigError, match="'lora_target_modules'"):
         RunConfig.build({"lora_target_modules": "query"})
 
@@ -174,13 +176,15 @@ def test_lora_target_modules_default_to_auto_and_a_named_list_still_loads(tmp_pa
 def test_what_trains_defaults_by_task_and_the_run_spec_names_it():
     """Head-only for classification, LoRA for NER, a value set wins; the spec a hospital
     receives (and hashes) names the variant, so no hospital resolves it differently."""
-    assert RunConfig().lora_variant == "head"
-    assert RunConfig(task="ner").lora_variant == "lora"
-    assert RunConfig(task="ner", lora_variant="head").lora_variant == "head"
-    spec = RunConfig(task="ner").spec()
-    assert spec.lora_variant == "lora"
-    assert RunConfig.from_flower(RunConfig(task="ner").to_flower()).lora_variant == "lora"
-    assert spec.digest() != RunConfig(task="ner", lora_variant="head").spec().digest()
+    assert RunConfig().spec.model.lora_variant == "head"
+    assert RunConfig(task="ner").spec.model.lora_variant == "lora"
+    assert RunConfig(task="ner", lora_variant="head").spec.model.lora_variant == "head"
+    spec = RunConfig(task="ner").spec
+    assert spec.model.lora_variant == "lora"
+    assert (
+        RunConfig.from_flower(RunConfig(task="ner").to_flower()).spec.model.lora_variant == "lora"
+    )
+    assert spec.digest() != RunConfig(task="ner", lora_variant="head").spec.digest()
 
 
 def test_the_o_tag_weight_defaults_by_task_and_the_run_spec_names_it():
@@ -189,12 +193,12 @@ def test_the_o_tag_weight_defaults_by_task_and_the_run_spec_names_it():
     weight the digest it pinned names, whatever its fedward version's default."""
     from fedward.common.tasks import NER
 
-    assert RunConfig().outside_tag_weight == 1.0
-    assert RunConfig(task="ner").outside_tag_weight == NER.outside_tag_weight
-    assert RunConfig(task="ner", outside_tag_weight=0.5).outside_tag_weight == 0.5
-    assert RunConfig.build({"task": "ner", "outside_tag_weight": ""}).outside_tag_weight == (
-        NER.outside_tag_weight
-    )
-    sent = RunConfig(task="ner", outside_tag_weight=0.5).spec().to_flower()
+    assert RunConfig().spec.training.outside_tag_weight == 1.0
+    assert RunConfig(task="ner").spec.training.outside_tag_weight == NER.outside_tag_weight
+    assert RunConfig(task="ner", outside_tag_weight=0.5).spec.training.outside_tag_weight == 0.5
+    assert RunConfig.build(
+        {"task": "ner", "outside_tag_weight": ""}
+    ).spec.training.outside_tag_weight == (NER.outside_tag_weight)
+    sent = RunConfig(task="ner", outside_tag_weight=0.5).spec.to_flower()
     assert sent["outside-tag-weight"] == 0.5
-    assert RunSpec.from_flower(sent).outside_tag_weight == 0.5
+    assert RunSpec.from_flat(sent).training.outside_tag_weight == 0.5

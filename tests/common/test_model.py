@@ -47,7 +47,7 @@ def _logits(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor
 
 
 def test_only_lora_factors_and_the_head_travel(config):
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     names = [item.name for item in adapter_spec(model)]
     assert names and all(".lora_A." in n or ".lora_B." in n or "classifier" in n for n in names)
     assert any("classifier" in n for n in names)
@@ -56,22 +56,22 @@ def test_only_lora_factors_and_the_head_travel(config):
 
 
 def test_same_seed_same_initial_adapter_other_seed_differs(config):
-    first = get_adapter_arrays(build_model(config, len(LABELS)))
-    second = get_adapter_arrays(build_model(config, len(LABELS)))
-    other = get_adapter_arrays(build_model(config.model_copy(update={"seed": 1}), len(LABELS)))
+    first = get_adapter_arrays(build_model(config.spec, len(LABELS)))
+    second = get_adapter_arrays(build_model(config.spec, len(LABELS)))
+    other = get_adapter_arrays(build_model(config.updated(**{"seed": 1}).spec, len(LABELS)))
     assert all(np.array_equal(first[n], second[n]) for n in first)
     assert any(not np.array_equal(first[n], other[n]) for n in first)
 
 
 def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir):
     config = RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="lora", lora_layers=1)
-    model = build_model(config, 2)
+    model = build_model(config.spec, 2)
     lora_names = [item.name for item in adapter_spec(model) if "lora_" in item.name]
     assert lora_names and all(".layer.1." in n for n in lora_names)
 
 
 def test_ffa_variant_freezes_a_and_sends_only_b(tiny_model_dir):
-    model = build_model(RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="ffa"), 2)
+    model = build_model(RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="ffa").spec, 2)
     names = [item.name for item in adapter_spec(model)]
     assert any(".lora_B." in n for n in names)
     assert not any(".lora_A." in n for n in names)
@@ -81,23 +81,23 @@ def test_head_variant_trains_and_sends_only_the_task_head(tiny_model_dir):
     """Head-only: no LoRA factor travels (a peer or the coordinator sees the head alone), and
     the untrained LoRA factors (B = 0) leave the base model's output as it was."""
     config = RunConfig(model=tiny_model_dir, hospitals=2, lora_variant="head")
-    model = build_model(config, 2)
+    model = build_model(config.spec, 2)
     names = [item.name for item in adapter_spec(model)]
     assert names and all("modules_to_save" in n for n in names)
     assert not any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    lora = build_model(config.model_copy(update={"lora_variant": "lora"}), 2).eval()
+    lora = build_model(config.updated(**{"lora_variant": "lora"}).spec, 2).eval()
     ids = torch.tensor([[101, 2000, 2001, 102]])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, lora(input_ids=ids).logits)
 
 
 def test_arrays_round_trip_into_a_fresh_model(config):
-    source = build_model(config, len(LABELS))
+    source = build_model(config.spec, len(LABELS))
     arrays = _perturbed(get_adapter_arrays(source))
     set_adapter_arrays(source, arrays)
     sent = get_adapter_arrays(source)
 
-    fresh = build_model(config, len(LABELS))
+    fresh = build_model(config.spec, len(LABELS))
     set_adapter_arrays(fresh, sent)
     received = get_adapter_arrays(fresh)
     assert list(received) == list(sent)
@@ -107,7 +107,7 @@ def test_arrays_round_trip_into_a_fresh_model(config):
 
 
 def test_get_adapter_arrays_returns_copies(config):
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     arrays = get_adapter_arrays(model)
     name = next(iter(arrays))
     arrays[name][...] = 123.0
@@ -116,7 +116,7 @@ def test_get_adapter_arrays_returns_copies(config):
 
 @pytest.mark.parametrize("breakage", ["shape", "missing", "extra", "dtype"])
 def test_mismatched_arrays_raise_model_error_and_leave_the_model_alone(config, breakage):
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     before = get_adapter_arrays(model)
     arrays = _perturbed(before)
     name = next(iter(arrays))
@@ -138,16 +138,16 @@ def test_mismatched_arrays_raise_model_error_and_leave_the_model_alone(config, b
 
 
 def test_a_wrong_label_count_is_a_model_error(config):
-    arrays = get_adapter_arrays(build_model(config, 2))
+    arrays = get_adapter_arrays(build_model(config.spec, 2))
     with pytest.raises(ModelError, match="shape"):
-        set_adapter_arrays(build_model(config, 3), arrays)
+        set_adapter_arrays(build_model(config.spec, 3), arrays)
 
 
 def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_path):
     from peft import PeftModel
 
-    tokenizer = load_tokenizer(config.model)
-    model = build_model(config, len(LABELS))
+    tokenizer = load_tokenizer(config.spec.model.name)
+    model = build_model(config.spec, len(LABELS))
     set_adapter_arrays(model, _perturbed(get_adapter_arrays(model), seed=3))
     texts = ["fever and cough for three days", "itchy red spots"]
     expected = _logits(model, tokenizer, texts)
@@ -157,7 +157,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
     assert meta["labels"] == LABELS and meta["task"] == "classification"
 
     torch.manual_seed(999)  # a different random head init must not matter: the head is saved
-    base = build_base("classification", config.model, len(LABELS))
+    base = build_base("classification", config.spec.model.name, len(LABELS))
     loaded = PeftModel.from_pretrained(base, str(folder))
     torch.testing.assert_close(_logits(loaded, tokenizer, texts), expected)
 
@@ -167,7 +167,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
 
 
 def test_a_failing_save_leaves_the_previous_adapter_intact(config, tmp_path, monkeypatch):
-    model = build_model(config, len(LABELS))
+    model = build_model(config.spec, len(LABELS))
     target = save_adapter(model, tmp_path / "adapter", LABELS, config)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
@@ -191,22 +191,22 @@ def test_unknown_model_folder_is_a_model_error_naming_the_field(tmp_path):
         load_tokenizer(str(missing))
     assert str(missing) in str(caught.value)
     with pytest.raises(ModelError, match="field 'model'"):
-        build_model(RunConfig(model=str(missing), hospitals=2), 2)
+        build_model(RunConfig(model=str(missing), hospitals=2).spec, 2)
     empty = tmp_path / "empty-model"
     empty.mkdir()
     with pytest.raises(ModelError, match="field 'model'"):
-        build_model(RunConfig(model=str(empty), hospitals=2), 2)
+        build_model(RunConfig(model=str(empty), hospitals=2).spec, 2)
 
 
 def test_too_many_lora_layers_is_a_model_error(tiny_model_dir):
     with pytest.raises(ModelError, match="field 'lora_layers': 5 is more than the 2 layers"):
-        build_model(RunConfig(model=tiny_model_dir, hospitals=2, lora_layers=5), 2)
+        build_model(RunConfig(model=tiny_model_dir, hospitals=2, lora_layers=5).spec, 2)
 
 
 def test_target_modules_that_match_nothing_are_a_model_error(tiny_model_dir):
     config = RunConfig(model=tiny_model_dir, hospitals=2, lora_target_modules=["q_proj"])
     with pytest.raises(ModelError, match="field 'lora_target_modules'"):
-        build_model(config, 2)
+        build_model(config.spec, 2)
 
 
 def test_loading_a_folder_that_is_not_an_adapter(tmp_path):
@@ -215,8 +215,8 @@ def test_loading_a_folder_that_is_not_an_adapter(tmp_path):
 
 
 def test_classification_logits_do_not_depend_on_the_padding_of_the_batch(config):
-    tokenizer = load_tokenizer(config.model)
-    model = build_model(config, len(LABELS)).eval()
+    tokenizer = load_tokenizer(config.spec.model.name)
+    model = build_model(config.spec, len(LABELS)).eval()
     short, long = "fever", "fever and cough for three days with chest pain and fatigue"
     alone = _logits(model, tokenizer, [short])
     padded = _logits(model, tokenizer, [short, long])

@@ -203,7 +203,7 @@ def _config(folder: str, out: Path, task: str) -> RunConfig:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_finds_the_lora_modules_and_the_top_layer_of_each_family(family_dirs, family):
     config = RunConfig(model=family_dirs[family], hospitals=2, lora_variant="lora", lora_layers=1)
-    model = build_model(config, 3)
+    model = build_model(config.spec, 3)
     lora = [item.name for item in adapter_spec(model) if ".lora_" in item.name]
     adapted = {re.search(r"\.(\w+)\.lora_", name).group(1) for name in lora}
     assert adapted == set(EXPECTED_TARGETS[family])
@@ -225,14 +225,15 @@ def test_attention_dropout_is_off_unless_the_run_spec_keeps_it(family_dirs, fami
         return attention, hidden
 
     config = RunConfig(model=family_dirs[family], hospitals=2, lora_layers=1)
-    off, hidden_off = dropouts(build_model(config, 3))
-    kept, hidden_kept = dropouts(
-        build_model(config.model_copy(update={"attention_dropout": True}), 3)
-    )
+    off, hidden_off = dropouts(build_model(config.spec, 3))
+    kept, hidden_kept = dropouts(build_model(config.updated(**{"attention_dropout": True}).spec, 3))
     from transformers import AutoConfig
 
     if family == "modernbert":  # no dropout module in its attention, and its rate is 0 already
-        assert off == kept == [] and AutoConfig.from_pretrained(config.model).attention_dropout == 0
+        assert (
+            off == kept == []
+            and AutoConfig.from_pretrained(config.spec.model.name).attention_dropout == 0
+        )
     else:
         assert off and set(off) == {0.0}
         assert kept and min(kept) > 0
@@ -246,11 +247,13 @@ def test_a_run_spec_naming_its_modules_overrides_auto(family_dirs):
         lora_variant="lora",
         lora_target_modules=["q_lin"],
     )
-    lora = [item.name for item in adapter_spec(build_model(config, 2)) if ".lora_" in item.name]
+    lora = [
+        item.name for item in adapter_spec(build_model(config.spec, 2)) if ".lora_" in item.name
+    ]
     assert lora and all(".q_lin.lora_" in name for name in lora)
-    wrong = config.model_copy(update={"lora_target_modules": ["query", "value"]})
+    wrong = config.updated(**{"lora_target_modules": ["query", "value"]})
     with pytest.raises(ModelError, match=r"field 'lora_target_modules'.*q_lin"):
-        build_model(wrong, 2)  # the error lists the family's own linear layers
+        build_model(wrong.spec, 2)  # the error lists the family's own linear layers
 
 
 def test_a_fresh_head_of_more_than_a_linear_layer_trains_and_travels(family_dirs):
@@ -259,7 +262,7 @@ def test_a_fresh_head_of_more_than_a_linear_layer_trains_and_travels(family_dirs
     loaded. Its norm starts at ones everywhere and stays frozen (Opacus cannot clip a LayerNorm
     without bias)."""
     config = RunConfig(model=family_dirs["modernbert"], task="ner", hospitals=2)
-    model = build_model(config, 3)
+    model = build_model(config.spec, 3)
     names = [item.name for item in adapter_spec(model)]
     assert any(".head." in name and ".dense." in name for name in names)
     assert any(".classifier." in name for name in names)
@@ -290,7 +293,10 @@ def _check_round_and_adapter(family: str, config: RunConfig, result) -> dict:
     (row,) = result.rounds
     assert row["status"] == "ok" and row["secure_aggregation"] is True
     assert not row["dropped"] and not row["refused"]
-    assert all(0 < h["epsilon"] <= config.epsilon * 1.001 for h in row["hospitals"].values())
+    assert all(
+        0 < h["epsilon"] <= config.spec.privacy.target_epsilon * 1.001
+        for h in row["hospitals"].values()
+    )
     meta = json.loads((result.adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
     assert meta["lora_target_modules"] == EXPECTED_TARGETS[family]
     # Loaded as `fedward predict` loads it, every travelling tensor is the final global one:
@@ -328,7 +334,7 @@ def test_a_site_pins_a_hospital_model_folder_by_its_weights(family_dirs):
     """The site policy's model hash works for any family's folder, and tells them apart."""
     pinned = model_content_hash(family_dirs["deberta-v2"])
     policy = SitePolicy(max_epsilon=10, allowed_model_hashes=[pinned])
-    spec = RunConfig(model=family_dirs["deberta-v2"], hospitals=2).spec()
+    spec = RunConfig(model=family_dirs["deberta-v2"], hospitals=2).spec
     assert policy.violations(spec, model_content_hash(family_dirs["deberta-v2"])) == []
     other = model_content_hash(family_dirs["roberta"])
     assert other != pinned
@@ -350,9 +356,9 @@ def test_head_only_caches_the_whole_encoder_or_all_but_a_layer_it_needs(
     task = task_named("classification")
     notes = task.synthetic_notes(0, 8, 3, 2)
     labels = sorted({note.label for note in notes})
-    tokenizer = load_tokenizer(config.model)
-    dataset = task.encode(notes, labels, tokenizer, config.max_length)
-    model = build_model(config, len(labels))
+    tokenizer = load_tokenizer(config.spec.model.name)
+    dataset = task.encode(notes, labels, tokenizer, config.spec.task.max_length)
+    model = build_model(config.spec, len(labels))
     prefix_cache.drop_prefix_caches()
     try:
         cached = prefix_cache.cached_training(

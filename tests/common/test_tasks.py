@@ -7,7 +7,7 @@ import typing
 import pytest
 import torch
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, TaskSpec
 from fedward.common.data import Record
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.model import MeanPoolClassifier, build_base, load_tokenizer
@@ -25,7 +25,7 @@ def tokenizer():
 
 
 def test_every_task_a_run_config_accepts_has_an_object():
-    accepted = typing.get_args(RunConfig.model_fields["task"].annotation)
+    accepted = typing.get_args(TaskSpec.model_fields["name"].annotation)
     assert sorted(accepted) == sorted(TASKS)
     assert all(task_named(name).name == name for name in accepted)
 
@@ -36,9 +36,9 @@ def test_an_unknown_task_is_one_config_error_naming_the_field():
 
 
 def test_the_head_learning_rate_defaults_per_task_and_a_set_value_wins():
-    assert RunConfig(task="classification").head_lr == 0.1
-    assert RunConfig(task="ner").head_lr == 0.01
-    assert RunConfig(task="ner", head_learning_rate=0.2).head_lr == 0.2
+    assert RunConfig(task="classification").spec.head_lr == 0.1
+    assert RunConfig(task="ner").spec.head_lr == 0.01
+    assert RunConfig(task="ner", head_learning_rate=0.2).spec.head_lr == 0.2
 
 
 def test_classification_scores_its_primary_metric_and_its_table_columns():

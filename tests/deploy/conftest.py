@@ -328,7 +328,7 @@ class Federation:
             "rounds": 2,
             "hospitals": 2,
             "min_hospitals": 2,
-            "epsilon": 5.0,
+            "target_epsilon": 5.0,
             "batch_size": 8,
             "max_length": 32,
             "round_timeout": 90.0,

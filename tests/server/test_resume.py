@@ -39,8 +39,8 @@ def _config(tmp_path, **values) -> RunConfig:
 def test_a_checkpoint_gives_back_the_adapter_rounds_and_run_id(tmp_path):
     config = _config(tmp_path)
     rows = [{"round": 1, "status": "ok"}, {"round": 2, "status": "failed: too few"}]
-    sha = save_checkpoint(config.out, "run-1", config, 2, _arrays(0.5), rows)
-    checkpoint = load_checkpoint(config.out)
+    sha = save_checkpoint(config.local.out, "run-1", config, 2, _arrays(0.5), rows)
+    checkpoint = load_checkpoint(config.local.out)
     assert checkpoint.run_id == "run-1" and checkpoint.completed_round == 2
     assert checkpoint.rounds == rows
     for name, value in _arrays(0.5).items():
@@ -68,17 +68,17 @@ def test_a_missing_checkpoint_says_there_is_nothing_to_resume(tmp_path):
 
 def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
-    path = checkpoint_path(config.out)
+    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    path = checkpoint_path(config.local.out)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match="checkpoint.npz: checkpoint is damaged"):
-        load_checkpoint(config.out)
+        load_checkpoint(config.local.out)
 
 
 def test_tensors_swapped_inside_a_checkpoint_are_detected(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
-    path = checkpoint_path(config.out)
+    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    path = checkpoint_path(config.local.out)
     with np.load(path) as archive:
         content = {name: archive[name] for name in archive.files}
     content["adapter:lora_A"] = content["adapter:lora_A"] + 1
@@ -86,40 +86,42 @@ def test_tensors_swapped_inside_a_checkpoint_are_detected(tmp_path):
     np.savez(buffer, **content)
     path.write_bytes(buffer.getvalue())
     with pytest.raises(DataError, match="do not match their recorded hash"):
-        load_checkpoint(config.out)
+        load_checkpoint(config.local.out)
     assert zipfile.is_zipfile(path)
 
 
 def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
-    checkpoint = load_checkpoint(config.out)
+    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    checkpoint = load_checkpoint(config.local.out)
     with pytest.raises(ConfigError, match=r"epsilon \(was 8.0, now 3.0\)"):
-        check_resumable(checkpoint, _config(tmp_path, epsilon=3.0))
+        check_resumable(checkpoint, _config(tmp_path, target_epsilon=3.0))
     # where the run lives, the flag itself and waiting times may change
-    moved = _config(tmp_path, resume=True, round_timeout=30.0).model_copy(
-        update={"out": "/elsewhere"}
-    )
+    moved = _config(tmp_path, resume=True, round_timeout=30.0).updated(**{"out": "/elsewhere"})
     check_resumable(checkpoint, moved)
 
 
 def test_run_refuses_to_overwrite_an_unfinished_run(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
     with pytest.raises(ConfigError, match="stopped after round 1 of 3; continue it with --resume"):
         prepare_run(config, resume=False)
     resumed = prepare_run(config, resume=True)
-    assert resumed.resume and resumed.out == str((tmp_path / "out").resolve())
+    assert resumed.local.resume and resumed.local.out == str((tmp_path / "out").resolve())
 
 
 def test_run_refuses_to_resume_a_finished_run_or_nothing(tmp_path):
     config = _config(tmp_path)
     with pytest.raises(DataError, match="no checkpoint"):
         prepare_run(config, resume=True)
-    save_checkpoint(config.out, "run-1", config, 3, _arrays(0.5), [{"round": r} for r in (1, 2, 3)])
+    save_checkpoint(
+        config.local.out, "run-1", config, 3, _arrays(0.5), [{"round": r} for r in (1, 2, 3)]
+    )
     with pytest.raises(ConfigError, match="already completed all 3 rounds"):
         prepare_run(config, resume=True)
-    assert not prepare_run(config, resume=False).resume  # a new run may replace a finished one
+    assert not prepare_run(
+        config, resume=False
+    ).local.resume  # a new run may replace a finished one
 
 
 def test_run_needs_the_label_set(tmp_path):
@@ -134,22 +136,22 @@ def test_a_run_resumed_from_a_moved_folder_passes_a_hospital_that_pins_its_diges
 
     started = prepare_run(_config(tmp_path, round_timeout=60.0), resume=False)
     pinned = started.digest()  # what `fedward run` printed, and the hospital pinned
-    save_checkpoint(started.out, "run-1", started, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(started.local.out, "run-1", started, 1, _arrays(0.5), [{"round": 1}])
     moved = tmp_path / "moved"
     (tmp_path / "out").rename(moved)
 
     resumed = prepare_run(
-        _config(tmp_path, round_timeout=120.0, device="cpu").model_copy(update={"out": str(moved)}),
+        _config(tmp_path, round_timeout=120.0, device="cpu").updated(**{"out": str(moved)}),
         resume=True,
     )
-    assert resumed.out != started.out and resumed.resume
+    assert resumed.local.out != started.local.out and resumed.local.resume
     assert resumed.digest() == pinned
     # What the hospital receives, and checks, is the same run spec.
     spec, _, _ = wire.read_round_config(wire.round_config(resumed, 2, "run-1"))
     SitePolicy.permissive(approved_run_configs=[pinned]).check(spec)
     # ...while a change to the spec itself is still caught by the pin.
     changed, _, _ = wire.read_round_config(
-        wire.round_config(resumed.model_copy(update={"epsilon": 4.0}), 2, "run-1")
+        wire.round_config(resumed.updated(target_epsilon=4.0), 2, "run-1")
     )
     with pytest.raises(PolicyError, match="not on the site's approved list"):
         SitePolicy.permissive(approved_run_configs=[pinned]).check(changed)

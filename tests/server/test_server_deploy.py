@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, flat_names
 from fedward.common.errors import ConfigError
 from fedward.server import deploy
 from fedward.server.certs import init_ca_and_server
@@ -66,7 +66,7 @@ def test_the_app_bundle_carries_the_run_config_exactly(tiny_model_dir):
         model=tiny_model_dir,
         labels=["a b", 'c"d'],
         rounds=4,
-        epsilon=3.5,
+        target_epsilon=3.5,
         resume=True,
         out="/srv/out",
     )
@@ -77,7 +77,7 @@ def test_the_app_bundle_carries_the_run_config_exactly(tiny_model_dir):
         "clientapp": "fedward.client.app:app",
     }
     table = app["config"]
-    assert set(table) == {name.replace("_", "-") for name in RunConfig.model_fields}
+    assert set(table) == {name.replace("_", "-") for name in flat_names(RunConfig)}
     assert RunConfig.from_flower(table) == config
     assert table["data"] == ""  # unset stays unset
 

@@ -88,7 +88,7 @@ def test_configure_train_sends_the_global_adapter_and_round_config():
         received = wire.record_to_arrays(message.content[wire.ARRAYS])
         assert all(np.array_equal(received[n], global_arrays[n]) for n in global_arrays)
         config, server_round, run_id = wire.read_round_config(message.content[wire.CONFIG])
-        assert (config, server_round, run_id) == (strategy.config.spec(), 3, str(RUN_ID))
+        assert (config, server_round, run_id) == (strategy.config.spec, 3, str(RUN_ID))
         # Only the run spec travels: the coordinator's local settings never leave it.
         sent = set(message.content[wire.CONFIG])
         assert not sent & {"out", "device", "round-timeout", "resume", "hospitals", "data"}

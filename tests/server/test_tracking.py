@@ -57,9 +57,12 @@ def test_the_run_spec_is_recorded_as_parameters(tracked_run):
     _, run = _the_run(out)
     params = run.data.params
     assert params["task"] == "classification"
-    assert float(params["epsilon"]) == config.epsilon and params["dp"] == "True"
-    assert params["rounds"] == "2" and params["model"] == config.model
-    assert json.loads(params["labels"]) == config.labels
+    assert (
+        float(params["target_epsilon"]) == config.spec.privacy.target_epsilon
+        and params["dp"] == "True"
+    )
+    assert params["rounds"] == "2" and params["model"] == config.spec.model.name
+    assert json.loads(params["labels"]) == config.spec.task.labels
     assert params["local.hospitals"] == "2" and params["local.out"] == str(out)
     assert run.data.tags["fedward.spec_sha256"] == config.digest()
     assert run.data.tags["fedward.kind"] == "simulation"

@@ -113,7 +113,7 @@ def test_unknown_model_path(tmp_path):
     ("flags", "field"),
     [
         (["--rounds", "0"], "'rounds'"),
-        (["--epsilon", "-1"], "'epsilon'"),
+        (["--target-epsilon", "-1"], "'target_epsilon'"),
         (["--partition", "bogus"], "'partition'"),
         (["--hospitals", "1"], "min_hospitals (2) is more than hospitals (1)"),
     ],

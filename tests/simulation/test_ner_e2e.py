@@ -80,7 +80,7 @@ def test_ffa_lora_keeps_a_at_its_seeded_init_and_sends_only_b(tiny_model_dir, tm
     assert any(".lora_B." in name for name in result.arrays)
     # ... and B moved, while the saved adapter's A factors equal the seeded initial ones.
     labels = json.loads((result.adapter_dir / "fedward.json").read_text())["labels"]
-    initial_model = build_model(config.model_copy(update={"labels": labels}), len(labels))
+    initial_model = build_model(config.updated(**{"labels": labels}).spec, len(labels))
     initial = get_adapter_arrays(initial_model)
     assert any(
         not np.allclose(result.arrays[n], initial[n]) for n in result.arrays if ".lora_B." in n

@@ -41,7 +41,7 @@ def test_more_hospitals_than_workers_each_trains_on_its_own_data(tiny_model_dir,
     assert row["status"] == "ok"
     trained = {name: h for name, h in row["hospitals"].items() if h.get("trained")}
     assert sorted(trained) == [f"hospital-{i}" for i in range(5)]
-    prepared = config.model_copy(update={"labels": result_labels(result)})
+    prepared = config.updated(**{"labels": result_labels(result)})
     for hospital in range(5):
         own = simulated_data(prepared, _Context(hospital))
         assert trained[f"hospital-{hospital}"]["num_train_examples"] == len(own.train)
@@ -117,7 +117,7 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_adapter(tiny_model_dir, t
     assert result.arrays is not None
     labels = result_labels(result)
     initial = get_adapter_arrays(
-        build_model(config.model_copy(update={"labels": labels}), len(labels))
+        build_model(config.updated(**{"labels": labels}).spec, len(labels))
     )
     for name, value in initial.items():
         assert (result.arrays[name] == value).all(), name

@@ -40,7 +40,7 @@ def _config(tiny_model_dir: str, out: Path, **options) -> RunConfig:
 
 def _initial_adapter(config: RunConfig) -> dict[str, np.ndarray]:
     config = prepare_config(config)
-    return get_adapter_arrays(build_model(config, len(config.labels)))
+    return get_adapter_arrays(build_model(config.spec, len(config.spec.task.labels)))
 
 
 def _load_with_peft(config: RunConfig, adapter_dir: Path) -> dict[str, np.ndarray]:
@@ -48,9 +48,9 @@ def _load_with_peft(config: RunConfig, adapter_dir: Path) -> dict[str, np.ndarra
     from peft import PeftModel
 
     labels = json.loads((adapter_dir / "fedward.json").read_text(encoding="utf-8"))["labels"]
-    base = build_base("classification", config.model, len(labels))
+    base = build_base("classification", config.spec.model.name, len(labels))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
-    spec = adapter_spec(build_model(prepare_config(config), len(labels)))
+    spec = adapter_spec(build_model(prepare_config(config).spec, len(labels)))
     parameters = dict(model.named_parameters())
     return {item.name: parameters[item.name].detach().numpy().copy() for item in spec}
 
@@ -73,7 +73,7 @@ def secure_run(tiny_model_dir, tmp_path_factory):
 
 def _check_run(config: RunConfig, result) -> list[dict]:
     """What a user of any DP run must find in the output folder."""
-    out = Path(config.out)
+    out = Path(config.local.out)
     assert result.out == out
     assert (out / "adapter" / "adapter_config.json").is_file()
 
@@ -93,15 +93,15 @@ def _check_run(config: RunConfig, result) -> list[dict]:
     previous = {name: 0.0 for name in HOSPITALS}
     for row in rows:
         assert row["status"] == "ok", row["status"]
-        assert row["secure_aggregation"] is config.secure_aggregation
+        assert row["secure_aggregation"] is config.spec.secagg.secure_aggregation
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["global"]["loss"])
         assert sorted(row["hospitals"]) == HOSPITALS
         for name in HOSPITALS:
             epsilon = row["hospitals"][name]["epsilon"]
-            assert previous[name] < epsilon <= config.epsilon * (1 + 1e-3)
+            assert previous[name] < epsilon <= config.spec.privacy.target_epsilon * (1 + 1e-3)
             previous[name] = epsilon
     # The noise is planned for the whole run: the last round spends (nearly) all of it.
-    assert all(epsilon > 0.9 * config.epsilon for epsilon in previous.values())
+    assert all(epsilon > 0.9 * config.spec.privacy.target_epsilon for epsilon in previous.values())
     return rows
 
 
@@ -124,7 +124,7 @@ def test_the_saved_adapter_predicts_with_fedward_predict(plain_run):
         result.adapter_dir, ["fever, productive cough, crackles at the right base"]
     )
     label = lines[0].split("\t")[0]
-    assert label in prepare_config(config).labels
+    assert label in prepare_config(config).spec.task.labels
 
 
 def test_secure_aggregation_gives_the_plain_fedavg_adapter(tiny_model_dir, tmp_path):
@@ -137,7 +137,9 @@ def test_secure_aggregation_gives_the_plain_fedavg_adapter(tiny_model_dir, tmp_p
     secure = simulate(config)
     initial = _initial_adapter(config)
     # Stochastic rounding moves the average by less than one quantization step (plus float32).
-    tolerance = quantization_bound(config.secagg_clip, config.secagg_bits) + 1e-6
+    tolerance = (
+        quantization_bound(config.spec.secagg.secagg_clip, config.spec.secagg.secagg_bits) + 1e-6
+    )
 
     moved = max(float(np.abs(plain.arrays[n] - initial[n]).max()) for n in initial)
     assert moved > 50 * tolerance  # the comparison below means something
