@@ -217,10 +217,18 @@ def _num(value) -> str:
 def predict(
     texts: Annotated[list[str], typer.Argument(help="Notes to label.")],
     adapter: Annotated[Path, typer.Option(help="An adapter folder from a fedward run.")],
+    top: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Labels shown per note, most likely first, each with its probability "
+            "(classification; NER lists every entity found).",
+        ),
+    ] = 3,
 ) -> None:
     """Label notes (or find entities) with a trained global adapter."""
     quiet_libraries(False)
     from fedward.simulation.predict import predict_texts
 
-    for line in predict_texts(adapter, texts):
-        typer.echo(line)  # plain tab-separated lines: easy to read and to parse
+    # the note, then one indented line per label (or entity); a blank line between notes
+    typer.echo("\n\n".join(predict_texts(adapter, texts, top=top)))
