@@ -163,7 +163,7 @@ class Site:
         self.audit = AuditLog(audit_path)
         self.device = device
         self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
-        self.dataset_id = dataset_id or name  # the ledger's key (deployed: from the node config)
+        self.dataset_id = dataset_id or name  # the ledger's key (deployed: the node config's)
         self.cache = cache or {}  # the hospital's prefix-cache settings (LocalSettings fields)
         self._ledger: PrivacyLedger | None = None
         self._data_sha256: str | None = None
@@ -328,6 +328,8 @@ class Site:
                 )
                 self._data_sha256 = dataset_fingerprint(self.data_path)
                 ledger.migrate_hash_ledger(self._data_sha256)
+                if not ledger.entries:
+                    self._check_not_recorded_elsewhere(self._data_sha256)
                 self._ledger = ledger
             except DataError as exc:
                 log.error("%s: %s", self.name, exc)
@@ -337,6 +339,26 @@ class Site:
                     "spending goes unrecorded"
                 ) from None
         return self._ledger
+
+    def _check_not_recorded_elsewhere(self, data_sha256: str) -> None:
+        """Refuse a data set that is new under this id but whose very bytes another ledger in
+        the folder has recorded: the same data under a new data-set id (a renamed node key, a
+        changed --dataset-id) would otherwise start a fresh lifetime budget. The operator must
+        start the hospital with the id that ledger has."""
+        others = sorted(
+            other.dataset
+            for other in PrivacyLedger.all_in(self.ledger_dir)
+            if other.dataset != self.dataset_id
+            and any(entry.data_sha256 == data_sha256 for entry in other.entries)
+        )
+        if others:
+            raise PolicyError(
+                f"hospital {self.name}: data set id {self.dataset_id} has no ledger yet, but "
+                f"this data file's exact contents are recorded under data-set id "
+                f"{', '.join(others)}; start the hospital with --dataset-id {others[0]} (the "
+                "same data keeps its lifetime budget). Every request is refused until then",
+                reason=Reason("dataset.recorded_elsewhere"),
+            )
 
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
         """Accountant history of this run's rounds before `server_round` (the run's own budget).

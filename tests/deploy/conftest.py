@@ -285,6 +285,8 @@ class Federation:
             str(site / f"{name}.key"),
             "--ledger",
             str(site / "ledger"),
+            "--dataset-id",
+            f"{name}-notes",
             "--device",
             "cpu",
             "--runtime-port",
@@ -363,7 +365,7 @@ class Federation:
 
     def ledger(self, name: str) -> PrivacyLedger:
         site = self.site(name)
-        return PrivacyLedger.open(site / "ledger", name)  # data-set id: the hospital's name
+        return PrivacyLedger.open(site / "ledger", f"{name}-notes")  # its --dataset-id
 
     def audit_records(self, path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
