@@ -77,7 +77,7 @@ from fedward.client.deploy import (
     POLICY_KEY,
 )
 from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
-from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy import calibrate_noise
 from fedward.client.release import (
     Predictions,
@@ -238,7 +238,7 @@ class Site:
         here: the spec with this hospital's own device, data schema and vocabulary limit (the
         policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
         refusal a question about the text it could ask again and again)."""
-        self.policy.check(spec, self._model_hash(spec))
+        self.pinned_policy().check(spec, self._model_hash(spec))
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         own = {**self.schema.model_dump(), "max_unknown_rate": self.policy.max_unknown_rate}
         return RunConfig.with_spec(spec, local).model_copy(update=own)
@@ -605,11 +605,24 @@ class Site:
 
     # --- internals -------------------------------------------------------------------------
 
+    def pinned_policy(self) -> SitePolicy:
+        """The policy with its models pinned: a policy that pins no model content trains only
+        the packaged default (issue 28: with `allowed_model_hashes` unset, the coordinator
+        named the model, and a hospital went to fetch a hub model it named)."""
+        if self.policy.allowed_model_hashes is not None:
+            return self.policy
+        default = packaged_model_hash()
+        return self.policy.model_copy(update={"allowed_model_hashes": [default] if default else []})
+
     def _model_hash(self, config: RunSpec) -> str | None:
-        if self.policy.allowed_model_hashes is None:
+        """The content hash of the run's model if it is a local folder or file; None
+        otherwise (a hub id: never fetched, the pinned policy refuses it)."""
+        path = resolve_model_path(config.model)
+        if not Path(path).exists():
+            log.warning("%s: model %r is not a local folder; refused", self.name, config.model)
             return None
         try:
-            return model_content_hash(resolve_model_path(config.model))
+            return model_content_hash(path)
         except ModelError as exc:
             log.warning("%s: %s", self.name, exc)
             return None  # the policy then refuses: the hash cannot be checked

@@ -349,3 +349,37 @@ def test_the_vocabulary_limit_is_the_hospitals_and_its_refusal_carries_no_share(
     assert _reason(reply) == Reason("data.vocabulary", {"max_unknown_rate": 0.01})
     # it depends on the text, so it came after the budget gate and was paid for
     assert [(e.run_id, e.status) for e in _ledger(node_config).entries] == [("run-a", "reserved")]
+
+
+def test_a_hub_model_is_refused_without_reaching_any_hub(hospital, monkeypatch):
+    """Issue 28, 3(b): with allowed_model_hashes unset, a hospital given a hub model id went to
+    fetch it. Now a model must be a local folder whose content the policy pins (or the packaged
+    default); a hub id is refused from the policy alone, before anything is downloaded or read."""
+    import huggingface_hub
+
+    config, node_config, _ = hospital
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hospital reached for a model hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    Path(node_config["data-path"]).unlink()  # not read either
+    crafted = config.model_copy(update={"model": "coordinator-org/bert-with-a-tokenizer"})
+    reply = _train(crafted, node_config, _arrays(config))
+    assert _reason(reply) == Reason("policy.rules", {"rules": "allowed_model_hashes"})
+
+
+def test_a_policy_that_pins_no_model_trains_only_the_packaged_default(hospital):
+    from fedward.client.policy import SitePolicy
+    from fedward.client.site import Site
+    from fedward.common.config import PACKAGED_MODEL
+
+    config, node_config, _ = hospital
+    policy = "max_epsilon = 6.0\nrequire_secure_aggregation = false\n"  # no model pinned
+    Path(node_config["policy"]).write_text(policy, encoding="utf-8")
+    assert SitePolicy.load(node_config["policy"]).allowed_model_hashes is None
+    reply = _train(config, node_config, _arrays(config))  # a local folder, but not pinned
+    assert _reason(reply) == Reason("policy.rules", {"rules": "allowed_model_hashes"})
+    site = Site.open(node_config, "st-mary")
+    site.check_policy(config.spec().model_copy(update={"model": PACKAGED_MODEL}))  # accepted
