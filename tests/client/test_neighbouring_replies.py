@@ -121,6 +121,9 @@ CATALOGUE: list[Request] = [
     _train("probe", 1),
     _evaluate("probe", 1),
     _evaluate("probe", 1),
+    # a model the coordinator names: a hub id, and the packaged default the policy does not pin
+    _train("hub-model", spec={"model": "coordinator-org/bert-with-a-tokenizer"}),
+    _train("packaged-model", spec={"model": "all-MiniLM-L6-v2"}),
     # runs the site policy refuses outright
     _train("no-dp", spec={"dp": False}),
     _train("too-much-epsilon", spec={"epsilon": 80.0}),
@@ -160,7 +163,8 @@ def _hospital(folder: Path, notes: list[tuple[str, str]], secure: bool = True) -
 
 def _message(request: Request, base_config) -> Message:
     config = base_config.model_copy(update=request.spec)
-    arrays = _global_adapter(config.model, len(config.labels), request.crafted_arrays)
+    # the tiny model's adapter, whatever model the request names
+    arrays = _global_adapter(base_config.model, len(config.labels), request.crafted_arrays)
     record = wire.round_config(config, request.round, request.run_id)
     for key, value in request.extra.items():
         record[key] = value
