@@ -149,7 +149,8 @@ def main() -> None:
         f"model {config.spec.model.name}: full model {full / 1e6:.1f} MB (float32); adapter "
         f"{adapter_values} values = {adapter_values * 4 / 1e3:.1f} kB "
         f"(LoRA r={config.spec.model.lora_rank} on "
-        f"{config.spec.model.lora_target_modules} of the top {config.spec.model.lora_layers} layers + head)"
+        f"{config.spec.model.lora_target_modules} of the top {config.spec.model.lora_layers} "
+        "layers + head)"
     )
     plain_down, plain_up = plain_round_bytes(config, arrays)
     print()

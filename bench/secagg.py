@@ -208,8 +208,10 @@ def main() -> None:
         else "all-to-all"
     )
     print(
-        f"SecAgg+ ({config.spec.secagg.secagg_bits}-bit quantization, clip {config.spec.secagg.secagg_clip}, {graph}, "
-        f"threshold {config.spec.secagg.secagg_threshold:g} raised to a majority; signed keys and a signed "
+        f"SecAgg+ ({config.spec.secagg.secagg_bits}-bit quantization, clip "
+        f"{config.spec.secagg.secagg_clip}, {graph}, "
+        f"threshold {config.spec.secagg.secagg_threshold:g} raised to a majority; signed keys and "
+        "a signed "
         f"survivor set)"
     )
     print(

@@ -177,11 +177,14 @@ def main() -> None:
     print(f"torch        {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"data         {len(dataset)} synthetic notes, tokens per note: mean "
-        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length {base_config.spec.task.max_length})"
+        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length "
+        f"{base_config.spec.task.max_length})"
     )
     print(
-        f"training     batch_size {base_config.spec.training.batch_size}, {base_config.spec.training.padding} padding, "
-        f"LoRA r={base_config.spec.model.lora_rank} on {base_config.spec.model.lora_target_modules} of the top "
+        f"training     batch_size {base_config.spec.training.batch_size}, "
+        f"{base_config.spec.training.padding} padding, "
+        f"LoRA r={base_config.spec.model.lora_rank} on "
+        f"{base_config.spec.model.lora_target_modules} of the top "
         f"{base_config.spec.model.lora_layers} layers"
     )
     print(

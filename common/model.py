@@ -90,7 +90,8 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
         layers_pattern, layers = transformer_layers(base, model_spec.name)
         if model_spec.lora_layers > layers:
             raise ModelError(
-                f"field 'lora_layers': {model_spec.lora_layers} is more than the {layers} layers of "
+                f"field 'lora_layers': {model_spec.lora_layers} is more than the {layers} layers "
+                "of "
                 f"'{model_spec.name}'"
             )
         top_layers = list(range(layers - model_spec.lora_layers, layers))

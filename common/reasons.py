@@ -29,6 +29,8 @@ REASONS: dict[str, str] = {
     "policy.file_invalid": "the hospital's site policy file cannot be used; every request is "
     "refused until its staff fix it",
     "policy.schema_invalid": "the hospital's data schema is invalid; its staff must fix it",
+    "dataset.recorded_elsewhere": "the hospital's data set is recorded under another data-set "
+    "id; its staff must start it with that id; refused, nothing spent",
     "policy.refused": "the site policy refuses the request",
     "policy.rules": "the site policy refuses the run (rules broken: {rules})",
     "policy.too_few_examples": "fewer local training examples than the site policy's minimum "

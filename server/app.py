@@ -70,8 +70,9 @@ def run_federation(
     """Run rounds 1..`config.spec.federation.rounds` of federated training and evaluation.
 
     `run_id` is Flower's run id (recorded, for tying logs together). Hospitals see the fedward
-    run id instead: a new random one, or with `config.local.resume` the id of the run checkpointed in
-    `config.local.out`, which then continues with the round after its last completed one.
+    run id instead: a new random one, or with `config.local.resume` the id of the run
+    checkpointed in `config.local.out`, which then continues with the round after its last
+    completed one.
     """
     if not config.spec.task.labels:
         raise ConfigError(

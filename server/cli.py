@@ -215,7 +215,8 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
         check_resumable(checkpoint, config)
         if not unfinished(checkpoint):
             raise ConfigError(
-                f"{out}: run {checkpoint.run_id} already completed all {config.spec.federation.rounds} rounds; "
+                f"{out}: run {checkpoint.run_id} already completed all "
+                f"{config.spec.federation.rounds} rounds; "
                 "nothing to resume"
             )
     elif has_checkpoint:
@@ -273,7 +274,8 @@ def run(
     digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
     console.print(
-        f"fedward run: {what} as Flower run {flower_run_id}; {config.spec.federation.rounds} rounds, task "
+        f"fedward run: {what} as Flower run {flower_run_id}; {config.spec.federation.rounds} "
+        "rounds, task "
         f"{config.spec.task.name}, model {config.spec.model.name}; output {config.local.out}"
     )
     console.print(f"run spec sha256 (for sites' approved_run_configs): {digest}")

@@ -206,7 +206,8 @@ def _announce(config: RunConfig) -> None:
         else "[bold red]secure aggregation OFF[/]"
     )
     console.print(
-        f"fedward simulate: {config.simulation.hospitals} hospitals x {config.spec.federation.rounds} rounds, task "
+        f"fedward simulate: {config.simulation.hospitals} hospitals x "
+        f"{config.spec.federation.rounds} rounds, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
 
@@ -218,10 +219,18 @@ def _num(value) -> str:
 def predict(
     texts: Annotated[list[str], typer.Argument(help="Notes to label.")],
     adapter: Annotated[Path, typer.Option(help="An adapter folder from a fedward run.")],
+    top: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Labels shown per note, most likely first, each with its probability "
+            "(classification; NER lists every entity found).",
+        ),
+    ] = 3,
 ) -> None:
     """Label notes (or find entities) with a trained global adapter."""
     quiet_libraries(False)
     from fedward.simulation.predict import predict_texts
 
-    for line in predict_texts(adapter, texts):
-        typer.echo(line)  # plain tab-separated lines: easy to read and to parse
+    # the note, then one indented line per label (or entity); a blank line between notes
+    typer.echo("\n\n".join(predict_texts(adapter, texts, top=top)))

@@ -27,7 +27,8 @@ class WorkerResources:
 def plan_workers(
     config: RunConfig, cpus: int | None = None, gpus: int | None = None
 ) -> WorkerResources:
-    """Concurrent hospitals: what the machine holds (or `config.simulation.workers`), at most the hospitals.
+    """Concurrent hospitals: what the machine holds (or `config.simulation.workers`), at most the
+    hospitals.
 
     Each worker process holds one copy of the frozen base model, so memory grows with the
     number of workers, not with the number of hospitals.

@@ -57,8 +57,14 @@ class Task(Protocol):
     def metrics_from_counts(self, vector: np.ndarray, num_labels: int) -> dict[str, float]: ...
     def pooled_metrics(self, counts: dict[str, tuple[float, float, float]]) -> dict[str, float]: ...
     def describe_prediction(
-        self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
-    ) -> str: ...
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        labels: list[str],
+        text: str,
+        max_length: int,
+        top: int = 3,
+    ) -> list[str]: ...
 
 
 #: Every task, by the name a run config uses.

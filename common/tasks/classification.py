@@ -163,13 +163,26 @@ class Classification:
         }
 
     def describe_prediction(
-        self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
-    ) -> str:
-        """The most likely label and its probability, tab-separated (call under no_grad)."""
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        labels: list[str],
+        text: str,
+        max_length: int,
+        top: int = 3,
+    ) -> list[str]:
+        """The `top` most likely labels, most likely first: one line each, the label (padded to
+        one width) and its probability (call under no_grad). How sure the model is shows in
+        the gap between the lines, which one label alone hides."""
         encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
         probabilities = model(**encoded).logits.float().softmax(dim=-1)[0]
-        best = int(probabilities.argmax())
-        return f"{labels[best]}\t{float(probabilities[best]):.3f}"
+        best = probabilities.topk(max(1, min(top, len(labels))))
+        names = [labels[index] for index in best.indices.tolist()]
+        width = max(len(name) for name in names)
+        return [
+            f"{name:<{width}}  {probability:.3f}"
+            for name, probability in zip(names, best.values.tolist(), strict=True)
+        ]
 
 
 CLASSIFICATION = Classification()

@@ -168,15 +168,23 @@ class NamedEntityRecognition:
         return ner_metrics_from_ids(true_ids, pred_ids, labels)
 
     def describe_prediction(
-        self, model: torch.nn.Module, tokenizer, labels: list[str], text: str, max_length: int
-    ) -> str:
-        """The entities found, each with its type, words and character span [start:end) in
-        `text` (under no_grad). Words are split as the corpora are (`ner.split_words`: each
-        Chinese character on its own), so spans count characters of the original text; a text
-        longer than `max_length` pieces is read piece by piece, none of it truncated away."""
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        labels: list[str],
+        text: str,
+        max_length: int,
+        top: int = 3,
+    ) -> list[str]:
+        """The entities found, one line each with its type, words and character span
+        [start:end) in `text`, in the order of the text (under no_grad; `top` is
+        classification's: every entity found is listed). Words are split as the corpora are
+        (`ner.split_words`: each Chinese character on its own), so spans count characters of
+        the original text; a text longer than `max_length` pieces is read piece by piece, none
+        of it truncated away."""
         words, offsets = split_words(text)
         if not words:
-            return "(no words)"
+            return ["(no words)"]
         id_to_label = dict(enumerate(labels))
         tags: list[str] = []
         for piece in cut_long_sentences(tokenizer, [[(w, "O") for w in words]], max_length):
@@ -193,11 +201,11 @@ class NamedEntityRecognition:
                 predictions, encoded.word_ids(0), id_to_label, len(piece_words)
             )
         spans = entity_spans(words, tags, text=text, offsets=offsets)
-        found = "; ".join(
+        found = [
             f"{span.entity_type} '{span.text}' [{span.start_char}:{span.end_char}]"
             for span in spans
-        )
-        return found or "(no entities)"
+        ]
+        return found or ["(no entities)"]
 
 
 def _train_file(folder: Path) -> Path:

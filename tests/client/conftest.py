@@ -22,3 +22,13 @@ def fresh_prefix_caches():
     prefix_cache.drop_prefix_caches()
     yield
     prefix_cache.drop_prefix_caches()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pinned_tiny_model(tiny_model_dir):
+    """The site policies the tests write pin the tiny model's content (site_fixtures)."""
+    import site_fixtures
+
+    from fedward.client.policy import model_content_hash
+
+    site_fixtures.PINNED_MODEL_HASHES[:] = [model_content_hash(tiny_model_dir)]

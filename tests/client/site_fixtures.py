@@ -31,10 +31,21 @@ def write_notes(
             writer.writerow([text, label, i][: len(columns)])
 
 
+#: Content hashes of the models the tests' site policies pin (tests/client/conftest.py puts the
+#: tiny model's here): a deployed hospital trains only a pinned model or the packaged default.
+PINNED_MODEL_HASHES: list[str] = []
+
+
 def write_policy(path: Path, **rules) -> None:
     """A site policy with `rules` over these defaults (updates travel unmasked unless a test
-    asks for secure aggregation)."""
-    values = {"max_epsilon": 6.0, "min_examples": 10, "require_secure_aggregation": False, **rules}
+    asks for secure aggregation; the tiny test model pinned)."""
+    values = {
+        "max_epsilon": 6.0,
+        "min_examples": 10,
+        "require_secure_aggregation": False,
+        **({"allowed_model_hashes": PINNED_MODEL_HASHES} if PINNED_MODEL_HASHES else {}),
+        **rules,
+    }
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
 
 

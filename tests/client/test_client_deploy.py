@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -33,6 +34,7 @@ def _settings(files, tmp_path, **values) -> deploy.HospitalSettings:
         "ca": files["ca.crt"],
         "key": files["node.key"],
         "name": "st-mary",
+        "dataset_id": "icu-notes",
     }
     return deploy.HospitalSettings(**{**base, **values})
 
@@ -52,7 +54,7 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         "ledger": str((tmp_path / "my ledger").resolve()),
         "audit-log": str((tmp_path / "my ledger" / "audit.jsonl").resolve()),
         "hospital-name": "st-mary",
-        "dataset-id": "st-mary",  # the ledger's name: the hospital's unless --dataset-id
+        "dataset-id": "icu-notes",  # the ledger's name, required
         "device": "auto",
         "prefix-cache": True,
         "prefix-cache-mb": 512,
@@ -71,12 +73,34 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         ({"device": "tpu"}, ConfigError, "use auto, cpu or cuda"),
         ({"data": Path("/nonexistent/notes.csv")}, DataError, "data file not found"),
         ({"policy": Path("/nonexistent/policy.toml")}, ConfigError, "site policy file not found"),
+        ({"dataset_id": None}, ConfigError, "--dataset-id: required"),
+        ({"dataset_id": "../other"}, ConfigError, "--dataset-id '../other'"),
     ],
 )
 def test_bad_settings_stop_before_anything_starts(files, tmp_path, change, error, message):
     with pytest.raises(error, match=message):
         deploy.prepare_supernode(_settings(files, tmp_path, **change))
     assert not (tmp_path / "my ledger").exists()
+
+
+def test_every_hospital_process_runs_without_a_model_hub(files, tmp_path, monkeypatch):
+    """Issue 28, 3(b): the SuperNode and every ClientApp process it leads to are offline."""
+    started = {}
+
+    class Started:
+        def __init__(self, command, env=None, preexec_fn=None):
+            started["env"] = env
+
+    monkeypatch.setattr(deploy.subprocess, "Popen", Started)
+    monkeypatch.setattr(deploy, "_stop", lambda process: None)
+    monkeypatch.setattr("fedward.client.runtime.serve_tasks", lambda address, supernode: 0)
+    for name in deploy.OFFLINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    command = deploy.prepare_supernode(_settings(files, tmp_path))
+    assert deploy.run_supernode(command, _settings(files, tmp_path)) == 0
+    for name, value in deploy.OFFLINE_ENV.items():
+        assert started["env"][name] == value  # the SuperNode
+        assert os.environ[name] == value  # this process, and the ClientApp processes it starts
 
 
 def test_insecure_mode_runs_without_certificates_or_key(files, tmp_path):

@@ -55,6 +55,7 @@ def hospital(tmp_path, tiny_model_dir):
         policy=site / "policy.toml",
         ledger=site / "ledger",
         name=HOSPITAL,
+        dataset_id=HOSPITAL,
         device="cpu",
         insecure=True,
     )
@@ -347,9 +348,35 @@ def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
     assert _ledger(node_config).rounds_recorded("run-a") == [1]
 
 
-def test_the_data_set_id_defaults_to_the_hospital_name_and_must_be_plain(hospital):
+def test_a_deployed_site_without_a_data_set_id_refuses_everything(hospital):
+    """Issue 28, 3(a): the id defaulted to the node key file's name; renaming the file (same key,
+    same data) started a fresh lifetime budget. Now there is no default."""
+    config, node_config, _ = hospital
+    node_config = {key: value for key, value in node_config.items() if key != "dataset-id"}
+    reply = _train(config, node_config, _arrays(config))
+    assert reply.content[wire.REFUSAL]["code"] == "policy.not_configured"
+    assert not Path(node_config["ledger"], f"{HOSPITAL}.json").exists()
+
+
+def test_the_same_data_under_a_new_data_set_id_is_refused_until_the_operator_says(hospital):
+    """An operator who restarts the hospital with another --dataset-id (or copies a node
+    config) for the very same data file is refused before anything is spent."""
+    config, node_config, _ = hospital  # a lifetime budget of 6, a run of 5
+    assert wire.REFUSAL not in _train(config, node_config, _arrays(config)).content
+    spent = _ledger(node_config).epsilon_spent(DELTA)
+
+    renamed = {**node_config, "dataset-id": "st-mary-renamed"}
+    reply = _train(config, renamed, _arrays(config), run_id="run-b")
+    assert reply.content[wire.REFUSAL]["code"] == "dataset.recorded_elsewhere"
+    assert PrivacyLedger.open(node_config["ledger"], "st-mary-renamed").entries == []
+    assert _ledger(node_config).epsilon_spent(DELTA) == pytest.approx(spent)
+    # under its own id the data set goes on, within its one lifetime budget
+    reply = _train(config, node_config, _arrays(config), run_id="run-b")
+    assert reply.content[wire.REFUSAL]["code"] == "budget.exceeded"  # 5 and 5 do not fit 6
+
+
+def test_a_data_set_id_must_be_plain(hospital):
     _, node_config, site = hospital
-    assert node_config["dataset-id"] == HOSPITAL
     settings = deploy.HospitalSettings(
         server="127.0.0.1:9092",
         data=Path(node_config["data-path"]),

@@ -133,3 +133,26 @@ def test_bad_policy_file_names_file_and_field(tmp_path, text, expected):
 def test_missing_policy_file(tmp_path):
     with pytest.raises(ConfigError, match="site policy file not found"):
         SitePolicy.load(tmp_path / "nope.toml")
+
+
+def test_declared_labels_must_all_be_listed_by_the_run():
+    """The hospital's own label set (issue 28): a run may list more labels, never fewer; judged
+    from the policy alone, so the answer is the same whatever the records hold."""
+    policy = SitePolicy.build({"max_epsilon": 8.0, "labels": ["cardiac", "respiratory"]})
+    policy.check(RunSpec(labels=["cardiac", "respiratory", "renal"], target_epsilon=4.0))
+    with pytest.raises(PolicyError) as caught:
+        policy.check(RunSpec(labels=["cardiac", "hiv-positive"], target_epsilon=4.0))
+    assert caught.value.reason.params == {"rules": "labels"}  # which label: only in the log
+    assert "respiratory" in str(caught.value)
+    for labels in ([], ["cardiac", "cardiac"]):
+        with pytest.raises(ConfigError, match="labels"):
+            SitePolicy.build({"max_epsilon": 8.0, "labels": labels})
+
+
+def test_the_vocabulary_limit_defaults_to_the_run_specs_default():
+    assert (
+        SitePolicy.build({"max_epsilon": 8.0}).max_unknown_rate
+        == RunConfig().spec.task.max_unknown_rate
+    )
+    with pytest.raises(ConfigError, match="max_unknown_rate"):
+        SitePolicy.build({"max_epsilon": 8.0, "max_unknown_rate": 1.5})

@@ -281,3 +281,107 @@ def test_with_secure_aggregation_no_example_count_or_loss_leaves_in_the_clear(ho
     assert wire.REFUSAL not in reply.content, _received(reply)
     assert set(reply.content[wire.METRICS]) == {"epsilon"}
     assert wire.ARRAYS not in reply.content  # the update leaves only masked, in a later stage
+
+
+# --- issue 28: a run's spec is fixed on first contact; checks against the policy come first -----
+
+
+def test_the_final_round_cannot_be_asked_again_with_fewer_rounds(hospital):
+    """Issue 28, 3(c): "evaluation only after the final round" trusted each message's rounds;
+    the same run asked with rounds = 1 got round 1's metrics. The run's spec is now fixed at the
+    hospital on first contact, on disk, and another spec for the run is refused and logged."""
+    config, node_config, tmp_path = hospital
+    write_policy(tmp_path / "policy.toml", allow_evaluation=True, evaluate_rounds="final")
+    arrays = _arrays(config)
+    assert wire.REFUSAL not in _train(config, node_config, arrays).content  # round 1 of 2
+    fixed = Path(node_config["ledger"], "runs", "st-mary.run-a.json")
+    assert json.loads(fixed.read_text())["spec_sha256"] == config.digest()
+
+    shorter = config.updated(**{"rounds": 1})  # "round 1 is the final one"
+    reply = _evaluate(shorter, node_config, arrays)
+    assert _reason(reply) == Reason("run.spec_changed")
+    assert wire.METRICS not in reply.content
+    assert _ledger(node_config).rounds_recorded("run-a" + EVALUATION_KEY) == []
+    reply = _train(shorter, node_config, arrays)  # nor trained again as a one-round run
+    assert _reason(reply) == Reason("run.spec_changed")
+    refusals = [
+        json.loads(line)["fields"]
+        for line in _hospital_audit(node_config).splitlines()
+        if json.loads(line)["kind"] == "refusal"
+    ]
+    assert [r["code"] for r in refusals] == ["run.spec_changed"] * 2  # logged, with the digests
+    assert config.digest()[:12] in refusals[0]["reason"]
+    # the spec agreed to still holds: only its final round, 2, is evaluated
+    reply = _evaluate(config, node_config, arrays)
+    assert _reason(reply) == Reason("evaluation.not_final", {"rounds": 2})
+
+
+def test_a_spec_the_policy_refuses_is_not_fixed(hospital):
+    config, node_config, _ = hospital
+    reply = _train(config.updated(**{"dp": False}), node_config, _arrays(config))
+    assert _reason(reply).code == "policy.rules"
+    assert not Path(node_config["ledger"], "runs").exists()
+    assert wire.REFUSAL not in _train(config, node_config, _arrays(config)).content
+
+
+def test_the_hospitals_declared_labels_are_checked_before_any_record_is_read(hospital):
+    """A hospital that declares its labels has a run lacking one refused from its policy alone:
+    the answer is the same whatever its records hold (the data file is not even there)."""
+    config, node_config, tmp_path = hospital
+    write_policy(tmp_path / "policy.toml", labels=[*LABELS, "hiv-positive"])
+    Path(node_config["data-path"]).unlink()
+    reply = _train(config, node_config, _arrays(config))
+    assert _reason(reply) == Reason("policy.rules", {"rules": "labels"})
+    assert not Path(node_config["ledger"], "st-mary.json").exists()  # nothing read, nothing spent
+
+
+def test_the_vocabulary_limit_is_the_hospitals_and_its_refusal_carries_no_share(hospital):
+    """The vocabulary refusal carried the share of unknown text (two decimals) against a limit
+    the coordinator chose: a binary search on max_unknown_rate measured the text, for free."""
+    config, node_config, tmp_path = hospital
+    data = Path(node_config["data-path"])
+    rows = data.read_text(encoding="utf-8").splitlines()
+    data.write_text(
+        "\n".join([rows[0], *(row.replace(": ", ": \U0001fac0 ", 1) for row in rows[1:])]) + "\n",
+        encoding="utf-8",
+    )
+    write_policy(tmp_path / "policy.toml", max_unknown_rate=0.01)
+    lenient = config.updated(**{"max_unknown_rate": 1.0})  # the coordinator's limit
+    reply = _train(lenient, node_config, _arrays(config))
+    assert _reason(reply) == Reason("data.vocabulary", {"max_unknown_rate": 0.01})
+    # it depends on the text, so it came after the budget gate and was paid for
+    assert [(e.run_id, e.status) for e in _ledger(node_config).entries] == [("run-a", "reserved")]
+
+
+def test_a_hub_model_is_refused_without_reaching_any_hub(hospital, monkeypatch):
+    """Issue 28, 3(b): with allowed_model_hashes unset, a hospital given a hub model id went to
+    fetch it. Now a model must be a local folder whose content the policy pins (or the packaged
+    default); a hub id is refused from the policy alone, before anything is downloaded or read."""
+    import huggingface_hub
+
+    config, node_config, _ = hospital
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hospital reached for a model hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    Path(node_config["data-path"]).unlink()  # not read either
+    crafted = config.updated(**{"model": "coordinator-org/bert-with-a-tokenizer"})
+    reply = _train(crafted, node_config, _arrays(config))
+    assert _reason(reply) == Reason("policy.rules", {"rules": "allowed_model_hashes"})
+
+
+def test_a_policy_that_pins_no_model_trains_only_the_packaged_default(hospital):
+    from fedward.client.policy import SitePolicy
+    from fedward.client.site import Site
+    from fedward.common.config import PACKAGED_MODEL
+
+    config, node_config, _ = hospital
+    policy = "max_epsilon = 6.0\nrequire_secure_aggregation = false\n"  # no model pinned
+    Path(node_config["policy"]).write_text(policy, encoding="utf-8")
+    assert SitePolicy.load(node_config["policy"]).allowed_model_hashes is None
+    reply = _train(config, node_config, _arrays(config))  # a local folder, but not pinned
+    assert _reason(reply) == Reason("policy.rules", {"rules": "allowed_model_hashes"})
+    site = Site.open(node_config, "st-mary")
+    site.check_policy(config.updated(model=PACKAGED_MODEL).spec)  # accepted

@@ -288,4 +288,4 @@ def test_predicted_entities_carry_character_offsets_of_the_chinese_text(chinese_
     found = NER.describe_prediction(model, chinese_tokenizer, labels, text, max_length=32)
 
     start = text.index("糖尿病")
-    assert found == f"disease '糖尿病' [{start}:{start + 3}]"
+    assert found == [f"disease '糖尿病' [{start}:{start + 3}]"]

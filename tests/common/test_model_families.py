@@ -312,8 +312,8 @@ def test_each_family_trains_a_secure_dp_round_and_labels_a_note(family_run):
     family, config, result = family_run
     meta = _check_round_and_adapter(family, config, result)
     first = predict_texts(result.adapter_dir, [NOTE])
-    label, probability, _ = first[0].split("\t")
-    assert label in meta["labels"] and 0 < float(probability) <= 1
+    label, probability = first[0].splitlines()[1].strip().rsplit(" ", 1)
+    assert label.strip() in meta["labels"] and 0 < float(probability) <= 1
     assert predict_texts(result.adapter_dir, [NOTE]) == first  # the head was saved, not redrawn
 
 
@@ -321,8 +321,8 @@ def test_each_ner_family_trains_a_secure_dp_round_and_finds_spans(family_ner_run
     family, config, result = family_ner_run
     meta = _check_round_and_adapter(family, config, result)
     assert meta["task"] == "ner"
-    (line,) = predict_texts(result.adapter_dir, [NOTE])
-    found = line.split("\t")[0]
+    (block,) = predict_texts(result.adapter_dir, [NOTE])
+    found = "; ".join(line.strip() for line in block.splitlines()[1:])
     for entity in re.finditer(r"(\S+) '([^']*)' \[(\d+):(\d+)\]", found):
         entity_type, text, start, end = entity.groups()
         assert f"B-{entity_type}" in meta["labels"]

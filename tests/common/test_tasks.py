@@ -121,6 +121,7 @@ def test_predictions_are_described_per_task(tiny_model_dir, tokenizer):
         )
         tagger = build_base("ner", tiny_model_dir, 3).eval()
         empty = NER.describe_prediction(tagger, tokenizer, ["O", "B-X", "I-X"], "   ", 16)
-    label, probability = line.split("\t")
-    assert label in labels and 0.5 <= float(probability) <= 1.0
-    assert empty == "(no words)"
+    (best, other) = (item.rsplit(" ", 1) for item in line)  # top 3 of 2 labels: both
+    assert best[0].strip() in labels and 0.5 <= float(best[1]) <= 1.0
+    assert float(best[1]) + float(other[1]) == pytest.approx(1.0, abs=2e-3)
+    assert empty == ["(no words)"]

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from fedward.client.ledger import PrivacyLedger
+from fedward.client.policy import model_content_hash
 from fedward.client.secagg import write_signing_key
 
 LABELS = ["cardiac", "respiratory"]
@@ -216,6 +217,7 @@ class Federation:
             "max_rounds": 5,
             "min_secure_aggregation_hospitals": 2,  # the tests federate two hospitals
             "secagg_signing_key": str(self.site(name) / "secagg-signing.pem"),
+            "allowed_model_hashes": [model_content_hash(self.model_dir)],  # the tiny model
             **rules,
         }
         text = "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
@@ -285,6 +287,8 @@ class Federation:
             str(site / f"{name}.key"),
             "--ledger",
             str(site / "ledger"),
+            "--dataset-id",
+            f"{name}-notes",
             "--device",
             "cpu",
             "--runtime-port",
@@ -363,7 +367,7 @@ class Federation:
 
     def ledger(self, name: str) -> PrivacyLedger:
         site = self.site(name)
-        return PrivacyLedger.open(site / "ledger", name)  # data-set id: the hospital's name
+        return PrivacyLedger.open(site / "ledger", f"{name}-notes")  # its --dataset-id
 
     def audit_records(self, path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -51,6 +51,8 @@ def test_a_plaintext_client_cannot_connect(federation):
         str(site / "policy.toml"),
         "--key",
         str(site / "intruder.key"),
+        "--dataset-id",
+        "intruder-notes",
         "--insecure",
     )
     assert refused.returncode == 2
@@ -68,6 +70,8 @@ def test_a_plaintext_client_cannot_connect(federation):
         str(site / "policy.toml"),
         "--ledger",
         str(site / "ledger-plain"),
+        "--dataset-id",
+        "intruder-notes",
         "--insecure",
         "--max-wait-time",
         "15",

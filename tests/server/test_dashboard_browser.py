@@ -29,13 +29,17 @@ from fedward.common.config import RunConfig
 from fedward.server.app import history_row, round_audit_fields, write_history
 from fedward.server.dashboard.app import DashboardSettings, create_app
 
-CHROMIUM = os.environ.get("FEDWARD_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("FEDWARD_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM = os.environ.get("FEDWARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (
+    os.environ.get("FEDWARD_CHROMEDRIVER")
+    or shutil.which("chromedriver")
+    or "/usr/bin/chromedriver"
+)
 
 
 def _browser_missing() -> str:
     for path in (CHROMIUM, CHROMEDRIVER):
-        if not Path(path).is_file() and shutil.which(Path(path).name) is None:
+        if not Path(path).is_file():
             return (
                 f"no browser: {path} is not installed (Debian/Ubuntu: "
                 "`sudo apt-get install chromium chromium-driver`)"

@@ -111,13 +111,14 @@ def test_predict_prints_entities_with_spans(tiny_model_dir, tmp_path):
     )
 
     assert run.returncode == 0, run.stderr
-    line = run.stdout.strip().splitlines()[-1]
-    # Either entities with [start:end] character spans that point into the text, or none found:
-    # a tiny random model may find nothing, but the format and spans must be right.
-    found, _, shown = line.partition("\t")
+    shown, *lines = run.stdout.strip().splitlines()
+    # Either entities with [start:end] character spans that point into the text, one per line
+    # under the note, or none found: a tiny random model may find nothing, but the format and
+    # spans must be right.
     assert shown.startswith("Patient with chest pain")
-    if found != "(no entities)":
-        for part in found.split("; "):
+    assert lines and all(line.startswith("  ") for line in lines)
+    if lines != ["  (no entities)"]:
+        for part in (line.strip() for line in lines):
             entity_type, rest = part.split(" ", 1)
             span = rest[rest.rindex("[") + 1 : -1]
             start, end = (int(x) for x in span.split(":"))
