@@ -622,14 +622,12 @@ class Site:
         default = packaged_model_hash()
         return self.policy.model_copy(update={"allowed_model_hashes": [default] if default else []})
 
-    def _model_hash(self, config: RunSpec) -> str | None:
+    def _model_hash(self, spec: RunSpec) -> str | None:
         """The content hash of the run's model if it is a local folder or file; None
         otherwise (a hub id: never fetched, the pinned policy refuses it)."""
-        path = resolve_model_path(config.spec.model.name)
+        path = resolve_model_path(spec.model.name)
         if not Path(path).exists():
-            log.warning(
-                "%s: model %r is not a local folder; refused", self.name, config.spec.model.name
-            )
+            log.warning("%s: model %r is not a local folder; refused", self.name, spec.model.name)
             return None
         try:
             return model_content_hash(path)

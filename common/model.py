@@ -373,7 +373,22 @@ def _replace(root: torch.nn.Module, path: str, child: torch.nn.Module) -> torch.
 
 
 def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
-    """The frozen base with the fresh head of the task named `task` (its `load_base`)."""
+    """The frozen base model with the fresh head of the task named `task` (its `load_base`):
+    what a saved adapter loads onto.
+
+    Args:
+        task: "classification" or "ner".
+        model: A local model folder, or the packaged "all-MiniLM-L6-v2".
+        num_labels: Outputs of the head (the adapter's `fedward.json` lists its labels).
+
+    Returns:
+        The base model with its head; the adapter is not applied.
+
+    Example:
+        >>> from peft import PeftModel
+        >>> base = build_base("classification", "all-MiniLM-L6-v2", num_labels=3)
+        >>> model = PeftModel.from_pretrained(base, "fedward-out/adapter")  # doctest: +SKIP
+    """
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -478,7 +493,30 @@ def save_adapter(
 
 
 def load_adapter_for_inference(adapter_dir: str | Path) -> tuple[torch.nn.Module, object, dict]:
-    """Base model + saved adapter via `PeftModel.from_pretrained`, its tokenizer and metadata."""
+    """A saved global adapter on its base model, ready to predict, with its tokenizer and the
+    adapter's metadata (`fedward.json`: task, base model, labels, LoRA settings).
+
+    Args:
+        adapter_dir: The `adapter` folder of a run's output (`fedward-out/adapter`).
+
+    Returns:
+        `(model, tokenizer, meta)`: the PEFT model in eval mode, the base model's tokenizer,
+        and the metadata; `meta["labels"][i]` names output `i`.
+
+    Raises:
+        ModelError: the folder is not a fedward adapter, or its base model cannot be loaded.
+
+    Example:
+        A run's global adapter, asked about one note::
+
+            import torch
+
+            model, tokenizer, meta = load_adapter_for_inference("fedward-out/adapter")
+            batch = tokenizer(["68F with fever, productive cough"], return_tensors="pt")
+            with torch.no_grad():
+                probabilities = model(**batch).logits.softmax(-1)[0]
+            print(meta["labels"][int(probabilities.argmax())])  # e.g. pneumonia
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)

@@ -150,7 +150,7 @@ def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_ro
     assert (
         Site.open({**values, "prefix-cache": True}, "st-mary")
         .check_policy(RunSpec(labels=["a", "b"]))
-        .prefix_cache
+        .local.prefix_cache
     )
 
     with pytest.raises(PolicyError, match="prefix-cache settings"):

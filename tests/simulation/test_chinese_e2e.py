@@ -69,13 +69,13 @@ def test_one_dp_round_on_chinese_notes_with_per_type_metrics_and_coverage(
     assert "entity F1 by type, round 1: body " in report
 
     text = "孩子经常感冒发炎，鼻塞流涕，需要吃抗病毒口服液吗？"
-    (line,) = predict_texts(result.adapter_dir, [text])
-    found, _, shown = line.partition("\t")
+    (block,) = predict_texts(result.adapter_dir, [text])
+    shown, *found = block.split("\n")
     assert shown == text
     # A random model may find nothing; whatever it finds must point into the text.
-    if found != "(no entities)":
-        for part in found.split("; "):
-            entity_type, rest = part.split(" ", 1)
+    if found != ["  (no entities)"]:
+        for part in found:
+            entity_type, rest = part.strip().split(" ", 1)
             start, end = (int(x) for x in rest[rest.rindex("[") + 1 : -1].split(":"))
             assert entity_type in {"disease", "symptom", "body", "crowd", "drug", "treatment"}
             assert rest.startswith(f"'{text[start:end]}'")
