@@ -29,6 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedward.client.ledger import IDENTIFIER
+from fedward.client.node_config import (
+    AUDIT_KEY,
+    CACHE_KEYS,
+    DATA_KEY,
+    DATASET_KEY,
+    DEVICE_KEY,
+    LEDGER_KEY,
+    NAME_KEY,
+    OFFLINE_ENV,
+    POLICY_KEY,
+)
 from fedward.client.policy import SitePolicy
 from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import ConfigError, DataError
@@ -38,25 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094
 
-#: The environment of every hospital process: no model hub, no hub dataset, no telemetry.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-}
 NODE_CONFIG_FILE = "supernode.toml"
-
-#: Node-config keys the deployed ClientApp reads (client/site.py).
-DATA_KEY = "data-path"
-POLICY_KEY = "policy"
-LEDGER_KEY = "ledger"
-AUDIT_KEY = "audit-log"
-DATASET_KEY = "dataset-id"
-DEVICE_KEY = "device"
-#: The hospital's own frozen-prefix cache settings (`LocalSettings`), never the run's.
-CACHE_KEYS = ("prefix-cache", "prefix-cache-mb")
-NAME_KEY = "hospital-name"
 
 
 @dataclass(frozen=True)

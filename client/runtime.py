@@ -43,7 +43,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedward.client.bundle import CLIENT_APP, check_bundle
-from fedward.client.deploy import AUDIT_KEY, OFFLINE_ENV
+from fedward.client.node_config import AUDIT_KEY, OFFLINE_ENV
 from fedward.common.audit import AuditLog
 from fedward.common.errors import DataError
 

@@ -67,7 +67,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fedward.client.deploy import (
+from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
+from fedward.client.node_config import (
     AUDIT_KEY,
     CACHE_KEYS,
     DATA_KEY,
@@ -76,7 +77,6 @@ from fedward.client.deploy import (
     LEDGER_KEY,
     POLICY_KEY,
 )
-from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy import calibrate_noise
 from fedward.client.release import (

@@ -138,7 +138,7 @@ class Classification:
 
         from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 
-        from fedward.common.model import MeanPoolClassifier
+        from fedward.common.tasks.heads import MeanPoolClassifier
 
         config = AutoConfig.from_pretrained(path)
         encoder_class = MODEL_MAPPING.get(type(config), None)
