@@ -20,8 +20,8 @@ from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.synthetic import DIAGNOSES
 from fedward.server.secagg import SecAggServerSession
+from fedward.simulation.synthetic import DIAGNOSES
 
 
 def size(content: RecordDict) -> int:

@@ -55,13 +55,14 @@ def load_corpus(corpus: str, args) -> tuple[str, list, list, list[str], list[lis
 def _synthetic(args) -> tuple[str, list, list, list[str], list[list[int]]]:
     """The default simulation's notes: each hospital's train split, and all val splits pooled."""
     from fedward.common.tasks import task_named
+    from fedward.simulation.synthetic import synthetic_examples
 
     values = RunConfig.build(args.fixed)
     task = task_named(values.spec.task.name)
     train, test, parts = [], [], []
     for hospital in range(args.hospitals):
-        notes = task.synthetic_notes(
-            hospital, values.simulation.notes_per_hospital, args.seed, args.hospitals
+        notes = synthetic_examples(
+            task.name, hospital, values.simulation.notes_per_hospital, args.seed, args.hospitals
         )
         own_train, own_val = task.split(
             notes, values.data_schema.val_fraction, args.seed + hospital

@@ -141,7 +141,7 @@ def main() -> None:
 def cached_states_mb(hospitals: int, notes: int) -> float:
     """MiB the 16-bit cached states of every hospital's training notes take (all workers)."""
     from fedward.common.model import load_tokenizer
-    from fedward.common.synthetic import generate_notes
+    from fedward.simulation.synthetic import generate_notes
 
     config = RunConfig(lora_variant="lora")
     tokenizer = load_tokenizer(config.spec.model.name)

@@ -37,7 +37,7 @@ from fedward.common.model import (
     load_tokenizer,
     split_frozen_prefix,
 )
-from fedward.common.synthetic import DIAGNOSES, generate_notes
+from fedward.simulation.synthetic import DIAGNOSES, generate_notes
 
 #: (label, dp, prefix cache, length bucketing) of the configurations, in the order printed.
 CONFIGURATIONS = [

@@ -220,7 +220,8 @@ def ledger_command(
             )
         if site_policy is not None:
             line += (
-                f" of the site budget {site_policy.max_epsilon:g} (delta {site_policy.max_delta:g})"
+                f" of the site budget {site_policy.lifetime_epsilon:g}"
+                f" (delta {site_policy.max_delta:g})"
             )
         console.print(line)
 

@@ -293,27 +293,27 @@ class PrivacyLedger:
 
     def check_budget(
         self,
-        max_epsilon: float,
+        lifetime_epsilon: float,
         delta: float,
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
     ) -> float:
-        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `max_epsilon`.
+        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `lifetime_epsilon`.
 
         Looks at this object's entries only; `reserve` runs the same check under the lock on
         what is on disk. Returns the projected epsilon when the round fits.
         """
         projected = self.projected_epsilon(delta, noise_multiplier, sample_rate, steps)
-        if projected > max_epsilon:
+        if projected > lifetime_epsilon:
             spent = self.epsilon_spent(delta)
             reserved = len(self.reservations())
             pending = f" (including {reserved} reserved rounds)" if reserved else ""
             raise PrivacyBudgetExceeded(
                 f"data set {self.dataset}: privacy budget would be exceeded: spent epsilon "
                 f"{spent:.3f}{pending}, after this round {projected:.3f}, site limit "
-                f"{max_epsilon:g} (delta {delta:g}); no step was taken. Training on this data "
-                "set must stop, or the data owner must raise max_epsilon in the site policy"
+                f"{lifetime_epsilon:g} (delta {delta:g}); no step was taken. Training on this data "
+                "set must stop, or the data owner must raise lifetime_epsilon in the site policy"
             )
         return projected
 
@@ -345,7 +345,7 @@ class PrivacyLedger:
         rounds: int,
         plan: DPPlan,
         delta: float,
-        max_epsilon: float,
+        lifetime_epsilon: float,
         data_sha256: str | None = None,
         budget_delta: float | None = None,
     ) -> LedgerEntry:
@@ -368,7 +368,7 @@ class PrivacyLedger:
                     reason=Reason("round.repeated", {"round": round}),
                 )
             self.check_budget(
-                max_epsilon,
+                lifetime_epsilon,
                 delta if budget_delta is None else budget_delta,
                 plan.noise_multiplier,
                 plan.sample_rate,

@@ -8,7 +8,7 @@ allowed_models = ["all-MiniLM-L6-v2"]
 allowed_model_hashes = ["3f1c...e9"]        # `fedward client model-hash PATH` prints it
 allowed_tasks = ["classification"]
 labels = ["cardiac", "respiratory"]        # this hospital's label values; a run must list them
-max_epsilon = 8.0                           # lifetime budget per local data set
+lifetime_epsilon = 8.0                      # budget of each local data set, all runs
 max_delta = 1e-5
 max_rounds = 50
 min_examples = 200
@@ -54,8 +54,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
+#: Policy keys renamed since an earlier version: an old key is refused, naming the new one.
+RENAMED = {"max_epsilon": "lifetime_epsilon"}
+
 #: Rules whose limit a refusal may state (the policy's own numbers, not the hospital's data).
-_LIMITS = ("max_epsilon", "max_delta", "max_rounds", "min_examples")
+_LIMITS = ("lifetime_epsilon", "max_delta", "max_rounds", "min_examples")
 
 
 class SitePolicy(BaseModel):
@@ -73,9 +76,10 @@ class SitePolicy(BaseModel):
             any record is read; unset, a record whose label the run does not list is found only
             when the data is read, after the budget gate, and the refusal is charged. Either
             way, whether any record carries a label is not told for free.
-        max_epsilon: Lifetime epsilon budget of each local data set, over all runs. A run whose
-            own target epsilon is above it is refused outright; the ledger refuses a round that
-            would push the data set past it.
+        lifetime_epsilon: Epsilon budget of each local data set over its whole life, all runs
+            together (formerly `max_epsilon`, now refused). A run whose own target epsilon is
+            above it is refused outright; the ledger refuses a round that would push the data
+            set past it.
         max_delta: Largest delta a run may ask for.
         max_rounds: Most rounds one run may ask for.
         min_examples: Fewest training examples the hospital trains on (checked after loading).
@@ -117,7 +121,7 @@ class SitePolicy(BaseModel):
     labels: list[str] | None = Field(
         None, description="This hospital's label values; a run must list every one of them."
     )
-    max_epsilon: float = Field(
+    lifetime_epsilon: float = Field(
         ..., gt=0, le=100, description="Lifetime epsilon budget of each local data set."
     )
     max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest delta a run may use.")
@@ -207,6 +211,9 @@ class SitePolicy(BaseModel):
     def build(cls, values: dict[str, Any], source: str = "site policy") -> SitePolicy:
         """Validate `values` (keys with '-' or '_'); a bad value raises `ConfigError`."""
         normalised = {key.replace("-", "_"): value for key, value in values.items()}
+        for old, new in RENAMED.items():
+            if old in normalised:
+                raise ConfigError(f"{source}: '{old}' is now called '{new}'; rename the key")
         try:
             return cls(**normalised)
         except ValidationError as exc:
@@ -221,7 +228,7 @@ class SitePolicy(BaseModel):
         Pass overrides for baselines, e.g. `SitePolicy.permissive(require_dp=False)`.
         """
         values: dict[str, Any] = {
-            "max_epsilon": 100.0,
+            "lifetime_epsilon": 100.0,
             "max_delta": 1e-3,
             "max_rounds": 10_000,
             "min_examples": 1,
@@ -284,13 +291,13 @@ class SitePolicy(BaseModel):
             broken.append(
                 ("require_dp", "differential privacy is off but the site policy requires it")
             )
-        if spec.privacy.dp and spec.privacy.target_epsilon > self.max_epsilon:
+        if spec.privacy.dp and spec.privacy.target_epsilon > self.lifetime_epsilon:
             broken.append(
                 (
-                    "max_epsilon",
+                    "lifetime_epsilon",
                     f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime "
                     "budget "
-                    f"max_epsilon {self.max_epsilon:g}",
+                    f"lifetime_epsilon {self.lifetime_epsilon:g}",
                 )
             )
         if spec.privacy.dp and spec.privacy.delta > self.max_delta:

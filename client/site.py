@@ -399,7 +399,7 @@ class Site:
                 rounds,
                 plan,
                 config.spec.privacy.delta,
-                self.policy.max_epsilon,
+                self.policy.lifetime_epsilon,
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
             )
@@ -557,7 +557,7 @@ class Site:
                 spec.federation.rounds,
                 plan,
                 self.policy.max_delta,
-                self.policy.max_epsilon,
+                self.policy.lifetime_epsilon,
                 self._data_sha256,
             )
         except PrivacyBudgetExceeded as exc:
@@ -658,7 +658,7 @@ class Site:
             num_examples=result.num_examples,
             epsilon_run=result.epsilon_spent,
             epsilon_lifetime=epsilon_lifetime,
-            max_epsilon=self.policy.max_epsilon,
+            lifetime_epsilon=self.policy.lifetime_epsilon,
         )
 
     def _release_path(self, run_id: str) -> Path:

@@ -61,7 +61,7 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def check_budget(
-    history: list[HistoryEntry], plan: DPPlan, max_epsilon: float, delta: float, who: str
+    history: list[HistoryEntry], plan: DPPlan, lifetime_epsilon: float, delta: float, who: str
 ) -> float:
     """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget.
 
@@ -69,11 +69,11 @@ def check_budget(
     is the ledger's to enforce (`PrivacyLedger.check_budget`).
     """
     projected = projected_epsilon(history, plan, delta)
-    if projected > max_epsilon * (1 + 1e-3):
+    if projected > lifetime_epsilon * (1 + 1e-3):
         spent = compose_epsilon(history, delta)
         raise PrivacyBudgetExceeded(
             f"{who}: training refused before any step: epsilon spent {spent:.3f}, this round "
-            f"would bring it to {projected:.3f}, over the limit {max_epsilon:g} "
+            f"would bring it to {projected:.3f}, over the limit {lifetime_epsilon:g} "
             f"(delta {delta:g}); start a new run with a larger budget or fewer rounds"
         )
     return projected

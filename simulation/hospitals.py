@@ -20,6 +20,7 @@ from fedward.common.config import RunConfig, RunSpec, SimulatedData
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.tasks import Task, task_named
 from fedward.simulation import partition
+from fedward.simulation.synthetic import synthetic_examples, synthetic_labels
 
 DP_STATE = "fedward.dp"  # node-state record holding the accountant history within a run
 
@@ -86,7 +87,8 @@ def prepare_config(config: RunConfig) -> RunConfig:
         return config
     task = task_named(config.spec.task.name)
     if config.simulation.data is None:
-        labels = task.synthetic_labels(
+        labels = synthetic_labels(
+            config.spec.task.name,
             config.simulation.hospitals,
             config.simulation.notes_per_hospital,
             config.spec.training.seed,
@@ -111,7 +113,8 @@ def check_pooled_vocabulary(config: RunConfig) -> float:
     from fedward.common.coverage import check_vocabulary
 
     if config.simulation.data is None:
-        examples = task_named(config.spec.task.name).synthetic_notes(
+        examples = synthetic_examples(
+            config.spec.task.name,
             0,
             config.simulation.notes_per_hospital,
             config.spec.training.seed,
@@ -154,7 +157,7 @@ def _hospital_split(
     per_hospital, val_fraction = shared["notes_per_hospital"], shared["val_fraction"]
     task = task_named(task_name)
     if data is None and scheme == "auto":
-        examples = task.synthetic_notes(hospital, per_hospital, seed, hospitals)
+        examples = synthetic_examples(task_name, hospital, per_hospital, seed, hospitals)
         source = f"synthetic notes of hospital-{hospital}"
     else:
         group_column = scheme.removeprefix("column:") if scheme.startswith("column:") else None
@@ -193,9 +196,8 @@ def _pooled(task_name, data, text_column, label_column, group_column) -> tuple:
 
 @lru_cache(maxsize=4)
 def _synthetic_pool(task_name: str, hospitals: int, per_hospital: int, seed: int) -> tuple:
-    task = task_named(task_name)
     return tuple(
         example
         for hospital in range(hospitals)
-        for example in task.synthetic_notes(hospital, per_hospital, seed, hospitals)
+        for example in synthetic_examples(task_name, hospital, per_hospital, seed, hospitals)
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedward.common.synthetic import generate_notes
+from fedward.simulation.synthetic import generate_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 _NOT_SOURCE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "fedward-out")
@@ -65,7 +65,7 @@ def test_the_wheel_names_the_fedward_command_and_the_flower_components(wheel):
 def test_the_wheel_carries_the_synthetic_notes_vocabulary(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for data in ("vocabulary.json", "profiles.json"):
-        assert f"fedward/common/synthetic_data/{data}" in names
+        assert f"fedward/simulation/synthetic/data/{data}" in names
 
 
 def test_notes_are_generated_from_the_wheel_alone(wheel, tmp_path):
@@ -73,7 +73,7 @@ def test_notes_are_generated_from_the_wheel_alone(wheel, tmp_path):
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     script = (
-        "import fedward.common.synthetic as s; "
+        "import fedward.simulation.synthetic as s; "
         "print(s.__file__); print(s.generate_notes(2, 3, seed=5)[0]['text'][:20])"
     )
     result = subprocess.run(

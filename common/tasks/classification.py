@@ -63,22 +63,6 @@ class Classification:
 
         return label_set(examples, source)
 
-    def synthetic_notes(
-        self, hospital: int, per_hospital: int, seed: int, num_hospitals: int
-    ) -> list[Record]:
-        """fedward's synthetic notes of one hospital, grouped by hospital."""
-        from fedward.common.data import Record
-        from fedward.common.synthetic import generate_notes
-
-        notes = generate_notes(hospital, per_hospital, seed, num_hospitals=num_hospitals)
-        return [Record(note["text"], note["label"], note["hospital"]) for note in notes]
-
-    def synthetic_labels(self, hospitals: int, per_hospital: int, seed: int) -> list[str]:
-        """Every diagnosis of the synthetic notes, present in this draw or not."""
-        from fedward.common.synthetic import DIAGNOSES
-
-        return sorted(DIAGNOSES)
-
     def split(
         self, examples: list[Record], val_fraction: float, seed: int
     ) -> tuple[list[Record], list[Record]]:

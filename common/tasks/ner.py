@@ -75,24 +75,6 @@ class NamedEntityRecognition:
         """'O', then B-X and I-X for every entity type X in `examples`."""
         return label_list(examples)
 
-    def synthetic_notes(
-        self, hospital: int, per_hospital: int, seed: int, num_hospitals: int
-    ) -> list[Sentence]:
-        """Tagged sentences of fedward's synthetic notes of one hospital."""
-        from fedward.common.synthetic import generate_ner_notes
-
-        return generate_ner_notes(hospital, per_hospital, seed, num_hospitals=num_hospitals)
-
-    def synthetic_labels(self, hospitals: int, per_hospital: int, seed: int) -> list[str]:
-        """The tags of every hospital's synthetic sentences."""
-        return label_list(
-            [
-                sentence
-                for hospital in range(hospitals)
-                for sentence in self.synthetic_notes(hospital, per_hospital, seed, hospitals)
-            ]
-        )
-
     def split(
         self, examples: list[Sentence], val_fraction: float, seed: int
     ) -> tuple[list[Sentence], list[Sentence]]:

@@ -40,7 +40,7 @@ def write_policy(path: Path, **rules) -> None:
     """A site policy with `rules` over these defaults (updates travel unmasked unless a test
     asks for secure aggregation; the tiny test model pinned)."""
     values = {
-        "max_epsilon": 6.0,
+        "lifetime_epsilon": 6.0,
         "min_examples": 10,
         "require_secure_aggregation": False,
         **({"allowed_model_hashes": PINNED_MODEL_HASHES} if PINNED_MODEL_HASHES else {}),

@@ -19,7 +19,7 @@ from fedward.common.errors import ConfigError, DataError, PolicyError
 def files(tmp_path) -> dict[str, Path]:
     paths = {name: tmp_path / name for name in ("notes.csv", "policy.toml", "ca.crt", "node.key")}
     paths["notes.csv"].write_text("text,label\nx,a\n", encoding="utf-8")
-    paths["policy.toml"].write_text("max_epsilon = 8.0\n", encoding="utf-8")
+    paths["policy.toml"].write_text("lifetime_epsilon = 8.0\n", encoding="utf-8")
     paths["ca.crt"].write_text("pem", encoding="utf-8")
     paths["node.key"].write_text("key", encoding="utf-8")
     return paths

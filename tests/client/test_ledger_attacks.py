@@ -175,7 +175,7 @@ def _reserve_in_another_process(folder, run_id, plan, barrier, results, slow_wri
     ledger = ledger_module.PrivacyLedger.open(folder, "notes")
     barrier.wait()
     try:
-        ledger.reserve(run_id, 1, 1, plan, DELTA, max_epsilon=8.0)
+        ledger.reserve(run_id, 1, 1, plan, DELTA, lifetime_epsilon=8.0)
         results.put((run_id, "passed"))
     except PrivacyBudgetExceeded:
         results.put((run_id, "refused"))
@@ -213,7 +213,7 @@ def test_two_processes_racing_the_budget_cannot_both_pass(tmp_path):
 def _reserve_then_die(folder, plan) -> None:
     from fedward.client.ledger import PrivacyLedger as Ledger
 
-    Ledger.open(folder, "notes").reserve("run-a", 1, 3, plan, DELTA, max_epsilon=8.0)
+    Ledger.open(folder, "notes").reserve("run-a", 1, 3, plan, DELTA, lifetime_epsilon=8.0)
     os._exit(9)  # killed mid-training: neither confirmed nor released
 
 
@@ -231,9 +231,9 @@ def test_a_reservation_left_by_a_dead_process_counts_as_spent_and_is_shown(tmp_p
     step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
     assert ledger.epsilon_spent(DELTA) == pytest.approx(compose_epsilon([step], DELTA))
     with pytest.raises(PrivacyBudgetExceeded, match="1 reserved"):
-        ledger.reserve("run-b", 1, 3, plan, DELTA, max_epsilon=8.0)
+        ledger.reserve("run-b", 1, 3, plan, DELTA, lifetime_epsilon=8.0)
     with pytest.raises(PolicyError, match="at most once"):  # the same round, asked again
-        ledger.reserve("run-a", 1, 3, plan, DELTA, max_epsilon=100.0)
+        ledger.reserve("run-a", 1, 3, plan, DELTA, lifetime_epsilon=100.0)
 
     shown = CliRunner().invoke(client_app, ["ledger", "--ledger", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
@@ -276,7 +276,7 @@ def test_a_round_outside_the_run_is_refused_and_spends_nothing(hospital, server_
 def test_a_round_below_one_already_trained_is_refused(hospital):
     config, node_config, _ = hospital
     config = config.updated(**{"rounds": 3})
-    write_policy(Path(node_config["policy"]), max_epsilon=20.0)
+    write_policy(Path(node_config["policy"]), lifetime_epsilon=20.0)
     arrays = _arrays(config)
     assert wire.REFUSAL not in _train(config, node_config, arrays, server_round=2).content
     spent = _ledger(node_config).epsilon_spent(DELTA)
@@ -322,7 +322,7 @@ def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
     from fedward.server.secagg import SecAggServerSession
 
     config, node_config, _ = hospital
-    write_secagg_policy(Path(node_config["policy"]), HOSPITAL, max_epsilon=20.0)
+    write_secagg_policy(Path(node_config["policy"]), HOSPITAL, lifetime_epsilon=20.0)
     context = Context(
         run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
     )

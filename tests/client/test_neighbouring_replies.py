@@ -143,7 +143,7 @@ def _hospital(folder: Path, notes: list[tuple[str, str]], secure: bool = True) -
     """A hospital's files under `folder` and its node config, as `fedward client start` writes."""
     folder.mkdir(parents=True)
     _write_notes(folder / "notes.csv", notes)
-    rules = {"max_epsilon": 60.0, "max_rounds": 50, "allow_evaluation": True}
+    rules = {"lifetime_epsilon": 60.0, "max_rounds": 50, "allow_evaluation": True}
     if secure:  # the deployed default: no run without secure aggregation
         write_secagg_policy(
             folder / "policy.toml", HOSPITAL, require_secure_aggregation=True, **rules

@@ -10,7 +10,7 @@ POLICY_TOML = """
 [policy]
 allowed_models = ["all-MiniLM-L6-v2"]
 allowed_tasks = ["classification"]
-max_epsilon = 8.0
+lifetime_epsilon = 8.0
 max_delta = 1e-5
 max_rounds = 20
 min_examples = 50
@@ -44,7 +44,7 @@ def test_refusal_lists_every_broken_rule(policy_file):
     reason = str(caught.value)
     assert "task 'ner' is not allowed" in reason
     assert "base model 'some/other-model' is not allowed" in reason
-    assert "epsilon 12" in reason and "max_epsilon 8" in reason
+    assert "epsilon 12" in reason and "lifetime_epsilon 8" in reason
     assert "50 rounds" in reason
     assert "secure aggregation is off" in reason
     assert str(policy_file) not in reason  # reasons go to the coordinator: no local paths
@@ -114,12 +114,12 @@ def test_permissive_policy_still_requires_secure_aggregation():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("max_epsilon = -1\n", r"field 'max_epsilon'"),
-        ("allowed_tasks = ['summarise']\nmax_epsilon = 1\n", r"field 'allowed_tasks\.0'"),
-        ("max_epsilon = 1\nmax_epsilonn = 2\n", r"unknown field 'max_epsilonn'"),
-        ("min_examples = 10\n", r"field 'max_epsilon' is required"),
-        ("max_epsilon = 1\napproved_run_configs = ['abc']\n", r"approved_run_configs"),
-        ("max_epsilon = \n", r"not valid TOML"),
+        ("lifetime_epsilon = -1\n", r"field 'lifetime_epsilon'"),
+        ("allowed_tasks = ['summarise']\nlifetime_epsilon = 1\n", r"field 'allowed_tasks\.0'"),
+        ("lifetime_epsilon = 1\nlifetime_epsilonn = 2\n", r"unknown field 'lifetime_epsilonn'"),
+        ("min_examples = 10\n", r"field 'lifetime_epsilon' is required"),
+        ("lifetime_epsilon = 1\napproved_run_configs = ['abc']\n", r"approved_run_configs"),
+        ("lifetime_epsilon = \n", r"not valid TOML"),
     ],
 )
 def test_bad_policy_file_names_file_and_field(tmp_path, text, expected):
@@ -138,7 +138,7 @@ def test_missing_policy_file(tmp_path):
 def test_declared_labels_must_all_be_listed_by_the_run():
     """The hospital's own label set (issue 28): a run may list more labels, never fewer; judged
     from the policy alone, so the answer is the same whatever the records hold."""
-    policy = SitePolicy.build({"max_epsilon": 8.0, "labels": ["cardiac", "respiratory"]})
+    policy = SitePolicy.build({"lifetime_epsilon": 8.0, "labels": ["cardiac", "respiratory"]})
     policy.check(RunSpec(labels=["cardiac", "respiratory", "renal"], target_epsilon=4.0))
     with pytest.raises(PolicyError) as caught:
         policy.check(RunSpec(labels=["cardiac", "hiv-positive"], target_epsilon=4.0))
@@ -146,13 +146,21 @@ def test_declared_labels_must_all_be_listed_by_the_run():
     assert "respiratory" in str(caught.value)
     for labels in ([], ["cardiac", "cardiac"]):
         with pytest.raises(ConfigError, match="labels"):
-            SitePolicy.build({"max_epsilon": 8.0, "labels": labels})
+            SitePolicy.build({"lifetime_epsilon": 8.0, "labels": labels})
 
 
 def test_the_vocabulary_limit_defaults_to_the_run_specs_default():
     assert (
-        SitePolicy.build({"max_epsilon": 8.0}).max_unknown_rate
+        SitePolicy.build({"lifetime_epsilon": 8.0}).max_unknown_rate
         == RunConfig().spec.task.max_unknown_rate
     )
     with pytest.raises(ConfigError, match="max_unknown_rate"):
-        SitePolicy.build({"max_epsilon": 8.0, "max_unknown_rate": 1.5})
+        SitePolicy.build({"lifetime_epsilon": 8.0, "max_unknown_rate": 1.5})
+
+
+def test_the_old_max_epsilon_key_is_refused_naming_its_new_name(tmp_path):
+    # A policy written before the rename must not load with a default budget in its place.
+    path = tmp_path / "site-policy.toml"
+    path.write_text("max_epsilon = 2.0\n")
+    with pytest.raises(ConfigError, match="'max_epsilon' is now called 'lifetime_epsilon'"):
+        SitePolicy.load(path)

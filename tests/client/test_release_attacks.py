@@ -248,7 +248,7 @@ def test_evaluation_after_the_budget_is_spent_is_refused(hospital):
         tmp_path / "policy.toml",
         allow_evaluation=True,
         evaluation_epsilon=10.0,
-        max_epsilon=config.spec.privacy.target_epsilon,
+        lifetime_epsilon=config.spec.privacy.target_epsilon,
     )
     reply = _evaluate(config, node_config, arrays)
     assert _reason(reply).code == "evaluation.budget"
@@ -378,7 +378,7 @@ def test_a_policy_that_pins_no_model_trains_only_the_packaged_default(hospital):
     from fedward.common.config import PACKAGED_MODEL
 
     config, node_config, _ = hospital
-    policy = "max_epsilon = 6.0\nrequire_secure_aggregation = false\n"  # no model pinned
+    policy = "lifetime_epsilon = 6.0\nrequire_secure_aggregation = false\n"  # no model pinned
     Path(node_config["policy"]).write_text(policy, encoding="utf-8")
     assert SitePolicy.load(node_config["policy"]).allowed_model_hashes is None
     reply = _train(config, node_config, _arrays(config))  # a local folder, but not pinned

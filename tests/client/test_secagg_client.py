@@ -243,7 +243,7 @@ def test_a_site_policy_pins_the_signing_key_roster_and_minimum_cohort(tmp_path):
     other = write_signing_key(tmp_path / "b.pem")
     policy = SitePolicy.build(
         {
-            "max_epsilon": 8.0,
+            "lifetime_epsilon": 8.0,
             "secagg_signing_key": str(tmp_path / "a.pem"),
             "secagg_roster": {"hospital-a": own, "hospital-b": f"ed25519:{other}"},
             "min_secure_aggregation_hospitals": 4,
@@ -260,14 +260,14 @@ def test_a_policy_without_a_roster_refuses_secure_aggregation(tmp_path):
     from fedward.client.policy import SitePolicy
     from fedward.common.errors import ConfigError, PolicyError
 
-    policy = SitePolicy.build({"max_epsilon": 8.0})
+    policy = SitePolicy.build({"lifetime_epsilon": 8.0})
     with pytest.raises(PolicyError, match="needs secagg_signing_key and secagg_roster"):
         SecAggIdentity.from_policy(policy, "hospital-a", None)
     with pytest.raises(ConfigError, match="secagg_roster"):
-        SitePolicy.build({"max_epsilon": 8.0, "secagg_roster": {"hospital-b": "abc"}})
+        SitePolicy.build({"lifetime_epsilon": 8.0, "secagg_roster": {"hospital-b": "abc"}})
     broken = SitePolicy.build(
         {
-            "max_epsilon": 8.0,
+            "lifetime_epsilon": 8.0,
             "secagg_signing_key": str(tmp_path / "missing.pem"),
             "secagg_roster": {"hospital-b": "ab" * 32},
         }

@@ -157,7 +157,7 @@ def test_repeating_a_released_round_from_another_global_adapter_is_refused(hospi
 
 def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospital):
     config, node_config, tmp_path = hospital
-    write_policy(tmp_path / "policy.toml", max_epsilon=5.5)
+    write_policy(tmp_path / "policy.toml", lifetime_epsilon=5.5)
     # an earlier run on the same data set spent its whole epsilon of 5 (2 rounds of 32 examples)
     plan = plan_dp(config.spec, 32)
     ledger = _ledger(node_config)
@@ -180,7 +180,7 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
 
 def test_the_run_budget_counts_only_this_runs_rounds(hospital):
     config, node_config, tmp_path = hospital
-    write_policy(tmp_path / "policy.toml", max_epsilon=30.0)
+    write_policy(tmp_path / "policy.toml", lifetime_epsilon=30.0)
     # run-a used its whole run epsilon of 5 on this data set
     plan = plan_dp(config.spec, 32)
     ledger = _ledger(node_config)
@@ -221,7 +221,7 @@ def test_a_node_without_site_configuration_refuses_instead_of_crashing(hospital)
 
 def test_a_broken_policy_file_is_refused_without_revealing_its_path(hospital):
     config, node_config, tmp_path = hospital
-    (tmp_path / "policy.toml").write_text("max_epsilon = 'lots'\n", encoding="utf-8")
+    (tmp_path / "policy.toml").write_text("lifetime_epsilon = 'lots'\n", encoding="utf-8")
     reply = _train(config, node_config, _initial_arrays(config))
     reason = _reason(reply)
     assert reason.code == "policy.file_invalid" and str(tmp_path) not in reason.render()

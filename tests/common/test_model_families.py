@@ -21,9 +21,9 @@ from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.common.config import RunConfig
 from fedward.common.errors import ModelError
 from fedward.common.model import ADAPTER_META, adapter_spec, build_model, load_adapter_for_inference
-from fedward.common.synthetic import generate_ner_notes, generate_notes
 from fedward.simulation.predict import predict_texts
 from fedward.simulation.runner import simulate
+from fedward.simulation.synthetic import generate_ner_notes, generate_notes, synthetic_examples
 
 #: family -> the LoRA modules "auto" must find (read from the installed transformers' code).
 EXPECTED_TARGETS = {
@@ -333,7 +333,7 @@ def test_each_ner_family_trains_a_secure_dp_round_and_finds_spans(family_ner_run
 def test_a_site_pins_a_hospital_model_folder_by_its_weights(family_dirs):
     """The site policy's model hash works for any family's folder, and tells them apart."""
     pinned = model_content_hash(family_dirs["deberta-v2"])
-    policy = SitePolicy(max_epsilon=10, allowed_model_hashes=[pinned])
+    policy = SitePolicy(lifetime_epsilon=10, allowed_model_hashes=[pinned])
     spec = RunConfig(model=family_dirs["deberta-v2"], hospitals=2).spec
     assert policy.violations(spec, model_content_hash(family_dirs["deberta-v2"])) == []
     other = model_content_hash(family_dirs["roberta"])
@@ -354,7 +354,7 @@ def test_head_only_caches_the_whole_encoder_or_all_but_a_layer_it_needs(
 
     config = RunConfig(model=family_dirs[family], hospitals=2, lora_variant="head", max_length=32)
     task = task_named("classification")
-    notes = task.synthetic_notes(0, 8, 3, 2)
+    notes = synthetic_examples("classification", 0, 8, 3, 2)
     labels = sorted({note.label for note in notes})
     tokenizer = load_tokenizer(config.spec.model.name)
     dataset = task.encode(notes, labels, tokenizer, config.spec.task.max_length)

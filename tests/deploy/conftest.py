@@ -212,7 +212,7 @@ class Federation:
     def set_policy(self, name: str, **rules) -> None:
         """Write hospital `name`'s site policy (read again by every request)."""
         values = {
-            "max_epsilon": 50.0,
+            "lifetime_epsilon": 50.0,
             "min_examples": 10,
             "max_rounds": 5,
             "min_secure_aggregation_hospitals": 2,  # the tests federate two hospitals

@@ -32,7 +32,7 @@ def first_run(federation):
     """A 2-round run with secure aggregation (the default); 'south' allows a lifetime epsilon
     of 5.5, so this run (epsilon 5) fits, and a second one cannot."""
     federation.set_policy("north")
-    federation.set_policy("south", max_epsilon=5.5)
+    federation.set_policy("south", lifetime_epsilon=5.5)
     config = federation.run_config("out-first")
     done = federation.cli(*federation.run_args(config), timeout=RUN_TIMEOUT)
     return done
@@ -111,7 +111,7 @@ def test_a_tampered_audit_line_is_detected(federation, first_run, tmp_path):
 def test_policy_and_ledger_refusals_reach_the_coordinators_report(federation, first_run):
     assert first_run.returncode == 0
     federation.set_policy("north", allowed_tasks=["ner"])
-    federation.set_policy("south", max_epsilon=5.5)  # it spent 5.0 in the first run
+    federation.set_policy("south", lifetime_epsilon=5.5)  # it spent 5.0 in the first run
     config = federation.run_config("out-refused", rounds=1)
     done = federation.cli(*federation.run_args(config), timeout=RUN_TIMEOUT)
     assert done.returncode == 0, _fail_with_logs(federation, done)  # refusals are not crashes

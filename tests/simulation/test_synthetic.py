@@ -1,4 +1,4 @@
-"""Tests for fedward's built-in synthetic clinical notes (common/synthetic.py)."""
+"""Tests for fedward's built-in synthetic clinical notes (simulation/synthetic/)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from importlib import resources
 import pytest
 
 from fedward.common.errors import ConfigError
-from fedward.common.synthetic import (
+from fedward.simulation.synthetic import (
     DIAGNOSES,
     ENTITY_TYPES,
     generate_ner_notes,
@@ -201,7 +201,7 @@ def test_zero_notes_is_an_empty_list_and_negative_is_refused():
 
 
 def test_the_packaged_profiles_name_only_concepts_the_vocabulary_has():
-    # The tables are package data (common/synthetic_data/*.json): an edit that misspells a key
+    # The tables are package data (simulation/synthetic/data/*.json): an edit that misspells a key
     # would otherwise fail only for the seeds that happen to draw it.
     vocabulary = json.loads(_data_file("vocabulary.json"))
     profiles = json.loads(_data_file("profiles.json"))
@@ -223,7 +223,7 @@ def test_the_packaged_profiles_name_only_concepts_the_vocabulary_has():
 
 
 def _data_file(name: str) -> str:
-    return resources.files("fedward.common").joinpath("synthetic_data", name).read_text("utf-8")
+    return resources.files("fedward.simulation.synthetic").joinpath("data", name).read_text("utf-8")
 
 
 # --- named-entity recognition ---------------------------------------------------------------

@@ -24,8 +24,8 @@ SYMPTOM, DRUG) or None, so the same writer serves note classification (`generate
 fragments joined) and named-entity recognition (`generate_ner_notes`, the notes cut into
 sentences of tokens with IOB2 tags).
 
-The words and the diagnosis profiles are data, not code: `synthetic_data/vocabulary.json` (the
-concept tables) and `synthetic_data/profiles.json` (how each diagnosis presents), shipped inside
+The words and the diagnosis profiles are data, not code: `data/vocabulary.json` (the
+concept tables) and `data/profiles.json` (how each diagnosis presents), shipped inside
 the package. Editing them changes the notes of every seed.
 
 Hospitals are numbered from 0. Everything is deterministic: seeds come from a stable hash of the
@@ -68,10 +68,10 @@ Fragment = tuple[str, "str | None"]  # (text, entity type or None)
 
 # --------------------------------------------------------------------------------------------
 # Concept tables: key -> (full forms, abbreviated forms); the table fixes the entity type.
-# The words live in package data (synthetic_data/vocabulary.json), read once at import.
+# The words live in package data (data/vocabulary.json), read once at import.
 # --------------------------------------------------------------------------------------------
 
-_DATA_FOLDER = "synthetic_data"
+_DATA_FOLDER = "data"
 
 
 def _read_data(name: str) -> dict[str, Any]:
@@ -157,7 +157,7 @@ _NORMAL_VITALS: dict[str, tuple[float, float]] = {
 
 # --------------------------------------------------------------------------------------------
 # Diagnosis profiles: what a case of each diagnosis tends to show, with probabilities
-# (package data: synthetic_data/profiles.json)
+# (package data: data/profiles.json)
 # --------------------------------------------------------------------------------------------
 
 
@@ -179,7 +179,7 @@ class _Profile:
 
 
 def _profile(entry: dict[str, Any]) -> _Profile:
-    """A profile as written in synthetic_data/profiles.json: probabilities keyed by concept."""
+    """A profile as written in data/profiles.json: probabilities keyed by concept."""
     return _Profile(
         age=tuple(entry["age"]),
         male=entry["male"],
