@@ -44,7 +44,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from fedward.client.bundle import CLIENT_APP, check_bundle
 from fedward.client.node_config import AUDIT_KEY, OFFLINE_ENV
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)

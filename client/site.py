@@ -92,7 +92,7 @@ from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.atomic import fsync_dir, write_json_atomic
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.config import DataSchema, LocalRun, LocalSettings, RunSpec
 from fedward.common.errors import (
     ConfigError,

@@ -20,7 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedward.common.atomic import write_json_atomic
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.model import (

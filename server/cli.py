@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedward.common import audit
+from fedward.common import audit_log
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.output_paths import check_output_file, check_output_folder
@@ -304,7 +304,7 @@ def run(
         console.print(deployment_table(rows, config.spec.task.name))
     out_dir = Path(config.local.out)
     if (out_dir / "audit.jsonl").is_file():
-        console.print(f"audit log: {audit.verify(out_dir / 'audit.jsonl').summary()}")
+        console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():
         console.print(f"adapter:   {out_dir / 'adapter'}  (PEFT format)")
     state = str(status.get("status"))
@@ -409,7 +409,7 @@ def audit_verify(
     ] = None,
 ) -> None:
     """Check every record of an audit log; report the first tampered or missing one (exit 1)."""
-    result = audit.verify(file, expected_last_hash=expected_last_hash)
+    result = audit_log.verify(file, expected_last_hash=expected_last_hash)
     if result.ok:
         console.print(f"{file}: {result.summary()}", highlight=False)
         return

@@ -28,6 +28,7 @@ from fedward.common.ner.encoding import (
     cut_long_sentences,
     encode_sentences,
 )
+from fedward.common.ner.entity_metrics import ner_metrics
 from fedward.common.ner.formats import (
     CONLL_SUFFIXES,
     JSON_SUFFIXES,
@@ -37,7 +38,6 @@ from fedward.common.ner.formats import (
     read_entity_json,
     read_ner_file,
 )
-from fedward.common.ner.metrics import ner_metrics
 from fedward.common.ner.schemes import Sentence, TagScheme, detect_scheme, label_list, to_iob2
 from fedward.common.ner.spans import (
     CJK_CHARACTERS,

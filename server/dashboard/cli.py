@@ -71,7 +71,7 @@ def dashboard(
     """Serve a read-only web page over run folders: rounds, refusals, charts, hospitals, audit."""
     import uvicorn
 
-    from fedward.server.dashboard.app import DashboardSettings, create_app
+    from fedward.server.dashboard.web import DashboardSettings, create_app
 
     if refresh < 0:
         raise ConfigError("--refresh: seconds must be 0 (off) or more")

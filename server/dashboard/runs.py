@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedward.common import audit
+from fedward.common import audit_log
 from fedward.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _read_audit(path: Path, view: RunView) -> list[dict[str, Any]]:
         view.problems.append(view.audit.summary)
         return []
     try:
-        result = audit.verify(file)
+        result = audit_log.verify(file)
         data = file.read_bytes()
     except (OSError, DataError) as exc:
         view.audit = AuditView(present=True, summary=f"{AUDIT_LOG} cannot be read ({exc})")

@@ -21,7 +21,7 @@ from fedward.client.app import handle_evaluate, handle_train, load_site_data, op
 from fedward.client.ledger import PrivacyLedger
 from fedward.client.site import EVALUATION_KEY
 from fedward.common import wire
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.model import adapter_spec, build_model, get_adapter_arrays
 from fedward.common.reasons import Reason
 from fedward.server.app import history_row, round_audit_fields, write_history

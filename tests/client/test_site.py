@@ -18,7 +18,7 @@ from fedward.client.app import handle_evaluate, handle_train, load_site_data, op
 from fedward.client.ledger import PrivacyLedger
 from fedward.client.privacy import compose_epsilon
 from fedward.client.trainer import plan_dp
-from fedward.common import audit, wire
+from fedward.common import audit_log, wire
 from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.reasons import Reason
@@ -104,7 +104,7 @@ def test_policy_refusal_comes_back_as_a_reason_before_any_data_is_read(hospital)
     # the data file does not exist: had it been touched, the refusal would be a DataError
     assert wire.ARRAYS not in reply.content
     assert _audit_kinds(node_config) == ["refusal"]
-    assert audit.verify(node_config["audit-log"]).ok
+    assert audit_log.verify(node_config["audit-log"]).ok
 
 
 def test_policy_also_gates_evaluation(hospital):

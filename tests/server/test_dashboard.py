@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.reasons import Reason
 from fedward.server.app import history_row, round_audit_fields, run_start_fields, write_history
-from fedward.server.dashboard.app import DashboardSettings, create_app
 from fedward.server.dashboard.cli import dashboard, is_loopback
 from fedward.server.dashboard.runs import RunFolder, find_runs, read_run
+from fedward.server.dashboard.web import DashboardSettings, create_app
 from fedward.server.strategy import EvaluateOutcome, TrainOutcome
 
 RUN_ID = "5f1c0ffee0dd4a11b7e2d3c4b5a69788"

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from fedward.common.audit import AuditLog
+from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
 from fedward.server.app import history_row, round_audit_fields, write_history
-from fedward.server.dashboard.app import DashboardSettings, create_app
+from fedward.server.dashboard.web import DashboardSettings, create_app
 
 CHROMIUM = os.environ.get("FEDWARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = (

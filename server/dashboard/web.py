@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from fedward.server.dashboard import hospitals, nodes, plots, runs
+from fedward.server.dashboard import hospital_states, nodes, plots, runs
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
             views=views,
             notes=notes,
             folders=settings.folders,
-            hospitals=hospitals.latest_states(views),
+            hospitals=hospital_states.latest_states(views),
             nodes=node_list,
             node_problem=node_problem,
             superlink_db=settings.superlink_db,
@@ -132,7 +132,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
             view=view,
             columns=plots.metric_columns(view.task, view.rounds),
             names=runs.hospital_names(view.rounds),
-            hospitals=hospitals.hospital_states(view),
+            hospitals=hospital_states.hospital_states(view),
             refusals=runs.refusals,
             evaluation_refusals=runs.evaluation_refusals,
             participants=runs.participants,
