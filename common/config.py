@@ -109,6 +109,15 @@ class ModelSpec(_Group):
         "F1 even without DP, where lora reaches 0.69); bench/results/utility-probes.md.",
     )
 
+    init_adapter: str | None = Field(
+        None,
+        description="Start from this adapter folder instead of a fresh adapter: one fedward "
+        "saved (`fedward pretrain` on public data, or an earlier run's adapter). Its LoRA "
+        "factors load as they are; a label (NER: a tag) it knows keeps its head row, a new one "
+        "starts fresh, and the mapping is reported. Hospitals train from it only if their site "
+        "policy pins its content (allowed_adapter_hashes; `fedward client adapter-hash PATH`); "
+        "in a deployment every hospital has it at the same path, like the base model.",
+    )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")

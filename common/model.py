@@ -22,13 +22,18 @@ from fedward.common.config import PACKAGED_MODEL, LocalRun, RunSpec
 from fedward.common.errors import ModelError
 from fedward.common.tasks import task_named
 from fedward.common.tasks.heads import MeanPoolClassifier
+from fedward.common.warm_start import (
+    ADAPTER_META,
+    adapter_content_hash,
+    label_mapping,
+    read_adapter_meta,
+    start_from_adapter,
+)
 
 log = logging.getLogger(__name__)
 
 #: Names under which the packaged all-MiniLM-L6-v2 is accepted.
 PACKAGED_ALIASES = {PACKAGED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "packaged"}
-#: File fedward writes next to the PEFT adapter: task, labels, base model name.
-ADAPTER_META = "fedward.json"
 
 
 def resolve_model_path(name: str) -> str:
@@ -119,8 +124,15 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
             f"({str(exc).splitlines()[0][:200]}); its linear layers are named "
             f"{', '.join(_linear_names(base))}"
         ) from None
-    # FFA-LoRA freezes the A factors, head-only both: B starts at zero, so the frozen factors
-    # leave the base model's output as it was, and they never travel.
+    if model_spec.init_adapter:
+        # The starting adapter's factors and the head rows of the labels it knows; what stays
+        # frozen below (head-only: all LoRA factors; FFA-LoRA: A) keeps the adapter's values.
+        adapter_base = read_adapter_meta(model_spec.init_adapter).get("model", "")
+        same_base = resolve_model_path(str(adapter_base)) == resolve_model_path(model_spec.name)
+        mapping = start_from_adapter(model, spec, same_base)
+        log.info("started from adapter %s: %s", model_spec.init_adapter, mapping.describe())
+    # FFA-LoRA freezes the A factors, head-only both: B starts at zero (or at the starting
+    # adapter's values), so the frozen factors are the same on every side and never travel.
     frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(
         model_spec.lora_variant, ()
     )
@@ -435,6 +447,8 @@ def save_adapter(
             "lora_layers": config.spec.model.lora_layers,
             "max_length": config.spec.task.max_length,
         }
+        if config.spec.model.init_adapter:
+            meta["init_adapter"] = starting_adapter_record(config.spec)
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for path in staging.iterdir():
             path.chmod(0o644)
@@ -442,6 +456,18 @@ def save_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def starting_adapter_record(spec: RunSpec) -> dict:
+    """What a run's outputs (`fedward.json`) and audit log say about its starting adapter: the
+    path, its content hash and how the run's labels met its own."""
+    path = str(spec.model.init_adapter)
+    adapter_labels = read_adapter_meta(path)["labels"]
+    return {
+        "path": path,
+        "sha256": adapter_content_hash(path),
+        "labels": label_mapping(adapter_labels, list(spec.task.labels or [])).as_dict(),
+    }
 
 
 def load_adapter_for_inference(adapter_dir: str | Path) -> tuple[torch.nn.Module, object, dict]:

@@ -1,8 +1,8 @@
 """The `fedward` command: one Typer app that mounts each side's commands.
 
-`simulate` and `predict` come from simulation/cli.py, `run`, `server`, `certs`, `keys` and `audit`
-from server/cli.py, `client` from client/cli.py. It lives at the package's top because it
-composes all three; nothing in fedward imports it.
+`simulate`, `pretrain` and `predict` come from simulation/cli.py, `run`, `server`, `certs`,
+`keys` and `audit` from server/cli.py, `client` from client/cli.py. It lives at the package's
+top because it composes all three; nothing in fedward imports it.
 
 A `FedwardError` (bad config, bad data, unknown model, refused budget...) becomes one readable
 line on stderr and exit code 2, never a traceback.
@@ -28,6 +28,7 @@ app = typer.Typer(
     help="Federated, differentially private LoRA fine-tuning of transformers for medical text.",
 )
 app.command()(simulation_cli.simulate)
+app.command()(simulation_cli.pretrain)
 app.command()(simulation_cli.predict)
 app.command("run")(server_cli.run)
 app.add_typer(server_cli.certs_app, name="certs")

@@ -30,6 +30,7 @@ from fedward.common.model import (
     get_adapter_arrays,
     save_adapter,
     set_adapter_arrays,
+    starting_adapter_record,
 )
 from fedward.server.aggregation import Arrays
 from fedward.server.resume import (
@@ -168,6 +169,10 @@ def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays:
         "secure_aggregation": config.spec.secagg.secure_aggregation,
         "min_hospitals": config.spec.federation.min_hospitals,
         "initial_adapter_sha256": arrays_digest(arrays),
+        # The starting adapter the hospitals approved by content (None: a fresh adapter).
+        "init_adapter": (
+            starting_adapter_record(config.spec) if config.spec.model.init_adapter else None
+        ),
     }
 
 

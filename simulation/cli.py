@@ -134,8 +134,70 @@ simulate.__signature__ = inspect.Signature(
 )
 
 
+#: What `fedward pretrain` fixes: one site holding all the public data, trained without DP and
+#: without secure aggregation (there is nothing private to protect, and nobody to mask from).
+PRETRAIN_FIXED = {
+    "hospitals": 1,
+    "min_hospitals": 1,
+    "fraction": 1.0,
+    "partition": "iid",
+    "dp": False,
+    "secure_aggregation": False,
+    "dropout_rate": 0.0,
+}
+#: Flags `fedward pretrain` does not take: it sets them itself (`PRETRAIN_FIXED`), or they only
+#: mean something under DP or with several hospitals.
+_NOT_PRETRAIN_OPTIONS = (
+    _NOT_SIMULATE_OPTIONS
+    | set(PRETRAIN_FIXED)
+    | {
+        "alpha",
+        "notes_per_hospital",
+        "target_epsilon",
+        "delta",
+        "max_grad_norm",
+        "secagg_neighbours",
+        "secagg_threshold",
+        "secagg_clip",
+        "secagg_bits",
+        "secagg_max_weight",
+    }
+)
+
+
+def pretrain(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with any RunConfig field.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower/Ray logs.")] = False,
+    **fields: Any,
+) -> None:
+    """Train a starting adapter on public data: centralized, one site, without DP.
+
+    The coordinator runs it on public labelled text it holds (no privacy cost: nothing private
+    is read); the output's `adapter` folder is what a private run names as `init_adapter` and
+    hospitals pin by its hash (`fedward client adapter-hash`). Same tasks, models and outputs as
+    `fedward simulate`, through the same training code.
+    """
+    quiet_libraries(verbose)
+    flags = {name: value for name, value in fields.items() if value not in (None, [])}
+    config = load_config(config_file, flags)
+    config = config.updated(**PRETRAIN_FIXED)  # a shared run.toml's DP settings do not apply
+    check_output_folder(config.local.out, "--out")
+    run_simulation_with_report(config, verbose, None, title="fedward pretrain")
+
+
+_pretrain_fixed = list(inspect.signature(pretrain, eval_str=True).parameters.values())[:-1]
+pretrain.__signature__ = inspect.Signature(
+    _pretrain_fixed + field_options(list(GROUPS), _NOT_PRETRAIN_OPTIONS)
+)
+
+
 def run_simulation_with_report(
-    config: RunConfig, verbose: bool = False, tracking: str | None = None
+    config: RunConfig,
+    verbose: bool = False,
+    tracking: str | None = None,
+    title: str = "fedward simulate",
 ) -> None:
     """Simulate with a progress bar and a row per round, then print the report."""
     from fedward.common.model import load_tokenizer
@@ -146,7 +208,7 @@ def run_simulation_with_report(
 
     config = prepare_config(config)  # reads and checks the data before anything starts
     load_tokenizer(config.spec.model.name)  # an unknown model fails here, not inside a worker
-    _announce(config)
+    _announce(config, title)
     tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
     with Progress(
@@ -157,7 +219,8 @@ def run_simulation_with_report(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bar = progress.add_task("federated training", total=config.spec.federation.rounds)
+        what = "training" if config.simulation.hospitals == 1 else "federated training"
+        bar = progress.add_task(what, total=config.spec.federation.rounds)
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
@@ -178,7 +241,7 @@ def run_simulation_with_report(
         tracker.finish(result.out, result.run_id)
         console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
     console.print(round_table(result.rounds, config.spec.task.name, title="fedward: rounds"))
-    if not config.spec.secagg.secure_aggregation:
+    if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
@@ -193,7 +256,7 @@ def run_simulation_with_report(
     )
 
 
-def _announce(config: RunConfig) -> None:
+def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
     data = config.simulation.data or "synthetic clinical notes"
     privacy = (
         f"DP epsilon {config.spec.privacy.target_epsilon:g}, delta {config.spec.privacy.delta:g}"
@@ -206,10 +269,35 @@ def _announce(config: RunConfig) -> None:
         else "[bold red]secure aggregation OFF[/]"
     )
     console.print(
-        f"fedward simulate: {config.simulation.hospitals} hospitals x "
+        f"{title}: {config.simulation.hospitals} hospitals x "
         f"{config.spec.federation.rounds} rounds, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
+    console.print(f"trains: {what_trains(config)}")
+    if config.spec.model.init_adapter:
+        from fedward.common.model import starting_adapter_record
+        from fedward.common.warm_start import LabelMapping
+
+        start = starting_adapter_record(config.spec)
+        mapping = LabelMapping(**{k: tuple(v) for k, v in start["labels"].items()})
+        console.print(
+            f"starts from adapter {start['path']} (sha256 {start['sha256'][:16]}...); labels: "
+            f"{mapping.describe()}"
+        )
+
+
+def what_trains(config: RunConfig) -> str:
+    """One line saying what trains, and whether it is the task's default (the README's why)."""
+    variant = config.spec.model.lora_variant
+    default = task_named(config.spec.task.name).lora_variant
+    layers = config.spec.model.lora_layers
+    where = "all layers" if not layers else f"the top {layers} layers"
+    described = {
+        "head": "the task head alone, on the frozen encoder",
+        "lora": f"LoRA (rank {config.spec.model.lora_rank}) in {where} and the task head",
+        "ffa": f"FFA-LoRA (B only, rank {config.spec.model.lora_rank}) in {where} and the head",
+    }[variant]
+    return described + (f" (the {config.spec.task.name} default)" if variant == default else "")
 
 
 def _num(value) -> str:
