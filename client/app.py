@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedward.client.model_cache import cached_model, cached_tokenizer
+from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
 from fedward.client.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
@@ -35,7 +35,7 @@ from fedward.common import wire
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset
-from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
+from fedward.common.errors import ConfigError, DataError, FedwardError, PolicyError, SecAggError
 from fedward.common.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.common.tasks import task_named
@@ -196,6 +196,9 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.spec.model.name)
             model = cached_model(config, len(config.spec.task.labels or []))
+            if config.spec.model.init_adapter and server_round == 1:
+                initial = initial_arrays(config, len(config.spec.task.labels or []))
+                check_starting_arrays(initial, global_arrays, name)
             data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
             site.check_budget(config, len(data.train))  # the budget gate: charged from here on
@@ -249,6 +252,26 @@ def handle_train(
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
+
+
+def check_starting_arrays(
+    pinned: dict[str, np.ndarray], received: dict[str, np.ndarray], who: str
+) -> None:
+    """Refuse a first round whose global adapter is not the one this hospital built from its
+    own, pinned copy of the starting adapter (`init_adapter`): otherwise the policy's pin would
+    hold for the files on disk while the coordinator started the run from other weights. Runs
+    before any record is read; nothing is spent. Later rounds' global adapters are the
+    coordinator's average and cannot be checked this way (DP holds whatever the weights)."""
+    same = pinned.keys() == received.keys() and all(
+        np.array_equal(pinned[name], received[name]) for name in pinned
+    )
+    if not same:
+        log.warning("%s: round 1's global adapter differs from the pinned starting adapter", who)
+        raise PolicyError(
+            f"hospital {who}: the first round's global adapter is not the pinned starting "
+            "adapter (init_adapter) as built here; refused before any record was read",
+            reason=Reason("model.start_mismatch"),
+        )
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:

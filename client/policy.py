@@ -6,6 +6,8 @@ The policy is a TOML file owned by the hospital (not by the coordinator). Exampl
 # site-policy.toml
 allowed_models = ["all-MiniLM-L6-v2"]
 allowed_model_hashes = ["3f1c...e9"]        # `fedward client model-hash PATH` prints it
+allowed_adapter_hashes = ["5d41...7c"]      # starting adapters (init_adapter) it trains from;
+                                            # `fedward client adapter-hash PATH` prints it
 allowed_tasks = ["classification"]
 labels = ["cardiac", "respiratory"]        # this hospital's label values; a run must list them
 lifetime_epsilon = 8.0                      # budget of each local data set, all runs
@@ -70,6 +72,10 @@ class SitePolicy(BaseModel):
             accepted. None: in deployment only the packaged default model
             (`packaged_model_hash`; client/site.py), in simulation any content. When both
             lists are set, both must match.
+        allowed_adapter_hashes: SHA-256 digests (`adapter_content_hash`: every file of the
+            folder) of the starting adapters (`init_adapter`) a run may start from. None: in
+            deployment no run with a starting adapter is trained (client/site.py), in
+            simulation any. A run without a starting adapter is not affected.
         allowed_tasks: Tasks the hospital trains.
         labels: The label values of this hospital's data (its schema, declared by its staff;
             for NER the tags). Set, a run must list every one of them, which is checked before
@@ -114,6 +120,11 @@ class SitePolicy(BaseModel):
     )
     allowed_model_hashes: list[str] | None = Field(
         None, description="SHA-256 of the model's weight files accepted; None: any content."
+    )
+    allowed_adapter_hashes: list[str] | None = Field(
+        None,
+        description="SHA-256 of the starting adapters (init_adapter) accepted, each over every "
+        "file of its folder; None: none in deployment, any in simulation.",
     )
     allowed_tasks: list[Literal["classification", "ner"]] = Field(
         default_factory=lambda: ["classification", "ner"], description="Tasks accepted."
@@ -173,7 +184,7 @@ class SitePolicy(BaseModel):
             raise ValueError("two hospitals have the same public key")
         return value
 
-    @field_validator("allowed_model_hashes", "approved_run_configs")
+    @field_validator("allowed_model_hashes", "allowed_adapter_hashes", "approved_run_configs")
     @classmethod
     def _check_digests(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
@@ -238,13 +249,35 @@ class SitePolicy(BaseModel):
 
     # --- checks --------------------------------------------------------------------------------
 
-    def violations(self, spec: RunSpec, model_hash: str | None) -> list[str]:
-        """Every rule the request breaks, as short human reasons; empty when it is acceptable."""
-        return [message for _, message in self._broken(spec, model_hash)]
+    def violations(
+        self, spec: RunSpec, model_hash: str | None, adapter_hash: str | None = None
+    ) -> list[str]:
+        """Every rule the request breaks, as short human reasons; empty when it is acceptable.
+        `adapter_hash`: the content hash of the run's starting adapter, when it has one."""
+        return [message for _, message in self._broken(spec, model_hash, adapter_hash)]
 
-    def _broken(self, spec: RunSpec, model_hash: str | None) -> list[tuple[str, str]]:
+    def _broken(
+        self, spec: RunSpec, model_hash: str | None, adapter_hash: str | None = None
+    ) -> list[tuple[str, str]]:
         """(rule name, human reason) for every broken rule; the names may leave the hospital."""
         broken: list[tuple[str, str]] = []
+        if spec.model.init_adapter and self.allowed_adapter_hashes is not None:
+            if adapter_hash is None:
+                broken.append(
+                    (
+                        "allowed_adapter_hashes",
+                        "the run starts from an adapter whose content hash could not be computed "
+                        "here (init_adapter must be a fedward adapter folder on this machine)",
+                    )
+                )
+            elif adapter_hash.lower().removeprefix("sha256:") not in self.allowed_adapter_hashes:
+                broken.append(
+                    (
+                        "allowed_adapter_hashes",
+                        f"starting adapter content {adapter_hash[:12]}... is not pinned by the "
+                        "site policy (allowed_adapter_hashes)",
+                    )
+                )
         if self.allowed_models is not None and spec.model.name not in self.allowed_models:
             broken.append(
                 (
@@ -339,12 +372,14 @@ class SitePolicy(BaseModel):
         spec: RunSpec,
         model_hash: str | None = None,
         num_examples: int | None = None,
+        adapter_hash: str | None = None,
     ) -> None:
         """Raise `PolicyError` listing every broken rule; call it before reading any data.
 
-        `num_examples`, when known, is checked too (see `check_examples`).
+        `num_examples`, when known, is checked too (see `check_examples`); `adapter_hash` is
+        the content hash of the run's starting adapter (`adapter_content_hash`), if any.
         """
-        broken = self._broken(spec, model_hash)
+        broken = self._broken(spec, model_hash, adapter_hash)
         if num_examples is not None and num_examples < self.min_examples:
             broken.append(("min_examples", self._too_few(num_examples)))
         if broken:

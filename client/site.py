@@ -104,6 +104,7 @@ from fedward.common.errors import (
 )
 from fedward.common.model import resolve_model_path
 from fedward.common.reasons import Reason
+from fedward.common.warm_start import adapter_content_hash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,6 +170,7 @@ class Site:
         self._data_sha256: str | None = None
         self._round: tuple[str, int, int] | None = None  # (run id, round, rounds) once admitted
         self._reserved: tuple[str, int] | None = None  # this request's reservation (charged)
+        self._adapter_sha256: str | None = None  # the run's starting adapter, once judged
 
     @classmethod
     def open(cls, node_config: Mapping[str, Any], name: str) -> Site:
@@ -238,7 +240,8 @@ class Site:
         here: the spec with this hospital's own device, data schema and vocabulary limit (the
         policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
         refusal a question about the text it could ask again and again)."""
-        self.pinned_policy().check(spec, self._model_hash(spec))
+        self._adapter_sha256 = self._adapter_hash(spec)  # what the audit record names
+        self.pinned_policy().check(spec, self._model_hash(spec), adapter_hash=self._adapter_sha256)
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         task = spec.task.model_copy(update={"max_unknown_rate": self.policy.max_unknown_rate})
         own_limit = spec.model_copy(update={"task": task})
@@ -616,11 +619,26 @@ class Site:
     def pinned_policy(self) -> SitePolicy:
         """The policy with its models pinned: a policy that pins no model content trains only
         the packaged default (issue 28: with `allowed_model_hashes` unset, the coordinator
-        named the model, and a hospital went to fetch a hub model it named)."""
-        if self.policy.allowed_model_hashes is not None:
-            return self.policy
+        named the model, and a hospital went to fetch a hub model it named), and one that pins
+        no starting adapter trains no run that has one (issue 30)."""
+        policy = self.policy
+        if policy.allowed_adapter_hashes is None:  # issue 30: no unpinned starting adapter
+            policy = policy.model_copy(update={"allowed_adapter_hashes": []})
+        if policy.allowed_model_hashes is not None:
+            return policy
         default = packaged_model_hash()
-        return self.policy.model_copy(update={"allowed_model_hashes": [default] if default else []})
+        return policy.model_copy(update={"allowed_model_hashes": [default] if default else []})
+
+    def _adapter_hash(self, spec: RunSpec) -> str | None:
+        """The content hash of the run's starting adapter (a folder on this machine), or None
+        when the run has none or it cannot be hashed (then a policy that pins refuses)."""
+        if not spec.model.init_adapter:
+            return None
+        try:
+            return adapter_content_hash(spec.model.init_adapter)
+        except (ModelError, OSError) as exc:
+            log.warning("%s: starting adapter: %s", self.name, exc)
+            return None
 
     def _model_hash(self, spec: RunSpec) -> str | None:
         """The content hash of the run's model if it is a local folder or file; None
@@ -659,6 +677,7 @@ class Site:
             epsilon_run=result.epsilon_spent,
             epsilon_lifetime=epsilon_lifetime,
             lifetime_epsilon=self.policy.lifetime_epsilon,
+            **({"init_adapter_sha256": self._adapter_sha256} if self._adapter_sha256 else {}),
         )
 
     def _release_path(self, run_id: str) -> Path:

@@ -50,6 +50,8 @@ REASONS: dict[str, str] = {
     "token than the run's limit {max_unknown_rate}; use a model whose vocabulary covers the "
     "text (e.g. a Chinese BERT for Chinese notes)",
     "model.unusable": "the base model or the adapter tensors cannot be used at this hospital",
+    "model.start_mismatch": "the first round's adapter is not the starting adapter the hospital "
+    "pinned (init_adapter, as built from its own copy); refused before any record was read",
     "config.invalid": "the run spec received is invalid",
     "run.spec_changed": "the run spec differs from the one this hospital fixed for the run on "
     "first contact; refused, nothing spent",
@@ -88,6 +90,7 @@ RULES = frozenset(
     {
         "allowed_models",
         "allowed_model_hashes",
+        "allowed_adapter_hashes",
         "allowed_tasks",
         "require_dp",
         "lifetime_epsilon",
