@@ -1,4 +1,4 @@
-"""A hospital's commands: `fedward client start | ledger | model-hash`.
+"""A hospital's commands: `fedward client start | ledger | model-hash | adapter-hash`.
 
 Only this module prints; client/deploy.py and client/site.py do the work. `simulation/cli.py`
 mounts `client_app` on the `fedward` command.
@@ -232,3 +232,17 @@ def model_hash(
 ) -> None:
     """Print a model's content hash, for the site policy's allowed_model_hashes."""
     console.print(model_content_hash(path), highlight=False)
+
+
+@client_app.command("adapter-hash")
+def adapter_hash(
+    path: Annotated[Path, typer.Argument(help="A fedward adapter folder (init_adapter).")],
+) -> None:
+    """Print a starting adapter's content hash, for the site policy's allowed_adapter_hashes.
+
+    It covers every file of the folder: weights, adapter_config.json and fedward.json (its
+    labels), so an adapter changed in any of them needs a new approval.
+    """
+    from fedward.common.warm_start import adapter_content_hash
+
+    console.print(adapter_content_hash(path), highlight=False)

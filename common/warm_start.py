@@ -159,6 +159,20 @@ def start_from_adapter(model: torch.nn.Module, spec: RunSpec, same_base: bool) -
             f"field 'init_adapter': {folder} was trained on base model {meta.get('model')!r}, "
             f"the run's is {spec.model.name!r}; start from an adapter of the same base model"
         )
+    try:
+        alpha = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))[
+            "lora_alpha"
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(
+            f"field 'init_adapter': {folder}: adapter_config.json is missing or has no lora_alpha"
+        ) from None
+    if float(alpha) != spec.model.lora_alpha:
+        # the same factors under another alpha are another model (scale = alpha / r)
+        raise ModelError(
+            f"field 'init_adapter': {folder} was trained with lora_alpha {alpha}, the run's is "
+            f"{spec.model.lora_alpha:g}; set lora_alpha = {alpha}"
+        )
     saved = load_file(str(folder / ADAPTER_WEIGHTS))
     fresh = get_peft_model_state_dict(model)
     missing = sorted(set(fresh) - set(saved))
