@@ -189,6 +189,12 @@ def handle_train(
             raise ConfigError("the train request's run spec is invalid")
         global_arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         site = open_site(context)
+        if spec.model.init_adapter and server_round == 1:
+            # The pin first (the model is built from pinned files only), then the coordinator's
+            # first global adapter against it; both before the ledger opens the data set.
+            pinned = site.check_policy(spec)
+            initial = initial_arrays(pinned, len(spec.task.labels or []))
+            check_starting_arrays(initial, global_arrays, name)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
         if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
@@ -196,9 +202,6 @@ def handle_train(
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.spec.model.name)
             model = cached_model(config, len(config.spec.task.labels or []))
-            if config.spec.model.init_adapter and server_round == 1:
-                initial = initial_arrays(config, len(config.spec.task.labels or []))
-                check_starting_arrays(initial, global_arrays, name)
             data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
             site.check_budget(config, len(data.train))  # the budget gate: charged from here on
