@@ -110,6 +110,11 @@ def adapter_content_hash(path: str | Path) -> str:
 def read_adapter_meta(path: str | Path) -> dict:
     """An adapter folder's `fedward.json`, checked for what warm starting relies on."""
     meta_path = Path(path) / ADAPTER_META
+    if not meta_path.is_file() or not (Path(path) / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(
+            f"field 'init_adapter': {path}: not a fedward adapter folder (needs {ADAPTER_META} "
+            f"and {ADAPTER_WEIGHTS}); pass the 'adapter' folder of a `fedward pretrain` output"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

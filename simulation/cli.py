@@ -208,6 +208,10 @@ def run_simulation_with_report(
 
     config = prepare_config(config)  # reads and checks the data before anything starts
     load_tokenizer(config.spec.model.name)  # an unknown model fails here, not inside a worker
+    if config.spec.model.init_adapter:  # so does a starting adapter that does not fit the run
+        from fedward.common.model import build_model
+
+        build_model(config.spec, len(config.spec.task.labels or []))
     _announce(config, title)
     tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
