@@ -301,6 +301,9 @@ def what_trains(config: RunConfig) -> str:
         "lora": f"LoRA (rank {config.spec.model.lora_rank}) in {where} and the task head",
         "ffa": f"FFA-LoRA (B only, rank {config.spec.model.lora_rank}) in {where} and the head",
     }[variant]
+    if config.spec.model.init_adapter and variant in ("head", "ffa"):
+        frozen = "LoRA factors" if variant == "head" else "A factors"
+        described += f", the starting adapter's {frozen} frozen in it"
     return described + (f" (the {config.spec.task.name} default)" if variant == default else "")
 
 
