@@ -105,8 +105,10 @@ class ModelSpec(_Group):
         "is cached; lora_layers does not apply); lora: LoRA's A and B in the top lora_layers "
         "layers, and the head; ffa: FFA-LoRA, A frozen, only B and the head. Unset: the task's "
         "default, head for classification (under DP it matched or beat lora on every corpus "
-        "measured, at a fifth of the time), lora for NER (head-only stops at about 0.31 entity "
-        "F1 even without DP, where lora reaches 0.69); bench/results/utility-probes.md.",
+        "measured, at a fifth of the time), but lora when the run starts from an adapter "
+        "(init_adapter: then lora beat head, bench/results/warm_start.md), lora for NER "
+        "(head-only stops at about 0.31 entity F1 even without DP, where lora reaches 0.69); "
+        "bench/results/utility-probes.md.",
     )
 
     init_adapter: str | None = Field(
@@ -288,7 +290,10 @@ class RunSpec(BaseModel):
         if task is not None:  # an unknown task is named by the field's own validation
             for group, name in TASK_DEFAULTS:
                 if _group_value(values, group, name) in (None, ""):
-                    values[group] = _with(values.get(group), name, getattr(task, name))
+                    default = getattr(task, name)
+                    if name == "lora_variant" and _group_value(values, "model", "init_adapter"):
+                        default = task.warm_start_lora_variant  # measured apart (issue 30)
+                    values[group] = _with(values.get(group), name, default)
         return values
 
     @model_validator(mode="after")

@@ -293,7 +293,9 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
 def what_trains(config: RunConfig) -> str:
     """One line saying what trains, and whether it is the task's default (the README's why)."""
     variant = config.spec.model.lora_variant
-    default = task_named(config.spec.task.name).lora_variant
+    task = task_named(config.spec.task.name)
+    warm = bool(config.spec.model.init_adapter)
+    default = task.warm_start_lora_variant if warm else task.lora_variant
     layers = config.spec.model.lora_layers
     where = "all layers" if not layers else f"the top {layers} layers"
     described = {
@@ -304,7 +306,9 @@ def what_trains(config: RunConfig) -> str:
     if config.spec.model.init_adapter and variant in ("head", "ffa"):
         frozen = "LoRA factors" if variant == "head" else "A factors"
         described += f", the starting adapter's {frozen} frozen in it"
-    return described + (f" (the {config.spec.task.name} default)" if variant == default else "")
+    start = " from a starting adapter" if warm else ""
+    default_note = f" (the {config.spec.task.name} default{start})"
+    return described + (default_note if variant == default else "")
 
 
 def _num(value) -> str:

@@ -31,6 +31,7 @@ class Task(Protocol):
     privacy_unit: str
     head_learning_rate: float
     lora_variant: str
+    warm_start_lora_variant: str
     outside_tag_weight: float
     release_sensitivity: float
     metric_columns: tuple[tuple[str, str], ...]

@@ -40,6 +40,10 @@ class Classification:
     #: encoder (under DP it matched or beat LoRA on every corpus measured, at a fifth of the
     #: time; bench/results/utility-probes.md, "Head-only training").
     lora_variant = "head"
+    #: The same, for a run that starts from an adapter (`init_adapter`): LoRA. From a public
+    #: adapter, LoRA under DP beat the head alone on Medical Abstracts at epsilon 8, where from a
+    #: fresh one it lost (bench/results/warm_start.md).
+    warm_start_lora_variant = "lora"
     #: `outside_tag_weight` is NER's; a note has one label and no O tag.
     outside_tag_weight = 1.0
     #: (metric key, column title) of the round table; the plot draws the same keys after loss.

@@ -50,6 +50,8 @@ class NamedEntityRecognition:
     #: What trains when the run config leaves `lora_variant` unset: LoRA (a frozen encoder's
     #: token states stopped NER at about 0.31 entity F1 even without DP, where LoRA reaches 0.69).
     lora_variant = "lora"
+    #: The same, for a run that starts from an adapter (`init_adapter`).
+    warm_start_lora_variant = "lora"
     #: Weight of the O tag's loss when the run config leaves `outside_tag_weight` unset. Under
     #: DP at epsilon 8, federated NCBI disease reached 0.405 and 0.383 entity F1 with 0.3,
     #: against 0.30-0.33 in four runs of the plain loss (0.350 with 0.1); utility-probes.md.

@@ -180,3 +180,13 @@ def test_the_content_hash_covers_weights_labels_and_settings_but_not_the_folders
     assert adapter_content_hash(moved) != original
     with pytest.raises(ModelError, match="not a fedward adapter folder"):
         adapter_content_hash(tmp_path)
+
+
+def test_classification_trains_lora_by_default_when_it_starts_from_an_adapter():
+    """The default follows bench/results/warm_start.md: head from a fresh adapter, LoRA from a
+    starting one; a variant the run names is kept either way."""
+    assert RunSpec(labels=["a", "b"]).model.lora_variant == "head"
+    assert RunSpec(labels=["a", "b"], init_adapter="/m/a").model.lora_variant == "lora"
+    named = RunSpec(labels=["a", "b"], init_adapter="/m/a", lora_variant="head")
+    assert named.model.lora_variant == "head"
+    assert RunSpec(task="ner", init_adapter="/m/a").model.lora_variant == "lora"
