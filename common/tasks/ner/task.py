@@ -96,7 +96,7 @@ class NamedEntityRecognition:
         return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
 
     def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
-        """What a hospital may release of an evaluation, as counts (client/release.py):
+        """What a hospital may release of an evaluation, as counts (client/privacy/release.py):
         sentences, and sentences tagged exactly right. A sentence holds any number of entities,
         so entity counts have no bound; these two have L2 sensitivity sqrt(2)."""
         exact = sum(
