@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from fedward.common.config import RunSpec
-from fedward.common.digest import content_sha256
 from fedward.common.errors import ModelError
+from fedward.common.files.digest import content_sha256
 
 #: File of a fedward adapter that holds its task, labels and LoRA settings.
 ADAPTER_META = "fedward.json"

@@ -5,11 +5,11 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedward.client import ledger as ledger_module
-from fedward.client.ledger import PrivacyLedger, dataset_fingerprint
-from fedward.client.privacy import compose_epsilon
-from fedward.common import atomic
+from fedward.client.privacy import ledger as ledger_module
+from fedward.client.privacy.accounting import compose_epsilon
+from fedward.client.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from fedward.common.errors import DataError, PrivacyBudgetExceeded
+from fedward.common.files import atomic
 
 DELTA = 1e-5
 ROUND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 100}  # epsilon ~7.9 alone

@@ -13,11 +13,11 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from site_fixtures import LABELS, run_config, write_notes, write_policy
 
 from fedward.client.app import handle_train, load_site_data, open_site
-from fedward.client.ledger import PrivacyLedger
-from fedward.common import wire
+from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.common.config import LocalRun
 from fedward.common.model import build_model, get_adapter_arrays, save_adapter
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 from fedward.common.warm_start import adapter_content_hash
 
 pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
