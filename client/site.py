@@ -78,7 +78,7 @@ from fedward.client.node_config import (
     POLICY_KEY,
 )
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
-from fedward.client.privacy import calibrate_noise
+from fedward.client.privacy import calibrate_noise, group_epsilon
 from fedward.client.release import (
     Predictions,
     counts,
@@ -88,12 +88,14 @@ from fedward.client.release import (
     sensitivity,
 )
 from fedward.client.secagg import SecAggIdentity
-from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
+from fedward.client.privacy import plan_dp, privacy_units
+from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.atomic import fsync_dir, write_json_atomic
 from fedward.common.audit_log import AuditLog
 from fedward.common.config import DataSchema, LocalRun, LocalSettings, RunSpec
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import (
     ConfigError,
     DataError,
@@ -239,6 +241,13 @@ class Site:
         policy's `max_unknown_rate`: a limit the coordinator chose would make the vocabulary
         refusal a question about the text it could ask again and again)."""
         self.pinned_policy().check(spec, self._model_hash(spec))
+        if spec.privacy.dp and spec.privacy.dp_unit == "patient" and not self.schema.patient_column:
+            # the hospital's own schema, not its records: judged before any data is read
+            raise PolicyError(
+                f"hospital {self.name}: the run asks patient-level DP but this hospital's data "
+                "schema names no patient column (fedward client start --patient-column); refused",
+                reason=Reason("policy.no_patient_column"),
+            )
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         task = spec.task.model_copy(update={"max_unknown_rate": self.policy.max_unknown_rate})
         own_limit = spec.model_copy(update={"task": task})
@@ -376,22 +385,25 @@ class Site:
             if entry.run_id == str(run_id) and entry.round < server_round
         ]
 
-    def check_budget(self, config: LocalRun, num_train: int) -> None:
+    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
         """Gate 2, the first thing done with the data: reserve this round's planned cost within
-        the lifetime budget; then the policy's minimum example count, charged.
+        the lifetime budget; then the policy's minimum example count, charged. Returns the
+        round's DP plan (None without DP), planned on the units training samples (patients
+        under patient-level DP, else the encoded examples), for `train_locally` to use: the
+        plan reserved is the plan trained.
 
         From the reservation on, a refusal keeps it (`refused`): every check that depends on
         the records comes after this gate and is paid for, so that a coordinator cannot ask
         questions about the data for free. A training count above the run's
         `secagg_max_weight` is no refusal at all: the weight is capped (client/app.py).
         """
+        plan = None
         if config.spec.privacy.dp:
             if self._round is None:
                 raise RuntimeError("Site.check_budget called before Site.admit")
             run_id, server_round, rounds = self._round
-            # its noise search is cached (client/privacy.py); an empty split is planned as one
-            # example and then refused, charged, below
-            plan = plan_dp(config.spec, max(num_train, 1))
+            # an empty split is planned as one unit and then refused, charged, below
+            plan = plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
             ledger = self.ledger()
             ledger.reserve(
                 run_id,
@@ -402,9 +414,11 @@ class Site:
                 self.policy.lifetime_epsilon,
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
+                unit=config.spec.privacy.dp_unit,
             )
             self._reserved = (run_id, server_round)
-        self.policy.check_examples(num_train)
+        self.policy.check_examples(len(dataset))
+        return plan
 
     # --- gate 3: trained, nothing sent yet -------------------------------------------------
 
@@ -421,12 +435,19 @@ class Site:
         lifetime = None
         if result.plan is not None:
             entry = self.ledger().confirm(
-                str(run_id), server_round, result.plan, config.spec.privacy.delta, self._data_sha256
+                str(run_id),
+                server_round,
+                result.plan,
+                config.spec.privacy.delta,
+                self._data_sha256,
+                unit=config.spec.privacy.dp_unit,
             )
             self._reserved = None
             lifetime = entry.epsilon_total
             self._save_release(run_id, server_round, result, global_sha256)
-        self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
+        self._audit_release(
+            "train", run_id, server_round, result, global_sha256, lifetime, config
+        )
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """Audit a refusal: the full text for the hospital's staff (only the code goes back).
@@ -523,6 +544,12 @@ class Site:
 
         if not policy.allow_evaluation:
             raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
+        if spec.privacy.dp_unit == "patient" or policy.dp_unit == "patient":
+            # The released counts are noised for one record; a patient moves them by up to its
+            # number of records, and the ledger never mixes units.
+            raise refuse(
+                "evaluation.patient_unit", "released metrics are protected per record only"
+            )
         if not 1 <= server_round <= spec.federation.rounds:
             raise refuse(
                 "evaluation.round_out_of_range",
@@ -566,6 +593,8 @@ class Site:
                 reason=Reason("evaluation.budget"),
             ) from None
         except PolicyError as exc:
+            if exc.reason.code == "ledger.unit_mixed":
+                raise
             raise PolicyError(
                 f"hospital {self.name}: evaluation refused: {exc}",
                 reason=Reason("evaluation.repeated", {"round": server_round}),
@@ -643,9 +672,25 @@ class Site:
         result: TrainResult,
         global_sha256: str,
         epsilon_lifetime: float | None,
+        config: LocalRun | None = None,
     ) -> None:
         """One audit record per released update; epsilon_lifetime is the data set's total
-        after this round (at the run's delta), as the ledger recorded it."""
+        after this round (at the run's delta), as the ledger recorded it, in `dp_unit`.
+
+        A record-level run on data with a patient column also states what that epsilon means
+        per patient: group privacy over the largest patient's records (`group_epsilon`)."""
+        per_patient = {}
+        if config is not None and config.spec.privacy.dp_unit == "record" and result.plan:
+            records = result.largest_patient
+            if records is not None and epsilon_lifetime is not None:
+                epsilon, delta = group_epsilon(
+                    epsilon_lifetime, config.spec.privacy.delta, records
+                )
+                per_patient = {
+                    "largest_patient_records": records,
+                    "epsilon_per_patient": epsilon,
+                    "delta_per_patient": delta,
+                }
         self.audit.append(
             action,
             run_id=str(run_id),
@@ -659,6 +704,8 @@ class Site:
             epsilon_run=result.epsilon_spent,
             epsilon_lifetime=epsilon_lifetime,
             lifetime_epsilon=self.policy.lifetime_epsilon,
+            dp_unit=None if config is None else config.spec.privacy.dp_unit,
+            **per_patient,
         )
 
     def _release_path(self, run_id: str) -> Path:

@@ -38,7 +38,14 @@ from fedward.common.ner.formats import (
     read_entity_json,
     read_ner_file,
 )
-from fedward.common.ner.schemes import Sentence, TagScheme, detect_scheme, label_list, to_iob2
+from fedward.common.ner.schemes import (
+    PatientSentence,
+    Sentence,
+    TagScheme,
+    detect_scheme,
+    label_list,
+    to_iob2,
+)
 from fedward.common.ner.spans import (
     CJK_CHARACTERS,
     EntitySpan,
