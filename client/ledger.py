@@ -498,9 +498,7 @@ class PrivacyLedger:
                     return entry
             self.check_unit(unit)
             plan = DPPlan(noise_multiplier, sample_rate, steps)
-            entry = self._entry(
-                run_id, round, plan, delta, SPENT, data_sha256, self.history, unit
-            )
+            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, self.history, unit)
             self._write_entries([*self.entries, entry])
         logger.info(
             "ledger %s: recorded run %s round %d, epsilon spent %.3f (delta %g)",

@@ -78,7 +78,7 @@ from fedward.client.node_config import (
     POLICY_KEY,
 )
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
-from fedward.client.privacy import calibrate_noise, group_epsilon
+from fedward.client.privacy import calibrate_noise, group_epsilon, plan_dp, privacy_units
 from fedward.client.release import (
     Predictions,
     counts,
@@ -88,7 +88,6 @@ from fedward.client.release import (
     sensitivity,
 )
 from fedward.client.secagg import SecAggIdentity
-from fedward.client.privacy import plan_dp, privacy_units
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult
 from fedward.common import wire
 from fedward.common.arrays_file import read_arrays_file, write_arrays_file
@@ -445,9 +444,7 @@ class Site:
             self._reserved = None
             lifetime = entry.epsilon_total
             self._save_release(run_id, server_round, result, global_sha256)
-        self._audit_release(
-            "train", run_id, server_round, result, global_sha256, lifetime, config
-        )
+        self._audit_release("train", run_id, server_round, result, global_sha256, lifetime, config)
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """Audit a refusal: the full text for the hospital's staff (only the code goes back).
@@ -683,9 +680,7 @@ class Site:
         if config is not None and config.spec.privacy.dp_unit == "record" and result.plan:
             records = result.largest_patient
             if records is not None and epsilon_lifetime is not None:
-                epsilon, delta = group_epsilon(
-                    epsilon_lifetime, config.spec.privacy.delta, records
-                )
+                epsilon, delta = group_epsilon(epsilon_lifetime, config.spec.privacy.delta, records)
                 per_patient = {
                     "largest_patient_records": records,
                     "epsilon_per_patient": epsilon,

@@ -50,8 +50,8 @@ def read_records(
     classification sets are often shipped); the text is everything after the first tab.
 
     Raises `DataError` for a missing/unreadable/empty file, text that is not UTF-8, a missing
-    column, an empty text, label or patient, a `label<TAB>text` line without a tab, or a malformed JSON
-    line; each names the file and line.
+    column, an empty text, label or patient, a `label<TAB>text` line without a tab, or a
+    malformed JSON line; each names the file and line.
     """
     path = Path(path)
     text = _read_utf8(path)

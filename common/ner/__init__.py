@@ -63,6 +63,7 @@ __all__ = [
     "JSON_SUFFIXES",
     "SPLIT_NAMES",
     "EntitySpan",
+    "PatientSentence",
     "Sentence",
     "TagScheme",
     "align_labels",

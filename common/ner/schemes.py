@@ -30,6 +30,7 @@ class PatientSentence(list):
         super().__init__(pairs)
         self.patient = patient
 
+
 _TAG = re.compile(r"(?:O|([BIESLU])-([^\s-]\S*))")
 _ALLOWED_PREFIXES = {
     "IOB1": "BI",
