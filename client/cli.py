@@ -211,7 +211,8 @@ def ledger_command(
             )
         console.print(table)
         spent = rows[-1].epsilon_total if rows else 0.0
-        line = f"spent: epsilon {spent:.3f} over {len(rows)} rounds"
+        unit = item.unit or "record"  # what every epsilon of this data set protects
+        line = f"spent: epsilon {spent:.3f} per {unit} over {len(rows)} rounds"
         reserved = len(item.reservations())
         if reserved:
             line += (

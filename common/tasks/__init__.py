@@ -73,6 +73,9 @@ class Task(Protocol):
     ) -> list[str]: ...
 
 
+#: What one unit of patient-level DP protects, in either task (said next to epsilon).
+PATIENT_UNIT = "one patient (all of a patient's records)"
+
 #: Every task, by the name a run config uses.
 TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION, NER)}
 
