@@ -226,11 +226,8 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
         entry["epsilon"] = finite_or_none(metrics.get("epsilon"))
         if config.spec.privacy.dp:
             entry["dp_unit"] = config.spec.privacy.dp_unit  # what that epsilon protects
-        for key in (
-            "worker_pid",
-            "model_loads",
-            "largest_patient",
-        ):  # simulation diagnostics, when present
+        # simulation only, when present: diagnostics, and the most records of one patient
+        for key in ("worker_pid", "model_loads", "largest_patient"):
             if key in metrics:
                 entry[key] = int(metrics[key])
     for name, reason in {**outcome.refused, **outcome.rejected}.items():
