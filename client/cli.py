@@ -78,6 +78,13 @@ def start(
     label_column: Annotated[
         str, typer.Option(help="Column of the data file holding the label.")
     ] = "label",
+    patient_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Column naming the patient of each record (a field of each entity-JSON record "
+            "for NER): needed for patient-level DP (policy dp_unit = patient)."
+        ),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Share of the records kept for validation.")
     ] = 0.2,
@@ -122,6 +129,7 @@ def start(
             {
                 "text_column": text_column,
                 "label_column": label_column,
+                "patient_column": patient_column,
                 "val_fraction": val_fraction,
             },
             source="fedward client start",
