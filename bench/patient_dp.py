@@ -1,6 +1,5 @@
 """The cost of the patient as the unit of privacy: utility at epsilon 1, 3 and 8, record-level
-against patient-level DP, through the real path (`fedward simulate`'s runner: Flower's
-simulation, SecAgg+, the default training recipe).
+against patient-level DP.
 
 Two data sets, both with patients:
 
@@ -9,17 +8,28 @@ Two data sets, both with patients:
   with tens);
 - `medical_abstracts`: the shared Medical Abstracts corpus (`--max-train` abstracts), given a
   *simulated* patient structure: the same spread, a patient's abstracts sharing a label, and
-  each patient placed whole at one of the hospitals (`partition = column:hospital`). The
-  abstracts are not patients' records; only the structure is simulated.
+  each patient placed whole at one of the hospitals. The abstracts are not patients' records;
+  only the structure is simulated.
 
-Each cell is the final round's global macro-F1 (each hospital's validation notes pooled, the
-figure `fedward simulate`'s table shows), one run per cell (DP noise is drawn from the OS, so a
-cell moves by about a point between runs). Each result line is appended to `--log` as it comes.
+Two paths (`--path`):
+
+- `fast` (default): the hospitals' own trainer (`train_locally`, the default recipe: head-only,
+  batch 128, 3 local epochs, 3 rounds, DP-SGD planned as a site plans it) and FedAvg
+  (`server.aggregation`), in this one process, without Flower, Ray or SecAgg+'s quantization.
+  The frozen encoder's states are cached once per hospital and kept across cells (they depend
+  only on the model and the token ids), which is what makes a table of many cells affordable
+  on a shared 2-core machine.
+- `real`: `fedward simulate`'s runner (Flower's simulation, SecAgg+), one simulation a cell.
+
+Each cell is the final global macro-F1 over every hospital's validation notes pooled (the
+figure `fedward simulate`'s table shows), one run per cell unless `--repeats` (DP noise is drawn
+from the OS). Each result line is appended to `--log` as it comes.
 
     python -m bench.patient_dp --data synthetic --epsilons 8 3 1 --units record patient
     python -m bench.patient_dp --data medical_abstracts --max-train 3000
     python -m bench.patient_dp --data synthetic --epsilons 8 --units patient \
         --set max_records_per_patient=1      # the record bound, swept
+    python -m bench.patient_dp --path real --epsilons 8   # through `fedward simulate`'s runner
 """
 
 from __future__ import annotations
@@ -58,12 +68,96 @@ def medical_abstracts_with_patients(work: Path, max_train: int, hospitals: int, 
 
 
 def run_cell(values: dict) -> tuple[float, float]:
-    """(final global macro-F1, seconds) of one simulation."""
+    """(final global macro-F1, seconds) of one simulation through the real path."""
     from fedward.simulation.runner import simulate
 
     started = time.monotonic()
     result = simulate(RunConfig.build(values, source="bench"))
     return result.rounds[-1]["global"]["macro_f1"], time.monotonic() - started
+
+
+class FastFederation:
+    """The hospitals' data, tokenizer and models, kept across cells (`--path fast`)."""
+
+    def __init__(self, hospitals: list[tuple[list, list]], labels: list[str], values: dict):
+        from fedward.client import prefix_cache
+        from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
+
+        # The cached encoder states depend on the model and the token ids only: keep them from
+        # one cell to the next instead of dropping them with each new run spec.
+        prefix_cache._start_run = lambda digest: None
+        self.hospitals = hospitals
+        self.labels = labels
+        base = RunConfig.build({**values, "labels": labels}, source="bench")
+        self.tokenizer = load_tokenizer(base.spec.model.name)
+        self.models = [build_model(base.spec, len(labels)) for _ in hospitals]
+        self.initial = get_adapter_arrays(self.models[0])
+
+    def run(self, values: dict) -> tuple[float, float]:
+        """(final global macro-F1 over the pooled validation notes, seconds) of one run."""
+        from fedward.client.app import encode
+        from fedward.client.privacy import plan_dp, privacy_units
+        from fedward.client.trainer import predict, train_locally
+        from fedward.common.metrics import classification_metrics
+        from fedward.server.aggregation import apply_average, weighted_sum
+
+        started = time.monotonic()
+        config = RunConfig.build({**values, "labels": self.labels}, source="bench")
+        pad = self.tokenizer.pad_token_id
+        datasets = [encode(train, config, self.tokenizer) for train, _ in self.hospitals]
+        plans = [
+            plan_dp(config.spec, max(privacy_units(config.spec, data), 1)) for data in datasets
+        ]
+        histories: list[list] = [[] for _ in datasets]
+        arrays = dict(self.initial)
+        for _ in range(config.spec.federation.rounds):
+            updates = []
+            for number, data in enumerate(datasets):
+                result = train_locally(
+                    self.models[number],
+                    data,
+                    config,
+                    arrays,
+                    histories[number],
+                    pad,
+                    who=f"hospital-{number}",
+                    plan=plans[number],
+                )
+                histories[number] = result.history
+                updates.append((result.delta, float(result.num_examples)))
+            arrays = apply_average(arrays, *weighted_sum(updates))
+        true_ids: list = []
+        pred_ids: list = []
+        for number, (_, val) in enumerate(self.hospitals):
+            validation = encode(val, config.updated(dp=False), self.tokenizer)
+            _, truth, predicted = predict(self.models[number], validation, config, arrays, pad)
+            true_ids += truth
+            pred_ids += predicted
+        score = classification_metrics(true_ids, pred_ids, len(self.labels))["macro_f1"]
+        return score, time.monotonic() - started
+
+
+def fast_hospitals(args, work: Path) -> tuple[list[tuple[list, list]], list[str]]:
+    """Each hospital's (training, validation) records and the label list, split as the
+    simulation splits them (`task.split` with seed + hospital)."""
+    from fedward.common.data import read_records
+    from fedward.common.tasks import task_named
+    from fedward.simulation.synthetic import synthetic_examples, synthetic_labels
+
+    task = task_named("classification")
+    if args.data == "synthetic":
+        shares = [
+            synthetic_examples("classification", h, args.notes, args.seed, args.hospitals)
+            for h in range(args.hospitals)
+        ]
+        labels = synthetic_labels("classification", args.hospitals, args.notes, args.seed)
+    else:
+        path = medical_abstracts_with_patients(work, args.max_train, args.hospitals, args.seed)
+        records = read_records(path, "text", "label", "hospital", "patient")
+        shares = [[r for r in records if r.group == f"hospital-{h}"] for h in range(args.hospitals)]
+        labels = sorted({r.label for r in records})
+    hospitals = [task.split(share, 0.2, args.seed + h) for h, share in enumerate(shares)]
+    return hospitals, labels
 
 
 def main() -> None:
@@ -77,13 +171,20 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="settings")
+    parser.add_argument("--path", choices=["fast", "real"], default="fast")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell")
     parser.add_argument("--log", type=Path, default=Path("bench/results/patient_dp.log"))
     args = parser.parse_args()
     overrides = parse_overrides(args.settings)
     with tempfile.TemporaryDirectory(prefix="fedward-patient-dp-") as folder:
         work = Path(folder)
         values = {"hospitals": args.hospitals, "seed": args.seed, **overrides}
-        if args.data == "synthetic":
+        federation = None
+        if args.path == "fast":
+            hospitals, labels = fast_hospitals(args, work)
+            values["device"] = "cpu"
+            federation = FastFederation(hospitals, labels, values)
+        elif args.data == "synthetic":
             values["notes_per_hospital"] = args.notes
         else:
             data = medical_abstracts_with_patients(work, args.max_train, args.hospitals, args.seed)
@@ -94,23 +195,34 @@ def main() -> None:
                 "patient_column": "patient",
                 "partition": "column:hospital",
             }
-        for epsilon in args.epsilons:
-            for unit in args.units:
-                cell = {**values, "target_epsilon": epsilon, "dp_unit": unit}
-                cell["out"] = str(work / f"{unit}-{epsilon:g}")
+        cells = [
+            (epsilon, unit, repeat)
+            for epsilon in args.epsilons
+            for unit in args.units
+            for repeat in range(args.repeats)
+        ]
+        for epsilon, unit, repeat in cells:
+            cell = {**values, "target_epsilon": epsilon, "dp_unit": unit}
+            if unit == "none":
+                cell = {**values, "dp": False}
+            cell["out"] = str(work / f"{unit}-{epsilon:g}-{repeat}")
+            if federation is not None:
+                score, seconds = federation.run(cell)
+            else:
                 score, seconds = run_cell(cell)
-                line = {
-                    "data": args.data,
-                    "epsilon": epsilon,
-                    "unit": unit,
-                    "macro_f1": round(score, 4),
-                    "seconds": round(seconds),
-                    "settings": overrides,
-                    "notes": args.notes if args.data == "synthetic" else args.max_train,
-                }
-                print(json.dumps(line), flush=True)
-                with args.log.open("a", encoding="utf-8") as log:
-                    log.write(json.dumps(line) + "\n")
+            line = {
+                "data": args.data,
+                "path": args.path,
+                "epsilon": epsilon,
+                "unit": unit,
+                "macro_f1": round(score, 4),
+                "seconds": round(seconds),
+                "settings": overrides,
+                "notes": args.notes if args.data == "synthetic" else args.max_train,
+            }
+            print(json.dumps(line), flush=True)
+            with args.log.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(line) + "\n")
     sys.exit(0)
 
 
