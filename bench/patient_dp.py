@@ -160,6 +160,42 @@ def fast_hospitals(args, work: Path) -> tuple[list[tuple[list, list]], list[str]
     return hospitals, labels
 
 
+def report(log: Path) -> str:
+    """The markdown table of the cells in `log`: macro-F1 per data set, path, settings and
+    epsilon, record against patient (the mean where a cell ran more than once)."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        cell = json.loads(line)
+        settings = " ".join(f"{k}={v}" for k, v in sorted(cell["settings"].items())) or "default"
+        epsilon = "no DP" if cell["unit"] == "none" else f"{cell['epsilon']:g}"
+        unit = "record" if cell["unit"] == "none" else cell["unit"]
+        key = (cell["data"], cell.get("path", "real"), settings, epsilon)
+        cells.setdefault(key, {}).setdefault(unit, []).append(cell["macro_f1"])
+    lines = [
+        "| data | path | settings | epsilon | record-level | patient-level | patient - record |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def shown(values: list[float] | None) -> str:
+        if not values:
+            return "not run"
+        mean = sum(values) / len(values)
+        runs = f" ({', '.join(f'{v:.3f}' for v in values)})" if len(values) > 1 else ""
+        return f"{mean:.3f}{runs}"
+
+    for (data, path, settings, epsilon), units in sorted(cells.items()):
+        record, patient = units.get("record"), units.get("patient")
+        gap = "—"
+        if record and patient and epsilon != "no DP":
+            gap = f"{100 * (sum(patient) / len(patient) - sum(record) / len(record)):+.1f} pts"
+        patient_cell = "—" if epsilon == "no DP" else shown(patient)
+        lines.append(
+            f"| {data} | {path} | {settings} | {epsilon} | {shown(record)} | {patient_cell} "
+            f"| {gap} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     logging.disable(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,7 +210,11 @@ def main() -> None:
     parser.add_argument("--path", choices=["fast", "real"], default="fast")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell")
     parser.add_argument("--log", type=Path, default=Path("bench/results/patient_dp.log"))
+    parser.add_argument("--report", action="store_true", help="print the table of --log")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.log))
+        return
     overrides = parse_overrides(args.settings)
     with tempfile.TemporaryDirectory(prefix="fedward-patient-dp-") as folder:
         work = Path(folder)
