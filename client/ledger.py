@@ -306,8 +306,10 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        unit: str = "record",
     ) -> float:
-        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `lifetime_epsilon`.
+        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `lifetime_epsilon`
+        (per `unit`, as every entry of this data set).
 
         Looks at this object's entries only; `reserve` runs the same check under the lock on
         what is on disk. Returns the projected epsilon when the round fits.
@@ -319,7 +321,7 @@ class PrivacyLedger:
             pending = f" (including {reserved} reserved rounds)" if reserved else ""
             raise PrivacyBudgetExceeded(
                 f"data set {self.dataset}: privacy budget would be exceeded: spent epsilon "
-                f"{spent:.3f}{pending}, after this round {projected:.3f}, site limit "
+                f"{spent:.3f} per {unit}{pending}, after this round {projected:.3f}, site limit "
                 f"{lifetime_epsilon:g} (delta {delta:g}); no step was taken. Training on this data "
                 "set must stop, or the data owner must raise lifetime_epsilon in the site policy"
             )
@@ -383,6 +385,7 @@ class PrivacyLedger:
                 plan.noise_multiplier,
                 plan.sample_rate,
                 plan.steps,
+                unit,
             )
             entry = self._entry(
                 run_id, round, plan, delta, RESERVED, data_sha256, self.history, unit

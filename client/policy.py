@@ -304,7 +304,8 @@ class SitePolicy(BaseModel):
             broken.append(
                 (
                     "lifetime_epsilon",
-                    f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime "
+                    f"run epsilon {spec.privacy.target_epsilon:g} per {spec.privacy.dp_unit} "
+                    "is above the site's lifetime "
                     "budget "
                     f"lifetime_epsilon {self.lifetime_epsilon:g}",
                 )

@@ -73,7 +73,12 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def check_budget(
-    history: list[HistoryEntry], plan: DPPlan, lifetime_epsilon: float, delta: float, who: str
+    history: list[HistoryEntry],
+    plan: DPPlan,
+    lifetime_epsilon: float,
+    delta: float,
+    who: str,
+    unit: str = "record",
 ) -> float:
     """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget.
 
@@ -84,7 +89,8 @@ def check_budget(
     if projected > lifetime_epsilon * (1 + 1e-3):
         spent = compose_epsilon(history, delta)
         raise PrivacyBudgetExceeded(
-            f"{who}: training refused before any step: epsilon spent {spent:.3f}, this round "
+            f"{who}: training refused before any step: epsilon spent {spent:.3f} per {unit}, "
+            "this round "
             f"would bring it to {projected:.3f}, over the limit {lifetime_epsilon:g} "
             f"(delta {delta:g}); start a new run with a larger budget or fewer rounds"
         )
@@ -133,9 +139,8 @@ def train_locally(
     elif plan is None:
         plan = plan_dp(config.spec, privacy_units(config.spec, dataset))
     if plan is not None:
-        check_budget(
-            history, plan, config.spec.privacy.target_epsilon, config.spec.privacy.delta, who
-        )
+        privacy = config.spec.privacy
+        check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
 
     optimizer = make_optimizer(model, config)
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
