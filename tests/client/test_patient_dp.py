@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_training import LABELS, WORDS, tokenizer
+from tiny_training import LABELS, TAGS, WORDS, tokenizer
 
 from fedward.client import trainer
 from fedward.client.privacy import DPPlan, plan_dp, privacy_units
@@ -68,14 +68,27 @@ def _encode(config: RunConfig, tok, records: list[Record]) -> EncodedDataset:
     return encode_classification(tok, records, label_to_id, config.spec.task.max_length, units)
 
 
+def _sentences(patients: dict[str, int]) -> list[PatientSentence]:
+    sentences = []
+    for number, (patient, count) in enumerate(patients.items()):
+        words = [(WORDS[LABELS[number % 2]][k], "O") for k in range(4)]
+        words.insert(number % 4, ("pneumonia", "B-Disease"))
+        sentences += [PatientSentence(words, patient) for _ in range(count)]
+    return sentences
+
+
 def _clipped_sum(config, tok, records, monkeypatch) -> np.ndarray:
     """The sum of clipped unit gradients of one noiseless step over all units, from the update:
     one SGD step moves the parameters by -lr * sum / (units in the batch)."""
-    dataset = _encode(config, tok, records)
+    if config.spec.task.name == "ner":
+        units = patient_units(records) if config.spec.privacy.dp_unit == "patient" else None
+        dataset = task_named("ner").encode(records, TAGS, tok, 24, units)
+    else:
+        dataset = _encode(config, tok, records)
     units = privacy_units(config.spec, dataset)
     plan = DPPlan(noise_multiplier=0.0, sample_rate=1.0, steps=1)
     monkeypatch.setattr(trainer, "check_budget", lambda *args: 0.0)  # noiseless: no epsilon
-    model = build_model(config.spec, len(LABELS))
+    model = build_model(config.spec, len(TAGS if config.spec.task.name == "ner" else LABELS))
     start = get_adapter_arrays(model)
     result = trainer.train_locally(model, dataset, config, start, [], tok.pad_token_id, plan=plan)
     flat = np.concatenate([result.delta[name].ravel() for name in sorted(result.delta)])
@@ -102,6 +115,17 @@ def test_a_patient_with_50_records_moves_the_update_no_more_than_one_with_1(
         # record-level DP clips each record: the same 50 records move it ~50 times as far
         assert moved_by_many > 20 * CLIP
         assert moved_by_one <= CLIP * 1.01
+
+
+def test_an_ner_patient_with_50_sentences_moves_the_update_no_more_than_the_clip(
+    four_layer_model_dir, monkeypatch
+):
+    config = _config(four_layer_model_dir, "patient", task="ner", labels=TAGS)
+    tok = tokenizer(four_layer_model_dir)
+    others = {f"p{i}": 1 + i % 3 for i in range(6)}
+    base = _clipped_sum(config, tok, _sentences(others), monkeypatch)
+    many = _clipped_sum(config, tok, _sentences({**others, "x": 50}), monkeypatch)
+    assert 0.5 * CLIP < np.linalg.norm(many - base) <= CLIP * 1.01
 
 
 def test_the_record_bound_caps_the_records_of_a_sampled_patient(four_layer_model_dir, monkeypatch):
