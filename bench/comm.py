@@ -17,9 +17,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
-from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.protocol import wire
 from fedward.server.secagg import SecAggServerSession
 from fedward.simulation.synthetic import DIAGNOSES
 

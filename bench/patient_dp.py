@@ -96,7 +96,7 @@ class FastFederation:
     def run(self, values: dict) -> tuple[float, float]:
         """(final global macro-F1 over the pooled validation notes, seconds) of one run."""
         from fedward.client.app import encode
-        from fedward.client.privacy import plan_dp, privacy_units
+        from fedward.client.privacy.accounting import plan_dp, privacy_units
         from fedward.client.trainer import predict, train_locally
         from fedward.common.metrics import classification_metrics
         from fedward.server.aggregation import apply_average, weighted_sum

@@ -76,7 +76,7 @@ def read_corpus(corpus: str, seed: int, max_train: int | None) -> tuple[str, lis
             SHARED / "medical_abstracts" / "medical_tc.csv", seed, max_train
         )
         return "classification", train, test, sorted({r.label for r in train + test})
-    from fedward.common.ner import label_list, read_conll_splits
+    from fedward.common.tasks.ner import label_list, read_conll_splits
 
     splits = read_conll_splits(SHARED / "ncbi_disease")
     train = splits["train"][:max_train] if max_train else splits["train"]

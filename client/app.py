@@ -7,8 +7,8 @@ see the run spec a message carries; the site turns it into the config this hospi
 adding its own local settings.
 
 What a reply may carry is fixed here: a refusal is a reason code with numbers
-(common/reasons.py), never an exception's text; a train reply carries the update (masked with
-secure aggregation) and epsilon, and the example count and training loss only where the README
+(common/protocol/reasons.py), never an exception's text; a train reply carries the update (masked
+with secure aggregation) and epsilon, and the example count and training loss only where the README
 lists them (no secure aggregation: the count weights a clear update; simulation: everything);
 an evaluate reply carries what the site releases (deployed: DP-noised counts, charged).
 """
@@ -28,16 +28,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer
-from fedward.client.release import Predictions
+from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, predict, train_locally
-from fedward.common import wire
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset, patient_units
 from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.common.tasks import task_named
 
@@ -470,5 +470,5 @@ def _refusal(msg: Message, name: str, exc: Exception) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-#: The ClientApp of a real hospital (`flower-supernode` runs it; see client/deploy.py).
+#: The ClientApp of a real hospital (`flower-supernode` runs it; see client/deploy/supernode.py).
 app = build_client_app(load_site_data, open_site)

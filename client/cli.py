@@ -1,7 +1,7 @@
 """A hospital's commands: `fedward client start | ledger | model-hash`.
 
-Only this module prints; client/deploy.py and client/site.py do the work. `simulation/cli.py`
-mounts `client_app` on the `fedward` command.
+Only this module prints; client/deploy/supernode.py and client/site.py do the work.
+`simulation/cli.py` mounts `client_app` on the `fedward` command.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedward.client import deploy
+from fedward.client.deploy import supernode
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import DataError
-from fedward.common.output_paths import check_output_file, check_output_folder
+from fedward.common.files.output_paths import check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -64,7 +64,7 @@ def start(
     ] = None,
     runtime_port: Annotated[
         int, typer.Option(help="Local port of the SuperNode's Runtime API (one per SuperNode).")
-    ] = deploy.DEFAULT_RUNTIME_PORT,
+    ] = supernode.DEFAULT_RUNTIME_PORT,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no node key (test federations only).")
     ] = False,
@@ -111,7 +111,7 @@ def start(
     if audit_log is not None:
         check_output_file(audit_log, "--audit-log")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    settings = deploy.HospitalSettings(
+    settings = supernode.HospitalSettings(
         server=server,
         data=data,
         policy=policy,
@@ -137,7 +137,7 @@ def start(
         prefix_cache=prefix_cache,
         prefix_cache_mb=prefix_cache_mb,
     )
-    command = deploy.prepare_supernode(settings)
+    command = supernode.prepare_supernode(settings)
     if insecure:
         warning = (
             "INSECURE MODE: TLS and node authentication are OFF; updates travel in plain text "
@@ -149,7 +149,7 @@ def start(
         f"fedward client: hospital {settings.name} -> {server}; data {data} (data set "
         f"{settings.dataset_id}); policy {policy}; ledger {ledger}"
     )
-    raise typer.Exit(deploy.run_supernode(command, settings))
+    raise typer.Exit(supernode.run_supernode(command, settings))
 
 
 @client_app.command("ledger")
@@ -168,7 +168,7 @@ def ledger_command(
     A round marked "reserved" was planned but never confirmed or released: in progress now, or
     its process died. It counts as spent (the ledger never under-counts).
     """
-    from fedward.client.ledger import RESERVED, PrivacyLedger  # imports opacus: only here
+    from fedward.client.privacy.ledger import RESERVED, PrivacyLedger  # imports opacus: only here
 
     site_policy = SitePolicy.load(policy) if policy is not None else None
     if dataset_id is not None:

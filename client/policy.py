@@ -30,7 +30,7 @@ hospital-b = "ed25519:9a47...0d"
 Keys may also sit under a `[policy]` table. `SitePolicy.check` is pure: it looks only at the run
 configuration and the base model's content hash, so a request is refused before any data is
 loaded. A refusal travels back to the coordinator as a reason code with the broken rules' names
-and limits (common/reasons.py); the sentences below are for the hospital's own log.
+and limits (common/protocol/reasons.py); the sentences below are for the hospital's own log.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedward.common.config import PACKAGED_MODEL, RunSpec, TaskSpec, describe_invalid, read_toml
-from fedward.common.digest import content_sha256
 from fedward.common.errors import ConfigError, ModelError, PolicyError
-from fedward.common.reasons import Reason
+from fedward.common.files.digest import content_sha256
+from fedward.common.protocol.reasons import Reason
 
 logger = logging.getLogger(__name__)
 

@@ -44,14 +44,14 @@ after the budget gate and is paid for. A secure-aggregation weight above the run
 
 A refusal at any gate becomes a refusal reply (never a crash) and an audit record. A process
 that dies after gate 2 leaves the reservation in the ledger, where it counts as spent. What goes
-to the coordinator is the error's reason code with numbers (common/reasons.py), never its text:
-a path, a column or a record's value is described in this hospital's log and audit log only.
+to the coordinator is the error's reason code with numbers (common/protocol/reasons.py), never its
+text: a path, a column or a record's value is described in this hospital's log and audit log only.
 
 An evaluate request is a release too (`admit_evaluation`, `release_evaluation`): refused unless
 the policy allows it, for a round this data set trained in (or the final one), once a round, and
 within the budget, all before any record is read; the release is charged to the ledger before
 the data is read (a refusal after that keeps the charge), and its metrics are noised counts
-(client/release.py).
+(client/privacy/release.py).
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fedward.client.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
-from fedward.client.node_config import (
+from fedward.client.deploy.node_config import (
     AUDIT_KEY,
     CACHE_KEYS,
     DATA_KEY,
@@ -78,8 +77,14 @@ from fedward.client.node_config import (
     POLICY_KEY,
 )
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
-from fedward.client.privacy import calibrate_noise, group_epsilon, plan_dp, privacy_units
-from fedward.client.release import (
+from fedward.client.privacy.accounting import (
+    calibrate_noise,
+    group_epsilon,
+    plan_dp,
+    privacy_units,
+)
+from fedward.client.privacy.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
+from fedward.client.privacy.release import (
     Predictions,
     counts,
     exact_metrics,
@@ -89,10 +94,6 @@ from fedward.client.release import (
 )
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult
-from fedward.common import wire
-from fedward.common.arrays_file import read_arrays_file, write_arrays_file
-from fedward.common.atomic import fsync_dir, write_json_atomic
-from fedward.common.audit_log import AuditLog
 from fedward.common.config import DataSchema, LocalRun, LocalSettings, RunSpec
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import (
@@ -103,8 +104,12 @@ from fedward.common.errors import (
     PolicyError,
     PrivacyBudgetExceeded,
 )
+from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
+from fedward.common.files.atomic import fsync_dir, write_json_atomic
+from fedward.common.files.audit_log import AuditLog
 from fedward.common.model import resolve_model_path
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -401,7 +406,8 @@ class Site:
             if self._round is None:
                 raise RuntimeError("Site.check_budget called before Site.admit")
             run_id, server_round, rounds = self._round
-            # an empty split is planned as one unit and then refused, charged, below
+            # its noise search is cached (client/privacy/accounting.py); an empty split is
+            # planned as one unit and then refused, charged, below
             plan = plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
             ledger = self.ledger()
             ledger.reserve(
@@ -604,7 +610,7 @@ class Site:
     ) -> dict[str, float]:
         """Confirm the charge made at admission, then noise the counts: the metrics that may
         leave (Gaussian mechanism at the policy's evaluation_epsilon and max_delta,
-        client/release.py)."""
+        client/privacy/release.py)."""
         plan = DPPlan(self._evaluation_noise(), 1.0, 1)
         key = run_id + EVALUATION_KEY
         entry = self.ledger().confirm(

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedward.client.dp_adam import BiasCorrectedAdam
 from fedward.client.prefix_cache import cached_training
-from fedward.client.privacy import (
+from fedward.client.privacy.accounting import (
     DPPlan,
     HistoryEntry,
     compose_epsilon,
@@ -37,6 +36,7 @@ from fedward.client.privacy import (
     privacy_units,
     projected_epsilon,
 )
+from fedward.client.privacy.dp_adam import BiasCorrectedAdam
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded

@@ -201,7 +201,7 @@ class TrainingSpec(_Group):
     optimizer: Literal["adamw", "sgd", "adam_bc"] = Field(
         "adamw",
         description="adamw: AdamW; sgd: SGD with momentum 0.9; adam_bc: DP-AdamBC, Adam with the "
-        "DP noise's variance taken out of its second moment (client/dp_adam.py; at NER's "
+        "DP noise's variance taken out of its second moment (client/privacy/dp_adam.py; at NER's "
         "learning rates under DP it collapsed federated NCBI disease to 0.00-0.04 entity F1, "
         "bench/results/utility-probes.md).",
     )

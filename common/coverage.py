@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from fedward.common.errors import DataError
-from fedward.common.ner import split_words
-from fedward.common.reasons import Reason
+from fedward.common.protocol.reasons import Reason
+from fedward.common.tasks.ner import split_words
 
 log = logging.getLogger(__name__)
 

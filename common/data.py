@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fedward.common.errors import DataError
-from fedward.common.reasons import Reason
+from fedward.common.protocol.reasons import Reason
 
 #: Fewest examples a label needs: one for training and one for validation.
 MIN_EXAMPLES_PER_LABEL = 2

@@ -4,13 +4,14 @@ Every message names the file (and line) or the config field, says what was wrong
 The CLI turns a `FedwardError` into one readable line on stderr and exit code 2.
 
 A message is for the person who can fix it, on the machine where it happened. What a hospital
-sends back to the coordinator is the error's `reason` instead (common/reasons.py): a code from a
-closed set with numbers, never the message, which may name a path, a column or a record's value.
+sends back to the coordinator is the error's `reason` instead (common/protocol/reasons.py): a code
+from a closed set with numbers, never the message, which may name a path, a column or a record's
+value.
 """
 
 from __future__ import annotations
 
-from fedward.common.reasons import Reason
+from fedward.common.protocol.reasons import Reason
 
 
 class FedwardError(Exception):

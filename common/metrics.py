@@ -39,7 +39,7 @@ def ner_metrics_from_ids(
     true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
 ) -> dict[str, float]:
     """Entity-level micro precision/recall/F1 from word-piece label ids (-100 ignored)."""
-    from fedward.common.ner import ner_metrics
+    from fedward.common.tasks.ner import ner_metrics
 
     true_tags, pred_tags = [], []
     for true_row, pred_row in zip(true_ids, pred_ids):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedward.common.atomic import replace_dir_atomic, temp_dir_next_to
 from fedward.common.config import PACKAGED_MODEL, LocalRun, RunSpec
 from fedward.common.errors import ModelError
+from fedward.common.files.atomic import replace_dir_atomic, temp_dir_next_to
 from fedward.common.tasks import task_named
 from fedward.common.tasks.heads import MeanPoolClassifier
 

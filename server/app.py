@@ -19,10 +19,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedward.common.atomic import write_json_atomic
-from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
+from fedward.common.files.atomic import write_json_atomic
+from fedward.common.files.audit_log import AuditLog
 from fedward.common.model import (
     adapter_spec,
     build_model,

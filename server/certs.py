@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedward.common.atomic import write_bytes_atomic
 from fedward.common.errors import ConfigError
+from fedward.common.files.atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

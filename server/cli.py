@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedward.common import audit_log
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
-from fedward.common.output_paths import check_output_file, check_output_folder
+from fedward.common.files import audit_log
+from fedward.common.files.output_paths import check_output_file, check_output_folder
 from fedward.common.tasks import task_named
 from fedward.server import deploy
 from fedward.server.tracking import open_tracker

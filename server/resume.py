@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from fedward.common import wire
-from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, DataError
+from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
+from fedward.common.protocol import wire
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Each update is validated before it is counted (names, shapes, dtypes, finite, wi
 range); a bad update is dropped and logged and the round goes on with the others. A round with
 fewer usable updates than `min_hospitals` fails cleanly: the global adapter stays as it was.
 
-A hospital's refusal is a reason code with numbers (common/reasons.py); it is rendered here from
-the coordinator's own templates, so nothing a hospital writes as text is stored. With secure
+A hospital's refusal is a reason code with numbers (common/protocol/reasons.py); it is rendered here
+from the coordinator's own templates, so nothing a hospital writes as text is stored. With secure
 aggregation a hospital sends no example count or loss in the clear: the count it weights its
 update with is inside the masked vector, and only the sum is unmasked.
 """
@@ -25,12 +25,12 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.errors import FedwardError, ModelError, SecAggError
 from fedward.common.metrics import split_counts
 from fedward.common.model import ArraySpec
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 from fedward.common.tasks import task_named
 from fedward.server.aggregation import (
     Arrays,

@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 
 from fedward.client import model_cache
 from fedward.client.app import build_client_app
-from fedward.common import wire
 from fedward.common.config import RunConfig
+from fedward.common.protocol import wire
 from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.server.app import build_server_app
 from fedward.simulation.hospitals import SimulatedSite, prepare_config, simulated_data

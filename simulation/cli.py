@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.common.config import GROUPS, RunConfig
-from fedward.common.output_paths import check_output_folder
+from fedward.common.files.output_paths import check_output_folder
 from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.

@@ -13,8 +13,8 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
-from fedward.client.privacy import DPPlan, plan_dp, privacy_units
-from fedward.client.release import exact_metrics
+from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
+from fedward.client.privacy.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
 from fedward.common.config import RunConfig, RunSpec, SimulatedData

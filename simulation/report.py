@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fedward.client.privacy import group_epsilon
+from fedward.client.privacy.accounting import group_epsilon
 from fedward.common.tasks import PATIENT_UNIT, task_named
 
 

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedward.common.atomic import write_bytes_atomic
 from fedward.common.errors import PolicyError
+from fedward.common.files.atomic import write_bytes_atomic
 from fedward.common.secagg import (
     SEED_BYTES,
 )

@@ -60,9 +60,9 @@ from fedward.client.secagg.identity import (
     raw_public,
     raw_signing_private,
 )
-from fedward.common.atomic import write_bytes_atomic
 from fedward.common.errors import SecAggError
-from fedward.common.reasons import Reason
+from fedward.common.files.atomic import write_bytes_atomic
+from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,

@@ -92,8 +92,9 @@ class Classification:
         return encode_classification(tokenizer, examples, label_to_id, max_length, units)
 
     def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
-        """What a hospital may release of an evaluation, as counts (client/release.py): examples,
-        correct, and TP, FP, FN of every class. One record changes examples by 1, and either
+        """What a hospital may release of an evaluation, as counts (client/privacy/release.py):
+        examples, correct, and TP, FP, FN of every class. One record changes examples by 1, and
+        either
         correct and one TP (right) or one FN and one FP (wrong): L2 sensitivity sqrt(3)."""
         tp, fp, fn = label_counts(true_ids, pred_ids, num_labels)
         return np.concatenate([[len(true_ids), tp.sum()], tp, fp, fn]).astype(np.float64)

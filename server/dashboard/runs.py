@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedward.common import audit_log
 from fedward.common.errors import DataError
+from fedward.common.files import audit_log
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ CHECKPOINT = "checkpoint.npz"
 #: Files that make a folder a run folder (any one of them).
 RUN_FILES = (HISTORY, AUDIT_LOG, CHECKPOINT)
 
-#: A rendered reason ends with its code in brackets (common/reasons.py, `Reason.render`).
+#: A rendered reason ends with its code in brackets (common/protocol/reasons.py, `Reason.render`).
 _REASON_CODE = re.compile(r"^(?P<text>.*?)\s*\[(?P<code>[a-z][a-z0-9_]*\.[a-z0-9_.]+)\]$", re.S)
 
 

@@ -8,7 +8,7 @@ the shape each task reads: `Record`s for classification, tagged sentences for NE
 from __future__ import annotations
 
 from fedward.common.data import Record
-from fedward.common.ner import PatientSentence, label_list
+from fedward.common.tasks.ner import PatientSentence, label_list
 from fedward.simulation.synthetic.notes import (
     DIAGNOSES,
     ENTITY_TYPES,

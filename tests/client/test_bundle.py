@@ -1,5 +1,5 @@
-"""The bundle check (client/bundle.py): a hospital accepts exactly the app bundle `fedward run`
-submits, and refuses one that carries code, names another component or asks for dependencies.
+"""The bundle check (client/deploy/bundle.py): a hospital accepts exactly the app bundle `fedward
+run` submits, and refuses one that carries code, names another component or asks for dependencies.
 
 The bundles are real FABs, built by Flower's own builder from an app folder, like `flwr run` does.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedward.client import bundle
+from fedward.client.deploy import bundle
 from fedward.common.config import RunConfig
 from fedward.server.deploy import app_pyproject, write_app
 

@@ -1,4 +1,4 @@
-"""A hospital's SuperNode settings (client/deploy.py), without processes."""
+"""A hospital's SuperNode settings (client/deploy/supernode.py), without processes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedward.client import deploy
+from fedward.client.deploy import supernode
 from fedward.client.site import Site
 from fedward.common.config import DataSchema, RunSpec
 from fedward.common.errors import ConfigError, DataError, PolicyError
@@ -25,7 +25,7 @@ def files(tmp_path) -> dict[str, Path]:
     return paths
 
 
-def _settings(files, tmp_path, **values) -> deploy.HospitalSettings:
+def _settings(files, tmp_path, **values) -> supernode.HospitalSettings:
     base = {
         "server": "fl.example.org:8000",
         "data": files["notes.csv"],
@@ -36,11 +36,11 @@ def _settings(files, tmp_path, **values) -> deploy.HospitalSettings:
         "name": "st-mary",
         "dataset_id": "icu-notes",
     }
-    return deploy.HospitalSettings(**{**base, **values})
+    return supernode.HospitalSettings(**{**base, **values})
 
 
 def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
-    command = deploy.prepare_supernode(_settings(files, tmp_path))
+    command = supernode.prepare_supernode(_settings(files, tmp_path))
     assert Path(command[0]).name == "flower-supernode"
     assert command[command.index("--root-certificates") + 1] == str(files["ca.crt"])
     assert command[command.index("--auth-supernode-private-key") + 1] == str(files["node.key"])
@@ -79,7 +79,7 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
 )
 def test_bad_settings_stop_before_anything_starts(files, tmp_path, change, error, message):
     with pytest.raises(error, match=message):
-        deploy.prepare_supernode(_settings(files, tmp_path, **change))
+        supernode.prepare_supernode(_settings(files, tmp_path, **change))
     assert not (tmp_path / "my ledger").exists()
 
 
@@ -91,35 +91,37 @@ def test_every_hospital_process_runs_without_a_model_hub(files, tmp_path, monkey
         def __init__(self, command, env=None, preexec_fn=None):
             started["env"] = env
 
-    monkeypatch.setattr(deploy.subprocess, "Popen", Started)
-    monkeypatch.setattr(deploy, "_stop", lambda process: None)
-    monkeypatch.setattr("fedward.client.runtime.serve_tasks", lambda address, supernode: 0)
-    for name in deploy.OFFLINE_ENV:
+    monkeypatch.setattr(supernode.subprocess, "Popen", Started)
+    monkeypatch.setattr(supernode, "_stop", lambda process: None)
+    monkeypatch.setattr("fedward.client.deploy.runtime.serve_tasks", lambda address, supernode: 0)
+    for name in supernode.OFFLINE_ENV:
         monkeypatch.delenv(name, raising=False)
-    command = deploy.prepare_supernode(_settings(files, tmp_path))
-    assert deploy.run_supernode(command, _settings(files, tmp_path)) == 0
-    for name, value in deploy.OFFLINE_ENV.items():
+    command = supernode.prepare_supernode(_settings(files, tmp_path))
+    assert supernode.run_supernode(command, _settings(files, tmp_path)) == 0
+    for name, value in supernode.OFFLINE_ENV.items():
         assert started["env"][name] == value  # the SuperNode
         assert os.environ[name] == value  # this process, and the ClientApp processes it starts
 
 
 def test_insecure_mode_runs_without_certificates_or_key(files, tmp_path):
-    command = deploy.prepare_supernode(_settings(files, tmp_path, insecure=True, ca=None, key=None))
+    command = supernode.prepare_supernode(
+        _settings(files, tmp_path, insecure=True, ca=None, key=None)
+    )
     assert "--insecure" in command and "--auth-supernode-private-key" not in command
 
 
 def test_flower_starts_no_client_app_itself(files, tmp_path):
     """The SuperNode runs in process isolation: only fedward's own task processes
-    (client/runtime.py) run a ClientApp, never one Flower loads from the app bundle."""
-    command = deploy.prepare_supernode(_settings(files, tmp_path))
+    (client/deploy/runtime.py) run a ClientApp, never one Flower loads from the app bundle."""
+    command = supernode.prepare_supernode(_settings(files, tmp_path))
     assert command[command.index("--isolation") + 1] == "process"
 
 
 def test_each_task_runs_in_this_python_without_the_working_directory_on_its_path():
-    from fedward.client.runtime import task_command
+    from fedward.client.deploy.runtime import task_command
 
     command = task_command("127.0.0.1:9094", "token")
-    assert command[:4] == [sys.executable, "-P", "-m", "fedward.client.runtime"]
+    assert command[:4] == [sys.executable, "-P", "-m", "fedward.client.deploy.runtime"]
 
 
 def test_the_hospitals_data_schema_reaches_its_clientapp(files, tmp_path):
@@ -129,7 +131,7 @@ def test_the_hospitals_data_schema_reaches_its_clientapp(files, tmp_path):
     schema = DataSchema(
         text_column="note", label_column="diagnosis", patient_column="mrn", val_fraction=0.3
     )
-    command = deploy.prepare_supernode(_settings(files, tmp_path, schema=schema))
+    command = supernode.prepare_supernode(_settings(files, tmp_path, schema=schema))
     node_config_file = Path(command[command.index("--node-config") + 1])
     values = tomllib.loads(node_config_file.read_text(encoding="utf-8"))
     assert Site.open(values, "st-mary").schema == schema
@@ -145,7 +147,7 @@ def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_ro
     settings = dataclasses.replace(
         _settings(files, tmp_path), prefix_cache=False, prefix_cache_mb=64
     )
-    command = deploy.prepare_supernode(settings)
+    command = supernode.prepare_supernode(settings)
     values = tomllib.loads(Path(command[command.index("--node-config") + 1]).read_text("utf-8"))
     site = Site.open(values, "st-mary")
     config = site.check_policy(RunSpec(labels=["a", "b"]))
@@ -159,4 +161,4 @@ def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_ro
     with pytest.raises(PolicyError, match="prefix-cache settings"):
         Site.open({**values, "prefix-cache-mb": -1}, "st-mary")
     with pytest.raises(ConfigError, match="--prefix-cache-mb -1"):
-        deploy.prepare_supernode(dataclasses.replace(settings, prefix_cache_mb=-1))
+        supernode.prepare_supernode(dataclasses.replace(settings, prefix_cache_mb=-1))

@@ -1,4 +1,4 @@
-"""DP-AdamBC (`optimizer = "adam_bc"`, client/dp_adam.py): Adam with the DP noise's variance
+"""DP-AdamBC (`optimizer = "adam_bc"`, client/privacy/dp_adam.py): Adam with the DP noise's variance
 taken out of its second moment. Without noise it must be Adam; under DP it must take Adam's
 step on a coordinate that carries signal where plain Adam's step shrinks to DP-SGD's; and the
 trainer must hand it the noise variance of the round's own DP plan."""
@@ -11,7 +11,7 @@ import torch
 from tiny_training import config, data, tokenizer, train
 
 from fedward.client import trainer
-from fedward.client.dp_adam import BiasCorrectedAdam
+from fedward.client.privacy.dp_adam import BiasCorrectedAdam
 
 pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 

@@ -5,11 +5,11 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedward.client import ledger as ledger_module
-from fedward.client.ledger import PrivacyLedger, dataset_fingerprint
-from fedward.client.privacy import compose_epsilon
-from fedward.common import atomic
+from fedward.client.privacy import ledger as ledger_module
+from fedward.client.privacy.accounting import compose_epsilon
+from fedward.client.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from fedward.common.errors import DataError, PrivacyBudgetExceeded
+from fedward.common.files import atomic
 
 DELTA = 1e-5
 ROUND = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 100}  # epsilon ~7.9 alone
@@ -173,7 +173,7 @@ def test_describe_at_a_common_delta(tmp_path, data_file):
 
 
 def test_the_ledger_never_mixes_units_in_one_budget(tmp_path):
-    from fedward.client.privacy import DPPlan
+    from fedward.client.privacy.accounting import DPPlan
     from fedward.common.errors import PolicyError
 
     ledger = PrivacyLedger.open(tmp_path, "icu")

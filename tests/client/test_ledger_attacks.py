@@ -22,15 +22,15 @@ from site_fixtures import LABELS, run_config, write_notes, write_policy, write_s
 from typer.testing import CliRunner
 
 from fedward.client import app as app_module
-from fedward.client import deploy
 from fedward.client.app import handle_train, load_site_data, open_site
 from fedward.client.cli import client_app
-from fedward.client.ledger import PrivacyLedger, dataset_fingerprint
-from fedward.client.privacy import DPPlan, compose_epsilon
-from fedward.common import wire
+from fedward.client.deploy import supernode
+from fedward.client.privacy.accounting import DPPlan, compose_epsilon
+from fedward.client.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.protocol import wire
 
 DELTA = 1e-5
 HOSPITAL = "st-mary"
@@ -49,7 +49,7 @@ def hospital(tmp_path, tiny_model_dir):
     data = site / "notes.csv"
     write_notes(data)
     write_policy(site / "policy.toml")
-    settings = deploy.HospitalSettings(
+    settings = supernode.HospitalSettings(
         server="127.0.0.1:9092",
         data=data,
         policy=site / "policy.toml",
@@ -59,8 +59,8 @@ def hospital(tmp_path, tiny_model_dir):
         device="cpu",
         insecure=True,
     )
-    deploy.check_settings(settings)
-    node_config = deploy.node_config(settings)
+    supernode.check_settings(settings)
+    node_config = supernode.node_config(settings)
     config = run_config(tiny_model_dir, rounds=1)
     return config, node_config, site
 
@@ -160,7 +160,7 @@ def test_a_ledger_kept_under_the_old_hash_key_is_carried_over(hospital):
 
 def _reserve_in_another_process(folder, run_id, plan, barrier, results, slow_write) -> None:
     """One request, in its own process: wait for the other, then reserve a round."""
-    from fedward.client import ledger as ledger_module
+    from fedward.client.privacy import ledger as ledger_module
 
     if slow_write:  # a slow disk: the window between reading and writing the ledger is wide
         write = ledger_module.write_json_atomic
@@ -211,7 +211,7 @@ def test_two_processes_racing_the_budget_cannot_both_pass(tmp_path):
 
 
 def _reserve_then_die(folder, plan) -> None:
-    from fedward.client.ledger import PrivacyLedger as Ledger
+    from fedward.client.privacy.ledger import PrivacyLedger as Ledger
 
     Ledger.open(folder, "notes").reserve("run-a", 1, 3, plan, DELTA, lifetime_epsilon=8.0)
     os._exit(9)  # killed mid-training: neither confirmed nor released
@@ -377,7 +377,7 @@ def test_the_same_data_under_a_new_data_set_id_is_refused_until_the_operator_say
 
 def test_a_data_set_id_must_be_plain(hospital):
     _, node_config, site = hospital
-    settings = deploy.HospitalSettings(
+    settings = supernode.HospitalSettings(
         server="127.0.0.1:9092",
         data=Path(node_config["data-path"]),
         policy=Path(node_config["policy"]),
@@ -387,6 +387,6 @@ def test_a_data_set_id_must_be_plain(hospital):
         insecure=True,
     )
     with pytest.raises(ConfigError, match="--dataset-id '../other'"):
-        deploy.check_settings(settings)
+        supernode.check_settings(settings)
     renamed = dataclasses.replace(settings, dataset_id="icu-notes")
-    assert deploy.node_config(renamed)["dataset-id"] == "icu-notes"
+    assert supernode.node_config(renamed)["dataset-id"] == "icu-notes"

@@ -39,8 +39,8 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from site_fixtures import LABELS, WORDS, run_config, write_policy, write_secagg_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
-from fedward.common import wire
 from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.protocol import wire
 from fedward.server.secagg import SecAggServerSession
 
 _COMPUTE_RDP = rdp_analysis.compute_rdp

@@ -17,13 +17,13 @@ import pytest
 from tiny_training import LABELS, TAGS, WORDS, tokenizer
 
 from fedward.client import trainer
-from fedward.client.privacy import DPPlan, plan_dp, privacy_units
+from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, Record, encode_classification, patient_units
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.ner import PatientSentence
 from fedward.common.tasks import task_named
+from fedward.common.tasks.ner import PatientSentence
 
 pytestmark = pytest.mark.usefixtures("fresh_prefix_caches")
 

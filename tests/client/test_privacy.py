@@ -1,11 +1,12 @@
-"""Tests for the DP arithmetic shared by the trainer and the privacy ledger (client/privacy.py)."""
+"""Tests for the DP arithmetic shared by the trainer and the privacy ledger
+(client/privacy/accounting.py)."""
 
 from __future__ import annotations
 
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedward.client.privacy import (
+from fedward.client.privacy.accounting import (
     DPPlan,
     calibrate_noise,
     compose_epsilon,

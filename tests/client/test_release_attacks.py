@@ -18,12 +18,12 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from site_fixtures import LABELS, run_config, write_notes, write_policy, write_secagg_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
-from fedward.client.ledger import PrivacyLedger
+from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.site import EVALUATION_KEY
-from fedward.common import wire
-from fedward.common.audit_log import AuditLog
+from fedward.common.files.audit_log import AuditLog
 from fedward.common.model import adapter_spec, build_model, get_adapter_arrays
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 from fedward.server.app import history_row, round_audit_fields, write_history
 from fedward.server.secagg import SecAggServerSession
 from fedward.server.strategy import FedwardStrategy

@@ -290,8 +290,8 @@ def test_a_round_shrunk_below_the_minimum_is_refused_with_a_code_and_logged_in_f
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedward.client.app import SECAGG_STATE, handle_secagg_stage
-    from fedward.common import wire
-    from fedward.common.reasons import Reason
+    from fedward.common.protocol import wire
+    from fedward.common.protocol.reasons import Reason
 
     ids = [5, 6, 7]
     server = SecAggServerSession("run-a", 1, ids, LENGTH)

@@ -15,13 +15,14 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from site_fixtures import LABELS, run_config, write_notes, write_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
-from fedward.client.ledger import PrivacyLedger
-from fedward.client.privacy import compose_epsilon
+from fedward.client.privacy.accounting import compose_epsilon
+from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.trainer import plan_dp
-from fedward.common import audit_log, wire
 from fedward.common.config import RunConfig
+from fedward.common.files import audit_log
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 
 #: Every test runs as inside a Flower app: messages are stamped with the task's identity.
 pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
@@ -243,7 +244,8 @@ def _audited(node_config, kind: str) -> dict:
 
 
 def test_the_dp_plan_is_computed_once_a_round_and_is_the_one_reserved(hospital, monkeypatch):
-    from fedward.client import privacy, site, trainer
+    from fedward.client import site, trainer
+    from fedward.client.privacy import accounting as privacy
 
     config, node_config, _ = hospital
     planned = []

@@ -12,7 +12,7 @@ from tiny_training import tokenizer as tiny_tokenizer
 from tiny_training import train as tiny_train
 
 from fedward.client import trainer
-from fedward.client.privacy import compose_epsilon as epsilon_of
+from fedward.client.privacy.accounting import compose_epsilon as epsilon_of
 from fedward.client.trainer import (
     check_budget,
     evaluate,

@@ -12,7 +12,7 @@ from fedward.client.trainer import train_locally
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, Record, encode_classification
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.ner import encode_sentences
+from fedward.common.tasks.ner import encode_sentences
 
 LABELS = ["migraine", "pneumonia"]
 TAGS = ["O", "B-Disease", "I-Disease"]

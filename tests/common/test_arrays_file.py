@@ -1,4 +1,4 @@
-"""Tests for the file of arrays plus a JSON header (common/arrays_file.py)."""
+"""Tests for the file of arrays plus a JSON header (common/files/arrays_file.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fedward.common.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.errors import DataError
+from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
 
 
 def _arrays() -> dict[str, np.ndarray]:

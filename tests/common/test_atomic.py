@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from fedward.common import atomic
-from fedward.common.atomic import (
+from fedward.common.files import atomic
+from fedward.common.files.atomic import (
     recover_dir,
     replace_dir_atomic,
     temp_dir_next_to,

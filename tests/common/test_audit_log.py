@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from fedward.common.audit_log import GENESIS, REDACTED, AuditLog, verify
 from fedward.common.errors import DataError
+from fedward.common.files.audit_log import GENESIS, REDACTED, AuditLog, verify
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_edited_record_is_found_with_its_line(log_path):
 
 
 def test_edit_with_recomputed_hash_breaks_the_next_link(log_path):
-    from fedward.common.audit_log import canonical_json, record_hash
+    from fedward.common.files.audit_log import canonical_json, record_hash
 
     content = lines(log_path)
     record = json.loads(content[1])

@@ -14,7 +14,8 @@ import torch
 from fedward.common.coverage import VocabularyError, check_vocabulary, example_units, unknown_rate
 from fedward.common.data import Record, read_records
 from fedward.common.errors import DataError
-from fedward.common.ner import (
+from fedward.common.tasks.ner import (
+    NER,
     cut_long_sentences,
     encode_sentences,
     label_list,
@@ -23,7 +24,6 @@ from fedward.common.ner import (
     read_ner_file,
     split_words,
 )
-from fedward.common.tasks.ner import NER
 
 CMEDQA_TYPES = {
     "body",

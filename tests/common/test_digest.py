@@ -1,4 +1,4 @@
-"""Tests for the content hash of data sets and model folders (common/digest.py)."""
+"""Tests for the content hash of data sets and model folders (common/files/digest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from fedward.common.digest import content_sha256
+from fedward.common.files.digest import content_sha256
 
 
 def test_a_file_is_hashed_with_its_name_and_size(tmp_path):

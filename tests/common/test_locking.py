@@ -1,4 +1,4 @@
-"""Tests for the cross-process file lock (common/locking.py)."""
+"""Tests for the cross-process file lock (common/files/locking.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fedward.common.locking import exclusive_lock
+from fedward.common.files.locking import exclusive_lock
 
 pytest.importorskip("fcntl")
 
@@ -16,7 +16,7 @@ pytest.importorskip("fcntl")
 _OTHER_WRITER = """
 import sys
 from pathlib import Path
-from fedward.common.locking import exclusive_lock
+from fedward.common.files.locking import exclusive_lock
 folder = Path(sys.argv[1])
 (folder / "waiting").write_text("")
 with exclusive_lock(folder / "ledger.json.lock"):

@@ -17,8 +17,8 @@ from fedward.common.metrics import (
     split_counts,
     summed_counts,
 )
-from fedward.common.ner import ner_metrics
 from fedward.common.tasks.classification import CLASSIFICATION
+from fedward.common.tasks.ner import ner_metrics
 
 # Two hospitals with opposite label mixes (label skew, as in the synthetic notes): each has one
 # note of the other's common label and calls it its own common label. Each hospital's own

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedward.common.errors import DataError
-from fedward.common.ner import (
+from fedward.common.tasks.ner import (
     IGNORE_INDEX,
     align_labels,
     detect_scheme,
@@ -273,7 +273,7 @@ def test_encode_sentences_gives_unpadded_examples_and_warns_on_truncation(tokeni
         assert labels_to_tags(example["labels"], LABELS) == [tag for _, tag in sentence]
     assert len(examples[0]["input_ids"]) > len(examples[1]["input_ids"])
 
-    with caplog.at_level(logging.WARNING, logger="fedward.common.ner"):
+    with caplog.at_level(logging.WARNING, logger="fedward.common.tasks.ner"):
         short = encode_sentences(tokenizer, sentences, LABEL_TO_ID, max_length=7)
     # [CLS] fa ##mi ##lia ##l aden [SEP]: the sentence is cut inside its second word.
     assert len(short[0]["input_ids"]) == 7
@@ -403,7 +403,7 @@ def test_entity_json_records_name_their_patient_and_conll_cannot(tmp_path):
     import json
 
     from fedward.common.errors import DataError
-    from fedward.common.ner import PatientSentence, read_ner_file
+    from fedward.common.tasks.ner import PatientSentence, read_ner_file
 
     path = tmp_path / "train.jsonl"
     records = [

@@ -1,4 +1,4 @@
-"""Tests for the up-front check of output paths (common/output_paths.py)."""
+"""Tests for the up-front check of output paths (common/files/output_paths.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fedward.common.errors import ConfigError
-from fedward.common.output_paths import check_output_file, check_output_folder
+from fedward.common.files.output_paths import check_output_file, check_output_folder
 
 
 def test_a_folder_to_create_or_an_existing_one_passes_and_nothing_is_created(tmp_path):
@@ -52,7 +52,7 @@ def test_an_unwritable_parent_is_refused_even_where_root_could_write(tmp_path, m
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        "fedward.common.output_paths.os.access",
+        "fedward.common.files.output_paths.os.access",
         lambda path, mode: False if path == locked else real_access(path, mode),
     )
     with pytest.raises(ConfigError, match=r"^--ledger .*locked/ledger: cannot be created: .*"):

@@ -11,11 +11,10 @@ from fedward.common.config import RunConfig, TaskSpec
 from fedward.common.data import Record
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.model import build_base, load_tokenizer
-from fedward.common.ner import IGNORE_INDEX
 from fedward.common.tasks import TASKS, task_named
 from fedward.common.tasks.classification import CLASSIFICATION
 from fedward.common.tasks.heads import MeanPoolClassifier
-from fedward.common.tasks.ner import NER
+from fedward.common.tasks.ner import IGNORE_INDEX, NER
 
 CONLL = "".join(f"word{i}\tB-Disease\nis\tO\nbad\tO\n\n" for i in range(10))
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedward.client.ledger import PrivacyLedger
 from fedward.client.policy import model_content_hash
+from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.secagg import write_signing_key
 
 LABELS = ["cardiac", "respiratory"]

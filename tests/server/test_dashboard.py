@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
-from fedward.common.reasons import Reason
+from fedward.common.files.audit_log import AuditLog
+from fedward.common.protocol.reasons import Reason
 from fedward.server.app import history_row, round_audit_fields, run_start_fields, write_history
 from fedward.server.dashboard.cli import dashboard, is_loopback
 from fedward.server.dashboard.runs import RunFolder, find_runs, read_run

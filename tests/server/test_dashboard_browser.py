@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from fedward.common.audit_log import AuditLog
 from fedward.common.config import RunConfig
+from fedward.common.files.audit_log import AuditLog
 from fedward.server.app import history_row, round_audit_fields, write_history
 from fedward.server.dashboard.web import DashboardSettings, create_app
 

@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError, DataError, PolicyError
+from fedward.common.protocol import wire
 from fedward.server.cli import prepare_run
 from fedward.server.resume import (
     arrays_digest,

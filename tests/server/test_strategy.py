@@ -16,10 +16,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from sklearn.metrics import f1_score
 
-from fedward.common import wire
 from fedward.common.config import RunConfig
 from fedward.common.model import ArraySpec
-from fedward.common.reasons import Reason
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
 from fedward.common.tasks.classification import CLASSIFICATION
 from fedward.server.strategy import FedwardStrategy
 

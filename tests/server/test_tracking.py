@@ -16,7 +16,7 @@ import pytest
 
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
-from fedward.common.reasons import Reason
+from fedward.common.protocol.reasons import Reason
 from fedward.server.tracking import metric_key, round_metrics, tracking_uri
 
 pytest.importorskip("mlflow", reason='MLflow\'s client is not installed (pip install -e ".[dev]")')

@@ -2,8 +2,8 @@
 synthetic notes).
 
 The head is Hugging Face's token-classification head; labels are IOB2 tags, scored per entity
-(seqeval), and the primary metric is the entity-level micro-F1. The data layer itself (reading,
-tag schemes, word pieces, decoding) is `fedward.common.ner`.
+(seqeval), and the primary metric is the entity-level micro-F1. Its data layer (reading, tag
+schemes, word pieces, decoding, entity metrics) is the rest of this package.
 """
 
 from __future__ import annotations
@@ -16,16 +16,10 @@ import numpy as np
 
 from fedward.common.errors import DataError
 from fedward.common.metrics import ner_metrics_from_ids, pooled_entity_scores, ratio
-from fedward.common.ner import (
-    Sentence,
-    cut_long_sentences,
-    encode_sentences,
-    entity_spans,
-    label_list,
-    predictions_to_word_tags,
-    read_ner_file,
-    split_words,
-)
+from fedward.common.tasks.ner.encoding import cut_long_sentences, encode_sentences
+from fedward.common.tasks.ner.formats import read_ner_file
+from fedward.common.tasks.ner.schemes import Sentence, label_list
+from fedward.common.tasks.ner.spans import entity_spans, predictions_to_word_tags, split_words
 
 if TYPE_CHECKING:  # torch and the data layer load when a method needs them, not with the CLI
     import torch
@@ -119,7 +113,7 @@ class NamedEntityRecognition:
         )
 
     def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
-        """What a hospital may release of an evaluation, as counts (client/release.py):
+        """What a hospital may release of an evaluation, as counts (client/privacy/release.py):
         sentences, and sentences tagged exactly right. A sentence holds any number of entities,
         so entity counts have no bound; these two have L2 sensitivity sqrt(2)."""
         exact = sum(

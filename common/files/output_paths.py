@@ -8,7 +8,7 @@ write in is then one `ConfigError` naming the path and the flag (one line, exit 
 instead of a `FileExistsError` traceback after minutes of work. Nothing is created here: a run
 that never starts leaves no folder behind.
 
-    from fedward.common.output_paths import check_output_folder
+    from fedward.common.files.output_paths import check_output_folder
 
     out = check_output_folder(out, "--out")  # at the top of the command, before any work
 """

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from fedward.common.ner.encoding import IGNORE_INDEX
+from fedward.common.tasks.ner.encoding import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
-"""Named-entity recognition data and metrics: CoNLL or entity-JSON files in, word-piece labels
+"""The named-entity recognition task, whole: CoNLL or entity-JSON files in, word-piece labels
 out, entity-level metrics back.
 
-The NER task's data and metrics layer, shared by hospitals (training, evaluation) and the
-coordinator (reports, `fedward predict`). One job per module: `formats` reads files into
-sentences (the only I/O), `schemes` detects and converts tag schemes, `encoding` aligns word
-pieces, `spans` decodes predictions into tags and entity spans, `metrics` scores them:
+Shared by hospitals (training, evaluation) and the coordinator (reports, `fedward predict`). One
+job per module: `task` is the task object the rest of fedward talks to (`NER`), `formats` reads
+files into sentences (the only I/O), `schemes` detects and converts tag schemes, `encoding`
+aligns word pieces, `spans` decodes predictions into tags and entity spans, `entity_metrics`
+scores them:
 
     sentence  = [(word, tag), ...]          tags are IOB2 once read: O, B-TYPE, I-TYPE
 
@@ -22,14 +23,14 @@ what the tags say under the scheme the model is trained on, and `entity_spans` a
 rule, so the entities `fedward predict` prints are exactly the ones the metrics count.
 """
 
-from fedward.common.ner.encoding import (
+from fedward.common.tasks.ner.encoding import (
     IGNORE_INDEX,
     align_labels,
     cut_long_sentences,
     encode_sentences,
 )
-from fedward.common.ner.entity_metrics import ner_metrics
-from fedward.common.ner.formats import (
+from fedward.common.tasks.ner.entity_metrics import ner_metrics
+from fedward.common.tasks.ner.formats import (
     CONLL_SUFFIXES,
     JSON_SUFFIXES,
     SPLIT_NAMES,
@@ -38,7 +39,7 @@ from fedward.common.ner.formats import (
     read_entity_json,
     read_ner_file,
 )
-from fedward.common.ner.schemes import (
+from fedward.common.tasks.ner.schemes import (
     PatientSentence,
     Sentence,
     TagScheme,
@@ -46,7 +47,7 @@ from fedward.common.ner.schemes import (
     label_list,
     to_iob2,
 )
-from fedward.common.ner.spans import (
+from fedward.common.tasks.ner.spans import (
     CJK_CHARACTERS,
     EntitySpan,
     entity_spans,
@@ -55,14 +56,17 @@ from fedward.common.ner.spans import (
     predictions_to_word_tags,
     split_words,
 )
+from fedward.common.tasks.ner.task import NER, NamedEntityRecognition
 
 __all__ = [
     "CJK_CHARACTERS",
     "CONLL_SUFFIXES",
     "IGNORE_INDEX",
     "JSON_SUFFIXES",
+    "NER",
     "SPLIT_NAMES",
     "EntitySpan",
+    "NamedEntityRecognition",
     "PatientSentence",
     "Sentence",
     "TagScheme",

@@ -11,7 +11,7 @@ package installed at the hospital. `check_bundle` reads the FAB's bytes as data 
 TOML) and accepts only that shape: no other file, the two fedward components, no dependencies,
 no other settings. What may differ between runs is the app's version and its config table (the
 run spec, which the site policy checks). Nothing in the bundle is ever imported, accepted or not:
-the hospital's ClientApp process (client/runtime.py) always loads `fedward.client.app:app`.
+the hospital's ClientApp process (client/deploy/runtime.py) always loads `fedward.client.app:app`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ API, but starts no ClientApp itself. This module is what runs them instead:
 
 - `serve_tasks` (in the `fedward client start` process) does what Flower's SuperExec does for a
   SuperNode: it asks the Runtime API for ClientApp tasks (no other kind) and starts one process
-  per task, `python -P -m fedward.client.runtime --token ...`;
+  per task, `python -P -m fedward.client.deploy.runtime --token ...`;
 - `run_task` (that process) pulls the task's message, context and FAB, checks the FAB's bytes
-  (client/bundle.py) and then runs `fedward.client.app:app` from the installed package. Unlike
-  Flower's `flwr-clientapp`, it never installs or unpacks the FAB, never puts its folder on
+  (client/deploy/bundle.py) and then runs `fedward.client.app:app` from the installed package.
+  Unlike Flower's `flwr-clientapp`, it never installs or unpacks the FAB, never puts its folder on
   `sys.path`, never installs dependencies and never imports the component the FAB names. A
   refused bundle gets an error reply carrying only a reason code, and an audit record in the
   hospital's audit log (the node config's `audit-log`) with the details.
@@ -42,10 +42,10 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedward.client.bundle import CLIENT_APP, check_bundle
-from fedward.client.node_config import AUDIT_KEY, OFFLINE_ENV
-from fedward.common.audit_log import AuditLog
+from fedward.client.deploy.bundle import CLIENT_APP, check_bundle
+from fedward.client.deploy.node_config import AUDIT_KEY, OFFLINE_ENV
 from fedward.common.errors import DataError
+from fedward.common.files.audit_log import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def task_command(runtime_api_address: str, token: str) -> list[str]:
         sys.executable,
         "-P",
         "-m",
-        "fedward.client.runtime",
+        "fedward.client.deploy.runtime",
         "--runtime-api-address",
         runtime_api_address,
         "--token",
@@ -188,7 +188,7 @@ def _runtime_client(address: str, token: str | None, component: str, retry: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m fedward.client.runtime`: one task's process (started by `serve_tasks`)."""
+    """`python -m fedward.client.deploy.runtime`: one task's process (started by `serve_tasks`)."""
     parser = argparse.ArgumentParser(description="Run one task with fedward's ClientApp.")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--token", required=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fedward.common.atomic import write_bytes_atomic
 from fedward.common.errors import DataError
+from fedward.common.files.atomic import write_bytes_atomic
 
 #: Name of the JSON header inside the archive.
 HEADER_KEY = "__fedward__"

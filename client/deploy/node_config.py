@@ -1,6 +1,6 @@
-"""The contract between `fedward client start` (client/deploy.py), the SuperNode it starts and
-the hospital's own ClientApp process (client/runtime.py, client/site.py): the node-config keys
-that carry the hospital's paths and settings, and the environment every hospital process runs
+"""The contract between `fedward client start` (client/deploy/supernode.py), the SuperNode it starts
+and the hospital's own ClientApp process (client/deploy/runtime.py, client/site.py): the node-config
+keys that carry the hospital's paths and settings, and the environment every hospital process runs
 in. Its own module, so that the three read one definition and none imports another for it.
 """
 

@@ -11,9 +11,10 @@ node config as a TOML file next to the ledger, and starts
 The SuperNode connects out to the coordinator over HTTPS (TLS on by default) and authenticates
 with the node key. With `--isolation process` it runs no ClientApp itself: the `fedward client
 start` process stays in front (`run_supernode`) and starts fedward's own ClientApp process for
-each message (client/runtime.py), which refuses any app bundle that carries code, names another
-component or asks for dependencies (client/bundle.py), and otherwise runs the installed
-`fedward.client.app:app`. The ClientApp finds the data, policy, ledger and audit log through the
+each message (client/deploy/runtime.py), which refuses any app bundle that carries code, names
+another component or asks for dependencies (client/deploy/bundle.py), and otherwise runs the
+installed `fedward.client.app:app`. The ClientApp finds the data, policy, ledger and audit log
+through the
 node config (see client/site.py).
 """
 
@@ -28,8 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedward.client.ledger import IDENTIFIER
-from fedward.client.node_config import (
+from fedward.client.deploy.node_config import (
     AUDIT_KEY,
     CACHE_KEYS,
     DATA_KEY,
@@ -41,6 +41,7 @@ from fedward.client.node_config import (
     POLICY_KEY,
 )
 from fedward.client.policy import SitePolicy
+from fedward.client.privacy.ledger import IDENTIFIER
 from fedward.common.config import DataSchema, LocalSettings
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.programs import flower_env, flower_program
@@ -182,7 +183,7 @@ def supernode_command(settings: HospitalSettings, node_config_file: Path) -> lis
         command += ["--root-certificates", str(settings.ca)]
         command += ["--auth-supernode-private-key", str(settings.key)]
     command += ["--port", str(settings.runtime_port), "--node-config", str(node_config_file)]
-    # Flower starts no ClientApp: fedward's own process runs every task (client/runtime.py)
+    # Flower starts no ClientApp: fedward's own process runs every task (client/deploy/runtime.py)
     command += ["--isolation", "process"]
     if settings.max_wait_time is not None:
         command += ["--max-wait-time", str(settings.max_wait_time)]
@@ -206,7 +207,7 @@ def runtime_api_address(settings: HospitalSettings) -> str:
 def run_supernode(command: list[str], settings: HospitalSettings) -> int:
     """Run the SuperNode and fedward's ClientApp processes until the SuperNode exits (or this
     process is interrupted or terminated); returns the SuperNode's exit code."""
-    from fedward.client.runtime import serve_tasks  # imports Flower: only here
+    from fedward.client.deploy.runtime import serve_tasks  # imports Flower: only here
 
     log.info("starting: %s", " ".join(command))
     sys.stdout.flush()

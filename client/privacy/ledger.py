@@ -47,12 +47,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedward.client.privacy import DPPlan, HistoryEntry, compose_epsilon, projected_epsilon
-from fedward.common.atomic import write_json_atomic
-from fedward.common.digest import content_sha256
+from fedward.client.privacy.accounting import (
+    DPPlan,
+    HistoryEntry,
+    compose_epsilon,
+    projected_epsilon,
+)
 from fedward.common.errors import DataError, PolicyError, PrivacyBudgetExceeded
-from fedward.common.locking import exclusive_lock
-from fedward.common.reasons import Reason
+from fedward.common.files.atomic import write_json_atomic
+from fedward.common.files.digest import content_sha256
+from fedward.common.files.locking import exclusive_lock
+from fedward.common.protocol.reasons import Reason
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedward.common.errors import DataError, ModelError
-from fedward.common.ner.schemes import Sentence
+from fedward.common.tasks.ner.schemes import Sentence
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedward.common.errors import DataError
-from fedward.common.locking import exclusive_lock
+from fedward.common.files.locking import exclusive_lock
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedward.common.errors import DataError
-from fedward.common.ner.schemes import PatientSentence, Sentence, detect_scheme, to_iob2
+from fedward.common.tasks.ner.schemes import PatientSentence, Sentence, detect_scheme, to_iob2
 
 logger = logging.getLogger(__name__)
 
