@@ -3,13 +3,16 @@
 Two auditors, both of which a curious coordinator could run:
 
 - **final model**: how much the canary's loss fell from the initial global adapter to the final
-  one, `loss(c; theta_0) - loss(c; theta_T)`. Subtracting the initial loss takes out what the
-  canary's text alone does to the model (some random strings are easier than others).
+  one, `loss(c; theta_0) - loss(c; theta_T)`, less the mean fall of the canaries with the same
+  label. Subtracting the initial loss takes out what the canary's text alone does to the model
+  (some random strings are easier than others); the label's mean takes out what training on
+  the included canaries of a label does to every random text.
 - **every round**: the coordinator sees each round's global adapter, so it can ask of every
   round's update how far it moved along the direction that would lower the canary's loss:
   the sum over rounds of `<theta_t - theta_{t-1}, -g_c / |g_c|>`, `g_c` the canary's gradient at
-  `theta_{t-1}`. DP-SGD adds each sampled record's clipped gradient to the update, so this is
-  where a record that escaped clipping or noise shows most (the white-box auditor of Steinke,
+  `theta_{t-1}` less the mean gradient of the canaries with its label. DP-SGD adds each
+  sampled record's clipped gradient to the update, so this is where a record that escaped
+  clipping or noise shows most (the white-box auditor of Steinke,
   Nasr and Jagielski 2023, with the iterates a federated coordinator actually sees).
 
 A higher score means "more likely included". `count_guesses` guesses "in" for the k highest
@@ -60,13 +63,14 @@ def canary_alignments(
     pad_id: int,
 ) -> np.ndarray:
     """Per canary, `<after - before, -u>`, `u` the unit vector along its loss gradient at
-    `before` less the mean of all canaries' gradients: how far one round's global update moved
-    along the canary's own descent direction.
+    `before` less the mean gradient of the canaries with the same label: how far one round's
+    global update moved along the canary's own descent direction.
 
-    The mean is taken out because every canary's gradient shares a part (the same head bias,
-    the part of the features all text has): the included canaries together move the model
-    along it, which would lift every canary's score, the left-out ones' too. The mean is over
-    all canaries, included or not, so it is a function of what the coordinator sees.
+    The mean is taken out because the canaries of a label share part of their gradient (the
+    head's row for that label, the part of the features all text has): the included ones
+    together move the model along it, which would lift every such canary's score, the left-out
+    ones' too. The mean is over all canaries of the label, included or not, so it depends only
+    on what the coordinator sees and on the canaries' public labels, as the bound requires.
 
     Per-example gradients come from Opacus's `GradSampleModule`, the same hooks the trainer's
     DP-SGD uses on this model; dropout is switched off while they run.
