@@ -75,6 +75,7 @@ class PrivacyAuditResult:
         delta: The delta of the bounds (the run's).
         accounted_epsilon: The accountant's epsilon for the audited hospital; None without DP.
         hospital: The audited hospital's name.
+        unit: The run's DP unit ("record" or "patient"; a canary is a patient of its own).
     """
 
     canaries: int
@@ -85,6 +86,7 @@ class PrivacyAuditResult:
     delta: float
     accounted_epsilon: float | None = None
     hospital: str = ""
+    unit: str = "record"
 
     @property
     def epsilon_lower_bound(self) -> float:
@@ -171,19 +173,22 @@ def canary_data_source(canaries: Canaries, hospital: int) -> Callable:
 
 
 def audited_training_count(config: RunConfig, hospital: int, inserted: int) -> tuple[str, int]:
-    """The audited hospital's name and training count (its share plus the included canaries),
-    computed here as the hospital computes it."""
+    """The audited hospital's name and the privacy units it trains on (its share plus the
+    included canaries: records, or patients under patient-level DP, each canary a patient of its
+    own), counted here as the hospital counts them."""
     node = SimpleNamespace(
         node_config={"partition-id": hospital, "num-partitions": config.simulation.hospitals},
         node_id=hospital,
     )
     data = simulated_data(config, node)
+    if config.spec.privacy.dp_unit == "patient":
+        return data.name, len({record.patient for record in data.train}) + inserted
     return data.name, len(data.train) + inserted
 
 
 def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) -> float | None:
-    """The accountant's epsilon for `rounds_trained` rounds of `num_train` records; None
-    without DP."""
+    """The accountant's epsilon for `rounds_trained` rounds of `num_train` units (records or
+    patients); None without DP."""
     if not config.spec.privacy.dp:
         return None
     plan = plan_dp(config.spec, num_train)
@@ -264,4 +269,5 @@ def run_privacy_audit(
         delta=config.spec.privacy.delta,
         accounted_epsilon=accounted_epsilon(config, num_train, trained),
         hospital=name,
+        unit=config.spec.privacy.dp_unit,
     )

@@ -54,7 +54,8 @@ def canary_vocabulary(tokenizer) -> list[str]:
 def draw_canaries(
     tokenizer, labels: list[str], count: int, seed: int | None = None, words: int = CANARY_WORDS
 ) -> Canaries:
-    """`count` canaries with random text and random labels, each included w.p. 1/2.
+    """`count` canaries with random text and random labels, each included w.p. 1/2, each the one
+    note of a patient of its own.
 
     Args:
         tokenizer: The run's tokenizer, whose vocabulary the words come from.
@@ -72,8 +73,13 @@ def draw_canaries(
         raise ValueError("canaries need at least two labels to draw from")
     rng = random.Random(secrets.randbits(64) if seed is None else seed)
     vocabulary = canary_vocabulary(tokenizer)
+    # Each canary is a patient of its own, with one note: under patient-level DP the audit then
+    # measures the unit the run protects, and a canary shares no patient with the real notes.
     records = tuple(
-        Record(" ".join(rng.choices(vocabulary, k=words)), rng.choice(labels)) for _ in range(count)
+        Record(
+            " ".join(rng.choices(vocabulary, k=words)), rng.choice(labels), patient=f"canary-{i}"
+        )
+        for i in range(count)
     )
     included = tuple(rng.random() < 0.5 for _ in range(count))
     return Canaries(records, included)

@@ -112,7 +112,7 @@ def privacy(
 
 def result_table(result: PrivacyAuditResult) -> Table:
     """The two auditors' guesses and bounds beside the accounted epsilon and the ceiling."""
-    table = Table(title=f"privacy audit of {result.hospital} (unit: record)")
+    table = Table(title=f"privacy audit of {result.hospital} (unit: {result.unit})")
     for column in ("auditor", "canaries (included)", "guesses", "correct", "lower bound"):
         table.add_column(column, justify="left" if column == "auditor" else "right")
     for auditor in result.auditors:
