@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,10 @@ from fedward.client.model_cache import cached_model, cached_tokenizer, initial_a
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
-from fedward.client.trainer import HistoryEntry, TrainResult, predict, train_locally
+from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, predict, train_locally
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
-from fedward.common.data import EncodedDataset
+from fedward.common.data import EncodedDataset, patient_units
 from fedward.common.errors import ConfigError, DataError, FedwardError, PolicyError, SecAggError
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
@@ -81,9 +82,10 @@ class HospitalSite(Protocol):
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
         """The run's accountant history before `server_round`."""
 
-    def check_budget(self, config: LocalRun, num_train: int) -> None:
-        """Gate 2: data loaded, no step taken, nothing checked that depends on the records;
-        from here on a refusal is charged (deployed)."""
+    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
+        """Gate 2: data loaded and encoded, no step taken, nothing checked that depends on the
+        records; from here on a refusal is charged (deployed). Returns the round's DP plan
+        (None without DP), which training then uses: one plan per round."""
 
     def record(
         self, config: LocalRun, run_id: str, server_round: int, result: TrainResult, global_arrays
@@ -125,10 +127,26 @@ def hospital_name(context: Context) -> str:
 
 
 def encode(examples: list, config: LocalRun, tokenizer) -> EncodedDataset:
-    """Token ids and label ids for the run's task."""
+    """Token ids and label ids for the run's task; under patient-level DP each encoded
+    example also carries its patient's number (`EncodedDataset.units`)."""
+    patient_level = config.spec.privacy.dp and config.spec.privacy.dp_unit == "patient"
     return task_named(config.spec.task.name).encode(
-        examples, config.spec.task.labels or [], tokenizer, config.spec.task.max_length
+        examples,
+        config.spec.task.labels or [],
+        tokenizer,
+        config.spec.task.max_length,
+        patient_units(examples) if patient_level else None,
     )
+
+
+def largest_patient(examples: list) -> int | None:
+    """The most records one patient has among `examples`; None when they name no patients.
+
+    Under record-level DP this is what group privacy multiplies epsilon by for that patient
+    (the hospital's audit log and the simulation report say so)."""
+    patients = Counter(getattr(example, "patient", None) for example in examples)
+    patients.pop(None, None)
+    return max(patients.values()) if patients else None
 
 
 def example_labels(example) -> set[str]:
@@ -204,9 +222,12 @@ def handle_train(
             model = cached_model(config, len(config.spec.task.labels or []))
             data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
-            site.check_budget(config, len(data.train))  # the budget gate: charged from here on
-            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
+            # Encoded before the gate so that the gate plans on what is trained (NER cuts long
+            # sentences; patient-level DP counts patients); encoding refuses nothing (records
+            # with labels the run does not list are already left out).
             dataset = encode(data.train, config, tokenizer)
+            plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
+            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
             result = train_locally(
                 model,
                 dataset,
@@ -215,7 +236,9 @@ def handle_train(
                 history,
                 pad_id=tokenizer.pad_token_id,
                 who=name,
+                plan=plan,
             )
+            result.largest_patient = largest_patient(data.train)
             site.record(config, run_id, server_round, result, global_arrays)
     except Exception as exc:  # whatever it was, only a code leaves
         _log_refusal(name, "train", server_round, exc)
@@ -232,6 +255,8 @@ def handle_train(
         metrics["train-loss"] = result.train_loss  # not DP: simulation only
     if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
         metrics.update(coverage)
+        if result.largest_patient is not None:  # group privacy of a record-level run, per patient
+            metrics["largest-patient"] = result.largest_patient
     if result.epsilon_spent is not None:
         # Deployed: the run's epsilon, which bounds what the run spends here (the plan is
         # calibrated to it, the ledger enforces it). The accountant's exact figure after this
@@ -429,7 +454,10 @@ def load_site_data(config: LocalRun, context: Context) -> HospitalData:
 def read_hospital_file(path: Path, config: LocalRun, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
     task = task_named(config.spec.task.name)
-    examples = task.read(path, config.data_schema.text_column, config.data_schema.label_column)
+    schema = config.data_schema
+    examples = task.read(
+        path, schema.text_column, schema.label_column, patient_column=schema.patient_column
+    )
     train, val = task.split(examples, config.data_schema.val_fraction, config.spec.training.seed)
     return HospitalData(name, train, val, str(path))
 

@@ -78,6 +78,13 @@ def start(
     label_column: Annotated[
         str, typer.Option(help="Column of the data file holding the label.")
     ] = "label",
+    patient_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Column naming the patient of each record (a field of each entity-JSON record "
+            "for NER): needed for patient-level DP (policy dp_unit = patient)."
+        ),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Share of the records kept for validation.")
     ] = 0.2,
@@ -122,6 +129,7 @@ def start(
             {
                 "text_column": text_column,
                 "label_column": label_column,
+                "patient_column": patient_column,
                 "val_fraction": val_fraction,
             },
             source="fedward client start",
@@ -211,7 +219,8 @@ def ledger_command(
             )
         console.print(table)
         spent = rows[-1].epsilon_total if rows else 0.0
-        line = f"spent: epsilon {spent:.3f} over {len(rows)} rounds"
+        unit = item.unit or "record"  # what every epsilon of this data set protects
+        line = f"spent: epsilon {spent:.3f} per {unit} over {len(rows)} rounds"
         reserved = len(item.reservations())
         if reserved:
             line += (

@@ -11,6 +11,7 @@ allowed_adapter_hashes = ["5d41...7c"]      # starting adapters (init_adapter) i
 allowed_tasks = ["classification"]
 labels = ["cardiac", "respiratory"]        # this hospital's label values; a run must list them
 lifetime_epsilon = 8.0                      # budget of each local data set, all runs
+dp_unit = "patient"                         # the weakest DP unit accepted: "patient" or "record"
 max_delta = 1e-5
 max_rounds = 50
 min_examples = 200
@@ -86,6 +87,10 @@ class SitePolicy(BaseModel):
             together (formerly `max_epsilon`, now refused). A run whose own target epsilon is
             above it is refused outright; the ledger refuses a round that would push the data
             set past it.
+        dp_unit: The privacy unit the hospital requires its epsilon to protect: "record" (the
+            default: a note, a sentence for NER; any run accepted) or "patient" (all of a
+            patient's records; a record-level run is refused before any record is read, and
+            evaluation releases, protected per record, are refused).
         max_delta: Largest delta a run may ask for.
         max_rounds: Most rounds one run may ask for.
         min_examples: Fewest training examples the hospital trains on (checked after loading).
@@ -134,6 +139,10 @@ class SitePolicy(BaseModel):
     )
     lifetime_epsilon: float = Field(
         ..., gt=0, le=100, description="Lifetime epsilon budget of each local data set."
+    )
+    dp_unit: Literal["record", "patient"] = Field(
+        "record",
+        description="The weakest DP unit accepted: patient refuses record-level runs.",
     )
     max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest delta a run may use.")
     max_rounds: int = Field(100, ge=1, description="Most rounds one run may ask for.")
@@ -328,9 +337,18 @@ class SitePolicy(BaseModel):
             broken.append(
                 (
                     "lifetime_epsilon",
-                    f"run epsilon {spec.privacy.target_epsilon:g} is above the site's lifetime "
+                    f"run epsilon {spec.privacy.target_epsilon:g} per {spec.privacy.dp_unit} "
+                    "is above the site's lifetime "
                     "budget "
                     f"lifetime_epsilon {self.lifetime_epsilon:g}",
+                )
+            )
+        if spec.privacy.dp and self.dp_unit == "patient" and spec.privacy.dp_unit == "record":
+            broken.append(
+                (
+                    "dp_unit",
+                    "the run protects each record, the site policy requires each patient "
+                    "(dp_unit = patient)",
                 )
             )
         if spec.privacy.dp and spec.privacy.delta > self.max_delta:

@@ -77,7 +77,12 @@ from fedward.client.deploy.node_config import (
     POLICY_KEY,
 )
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
-from fedward.client.privacy.accounting import calibrate_noise
+from fedward.client.privacy.accounting import (
+    calibrate_noise,
+    group_epsilon,
+    plan_dp,
+    privacy_units,
+)
 from fedward.client.privacy.ledger import PrivacyLedger, check_identifier, dataset_fingerprint
 from fedward.client.privacy.release import (
     Predictions,
@@ -88,8 +93,9 @@ from fedward.client.privacy.release import (
     sensitivity,
 )
 from fedward.client.secagg import SecAggIdentity
-from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, plan_dp
+from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult
 from fedward.common.config import DataSchema, LocalRun, LocalSettings, RunSpec
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import (
     ConfigError,
     DataError,
@@ -242,6 +248,13 @@ class Site:
         refusal a question about the text it could ask again and again)."""
         self._adapter_sha256 = self._adapter_hash(spec)  # what the audit record names
         self.pinned_policy().check(spec, self._model_hash(spec), adapter_hash=self._adapter_sha256)
+        if spec.privacy.dp and spec.privacy.dp_unit == "patient" and not self.schema.patient_column:
+            # the hospital's own schema, not its records: judged before any data is read
+            raise PolicyError(
+                f"hospital {self.name}: the run asks patient-level DP but this hospital's data "
+                "schema names no patient column (fedward client start --patient-column); refused",
+                reason=Reason("policy.no_patient_column"),
+            )
         local = LocalSettings.build({"device": self.device or "auto", **self.cache})
         task = spec.task.model_copy(update={"max_unknown_rate": self.policy.max_unknown_rate})
         own_limit = spec.model_copy(update={"task": task})
@@ -379,22 +392,26 @@ class Site:
             if entry.run_id == str(run_id) and entry.round < server_round
         ]
 
-    def check_budget(self, config: LocalRun, num_train: int) -> None:
+    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
         """Gate 2, the first thing done with the data: reserve this round's planned cost within
-        the lifetime budget; then the policy's minimum example count, charged.
+        the lifetime budget; then the policy's minimum example count, charged. Returns the
+        round's DP plan (None without DP), planned on the units training samples (patients
+        under patient-level DP, else the encoded examples), for `train_locally` to use: the
+        plan reserved is the plan trained.
 
         From the reservation on, a refusal keeps it (`refused`): every check that depends on
         the records comes after this gate and is paid for, so that a coordinator cannot ask
         questions about the data for free. A training count above the run's
         `secagg_max_weight` is no refusal at all: the weight is capped (client/app.py).
         """
+        plan = None
         if config.spec.privacy.dp:
             if self._round is None:
                 raise RuntimeError("Site.check_budget called before Site.admit")
             run_id, server_round, rounds = self._round
-            # its noise search is cached (client/privacy/accounting.py); an empty split is planned
-            # as one example and then refused, charged, below
-            plan = plan_dp(config.spec, max(num_train, 1))
+            # its noise search is cached (client/privacy/accounting.py); an empty split is
+            # planned as one unit and then refused, charged, below
+            plan = plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
             ledger = self.ledger()
             ledger.reserve(
                 run_id,
@@ -405,9 +422,11 @@ class Site:
                 self.policy.lifetime_epsilon,
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
+                unit=config.spec.privacy.dp_unit,
             )
             self._reserved = (run_id, server_round)
-        self.policy.check_examples(num_train)
+        self.policy.check_examples(len(dataset))
+        return plan
 
     # --- gate 3: trained, nothing sent yet -------------------------------------------------
 
@@ -424,12 +443,17 @@ class Site:
         lifetime = None
         if result.plan is not None:
             entry = self.ledger().confirm(
-                str(run_id), server_round, result.plan, config.spec.privacy.delta, self._data_sha256
+                str(run_id),
+                server_round,
+                result.plan,
+                config.spec.privacy.delta,
+                self._data_sha256,
+                unit=config.spec.privacy.dp_unit,
             )
             self._reserved = None
             lifetime = entry.epsilon_total
             self._save_release(run_id, server_round, result, global_sha256)
-        self._audit_release("train", run_id, server_round, result, global_sha256, lifetime)
+        self._audit_release("train", run_id, server_round, result, global_sha256, lifetime, config)
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
         """Audit a refusal: the full text for the hospital's staff (only the code goes back).
@@ -526,6 +550,12 @@ class Site:
 
         if not policy.allow_evaluation:
             raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
+        if spec.privacy.dp_unit == "patient" or policy.dp_unit == "patient":
+            # The released counts are noised for one record; a patient moves them by up to its
+            # number of records, and the ledger never mixes units.
+            raise refuse(
+                "evaluation.patient_unit", "released metrics are protected per record only"
+            )
         if not 1 <= server_round <= spec.federation.rounds:
             raise refuse(
                 "evaluation.round_out_of_range",
@@ -569,6 +599,8 @@ class Site:
                 reason=Reason("evaluation.budget"),
             ) from None
         except PolicyError as exc:
+            if exc.reason.code == "ledger.unit_mixed":
+                raise
             raise PolicyError(
                 f"hospital {self.name}: evaluation refused: {exc}",
                 reason=Reason("evaluation.repeated", {"round": server_round}),
@@ -661,9 +693,23 @@ class Site:
         result: TrainResult,
         global_sha256: str,
         epsilon_lifetime: float | None,
+        config: LocalRun | None = None,
     ) -> None:
         """One audit record per released update; epsilon_lifetime is the data set's total
-        after this round (at the run's delta), as the ledger recorded it."""
+        after this round (at the run's delta), as the ledger recorded it, in `dp_unit`.
+
+        A record-level run on data with a patient column also states what that epsilon means
+        per patient: group privacy over the largest patient's records (`group_epsilon`)."""
+        per_patient = {}
+        if config is not None and config.spec.privacy.dp_unit == "record" and result.plan:
+            records = result.largest_patient
+            if records is not None and epsilon_lifetime is not None:
+                epsilon, delta = group_epsilon(epsilon_lifetime, config.spec.privacy.delta, records)
+                per_patient = {
+                    "largest_patient_records": records,
+                    "epsilon_per_patient": epsilon,
+                    "delta_per_patient": delta,
+                }
         self.audit.append(
             action,
             run_id=str(run_id),
@@ -677,6 +723,8 @@ class Site:
             epsilon_run=result.epsilon_spent,
             epsilon_lifetime=epsilon_lifetime,
             lifetime_epsilon=self.policy.lifetime_epsilon,
+            dp_unit=None if config is None else config.spec.privacy.dp_unit,
+            **per_patient,
             **({"init_adapter_sha256": self._adapter_sha256} if self._adapter_sha256 else {}),
         )
 

@@ -4,6 +4,14 @@ Reads like Opacus' own examples: build the model, optimizer and loader; make the
 The noise is calibrated once per run so that a hospital taking part in every round spends at most
 the run's target epsilon; the accountant history arrives from the caller (ledger or node state)
 and a request that would overshoot the target is refused before the first step.
+
+Patient-level DP (`dp_unit = "patient"`; Levy et al. 2021, Chua et al. 2024) changes three
+things and nothing else: the Poisson loader samples patients, not records; a sampled patient
+brings at most `max_records_per_patient` of its records (a fresh random subset each step); and
+the per-record gradients of each patient are added up into one row before Opacus clips, so
+Opacus clips, sums and noises one vector per patient (`_BatchStep._patient_rows`). The sum is of
+the records' unclipped gradients: it is the gradient of the patient's own loss, clipped once as
+one unit, which is all the sensitivity bound needs (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from fedward.client.privacy.accounting import (
     HistoryEntry,
     compose_epsilon,
     plan_dp,
+    privacy_units,
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
@@ -51,6 +60,9 @@ class TrainResult:
     epsilon_spent: float | None  # over all recorded training of this data set; None without DP
     plan: DPPlan | None
     history: list[HistoryEntry] = field(default_factory=list)
+    #: Most records of one patient among the training examples (None: no patient column); for
+    #: the hospital's own audit log and the simulation report, never sent by a deployed site.
+    largest_patient: int | None = None
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -61,7 +73,12 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def check_budget(
-    history: list[HistoryEntry], plan: DPPlan, lifetime_epsilon: float, delta: float, who: str
+    history: list[HistoryEntry],
+    plan: DPPlan,
+    lifetime_epsilon: float,
+    delta: float,
+    who: str,
+    unit: str = "record",
 ) -> float:
     """Projected epsilon after `plan`; `PrivacyBudgetExceeded` before any step if over budget.
 
@@ -72,7 +89,8 @@ def check_budget(
     if projected > lifetime_epsilon * (1 + 1e-3):
         spent = compose_epsilon(history, delta)
         raise PrivacyBudgetExceeded(
-            f"{who}: training refused before any step: epsilon spent {spent:.3f}, this round "
+            f"{who}: training refused before any step: epsilon spent {spent:.3f} per {unit}, "
+            "this round "
             f"would bring it to {projected:.3f}, over the limit {lifetime_epsilon:g} "
             f"(delta {delta:g}); start a new run with a larger budget or fewer rounds"
         )
@@ -93,12 +111,14 @@ def train_locally(
 
     Only the trainable tensors change. Under DP the Opacus accountant starts from `history`
     (earlier rounds and runs of this data set) and the returned history includes this round.
-    `plan` is the round's DP plan as the budget gate reserved it (`Site.check_budget`); left
-    out, it is computed here (benchmarks, tests).
+    `plan` is the round's DP plan as the budget gate reserved it (`Site.check_budget`, on the
+    units this trains on: patients when `dataset.units` is set); left out, it is computed here
+    (benchmarks, tests).
 
     Args:
         model: The PEFT model from `build_model`, its adapter trainable.
-        dataset: This hospital's encoded training examples.
+        dataset: This hospital's encoded training examples (with their patients under
+            patient-level DP).
         config: The run's config (its spec and this machine's local settings).
         global_arrays: The global adapter this round starts from (`get_adapter_arrays`).
         history: Accountant history of this run's earlier rounds on this data set.
@@ -117,11 +137,10 @@ def train_locally(
     if not config.spec.privacy.dp:
         plan = None
     elif plan is None:
-        plan = plan_dp(config.spec, len(dataset))
+        plan = plan_dp(config.spec, privacy_units(config.spec, dataset))
     if plan is not None:
-        check_budget(
-            history, plan, config.spec.privacy.target_epsilon, config.spec.privacy.delta, who
-        )
+        privacy = config.spec.privacy
+        check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
 
     optimizer = make_optimizer(model, config)
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
@@ -140,8 +159,13 @@ def train_locally(
         def make_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
 
+    # Under patient-level DP the loader samples patients; the step brings in their records.
+    by_patient = plan is not None and config.spec.privacy.dp_unit == "patient"
+    if by_patient:
+        privacy_units(config.spec, dataset)  # refuses a patient-level run without patients
+    members = dataset.unit_members() if by_patient else None
     loader = DataLoader(
-        _ExampleIndices(len(dataset)),
+        _ExampleIndices(len(members) if by_patient else len(dataset)),
         batch_size=config.spec.training.batch_size,
         shuffle=True,
         collate_fn=_collate_indices,
@@ -150,7 +174,14 @@ def train_locally(
     private = plan is not None
     if private:
         train_module, optimizer, loader = make_private(
-            train_module, optimizer, loader, plan, history, config, len(dataset), device
+            train_module,
+            optimizer,
+            loader,
+            plan,
+            history,
+            config,
+            len(members) if by_patient else len(dataset),
+            device,
         )
     step = _BatchStep(
         module=train_module,
@@ -163,6 +194,9 @@ def train_locally(
         outside_weight=config.spec.training.outside_tag_weight,
         private=private,
         device=device,
+        members=members,
+        max_records=config.spec.privacy.max_records_per_patient,
+        generator=secret,
     )
     losses = []
     try:
@@ -223,7 +257,8 @@ def make_private(
     device: torch.device,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """Opacus's private module, optimizer and Poisson loader for `plan`, its accountant
-    continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`)."""
+    continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`).
+    `num_train` counts the privacy units the loader samples (records, or patients)."""
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
@@ -249,7 +284,11 @@ def make_private(
 class _BatchStep:
     """One optimizer step on one (Poisson) batch of example indices, in micro-batches of
     similar length: each micro-batch's per-example gradients are clipped and added up, and
-    under DP the noise and the step come once, after the batch's last micro-batch."""
+    under DP the noise and the step come once, after the batch's last micro-batch.
+
+    With `members` (patient-level DP) the batch is of patient numbers: each brings at most
+    `max_records` of its records, and the per-record gradients of all micro-batches are added
+    up per patient before Opacus clips, so the clipped unit is the patient."""
 
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -261,9 +300,15 @@ class _BatchStep:
     outside_weight: float | None
     private: bool
     device: torch.device
+    members: list[list[int]] | None = None  # the records of each patient (patient-level DP)
+    max_records: int = 1
+    generator: torch.Generator | None = None
 
     def __call__(self, indices: list[int]) -> float | None:
         """Train on the batch `indices`; its mean loss, or None for an empty batch."""
+        row_units = None
+        if self.members is not None:
+            indices, row_units = self._patient_rows(indices)
         groups = _micro_batch_indices(indices, self.lengths) if self.bucketing else [indices]
         micro_batches = [self.make_batch(group) for group in groups]
         labelled = [int((labels != -100).sum()) for _, _, labels in micro_batches]
@@ -275,6 +320,10 @@ class _BatchStep:
             return None
         batch_loss = 0.0
         steps = [k for k, count in enumerate(labelled) if count > 0]
+        per_patient = None
+        if row_units is not None:
+            position = {index: unit for index, unit in zip(indices, row_units, strict=True)}
+            per_patient = _PatientSums(max(row_units) + 1)
         for k in steps:
             loss = self._loss(*micro_batches[k])
             # The loss of the whole batch is its mean over labelled positions (one per note;
@@ -286,14 +335,37 @@ class _BatchStep:
                 weight *= len(indices) / len(micro_batches[k][0])
             (loss * weight).backward()
             batch_loss += float(loss.detach()) * labelled[k] / total
+            if per_patient is not None:
+                # Add this micro-batch's per-record gradients into their patients' rows; Opacus
+                # clips those rows (one per patient) at the step.
+                per_patient.add(self.optimizer, [position[i] for i in groups[k]])
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
             if self.private and k != steps[-1]:
                 # Clip and add up this micro-batch's per-example gradients; no step yet.
                 self.optimizer.signal_skip_step(do_skip=True)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        if per_patient is not None:
+            per_patient.hand_over(self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return batch_loss
+
+    def _patient_rows(self, patients: list[int]) -> tuple[list[int], list[int]]:
+        """The record indices the sampled `patients` bring (at most `max_records` each, a
+        random subset drawn from the secret generator) and, for each, its patient's position
+        in the batch."""
+        rows: list[int] = []
+        row_units: list[int] = []
+        for position, patient in enumerate(patients):
+            records = self.members[patient]
+            if len(records) > self.max_records:
+                chosen = torch.randperm(len(records), generator=self.generator)[: self.max_records]
+                records = [records[i] for i in sorted(chosen.tolist())]
+            rows.extend(records)
+            row_units.extend([position] * len(records))
+        return rows, row_units
 
     def _loss(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -313,6 +385,35 @@ class _BatchStep:
         if self.outside is None:
             return output.loss
         return weighted_token_loss(output.logits, labels, self.outside, self.outside_weight)
+
+
+class _PatientSums:
+    """Per-patient sums of Opacus's per-record gradients (`grad_sample`) over a batch's
+    micro-batches: one row per sampled patient, which Opacus then clips as one unit.
+
+    The rows are the sums of the records' *unclipped* gradients, i.e. the gradient of the
+    patient's summed loss; clipping that sum to `max_grad_norm` bounds what one patient can move
+    the update, whatever its number of records (sensitivity one clipped row, as for a record).
+    """
+
+    def __init__(self, patients: int) -> None:
+        self.patients = patients
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add(self, optimizer, row_patients: list[int]) -> None:
+        """Add the current `grad_sample` rows into the rows of their patients."""
+        for number, param in enumerate(optimizer.params):
+            rows = optimizer._get_flat_grad_sample(param)
+            target = torch.tensor(row_patients, device=rows.device)
+            if number not in self.sums:
+                shape = (self.patients, *rows.shape[1:])
+                self.sums[number] = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+            self.sums[number].index_add_(0, target, rows)
+
+    def hand_over(self, optimizer) -> None:
+        """Put the per-patient rows where Opacus reads per-sample gradients."""
+        for number, param in enumerate(optimizer.params):
+            param.grad_sample = self.sums[number]
 
 
 def _outside_tag_id(config: LocalRun) -> int | None:

@@ -157,18 +157,36 @@ class ModelSpec(_Group):
 
 
 class PrivacySpec(_Group):
-    """Record-level differential privacy of each hospital's updates."""
+    """Differential privacy of each hospital's updates, per record or per patient."""
 
     dp: bool = Field(True, description="Train with Opacus DP-SGD (off only for baselines).")
+    dp_unit: Literal["record", "patient"] = Field(
+        "record",
+        description="What one unit of (epsilon, delta)-DP protects. record: one note (one "
+        "sentence for NER). patient: all of a patient's records (the hospital names its patient "
+        "column); patients are sampled, each sampled patient's records add up to one gradient "
+        "clipped to max_grad_norm, and the accountant counts patients. batch_size is then in "
+        "patients. `fedward simulate` uses patient when its data have patients and this is unset.",
+    )
     target_epsilon: float = Field(
         8.0,
         gt=0,
         le=100,
-        description="Target epsilon per hospital over all rounds of the run, per record (a note; "
-        "a sentence for NER).",
+        description="Target epsilon per hospital over all rounds of the run, per dp_unit (a "
+        "record: a note, a sentence for NER; or a patient).",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta)-DP.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Gradient clipping norm of one unit (a record, or a patient)."
+    )
+    max_records_per_patient: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="dp_unit patient: most records of one sampled patient used in a step (a "
+        "fresh random subset each step), so that a patient with hundreds of notes costs a step "
+        "no more than a few (bench/results/patient_dp.md).",
+    )
 
 
 class FederationSpec(_Group):
@@ -358,6 +376,11 @@ class DataSchema(_Group):
 
     text_column: str = Field("text", description="Column holding the note text (CSV/JSONL).")
     label_column: str = Field("label", description="Column holding the label (CSV/JSONL).")
+    patient_column: str | None = Field(
+        None,
+        description="Column (CSV/JSONL; a field of each entity-JSON record for NER) naming the "
+        "patient a record belongs to; needed for dp_unit = patient. Unset: no patient column.",
+    )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
     )

@@ -25,11 +25,14 @@ MIN_EXAMPLES_PER_LABEL = 2
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled note. `group` is an optional column value used for column partitioning."""
+    """One labelled note. `group` is an optional column value used for column partitioning;
+    `patient` names the patient the note belongs to (the schema's patient column), the unit of
+    patient-level DP."""
 
     text: str
     label: str
     group: str | None = None
+    patient: str | None = None
 
 
 def read_records(
@@ -37,6 +40,7 @@ def read_records(
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
+    patient_column: str | None = None,
 ) -> list[Record]:
     """Read labelled notes from a `.csv`, `.tsv`, `.jsonl` or `.txt` file.
 
@@ -46,8 +50,8 @@ def read_records(
     classification sets are often shipped); the text is everything after the first tab.
 
     Raises `DataError` for a missing/unreadable/empty file, text that is not UTF-8, a missing
-    column, an empty text or label, a `label<TAB>text` line without a tab, or a malformed JSON
-    line; each names the file and line.
+    column, an empty text, label or patient, a `label<TAB>text` line without a tab, or a
+    malformed JSON line; each names the file and line.
     """
     path = Path(path)
     text = _read_utf8(path)
@@ -71,12 +75,12 @@ def read_records(
 
     records = []
     for line, row in rows:
-        for column in (text_column, label_column, group_column):
+        for column in (text_column, label_column, group_column, patient_column):
             if column is not None and column not in row:
                 present = ", ".join(sorted(row)) or "none"
                 raise DataError(
                     f"{path}:{line}: column '{column}' is missing (columns present: {present}); "
-                    f"pass the right name with --text-column/--label-column"
+                    f"pass the right name with --text-column/--label-column/--patient-column"
                 )
         note, label = row[text_column], row[label_column]
         note = "" if note is None else str(note).strip()
@@ -86,7 +90,12 @@ def read_records(
         if not label:
             raise DataError(f"{path}:{line}: empty label in column '{label_column}'")
         group = None if group_column is None else str(row[group_column])
-        records.append(Record(note, label, group))
+        patient = None
+        if patient_column is not None:
+            patient = "" if row[patient_column] is None else str(row[patient_column]).strip()
+            if not patient:
+                raise DataError(f"{path}:{line}: empty patient in column '{patient_column}'")
+        records.append(Record(note, label, group, patient))
     if not records:
         raise DataError(f"{path}: no records after the header; it needs at least 2")
     return records
@@ -129,24 +138,75 @@ def train_val_split(
     return train, val
 
 
-class EncodedDataset(torch.utils.data.Dataset):
-    """Token ids and label ids of a list of examples, unpadded (padding happens per batch)."""
+def patient_units(examples: list) -> list[int]:
+    """The patient of each example as a number 0..P-1 (in order of first appearance): the
+    privacy units of patient-level DP. Examples are `Record`s or NER `PatientSentence`s; one
+    without a patient raises `DataError` (the data schema names no patient column)."""
+    numbers: dict[str, int] = {}
+    units = []
+    for example in examples:
+        patient = getattr(example, "patient", None)
+        if patient is None:
+            raise DataError(
+                "patient-level DP needs the patient of every record: name the data's patient "
+                "column (--patient-column)",
+                reason=Reason("data.no_patient"),
+            )
+        units.append(numbers.setdefault(patient, len(numbers)))
+    return units
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | list[list[int]]):
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Token ids and label ids of a list of examples, unpadded (padding happens per batch).
+
+    `units`, under patient-level DP, gives for each encoded example the number of its patient
+    (an NER sentence cut into pieces gives each piece its sentence's patient); None: each
+    example is its own unit (record-level DP).
+    """
+
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: list[int] | list[list[int]],
+        units: list[int] | None = None,
+    ):
+        if units is not None and len(units) != len(input_ids):
+            raise ValueError(f"{len(units)} units for {len(input_ids)} examples")
         self.input_ids = input_ids
         self.labels = labels
+        self.units = units
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def num_units(self) -> int:
+        """How many privacy units the examples belong to: patients, or the examples."""
+        return len(self.input_ids) if self.units is None else len(set(self.units))
+
+    def unit_members(self) -> list[list[int]]:
+        """For each unit 0..num_units-1, the positions of its examples (units numbered densely,
+        as `patient_units` numbers them); every example is a unit of its own without units."""
+        if self.units is None:
+            return [[i] for i in range(len(self.input_ids))]
+        members: dict[int, list[int]] = {}
+        for position, unit in enumerate(self.units):
+            members.setdefault(unit, []).append(position)
+        return [members[unit] for unit in sorted(members)]
 
     def __getitem__(self, index: int) -> tuple[list[int], int | list[int]]:
         return self.input_ids[index], self.labels[index]
 
 
 def encode_classification(
-    tokenizer, records: list[Record], label_to_id: dict[str, int], max_length: int
+    tokenizer,
+    records: list[Record],
+    label_to_id: dict[str, int],
+    max_length: int,
+    units: list[int] | None = None,
 ) -> EncodedDataset:
-    """Tokenize notes (truncated to `max_length`) and map labels to ids."""
+    """Tokenize notes (truncated to `max_length`) and map labels to ids; `units` (a patient
+    number per note, or None) is kept with them."""
     unknown = sorted({r.label for r in records} - set(label_to_id))
     if unknown:
         # The labels are the hospital's data (or, with a wrong label column, its notes): not
@@ -160,7 +220,7 @@ def encode_classification(
     encoded = tokenizer(
         [r.text for r in records], truncation=True, max_length=max_length, padding=False
     )
-    return EncodedDataset(encoded["input_ids"], [label_to_id[r.label] for r in records])
+    return EncodedDataset(encoded["input_ids"], [label_to_id[r.label] for r in records], units)
 
 
 def pad_batch(

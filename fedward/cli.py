@@ -1,8 +1,9 @@
 """The `fedward` command: one Typer app that mounts each side's commands.
 
 `simulate`, `pretrain` and `predict` come from simulation/cli.py, `run`, `server`, `certs`,
-`keys` and `audit` from server/cli.py, `client` from client/cli.py. It lives at the package's
-top because it composes all three; nothing in fedward imports it.
+`keys` and `audit` from server/cli.py (`audit privacy` from simulation/privacy_audit/cli.py),
+`client` from client/cli.py. It lives at the package's top because it composes all three;
+nothing in fedward imports it.
 
 A `FedwardError` (bad config, bad data, unknown model, refused budget...) becomes one readable
 line on stderr and exit code 2, never a traceback.
@@ -20,6 +21,7 @@ from fedward.common.errors import FedwardError
 from fedward.server import cli as server_cli
 from fedward.server.dashboard.cli import dashboard
 from fedward.simulation import cli as simulation_cli
+from fedward.simulation.privacy_audit import cli as privacy_audit_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +37,8 @@ app.add_typer(server_cli.certs_app, name="certs")
 app.add_typer(server_cli.keys_app, name="keys")
 app.add_typer(server_cli.server_app, name="server")
 app.add_typer(client_app, name="client")
+# `fedward audit privacy` joins the audit group here: server/ never imports simulation/.
+server_cli.audit_app.command("privacy")(privacy_audit_cli.privacy)
 app.add_typer(server_cli.audit_app, name="audit")
 app.command()(dashboard)
 

@@ -165,6 +165,7 @@ def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays:
         "rounds": config.spec.federation.rounds,
         "dp": config.spec.privacy.dp,
         "epsilon": config.spec.privacy.target_epsilon,
+        "dp_unit": config.spec.privacy.dp_unit,
         "delta": config.spec.privacy.delta,
         "secure_aggregation": config.spec.secagg.secure_aggregation,
         "min_hospitals": config.spec.federation.min_hospitals,
@@ -228,7 +229,10 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
         if "train_loss" in metrics:  # simulation only
             entry["train_loss"] = finite_or_none(metrics["train_loss"])
         entry["epsilon"] = finite_or_none(metrics.get("epsilon"))
-        for key in ("worker_pid", "model_loads"):  # simulation diagnostics, when present
+        if config.spec.privacy.dp:
+            entry["dp_unit"] = config.spec.privacy.dp_unit  # what that epsilon protects
+        # simulation only, when present: diagnostics, and the most records of one patient
+        for key in ("worker_pid", "model_loads", "largest_patient"):
             if key in metrics:
                 entry[key] = int(metrics[key])
     for name, reason in {**outcome.refused, **outcome.rejected}.items():

@@ -301,7 +301,7 @@ def run(
         failed = str(status.get("status")) != "finished:completed"
         tracker.finish(Path(config.local.out), str(history.get("run_id", "")), failed=failed)
     if rows:
-        console.print(deployment_table(rows, config.spec.task.name))
+        console.print(deployment_table(rows, config.spec.task.name, config.spec.privacy.dp_unit))
     out_dir = Path(config.local.out)
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
@@ -343,13 +343,14 @@ def round_line(row: dict, task: str) -> str:
     return "; ".join(parts)
 
 
-def deployment_table(rows: list[dict], task: str) -> Table:
-    """The round table: global metrics, who trained, who refused or dropped, epsilon."""
+def deployment_table(rows: list[dict], task: str, dp_unit: str = "record") -> Table:
+    """The round table: global metrics, who trained, who refused or dropped, epsilon (the run's
+    target, per `dp_unit`)."""
     headline = task_named(task).primary_metric
-    caption = None
+    caption = f"ε: the run's target epsilon per {dp_unit}, as each hospital reports it."
     if any(_headline_cell(row.get("global", {}), task).endswith("*") for row in rows):
-        caption = (
-            f"* {headline} recorded before fedward pooled the hospitals' counts (a resumed run): "
+        caption += (
+            f"\n* {headline} recorded before fedward pooled the hospitals' counts (a resumed run): "
             "the mean of the hospitals' own, not the global model's over all their rows."
         )
     table = Table(title="fedward: rounds", header_style="bold", caption=caption)

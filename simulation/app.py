@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedward.client import model_cache
-from fedward.client.app import build_client_app
+from fedward.client.app import DataSource, build_client_app
 from fedward.common.config import RunConfig
 from fedward.common.protocol import wire
 from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
@@ -49,12 +49,15 @@ def _maybe_drop(context: Context, stage: str) -> None:
         )
 
 
-def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
+def build_simulation_client_app(
+    settings: RunConfig | None = None, data_source: DataSource = simulated_data
+) -> ClientApp:
     """The simulated hospitals' ClientApp: the hospital ClientApp (client/app.py) fed by the
     hospital's share of the data, with a `SimulatedSite` and simulated dropouts.
 
     `settings` are the simulation's own (hospitals, data, partition, dropout rate, device);
-    None reads them from Flower's run config (`flwr run .`).
+    None reads them from Flower's run config (`flwr run .`). `data_source` gives each hospital
+    its data (the privacy audit adds canaries to one hospital's).
     """
 
     def settings_of(context: Context) -> RunConfig:
@@ -80,7 +83,7 @@ def build_simulation_client_app(settings: RunConfig | None = None) -> ClientApp:
             reply.content[wire.METRICS]["model-loads"] = model_cache.load_count
         return reply
 
-    return build_client_app(simulated_data, open_simulated_site, simulate_stage)
+    return build_client_app(data_source, open_simulated_site, simulate_stage)
 
 
 #: `flwr run .` (pyproject's [tool.flwr.app.components]); `fedward simulate` builds its own

@@ -154,6 +154,7 @@ _NOT_PRETRAIN_OPTIONS = (
         "alpha",
         "notes_per_hospital",
         "target_epsilon",
+        "dp_unit",
         "delta",
         "max_grad_norm",
         "secagg_neighbours",
@@ -240,11 +241,19 @@ def run_simulation_with_report(
 
         result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
-    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name)
+    unit = config.spec.privacy.dp_unit
+    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name, unit)
     if tracker is not None:
         tracker.finish(result.out, result.run_id)
         console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
-    console.print(round_table(result.rounds, config.spec.task.name, title="fedward: rounds"))
+    table = round_table(
+        result.rounds,
+        config.spec.task.name,
+        title="fedward: rounds",
+        dp_unit=unit,
+        delta=config.spec.privacy.delta,
+    )
+    console.print(table)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
     console.print(f"finished in {elapsed:.0f} s")
@@ -263,7 +272,8 @@ def run_simulation_with_report(
 def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
     data = config.simulation.data or "synthetic clinical notes"
     privacy = (
-        f"DP epsilon {config.spec.privacy.target_epsilon:g}, delta {config.spec.privacy.delta:g}"
+        f"DP epsilon {config.spec.privacy.target_epsilon:g} per {config.spec.privacy.dp_unit}, "
+        f"delta {config.spec.privacy.delta:g}"
         if config.spec.privacy.dp
         else "[bold red]DP OFF[/]"
     )

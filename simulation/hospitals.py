@@ -13,10 +13,12 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
+from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
 from fedward.client.privacy.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
 from fedward.common.config import RunConfig, RunSpec, SimulatedData
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.tasks import Task, task_named
 from fedward.simulation import partition
@@ -51,8 +53,12 @@ class SimulatedSite:
             return []
         return [tuple(entry) for entry in json.loads(str(record["history"]))]
 
-    def check_budget(self, config: RunConfig, num_train: int) -> None:
-        return None  # the trainer still refuses a round past the run's own epsilon
+    def check_budget(self, config: RunConfig, dataset: EncodedDataset) -> DPPlan | None:
+        """The round's DP plan on the units trained (no ledger: the trainer still refuses a
+        round past the run's own epsilon)."""
+        if not config.spec.privacy.dp:
+            return None
+        return plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
 
     def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
@@ -76,12 +82,13 @@ class SimulatedSite:
 
 def prepare_config(config: RunConfig) -> RunConfig:
     """Check the simulation and fill in what the coordinator must know before round 1: the
-    label set of the data."""
+    privacy unit (`privacy_unit`) and the label set of the data."""
     if config.spec.federation.min_hospitals > config.simulation.hospitals:
         raise ConfigError(
             f"field 'min_hospitals': {config.spec.federation.min_hospitals} is more than hospitals "
             f"({config.simulation.hospitals}) in this simulation"
         )
+    config = privacy_unit(config)
     check_pooled_vocabulary(config)
     if config.spec.task.labels:
         return config
@@ -103,6 +110,23 @@ def prepare_config(config: RunConfig) -> RunConfig:
         )
         labels = task.label_set(list(pooled), config.simulation.data)
     return config.updated(labels=labels)
+
+
+def privacy_unit(config: RunConfig) -> RunConfig:
+    """The run's DP unit: as set, else the patient where the data have patients (the synthetic
+    notes always do; a file when `patient_column` names its column), else the record.
+
+    A patient-level run on a file without a patient column is a `ConfigError`."""
+    has_patients = config.simulation.data is None or config.data_schema.patient_column
+    privacy = config.spec.privacy
+    if "dp_unit" not in privacy.model_fields_set and has_patients:
+        return config.updated(dp_unit="patient")
+    if privacy.dp and privacy.dp_unit == "patient" and not has_patients:
+        raise ConfigError(
+            "field 'dp_unit': patient-level DP needs the data's patient column; pass "
+            "--patient-column NAME (or --dp-unit record)"
+        )
+    return config
 
 
 def check_pooled_vocabulary(config: RunConfig) -> float:
@@ -153,6 +177,7 @@ def _hospital_split(
 ) -> tuple[tuple, tuple, str]:
     shared = json.loads(shared_json)
     data, text_column, label_column = shared["data"], shared["text_column"], shared["label_column"]
+    patient_column = shared.get("patient_column")
     scheme, alpha, hospitals = shared["partition"], shared["alpha"], shared["hospitals"]
     per_hospital, val_fraction = shared["notes_per_hospital"], shared["val_fraction"]
     task = task_named(task_name)
@@ -164,7 +189,9 @@ def _hospital_split(
         if data is None:
             pooled = _synthetic_pool(task_name, hospitals, per_hospital, seed)
         else:
-            pooled = _pooled(task_name, data, text_column, label_column, group_column)
+            pooled = _pooled(
+                task_name, data, text_column, label_column, group_column, patient_column
+            )
         shares = _split(task, scheme, pooled, hospitals, alpha, seed)
         examples = [pooled[i] for i in shares[hospital]]
         source = f"{data or 'synthetic notes'} ({scheme} share {hospital + 1}/{hospitals})"
@@ -190,8 +217,9 @@ def _split(task: Task, scheme: str, pooled, hospitals, alpha, seed) -> list[list
 
 
 @lru_cache(maxsize=4)
-def _pooled(task_name, data, text_column, label_column, group_column) -> tuple:
-    return tuple(task_named(task_name).read(data, text_column, label_column, group_column))
+def _pooled(task_name, data, text_column, label_column, group_column, patient_column=None) -> tuple:
+    task = task_named(task_name)
+    return tuple(task.read(data, text_column, label_column, group_column, patient_column))
 
 
 @lru_cache(maxsize=4)

@@ -1,7 +1,9 @@
 """The end-of-run report: the per-round table (rich) and `metrics.png` (matplotlib).
 
-Epsilon is record-level: the unit of privacy is one record (a note for classification, a
-sentence for NER). A simulated hospital reports exact metrics and training loss, unnoised and
+Every epsilon names its unit: the patient (patient-level DP, the default where the data have
+patients) or one record (a note for classification, a sentence for NER). A record-level run on
+data with patients also says what its epsilon means per patient (group privacy over the largest
+patient's records). A simulated hospital reports exact metrics and training loss, unnoised and
 uncharged; a deployed one releases only DP-noised evaluation counts, charged to its ledger.
 """
 
@@ -11,7 +13,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fedward.common.tasks import task_named
+from fedward.client.privacy.accounting import group_epsilon
+from fedward.common.tasks import PATIENT_UNIT, task_named
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -24,23 +27,34 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
-def privacy_unit(task: str) -> str:
+def privacy_unit(task: str, dp_unit: str = "record") -> str:
     """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
-    return task_named(task).privacy_unit
+    return PATIENT_UNIT if dp_unit == "patient" else task_named(task).privacy_unit
 
 
 def round_table(
-    rounds: list[dict], task: str = "classification", title: str | None = None
+    rounds: list[dict],
+    task: str = "classification",
+    title: str | None = None,
+    dp_unit: str = "record",
+    delta: float = 1e-5,
 ) -> Table:
-    """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital."""
+    """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital,
+    in `dp_unit`."""
     names = hospital_names(rounds)
     columns = task_named(task).metric_columns
     privacy = (
-        f"ε: record-level DP, unit {privacy_unit(task)}, per hospital over the run. Metrics are "
-        "exact: simulated hospitals are not charged for them (deployed hospitals release only "
-        "DP-noised counts)."
+        f"ε: {dp_unit}-level DP, unit {privacy_unit(task, dp_unit)}, per hospital over the run. "
+        "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
+        "release only DP-noised counts)."
     )
-    lines = (privacy, pooled_line(task), coverage_line(rounds), entity_type_line(rounds))
+    lines = (
+        privacy,
+        group_privacy_line(rounds, dp_unit, delta),
+        pooled_line(task),
+        coverage_line(rounds),
+        entity_type_line(rounds),
+    )
     table = Table(
         title=title, header_style="bold", caption="\n".join(line for line in lines if line)
     )
@@ -75,6 +89,30 @@ def round_table(
                 cells.append("·")
         table.add_row(*cells)
     return table
+
+
+def group_privacy_line(rounds: list[dict], dp_unit: str, delta: float) -> str:
+    """For a record-level run on data with patients: what its epsilon means per patient, by
+    group privacy over the largest patient's records ('' otherwise)."""
+    if dp_unit != "record" or not rounds:
+        return ""
+    worst = None
+    for name, hospital in rounds[-1]["hospitals"].items():
+        if hospital.get("largest_patient") and hospital.get("epsilon") is not None:
+            epsilon, group_delta = group_epsilon(
+                hospital["epsilon"], delta, hospital["largest_patient"]
+            )
+            if worst is None or epsilon > worst[1]:
+                worst = (name, epsilon, group_delta, hospital["largest_patient"])
+    if worst is None:
+        return ""
+    name, epsilon, group_delta, records = worst
+    bound = f"delta {group_delta:.1e}" if group_delta < 1 else "delta above 1: no bound at all"
+    return (
+        f"per patient: {name}'s largest patient has {records} training records, so its record-"
+        f"level ε is only ε {epsilon:.1f} per patient by group privacy ({bound}); "
+        "--dp-unit patient protects each patient as one unit."
+    )
 
 
 def pooled_line(task: str) -> str:
@@ -141,7 +179,9 @@ def _status(row: dict) -> str:
     return "ok" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> Path:
+def save_plot(
+    rounds: list[dict], path: Path, task: str = "classification", dp_unit: str = "record"
+) -> Path:
     """`metrics.png`: global metrics per round (left) and epsilon per hospital (right)."""
     import matplotlib
 
@@ -170,7 +210,7 @@ def save_plot(rounds: list[dict], path: Path, task: str = "classification") -> P
         eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
         right.plot(x, eps, marker="o", label=name)
     right.set_xlabel("round")
-    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task)})")
+    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task, dp_unit)})")
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
     if hospital_names(rounds):

@@ -7,10 +7,11 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from fedward.client.app import DataSource
 from fedward.common.config import RunConfig
 from fedward.server.app import RoundCallback, RunResult, build_server_app
 from fedward.simulation.app import build_simulation_client_app
-from fedward.simulation.hospitals import prepare_config
+from fedward.simulation.hospitals import prepare_config, simulated_data
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,15 @@ def plan_workers(
 
 
 def simulate(
-    config: RunConfig, on_round: RoundCallback | None = None, verbose: bool = False
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+    data_source: DataSource = simulated_data,
 ) -> RunResult:
-    """Run a whole federated simulation; return where the results are and the per-round rows."""
+    """Run a whole federated simulation; return where the results are and the per-round rows.
+
+    `data_source` gives each simulated hospital its data (default: its share of the run's
+    data; the privacy audit passes one that adds canaries)."""
     from flwr.simulation import run_simulation
 
     config = prepare_config(config)
@@ -60,7 +67,7 @@ def simulate(
     results: list[RunResult] = []
 
     server_app = build_server_app(config, on_round=on_round, on_result=results.append)
-    client_app = build_simulation_client_app(config)
+    client_app = build_simulation_client_app(config, data_source)
 
     backend_config = {
         "client_resources": {

@@ -159,7 +159,11 @@ def node_config(settings: HospitalSettings) -> dict[str, str | float]:
         DATASET_KEY: settings.dataset_id,
         DEVICE_KEY: settings.device,
         **dict(zip(CACHE_KEYS, (settings.prefix_cache, settings.prefix_cache_mb), strict=True)),
-        **{key.replace("_", "-"): value for key, value in settings.schema.model_dump().items()},
+        **{
+            key.replace("_", "-"): value
+            for key, value in settings.schema.model_dump().items()
+            if value is not None  # an unset patient column is left out, not written as null
+        },
     }
 
 

@@ -18,8 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedward.common.errors import ConfigError
+
 if TYPE_CHECKING:
     from fedward.common.config import RunSpec
+    from fedward.common.data import EncodedDataset
 
 #: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
 HistoryEntry = tuple[float, float, int]
@@ -115,9 +118,29 @@ def plan_rounds(
     return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
 
 
+def privacy_units(spec: RunSpec, dataset: EncodedDataset) -> int:
+    """How many units a round samples from `dataset`: its patients under patient-level DP
+    (`dp_unit = "patient"`), else its encoded examples. `ConfigError` for a patient-level run
+    on examples that carry no patients."""
+    if spec.privacy.dp_unit != "patient":
+        return len(dataset)
+    if dataset.units is None:
+        raise ConfigError("patient-level DP needs the patient of each example (none were given)")
+    return dataset.num_units
+
+
+def group_epsilon(epsilon: float, delta: float, group: int) -> tuple[float, float]:
+    """What (epsilon, delta)-DP for one record means for `group` records of one person:
+    (k epsilon, k e^((k-1) epsilon) delta), the group-privacy bound (Dwork and Roth, Theorem
+    2.2 and its approximate form). The delta can exceed 1: then there is no bound at all."""
+    k = max(int(group), 1)
+    return k * epsilon, k * math.exp(min((k - 1) * epsilon, 700.0)) * delta
+
+
 def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
-    """The round plan of a run spec for `num_train` examples: all of the run's rounds together
-    stay within its target epsilon (`plan_rounds`)."""
+    """The round plan of a run spec for `num_train` units (records, or patients under
+    patient-level DP: `privacy_units`): all of the run's rounds together stay within its target
+    epsilon (`plan_rounds`); `batch_size` is the expected number of units a step samples."""
     return plan_rounds(
         spec.privacy.target_epsilon,
         spec.privacy.delta,

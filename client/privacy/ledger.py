@@ -24,6 +24,10 @@ Threats this module guards against (a dishonest coordinator, or two runs sharing
   ledger fails safe, never under-counts (`fedward client ledger` shows such rows as reserved).
 - *Replays and crafted rounds*: a (run, round) is reserved at most once; a round outside
   1..rounds, or below a round this run already reserved, is refused (`PolicyError`).
+- *Mixed units*: every entry names its DP unit (`record` or `patient`); epsilons of different
+  units do not compose into one number (a record-level epsilon says nothing per patient but by
+  group privacy), so a data set spends in one unit for its whole life: a request in another
+  unit is refused before any step (`ledger.unit_mixed`). Older ledgers' entries are records.
 - *Paths*: run ids and data-set ids are checked against a strict pattern (`check_identifier`)
   before they are used in any file name.
 
@@ -112,6 +116,9 @@ class LedgerEntry(BaseModel):
     data_sha256: str | None = Field(
         None, description="SHA-256 of the data file when the round was reserved (audit only)."
     )
+    unit: Literal["record", "patient"] = Field(
+        "record", description="What this entry's epsilon protects: a record or a patient."
+    )
 
 
 class _LedgerFile(BaseModel):
@@ -141,6 +148,7 @@ class LedgerRow:
     recorded_at: str
     status: str = SPENT
     data_sha256: str | None = None
+    unit: str = "record"
 
 
 def dataset_fingerprint(path: str | Path) -> str:
@@ -303,8 +311,10 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        unit: str = "record",
     ) -> float:
-        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `lifetime_epsilon`.
+        """Refuse (raise `PrivacyBudgetExceeded`) a round that would go past `lifetime_epsilon`
+        (per `unit`, as every entry of this data set).
 
         Looks at this object's entries only; `reserve` runs the same check under the lock on
         what is on disk. Returns the projected epsilon when the round fits.
@@ -316,7 +326,7 @@ class PrivacyLedger:
             pending = f" (including {reserved} reserved rounds)" if reserved else ""
             raise PrivacyBudgetExceeded(
                 f"data set {self.dataset}: privacy budget would be exceeded: spent epsilon "
-                f"{spent:.3f}{pending}, after this round {projected:.3f}, site limit "
+                f"{spent:.3f} per {unit}{pending}, after this round {projected:.3f}, site limit "
                 f"{lifetime_epsilon:g} (delta {delta:g}); no step was taken. Training on this data "
                 "set must stop, or the data owner must raise lifetime_epsilon in the site policy"
             )
@@ -353,18 +363,20 @@ class PrivacyLedger:
         lifetime_epsilon: float,
         data_sha256: str | None = None,
         budget_delta: float | None = None,
+        unit: str = "record",
     ) -> LedgerEntry:
         """Check the round and the budget and write this round as reserved, in one locked step.
 
         Call before the first DP step. The ledger is re-read under the lock, so a concurrent
         request's reservation is counted. The entry is recorded at `delta` (the run's); the
         budget is checked at `budget_delta` (the site's max_delta; default `delta`). Raises
-        `PolicyError` (a crafted or repeated round) or `PrivacyBudgetExceeded` and then writes
-        nothing.
+        `PolicyError` (a crafted or repeated round, or a `unit` other than the data set's) or
+        `PrivacyBudgetExceeded` and then writes nothing.
         """
         run_id = check_identifier(run_id, "run id")
         with self._locked():
             self._reload()
+            self.check_unit(unit)
             self.check_round(run_id, round, rounds)
             if any(e.run_id == run_id and e.round == round for e in self.entries):
                 raise PolicyError(
@@ -378,15 +390,19 @@ class PrivacyLedger:
                 plan.noise_multiplier,
                 plan.sample_rate,
                 plan.steps,
+                unit,
             )
-            entry = self._entry(run_id, round, plan, delta, RESERVED, data_sha256, self.history)
+            entry = self._entry(
+                run_id, round, plan, delta, RESERVED, data_sha256, self.history, unit
+            )
             self._write_entries([*self.entries, entry])
         logger.info(
-            "ledger %s: reserved run %s round %d, epsilon %.3f with it",
+            "ledger %s: reserved run %s round %d, epsilon %.3f per %s with it",
             self.dataset,
             run_id,
             round,
             entry.epsilon_total,
+            unit,
         )
         return entry
 
@@ -397,6 +413,7 @@ class PrivacyLedger:
         plan: DPPlan,
         delta: float,
         data_sha256: str | None = None,
+        unit: str = "record",
     ) -> LedgerEntry:
         """Turn the reservation of (run, round) into a spent round, with the plan trained.
 
@@ -412,7 +429,9 @@ class PrivacyLedger:
             if index is not None and self.entries[index].status == SPENT:
                 return self.entries[index]
             others = [e for i, e in enumerate(self.entries) if i != index]
-            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, [])
+            if index is None:
+                self.check_unit(unit)
+            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, [], unit)
             if index is None:
                 logger.warning(
                     "ledger %s: run %s round %d had no reservation; recorded as spent",
@@ -465,6 +484,7 @@ class PrivacyLedger:
         steps: int,
         delta: float,
         data_sha256: str | None = None,
+        unit: str = "record",
     ) -> LedgerEntry:
         """Add one spent round directly (no reservation) and write the file atomically.
 
@@ -484,8 +504,9 @@ class PrivacyLedger:
                         round,
                     )
                     return entry
+            self.check_unit(unit)
             plan = DPPlan(noise_multiplier, sample_rate, steps)
-            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, self.history)
+            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, self.history, unit)
             self._write_entries([*self.entries, entry])
         logger.info(
             "ledger %s: recorded run %s round %d, epsilon spent %.3f (delta %g)",
@@ -496,6 +517,21 @@ class PrivacyLedger:
             delta,
         )
         return entry
+
+    @property
+    def unit(self) -> str | None:
+        """The DP unit this data set spends in (that of its entries); None before any."""
+        return self.entries[0].unit if self.entries else None
+
+    def check_unit(self, unit: str) -> None:
+        """Refuse (`PolicyError`, nothing written) an entry in a unit other than the data
+        set's: the ledger never composes epsilons of different units into one budget."""
+        if self.unit is not None and unit != self.unit:
+            raise PolicyError(
+                f"data set {self.dataset} has spent its budget per {self.unit}; a request per "
+                f"{unit} is refused (units are never mixed in one budget), nothing spent",
+                reason=Reason("ledger.unit_mixed"),
+            )
 
     def rounds_recorded(self, run_id: str) -> list[int]:
         """The rounds of `run_id` trained and confirmed (spent), ascending; see `reservations`
@@ -534,6 +570,7 @@ class PrivacyLedger:
                     recorded_at=entry.recorded_at,
                     status=entry.status,
                     data_sha256=entry.data_sha256,
+                    unit=entry.unit,
                 )
             )
         return rows
@@ -561,6 +598,7 @@ class PrivacyLedger:
         status: str,
         data_sha256: str | None,
         before: list[HistoryEntry],
+        unit: str = "record",
     ) -> LedgerEntry:
         step: HistoryEntry = (plan.noise_multiplier, plan.sample_rate, plan.steps)
         return LedgerEntry(
@@ -575,6 +613,7 @@ class PrivacyLedger:
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             status=status,
             data_sha256=data_sha256,
+            unit=unit,
         )
 
     def _write_entries(self, entries: list[LedgerEntry]) -> None:

@@ -46,6 +46,14 @@ REASONS: dict[str, str] = {
     "the hospital's staff must map them (or declare the site's labels in its policy), or the "
     "run list them; the round was charged",
     # model, configuration, secure aggregation
+    "data.no_patient": "the run asks patient-level DP but the hospital's data name no patient "
+    "for a record; its staff must name the patient column",
+    "policy.no_patient_column": "the run asks patient-level DP but the hospital's data schema "
+    "names no patient column; refused, nothing spent",
+    "ledger.unit_mixed": "the hospital's data set has spent its budget in the other DP unit "
+    "(record or patient); units are never mixed in one budget; refused, nothing spent",
+    "evaluation.patient_unit": "evaluation refused: released metrics are protected per record, "
+    "and this run's unit is the patient",
     "data.vocabulary": "the base model's tokenizer maps more of the hospital's text to its unknown "
     "token than the run's limit {max_unknown_rate}; use a model whose vocabulary covers the "
     "text (e.g. a Chinese BERT for Chinese notes)",
@@ -103,6 +111,7 @@ RULES = frozenset(
         "evaluation_epsilon",
         "evaluate_rounds",
         "labels",
+        "dp_unit",
     }
 )
 

@@ -40,12 +40,22 @@ class Task(Protocol):
     pooled_scores: tuple[str, ...]
 
     def read(
-        self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
+        self,
+        path: str | Path,
+        text_column: str,
+        label_column: str,
+        group_column: str | None = None,
+        patient_column: str | None = None,
     ) -> list: ...
     def label_set(self, examples: list, source: str) -> list[str]: ...
     def split(self, examples: list, val_fraction: float, seed: int) -> tuple[list, list]: ...
     def encode(
-        self, examples: list, labels: list[str], tokenizer, max_length: int
+        self,
+        examples: list,
+        labels: list[str],
+        tokenizer,
+        max_length: int,
+        units: list[int] | None = None,
     ) -> EncodedDataset: ...
     def load_base(self, path: str, num_labels: int) -> torch.nn.Module: ...
     def peft_options(self) -> dict: ...
@@ -63,6 +73,9 @@ class Task(Protocol):
         top: int = 3,
     ) -> list[str]: ...
 
+
+#: What one unit of patient-level DP protects, in either task (said next to epsilon).
+PATIENT_UNIT = "one patient (all of a patient's records)"
 
 #: Every task, by the name a run config uses.
 TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION, NER)}

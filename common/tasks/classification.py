@@ -54,12 +54,17 @@ class Classification:
     pooled_partition = "iid"
 
     def read(
-        self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
+        self,
+        path: str | Path,
+        text_column: str,
+        label_column: str,
+        group_column: str | None = None,
+        patient_column: str | None = None,
     ) -> list[Record]:
-        """The records of a CSV/JSONL file."""
+        """The records of a CSV/JSONL file (each with its patient when `patient_column`)."""
         from fedward.common.data import read_records
 
-        return read_records(path, text_column, label_column, group_column)
+        return read_records(path, text_column, label_column, group_column, patient_column)
 
     def label_set(self, examples: list[Record], source: str) -> list[str]:
         """The sorted labels of `examples`; `DataError` for a label too rare to split."""
@@ -76,13 +81,19 @@ class Classification:
         return train_val_split(examples, val_fraction, seed)
 
     def encode(
-        self, examples: list[Record], labels: list[str], tokenizer, max_length: int
+        self,
+        examples: list[Record],
+        labels: list[str],
+        tokenizer,
+        max_length: int,
+        units: list[int] | None = None,
     ) -> EncodedDataset:
-        """Token ids of each note and the id of its label."""
+        """Token ids of each note and the id of its label; `units` (each note's patient
+        number under patient-level DP) kept alongside."""
         from fedward.common.data import encode_classification
 
         label_to_id = {label: index for index, label in enumerate(labels)}
-        return encode_classification(tokenizer, examples, label_to_id, max_length)
+        return encode_classification(tokenizer, examples, label_to_id, max_length, units)
 
     def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
         """What a hospital may release of an evaluation, as counts (client/privacy/release.py):

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedward.common.errors import ConfigError
-from fedward.common.tasks import task_named
+from fedward.common.tasks import PATIENT_UNIT, task_named
 from fedward.server.dashboard.runs import hospital_names
 
 
@@ -28,8 +28,10 @@ def metric_columns(task: str, rounds: list[dict[str, Any]]) -> list[tuple[str, s
         return [(key, key) for key in keys]
 
 
-def privacy_unit(task: str) -> str:
-    """What one unit of DP protects in this task ('' for an unknown task)."""
+def privacy_unit(task: str, dp_unit: str | None = "record") -> str:
+    """What one unit of DP protects in this task and DP unit ('' for an unknown task)."""
+    if dp_unit == "patient":
+        return PATIENT_UNIT
     try:
         return task_named(task).privacy_unit
     except ConfigError:

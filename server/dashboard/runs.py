@@ -169,7 +169,16 @@ def read_run(folder: RunFolder) -> RunView:
     if first is not None and not view.config:
         view.config = {
             key: first["fields"][key]
-            for key in ("task", "model", "rounds", "dp", "epsilon", "delta", "secure_aggregation")
+            for key in (
+                "task",
+                "model",
+                "rounds",
+                "dp",
+                "epsilon",
+                "dp_unit",
+                "delta",
+                "secure_aggregation",
+            )
             if key in first["fields"]
         }
     view.task = str(view.config.get("task") or "")

@@ -126,7 +126,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
         if folder is None:
             return page("missing.html", status_code=404, key=request.query_params.get("key", ""))
         view = runs.read_run(folder)
-        unit = plots.privacy_unit(view.task)
+        unit = plots.privacy_unit(view.task, view.config.get("dp_unit"))
         return page(
             "run.html",
             view=view,
@@ -154,7 +154,8 @@ def create_app(settings: DashboardSettings) -> Starlette:
         else:
             target = view.config.get("epsilon") if view.config.get("dp", True) else None
             target = target if isinstance(target, int | float) else None
-            svg = plots.epsilon_svg(view.rounds, plots.privacy_unit(view.task), target)
+            unit = plots.privacy_unit(view.task, view.config.get("dp_unit"))
+            svg = plots.epsilon_svg(view.rounds, unit, target)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
     return Starlette(

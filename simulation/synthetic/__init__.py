@@ -8,7 +8,7 @@ the shape each task reads: `Record`s for classification, tagged sentences for NE
 from __future__ import annotations
 
 from fedward.common.data import Record
-from fedward.common.tasks.ner import label_list
+from fedward.common.tasks.ner import PatientSentence, label_list
 from fedward.simulation.synthetic.notes import (
     DIAGNOSES,
     ENTITY_TYPES,
@@ -18,6 +18,7 @@ from fedward.simulation.synthetic.notes import (
     label_weights,
     tokenize,
 )
+from fedward.simulation.synthetic.patients import assign_patients
 
 __all__ = [
     "DIAGNOSES",
@@ -34,11 +35,24 @@ __all__ = [
 
 def synthetic_examples(task: str, hospital: int, per_hospital: int, seed: int, hospitals: int):
     """The synthetic examples of `hospital` (0-based) for `task`: notes as `Record`s grouped by
-    hospital for classification, tagged sentences for NER."""
+    hospital for classification, tagged sentences (`PatientSentence`s) for NER; each names its
+    patient, drawn with a realistic spread of notes per patient (`patients.py`)."""
+    prefix = f"hospital-{hospital}"
     if task == "ner":
-        return generate_ner_notes(hospital, per_hospital, seed, num_hospitals=hospitals)
+        sentences, cases, case_labels = generate_ner_notes(
+            hospital, per_hospital, seed, num_hospitals=hospitals, with_cases=True
+        )
+        of_case = assign_patients(case_labels, prefix, seed)
+        return [
+            PatientSentence(sentence, of_case[case])
+            for sentence, case in zip(sentences, cases, strict=True)
+        ]
     notes = generate_notes(hospital, per_hospital, seed, num_hospitals=hospitals)
-    return [Record(note["text"], note["label"], note["hospital"]) for note in notes]
+    patients = assign_patients([note["label"] for note in notes], prefix, seed)
+    return [
+        Record(note["text"], note["label"], note["hospital"], patient)
+        for note, patient in zip(notes, patients, strict=True)
+    ]
 
 
 def synthetic_labels(task: str, hospitals: int, per_hospital: int, seed: int) -> list[str]:

@@ -871,8 +871,8 @@ def _tagged_sentences(parts: list[Fragment]) -> list[list[tuple[str, str]]]:
 
 
 def generate_ner_notes(
-    hospital: int, num_notes: int, seed: int, num_hospitals: int = 3
-) -> list[list[tuple[str, str]]]:
+    hospital: int, num_notes: int, seed: int, num_hospitals: int = 3, with_cases: bool = False
+) -> Any:
     """`num_notes` tagged sentences from synthetic notes of `hospital` (0-based) for NER.
 
     Each item is one sentence (or SOAP section line) as (token, tag) pairs with IOB2 tags over
@@ -880,7 +880,8 @@ def generate_ner_notes(
     symptoms (also when negated: "denies fever"), and drugs (the name only: in
     "metformin 500 mg" only "metformin" is a DRUG). Sentences come from notes written in the
     hospital's style with its label mix; most carry at least one entity, a few carry none.
-    The same arguments always give the same sentences.
+    The same arguments always give the same sentences. `with_cases`: (sentences, the index of
+    each sentence's note, the diagnosis of each note), to give the notes patients.
     """
     _check_hospital(hospital, num_hospitals)
     if num_notes < 0:
@@ -889,11 +890,15 @@ def generate_ner_notes(
     rng = random.Random(_stable_seed("ner", hospital, num_notes, seed, num_hospitals))
     style = hospital_style(hospital)
     sentences: list[list[tuple[str, str]]] = []
+    cases: list[int] = []
+    case_labels: list[str] = []
     while len(sentences) < num_notes:
         label = rng.choices(DIAGNOSES, weights)[0]
+        case_labels.append(label)
         for sentence in _tagged_sentences(_write_case(rng, style, _sample_case(rng, label))):
             has_entity = any(tag != "O" for _, tag in sentence)
             if len(sentences) < num_notes and (has_entity or rng.random() < 0.15):
                 sentences.append(sentence)
+                cases.append(len(case_labels) - 1)
     logger.debug("generated %d synthetic NER sentences for hospital %d", len(sentences), hospital)
-    return sentences
+    return (sentences, cases, case_labels) if with_cases else sentences

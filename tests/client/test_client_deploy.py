@@ -125,9 +125,12 @@ def test_each_task_runs_in_this_python_without_the_working_directory_on_its_path
 
 
 def test_the_hospitals_data_schema_reaches_its_clientapp(files, tmp_path):
-    """`fedward client start --text-column/--label-column/--val-fraction`: the schema is the
-    hospital's, written into its node config, and the site reads the data file with it."""
-    schema = DataSchema(text_column="note", label_column="diagnosis", val_fraction=0.3)
+    """`fedward client start --text-column/--label-column/--patient-column/--val-fraction`: the
+    schema is the hospital's, written into its node config, and the site reads the data file
+    with it."""
+    schema = DataSchema(
+        text_column="note", label_column="diagnosis", patient_column="mrn", val_fraction=0.3
+    )
     command = supernode.prepare_supernode(_settings(files, tmp_path, schema=schema))
     node_config_file = Path(command[command.index("--node-config") + 1])
     values = tomllib.loads(node_config_file.read_text(encoding="utf-8"))

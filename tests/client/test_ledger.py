@@ -170,3 +170,35 @@ def test_describe_at_a_common_delta(tmp_path, data_file):
     assert looser[-1].epsilon_total < ledger.describe()[-1].epsilon_total
     assert looser[-1].epsilon_total == pytest.approx(ledger.epsilon_spent(1e-3))
     assert ledger_module.LedgerRow is type(looser[0])
+
+
+def test_the_ledger_never_mixes_units_in_one_budget(tmp_path):
+    from fedward.client.privacy.accounting import DPPlan
+    from fedward.common.errors import PolicyError
+
+    ledger = PrivacyLedger.open(tmp_path, "icu")
+    plan = DPPlan(**ROUND)
+    ledger.reserve("run-a", 1, 3, plan, DELTA, 50.0, unit="patient")
+    ledger.confirm("run-a", 1, plan, DELTA, unit="patient")
+    assert [e.unit for e in ledger.entries] == ["patient"] and ledger.unit == "patient"
+    for attempt in (
+        lambda: ledger.reserve("run-b", 1, 3, plan, DELTA, 50.0, unit="record"),
+        lambda: ledger.record("run-c", 1, **ROUND, delta=DELTA, unit="record"),
+        lambda: ledger.confirm("run-d", 1, plan, DELTA, unit="record"),
+    ):
+        with pytest.raises(PolicyError) as refused:
+            attempt()
+        assert refused.value.reason.code == "ledger.unit_mixed"
+    reopened = PrivacyLedger.open(tmp_path, "icu")
+    assert [(e.run_id, e.unit) for e in reopened.entries] == [("run-a", "patient")]
+    ledger.reserve("run-e", 1, 3, plan, DELTA, 50.0, unit="patient")  # the same unit goes on
+
+
+def test_entries_of_an_older_ledger_are_records(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "icu")
+    ledger.record("run-a", 1, **ROUND, delta=DELTA)
+    document = json.loads(ledger.path.read_text())
+    for entry in document["entries"]:
+        del entry["unit"]  # as written before units existed
+    ledger.path.write_text(json.dumps(document))
+    assert PrivacyLedger.open(tmp_path, "icu").unit == "record"

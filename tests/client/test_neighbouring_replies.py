@@ -13,6 +13,13 @@ counts) and secure-aggregation key material (fresh randomness, no data in it).
 
 On 4b2ce70 it fails: the label-mismatch refusal answered "does any record carry this label?"
 and the secagg_max_weight refusal answered "are there more than N training records?".
+
+Under patient-level DP (issue 29) the unit is the patient, so the neighbours differ in one
+patient: a patient added (with several notes, one of a rare label), a patient removed (the one
+with the most notes), a patient given many more notes. A hospital whose policy requires
+`dp_unit = "patient"` plays its own catalogue (the valid run, the record-level run it refuses,
+the evaluation it refuses, the label and weight probes, a batch of one patient, the record
+bound, the patient column slipped into the run config).
 """
 
 from __future__ import annotations
@@ -132,18 +139,23 @@ CATALOGUE: list[Request] = [
 ]
 
 
-def _write_notes(path: Path, notes: list[tuple[str, str]]) -> None:
+def _write_notes(path: Path, notes: list[tuple[str, ...]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(("text", "label"))
+        writer.writerow(("text", "label", "patient")[: len(notes[0])])
         writer.writerows(notes)
 
 
-def _hospital(folder: Path, notes: list[tuple[str, str]], secure: bool = True) -> dict:
-    """A hospital's files under `folder` and its node config, as `fedward client start` writes."""
+def _hospital(
+    folder: Path, notes: list[tuple[str, ...]], secure: bool = True, patients: bool = False
+) -> dict:
+    """A hospital's files under `folder` and its node config, as `fedward client start` writes;
+    with `patients`, the notes name their patient and the policy requires patient-level DP."""
     folder.mkdir(parents=True)
     _write_notes(folder / "notes.csv", notes)
     rules = {"lifetime_epsilon": 60.0, "max_rounds": 50, "allow_evaluation": True}
+    if patients:
+        rules["dp_unit"] = "patient"
     if secure:  # the deployed default: no run without secure aggregation
         write_secagg_policy(
             folder / "policy.toml", HOSPITAL, require_secure_aggregation=True, **rules
@@ -158,6 +170,7 @@ def _hospital(folder: Path, notes: list[tuple[str, str]], secure: bool = True) -
         "hospital-name": HOSPITAL,
         "dataset-id": "icu-notes",
         "device": "cpu",
+        **({"patient-column": "patient"} if patients else {}),
     }
 
 
@@ -235,12 +248,15 @@ def _transcript(
     model_dir: str,
     secure: bool = True,
     catalogue: list[Request] | None = None,
+    patients: bool = False,
 ) -> list[tuple[Request, str]]:
     """Play a catalogue against a fresh hospital holding `notes`; the replies, in order."""
-    node_config = _hospital(folder, notes, secure)
+    node_config = _hospital(folder, notes, secure, patients)
     config = run_config(model_dir, rounds=2).updated(
         **{"target_epsilon": 2.0, "local_epochs": 1, "secure_aggregation": secure}
     )
+    if patients:
+        config = config.updated(dp_unit="patient", batch_size=4)
     if catalogue is None:
         catalogue = CATALOGUE if secure else CLEAR_CATALOGUE
     transcript = []
@@ -364,3 +380,79 @@ def test_without_secure_aggregation_only_the_listed_count_differs(tmp_path, tiny
     assert _without_clear_releases(base) == _without_clear_releases(added)
     counts = [json.loads(sent)[wire.METRICS]["num-examples"] for _, sent in added[:3]]
     assert counts == [32, 33, 32]  # the rare record counts where the run lists its label
+
+
+# --- patient-level DP: the neighbours differ in one patient ---------------------------------------
+
+
+def _patient_notes() -> list[tuple[str, str, str]]:
+    """The base notes, given to 14 patients of 1 to 5 notes each (the first has 5)."""
+    sizes = [5, 1, 2, 3, 1, 4, 2, 1, 3, 5, 2, 1, 4, 6]
+    owners = [f"p{n}" for n, size in enumerate(sizes) for _ in range(size)]
+    return [(text, label, owner) for (text, label), owner in zip(BASE, owners, strict=True)]
+
+
+PATIENT_BASE = _patient_notes()
+PATIENT_NEIGHBOURS: dict[str, list[tuple[str, str, str]]] = {
+    "a patient added": [
+        *PATIENT_BASE,
+        *((f"patient 99 note {n}: " + WORDS["cardiac"], "cardiac", "p99") for n in range(4)),
+        ("patient 99: chest pain, known HIV on therapy", RARE, "p99"),
+    ],
+    "a patient removed": [note for note in PATIENT_BASE if note[2] != "p13"],
+    "a patient given 30 more notes": [
+        *PATIENT_BASE,
+        *((f"patient 0 note {n}: " + WORDS["cardiac"], "cardiac", "p0") for n in range(30)),
+    ],
+}
+
+PATIENT = {"dp_unit": "patient"}
+
+PATIENT_CATALOGUE: list[Request] = [
+    _train("valid", 1),
+    _train("valid", 2),
+    _evaluate("valid", 2),  # released counts are per record: refused
+    _train("record-level", spec={"dp_unit": "record"}),  # weaker than the policy: refused
+    _train("labels-rare", spec={"labels": [*LABELS, RARE]}),
+    _train("labels-decoy", spec={"labels": [*LABELS, DECOY]}),
+    *(_train(f"weight-{weight}", spec={"secagg_max_weight": weight}) for weight in (31, 32, 33)),
+    _train("one-patient-a-batch", spec={"batch_size": 1, "rounds": 1}),
+    _train("one-record-a-patient", spec={"max_records_per_patient": 1}),
+    _train("two-hundred-records-a-patient", spec={"max_records_per_patient": 200}),
+    _train("columns", extra={"patient-column": "label", "label-column": "patient"}),
+]
+
+
+@pytest.fixture(scope="module")
+def patient_transcripts(tmp_path_factory, tiny_model_dir):
+    """The patient catalogue's replies from the base data set and from each neighbour."""
+    with pytest.MonkeyPatch.context() as patch:
+        _inside_a_flower_app(patch)
+        root = tmp_path_factory.mktemp("patient-neighbours")
+        play = functools.partial(
+            _transcript, model_dir=tiny_model_dir, catalogue=PATIENT_CATALOGUE, patients=True
+        )
+        played = {"base": play(root / "base", PATIENT_BASE)}
+        for number, (name, notes) in enumerate(PATIENT_NEIGHBOURS.items()):
+            played[name] = play(root / f"neighbour-{number}", notes)
+    return played
+
+
+@pytest.mark.parametrize("neighbour", list(PATIENT_NEIGHBOURS))
+def test_a_data_set_one_patient_apart_gets_the_same_replies(patient_transcripts, neighbour):
+    differences = _differences(patient_transcripts["base"], patient_transcripts[neighbour])
+    assert not differences, f"the replies tell {neighbour!r} from the base:\n" + "\n".join(
+        differences
+    )
+
+
+def test_the_patient_catalogue_reaches_its_gates(patient_transcripts):
+    codes = []
+    for request, sent in patient_transcripts["base"]:
+        refusal = json.loads(sent).get(wire.REFUSAL)
+        codes.append(refusal["code"] if refusal else f"{request.kind}:ok")
+    assert codes.count("train:ok") >= 8
+    assert codes[2] == "evaluation.patient_unit"
+    assert codes[3] == "policy.rules"
+    refusal = json.loads(patient_transcripts["base"][3][1])[wire.REFUSAL]
+    assert "dp_unit" in refusal["params"]

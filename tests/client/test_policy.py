@@ -164,3 +164,16 @@ def test_the_old_max_epsilon_key_is_refused_naming_its_new_name(tmp_path):
     path.write_text("max_epsilon = 2.0\n")
     with pytest.raises(ConfigError, match="'max_epsilon' is now called 'lifetime_epsilon'"):
         SitePolicy.load(path)
+
+
+def test_a_patient_policy_refuses_a_record_level_run():
+    patient = SitePolicy.build({"lifetime_epsilon": 8.0, "dp_unit": "patient"})
+    record = SitePolicy.build({"lifetime_epsilon": 8.0})
+    by_record, by_patient = RunSpec(dp_unit="record"), RunSpec(dp_unit="patient")
+    with pytest.raises(PolicyError) as refused:
+        patient.check(by_record)
+    assert refused.value.reason.params["rules"] == "dp_unit"
+    patient.check(by_patient)
+    record.check(by_record)
+    record.check(by_patient)  # the stronger unit is always accepted
+    assert record.dp_unit == "record"  # the default accepts both

@@ -226,3 +226,81 @@ def test_a_broken_policy_file_is_refused_without_revealing_its_path(hospital):
     reply = _train(config, node_config, _initial_arrays(config))
     reason = _reason(reply)
     assert reason.code == "policy.file_invalid" and str(tmp_path) not in reason.render()
+
+
+# --- patient-level DP (issue 29) and one DP plan per round (issue 34) -------------------------
+
+
+def _write_patient_notes(path: Path) -> None:
+    """40 notes of 10 patients, 4 notes each, alternating the two labels."""
+    lines = ["text,label,patient"]
+    lines += [f"note {i} {LABELS[i % 2]},{LABELS[i % 2]},p{i // 4}" for i in range(40)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _audited(node_config, kind: str) -> dict:
+    lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["fields"] for line in lines if json.loads(line)["kind"] == kind][-1]
+
+
+def test_the_dp_plan_is_computed_once_a_round_and_is_the_one_reserved(hospital, monkeypatch):
+    from fedward.client import site, trainer
+    from fedward.client.privacy import accounting as privacy
+
+    config, node_config, _ = hospital
+    planned = []
+    original = privacy.plan_dp
+
+    def counting(spec, num_train):
+        planned.append(num_train)
+        return original(spec, num_train)
+
+    for module in (privacy, site, trainer):
+        monkeypatch.setattr(module, "plan_dp", counting, raising=False)
+    reply = _train(config, node_config, _initial_arrays(config))
+    assert wire.REFUSAL not in reply.content
+    assert planned == [32]  # once, on the 32 training notes
+    entry = _ledger(node_config).entries[-1]
+    expected = original(config.spec, 32)
+    assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == expected.as_history_entry()
+
+
+def test_a_patient_level_round_samples_patients_and_the_ledger_says_so(hospital):
+    config, node_config, tmp_path = hospital
+    _write_patient_notes(tmp_path / "notes.csv")
+    write_policy(tmp_path / "policy.toml", dp_unit="patient")
+    node_config = {**node_config, "patient-column": "patient"}
+    config = config.updated(dp_unit="patient", batch_size=4)
+    reply = _train(config, node_config, _initial_arrays(config))
+    assert wire.REFUSAL not in reply.content
+    entry = _ledger(node_config).entries[-1]
+    assert entry.unit == "patient"
+    # the 32 training notes belong to the 10 patients: sample rate 1 / ceil(10 / 4)
+    assert entry.sample_rate == pytest.approx(1 / 3)
+    assert _audited(node_config, "train")["dp_unit"] == "patient"
+    # the same data set now refuses a record-level run: units are never mixed in one budget
+    write_policy(tmp_path / "policy.toml", dp_unit="record")
+    reply = _train(config.updated(dp_unit="record"), node_config, _initial_arrays(config), "run-b")
+    assert _reason(reply).code == "ledger.unit_mixed"
+    assert len(_ledger(node_config).entries) == 1
+
+
+def test_a_patient_level_run_without_a_patient_column_is_refused_before_the_data(hospital):
+    config, node_config, tmp_path = hospital
+    node_config = {**node_config, "data-path": str(tmp_path / "does-not-exist.csv")}
+    reply = _train(config.updated(dp_unit="patient"), node_config, _initial_arrays(config))
+    assert _reason(reply).code == "policy.no_patient_column"
+    assert _audit_kinds(node_config) == ["refusal"]
+
+
+def test_a_record_level_round_on_patient_data_states_the_epsilon_per_patient(hospital):
+    config, node_config, tmp_path = hospital
+    _write_patient_notes(tmp_path / "notes.csv")
+    node_config = {**node_config, "patient-column": "patient"}
+    reply = _train(config, node_config, _initial_arrays(config))
+    assert wire.REFUSAL not in reply.content
+    audited = _audited(node_config, "train")
+    assert audited["dp_unit"] == "record"
+    records = audited["largest_patient_records"]
+    assert 2 <= records <= 4  # a patient's 4 notes, less those kept for validation
+    assert audited["epsilon_per_patient"] == pytest.approx(records * audited["epsilon_lifetime"])

@@ -255,3 +255,19 @@ def test_length_groups_is_the_cheapest_split_and_covers_every_example_once(seed,
 
 def test_length_groups_of_nothing_is_nothing():
     assert length_groups([], 10) == []
+
+
+def test_the_patient_column_names_each_records_patient(tmp_path):
+    from fedward.common.data import patient_units
+
+    path = tmp_path / "notes.csv"
+    path.write_text("text,label,mrn\nchest pain,cardiac,p1\ncough,resp,p2\nedema,cardiac,p1\n")
+    records = read_records(path, patient_column="mrn")
+    assert [r.patient for r in records] == ["p1", "p2", "p1"]
+    assert patient_units(records) == [0, 1, 0]
+    assert read_records(path)[0].patient is None  # no column named: no patients
+    path.write_text("text,label,mrn\nchest pain,cardiac,\n")
+    with pytest.raises(DataError, match="empty patient"):
+        read_records(path, patient_column="mrn")
+    with pytest.raises(DataError, match="--patient-column"):
+        read_records(path, patient_column="patient_id")

@@ -397,3 +397,27 @@ def test_reads_the_ncbi_disease_corpus():
     assert label_list(splits["train"]) == ["O", "B-Disease", "I-Disease"]
     tags = [[tag for _, tag in sentence] for sentence in splits["test"]]
     assert ner_metrics(tags, tags)["f1"] == 1.0
+
+
+def test_entity_json_records_name_their_patient_and_conll_cannot(tmp_path):
+    import json
+
+    from fedward.common.errors import DataError
+    from fedward.common.tasks.ner import PatientSentence, read_ner_file
+
+    path = tmp_path / "train.jsonl"
+    records = [
+        {"text": "头痛", "entities": [{"start_idx": 0, "end_idx": 1, "type": "sym"}], "mrn": "a"},
+        {"text": "发热", "entities": [], "mrn": "b"},
+    ]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    sentences = read_ner_file(path, patient_column="mrn")
+    assert all(isinstance(s, PatientSentence) for s in sentences)
+    assert [s.patient for s in sentences] == ["a", "b"]
+    assert sentences[0] == [("头", "B-sym"), ("痛", "I-sym")]
+    with pytest.raises(DataError, match="no patient"):
+        read_ner_file(path, patient_column="patient")
+    conll = tmp_path / "train.tsv"
+    conll.write_text("fever\tO\n")
+    with pytest.raises(DataError, match="CoNLL"):
+        read_ner_file(conll, patient_column="mrn")

@@ -167,7 +167,11 @@ def test_the_simulation_shows_its_rounds_epsilon_and_charts(browser, dashboard, 
         column = _cells(browser, f'#rounds td.epsilon[data-hospital="{name}"]')
         epsilons = [float(value) for value in column]  # numbers, not '·' or 'refused'
         assert 0 < epsilons[0] < epsilons[1] <= 8.0 * 1.001
-    assert "unit one record (a note)" in browser.find_element(By.TAG_NAME, "main").text
+    # the synthetic notes have patients: the simulation's default unit is the patient
+    assert (
+        "unit one patient (all of a patient's records)"
+        in browser.find_element(By.TAG_NAME, "main").text
+    )
 
     for chart in ("plot-metrics", "plot-epsilon"):
         image = browser.find_element(By.ID, chart)

@@ -48,3 +48,26 @@ def test_ner_has_no_label_skew_partition(tmp_path):
     config = RunConfig(task="ner", data=str(path), hospitals=2, partition="dirichlet")
     with pytest.raises(DataError, match="partition 'dirichlet' is not available.*blocks or iid"):
         simulated_data(config, _Context(0))
+
+
+def test_the_simulation_runs_patient_level_dp_where_the_data_have_patients(tmp_path):
+    from fedward.common.errors import ConfigError
+    from fedward.simulation.hospitals import privacy_unit
+
+    assert privacy_unit(RunConfig()).spec.privacy.dp_unit == "patient"  # synthetic notes
+    assert privacy_unit(RunConfig(dp_unit="record")).spec.privacy.dp_unit == "record"
+    path = str(tmp_path / "notes.csv")
+    assert privacy_unit(RunConfig(data=path)).spec.privacy.dp_unit == "record"
+    with_column = RunConfig(data=path, patient_column="mrn")
+    assert privacy_unit(with_column).spec.privacy.dp_unit == "patient"
+    with pytest.raises(ConfigError, match="patient-column"):
+        privacy_unit(RunConfig(data=path, dp_unit="patient"))
+
+
+def test_a_patient_column_reaches_the_simulated_hospitals(tmp_path):
+    path = tmp_path / "notes.csv"
+    rows = [f"note {i},{'ab'[i % 2]},p{i // 3}" for i in range(30)]
+    path.write_text("text,label,mrn\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    config = RunConfig(data=str(path), patient_column="mrn", hospitals=2, partition="blocks")
+    data = simulated_data(config, _Context(0))
+    assert {record.patient for record in data.train + data.val} <= {f"p{i}" for i in range(10)}

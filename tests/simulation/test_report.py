@@ -122,3 +122,28 @@ def test_round_table_says_the_global_scores_are_over_all_hospitals_rows_pooled()
     assert "macro-F1: the global model's over all hospitals' validation notes pooled" in text
     ner = " ".join(" ".join(_render(round_table(_rounds(), task="ner"))).split())
     assert "entity P/R/F1: the global model's over all hospitals' validation sentences" in ner
+
+
+def test_the_table_names_the_unit_and_what_a_record_epsilon_means_per_patient():
+    rounds = [
+        {
+            "round": 1,
+            "status": "ok",
+            "train_loss": 1.0,
+            "global": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4},
+            "hospitals": {
+                "hospital-0": {"trained": True, "epsilon": 8.0, "largest_patient": 12},
+                "hospital-1": {"trained": True, "epsilon": 8.0, "largest_patient": 3},
+            },
+            "refused": {},
+            "dropped": [],
+        }
+    ]
+    patient = "\n".join(_render(round_table(rounds, dp_unit="patient")))
+    assert "patient-level DP, unit one patient" in patient
+    assert "group privacy" not in patient  # nothing to qualify: the unit is the patient
+    record = "\n".join(_render(round_table(rounds, dp_unit="record")))
+    assert "record-level DP, unit one record (a note)" in record
+    # the worst patient: 12 records at epsilon 8 per record, 96 per patient, delta no bound
+    assert "largest patient has 12 training records" in record and "ε 96.0" in record
+    assert "no bound at all" in record

@@ -313,3 +313,29 @@ def test_ner_sentences_keep_the_hospital_style():
 
     # Terse notes abbreviate with slashes (w/, p/w), prose notes hardly ever do.
     assert share_with_slash(0) > 3 * share_with_slash(1)
+
+
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_notes_come_in_patients_most_with_a_few_some_with_many(task):
+    """Patient-level DP is measured on these notes: the spread must look like a hospital's
+    (most patients with one to three notes, a long tail), and a patient's notes one illness."""
+    from collections import Counter
+
+    from fedward.simulation.synthetic import synthetic_examples
+
+    examples = synthetic_examples(task, 0, 700, 42, 3)
+    assert all(example.patient for example in examples)
+    notes = Counter(example.patient for example in examples)
+    assert len(notes) < len(examples) / 2  # patients are fewer than the notes
+    assert max(notes.values()) >= 16  # a few with many
+    if task == "classification":
+        sizes = sorted(notes.values())
+        assert sum(size <= 3 for size in sizes) / len(sizes) > 0.7  # most with one to three
+        labels = {}
+        for example in examples:
+            labels.setdefault(example.patient, set()).add(example.label)
+        assert all(len(held) == 1 for held in labels.values())  # one illness each
+    other = synthetic_examples(task, 1, 700, 42, 3)
+    assert not {e.patient for e in examples} & {e.patient for e in other}  # not shared
+    again = synthetic_examples(task, 0, 700, 42, 3)
+    assert [e.patient for e in again] == [e.patient for e in examples]

@@ -39,7 +39,14 @@ from fedward.common.tasks.ner.formats import (
     read_entity_json,
     read_ner_file,
 )
-from fedward.common.tasks.ner.schemes import Sentence, TagScheme, detect_scheme, label_list, to_iob2
+from fedward.common.tasks.ner.schemes import (
+    PatientSentence,
+    Sentence,
+    TagScheme,
+    detect_scheme,
+    label_list,
+    to_iob2,
+)
 from fedward.common.tasks.ner.spans import (
     CJK_CHARACTERS,
     EntitySpan,
@@ -60,6 +67,7 @@ __all__ = [
     "SPLIT_NAMES",
     "EntitySpan",
     "NamedEntityRecognition",
+    "PatientSentence",
     "Sentence",
     "TagScheme",
     "align_labels",

@@ -50,8 +50,11 @@ _CLAUSE_ENDS = frozenset("。！？；，、.!?;,")
 
 
 def cut_long_sentences(
-    tokenizer: Any, sentences: Sequence[Sequence[tuple[str, str]]], max_length: int
-) -> list[Sentence]:
+    tokenizer: Any,
+    sentences: Sequence[Sequence[tuple[str, str]]],
+    max_length: int,
+    with_origins: bool = False,
+) -> Any:
     """Cut sentences longer than `max_length` word pieces into pieces that fit, so that no word
     is lost to truncation (long Chinese records run to hundreds of characters).
 
@@ -61,14 +64,19 @@ def cut_long_sentences(
     than a whole piece cannot be kept whole: it is cut where the piece is full and its remainder
     starts the next piece as a new entity of the same type (a warning counts them). Special
     tokens ([CLS], [SEP]) are accounted for. Unlabelled text (all tags 'O') is cut the same way.
+
+    Returns the pieces; `with_origins`: (pieces, the index of each piece's sentence), which
+    patient-level DP needs to keep a cut sentence's pieces with their patient.
     """
     budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
     pieces_per_word = _pieces_per_word(tokenizer, sentences)
     result: list[Sentence] = []
+    origins: list[int] = []
     records_cut = entities_cut = 0
-    for sentence, sizes in zip(sentences, pieces_per_word, strict=True):
+    for origin, (sentence, sizes) in enumerate(zip(sentences, pieces_per_word, strict=True)):
         if sum(sizes) <= budget:
             result.append(list(sentence))
+            origins.append(origin)
             continue
         records_cut += 1
         start = 0
@@ -85,6 +93,7 @@ def cut_long_sentences(
             if tag.startswith("I-"):  # the remainder of an entity longer than a piece
                 piece[0] = (word, "B-" + tag[2:])
             result.append(piece)
+            origins.append(origin)
             start = end
     if records_cut:
         logger.info(
@@ -101,7 +110,7 @@ def cut_long_sentences(
             entities_cut,
             max_length,
         )
-    return result
+    return (result, origins) if with_origins else result
 
 
 def _cut_point(sentence: Sequence[tuple[str, str]], start: int, end: int) -> tuple[int, bool]:

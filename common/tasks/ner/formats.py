@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedward.common.errors import DataError
-from fedward.common.tasks.ner.schemes import Sentence, detect_scheme, to_iob2
+from fedward.common.tasks.ner.schemes import PatientSentence, Sentence, detect_scheme, to_iob2
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +117,23 @@ def read_conll_splits(path: str | Path) -> dict[str, list[Sentence]]:
     return {split: read_ner_file(files[0]) for split, files in found.items()}
 
 
-def read_ner_file(path: str | Path) -> list[Sentence]:
+def read_ner_file(path: str | Path, patient_column: str | None = None) -> list[Sentence]:
     """One NER file, its format told by its extension: .json/.jsonl is entity JSON
     (`read_entity_json`), anything else CoNLL, one word (or character) and its tag per line
-    (`read_conll`)."""
+    (`read_conll`). With `patient_column`, each sentence is a `PatientSentence` naming its
+    patient, which only entity JSON can carry (a field of each record)."""
     path = Path(path)
     if path.suffix.lower() in JSON_SUFFIXES:
-        return read_entity_json(path)
+        return read_entity_json(path, patient_column)
+    if patient_column is not None:
+        raise DataError(
+            f"{path}: a CoNLL file has no column for the patient ('{patient_column}'); for "
+            "patient-level DP give the records as entity JSON with a patient field"
+        )
     return read_conll(path)
 
 
-def read_entity_json(path: str | Path) -> list[Sentence]:
+def read_entity_json(path: str | Path, patient_column: str | None = None) -> list[Sentence]:
     """Read CBLUE/CMeEE-style entity JSON into character sentences with IOB2 tags.
 
     The file is a JSON array of records or one record per line (JSON lines). A record is
@@ -143,7 +149,8 @@ def read_entity_json(path: str | Path) -> list[Sentence]:
     tie the one that starts first, and every entity overlapping a kept one is dropped (their
     number is logged). Raises `DataError` naming the file and the line (JSON lines) or record
     (array) for: JSON that does not parse, a record without text, an entity without a type or
-    with offsets outside its text, or an entity text that does not match its offsets.
+    with offsets outside its text, an entity text that does not match its offsets, or (with
+    `patient_column`) a record without its patient field.
     """
     import json
 
@@ -182,7 +189,14 @@ def read_entity_json(path: str | Path) -> list[Sentence]:
             tags[start] = f"B-{entity_type}"
             for i in range(start + 1, end):
                 tags[i] = f"I-{entity_type}"
-        sentences.append(list(zip(record["text"], tags, strict=True)))
+        pairs = list(zip(record["text"], tags, strict=True))
+        if patient_column is None:
+            sentences.append(pairs)
+            continue
+        patient = record.get(patient_column)
+        if patient is None or not str(patient).strip():
+            raise DataError(f"{where}: no patient in field '{patient_column}'")
+        sentences.append(PatientSentence(pairs, str(patient).strip()))
     if not sentences:
         raise DataError(f"{path}: no records; it needs JSON records with text and entities")
     logger.info(

@@ -18,6 +18,19 @@ TagScheme = Literal["IOB1", "IOB2", "BIOES", "BILOU"]
 #: One sentence: (word, tag) pairs, tags in IOB2 once read.
 Sentence = list[tuple[str, str]]
 
+
+class PatientSentence(list):
+    """A sentence that knows which patient it belongs to: the unit of patient-level DP.
+
+    A plain list of (word, tag) pairs to everything else (reading, splitting, encoding), with
+    the patient as an attribute, so that it follows the sentence through splits and filters.
+    """
+
+    def __init__(self, pairs=(), patient: str | None = None) -> None:
+        super().__init__(pairs)
+        self.patient = patient
+
+
 _TAG = re.compile(r"(?:O|([BIESLU])-([^\s-]\S*))")
 _ALLOWED_PREFIXES = {
     "IOB1": "BI",

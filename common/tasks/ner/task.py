@@ -58,14 +58,20 @@ class NamedEntityRecognition:
     pooled_partition = "blocks"
 
     def read(
-        self, path: str | Path, text_column: str, label_column: str, group_column: str | None = None
+        self,
+        path: str | Path,
+        text_column: str,
+        label_column: str,
+        group_column: str | None = None,
+        patient_column: str | None = None,
     ) -> list[Sentence]:
         """The sentences of a CoNLL or entity-JSON file (`ner.read_ner_file`), or of the training
-        file in a folder (columns unused)."""
+        file in a folder (text and label columns unused; `patient_column` is a field of each
+        entity-JSON record)."""
         path = Path(path)
         if path.is_dir():
             path = _train_file(path)
-        return read_ner_file(path)
+        return read_ner_file(path, patient_column)
 
     def label_set(self, examples: list[Sentence], source: str) -> list[str]:
         """'O', then B-X and I-X for every entity type X in `examples`."""
@@ -82,20 +88,31 @@ class NamedEntityRecognition:
         return examples[:cut], examples[cut:] or examples[-1:]
 
     def encode(
-        self, examples: list[Sentence], labels: list[str], tokenizer, max_length: int
+        self,
+        examples: list[Sentence],
+        labels: list[str],
+        tokenizer,
+        max_length: int,
+        units: list[int] | None = None,
     ) -> EncodedDataset:
         """Word-piece ids and a label id per piece (-100 where the loss must not look).
 
         Sentences longer than `max_length` pieces are first cut at boundaries outside entities
-        (`ner.cut_long_sentences`); each piece is then an example of its own, and DP-SGD
-        protects each piece: a sentence cut into k pieces has the group privacy of k examples.
+        (`ner.cut_long_sentences`); each piece is then an example of its own. Under record-level
+        DP, DP-SGD protects each piece: a sentence cut into k pieces has the group privacy of k
+        examples. Under patient-level DP (`units`: each sentence's patient number) every piece
+        keeps its sentence's patient, so the patient stays one unit however the text is cut.
         """
         from fedward.common.data import EncodedDataset
 
         label_to_id = {label: index for index, label in enumerate(labels)}
-        pieces = cut_long_sentences(tokenizer, examples, max_length)
+        pieces, origins = cut_long_sentences(tokenizer, examples, max_length, with_origins=True)
         encoded = encode_sentences(tokenizer, pieces, label_to_id, max_length)
-        return EncodedDataset([e["input_ids"] for e in encoded], [e["labels"] for e in encoded])
+        return EncodedDataset(
+            [e["input_ids"] for e in encoded],
+            [e["labels"] for e in encoded],
+            None if units is None else [units[origin] for origin in origins],
+        )
 
     def release_counts(self, true_ids: list, pred_ids: list, num_labels: int) -> np.ndarray:
         """What a hospital may release of an evaluation, as counts (client/privacy/release.py):
