@@ -332,7 +332,7 @@ class RunSpec(BaseModel):
     def from_flat(cls, values: dict[str, Any], source: str = "run spec") -> RunSpec:
         """Rebuild from flat keys (a TOML table, Flower's ConfigRecord: lists as JSON strings,
         "" for unset); keys of other objects (Flower's own, local settings) are ignored."""
-        return build(cls, _parse_flat(values, flat_names(cls)), source)
+        return build(cls, _parse_flat(values, _flat_fields(cls)), source)
 
     def flat(self) -> dict[str, Any]:
         """Every field under its flat name: the form of TOML files, messages and the digest."""

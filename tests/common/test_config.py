@@ -202,3 +202,10 @@ def test_the_o_tag_weight_defaults_by_task_and_the_run_spec_names_it():
     sent = RunConfig(task="ner", outside_tag_weight=0.5).spec.to_flower()
     assert sent["outside-tag-weight"] == 0.5
     assert RunSpec.from_flat(sent).training.outside_tag_weight == 0.5
+
+
+def test_from_flat_reads_flowers_unset_values_back():
+    # Flower's scalar config says "unset" with "": it must read back as the default, not crash.
+    spec = RunSpec(rounds=4)
+    flower = spec.to_flower()
+    assert RunSpec.from_flat({**flower, "labels": ""}).digest() == spec.digest()
