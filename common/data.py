@@ -217,6 +217,8 @@ def encode_classification(
             f"{list(label_to_id)}; fix the data or the run config's 'labels'",
             reason=Reason("data.labels_mismatch"),
         )
+    if not records:  # the tokenizer fails on an empty batch; the gate judges the count
+        return EncodedDataset([], [], [] if units is not None else None)
     encoded = tokenizer(
         [r.text for r in records], truncation=True, max_length=max_length, padding=False
     )
