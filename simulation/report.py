@@ -43,10 +43,17 @@ def round_table(
     in `dp_unit`."""
     names = hospital_names(rounds)
     columns = task_named(task).metric_columns
+    dp_on = any(
+        stats.get("epsilon") is not None
+        for row in rounds
+        for stats in (row.get("hospitals") or {}).values()
+    )
     privacy = (
         f"ε: {dp_unit}-level DP, unit {privacy_unit(task, dp_unit)}, per hospital over the run. "
         "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
         "release only DP-noised counts)."
+        if dp_on
+        else "ε: none; DP was OFF for this run, so no hospital's records are protected."
     )
     lines = (
         privacy,

@@ -147,3 +147,19 @@ def test_the_table_names_the_unit_and_what_a_record_epsilon_means_per_patient():
     # the worst patient: 12 records at epsilon 8 per record, 96 per patient, delta no bound
     assert "largest patient has 12 training records" in record and "ε 96.0" in record
     assert "no bound at all" in record
+
+
+def test_a_run_without_dp_does_not_claim_a_privacy_unit():
+    rounds = [
+        {
+            "round": 1,
+            "status": "ok",
+            "train_loss": 1.0,
+            "global": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4},
+            "hospitals": {"hospital-0": {"trained": True, "epsilon": None}},
+            "refused": {},
+            "dropped": [],
+        }
+    ]
+    text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
+    assert "DP was OFF" in text and "patient-level DP" not in text
