@@ -194,6 +194,18 @@ pretrain.__signature__ = inspect.Signature(
 )
 
 
+def rounds_progress() -> Progress:
+    """The progress bar of a federated run: a spinner, the rounds done of all, the time."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def run_simulation_with_report(
     config: RunConfig,
     verbose: bool = False,
@@ -216,14 +228,7 @@ def run_simulation_with_report(
     _announce(config, title)
     tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with rounds_progress() as progress:
         what = "training" if config.simulation.hospitals == 1 else "federated training"
         bar = progress.add_task(what, total=config.spec.federation.rounds)
 

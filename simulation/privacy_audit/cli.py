@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedward.common.config import GROUPS
 from fedward.common.files.atomic import write_json_atomic
 from fedward.common.files.output_paths import check_output_folder
-from fedward.simulation.cli import console, field_options, load_config, quiet_libraries
+from fedward.simulation.cli import (
+    console,
+    field_options,
+    load_config,
+    quiet_libraries,
+    rounds_progress,
+)
 from fedward.simulation.privacy_audit.audit import (
     DEFAULT_CANARIES,
     PrivacyAuditResult,
@@ -68,14 +73,7 @@ def privacy(
         f"prefix cache {'on' if config.local.prefix_cache else 'off'}"
     )
     started = time.monotonic()
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with rounds_progress() as progress:
         bar = progress.add_task("federated training", total=config.spec.federation.rounds)
 
         def on_round(row: dict) -> None:

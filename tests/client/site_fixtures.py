@@ -76,3 +76,17 @@ def run_config(model_dir: str, rounds: int) -> RunConfig:
         secure_aggregation=False,
         device="cpu",
     )
+
+
+def hospital_node_config(data: Path, policy: Path, folder: Path) -> dict[str, str]:
+    """Hospital st-mary's node config: its data, its policy, its ledger and audit log in
+    `folder`, on the CPU."""
+    return {
+        "data-path": str(data),
+        "policy": str(policy),
+        "ledger": str(folder / "ledger"),
+        "audit-log": str(folder / "ledger" / "audit.jsonl"),
+        "hospital-name": "st-mary",
+        "dataset-id": "st-mary",
+        "device": "cpu",
+    }

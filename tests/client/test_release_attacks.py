@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
-from site_fixtures import LABELS, WORDS, run_config, write_notes, write_policy, write_secagg_policy
+from site_fixtures import (
+    LABELS,
+    WORDS,
+    hospital_node_config,
+    run_config,
+    write_notes,
+    write_policy,
+    write_secagg_policy,
+)
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.privacy.ledger import PrivacyLedger
@@ -42,15 +50,7 @@ def hospital(tmp_path, tiny_model_dir):
     folder.mkdir()
     data = folder / "notes.csv"
     _write_notes(data, ("text", "label", f"mrn_{SENTINEL}_col"))
-    node_config = {
-        "data-path": str(data),
-        "policy": str(tmp_path / "policy.toml"),
-        "ledger": str(tmp_path / "ledger"),
-        "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
-        "hospital-name": "st-mary",
-        "dataset-id": "st-mary",
-        "device": "cpu",
-    }
+    node_config = hospital_node_config(data, tmp_path / "policy.toml", tmp_path)
     write_policy(tmp_path / "policy.toml")
     config = run_config(tiny_model_dir, rounds=2)
     return config, node_config, tmp_path

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from site_fixtures import LABELS, run_config, write_notes, write_policy
+from site_fixtures import LABELS, hospital_node_config, run_config, write_notes, write_policy
 
 from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
 from fedward.client.privacy.accounting import compose_epsilon
@@ -35,15 +35,7 @@ def hospital(tmp_path, tiny_model_dir):
     write_notes(data)
     policy = tmp_path / "policy.toml"
     write_policy(policy)
-    node_config = {
-        "data-path": str(data),
-        "policy": str(policy),
-        "ledger": str(tmp_path / "ledger"),
-        "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
-        "hospital-name": "st-mary",
-        "dataset-id": "st-mary",
-        "device": "cpu",
-    }
+    node_config = hospital_node_config(data, policy, tmp_path)
     config = run_config(tiny_model_dir, rounds=2)
     return config, node_config, tmp_path
 

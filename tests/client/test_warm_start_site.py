@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from site_fixtures import LABELS, run_config, write_notes, write_policy
+from site_fixtures import LABELS, hospital_node_config, run_config, write_notes, write_policy
 
 from fedward.client.app import handle_train, load_site_data, open_site
 from fedward.client.privacy.ledger import PrivacyLedger
@@ -35,15 +35,7 @@ def hospital(tmp_path, tiny_model_dir):
             if parameter.requires_grad:
                 parameter.add_(0.25)
     adapter = save_adapter(model, tmp_path / "public-adapter", LABELS, LocalRun(spec=public.spec))
-    node_config = {
-        "data-path": str(data),
-        "policy": str(tmp_path / "policy.toml"),
-        "ledger": str(tmp_path / "ledger"),
-        "audit-log": str(tmp_path / "ledger" / "audit.jsonl"),
-        "hospital-name": "st-mary",
-        "dataset-id": "st-mary",
-        "device": "cpu",
-    }
+    node_config = hospital_node_config(data, tmp_path / "policy.toml", tmp_path)
     config = run_config(tiny_model_dir, rounds=2).updated(
         lora_variant="lora", init_adapter=str(adapter)
     )
