@@ -37,7 +37,8 @@ server_app = typer.Typer(
     no_args_is_help=True, help="The coordinator's SuperLink: start it, admit hospitals."
 )
 audit_app = typer.Typer(
-    no_args_is_help=True, help="Hash-chained audit logs (coordinator and hospitals)."
+    no_args_is_help=True,
+    help="Audits: verify a hash-chained audit log; measure DP privacy from outside.",
 )
 
 ServerOption = Annotated[str, typer.Option("--server", help="The SuperLink as HOST:PORT.")]

@@ -54,8 +54,9 @@ def privacy(
     verbose: Annotated[bool, typer.Option(help="Show Flower/Ray logs.")] = False,
     **fields: Any,
 ) -> None:
-    """Audit DP from outside: canaries in one simulated hospital, an empirical lower bound on
-    its epsilon beside the accounted one (Steinke, Nasr and Jagielski 2023)."""
+    """Audit DP from outside: a lower bound on a hospital's epsilon, measured with canaries.
+
+    The bound (Steinke, Nasr and Jagielski 2023) is printed beside the accounted epsilon."""
     quiet_libraries(verbose)
     flags = {name: value for name, value in fields.items() if value not in (None, [])}
     config = load_config(config_file, flags)
