@@ -50,7 +50,7 @@ def audit_config(model_dir: str, **overrides) -> RunConfig:
         hospitals=1,
         min_hospitals=1,
         rounds=2,
-        local_epochs=10,
+        local_epochs=20,
         batch_size=16,
         max_length=32,
         lora_variant="head",
@@ -84,13 +84,21 @@ def save_audit_model(folder: Path) -> str:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    BertModel(config).save_pretrained(folder)
+    model = BertModel(config)
+    with torch.no_grad():
+        # Without position and segment embeddings every canary's features are its words':
+        # with them, the features of random 3-word texts share most of their direction, only
+        # about 29% of a canary's gradient is its own (76% without), and only that part tells
+        # an included canary from a left-out one. The audit is only as strong as its canaries.
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
 
 def audit_in_process(
-    config: RunConfig, canaries: int = 200, notes_count: int = 20, seed: int = 0, words: int = 3
+    config: RunConfig, canaries: int = 500, notes_count: int = 4, seed: int = 0, words: int = 3
 ) -> PrivacyAuditResult:
     """Train `config.spec.federation.rounds` rounds on `notes_count` notes plus the included
     canaries, then audit with both auditors at 95%."""

@@ -2,10 +2,12 @@
 with DP, and raises a bound above the accounted epsilon when DP is broken on purpose (the
 breakage injected here, never a switch in the product).
 
-At test scale (a 1-layer random BERT, 200 canaries, 20 notes, 2 rounds) the ceiling of the
-bound is 3.6. Measured on this set-up (2026-12-05): without DP both auditors reach 1.6-2.0;
-with DP at epsilon 1, 0; noise divided by 100, 1.4-1.6 (caught); noise divided by 10, 0.3, and
-clipping switched off, 0 (not caught at this scale: see bench/results/privacy_audit.md).
+At test scale (a 1-layer random BERT without position embeddings, 500 canaries, 4 notes, 2
+rounds of 20 local epochs) the ceiling of the bound is 4.54. Measured on this set-up
+(2026-12-05; the DP noise comes from the operating system, so each run differs): with DP at
+epsilon 1, 0.00; the noise multiplier divided by 10, 1.83-2.19 in five runs (caught); clipping
+switched off with the noise left as the accountant set it, 0.82-1.21 in five runs (not reliably
+caught, so not asserted: see bench/results/privacy_audit.md).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def test_without_dp_the_audit_finds_the_canaries(audit_model_dir):
     result = audit_in_process(audit_config(audit_model_dir, dp=False))
     assert result.accounted_epsilon is None
     assert result.epsilon_lower_bound > 1.0, result  # clearly above 0: the audit has teeth
-    assert result.ceiling == pytest.approx(3.64, abs=0.01)
+    assert result.ceiling == pytest.approx(4.54, abs=0.01)
 
 
 def test_with_dp_the_bound_stays_below_the_accounted_epsilon(audit_model_dir):
@@ -72,12 +74,12 @@ def test_with_dp_the_bound_stays_below_the_accounted_epsilon(audit_model_dir):
     assert not result.contradicts_accounting
 
 
-def test_dp_with_a_hundredth_of_its_noise_is_caught(audit_model_dir, monkeypatch):
-    """The accountant still charges epsilon 1, the trainer adds a hundredth of the noise."""
+def test_dp_with_a_tenth_of_its_noise_is_caught(audit_model_dir, monkeypatch):
+    """The accountant still charges epsilon 1, the trainer adds a tenth of the noise."""
     honest = trainer.make_private
 
     def too_little_noise(module, optimizer, loader, plan, *args, **kwargs):
-        weak = dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 100)
+        weak = dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 10)
         return honest(module, optimizer, loader, weak, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "make_private", too_little_noise)
