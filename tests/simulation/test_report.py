@@ -52,6 +52,21 @@ def _rounds() -> list[dict]:
     ]
 
 
+def _one_round(hospitals: dict[str, dict]) -> list[dict]:
+    """One successful round whose hospitals report `hospitals`."""
+    return [
+        {
+            "round": 1,
+            "status": "ok",
+            "train_loss": 1.0,
+            "global": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4},
+            "hospitals": hospitals,
+            "refused": {},
+            "dropped": [],
+        }
+    ]
+
+
 def _render(table) -> list[str]:
     console = Console(record=True, width=240, color_system=None)
     console.print(table)
@@ -125,20 +140,12 @@ def test_round_table_says_the_global_scores_are_over_all_hospitals_rows_pooled()
 
 
 def test_the_table_names_the_unit_and_what_a_record_epsilon_means_per_patient():
-    rounds = [
+    rounds = _one_round(
         {
-            "round": 1,
-            "status": "ok",
-            "train_loss": 1.0,
-            "global": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4},
-            "hospitals": {
-                "hospital-0": {"trained": True, "epsilon": 8.0, "largest_patient": 12},
-                "hospital-1": {"trained": True, "epsilon": 8.0, "largest_patient": 3},
-            },
-            "refused": {},
-            "dropped": [],
+            "hospital-0": {"trained": True, "epsilon": 8.0, "largest_patient": 12},
+            "hospital-1": {"trained": True, "epsilon": 8.0, "largest_patient": 3},
         }
-    ]
+    )
     patient = "\n".join(_render(round_table(rounds, dp_unit="patient")))
     assert "patient-level DP, unit one patient" in patient
     assert "group privacy" not in patient  # nothing to qualify: the unit is the patient
@@ -150,16 +157,6 @@ def test_the_table_names_the_unit_and_what_a_record_epsilon_means_per_patient():
 
 
 def test_a_run_without_dp_does_not_claim_a_privacy_unit():
-    rounds = [
-        {
-            "round": 1,
-            "status": "ok",
-            "train_loss": 1.0,
-            "global": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4},
-            "hospitals": {"hospital-0": {"trained": True, "epsilon": None}},
-            "refused": {},
-            "dropped": [],
-        }
-    ]
+    rounds = _one_round({"hospital-0": {"trained": True, "epsilon": None}})
     text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
     assert "DP was OFF" in text and "patient-level DP" not in text
