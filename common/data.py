@@ -119,11 +119,23 @@ def label_set(records: list[Record], source: str) -> list[str]:
 def train_val_split(
     records: list[Record], val_fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
-    """Deterministic split; every label with at least 2 records keeps one on each side."""
+    """Deterministic split, whole patients on one side; every label with at least 2 units
+    keeps one on each side.
+
+    The unit is the patient where records name one (all of a patient's notes go to the same
+    side, so that no validation note has its patient's other notes in training: a model could
+    otherwise score by recognising the patient), else the record. Units are stratified by their
+    label (a patient's most frequent one).
+    """
     rng = random.Random(seed)
-    by_label: dict[str, list[Record]] = {}
-    for record in records:
-        by_label.setdefault(record.label, []).append(record)
+    units: dict[object, list[Record]] = {}
+    for position, record in enumerate(records):
+        key = ("patient", record.patient) if record.patient is not None else ("record", position)
+        units.setdefault(key, []).append(record)
+    by_label: dict[str, list[list[Record]]] = {}
+    for members in units.values():
+        label = Counter(r.label for r in members).most_common(1)[0][0]
+        by_label.setdefault(label, []).append(members)
     train, val = [], []
     for label in sorted(by_label):
         group = by_label[label][:]
@@ -131,8 +143,8 @@ def train_val_split(
         n_val = round(len(group) * val_fraction)
         if len(group) >= 2:
             n_val = min(max(n_val, 1), len(group) - 1)
-        val.extend(group[:n_val])
-        train.extend(group[n_val:])
+        val.extend(record for members in group[:n_val] for record in members)
+        train.extend(record for members in group[n_val:] for record in members)
     rng.shuffle(train)
     rng.shuffle(val)
     return train, val

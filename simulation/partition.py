@@ -6,16 +6,25 @@ examples (one to train on, one to validate with); a split that cannot do that ra
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from fedward.common.errors import DataError
 
 
-def iid(num_examples: int, hospitals: int, seed: int) -> list[list[int]]:
-    """Shuffle, then deal into equal shares."""
+def iid(
+    num_examples: int, hospitals: int, seed: int, patients: list[str | None] | None = None
+) -> list[list[int]]:
+    """Shuffle, then deal into equal shares (of patients, each whole, where `patients` names
+    them)."""
     _check(num_examples, hospitals)
-    order = np.random.default_rng(seed).permutation(num_examples)
-    return [sorted(part.tolist()) for part in np.array_split(order, hospitals)]
+    units = _units(num_examples, patients)
+    order = np.random.default_rng(seed).permutation(len(units))
+    return [
+        sorted(i for unit in part.tolist() for i in units[unit])
+        for part in np.array_split(order, hospitals)
+    ]
 
 
 def blocks(num_examples: int, hospitals: int) -> list[list[int]]:
@@ -24,27 +33,60 @@ def blocks(num_examples: int, hospitals: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.arange(num_examples), hospitals)]
 
 
-def dirichlet(labels: list[str], hospitals: int, alpha: float, seed: int) -> list[list[int]]:
+def dirichlet(
+    labels: list[str],
+    hospitals: int,
+    alpha: float,
+    seed: int,
+    patients: list[str | None] | None = None,
+) -> list[list[int]]:
     """Label skew: for each label, hospital shares drawn from Dirichlet(alpha).
 
-    Smaller `alpha` means more skew. A hospital left with fewer than 2 examples by the draw is
-    topped up from the largest share, so every hospital can train and keep one for validation.
+    Smaller `alpha` means more skew. Where `patients` names each example's patient, a patient
+    is dealt whole to one hospital (by its most frequent label): a patient seen at two
+    hospitals would be two patients to their accountants, each spending the full epsilon on
+    them. A hospital left with fewer than 2 examples by the draw is topped up from the largest
+    share, so every hospital can train and keep one for validation.
     """
     _check(len(labels), hospitals)
+    units = _units(len(labels), patients)
+    unit_labels = [Counter(labels[i] for i in unit).most_common(1)[0][0] for unit in units]
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(hospitals)]
-    for label in sorted(set(labels)):
-        indices = np.array([i for i, value in enumerate(labels) if value == label])
+    for label in sorted(set(unit_labels)):
+        indices = np.array([u for u, value in enumerate(unit_labels) if value == label])
         rng.shuffle(indices)
         shares = rng.dirichlet(np.full(hospitals, alpha))
         cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
         for hospital, chunk in enumerate(np.split(indices, cuts)):
             parts[hospital].extend(chunk.tolist())
-    for part in parts:
-        while len(part) < 2:
-            donor = max(range(hospitals), key=lambda h: len(parts[h]))
-            part.append(parts[donor].pop())
-    return [sorted(part) for part in parts]
+    size = [0] * hospitals
+    for hospital, part in enumerate(parts):
+        size[hospital] = sum(len(units[u]) for u in part)
+    for hospital, part in enumerate(parts):
+        while size[hospital] < 2:
+            donor = max(range(hospitals), key=lambda h: (len(parts[h]) > 1, size[h]))
+            if len(parts[donor]) < 2:
+                raise DataError(
+                    f"{len(units)} patients cannot be dealt whole to {hospitals} hospitals "
+                    "(each needs at least 2 notes); use fewer hospitals or more patients"
+                )
+            unit = parts[donor].pop()
+            part.append(unit)
+            size[donor] -= len(units[unit])
+            size[hospital] += len(units[unit])
+    return [sorted(i for u in part for i in units[u]) for part in parts]
+
+
+def _units(num_examples: int, patients: list[str | None] | None) -> list[list[int]]:
+    """The examples grouped by patient (in order of first appearance); an example without a
+    patient is a unit of its own."""
+    if patients is None:
+        return [[i] for i in range(num_examples)]
+    units: dict[object, list[int]] = {}
+    for i, patient in enumerate(patients):
+        units.setdefault(patient if patient is not None else ("record", i), []).append(i)
+    return list(units.values())
 
 
 def by_column(groups: list[str], hospitals: int) -> list[list[int]]:

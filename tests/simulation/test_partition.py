@@ -67,6 +67,29 @@ def test_dirichlet_covers_every_index_once_and_every_hospital_can_train(
     assert all(len(part) >= 2 for part in parts)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    hospitals=st.integers(2, 6),
+    patients=st.integers(30, 120),
+    alpha=st.floats(0.05, 10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dirichlet_and_iid_deal_each_patient_whole_to_one_hospital(
+    hospitals, patients, alpha, seed
+):
+    rng = np.random.default_rng(seed)
+    owner = [f"p{i}" for i in rng.integers(0, patients, size=4 * patients)]
+    labels = [f"label-{int(name[1:]) % 3}" for name in owner]  # a patient's notes share a label
+    for parts in (
+        partition.dirichlet(labels, hospitals, alpha, seed, patients=owner),
+        partition.iid(len(owner), hospitals, seed, patients=owner),
+    ):
+        _assert_covers_exactly_once(parts, len(owner))
+        seen_at = [{owner[i] for i in part} for part in parts]
+        assert sum(len(names) for names in seen_at) == len(set(owner))  # nobody at two
+    assert all(len(part) >= 2 for part in partition.dirichlet(labels, hospitals, alpha, seed))
+
+
 def test_blocks_keep_document_order():
     assert partition.blocks(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
 
