@@ -62,7 +62,7 @@ def _synthetic(args) -> tuple[str, list, list, list[str], list[list[int]]]:
     train, test, parts = [], [], []
     for hospital in range(args.hospitals):
         notes = synthetic_examples(
-            task.name, hospital, values.simulation.notes_per_hospital, args.seed, args.hospitals
+            task.name, hospital, values.simulation.notes_of(hospital), args.seed, args.hospitals
         )
         own_train, own_val = task.split(
             notes, values.data_schema.val_fraction, args.seed + hospital

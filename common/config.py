@@ -401,9 +401,29 @@ class SimulatedData(_Group):
         "blocks (contiguous), or auto (synthetic: each hospital its own notes; files: iid).",
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
-    notes_per_hospital: int = Field(
-        700, ge=10, description="Synthetic notes generated per hospital (before the split)."
+    notes_per_hospital: str = Field(
+        "700",
+        description="Synthetic notes generated per hospital (before the split): one number for "
+        "every hospital, or one per hospital, comma-separated (2000,200,200,200: a large centre "
+        "and three community hospitals).",
     )
+
+    @field_validator("notes_per_hospital", mode="before")
+    @classmethod
+    def _check_sizes(cls, value: Any) -> str:
+        parts = [value] if isinstance(value, int) else str(value).replace(" ", "").split(",")
+        try:
+            sizes = [int(part) for part in parts]
+        except ValueError:
+            raise ValueError("must be a number, or one per hospital: 2000,200,200") from None
+        if any(size < 10 for size in sizes):
+            raise ValueError("every hospital needs at least 10 notes")
+        return ",".join(str(size) for size in sizes)
+
+    def notes_of(self, hospital: int) -> int:
+        """How many synthetic notes hospital `hospital` (0-based) writes."""
+        sizes = [int(size) for size in self.notes_per_hospital.split(",")]
+        return sizes[0] if len(sizes) == 1 else sizes[hospital]
 
     @field_validator("partition")
     @classmethod
@@ -543,6 +563,12 @@ class RunConfig(LocalRun):
         minimum = self.spec.federation.min_hospitals
         if "hospitals" in self.simulation.model_fields_set and minimum > hospitals:
             raise ValueError(f"min_hospitals ({minimum}) is more than hospitals ({hospitals})")
+        sizes = self.simulation.notes_per_hospital.split(",")
+        if len(sizes) > 1 and len(sizes) != hospitals:
+            raise ValueError(
+                f"notes_per_hospital lists {len(sizes)} sizes for {hospitals} hospitals; give "
+                f"one size, or one per hospital (--hospitals {len(sizes)})"
+            )
         return self
 
     # --- loading -------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
         labels = synthetic_labels(
             config.spec.task.name,
             config.simulation.hospitals,
-            config.simulation.notes_per_hospital,
+            [config.simulation.notes_of(h) for h in range(config.simulation.hospitals)],
             config.spec.training.seed,
         )
     else:
@@ -140,7 +140,7 @@ def check_pooled_vocabulary(config: RunConfig) -> float:
         examples = synthetic_examples(
             config.spec.task.name,
             0,
-            config.simulation.notes_per_hospital,
+            config.simulation.notes_of(0),
             config.spec.training.seed,
             config.simulation.hospitals,
         )
@@ -179,15 +179,17 @@ def _hospital_split(
     data, text_column, label_column = shared["data"], shared["text_column"], shared["label_column"]
     patient_column = shared.get("patient_column")
     scheme, alpha, hospitals = shared["partition"], shared["alpha"], shared["hospitals"]
-    per_hospital, val_fraction = shared["notes_per_hospital"], shared["val_fraction"]
+    sizes = [int(size) for size in shared["notes_per_hospital"].split(",")]
+    sizes = sizes * hospitals if len(sizes) == 1 else sizes
+    val_fraction = shared["val_fraction"]
     task = task_named(task_name)
     if data is None and scheme == "auto":
-        examples = synthetic_examples(task_name, hospital, per_hospital, seed, hospitals)
+        examples = synthetic_examples(task_name, hospital, sizes[hospital], seed, hospitals)
         source = f"synthetic notes of hospital-{hospital}"
     else:
         group_column = scheme.removeprefix("column:") if scheme.startswith("column:") else None
         if data is None:
-            pooled = _synthetic_pool(task_name, hospitals, per_hospital, seed)
+            pooled = _synthetic_pool(task_name, hospitals, tuple(sizes), seed)
         else:
             pooled = _pooled(
                 task_name, data, text_column, label_column, group_column, patient_column
@@ -200,6 +202,8 @@ def _hospital_split(
 
 
 def _split(task: Task, scheme: str, pooled, hospitals, alpha, seed) -> list[list[int]]:
+    """Each hospital's indices into `pooled`; iid and Dirichlet shares keep each patient whole
+    at one hospital where the examples name patients."""
     if scheme == "auto":
         scheme = task.pooled_partition
     if scheme.split(":")[0] not in task.partitions:
@@ -207,10 +211,12 @@ def _split(task: Task, scheme: str, pooled, hospitals, alpha, seed) -> list[list
             f"partition '{scheme}' is not available for the task '{task.name}'; use "
             f"{' or '.join(task.partitions)}"
         )
+    patients = [getattr(example, "patient", None) for example in pooled]
+    patients = patients if any(patient is not None for patient in patients) else None
     if scheme == "iid":
-        return partition.iid(len(pooled), hospitals, seed)
+        return partition.iid(len(pooled), hospitals, seed, patients)
     if scheme == "dirichlet":
-        return partition.dirichlet([r.label for r in pooled], hospitals, alpha, seed)
+        return partition.dirichlet([r.label for r in pooled], hospitals, alpha, seed, patients)
     if scheme == "blocks":
         return partition.blocks(len(pooled), hospitals)
     return partition.by_column([r.group or "" for r in pooled], hospitals)
@@ -223,9 +229,9 @@ def _pooled(task_name, data, text_column, label_column, group_column, patient_co
 
 
 @lru_cache(maxsize=4)
-def _synthetic_pool(task_name: str, hospitals: int, per_hospital: int, seed: int) -> tuple:
+def _synthetic_pool(task_name: str, hospitals: int, sizes: tuple[int, ...], seed: int) -> tuple:
     return tuple(
         example
         for hospital in range(hospitals)
-        for example in synthetic_examples(task_name, hospital, per_hospital, seed, hospitals)
+        for example in synthetic_examples(task_name, hospital, sizes[hospital], seed, hospitals)
     )

@@ -55,15 +55,19 @@ def synthetic_examples(task: str, hospital: int, per_hospital: int, seed: int, h
     ]
 
 
-def synthetic_labels(task: str, hospitals: int, per_hospital: int, seed: int) -> list[str]:
+def synthetic_labels(
+    task: str, hospitals: int, per_hospital: int | list[int], seed: int
+) -> list[str]:
     """The labels a synthetic run lists: every diagnosis (present in this draw or not) for
-    classification, the tags of every hospital's sentences for NER."""
+    classification, the tags of every hospital's sentences for NER. `per_hospital`: the notes
+    of every hospital, or of each."""
     if task != "ner":
         return sorted(DIAGNOSES)
+    sizes = per_hospital if isinstance(per_hospital, list) else [per_hospital] * hospitals
     return label_list(
         [
             sentence
             for hospital in range(hospitals)
-            for sentence in synthetic_examples(task, hospital, per_hospital, seed, hospitals)
+            for sentence in synthetic_examples(task, hospital, sizes[hospital], seed, hospitals)
         ]
     )
