@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
+from fedward.client.personalize import HomeRecipe, PersonalReport, home_fold, personalize
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site
@@ -403,6 +404,43 @@ def handle_evaluate(
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def own_model(
+    data: HospitalData, config: LocalRun, global_arrays: dict, recipe: HomeRecipe | None = None
+) -> tuple[dict, PersonalReport]:
+    """This hospital's own adapter and its alone / global / own report (client/personalize.py):
+    its training notes less a selection fold of whole patients train the candidates, the fold
+    chooses, the validation notes score. Without DP and for the hospital only: nothing of it
+    may reach a message."""
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    num_labels = len(config.spec.task.labels or [])
+    model = cached_model(config, num_labels)
+    task = task_named(config.spec.task.name)
+    recipe = recipe or HomeRecipe()
+    # Encoded as training encoded them, so that the frozen prefix cached for training serves.
+    train = encode(data.train, config, tokenizer)
+    fold = home_fold(data.train, task, recipe, config.spec.training.seed)
+    if len(train) != len(data.train):  # NER cut long sentences: fold first, then encode
+        chosen = set(fold)
+        rest = [example for i, example in enumerate(data.train) if i not in chosen]
+        held = [data.train[i] for i in fold]
+        train = encode(rest + held, config, tokenizer)
+        first = len(encode(rest, config, tokenizer))
+        fold = list(range(first, len(train)))
+    return personalize(
+        model,
+        task,
+        train,
+        fold,
+        encode(data.val, config, tokenizer),
+        config,
+        global_arrays,
+        initial_arrays(config, num_labels),
+        tokenizer.pad_token_id,
+        who=data.name,
+        recipe=recipe,
+    )
 
 
 def open_site(context: Context) -> Site:

@@ -1,0 +1,195 @@
+"""Worth joining: per hospital, the model it could train alone, the global model, and its own
+model after joining, on its own validation notes (issue 38).
+
+Four federations, at patient-level DP (epsilon 8, delta 1e-5):
+
+- `default`: fedward simulate's default, 3 synthetic hospitals x 700 notes;
+- `small10`: 10 small synthetic hospitals x 200 notes;
+- `centre`: one large centre (2,000 notes) and 4 community hospitals (200 each);
+- `abstracts`: the shared Medical Abstracts corpus (`--max-train` abstracts) with a simulated
+  patient structure (bench/patient_dp.py), dealt to 3 hospitals by Dirichlet(0.5) label skew,
+  each patient whole at one hospital.
+
+The hospitals' data and splits are exactly the simulation's (`simulation.hospitals`: validation
+split by patient). Training is the hospitals' own trainer (`train_locally`, DP-SGD planned as a
+site plans it) and FedAvg in this one process, without Flower, Ray or SecAgg+'s quantization
+(bench/patient_dp.py's fast path); the own and alone models are `client.app.own_model`, the code
+a hospital runs at the end of a run. One line per (federation, seed, hospital) is appended to
+`--log` as it comes; `--report` prints the table.
+
+    python -m bench.worth_joining --federations default small10 centre abstracts --seeds 1 2 3
+    python -m bench.worth_joining --federations default --seeds 1 --set rounds=5
+    python -m bench.worth_joining --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.utility import parse_overrides
+from fedward.common.config import RunConfig
+
+FEDERATIONS = {
+    "default": {"hospitals": 3, "notes_per_hospital": "700"},
+    "small10": {"hospitals": 10, "notes_per_hospital": "200"},
+    "centre": {"hospitals": 5, "notes_per_hospital": "2000,200,200,200,200"},
+    "abstracts": {"hospitals": 3, "partition": "dirichlet", "alpha": 0.5},
+}
+#: Hospitals counted as small in the rules (own - alone >= +5 points on average).
+SMALL = {"small10": range(10), "centre": range(1, 5)}
+
+
+def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
+    values = {**FEDERATIONS[name], "seed": seed, "device": "cpu", "target_epsilon": 8.0}
+    if name == "abstracts":
+        from bench.patient_dp import medical_abstracts_with_patients
+
+        path = medical_abstracts_with_patients(work, max_train, 3, seed)
+        values |= {
+            "data": str(path),
+            "text_column": "text",
+            "label_column": "label",
+            "patient_column": "patient",
+        }
+    return values
+
+
+def run_federation(values: dict) -> list[dict]:
+    """One federated run (fast path) and each hospital's alone / global / own report."""
+    from fedward.client.app import HospitalData, encode, own_model, with_run_labels
+    from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
+    from fedward.client.privacy.accounting import plan_dp, privacy_units
+    from fedward.client.trainer import train_locally
+    from fedward.common.config import SimulatedData
+    from fedward.server.aggregation import apply_average, weighted_sum
+    from fedward.simulation.hospitals import _hospital_split, prepare_config
+
+    config = prepare_config(RunConfig.build(values, source="bench"))
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    num_labels = len(config.spec.task.labels)
+    model = cached_model(config, num_labels)
+    shared = json.dumps(
+        {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
+    )
+    hospitals = []
+    for number in range(config.simulation.hospitals):
+        train, val, _ = _hospital_split(
+            config.spec.task.name, config.spec.training.seed, shared, number
+        )
+        data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
+        hospitals.append(data)
+    datasets = [encode(data.train, config, tokenizer) for data in hospitals]
+    plans = [plan_dp(config.spec, max(privacy_units(config.spec, d), 1)) for d in datasets]
+    histories: list[list] = [[] for _ in hospitals]
+    arrays = initial_arrays(config, num_labels)
+    started = time.monotonic()
+    for _ in range(config.spec.federation.rounds):
+        updates = []
+        for number, dataset in enumerate(datasets):
+            result = train_locally(
+                model,
+                dataset,
+                config,
+                arrays,
+                histories[number],
+                tokenizer.pad_token_id,
+                who=hospitals[number].name,
+                plan=plans[number] if config.spec.privacy.dp else None,
+            )
+            histories[number] = result.history
+            updates.append((result.delta, float(result.num_examples)))
+        arrays = apply_average(arrays, *weighted_sum(updates))
+    federated = time.monotonic() - started
+    rows = []
+    for number, data in enumerate(hospitals):
+        started = time.monotonic()
+        _, report = own_model(data, config, arrays)
+        rows.append(
+            {
+                **report.as_dict(),
+                "hospital": number,
+                "train": len(data.train),
+                "validation": len(data.val),
+                "patients": len({getattr(r, "patient", None) for r in data.train}),
+                "seconds_federated": round(federated),
+                "seconds_own": round(time.monotonic() - started, 1),
+            }
+        )
+    return rows
+
+
+def report(log: Path) -> str:
+    """The markdown tables of `log`: per federation and hospital, mean (spread) over seeds."""
+    cells: dict[tuple, dict[int, list[dict]]] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        key = (row["federation"], row.get("settings", ""))
+        cells.setdefault(key, {}).setdefault(row["hospital"], []).append(row)
+    out = []
+    for (name, settings), hospitals in sorted(cells.items()):
+        seeds = sorted({r["seed"] for rows in hospitals.values() for r in rows})
+        title = f"### {name}" + (f" ({settings})" if settings else "")
+        out += [title, "", f"seeds {', '.join(map(str, seeds))}; mean (min-max) of macro-F1", ""]
+        out += [
+            "| hospital | train notes | alone | global | own | own - alone | own's pick |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        gains_small, gains_all = [], []
+        for number, rows in sorted(hospitals.items()):
+
+            def cell(key: str, rows: list[dict] = rows) -> str:
+                values = [r[key] for r in rows]
+                mean = statistics.mean(values)
+                return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+            gain = statistics.mean(r["own"] - r["alone"] for r in rows)
+            gains_all.append(gain)
+            if number in SMALL.get(name, ()):
+                gains_small.append(gain)
+            picks = ", ".join(sorted({r["own_method"] for r in rows}))
+            out.append(
+                f"| {number} | {rows[0]['train']} | {cell('alone')} | {cell('global')} | "
+                f"{cell('own')} | {100 * gain:+.1f} pts | {picks} |"
+            )
+        out += ["", f"mean own - alone: {100 * statistics.mean(gains_all):+.1f} pts"]
+        if gains_small:
+            out[-1] += f"; small hospitals: {100 * statistics.mean(gains_small):+.1f} pts"
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--federations", nargs="+", default=list(FEDERATIONS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--max-train", type=int, default=2400, help="Medical Abstracts cap")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="settings")
+    parser.add_argument("--log", type=Path, default=Path("bench/results/worth_joining.jsonl"))
+    parser.add_argument("--report", action="store_true", help="print the tables of --log")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.log))
+        return
+    overrides = parse_overrides(args.settings)
+    settings = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    with tempfile.TemporaryDirectory(prefix="fedward-worth-joining-") as folder:
+        for name in args.federations:
+            for seed in args.seeds:
+                values = {**federation_values(name, seed, Path(folder), args.max_train)}
+                values |= overrides
+                for row in run_federation(values):
+                    row = {"federation": name, "seed": seed, "settings": settings, **row}
+                    print(json.dumps(row), flush=True)
+                    with args.log.open("a", encoding="utf-8") as log:
+                        log.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
