@@ -171,24 +171,33 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--max-train", type=int, default=2400, help="Medical Abstracts cap")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="settings")
+    parser.add_argument(
+        "--recipes", default="", help="several --set groups in one process, separated by ';'"
+    )
     parser.add_argument("--log", type=Path, default=Path("bench/results/worth_joining.jsonl"))
     parser.add_argument("--report", action="store_true", help="print the tables of --log")
     args = parser.parse_args()
     if args.report:
         print(report(args.log))
         return
-    overrides = parse_overrides(args.settings)
-    settings = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    from fedward.client import prefix_cache
+
+    # The cached encoder states depend on the model and the token ids only: keep them from one
+    # recipe to the next instead of dropping them with each new run spec.
+    prefix_cache._start_run = lambda digest: None
+    recipes = [parse_overrides(group.split()) for group in args.recipes.split(";")]
+    recipes = recipes if args.recipes else [parse_overrides(args.settings)]
     with tempfile.TemporaryDirectory(prefix="fedward-worth-joining-") as folder:
         for name in args.federations:
             for seed in args.seeds:
-                values = {**federation_values(name, seed, Path(folder), args.max_train)}
-                values |= overrides
-                for row in run_federation(values):
-                    row = {"federation": name, "seed": seed, "settings": settings, **row}
-                    print(json.dumps(row), flush=True)
-                    with args.log.open("a", encoding="utf-8") as log:
-                        log.write(json.dumps(row) + "\n")
+                for overrides in recipes:
+                    settings = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+                    values = {**federation_values(name, seed, Path(folder), args.max_train)}
+                    for row in run_federation(values | overrides):
+                        row = {"federation": name, "seed": seed, "settings": settings, **row}
+                        print(json.dumps(row), flush=True)
+                        with args.log.open("a", encoding="utf-8") as log:
+                            log.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ class HospitalSite(Protocol):
     def secagg_identity(self) -> SecAggIdentity:
         """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
 
+    def keep_own_model(
+        self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
+    ) -> None:
+        """Keep this hospital's own adapter and its report where it keeps them (never sent)."""
+
 
 #: Opens a hospital's site for one request.
 SiteOpener = Callable[[Context], HospitalSite]
@@ -373,6 +378,9 @@ def handle_evaluate(
     leaves; a refusal after admission keeps the charge."""
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
+    personal: dict[str, float] = {}
+    if spec is not None and server_round == spec.federation.rounds:
+        personal = keep_own_model(msg, context, load_data, open_site, spec, run_id)
     site = None
     try:
         if spec is None:
@@ -392,6 +400,7 @@ def handle_evaluate(
         metrics = site.release_evaluation(config, run_id, server_round, predictions)
         if site.releases_exact_metrics:
             metrics["unknown-rate"] = share
+            metrics.update(personal)  # simulation only: alone / global / own, not DP
     except Exception as exc:  # whatever it was, only a code leaves
         _log_refusal(name, "evaluate", server_round, exc)
         if site is not None:
@@ -404,6 +413,42 @@ def handle_evaluate(
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def keep_own_model(
+    msg: Message,
+    context: Context,
+    load_data: DataSource,
+    open_site: SiteOpener,
+    spec: RunSpec,
+    run_id: str,
+) -> dict[str, float]:
+    """At the run's last round: this hospital's own model, from the final global adapter and
+    its own notes, kept at home (`site.keep_own_model`), with its alone / global / own report.
+
+    Whatever happens here changes nothing in the reply of a deployed hospital: the own model is
+    not DP and never leaves; a failure is logged here and the evaluation goes on. The figures
+    are returned for a simulated hospital's reply only (`releases_exact_metrics`)."""
+    name = hospital_name(context)
+    try:
+        site = open_site(context)
+        config = site.check_policy(spec)  # the hospital's own rules first, before any record
+        if not config.local.own_model:
+            return {}
+        data = with_run_labels(load_data(config, context), config)
+        arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
+        own, report = own_model(data, config, arrays)
+        site.keep_own_model(config, run_id, own, report)
+    except Exception as exc:  # the hospital's own log only; the evaluation goes on
+        log.warning("%s: no own model for run %s: %s", name, run_id, exc)
+        return {}
+    if not site.releases_exact_metrics:
+        return {}
+    return {
+        "personal-alone": report.alone,
+        "personal-global": report.global_,
+        "personal-own": report.own,
+    }
 
 
 def own_model(

@@ -76,6 +76,8 @@ from fedward.client.deploy.node_config import (
     LEDGER_KEY,
     POLICY_KEY,
 )
+from fedward.client.model_cache import cached_model
+from fedward.client.personalize import OWN_FOLDER, PersonalReport
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy.accounting import (
     calibrate_noise,
@@ -107,7 +109,7 @@ from fedward.common.errors import (
 from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.files.atomic import fsync_dir, write_json_atomic
 from fedward.common.files.audit_log import AuditLog
-from fedward.common.model import resolve_model_path
+from fedward.common.model import resolve_model_path, save_adapter, set_adapter_arrays
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.warm_start import adapter_content_hash
@@ -638,6 +640,28 @@ class Site:
             released=_finite_values(released),
         )
         return released
+
+    def keep_own_model(
+        self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
+    ) -> None:
+        """Write this hospital's own adapter and its alone / global / own report to
+        `<ledger>/own/<data set>/<run id>/` (private to the hospital's account: the adapter is
+        not DP and must not be shared), and note it in the audit log. Nothing is sent."""
+        model = cached_model(config, len(config.spec.task.labels or []))
+        set_adapter_arrays(model, arrays)
+        folder = self.ledger_dir / OWN_FOLDER / self.dataset_id / str(run_id)
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_adapter(model, folder / "adapter", list(config.spec.task.labels or []), config)
+        for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
+            path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
+        write_json_atomic(folder / "report.json", {"hospital": self.name, **report.as_dict()})
+        self.audit.append(
+            "own_model",
+            run_id=str(run_id),
+            hospital=self.name,
+            folder=str(folder),
+            **{key: value for key, value in report.as_dict().items() if key != "selection"},
+        )
 
     def _evaluation_noise(self) -> float:
         return calibrate_noise(self.policy.evaluation_epsilon, self.policy.max_delta, 1.0, 1)

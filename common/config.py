@@ -481,6 +481,12 @@ class LocalSettings(_Group):
         "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
     )
     out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")
+    own_model: bool = Field(
+        True,
+        description="At the run's last round each hospital fits its own model from the global "
+        "one and its own notes (not DP, kept at home, never sent) and scores alone / global / "
+        "own on its validation notes.",
+    )
     resume: bool = Field(
         False,
         description="Continue the run checkpointed in `out` (its checkpoint.npz) from its last "

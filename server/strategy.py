@@ -45,6 +45,11 @@ from fedward.server.secagg import SecAggServerSession
 log = logging.getLogger(__name__)
 
 
+#: Per-hospital metrics of a hospital's own model (`personal_alone`, `personal_global`,
+#: `personal_own`): reported by simulated hospitals at the last round, never averaged.
+PERSONAL_PREFIX = "personal_"
+
+
 @dataclass
 class TrainOutcome:
     """What one round of training produced, for the history, report and audit log."""
@@ -377,7 +382,13 @@ class FedwardStrategy:
                 continue
             scores, counts[name] = split_counts(metrics)
             hospitals[name] = {key.replace("-", "_"): value for key, value in scores.items()}
-        merged = global_evaluation(task_named(self.config.spec.task.name), hospitals, counts)
+        # A hospital's alone / global / own figures (simulation, last round) are its own: they
+        # are kept per hospital, not averaged into the global model's metrics.
+        scores = {
+            name: {k: v for k, v in metrics.items() if not k.startswith(PERSONAL_PREFIX)}
+            for name, metrics in hospitals.items()
+        }
+        merged = global_evaluation(task_named(self.config.spec.task.name), scores, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 

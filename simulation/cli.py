@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from fedward.client.personalize import OWN_FOLDER
 from fedward.common.config import GROUPS, RunConfig
 from fedward.common.files.output_paths import check_output_folder
 from fedward.common.tasks import task_named
@@ -216,7 +217,7 @@ def run_simulation_with_report(
     from fedward.common.model import load_tokenizer
     from fedward.server.tracking import open_tracker
     from fedward.simulation.hospitals import prepare_config
-    from fedward.simulation.report import round_table, save_plot
+    from fedward.simulation.report import round_table, save_plot, worth_joining_table
     from fedward.simulation.runner import simulate as run_simulation
 
     config = prepare_config(config)  # reads and checks the data before anything starts
@@ -259,6 +260,9 @@ def run_simulation_with_report(
         delta=config.spec.privacy.delta,
     )
     console.print(table)
+    joined = worth_joining_table(result.rounds, config.spec.task.name)
+    if joined is not None:
+        console.print(joined)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
     console.print(f"finished in {elapsed:.0f} s")
@@ -266,6 +270,11 @@ def run_simulation_with_report(
     console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format)")
     console.print(f"  history:  {(result.out / 'history.json').resolve()}")
     console.print(f"  plot:     {plot.resolve()}")
+    own = result.out / OWN_FOLDER
+    if own.is_dir():
+        console.print(
+            f"  own:      {own.resolve()}/<hospital>  (each hospital's own adapter: not DP)"
+        )
     console.print("use it:")
     console.print(f'  fedward predict --adapter {result.adapter_dir} "your clinical note"')
     console.print(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
+from fedward.client.model_cache import cached_model
+from fedward.client.personalize import OWN_FOLDER, PersonalReport
 from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
 from fedward.client.privacy.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
@@ -20,6 +23,8 @@ from fedward.client.trainer import HistoryEntry, TrainResult
 from fedward.common.config import RunConfig, RunSpec, SimulatedData
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
+from fedward.common.files.atomic import write_json_atomic
+from fedward.common.model import save_adapter, set_adapter_arrays
 from fedward.common.tasks import Task, task_named
 from fedward.simulation import partition
 from fedward.simulation.synthetic import synthetic_examples, synthetic_labels
@@ -71,6 +76,16 @@ class SimulatedSite:
 
     def release_evaluation(self, config, run_id, server_round, predictions) -> dict[str, float]:
         return exact_metrics(predictions)
+
+    def keep_own_model(self, config, run_id: str, arrays: dict, report: PersonalReport) -> None:
+        """The simulation's output folder holds each hospital's own adapter (`own/<name>/`),
+        which `fedward predict --adapter` reads; the report's figures go in the reply."""
+        name = hospital_name(self.context)
+        model = cached_model(config, len(config.spec.task.labels or []))
+        set_adapter_arrays(model, arrays)
+        folder = Path(config.local.out) / OWN_FOLDER / name
+        save_adapter(model, folder, list(config.spec.task.labels or []), config)
+        write_json_atomic(folder / "report.json", {"hospital": name, **report.as_dict()})
 
     def secagg_identity(self) -> SecAggIdentity:
         """Generated keys, and the roster of the whole simulated federation."""

@@ -235,3 +235,42 @@ def save_plot(
 
 def _nan(value):
     return float("nan") if value is None else value
+
+
+def worth_joining(rounds: list[dict]) -> dict[str, dict[str, float]]:
+    """Each hospital's alone / global / own figures on its own validation notes, from the last
+    round that has them (`personal_*`, simulation only); empty when no hospital built its own
+    model (`--no-own-model`, or the last round's evaluation failed)."""
+    for row in reversed(rounds):
+        found = {
+            name: {key: stats[f"personal_{key}"] for key in ("alone", "global", "own")}
+            for name, stats in (row.get("hospitals") or {}).items()
+            if all(f"personal_{key}" in stats for key in ("alone", "global", "own"))
+        }
+        if found:
+            return found
+    return {}
+
+
+def worth_joining_table(rounds: list[dict], task: str = "classification") -> Table | None:
+    """Per hospital, on its own validation notes: *alone* (its notes only, no DP), *global*
+    (the federation's model), *own* (the global model fitted at home) and own minus alone."""
+    figures = worth_joining(rounds)
+    if not figures:
+        return None
+    metric = task_named(task).primary_metric.replace("_", "-")
+    table = Table(
+        title=f"fedward: worth joining ({metric} on each hospital's own validation notes)",
+        header_style="bold",
+        caption="alone: trained on its own notes only, without DP (never leaves the hospital); "
+        "global: the federated model; own: the global model fitted to its own notes at home "
+        "(not DP: kept at home, never shared). own - alone is what joining gave it.",
+    )
+    for column in ("hospital", "alone", "global", "own", "own - alone"):
+        table.add_column(column, justify="left" if column == "hospital" else "right")
+    for name in sorted(figures, key=lambda n: (len(n), n)):
+        row = figures[name]
+        gain = 100 * (row["own"] - row["alone"])
+        shown = f"[green]{gain:+.1f} pts[/]" if gain >= 0 else f"[red]{gain:+.1f} pts[/]"
+        table.add_row(name, _fmt(row["alone"]), _fmt(row["global"]), _fmt(row["own"]), shown)
+    return table
