@@ -76,6 +76,7 @@ from fedward.client.deploy.node_config import (
     LEDGER_KEY,
     POLICY_KEY,
 )
+from fedward.client.model_cache import initial_arrays
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy.accounting import (
     calibrate_noise,
@@ -294,6 +295,8 @@ class Site:
         )
         if recorded is None:
             ledger.check_round(run_id, server_round, spec.federation.rounds)  # never backwards
+            if spec.model.init_adapter and server_round > 1:
+                self._check_first_start(config, run_id, global_arrays)
             return config, None
         if recorded.status != "spent":
             raise PolicyError(
@@ -332,6 +335,24 @@ class Site:
             f"this data set and its privacy cost recorded, but {problem}; training it again "
             "would release a second update the ledger does not count. Refused"
         )
+
+    def _check_first_start(
+        self, config: LocalRun, run_id: str, global_arrays: dict[str, np.ndarray]
+    ) -> None:
+        """The starting-adapter pin at this data set's first round of the run, whatever its
+        number (issue 40: a coordinator that first asked a hospital at round 2 skipped the
+        check of round 1, client/app.py). Once the data set has a round of the run in its
+        ledger, the global adapters that follow are the coordinator's averages."""
+        if any(entry.run_id == run_id for entry in self.ledger().entries):
+            return
+        initial = initial_arrays(config, len(config.spec.task.labels or []))
+        check_starting_arrays(initial, global_arrays, self.name)
+
+    def update_weight(self) -> int:
+        """The weight this hospital's update carries in the federation's average: the one its
+        policy declares (`aggregation_weight`), never its training count (issue 40: from the
+        sums of rotating cohorts the coordinator solved for every hospital's exact count)."""
+        return self.policy.aggregation_weight
 
     # --- gate 2: data loaded, no step taken ------------------------------------------------
 
@@ -423,6 +444,7 @@ class Site:
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
                 unit=config.spec.privacy.dp_unit,
+                epsilon_bound=config.spec.privacy.target_epsilon,  # the run's, whatever n is
             )
             self._reserved = (run_id, server_round)
         self.policy.check_examples(len(dataset))
@@ -550,7 +572,7 @@ class Site:
 
         if not policy.allow_evaluation:
             raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
-        if spec.privacy.dp_unit == "patient" or policy.dp_unit == "patient":
+        if spec.privacy.dp_unit == "patient" or self.pinned_policy().dp_unit == "patient":
             # The released counts are noised for one record; a patient moves them by up to its
             # number of records, and the ledger never mixes units.
             raise refuse(
@@ -592,6 +614,8 @@ class Site:
                 self.policy.max_delta,
                 self.policy.lifetime_epsilon,
                 self._data_sha256,
+                epsilon_bound=self.policy.evaluation_epsilon,
+                bound_per="entry",
             )
         except PrivacyBudgetExceeded as exc:
             raise PrivacyBudgetExceeded(
@@ -652,8 +676,14 @@ class Site:
         """The policy with its models pinned: a policy that pins no model content trains only
         the packaged default (issue 28: with `allowed_model_hashes` unset, the coordinator
         named the model, and a hospital went to fetch a hub model it named), and one that pins
-        no starting adapter trains no run that has one (issue 30)."""
+        no starting adapter trains no run that has one (issue 30). A policy that names no
+        `dp_unit` requires the patient where the hospital's schema names a patient column
+        (issue 40: one record-level run locked its patients into record-level protection for
+        the data set's life, `ledger.unit_mixed`), else accepts the record."""
         policy = self.policy
+        if policy.dp_unit is None:  # issue 40: patient data trains per patient unless it says
+            unit = "patient" if self.schema.patient_column else "record"
+            policy = policy.model_copy(update={"dp_unit": unit})
         if policy.allowed_adapter_hashes is None:  # issue 30: no unpinned starting adapter
             policy = policy.model_copy(update={"allowed_adapter_hashes": []})
         if policy.allowed_model_hashes is not None:
@@ -774,6 +804,26 @@ class Site:
             train_loss=float("nan") if header["train_loss"] is None else header["train_loss"],
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
+        )
+
+
+def check_starting_arrays(
+    pinned: dict[str, np.ndarray], received: dict[str, np.ndarray], who: str
+) -> None:
+    """Refuse a first round whose global adapter is not the one this hospital built from its
+    own, pinned copy of the starting adapter (`init_adapter`): otherwise the policy's pin would
+    hold for the files on disk while the coordinator started the run from other weights. Runs
+    before any record is read; nothing is spent. Later rounds' global adapters are the
+    coordinator's average and cannot be checked this way (DP holds whatever the weights)."""
+    same = pinned.keys() == received.keys() and all(
+        np.array_equal(pinned[name], received[name]) for name in pinned
+    )
+    if not same:
+        log.warning("%s: the first round's global adapter differs from the pinned start", who)
+        raise PolicyError(
+            f"hospital {who}: the first round's global adapter is not the pinned starting "
+            "adapter (init_adapter) as built here; refused before any record was read",
+            reason=Reason("model.start_mismatch"),
         )
 
 
