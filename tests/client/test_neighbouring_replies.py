@@ -435,8 +435,12 @@ def test_a_run_that_no_longer_fits_is_refused_the_same_on_neighbouring_data(
                 Path(node["policy"]), lifetime_epsilon=between, max_rounds=50, max_delta=1e-5
             )
             played[name] += _play(node, config, [probe])
+    answers = {
+        name: json.loads(transcript[1][1]).get(wire.REFUSAL, {"code": "trained"})["code"]
+        for name, transcript in played.items()
+    }
+    assert answers == {"base": "budget.exceeded", neighbour: "budget.exceeded"}
     assert not _differences(played["base"], played[neighbour])
-    assert json.loads(played["base"][1][1])[wire.REFUSAL]["code"] == "budget.exceeded"
 
 
 # --- patient-level DP: the neighbours differ in one patient ---------------------------------------
