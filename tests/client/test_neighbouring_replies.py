@@ -12,7 +12,11 @@ compared by shape instead: the update's tensors (DP-noised), evaluation metrics 
 counts) and secure-aggregation key material (fresh randomness, no data in it).
 
 On 4b2ce70 it fails: the label-mismatch refusal answered "does any record carry this label?"
-and the secagg_max_weight refusal answered "are there more than N training records?".
+and the secagg_max_weight refusal answered "are there more than N training records?". On
+976da57 (issue 40) it fails too: the weight a hospital keeps for its masked vector (compared here
+with the replies: it enters the sum the coordinator unmasks) and a clear update's num-examples
+were the training count, and near budget exhaustion "the run no longer fits" came from the
+accountant, whose projection depends on the number of units.
 
 Under patient-level DP (issue 29) the unit is the patient, so the neighbours differ in one
 patient: a patient added (with several notes, one of a rare label), a patient removed (the one
