@@ -25,10 +25,11 @@ A train request goes through three gates (`client.app.handle_train`):
    ("replay"): nothing is trained, so nothing more is spent, and the ledger keeps one entry for
    the round. Any other repeat, and a round below one this run already trained, is refused.
 2. `check_budget`, once the data is read and before any check that depends on it: the ledger
-   reserves this round's planned DP steps if they fit the lifetime budget (one locked step, so
-   two concurrent requests cannot both pass). Only then are the data-dependent checks made --
-   the policy's minimum example count here, the vocabulary and the labels in client/app.py --
-   and a refusal from any of them keeps the reservation: it is charged as a trained round.
+   reserves this round's planned DP steps if the run's target epsilon fits what the lifetime
+   budget has left (one locked step, so two concurrent requests cannot both pass). Only then
+   are the data-dependent checks made -- the policy's minimum example count here, the
+   vocabulary and the labels in client/app.py -- and a refusal from any of them keeps the
+   reservation: it is charged as a trained round.
 3. `record`, after training and before anything leaves: the reservation is confirmed as spent
    (written atomically), the released update kept for a replay, and an audit record written.
 
@@ -414,8 +415,10 @@ class Site:
         ]
 
     def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
-        """Gate 2, the first thing done with the data: reserve this round's planned cost within
-        the lifetime budget; then the policy's minimum example count, charged. Returns the
+        """Gate 2, the first thing done with the data: reserve this round within the lifetime
+        budget, which is charged the run's target epsilon once, never the accountant's
+        projection (that depends on the unit count, so its refusal told the count for free:
+        issue 40); then the policy's minimum example count, charged. Returns the
         round's DP plan (None without DP), planned on the units training samples (patients
         under patient-level DP, else the encoded examples), for `train_locally` to use: the
         plan reserved is the plan trained.
