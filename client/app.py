@@ -8,8 +8,8 @@ adding its own local settings.
 
 What a reply may carry is fixed here: a refusal is a reason code with numbers
 (common/protocol/reasons.py), never an exception's text; a train reply carries the update (masked
-with secure aggregation) and epsilon, and the example count and training loss only where the README
-lists them (no secure aggregation: the count weights a clear update; simulation: everything);
+with secure aggregation) and epsilon; without secure aggregation, the update's weight (the one the
+site policy declares, never a count); the example count and training loss only in simulation;
 an evaluate reply carries what the site releases (deployed: DP-noised counts, charged).
 """
 
@@ -31,12 +31,12 @@ from fedward.client.model_cache import cached_model, cached_tokenizer, initial_a
 from fedward.client.personalize import HomeRecipe, PersonalReport, home_fold, personalize
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
-from fedward.client.site import Site
+from fedward.client.site import Site, check_starting_arrays
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, predict, train_locally
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset, patient_units
-from fedward.common.errors import ConfigError, DataError, FedwardError, PolicyError, SecAggError
+from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
@@ -69,7 +69,8 @@ class HospitalSite(Protocol):
     """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
     (simulation/hospitals.py)."""
 
-    #: True only in simulation: training loss, example counts and exact metrics are reported.
+    #: True only in simulation: training loss, example counts and exact metrics are reported,
+    #: and an update is weighted by its training count.
     releases_exact_metrics: bool
 
     def check_policy(self, spec: RunSpec) -> LocalRun:
@@ -111,6 +112,10 @@ class HospitalSite(Protocol):
         self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
     ) -> None:
         """Keep this hospital's own adapter and its report where it keeps them (never sent)."""
+
+    def update_weight(self) -> int:
+        """Deployed: the weight this hospital declares for its update (never its count).
+        Not asked of a site that `releases_exact_metrics` (simulation: the count)."""
 
 
 #: Opens a hospital's site for one request.
@@ -215,7 +220,8 @@ def handle_train(
         site = open_site(context)
         if spec.model.init_adapter and server_round == 1:
             # The pin first (the model is built from pinned files only), then the coordinator's
-            # first global adapter against it; both before the ledger opens the data set.
+            # first global adapter against it; both before the ledger opens the data set. A
+            # deployed hospital first asked at a later round checks it there (`Site.admit`).
             pinned = site.check_policy(spec)
             initial = initial_arrays(pinned, len(spec.task.labels or []))
             check_starting_arrays(initial, global_arrays, name)
@@ -253,10 +259,12 @@ def handle_train(
         return _refusal(msg, name, exc)
 
     metrics: dict[str, float] = {}
-    if site.releases_exact_metrics or not spec.secagg.secure_aggregation:
-        # A clear update is weighted by its count; with SecAgg+ the count travels only inside
-        # the masked vector, and the coordinator learns only the sum.
+    if site.releases_exact_metrics:  # simulation only: the exact training count
         metrics["num-examples"] = result.num_examples
+    if not spec.secagg.secure_aggregation:
+        # A clear update carries its weight in the average; with SecAgg+ the weight travels
+        # only inside the masked vector. Deployed, it is the policy's, never the count.
+        metrics["weight"] = update_weight(result, config, site)
     if site.releases_exact_metrics:
         metrics["train-loss"] = result.train_loss  # not DP: simulation only
     if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
@@ -280,32 +288,12 @@ def handle_train(
         context.state[SECAGG_UPDATE] = ArrayRecord(
             {
                 "delta": Array(wire.flatten(result.delta)),
-                "weight": Array(np.array([secagg_weight(result, config)], dtype=np.int64)),
+                "weight": Array(np.array([update_weight(result, config, site)], dtype=np.int64)),
             }
         )
     else:
         content[wire.ARRAYS] = wire.arrays_to_record(result.delta)
     return Message(content=content, reply_to=msg)
-
-
-def check_starting_arrays(
-    pinned: dict[str, np.ndarray], received: dict[str, np.ndarray], who: str
-) -> None:
-    """Refuse a first round whose global adapter is not the one this hospital built from its
-    own, pinned copy of the starting adapter (`init_adapter`): otherwise the policy's pin would
-    hold for the files on disk while the coordinator started the run from other weights. Runs
-    before any record is read; nothing is spent. Later rounds' global adapters are the
-    coordinator's average and cannot be checked this way (DP holds whatever the weights)."""
-    same = pinned.keys() == received.keys() and all(
-        np.array_equal(pinned[name], received[name]) for name in pinned
-    )
-    if not same:
-        log.warning("%s: round 1's global adapter differs from the pinned starting adapter", who)
-        raise PolicyError(
-            f"hospital {who}: the first round's global adapter is not the pinned starting "
-            "adapter (init_adapter) as built here; refused before any record was read",
-            reason=Reason("model.start_mismatch"),
-        )
 
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
@@ -349,16 +337,21 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def secagg_weight(result: TrainResult, config: LocalRun) -> int:
-    """The weight this hospital's masked update carries: its example count, capped at the run's
-    `secagg_max_weight`.
+def update_weight(result: TrainResult, config: LocalRun, site: HospitalSite) -> int:
+    """The weight this hospital's update carries in the average (inside the masked vector with
+    secure aggregation, in the clear without), capped at the run's `secagg_max_weight`.
 
-    A count above the limit is not refused: the refusal would answer "are there more than N
-    training records?" for any N the coordinator chose (issue 28: sixteen requests for the exact
-    count). Capped, a larger hospital counts as `secagg_max_weight` examples in the average, and
-    the count travels only inside the masked sum.
+    Deployed, it is the weight the site policy declares (`aggregation_weight`, default 1: every
+    hospital counts the same), never the training count: a count, even masked, is told by the
+    sums of rotating cohorts (issue 40: four rounds of three of four hospitals gave every
+    hospital's exact count, and with a label left out, the count of one diagnosis). A simulated
+    hospital, which reports its exact count anyway, is weighted by it.
+
+    A weight above the limit is not refused: the refusal would answer "are there more than N
+    training records?" for any N the coordinator chose (issue 28).
     """
-    return min(result.num_examples, config.spec.secagg.secagg_max_weight)
+    weight = result.num_examples if site.releases_exact_metrics else site.update_weight()
+    return min(weight, config.spec.secagg.secagg_max_weight)
 
 
 def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:

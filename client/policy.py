@@ -12,6 +12,8 @@ allowed_tasks = ["classification"]
 labels = ["cardiac", "respiratory"]        # this hospital's label values; a run must list them
 lifetime_epsilon = 8.0                      # budget of each local data set, all runs
 dp_unit = "patient"                         # the weakest DP unit accepted: "patient" or "record"
+                                            # (unset: patient where the data name patients)
+aggregation_weight = 1                      # this hospital's weight in the average (not a count)
 max_delta = 1e-5
 max_rounds = 50
 min_examples = 200
@@ -87,10 +89,18 @@ class SitePolicy(BaseModel):
             together (formerly `max_epsilon`, now refused). A run whose own target epsilon is
             above it is refused outright; the ledger refuses a round that would push the data
             set past it.
-        dp_unit: The privacy unit the hospital requires its epsilon to protect: "record" (the
-            default: a note, a sentence for NER; any run accepted) or "patient" (all of a
-            patient's records; a record-level run is refused before any record is read, and
-            evaluation releases, protected per record, are refused).
+        dp_unit: The privacy unit the hospital requires its epsilon to protect: "record" (a
+            note, a sentence for NER; any run accepted) or "patient" (all of a patient's
+            records; a record-level run is refused before any record is read, and evaluation
+            releases, protected per record, are refused). Unset (the default): "patient" where
+            the hospital's data schema names a patient column (`--patient-column`), else
+            "record" (client/site.py): record-level DP on patient data is the hospital's own
+            choice, never the coordinator's.
+        aggregation_weight: The weight of this hospital's update in the federation's average,
+            declared here (default 1: every hospital counts the same). It is sent in place of
+            the training count -- masked with secure aggregation, in the clear without -- so
+            the coordinator learns the hospitals' declared weights, never a count that depends
+            on the records. Capped at the run's `secagg_max_weight`.
         max_delta: Largest delta a run may ask for.
         max_rounds: Most rounds one run may ask for.
         min_examples: Fewest training examples the hospital trains on (checked after loading).
@@ -140,9 +150,16 @@ class SitePolicy(BaseModel):
     lifetime_epsilon: float = Field(
         ..., gt=0, le=100, description="Lifetime epsilon budget of each local data set."
     )
-    dp_unit: Literal["record", "patient"] = Field(
-        "record",
-        description="The weakest DP unit accepted: patient refuses record-level runs.",
+    dp_unit: Literal["record", "patient"] | None = Field(
+        None,
+        description="The weakest DP unit accepted: patient refuses record-level runs; unset, "
+        "patient where the hospital's schema names a patient column, else record.",
+    )
+    aggregation_weight: int = Field(
+        1,
+        ge=1,
+        le=2**20,
+        description="This hospital's weight in the average, sent in place of its training count.",
     )
     max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest delta a run may use.")
     max_rounds: int = Field(100, ge=1, description="Most rounds one run may ask for.")

@@ -25,10 +25,11 @@ A train request goes through three gates (`client.app.handle_train`):
    ("replay"): nothing is trained, so nothing more is spent, and the ledger keeps one entry for
    the round. Any other repeat, and a round below one this run already trained, is refused.
 2. `check_budget`, once the data is read and before any check that depends on it: the ledger
-   reserves this round's planned DP steps if they fit the lifetime budget (one locked step, so
-   two concurrent requests cannot both pass). Only then are the data-dependent checks made --
-   the policy's minimum example count here, the vocabulary and the labels in client/app.py --
-   and a refusal from any of them keeps the reservation: it is charged as a trained round.
+   reserves this round's planned DP steps if the run's target epsilon fits what the lifetime
+   budget has left (one locked step, so two concurrent requests cannot both pass). Only then
+   are the data-dependent checks made -- the policy's minimum example count here, the
+   vocabulary and the labels in client/app.py -- and a refusal from any of them keeps the
+   reservation: it is charged as a trained round.
 3. `record`, after training and before anything leaves: the reservation is confirmed as spent
    (written atomically), the released update kept for a replay, and an audit record written.
 
@@ -76,7 +77,7 @@ from fedward.client.deploy.node_config import (
     LEDGER_KEY,
     POLICY_KEY,
 )
-from fedward.client.model_cache import cached_model
+from fedward.client.model_cache import cached_model, initial_arrays
 from fedward.client.personalize import OWN_FOLDER, PersonalReport
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy.accounting import (
@@ -296,6 +297,8 @@ class Site:
         )
         if recorded is None:
             ledger.check_round(run_id, server_round, spec.federation.rounds)  # never backwards
+            if spec.model.init_adapter and server_round > 1:
+                self._check_first_start(config, run_id, global_arrays)
             return config, None
         if recorded.status != "spent":
             raise PolicyError(
@@ -334,6 +337,24 @@ class Site:
             f"this data set and its privacy cost recorded, but {problem}; training it again "
             "would release a second update the ledger does not count. Refused"
         )
+
+    def _check_first_start(
+        self, config: LocalRun, run_id: str, global_arrays: dict[str, np.ndarray]
+    ) -> None:
+        """The starting-adapter pin at this data set's first round of the run, whatever its
+        number (issue 40: a coordinator that first asked a hospital at round 2 skipped the
+        check of round 1, client/app.py). Once the data set has a round of the run in its
+        ledger, the global adapters that follow are the coordinator's averages."""
+        if any(entry.run_id == run_id for entry in self.ledger().entries):
+            return
+        initial = initial_arrays(config, len(config.spec.task.labels or []))
+        check_starting_arrays(initial, global_arrays, self.name)
+
+    def update_weight(self) -> int:
+        """The weight this hospital's update carries in the federation's average: the one its
+        policy declares (`aggregation_weight`), never its training count (issue 40: from the
+        sums of rotating cohorts the coordinator solved for every hospital's exact count)."""
+        return self.policy.aggregation_weight
 
     # --- gate 2: data loaded, no step taken ------------------------------------------------
 
@@ -395,8 +416,10 @@ class Site:
         ]
 
     def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
-        """Gate 2, the first thing done with the data: reserve this round's planned cost within
-        the lifetime budget; then the policy's minimum example count, charged. Returns the
+        """Gate 2, the first thing done with the data: reserve this round within the lifetime
+        budget, which is charged the run's target epsilon once, never the accountant's
+        projection (that depends on the unit count, so its refusal told the count for free:
+        issue 40); then the policy's minimum example count, charged. Returns the
         round's DP plan (None without DP), planned on the units training samples (patients
         under patient-level DP, else the encoded examples), for `train_locally` to use: the
         plan reserved is the plan trained.
@@ -425,6 +448,7 @@ class Site:
                 data_sha256=self._data_sha256,
                 budget_delta=self.policy.max_delta,
                 unit=config.spec.privacy.dp_unit,
+                epsilon_bound=config.spec.privacy.target_epsilon,  # the run's, whatever n is
             )
             self._reserved = (run_id, server_round)
         self.policy.check_examples(len(dataset))
@@ -552,7 +576,7 @@ class Site:
 
         if not policy.allow_evaluation:
             raise refuse("evaluation.not_allowed", "the site policy has allow_evaluation false")
-        if spec.privacy.dp_unit == "patient" or policy.dp_unit == "patient":
+        if spec.privacy.dp_unit == "patient" or self.pinned_policy().dp_unit == "patient":
             # The released counts are noised for one record; a patient moves them by up to its
             # number of records, and the ledger never mixes units.
             raise refuse(
@@ -594,6 +618,8 @@ class Site:
                 self.policy.max_delta,
                 self.policy.lifetime_epsilon,
                 self._data_sha256,
+                epsilon_bound=self.policy.evaluation_epsilon,
+                bound_per="entry",
             )
         except PrivacyBudgetExceeded as exc:
             raise PrivacyBudgetExceeded(
@@ -676,8 +702,14 @@ class Site:
         """The policy with its models pinned: a policy that pins no model content trains only
         the packaged default (issue 28: with `allowed_model_hashes` unset, the coordinator
         named the model, and a hospital went to fetch a hub model it named), and one that pins
-        no starting adapter trains no run that has one (issue 30)."""
+        no starting adapter trains no run that has one (issue 30). A policy that names no
+        `dp_unit` requires the patient where the hospital's schema names a patient column
+        (issue 40: one record-level run locked its patients into record-level protection for
+        the data set's life, `ledger.unit_mixed`), else accepts the record."""
         policy = self.policy
+        if policy.dp_unit is None:  # issue 40: patient data trains per patient unless it says
+            unit = "patient" if self.schema.patient_column else "record"
+            policy = policy.model_copy(update={"dp_unit": unit})
         if policy.allowed_adapter_hashes is None:  # issue 30: no unpinned starting adapter
             policy = policy.model_copy(update={"allowed_adapter_hashes": []})
         if policy.allowed_model_hashes is not None:
@@ -798,6 +830,26 @@ class Site:
             train_loss=float("nan") if header["train_loss"] is None else header["train_loss"],
             epsilon_run=header["epsilon_run"],
             plan=None if plan is None else DPPlan(float(plan[0]), float(plan[1]), int(plan[2])),
+        )
+
+
+def check_starting_arrays(
+    pinned: dict[str, np.ndarray], received: dict[str, np.ndarray], who: str
+) -> None:
+    """Refuse a first round whose global adapter is not the one this hospital built from its
+    own, pinned copy of the starting adapter (`init_adapter`): otherwise the policy's pin would
+    hold for the files on disk while the coordinator started the run from other weights. Runs
+    before any record is read; nothing is spent. Later rounds' global adapters are the
+    coordinator's average and cannot be checked this way (DP holds whatever the weights)."""
+    same = pinned.keys() == received.keys() and all(
+        np.array_equal(pinned[name], received[name]) for name in pinned
+    )
+    if not same:
+        log.warning("%s: the first round's global adapter differs from the pinned start", who)
+        raise PolicyError(
+            f"hospital {who}: the first round's global adapter is not the pinned starting "
+            "adapter (init_adapter) as built here; refused before any record was read",
+            reason=Reason("model.start_mismatch"),
         )
 
 

@@ -1,4 +1,4 @@
-"""fedward's aggregation strategy: FedAvg over LoRA adapter updates, weighted by example count.
+"""fedward's aggregation strategy: FedAvg over LoRA adapter updates, each with its own weight.
 
 One method per phase of a round, as in Flower's `FedAvg`: `configure_train`, `aggregate_train`,
 `configure_evaluate`, `aggregate_evaluate`. Arithmetic lives in `server/aggregation.py`.
@@ -9,8 +9,9 @@ fewer usable updates than `min_hospitals` fails cleanly: the global adapter stay
 
 A hospital's refusal is a reason code with numbers (common/protocol/reasons.py); it is rendered here
 from the coordinator's own templates, so nothing a hospital writes as text is stored. With secure
-aggregation a hospital sends no example count or loss in the clear: the count it weights its
-update with is inside the masked vector, and only the sum is unmasked.
+aggregation a hospital sends no weight, example count or loss in the clear: the weight of its update
+is inside the masked vector, and only the sum is unmasked. A deployed hospital's weight is the one
+its site policy declares (default 1), never its training count.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ class FedwardStrategy:
                 outcome.hospitals.pop(name, None)
                 log.warning("round %d: %s %s", server_round, name, reason)
                 continue
-            updates.append((update, outcome.hospitals[name]["num_examples"]))
+            updates.append((update, _clear_weight(outcome.hospitals[name])))
         outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(updates)):
             return outcome
@@ -320,8 +321,8 @@ class FedwardStrategy:
             try:
                 metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
                 weighted_in_clear = not self.config.spec.secagg.secure_aggregation
-                if weighted_in_clear and not metrics.get("num-examples", 0) > 0:
-                    raise ModelError("num-examples must be a positive count")
+                if weighted_in_clear and not _clear_weight(metrics) > 0:
+                    raise ModelError("weight must be a positive number")
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
                 outcome.rejected[name] = f"rejected reply: {exc}"
                 log.warning("round %d: %s rejected reply: %s", server_round, name, exc)
@@ -390,6 +391,16 @@ class FedwardStrategy:
         }
         merged = global_evaluation(task_named(self.config.spec.task.name), scores, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
+
+
+def _clear_weight(metrics: dict[str, float]) -> float:
+    """A clear update's weight in the average: the `weight` it carries (a deployed hospital's
+    is the one its policy declares, never its count); a reply without one (an older hospital)
+    is weighted by its `num-examples`."""
+    for key in ("weight", "num-examples", "num_examples"):
+        if key in metrics:
+            return metrics[key]
+    return 0.0
 
 
 def _train_loss(outcome: TrainOutcome) -> float:

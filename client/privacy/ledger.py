@@ -119,6 +119,13 @@ class LedgerEntry(BaseModel):
     unit: Literal["record", "patient"] = Field(
         "record", description="What this entry's epsilon protects: a record or a patient."
     )
+    epsilon_bound: float | None = Field(
+        None,
+        ge=0,
+        description="What the budget gate charged for this entry, a bound that does not depend "
+        "on the data: a run's target epsilon at its first entry (0 after), a release's own "
+        "epsilon. None: entries written before issue 40, counted at the accountant's epsilon.",
+    )
 
 
 class _LedgerFile(BaseModel):
@@ -332,6 +339,48 @@ class PrivacyLedger:
             )
         return projected
 
+    def epsilon_charged(self, delta: float) -> float:
+        """What the budget gate has charged this data set: the sum of its entries' bounds
+        (`epsilon_bound`), plus the accountant's epsilon of entries written without one.
+
+        The sum is basic composition: the data set's releases together are (sum of bounds,
+        sum of their deltas)-DP. It never depends on the records, unlike the accountant's
+        figure (`epsilon_spent`), which through the sample rate depends on the unit count.
+        """
+        unbound = [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries
+            if e.epsilon_bound is None
+        ]
+        bound = sum(e.epsilon_bound for e in self.entries if e.epsilon_bound is not None)
+        return bound + compose_epsilon(unbound, delta)
+
+    def bound_of(self, run_id: str, epsilon_bound: float, per: str) -> float:
+        """The charge of one more entry of `run_id`: `epsilon_bound` for each entry (`per`
+        "entry": a release), or once for the run's first entry (`per` "run": the run's target
+        bounds all of its rounds together; a run whose entries predate the bounds is charged
+        again, in full)."""
+        charged = any(e.run_id == run_id and e.epsilon_bound is not None for e in self.entries)
+        if per == "run" and charged:
+            return 0.0
+        return epsilon_bound
+
+    def check_bound(self, lifetime_epsilon: float, delta: float, charge: float, unit: str) -> None:
+        """Refuse (raise `PrivacyBudgetExceeded`) an entry whose data-independent charge would
+        take `epsilon_charged` past `lifetime_epsilon`: the same answer for every data set with
+        the same ledger of requests (issue 40: the accountant's projection told a data set's
+        unit count, one bit per free refusal)."""
+        charged = self.epsilon_charged(delta)
+        if charge > 0 and charged + charge > lifetime_epsilon * (1 + 1e-9):
+            reserved = len(self.reservations())
+            pending = f" (including {reserved} reserved rounds)" if reserved else ""
+            raise PrivacyBudgetExceeded(
+                f"data set {self.dataset}: privacy budget would be exceeded: charged epsilon "
+                f"{charged:.3f} per {unit}{pending}, with this request {charged + charge:.3f}, "
+                f"site limit {lifetime_epsilon:g}; no step was taken. Training on this data set "
+                "must stop, or the data owner must raise lifetime_epsilon in the site policy"
+            )
+
     def check_round(self, run_id: str, round: int, rounds: int) -> None:
         """Refuse (`PolicyError`) a round outside 1..`rounds` or below one this run reserved.
 
@@ -364,6 +413,8 @@ class PrivacyLedger:
         data_sha256: str | None = None,
         budget_delta: float | None = None,
         unit: str = "record",
+        epsilon_bound: float | None = None,
+        bound_per: Literal["run", "entry"] = "run",
     ) -> LedgerEntry:
         """Check the round and the budget and write this round as reserved, in one locked step.
 
@@ -372,6 +423,11 @@ class PrivacyLedger:
         budget is checked at `budget_delta` (the site's max_delta; default `delta`). Raises
         `PolicyError` (a crafted or repeated round, or a `unit` other than the data set's) or
         `PrivacyBudgetExceeded` and then writes nothing.
+
+        With `epsilon_bound` (what a deployed hospital passes) the budget is checked on
+        data-independent charges (`check_bound`): the bound once per run (`bound_per` "run":
+        a run's target epsilon covers all its rounds) or for every entry ("entry": a release).
+        Without it, on the accountant's projection (`check_budget`), which depends on the plan.
         """
         run_id = check_identifier(run_id, "run id")
         with self._locked():
@@ -384,17 +440,23 @@ class PrivacyLedger:
                     "(trained, in progress, or interrupted); a round is trained at most once",
                     reason=Reason("round.repeated", {"round": round}),
                 )
-            self.check_budget(
-                lifetime_epsilon,
-                delta if budget_delta is None else budget_delta,
-                plan.noise_multiplier,
-                plan.sample_rate,
-                plan.steps,
-                unit,
-            )
+            at_delta = delta if budget_delta is None else budget_delta
+            charge = None
+            if epsilon_bound is None:
+                self.check_budget(
+                    lifetime_epsilon,
+                    at_delta,
+                    plan.noise_multiplier,
+                    plan.sample_rate,
+                    plan.steps,
+                    unit,
+                )
+            else:
+                charge = self.bound_of(run_id, epsilon_bound, bound_per)
+                self.check_bound(lifetime_epsilon, at_delta, charge, unit)
             entry = self._entry(
                 run_id, round, plan, delta, RESERVED, data_sha256, self.history, unit
-            )
+            ).model_copy(update={"epsilon_bound": charge})
             self._write_entries([*self.entries, entry])
         logger.info(
             "ledger %s: reserved run %s round %d, epsilon %.3f per %s with it",
@@ -432,6 +494,10 @@ class PrivacyLedger:
             if index is None:
                 self.check_unit(unit)
             entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, [], unit)
+            if index is not None:  # what the gate charged for it stays charged
+                entry = entry.model_copy(
+                    update={"epsilon_bound": self.entries[index].epsilon_bound}
+                )
             if index is None:
                 logger.warning(
                     "ledger %s: run %s round %d had no reservation; recorded as spent",

@@ -202,3 +202,37 @@ def test_entries_of_an_older_ledger_are_records(tmp_path):
         del entry["unit"]  # as written before units existed
     ledger.path.write_text(json.dumps(document))
     assert PrivacyLedger.open(tmp_path, "icu").unit == "record"
+
+
+def test_the_budget_gate_charges_targets_whatever_the_plan(tmp_path):
+    """Issue 40: with a bound, the gate charges each run its target once and each release its
+    own epsilon; two data sets whose plans differ (another unit count, another sample rate)
+    get the same answers, and a confirmed round keeps its charge."""
+    from fedward.client.privacy.accounting import DPPlan, plan_rounds
+
+    answers = []
+    for folder, units in (("small", 32), ("large", 33)):
+        ledger = PrivacyLedger.open(tmp_path / folder, "icu")
+        plan = plan_rounds(2.0, DELTA, 2, 1, 1, units)
+        said = []
+        for run_id, round_number in (("run-a", 1), ("run-a", 2), ("run-b", 1), ("run-c", 1)):
+            try:
+                ledger.reserve(run_id, round_number, 2, plan, DELTA, 5.0, epsilon_bound=2.0)
+                ledger.confirm(run_id, round_number, plan, DELTA)
+                said.append("fits")
+            except PrivacyBudgetExceeded:
+                said.append("refused")
+        release, key = DPPlan(5.0, 1.0, 1), "run-b-evaluation"
+        for round_number in (1, 2, 3):
+            try:
+                ledger.reserve(
+                    key, round_number, 3, release, DELTA, 5.0, epsilon_bound=0.5, bound_per="entry"
+                )
+                said.append("fits")
+            except PrivacyBudgetExceeded:
+                said.append("refused")
+        answers.append(said)
+        assert ledger.epsilon_charged(DELTA) == pytest.approx(5.0)  # 2 + 2 + 0.5 + 0.5
+        assert ledger.epsilon_spent(DELTA) < ledger.epsilon_charged(DELTA)
+    training, evaluations = ["fits", "fits", "fits", "refused"], ["fits", "fits", "refused"]
+    assert answers[0] == answers[1] == [*training, *evaluations]

@@ -318,15 +318,18 @@ def test_a_run_id_that_is_not_a_plain_name_touches_no_file(hospital, run_id):
 def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
     """Issue 28, 2(b): the refusal "more examples than secagg_max_weight" carried the limit and
     came before the budget gate, so sixteen requests found the exact training count for free.
-    Now the weight is capped at the limit and the round trains as any other."""
+    Now the weight is capped at the limit and the round trains as any other. (Since issue 40
+    the weight is the one the policy declares, not the count; the cap holds for it too.)"""
     from fedward.server.secagg import SecAggServerSession
 
     config, node_config, _ = hospital
-    write_secagg_policy(Path(node_config["policy"]), HOSPITAL, lifetime_epsilon=20.0)
+    write_secagg_policy(
+        Path(node_config["policy"]), HOSPITAL, lifetime_epsilon=20.0, aggregation_weight=32
+    )
     context = Context(
         run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
     )
-    # 32 training examples; the run's secure aggregation can carry a weight of at most 20
+    # a declared weight of 32; the run's secure aggregation can carry a weight of at most 20
     for run_id, max_weight in (("run-a", 20), ("run-b", 65_536)):
         config = config.updated(**{"secure_aggregation": True, "secagg_max_weight": max_weight})
         arrays = _arrays(config)

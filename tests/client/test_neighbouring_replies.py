@@ -12,7 +12,11 @@ compared by shape instead: the update's tensors (DP-noised), evaluation metrics 
 counts) and secure-aggregation key material (fresh randomness, no data in it).
 
 On 4b2ce70 it fails: the label-mismatch refusal answered "does any record carry this label?"
-and the secagg_max_weight refusal answered "are there more than N training records?".
+and the secagg_max_weight refusal answered "are there more than N training records?". On
+976da57 (issue 40) it fails too: the weight a hospital keeps for its masked vector (compared here
+with the replies: it enters the sum the coordinator unmasks) and a clear update's num-examples
+were the training count, and near budget exhaustion "the run no longer fits" came from the
+accountant, whose projection depends on the number of units.
 
 Under patient-level DP (issue 29) the unit is the patient, so the neighbours differ in one
 patient: a patient added (with several notes, one of a rare label), a patient removed (the one
@@ -38,7 +42,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants.analysis import rdp as rdp_analysis
 from site_fixtures import LABELS, WORDS, run_config, write_policy, write_secagg_policy
 
-from fedward.client.app import handle_evaluate, handle_train, load_site_data, open_site
+from fedward.client.app import (
+    SECAGG_UPDATE,
+    handle_evaluate,
+    handle_train,
+    load_site_data,
+    open_site,
+)
+from fedward.client.privacy.accounting import compose_epsilon, plan_dp
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.protocol import wire
 from fedward.server.secagg import SecAggServerSession
@@ -216,10 +227,13 @@ def _global_adapter(model_dir: str, num_labels: int, crafted: bool) -> dict[str,
     return _ADAPTERS[key]
 
 
-def _as_sent(request: Request, reply: Message) -> str:
+def _as_sent(request: Request, reply: Message, state: RecordDict | None = None) -> str:
     """The reply as the coordinator receives it, canonical; DP-noised values and fresh key
-    material by shape only."""
+    material by shape only. With secure aggregation, also the weight the hospital keeps for its
+    masked vector: it enters the sum the coordinator unmasks (issue 40)."""
     shown: dict[str, Any] = {}
+    if state is not None and SECAGG_UPDATE in state:
+        shown["masked weight"] = int(state[SECAGG_UPDATE]["weight"].numpy()[0])
     for key, record in sorted(reply.content.items()):
         if isinstance(record, ArrayRecord):  # the DP-noised update (or a masked vector)
             shown[key] = {name: list(array.shape) for name, array in record.items()}
@@ -267,7 +281,7 @@ def _transcript(
         )
         handler = handle_train if request.kind == "train" else handle_evaluate
         reply = handler(message, context, load_site_data, open_site)
-        transcript.append((request, _as_sent(request, reply)))
+        transcript.append((request, _as_sent(request, reply, context.state)))
     return transcript
 
 
@@ -341,15 +355,15 @@ def test_the_catalogue_reaches_every_gate(transcripts):
     ):
         assert code in codes, code
     assert "data.labels_mismatch" not in codes and "secagg.weight_too_large" not in codes
+    weights = [json.loads(sent).get("masked weight") for _, sent in transcripts["base"]]
+    assert weights.count(1) >= 10  # what the masked sum carries was compared too
 
 
-# --- without secure aggregation, one value is listed as leaving in the clear ----------------------
+# --- without secure aggregation: the same replies too -------------------------------------------
 
 #: A hospital whose policy allows runs without secure aggregation (not the default) sends each
-#: clear update with its training count, which weights the average: listed in the README, and the
-#: one value this harness lets differ.
-CLEAR_RELEASES = {"num-examples"}
-
+#: clear update with its weight in the average: the one its policy declares, not its training
+#: count (issue 40: two runs, one listing a rare label, told the count of that label).
 CLEAR_CATALOGUE: list[Request] = [
     _train("valid", 1),
     _train("labels-rare", spec={"labels": [*LABELS, RARE]}),
@@ -358,28 +372,79 @@ CLEAR_CATALOGUE: list[Request] = [
 ]
 
 
-def _without_clear_releases(transcript) -> list[str]:
-    kept = []
-    for _, sent in transcript:
-        shown = json.loads(sent)
-        metrics = shown.get(wire.METRICS)
-        if isinstance(metrics, dict):  # a train reply's metrics (an evaluation's: names only)
-            for name in CLEAR_RELEASES:
-                metrics.pop(name, None)
-        kept.append(json.dumps(shown, sort_keys=True))
-    return kept
-
-
-def test_without_secure_aggregation_only_the_listed_count_differs(tmp_path, tiny_model_dir):
+def test_without_secure_aggregation_the_replies_are_the_same(tmp_path, tiny_model_dir):
     with pytest.MonkeyPatch.context() as patch:
         _inside_a_flower_app(patch)
         base = _transcript(tmp_path / "base", BASE, tiny_model_dir, secure=False)
         added = _transcript(
             tmp_path / "added", NEIGHBOURS["a rare label added"], tiny_model_dir, secure=False
         )
-    assert _without_clear_releases(base) == _without_clear_releases(added)
-    counts = [json.loads(sent)[wire.METRICS]["num-examples"] for _, sent in added[:3]]
-    assert counts == [32, 33, 32]  # the rare record counts where the run lists its label
+    assert _differences(base, added) == []
+    weights = [json.loads(sent)[wire.METRICS]["weight"] for _, sent in added[:3]]
+    assert weights == [1, 1, 1]  # the policy's declared weight, whatever the count
+
+
+# --- the budget gate near exhaustion ------------------------------------------------------------
+
+
+def _play(node_config: dict, config, catalogue: list[Request]) -> list[tuple[Request, str]]:
+    transcript = []
+    for request in catalogue:
+        context = Context(
+            run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
+        )
+        handler = handle_train if request.kind == "train" else handle_evaluate
+        reply = handler(_message(request, config), context, load_site_data, open_site)
+        transcript.append((request, _as_sent(request, reply, context.state)))
+    return transcript
+
+
+def _trained_count(node_config: dict) -> int:
+    lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines][-1]["fields"]["num_examples"]
+
+
+@pytest.mark.parametrize("neighbour", ["a record added", "a record removed"])
+def test_a_run_that_no_longer_fits_is_refused_the_same_on_neighbouring_data(
+    tmp_path, tiny_model_dir, neighbour
+):
+    """Issue 40, 1: once a data set had trained a run, "the run no longer fits the remaining
+    budget" came from the accountant's projection, which depends on the number of units (the
+    sample rate is 1 / ceil(n / batch size); a batch of one gives n itself). The coordinator
+    knows the code: it computes the projection for each candidate count and asks the target
+    epsilon that fits one count and not the next, for free, under fresh run ids. Here the
+    target is fixed and the hospitals' lifetime budget placed between the two projections,
+    the same crossing without the scan: on 976da57 one data set trained and the other was
+    refused. Now a run is charged its target epsilon, whatever the data."""
+    one_run = {"batch_size": 1, "rounds": 1}
+    first = _train("first", spec={**one_run, "target_epsilon": 2.0})
+    probe = _train("probe", spec={**one_run, "target_epsilon": 1.0})
+    config = run_config(tiny_model_dir, rounds=2).updated(local_epochs=1, secure_aggregation=False)
+    with pytest.MonkeyPatch.context() as patch:
+        _inside_a_flower_app(patch)
+        hospitals = {
+            "base": _hospital(tmp_path / "base", BASE, secure=False),
+            neighbour: _hospital(tmp_path / "neighbour", NEIGHBOURS[neighbour], secure=False),
+        }
+        played = {name: _play(node, config, [first]) for name, node in hospitals.items()}
+        projected = {}
+        for name, node in hospitals.items():  # the coordinator's arithmetic, on public code
+            count = _trained_count(node)
+            plans = [plan_dp(config.updated(**r.spec).spec, count) for r in (first, probe)]
+            projected[name] = compose_epsilon([p.as_history_entry() for p in plans], 1e-5)
+        assert projected["base"] != projected[neighbour]  # the attack has a gap to aim at
+        between = (projected["base"] + projected[neighbour]) / 2
+        for name, node in hospitals.items():
+            write_policy(
+                Path(node["policy"]), lifetime_epsilon=between, max_rounds=50, max_delta=1e-5
+            )
+            played[name] += _play(node, config, [probe])
+    answers = {
+        name: json.loads(transcript[1][1]).get(wire.REFUSAL, {"code": "trained"})["code"]
+        for name, transcript in played.items()
+    }
+    assert answers == {"base": "budget.exceeded", neighbour: "budget.exceeded"}
+    assert not _differences(played["base"], played[neighbour])
 
 
 # --- patient-level DP: the neighbours differ in one patient ---------------------------------------

@@ -168,7 +168,7 @@ def test_the_old_max_epsilon_key_is_refused_naming_its_new_name(tmp_path):
 
 def test_a_patient_policy_refuses_a_record_level_run():
     patient = SitePolicy.build({"lifetime_epsilon": 8.0, "dp_unit": "patient"})
-    record = SitePolicy.build({"lifetime_epsilon": 8.0})
+    record = SitePolicy.build({"lifetime_epsilon": 8.0, "dp_unit": "record"})
     by_record, by_patient = RunSpec(dp_unit="record"), RunSpec(dp_unit="patient")
     with pytest.raises(PolicyError) as refused:
         patient.check(by_record)
@@ -176,4 +176,5 @@ def test_a_patient_policy_refuses_a_record_level_run():
     patient.check(by_patient)
     record.check(by_record)
     record.check(by_patient)  # the stronger unit is always accepted
-    assert record.dp_unit == "record"  # the default accepts both
+    # unset, the unit follows the hospital's schema (client/site.py: patient data per patient)
+    assert SitePolicy.build({"lifetime_epsilon": 8.0}).dp_unit is None

@@ -160,7 +160,9 @@ def test_records_with_labels_outside_the_run_are_left_out_not_refused(hospital):
     )
     reply = _train(config, node_config, _arrays(config))
     assert wire.REFUSAL not in reply.content, _received(reply)
-    assert 0 < reply.content[wire.METRICS]["num-examples"] < 32  # the relabelled left out
+    trained = [json.loads(line) for line in _hospital_audit(node_config).splitlines()]
+    assert 0 < trained[-1]["fields"]["num_examples"] < 32  # the relabelled left out (its log)
+    assert "num-examples" not in reply.content[wire.METRICS]  # the count stays home (issue 40)
     assert SENTINEL not in _received(reply)
 
 

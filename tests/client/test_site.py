@@ -288,6 +288,7 @@ def test_a_patient_level_run_without_a_patient_column_is_refused_before_the_data
 def test_a_record_level_round_on_patient_data_states_the_epsilon_per_patient(hospital):
     config, node_config, tmp_path = hospital
     _write_patient_notes(tmp_path / "notes.csv")
+    write_policy(tmp_path / "policy.toml", dp_unit="record")  # the hospital's own choice
     node_config = {**node_config, "patient-column": "patient"}
     reply = _train(config, node_config, _initial_arrays(config))
     assert wire.REFUSAL not in reply.content

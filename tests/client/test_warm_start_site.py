@@ -139,3 +139,24 @@ def test_a_first_round_from_other_weights_than_the_pinned_adapter_is_refused(hos
     assert _reason(reply).code == "model.start_mismatch"
     assert wire.ARRAYS not in reply.content
     assert PrivacyLedger.open(node_config["ledger"], "st-mary").rounds_recorded("run-a") == []
+
+
+def test_a_hospital_first_asked_at_a_later_round_checks_the_pin_there(hospital):
+    """Issue 40, 5: the check ran only in round 1, so a coordinator that first asked a hospital
+    at round 2 started it from other weights unchecked. Now the pin is checked at the data
+    set's first round of the run, whatever its number; from the next one on, the global
+    adapter is the coordinator's average and is not checked."""
+    config, node_config, adapter, _ = hospital
+    write_policy(
+        Path(node_config["policy"]), allowed_adapter_hashes=[adapter_content_hash(adapter)]
+    )
+    config = config.updated(rounds=3)
+    other = get_adapter_arrays(build_model(config.updated(init_adapter="").spec, 2))
+    reply = _train(config, node_config, other, server_round=2)
+    assert _reason(reply).code == "model.start_mismatch"
+    assert PrivacyLedger.open(node_config["ledger"], "st-mary").entries == []  # nothing spent
+    reply = _train(config, node_config, _starting_arrays(config), server_round=2)
+    assert wire.REFUSAL not in reply.content
+    reply = _train(config, node_config, other, server_round=3)  # an average, as far as it knows
+    assert wire.REFUSAL not in reply.content
+    assert PrivacyLedger.open(node_config["ledger"], "st-mary").rounds_recorded("run-a") == [2, 3]

@@ -173,7 +173,7 @@ def test_a_rejected_update_does_not_count_in_the_round_train_loss():
     assert outcome.train_loss == pytest.approx(0.5)
 
 
-def test_a_reply_without_a_positive_example_count_is_rejected():
+def test_a_reply_without_a_positive_weight_is_rejected():
     strategy = _strategy()
     global_arrays = _arrays(0.0, 0.0)
     to = strategy.configure_train(1, global_arrays, [11, 12, 13])
@@ -183,8 +183,29 @@ def test_a_reply_without_a_positive_example_count_is_rejected():
         _update_reply(to[2], "hospital-c", _arrays(0.9, 0.9), examples=0),
     ]
     outcome = strategy.aggregate_train(1, global_arrays, replies, sent=3)
-    assert "num-examples" in outcome.rejected["hospital-c"]
+    assert "weight" in outcome.rejected["hospital-c"]
     np.testing.assert_allclose(outcome.arrays["lora_B"], np.full((2, 2), 0.1), rtol=1e-6)
+
+
+def test_clear_updates_are_averaged_with_the_weights_hospitals_declare():
+    """A deployed hospital sends the weight its policy declares, not its training count
+    (issue 40): the average follows the declared weights."""
+    strategy = _strategy()
+    global_arrays = _arrays(0.0, 0.0)
+    to = strategy.configure_train(1, global_arrays, [11, 12])
+    replies = []
+    for instruction, name, value, weight in ((to[0], "a", 0.1, 1), (to[1], "b", 0.4, 2)):
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(_arrays(value, value)),
+                wire.METRICS: MetricRecord({"weight": weight, "epsilon": 1.5}),
+                wire.INFO: ConfigRecord({"hospital": name}),
+            }
+        )
+        replies.append(Message(content=content, reply_to=instruction))
+    outcome = strategy.aggregate_train(1, global_arrays, replies, sent=2)
+    np.testing.assert_allclose(outcome.arrays["lora_B"], np.full((2, 2), 0.3), rtol=1e-6)
+    assert "num_examples" not in outcome.hospitals["a"]
 
 
 def test_too_few_usable_updates_fail_the_round_and_keep_the_adapter(caplog):
