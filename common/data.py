@@ -94,7 +94,10 @@ def read_records(
         if patient_column is not None:
             patient = "" if row[patient_column] is None else str(row[patient_column]).strip()
             if not patient:
-                raise DataError(f"{path}:{line}: empty patient in column '{patient_column}'")
+                raise DataError(
+                    f"{path}:{line}: empty patient in column '{patient_column}'; fill in the "
+                    "patient of every record (or leave out --patient-column for record-level DP)"
+                )
         records.append(Record(note, label, group, patient))
     if not records:
         raise DataError(f"{path}: no records after the header; it needs at least 2")

@@ -153,6 +153,13 @@ def run_federation(
     return result
 
 
+def trained_a_round(rounds: list[dict]) -> bool:
+    """Whether any round of a run's history trained (status "ok": an update was aggregated into
+    the global adapter). A run in which none did has nothing to use: its adapter is the
+    starting one, and every command that ran it fails."""
+    return any(row.get("status") == "ok" for row in rounds)
+
+
 def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays: Arrays) -> dict:
     """What the audit log records when a run starts: what was asked of the hospitals."""
     return {

@@ -23,6 +23,7 @@ from fedward.common.files import audit_log
 from fedward.common.files.output_paths import check_output_file, check_output_folder
 from fedward.common.tasks import task_named
 from fedward.server import deploy
+from fedward.server.app import trained_a_round
 from fedward.server.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,15 @@ def run(
     if (out_dir / "adapter").is_dir():
         console.print(f"adapter:   {out_dir / 'adapter'}  (PEFT format)")
     state = str(status.get("status"))
+    history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
+    if state == "finished:completed" and not trained_a_round(history_rows):
+        error_console.print(
+            f"fedward: run {flower_run_id} finished without training a round (every round "
+            f"failed: see the status column above and {out_dir / 'history.json'}); the adapter "
+            "is the untrained starting one, do not use it",
+            highlight=False,
+        )
+        sys.exit(1)
     if state != "finished:completed":
         advice = ""
         if (out_dir / "checkpoint.npz").is_file():

@@ -26,6 +26,7 @@ from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+error_console = Console(stderr=True)
 
 
 def load_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
@@ -214,6 +215,7 @@ def run_simulation_with_report(
 ) -> None:
     """Simulate with a progress bar and a row per round, then print the report."""
     from fedward.common.model import load_tokenizer
+    from fedward.server.app import trained_a_round
     from fedward.server.tracking import open_tracker
     from fedward.simulation.hospitals import prepare_config
     from fedward.simulation.report import round_table, save_plot
@@ -261,6 +263,17 @@ def run_simulation_with_report(
     console.print(table)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
+    if not trained_a_round(result.rounds):
+        console.print(f"history:  {(result.out / 'history.json').resolve()}")
+        console.print(f"plot:     {plot.resolve()}")
+        error_console.print(
+            f"fedward: error: no round trained in {elapsed:.0f} s (every round failed: see the "
+            f"status column above and {result.out / 'history.json'}); the adapter in "
+            f"{result.adapter_dir} is the untrained starting one, do not use it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
     console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format)")

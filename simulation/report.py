@@ -48,11 +48,16 @@ def round_table(
         for row in rounds
         for stats in (row.get("hospitals") or {}).values()
     )
+    anyone_trained = any(
+        stats.get("trained") for row in rounds for stats in (row.get("hospitals") or {}).values()
+    )
     privacy = (
         f"ε: {dp_unit}-level DP, unit {privacy_unit(task, dp_unit)}, per hospital over the run. "
         "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
         "release only DP-noised counts)."
         if dp_on
+        else "ε: none spent; no hospital trained in any round, so none released an update."
+        if not anyone_trained
         else "ε: none; DP was OFF for this run, so no hospital's records are protected."
     )
     lines = (

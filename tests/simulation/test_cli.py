@@ -195,3 +195,47 @@ def test_out_that_is_an_existing_file_is_one_line_naming_it_and_the_flag(tmp_pat
         "created if missing)"
     ]
     assert out.read_text() == "an existing regular file\n"  # left alone
+
+
+def test_a_blank_patient_cell_is_one_line_naming_file_line_and_fix(tmp_path):
+    rows = "".join(f"note {i} cough,flu,p{i % 7}\n" for i in range(20))
+    rows += "note twenty fever,cold,\n"  # line 22: no patient
+    rows += "".join(f"note {i} fever,cold,p{i % 5}\n" for i in range(20))
+    data = _csv(tmp_path / "notes.csv", "text,label,patient_id\n" + rows)
+    result = _fedward(
+        "simulate", "--data", str(data), "--patient-column", "patient_id",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    line = _assert_one_line_error(result, tmp_path / "out", f"{data}:22", "'patient_id'")
+    assert "fill in the patient of every record" in line
+
+
+def test_a_run_in_which_no_round_trained_fails_and_offers_nothing_to_use(tiny_model_dir, tmp_path):
+    # Seed 42, round 1, rate 0.99: hospital-0 drops at share_keys, hospital-1 at train, so the
+    # round has fewer than min_hospitals (2) updates and fails (simulation/app.dropout_stage).
+    config = tmp_path / "fast.toml"
+    config.write_text(
+        'notes_per_hospital = 40\nmax_length = 64\ndevice = "cpu"\n', encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    result = _fedward(
+        "simulate",
+        "--config", str(config),
+        "--model", tiny_model_dir,
+        "--hospitals", "2",
+        "--min-hospitals", "2",
+        "--rounds", "1",
+        "--dropout-rate", "0.99",
+        "--out", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "round 1: failed" in result.stdout
+    assert "use it" not in result.stdout and "fedward predict" not in result.stdout
+    summary = " ".join(result.stdout.split())
+    assert "DP was OFF" not in summary
+    # the strategy's warnings (one per failed hospital) come first; the verdict is the last line
+    verdict = result.stderr.strip().splitlines()[-1]
+    assert verdict.startswith("fedward: error: no round trained"), result.stderr
+    assert f"{out / 'adapter'} is the untrained starting one" in verdict

@@ -160,3 +160,11 @@ def test_a_run_without_dp_does_not_claim_a_privacy_unit():
     rounds = _one_round({"hospital-0": {"trained": True, "epsilon": None}})
     text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
     assert "DP was OFF" in text and "patient-level DP" not in text
+
+
+def test_a_run_in_which_no_hospital_trained_does_not_claim_dp_was_off():
+    rounds = _one_round({"hospital-0": {"refused": "data.unreadable"}})
+    rounds[0]["status"] = "failed: 0 usable update(s), fewer than min_hospitals (1)"
+    text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
+    assert "DP was OFF" not in text
+    assert "no hospital trained in any round" in text
