@@ -200,6 +200,22 @@ def save_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure = plot_figure(rounds, task, dp_unit)
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    plt.close(figure)
+    staging.replace(path)
+    return path
+
+
+def plot_figure(rounds: list[dict], task: str = "classification", dp_unit: str = "record"):
+    """The figure of `metrics.png`. Hospitals with the same epsilon every round share one line
+    (`epsilon_lines`); hospital names are drawn as plain text; the unit wraps to fit."""
+    import matplotlib.pyplot as plt
+
+    from fedward.server.dashboard.plots import MARKERS, epsilon_lines, plain_text, wrapped_label
+
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     keys = ("loss", *(key for key, _ in task_named(task).metric_columns))
@@ -215,27 +231,26 @@ def save_plot(
         label="train loss",
     )
     left.set_xlabel("round")
+    left.set_ylabel("loss / score")
     left.set_title("global model")
     left.legend()
     left.grid(alpha=0.3)
-    for name in hospital_names(rounds):
-        eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
-        right.plot(x, eps, marker="o", label=name)
+    series = {
+        name: [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
+        for name in hospital_names(rounds)
+    }
+    for index, (label, values) in enumerate(epsilon_lines(series)):
+        right.plot(x, values, marker=MARKERS[index % len(MARKERS)], label=plain_text(label))
     right.set_xlabel("round")
-    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task, dp_unit)})")
+    right.set_ylabel(wrapped_label(f"ε spent (DP unit: {privacy_unit(task, dp_unit)})"))
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
-    if hospital_names(rounds):
+    if series:
         right.legend(fontsize="small")
     for axis in (left, right):
         axis.set_xticks(x)
     figure.tight_layout()
-    path = Path(path)
-    staging = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(staging, dpi=110)
-    plt.close(figure)
-    staging.replace(path)
-    return path
+    return figure
 
 
 def _nan(value):

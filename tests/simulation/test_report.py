@@ -168,3 +168,25 @@ def test_a_run_in_which_no_hospital_trained_does_not_claim_dp_was_off():
     text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
     assert "DP was OFF" not in text
     assert "no hospital trained in any round" in text
+
+
+def test_metrics_png_names_its_axes_fits_its_unit_and_merges_identical_hospitals():
+    from fedward.simulation.report import plot_figure
+
+    rounds = _one_round(
+        {
+            "hospital-0": {"trained": True, "epsilon": 2.0},
+            "hospital-1": {"trained": True, "epsilon": 2.0},
+            "$\\notacommand$": {"trained": True, "epsilon": 1.0},
+        }
+    )
+    figure = plot_figure(rounds, "classification", "patient")
+    left, right = figure.axes
+    assert left.get_ylabel()
+    label = right.yaxis.label
+    assert "all of a patient's records" in label.get_text().replace("\n", " ")
+    figure.canvas.draw()  # a hospital name in math syntax does not fail the drawing
+    extent = label.get_window_extent(figure.canvas.get_renderer())
+    assert extent.y0 >= 0 and extent.y1 <= figure.bbox.height, "the ε label is cut off"
+    legend = [text.get_text() for text in right.get_legend().get_texts()]
+    assert legend == ["hospital-0, hospital-1", r"\$\notacommand\$"]
