@@ -17,6 +17,7 @@ field; a key renamed since an earlier version is refused with one line naming th
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import tomllib
@@ -542,7 +543,10 @@ class RunConfig(LocalRun):
         hospitals = self.simulation.hospitals
         minimum = self.spec.federation.min_hospitals
         if "hospitals" in self.simulation.model_fields_set and minimum > hospitals:
-            raise ValueError(f"min_hospitals ({minimum}) is more than hospitals ({hospitals})")
+            raise ValueError(
+                f"min_hospitals ({minimum}) is more than hospitals ({hospitals}); pass "
+                f"--min-hospitals {hospitals} (min_hospitals = {hospitals}) or more hospitals"
+            )
         return self
 
     # --- loading -------------------------------------------------------------------------------
@@ -734,7 +738,13 @@ def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str
             loc = loc[1:]  # the flat name is what a user wrote (`rounds`, not `federation.rounds`)
         field = ".".join(str(item) for item in loc)
         if error["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (known fields: {', '.join(known)})")
+            nearest = difflib.get_close_matches(field, list(known), n=3, cutoff=0.6)
+            hint = (
+                f"did you mean {' or '.join(repr(name) for name in nearest)}?"
+                if nearest
+                else "no known field has a similar name; check the spelling"
+            )
+            parts.append(f"unknown field '{field}' ({hint})")
             continue
         if error["type"] == "missing":
             parts.append(f"field '{field}' is required")

@@ -86,7 +86,8 @@ def prepare_config(config: RunConfig) -> RunConfig:
     if config.spec.federation.min_hospitals > config.simulation.hospitals:
         raise ConfigError(
             f"field 'min_hospitals': {config.spec.federation.min_hospitals} is more than hospitals "
-            f"({config.simulation.hospitals}) in this simulation"
+            f"({config.simulation.hospitals}) in this simulation; pass --min-hospitals "
+            f"{config.simulation.hospitals} or more hospitals"
         )
     config = privacy_unit(config)
     check_pooled_vocabulary(config)

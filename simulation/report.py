@@ -148,14 +148,29 @@ def hospital_coverage(rounds: list[dict]) -> dict[str, float]:
     return shares
 
 
+#: Hospitals named one by one in the coverage line; above it the line is summarised.
+COVERAGE_LISTED = 5
+
+
 def coverage_line(rounds: list[dict]) -> str:
-    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported)."""
+    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported); for
+    more than `COVERAGE_LISTED` hospitals, one figure when all round to it, else the worst few."""
     shares = hospital_coverage(rounds)
     if not shares:
         return ""
     names = sorted(shares, key=lambda n: (len(n), n))
-    return "unknown to the model's vocabulary: " + ", ".join(
-        f"{name} {shares[name]:.1%}" for name in names
+    prefix = "unknown to the model's vocabulary: "
+    if len(names) <= COVERAGE_LISTED:
+        return prefix + ", ".join(f"{name} {shares[name]:.1%}" for name in names)
+    shown = {f"{share:.1%}" for share in shares.values()}
+    if len(shown) == 1:
+        return prefix + f"{shown.pop()} at each of the {len(names)} hospitals"
+    worst = sorted(names, key=lambda n: -shares[n])[:3]
+    rest = max(shares[n] for n in names if n not in worst)
+    return (
+        prefix
+        + ", ".join(f"{name} {shares[name]:.1%}" for name in worst)
+        + f"; the other {len(names) - len(worst)} hospitals at most {rest:.1%}"
     )
 
 

@@ -320,3 +320,15 @@ def test_hospitals_with_the_same_epsilon_share_one_named_line():
     assert [label for label, _ in lines] == ["hospital-0, hospital-1", "hospital-2"]
     lines = epsilon_lines({f"hospital-{i}": [nan, 2.0] for i in range(5)})
     assert [label for label, _ in lines] == ["all hospitals (5)"]
+
+
+def test_a_dashboard_on_all_interfaces_prints_the_address_it_is_bound_to(monkeypatch):
+    from fedward.server.dashboard import cli
+
+    monkeypatch.setattr(cli.socket, "getfqdn", lambda: "localhost")  # a container's usual name
+    shown = cli.shown_address("https", "0.0.0.0", 8443, "t0k")
+    assert shown.startswith("https://0.0.0.0:8443/?token=t0k") and "localhost" not in shown
+    monkeypatch.setattr(cli.socket, "getfqdn", lambda: "coordinator.example.org")
+    shown = cli.shown_address("https", "::", 8443, None)
+    assert shown.startswith("https://coordinator.example.org:8443/") and "[::]:8443" in shown
+    assert cli.shown_address("http", "127.0.0.1", 8080, None) == "http://127.0.0.1:8080/"

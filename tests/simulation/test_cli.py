@@ -115,7 +115,10 @@ def test_unknown_model_path(tmp_path):
         (["--rounds", "0"], "'rounds'"),
         (["--target-epsilon", "-1"], "'target_epsilon'"),
         (["--partition", "bogus"], "'partition'"),
-        (["--hospitals", "1"], "min_hospitals (2) is more than hospitals (1)"),
+        (
+            ["--hospitals", "1"],
+            "min_hospitals (2) is more than hospitals (1); pass --min-hospitals 1",
+        ),
     ],
 )
 def test_invalid_config_value_on_the_command_line(tmp_path, flags, field):
@@ -127,9 +130,11 @@ def test_invalid_config_file(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("rounds = 2\nlora_target_modules = []\nroundz = 3\n", encoding="utf-8")
     result = _fedward("simulate", "--config", str(config), "--out", str(tmp_path / "out"))
-    _assert_one_line_error(
+    line = _assert_one_line_error(
         result, tmp_path / "out", str(config), "'lora_target_modules'", "'roundz'"
     )
+    assert "unknown field 'roundz' (did you mean 'rounds'?)" in line
+    assert "known fields" not in line and "secagg_bits" not in line  # not every field there is
 
     config.write_text("rounds = = 2\n", encoding="utf-8")
     result = _fedward("simulate", "--config", str(config), "--out", str(tmp_path / "out"))

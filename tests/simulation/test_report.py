@@ -190,3 +190,20 @@ def test_metrics_png_names_its_axes_fits_its_unit_and_merges_identical_hospitals
     assert extent.y0 >= 0 and extent.y1 <= figure.bbox.height, "the ε label is cut off"
     legend = [text.get_text() for text in right.get_legend().get_texts()]
     assert legend == ["hospital-0, hospital-1", r"\$\notacommand\$"]
+
+
+def test_the_vocabulary_line_of_a_hundred_hospitals_is_summarised():
+    from fedward.simulation.report import coverage_line
+
+    def rounds(shares: dict[str, float]) -> list[dict]:
+        return _one_round({name: {"unknown_rate": share} for name, share in shares.items()})
+
+    names = [f"hospital-{i}" for i in range(100)]
+    line = coverage_line(rounds(dict.fromkeys(names, 0.0)))
+    assert line == "unknown to the model's vocabulary: 0.0% at each of the 100 hospitals"
+    shares = {name: 0.001 for name in names} | {"hospital-7": 0.05, "hospital-42": 0.02}
+    line = coverage_line(rounds(shares))
+    assert line.count("hospital-") == 3 and line.startswith(
+        "unknown to the model's vocabulary: hospital-7 5.0%, hospital-42 2.0%, hospital-"
+    )
+    assert line.endswith("; the other 97 hospitals at most 0.1%")
