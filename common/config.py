@@ -426,6 +426,13 @@ class SimulationResources(_Group):
         description="Simulation only: chance that a sampled hospital fails at a random stage of "
         "a round (training or a secure-aggregation stage), to exercise dropout recovery.",
     )
+    seeded_dp_noise: bool = Field(
+        False,
+        description="Simulation only, and not private: draw each hospital's DP noise and Poisson "
+        "sampling from the run's seed (and the hospital and round), so that two runs with the "
+        "same settings give the same figures. Anyone who knows the seed can recompute the "
+        "noise, so `fedward run` refuses it; a deployed hospital always draws from the OS.",
+    )
     workers: int = Field(
         0, ge=0, description="Simulation worker processes; 0: as many as the machine holds."
     )

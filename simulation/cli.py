@@ -305,6 +305,11 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         f"{config.spec.federation.rounds} rounds, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
+    if config.spec.privacy.dp and config.simulation.seeded_dp_noise:
+        console.print(
+            "[bold yellow]DP noise seeded from the run's seed (--seeded-dp-noise): reproducible "
+            "figures, no privacy; simulation only[/]"
+        )
     console.print(f"trains: {what_trains(config)}")
     if config.spec.model.init_adapter:
         from fedward.common.model import starting_adapter_record

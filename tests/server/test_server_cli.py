@@ -89,3 +89,12 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
     text = console.export_text()
     assert "0.610*" in text and "0.740*" not in text
     assert "* macro_f1 recorded before fedward pooled the hospitals' counts" in text
+
+
+def test_run_refuses_seeded_dp_noise_which_is_for_simulation_only(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\nseeded_dp_noise = true\n'
+    )
+    _one_line_error(_fedward("run", "--config", str(config)), "'seeded_dp_noise': simulation only")
+    assert not (tmp_path / "out").exists()
