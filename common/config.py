@@ -493,6 +493,13 @@ class LocalSettings(_Group):
         "padded only to its own longest (the same per-example gradients, one optimizer step and "
         "one draw of DP noise per batch; faster when note lengths vary).",
     )
+    keep_adapter: Literal["best", "last"] = Field(
+        "best",
+        description="Which round's global adapter <out>/adapter holds: best, the trained round "
+        "with the best validation score (macro-F1; NER: entity F1), the later on a tie, the last "
+        "round's where no round has a score; last, the last round's. The checkpoint always "
+        "holds the last (a resume continues from it).",
+    )
 
 
 class LocalRun(BaseModel):

@@ -23,7 +23,7 @@ from fedward.common.files import audit_log
 from fedward.common.files.output_paths import check_output_file, check_output_folder
 from fedward.common.tasks import task_named
 from fedward.server import deploy
-from fedward.server.app import trained_a_round
+from fedward.server.app import kept_round, trained_a_round
 from fedward.server.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,13 @@ def run(
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():
-        console.print(f"adapter:   {out_dir / 'adapter'}  (PEFT format)")
+        history = (deploy.read_history(out_dir) or {}).get("rounds") or rows
+        score = task_named(config.spec.task.name).primary_metric
+        kept = kept_round(history, score, config.local.keep_adapter)
+        console.print(
+            f"adapter:   {out_dir / 'adapter'}  (PEFT format; round {kept}: "
+            f"keep_adapter = {config.local.keep_adapter})"
+        )
     state = str(status.get("status"))
     history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
     if state == "finished:completed" and not trained_a_round(history_rows):

@@ -276,7 +276,10 @@ def run_simulation_with_report(
         sys.exit(1)
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
-    console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format)")
+    console.print(
+        f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format; "
+        f"{kept_adapter_note(result.rounds, config)})"
+    )
     console.print(f"  history:  {(result.out / 'history.json').resolve()}")
     console.print(f"  plot:     {plot.resolve()}")
     console.print("use it:")
@@ -285,6 +288,19 @@ def run_simulation_with_report(
         "  python: fedward.common.model.load_adapter_for_inference("
         f"'{result.adapter_dir}')  (PEFT format, labels in fedward.json)"
     )
+
+
+def kept_adapter_note(rounds: list[dict], config: RunConfig) -> str:
+    """Which round's adapter the output holds, and by which rule (`keep_adapter`)."""
+    from fedward.server.app import kept_round
+
+    score = task_named(config.spec.task.name).primary_metric
+    kept = kept_round(rounds, score, config.local.keep_adapter)
+    of = f"round {kept} of {len(rounds)}"
+    value = next((row["global"].get(score) for row in rounds if row["round"] == kept), None)
+    if config.local.keep_adapter == "last" or value is None:
+        return f"{of}, the last"
+    return f"{of}, the best {score} {value:.3f}; --keep-adapter last keeps the last"
 
 
 def _announce(config: RunConfig, title: str = "fedward simulate") -> None:

@@ -181,6 +181,10 @@ def test_simulate_writes_adapter_history_and_plot_and_says_where(tiny_model_dir,
 
     report = result.stdout
     assert "round 1: ok" in report and "round 2: ok" in report
+    # <out>/adapter is the best round's (keep_adapter = best), and the report says which
+    scores = {row["round"]: row["global"]["macro_f1"] for row in history["rounds"]}
+    best = max(scores, key=lambda number: (scores[number], number))  # a tie: the later round
+    assert f"round {best} of 2, the best macro_f1 {scores[best]:.3f}" in report
     assert str(out.resolve()) in report.replace("\n", "")
     # Paths must survive a log file or a pipe: a user copies the printed command as it is.
     commands = [line for line in report.splitlines() if "fedward predict --adapter" in line]
