@@ -493,6 +493,12 @@ class LocalSettings(_Group):
         "padded only to its own longest (the same per-example gradients, one optimizer step and "
         "one draw of DP noise per batch; faster when note lengths vary).",
     )
+    evaluate_only: bool = Field(
+        False,
+        description="Train nothing: score the starting adapter (init_adapter, else a fresh one) "
+        "once on every hospital's validation split, recorded as round 0 in history.json. "
+        "Simulation only (free there: exact and uncharged); `fedward run` refuses it.",
+    )
     keep_adapter: Literal["best", "last"] = Field(
         "best",
         description="Which round's global adapter <out>/adapter holds: best, the trained round "

@@ -41,7 +41,7 @@ from fedward.server.resume import (
     new_run_id,
     save_checkpoint,
 )
-from fedward.server.strategy import FedwardStrategy, finite_or_none
+from fedward.server.strategy import FedwardStrategy, TrainOutcome, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def run_federation(
         sum(a.size for a in arrays.values()),
     )
 
+    if config.local.evaluate_only:
+        return evaluate_only(grid, config, strategy, result, audit, str(run_id), on_round)
     for server_round in range(first_round, config.spec.federation.rounds + 1):
         started = time.monotonic()
         outcome = strategy.train_round(server_round, arrays, grid)
@@ -159,6 +161,57 @@ def run_federation(
         failed_rounds=[row["round"] for row in result.rounds if row["status"] != "ok"],
         adapter_sha256=arrays_digest(arrays),
         kept_round=result.kept_round,
+    )
+    return result
+
+
+#: The status of the one row of an evaluate-only run (round 0: nothing trained).
+EVALUATED = "evaluated"
+
+
+def evaluate_only(
+    grid: Grid,
+    config: RunConfig,
+    strategy: FedwardStrategy,
+    result: RunResult,
+    audit: AuditLog,
+    flower_run_id: str,
+    on_round: RoundCallback | None,
+) -> RunResult:
+    """Federated evaluation without training (`LocalSettings.evaluate_only`): every hospital
+    scores the starting adapter on its validation split once; the history's one row is round 0,
+    status `EVALUATED`. No adapter is written: nothing new was made."""
+    started = time.monotonic()
+    evaluation = strategy.aggregate_evaluate(
+        0,
+        grid.send_and_receive(
+            strategy.configure_evaluate(0, result.arrays, grid),
+            timeout=config.local.round_timeout,
+        ),
+    )
+    outcome = TrainOutcome(arrays=None, status=EVALUATED)
+    row = history_row(0, outcome, evaluation, config, time.monotonic() - started)
+    result.rounds.append(row)
+    write_history(result.out, config, result.run_id, result.rounds, flower_run_id, 0)
+    audit.append(
+        "evaluation",
+        run_id=result.run_id,
+        flower_run_id=flower_run_id,
+        global_metrics=row["global"],
+        evaluation_refused=[
+            {"hospital": name, "reason": reason}
+            for name, reason in sorted(row["evaluation_refused"].items())
+        ],
+    )
+    if on_round is not None:
+        on_round(row)
+    audit.append(
+        "run.end",
+        run_id=result.run_id,
+        flower_run_id=flower_run_id,
+        rounds=0,
+        failed_rounds=[],
+        adapter_sha256=arrays_digest(result.arrays),
     )
     return result
 

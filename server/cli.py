@@ -204,6 +204,11 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     what cannot be resumed and to overwrite an unfinished run."""
     from fedward.server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
 
+    if config.local.evaluate_only:
+        raise ConfigError(
+            "field 'evaluate_only': simulation only for now (`fedward simulate --evaluate-only`); "
+            "remove it from the config of a deployment"
+        )
     if config.simulation.seeded_dp_noise:
         raise ConfigError(
             "field 'seeded_dp_noise': simulation only (noise drawn from the run's public seed "

@@ -163,6 +163,7 @@ _NOT_PRETRAIN_OPTIONS = (
         "secagg_clip",
         "secagg_bits",
         "secagg_max_weight",
+        "evaluate_only",
     }
 )
 
@@ -232,7 +233,11 @@ def run_simulation_with_report(
     started = time.monotonic()
     with rounds_progress() as progress:
         what = "training" if config.simulation.hospitals == 1 else "federated training"
-        bar = progress.add_task(what, total=config.spec.federation.rounds)
+        evaluate_only = config.local.evaluate_only
+        bar = progress.add_task(
+            "federated evaluation" if evaluate_only else what,
+            total=1 if evaluate_only else config.spec.federation.rounds,
+        )
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
@@ -263,6 +268,10 @@ def run_simulation_with_report(
     console.print(table)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
+    if config.local.evaluate_only:
+        console.print(f"evaluated in {elapsed:.0f} s; nothing trained, so no adapter was written")
+        console.print(f"  history:  {(result.out / 'history.json').resolve()}")
+        return
     if not trained_a_round(result.rounds):
         console.print(f"history:  {(result.out / 'history.json').resolve()}")
         console.print(f"plot:     {plot.resolve()}")
@@ -316,9 +325,13 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         if config.spec.secagg.secure_aggregation
         else "[bold red]secure aggregation OFF[/]"
     )
+    rounds = (
+        "evaluation only"
+        if config.local.evaluate_only
+        else f"{config.spec.federation.rounds} rounds"
+    )
     console.print(
-        f"{title}: {config.simulation.hospitals} hospitals x "
-        f"{config.spec.federation.rounds} rounds, task "
+        f"{title}: {config.simulation.hospitals} hospitals x {rounds}, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
     if config.spec.privacy.dp and config.simulation.seeded_dp_noise:

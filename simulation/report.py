@@ -194,6 +194,8 @@ def entity_type_line(rounds: list[dict]) -> str:
 
 def _status(row: dict) -> str:
     status = row["status"]
+    if status == "evaluated":  # an evaluate-only run's one row: nothing was to train
+        return status
     if status != "ok":
         return f"[red]{status.split(':')[0]}[/red]"
     extra = []

@@ -280,7 +280,8 @@ def _state(view: RunView, records: list[dict[str, Any]]) -> str:
     """finished: the audit log's last run.start/run.resume is followed by run.end (or, without
     an audit log, every planned round is in the history); failed: so, but no round trained
     (nothing to use); otherwise in progress."""
-    ended = "finished" if any(row.get("status") == "ok" for row in view.rounds) else "failed"
+    done = ("ok", "evaluated")  # a trained round, or an evaluate-only run's one evaluation
+    ended = "finished" if any(row.get("status") in done for row in view.rounds) else "failed"
     if records:
         last = _last_of(records, ("run.start", "run.resume", "run.end"))
         if last is not None and last["kind"] == "run.end":

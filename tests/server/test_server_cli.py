@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FEDWARD = shutil.which("fedward") or str(Path(sys.executable).parent / "fedward")
 
 
@@ -91,10 +93,15 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
     assert "* macro_f1 recorded before fedward pooled the hospitals' counts" in text
 
 
-def test_run_refuses_seeded_dp_noise_which_is_for_simulation_only(tmp_path):
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("seeded_dp_noise = true", "'seeded_dp_noise': simulation only"),
+        ("evaluate_only = true", "'evaluate_only': simulation only"),
+    ],
+)
+def test_run_refuses_what_is_for_simulation_only(tmp_path, line, expected):
     config = tmp_path / "run.toml"
-    config.write_text(
-        f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\nseeded_dp_noise = true\n'
-    )
-    _one_line_error(_fedward("run", "--config", str(config)), "'seeded_dp_noise': simulation only")
+    config.write_text(f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\n{line}\n')
+    _one_line_error(_fedward("run", "--config", str(config)), expected)
     assert not (tmp_path / "out").exists()

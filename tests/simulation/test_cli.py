@@ -248,3 +248,32 @@ def test_a_run_in_which_no_round_trained_fails_and_offers_nothing_to_use(tiny_mo
     verdict = result.stderr.strip().splitlines()[-1]
     assert verdict.startswith("fedward: error: no round trained"), result.stderr
     assert f"{out / 'adapter'} is the untrained starting one" in verdict
+
+
+def test_evaluate_only_scores_the_starting_adapter_on_every_hospital_and_trains_nothing(
+    tiny_model_dir, tmp_path
+):
+    config = tmp_path / "fast.toml"
+    config.write_text(
+        'notes_per_hospital = 40\nmax_length = 64\ndevice = "cpu"\n', encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    result = _fedward(
+        "simulate",
+        "--config", str(config),
+        "--model", tiny_model_dir,
+        "--hospitals", "2",
+        "--evaluate-only",
+        "--out", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 hospitals x evaluation only" in result.stdout
+    assert "round 0: evaluated" in result.stdout
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    [row] = history["rounds"]
+    assert row["round"] == 0 and row["status"] == "evaluated"
+    assert row["global"]["macro_f1"] is not None
+    assert sorted(row["hospitals"]) == ["hospital-0", "hospital-1"]
+    assert not any(item.get("trained") for item in row["hospitals"].values())
+    assert not (out / "adapter").exists() and "use it" not in result.stdout
