@@ -10,14 +10,18 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.common.config import GROUPS, RunConfig
@@ -208,6 +212,38 @@ def rounds_progress() -> Progress:
     )
 
 
+@contextmanager
+def watch_progress(config: RunConfig, progress: Progress, bar, what: str) -> Iterator[None]:
+    """While the block runs, show on the bar what the hospitals of the current round are doing
+    (loading the model, training, evaluating; how many are done), from the progress file the
+    simulated hospitals append to (`simulation/app.py`); the file is deleted afterwards."""
+    from fedward.simulation.app import PROGRESS_FILE, describe_progress
+
+    path = Path(config.local.out) / PROGRESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("", encoding="utf-8")  # the hospitals append to it only where it exists
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            now = describe_progress(lines)
+            progress.update(bar, description=f"{what} ({escape(now)})" if now else what)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        progress.update(bar, description=what)
+        path.unlink(missing_ok=True)
+
+
 def run_simulation_with_report(
     config: RunConfig,
     verbose: bool = False,
@@ -251,7 +287,8 @@ def run_simulation_with_report(
             if tracker is not None:
                 tracker.log_round(row)
 
-        result = run_simulation(config, on_round=on_round, verbose=verbose)
+        with watch_progress(config, progress, bar, progress.tasks[0].description):
+            result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     unit = config.spec.privacy.dp_unit
     plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name, unit)

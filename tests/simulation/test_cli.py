@@ -175,6 +175,7 @@ def test_simulate_writes_adapter_history_and_plot_and_says_where(tiny_model_dir,
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "fedward.json").is_file()
     assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / ".progress.jsonl").exists()  # the progress bar's file is cleaned up
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
     assert [row["round"] for row in history["rounds"]] == [1, 2]
     assert all(row["secure_aggregation"] for row in history["rounds"])  # on by default
