@@ -16,6 +16,7 @@ one unit, which is all the sensitivity bound needs (docs/privacy.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -145,8 +146,14 @@ def train_locally(
     optimizer = make_optimizer(model, config)
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
-    # public (it is in the run config), so under DP they draw from a generator seeded by the OS.
-    secret = torch.Generator().manual_seed(secrets.randbits(63)) if plan is not None else None
+    # public (it is in the run config), so under DP they draw from a generator seeded by the OS,
+    # unless a simulation asked for seeded noise (`noise_seed`: reproducible, not private).
+    noise_seed = simulation_noise_seed(config, who, len(history))
+    secret = (
+        torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
+        if plan is not None
+        else None
+    )
     # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and the
     # cached states; sampling, clipping and noise are the same either way. The loader draws
     # example indices; `make_batch` turns a micro-batch of them into padded tensors.
@@ -182,6 +189,7 @@ def train_locally(
             config,
             len(members) if by_patient else len(dataset),
             device,
+            noise_seed,
         )
     step = _BatchStep(
         module=train_module,
@@ -255,10 +263,12 @@ def make_private(
     config: LocalRun,
     num_train: int,
     device: torch.device,
+    noise_seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """Opacus's private module, optimizer and Poisson loader for `plan`, its accountant
     continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`).
-    `num_train` counts the privacy units the loader samples (records, or patients)."""
+    `num_train` counts the privacy units the loader samples (records, or patients); the noise
+    is drawn from the OS unless a simulation passes `noise_seed` (`simulation_noise_seed`)."""
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
@@ -270,7 +280,7 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=config.spec.privacy.max_grad_norm,
         poisson_sampling=True,
-        noise_generator=_noise_generator(device),
+        noise_generator=_noise_generator(device, noise_seed),
     )
     if config.spec.training.optimizer == "adam_bc":
         # The variance DP adds to each coordinate of the averaged gradient Adam sees.
@@ -480,10 +490,23 @@ def _collate_indices(items: list[tuple[int]]) -> tuple[torch.Tensor]:
     return (torch.tensor([index for (index,) in items], dtype=torch.long),)
 
 
-def _noise_generator(device: torch.device) -> torch.Generator:
+def _noise_generator(device: torch.device, seed: int | None = None) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63))
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed + 1)
     return generator
+
+
+def simulation_noise_seed(config: LocalRun, who: str, rounds_before: int) -> int | None:
+    """The seed of this hospital's DP noise and sampling in this round when a simulation asked
+    for seeded noise (`seeded_dp_noise`), else None: the OS draws them.
+
+    Only a simulation's `RunConfig` carries the option; a deployed hospital holds a `LocalRun`
+    (the spec it received and its own settings), so nothing a coordinator sends can seed it."""
+    simulation = getattr(config, "simulation", None)
+    if simulation is None or not simulation.seeded_dp_noise:
+        return None
+    text = f"dp-noise:{config.spec.training.seed}:{who}:{rounds_before}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
 
 
 def evaluate(

@@ -17,6 +17,7 @@ field; a key renamed since an earlier version is refused with one line naming th
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import tomllib
@@ -445,6 +446,13 @@ class SimulationResources(_Group):
         description="Simulation only: chance that a sampled hospital fails at a random stage of "
         "a round (training or a secure-aggregation stage), to exercise dropout recovery.",
     )
+    seeded_dp_noise: bool = Field(
+        False,
+        description="Simulation only, and not private: draw each hospital's DP noise and Poisson "
+        "sampling from the run's seed (and the hospital and round), so that two runs with the "
+        "same settings give the same figures. Anyone who knows the seed can recompute the "
+        "noise, so `fedward run` refuses it; a deployed hospital always draws from the OS.",
+    )
     workers: int = Field(
         0, ge=0, description="Simulation worker processes; 0: as many as the machine holds."
     )
@@ -511,6 +519,19 @@ class LocalSettings(_Group):
         "padded only to its own longest (the same per-example gradients, one optimizer step and "
         "one draw of DP noise per batch; faster when note lengths vary).",
     )
+    evaluate_only: bool = Field(
+        False,
+        description="Train nothing: score the starting adapter (init_adapter, else a fresh one) "
+        "once on every hospital's validation split, recorded as round 0 in history.json. "
+        "Simulation only (free there: exact and uncharged); `fedward run` refuses it.",
+    )
+    keep_adapter: Literal["best", "last"] = Field(
+        "best",
+        description="Which round's global adapter <out>/adapter holds: best, the trained round "
+        "with the best validation score (macro-F1; NER: entity F1), the later on a tie, the last "
+        "round's where no round has a score; last, the last round's. The checkpoint always "
+        "holds the last (a resume continues from it).",
+    )
 
 
 class LocalRun(BaseModel):
@@ -568,7 +589,10 @@ class RunConfig(LocalRun):
         hospitals = self.simulation.hospitals
         minimum = self.spec.federation.min_hospitals
         if "hospitals" in self.simulation.model_fields_set and minimum > hospitals:
-            raise ValueError(f"min_hospitals ({minimum}) is more than hospitals ({hospitals})")
+            raise ValueError(
+                f"min_hospitals ({minimum}) is more than hospitals ({hospitals}); pass "
+                f"--min-hospitals {hospitals} (min_hospitals = {hospitals}) or more hospitals"
+            )
         sizes = self.simulation.notes_per_hospital.split(",")
         if len(sizes) > 1 and len(sizes) != hospitals:
             raise ValueError(
@@ -766,7 +790,13 @@ def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str
             loc = loc[1:]  # the flat name is what a user wrote (`rounds`, not `federation.rounds`)
         field = ".".join(str(item) for item in loc)
         if error["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (known fields: {', '.join(known)})")
+            nearest = difflib.get_close_matches(field, list(known), n=3, cutoff=0.6)
+            hint = (
+                f"did you mean {' or '.join(repr(name) for name in nearest)}?"
+                if nearest
+                else "no known field has a similar name; check the spelling"
+            )
+            parts.append(f"unknown field '{field}' ({hint})")
             continue
         if error["type"] == "missing":
             parts.append(f"field '{field}' is required")

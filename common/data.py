@@ -80,7 +80,10 @@ def read_records(
                 present = ", ".join(sorted(row)) or "none"
                 raise DataError(
                     f"{path}:{line}: column '{column}' is missing (columns present: {present}); "
-                    f"pass the right name with --text-column/--label-column/--patient-column"
+                    + (
+                        _delimiter_hint(list(row))
+                        or "pass the right name with --text-column/--label-column/--patient-column"
+                    )
                 )
         note, label = row[text_column], row[label_column]
         note = "" if note is None else str(note).strip()
@@ -94,7 +97,10 @@ def read_records(
         if patient_column is not None:
             patient = "" if row[patient_column] is None else str(row[patient_column]).strip()
             if not patient:
-                raise DataError(f"{path}:{line}: empty patient in column '{patient_column}'")
+                raise DataError(
+                    f"{path}:{line}: empty patient in column '{patient_column}'; fill in the "
+                    "patient of every record (or leave out --patient-column for record-level DP)"
+                )
         records.append(Record(note, label, group, patient))
     if not records:
         raise DataError(f"{path}: no records after the header; it needs at least 2")
@@ -322,10 +328,33 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict[str
                 continue
             rows.append((reader.line_num, row))
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise DataError(
+                f"{path}:{reader.line_num + 1}: a note is too long (a field over "
+                f"{csv.field_size_limit():,} characters); shorten or split it, or close the "
+                "quote left open before it"
+            ) from None
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     if reader.fieldnames is None:
         raise DataError(f"{path}: no header line; the first line must name the columns")
     return rows
+
+
+#: Delimiters a spreadsheet may have saved instead of commas, by the name a user knows.
+_OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "'|'"}
+
+
+def _delimiter_hint(columns: list[str]) -> str:
+    """For a header read as one column that holds another delimiter: which, and the fix."""
+    if len(columns) != 1:
+        return ""
+    for delimiter, name in _OTHER_DELIMITERS.items():
+        if delimiter in columns[0]:
+            return (
+                f"the file is delimited by {name}, not commas; re-save it comma-separated "
+                "(or tab-separated, named .tsv)"
+            )
+    return ""
 
 
 def _label_text_rows(

@@ -1,4 +1,5 @@
-"""fedward: federated, differentially private LoRA fine-tuning of transformers for medical text.
+"""fedward: federated, differentially private fine-tuning of transformers (a task head or LoRA
+adapters) for medical text.
 
 The installed distribution has this one import name. Its parts live in the repository's
 top-level folders (mapped here by pyproject.toml's `package-dir`): `fedward.common` (what both

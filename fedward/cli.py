@@ -27,7 +27,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Federated, differentially private LoRA fine-tuning of transformers for medical text.",
+    help="Federated, differentially private fine-tuning of transformers (a task head or LoRA "
+    "adapters) for medical text.",
 )
 app.command()(simulation_cli.simulate)
 app.command()(simulation_cli.pretrain)

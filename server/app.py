@@ -32,6 +32,7 @@ from fedward.common.model import (
     set_adapter_arrays,
     starting_adapter_record,
 )
+from fedward.common.tasks import task_named
 from fedward.server.aggregation import Arrays
 from fedward.server.resume import (
     arrays_digest,
@@ -40,7 +41,7 @@ from fedward.server.resume import (
     new_run_id,
     save_checkpoint,
 )
-from fedward.server.strategy import FedwardStrategy, finite_or_none
+from fedward.server.strategy import FedwardStrategy, TrainOutcome, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ class RunResult:
 
     out: Path
     rounds: list[dict] = field(default_factory=list)
-    arrays: Arrays | None = None
+    arrays: Arrays | None = None  # the last round's global adapter (the checkpoint's)
     run_id: str = ""  # the fedward run id (the same across resumptions)
+    kept_round: int | None = None  # the round whose adapter <out>/adapter holds (`kept_round`)
 
     @property
     def adapter_dir(self) -> Path:
@@ -115,6 +117,8 @@ def run_federation(
         sum(a.size for a in arrays.values()),
     )
 
+    if config.local.evaluate_only:
+        return evaluate_only(grid, config, strategy, result, audit, str(run_id), on_round)
     for server_round in range(first_round, config.spec.federation.rounds + 1):
         started = time.monotonic()
         outcome = strategy.train_round(server_round, arrays, grid)
@@ -133,8 +137,15 @@ def run_federation(
         checkpoint_sha256 = save_checkpoint(
             out, fedward_run_id, config, server_round, arrays, result.rounds
         )
-        set_adapter_arrays(model, arrays)
-        save_adapter(model, out / "adapter", config.spec.task.labels, config)
+        kept = kept_round(
+            result.rounds,
+            task_named(config.spec.task.name).primary_metric,
+            config.local.keep_adapter,
+        )
+        if kept == server_round:  # else <out>/adapter keeps the earlier, better round's
+            set_adapter_arrays(model, arrays)
+            save_adapter(model, out / "adapter", config.spec.task.labels, config)
+        result.kept_round = kept
         write_history(out, config, fedward_run_id, result.rounds, str(run_id), first_round)
         audit.append(
             "round",
@@ -149,8 +160,100 @@ def run_federation(
         rounds=len(result.rounds),
         failed_rounds=[row["round"] for row in result.rounds if row["status"] != "ok"],
         adapter_sha256=arrays_digest(arrays),
+        kept_round=result.kept_round,
     )
     return result
+
+
+#: The status of the one row of an evaluate-only run (round 0: nothing trained).
+EVALUATED = "evaluated"
+
+
+def evaluate_only(
+    grid: Grid,
+    config: RunConfig,
+    strategy: FedwardStrategy,
+    result: RunResult,
+    audit: AuditLog,
+    flower_run_id: str,
+    on_round: RoundCallback | None,
+) -> RunResult:
+    """Federated evaluation without training (`LocalSettings.evaluate_only`): every hospital
+    scores the starting adapter on its validation split once; the history's one row is round 0,
+    status `EVALUATED`. No adapter is written: nothing new was made."""
+    started = time.monotonic()
+    evaluation = strategy.aggregate_evaluate(
+        0,
+        grid.send_and_receive(
+            strategy.configure_evaluate(0, result.arrays, grid),
+            timeout=config.local.round_timeout,
+        ),
+    )
+    outcome = TrainOutcome(arrays=None, status=EVALUATED)
+    row = history_row(0, outcome, evaluation, config, time.monotonic() - started)
+    result.rounds.append(row)
+    write_history(result.out, config, result.run_id, result.rounds, flower_run_id, 0)
+    audit.append(
+        "evaluation",
+        run_id=result.run_id,
+        flower_run_id=flower_run_id,
+        global_metrics=row["global"],
+        evaluation_refused=[
+            {"hospital": name, "reason": reason}
+            for name, reason in sorted(row["evaluation_refused"].items())
+        ],
+    )
+    if on_round is not None:
+        on_round(row)
+    audit.append(
+        "run.end",
+        run_id=result.run_id,
+        flower_run_id=flower_run_id,
+        rounds=0,
+        failed_rounds=[],
+        adapter_sha256=arrays_digest(result.arrays),
+    )
+    return result
+
+
+def kept_round(rounds: list[dict], score: str, rule: str = "best") -> int | None:
+    """The round whose global adapter a run keeps as its result (`LocalSettings.keep_adapter`).
+
+    best: among the trained rounds (status "ok") with a global `score`, the highest, the later on
+    a tie; where none has one (every round failed, or no hospital released its evaluation), the
+    last round. last: the last round. None for no rounds.
+
+    Choosing costs no privacy: in a simulation the scores are exact and free; in a deployment
+    they are the evaluation releases the hospitals already made, DP-noised and charged each
+    round, and choosing among them is post-processing. The kept round's score was chosen on the
+    same validation notes, so it is optimistic by the choice; the other rounds' stay in the
+    history.
+
+    Example:
+        >>> rows = [{"round": r, "status": "ok", "global": {"macro_f1": f}}
+        ...         for r, f in ((1, 0.454), (2, 0.677), (3, 0.609))]
+        >>> kept_round(rows, "macro_f1"), kept_round(rows, "macro_f1", "last")
+        (2, 3)
+    """
+    if not rounds:
+        return None
+    last = rounds[-1]["round"]
+    if rule == "last":
+        return last
+    scored = [
+        (row["global"][score], row["round"])
+        for row in rounds
+        if row.get("status") == "ok"
+        and finite_or_none(row.get("global", {}).get(score)) is not None
+    ]
+    return max(scored)[1] if scored else last
+
+
+def trained_a_round(rounds: list[dict]) -> bool:
+    """Whether any round of a run's history trained (status "ok": an update was aggregated into
+    the global adapter). A run in which none did has nothing to use: its adapter is the
+    starting one, and every command that ran it fails."""
+    return any(row.get("status") == "ok" for row in rounds)
 
 
 def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays: Arrays) -> dict:

@@ -23,6 +23,7 @@ from fedward.common.files import audit_log
 from fedward.common.files.output_paths import check_output_file, check_output_folder
 from fedward.common.tasks import task_named
 from fedward.server import deploy
+from fedward.server.app import kept_round, trained_a_round
 from fedward.server.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,16 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     what cannot be resumed and to overwrite an unfinished run."""
     from fedward.server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
 
+    if config.local.evaluate_only:
+        raise ConfigError(
+            "field 'evaluate_only': simulation only for now (`fedward simulate --evaluate-only`); "
+            "remove it from the config of a deployment"
+        )
+    if config.simulation.seeded_dp_noise:
+        raise ConfigError(
+            "field 'seeded_dp_noise': simulation only (noise drawn from the run's public seed "
+            "protects no one); remove it from the config of a deployment"
+        )
     if not config.spec.task.labels:
         raise ConfigError(
             "field 'labels': required for a deployment, so that every hospital's model has the "
@@ -307,8 +318,23 @@ def run(
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():
-        console.print(f"adapter:   {out_dir / 'adapter'}  (PEFT format)")
+        history = (deploy.read_history(out_dir) or {}).get("rounds") or rows
+        score = task_named(config.spec.task.name).primary_metric
+        kept = kept_round(history, score, config.local.keep_adapter)
+        console.print(
+            f"adapter:   {out_dir / 'adapter'}  (PEFT format; round {kept}: "
+            f"keep_adapter = {config.local.keep_adapter})"
+        )
     state = str(status.get("status"))
+    history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
+    if state == "finished:completed" and not trained_a_round(history_rows):
+        error_console.print(
+            f"fedward: run {flower_run_id} finished without training a round (every round "
+            f"failed: see the status column above and {out_dir / 'history.json'}); the adapter "
+            "is the untrained starting one, do not use it",
+            highlight=False,
+        )
+        sys.exit(1)
     if state != "finished:completed":
         advice = ""
         if (out_dir / "checkpoint.npz").is_file():

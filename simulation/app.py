@@ -8,14 +8,16 @@ named in its node config.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedward.client import model_cache
-from fedward.client.app import DataSource, build_client_app
+from fedward.client.app import DataSource, build_client_app, hospital_name
 from fedward.common.config import RunConfig
 from fedward.common.protocol import wire
 from fedward.common.secagg import MASKED_UPDATE, SHARE_KEYS, UNMASK
@@ -25,6 +27,60 @@ from fedward.simulation.hospitals import SimulatedSite, prepare_config, simulate
 #: Where a simulated hospital can drop out of a round (`RunConfig.dropout_rate`).
 DROPOUT_STAGES = ("train", SHARE_KEYS, MASKED_UPDATE, UNMASK)
 _DROPOUT_STATE = "fedward.simulated-dropout"
+
+
+#: Within a round, each simulated hospital appends its stages here, under the output folder,
+#: for `fedward simulate`'s progress bar (`describe_progress`). The CLI creates the file before
+#: the run and deletes it after; where it does not exist (`flwr run .`, the privacy audit),
+#: nothing is written.
+PROGRESS_FILE = ".progress.jsonl"
+
+
+def note_progress(out: str, server_round: int, hospital: str, stage: str) -> None:
+    """Append one stage of one hospital to an existing progress file (a line under PIPE_BUF:
+    appends from several worker processes do not interleave). Progress is a convenience: a
+    failure to write is ignored."""
+    path = Path(out) / PROGRESS_FILE
+    if not path.is_file():
+        return
+    line = json.dumps({"round": server_round, "hospital": hospital, "stage": stage}) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(line)
+    except OSError:
+        pass
+
+
+def describe_progress(lines: list[str]) -> str:
+    """The latest round's progress in words, from the progress file's lines: which hospitals
+    are loading the model (a worker's first task), training or evaluating, and how many are
+    done ('' before any)."""
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written
+    if not events:
+        return ""
+    current = max(event["round"] for event in events)
+    stages: dict[str, str] = {}
+    for event in events:
+        if event["round"] == current:
+            stages[event["hospital"]] = event["stage"]
+    parts = []
+    for stage in ("loading the model", "training", "trained", "refused", "evaluating", "evaluated"):
+        names = sorted(
+            (n for n, held in stages.items() if held == stage), key=lambda n: (len(n), n)
+        )
+        if not names:
+            continue
+        if stage in ("trained", "refused", "evaluated"):
+            parts.append(f"{len(names)} {stage}")
+        else:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"{stage}: {shown}")
+    return f"round {current}: " + "; ".join(parts)
 
 
 class SimulatedDropout(RuntimeError):
@@ -75,7 +131,20 @@ def build_simulation_client_app(
             context.state[_DROPOUT_STATE] = ConfigRecord({"stage": planned or ""})
         if stage != "evaluate":
             _maybe_drop(context, stage)
+        watched = stage in ("train", "evaluate")
+        if watched:
+            server_round = int(msg.content[wire.CONFIG].get(wire.ROUND_KEY, 0))
+            name = hospital_name(context)
+            out = settings_of(context).local.out
+            first = model_cache.load_count == 0  # this worker loads the base model first
+            doing = {"train": "training", "evaluate": "evaluating"}[stage]
+            note_progress(out, server_round, name, "loading the model" if first else doing)
         reply = handler(msg, context)
+        if watched:
+            done = {"train": "trained", "evaluate": "evaluated"}[stage]
+            if wire.REFUSAL in reply.content:
+                done = "refused"
+            note_progress(out, server_round, name, done)
         if stage == "train" and wire.METRICS in reply.content:
             # Which worker process served this hospital, and how many models it has built so
             # far: lets tests and benchmarks check that the base model is loaded once per worker.

@@ -10,14 +10,18 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.client.personalize import OWN_FOLDER
@@ -27,6 +31,7 @@ from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+error_console = Console(stderr=True)
 
 
 def load_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
@@ -163,6 +168,7 @@ _NOT_PRETRAIN_OPTIONS = (
         "secagg_clip",
         "secagg_bits",
         "secagg_max_weight",
+        "evaluate_only",
     }
 )
 
@@ -207,6 +213,38 @@ def rounds_progress() -> Progress:
     )
 
 
+@contextmanager
+def watch_progress(config: RunConfig, progress: Progress, bar, what: str) -> Iterator[None]:
+    """While the block runs, show on the bar what the hospitals of the current round are doing
+    (loading the model, training, evaluating; how many are done), from the progress file the
+    simulated hospitals append to (`simulation/app.py`); the file is deleted afterwards."""
+    from fedward.simulation.app import PROGRESS_FILE, describe_progress
+
+    path = Path(config.local.out) / PROGRESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("", encoding="utf-8")  # the hospitals append to it only where it exists
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            now = describe_progress(lines)
+            progress.update(bar, description=f"{what} ({escape(now)})" if now else what)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        progress.update(bar, description=what)
+        path.unlink(missing_ok=True)
+
+
 def run_simulation_with_report(
     config: RunConfig,
     verbose: bool = False,
@@ -215,6 +253,7 @@ def run_simulation_with_report(
 ) -> None:
     """Simulate with a progress bar and a row per round, then print the report."""
     from fedward.common.model import load_tokenizer
+    from fedward.server.app import trained_a_round
     from fedward.server.tracking import open_tracker
     from fedward.simulation.hospitals import prepare_config
     from fedward.simulation.report import round_table, save_plot, worth_joining_table
@@ -231,7 +270,11 @@ def run_simulation_with_report(
     started = time.monotonic()
     with rounds_progress() as progress:
         what = "training" if config.simulation.hospitals == 1 else "federated training"
-        bar = progress.add_task(what, total=config.spec.federation.rounds)
+        evaluate_only = config.local.evaluate_only
+        bar = progress.add_task(
+            "federated evaluation" if evaluate_only else what,
+            total=1 if evaluate_only else config.spec.federation.rounds,
+        )
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
@@ -245,7 +288,8 @@ def run_simulation_with_report(
             if tracker is not None:
                 tracker.log_round(row)
 
-        result = run_simulation(config, on_round=on_round, verbose=verbose)
+        with watch_progress(config, progress, bar, progress.tasks[0].description):
+            result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     unit = config.spec.privacy.dp_unit
     plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name, unit)
@@ -265,9 +309,27 @@ def run_simulation_with_report(
         console.print(joined)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
+    if config.local.evaluate_only:
+        console.print(f"evaluated in {elapsed:.0f} s; nothing trained, so no adapter was written")
+        console.print(f"  history:  {(result.out / 'history.json').resolve()}")
+        return
+    if not trained_a_round(result.rounds):
+        console.print(f"history:  {(result.out / 'history.json').resolve()}")
+        console.print(f"plot:     {plot.resolve()}")
+        error_console.print(
+            f"fedward: error: no round trained in {elapsed:.0f} s (every round failed: see the "
+            f"status column above and {result.out / 'history.json'}); the adapter in "
+            f"{result.adapter_dir} is the untrained starting one, do not use it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
-    console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format)")
+    console.print(
+        f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format; "
+        f"{kept_adapter_note(result.rounds, config)})"
+    )
     console.print(f"  history:  {(result.out / 'history.json').resolve()}")
     console.print(f"  plot:     {plot.resolve()}")
     own = result.out / OWN_FOLDER
@@ -283,6 +345,19 @@ def run_simulation_with_report(
     )
 
 
+def kept_adapter_note(rounds: list[dict], config: RunConfig) -> str:
+    """Which round's adapter the output holds, and by which rule (`keep_adapter`)."""
+    from fedward.server.app import kept_round
+
+    score = task_named(config.spec.task.name).primary_metric
+    kept = kept_round(rounds, score, config.local.keep_adapter)
+    of = f"round {kept} of {len(rounds)}"
+    value = next((row["global"].get(score) for row in rounds if row["round"] == kept), None)
+    if config.local.keep_adapter == "last" or value is None:
+        return f"{of}, the last"
+    return f"{of}, the best {score} {value:.3f}; --keep-adapter last keeps the last"
+
+
 def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
     data = config.simulation.data or "synthetic clinical notes"
     privacy = (
@@ -296,11 +371,20 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         if config.spec.secagg.secure_aggregation
         else "[bold red]secure aggregation OFF[/]"
     )
+    rounds = (
+        "evaluation only"
+        if config.local.evaluate_only
+        else f"{config.spec.federation.rounds} rounds"
+    )
     console.print(
-        f"{title}: {config.simulation.hospitals} hospitals x "
-        f"{config.spec.federation.rounds} rounds, task "
+        f"{title}: {config.simulation.hospitals} hospitals x {rounds}, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
+    if config.spec.privacy.dp and config.simulation.seeded_dp_noise:
+        console.print(
+            "[bold yellow]DP noise seeded from the run's seed (--seeded-dp-noise): reproducible "
+            "figures, no privacy; simulation only[/]"
+        )
     console.print(f"trains: {what_trains(config)}")
     if config.spec.model.init_adapter:
         from fedward.common.model import starting_adapter_record

@@ -101,7 +101,8 @@ def prepare_config(config: RunConfig) -> RunConfig:
     if config.spec.federation.min_hospitals > config.simulation.hospitals:
         raise ConfigError(
             f"field 'min_hospitals': {config.spec.federation.min_hospitals} is more than hospitals "
-            f"({config.simulation.hospitals}) in this simulation"
+            f"({config.simulation.hospitals}) in this simulation; pass --min-hospitals "
+            f"{config.simulation.hospitals} or more hospitals"
         )
     config = privacy_unit(config)
     check_pooled_vocabulary(config)
@@ -116,14 +117,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
             config.spec.training.seed,
         )
     else:
-        pooled = _pooled(
-            config.spec.task.name,
-            config.simulation.data,
-            config.data_schema.text_column,
-            config.data_schema.label_column,
-            None,
-        )
-        labels = task.label_set(list(pooled), config.simulation.data)
+        labels = task.label_set(list(_pooled_as_hospitals_read_it(config)), config.simulation.data)
     return config.updated(labels=labels)
 
 
@@ -160,16 +154,25 @@ def check_pooled_vocabulary(config: RunConfig) -> float:
             config.simulation.hospitals,
         )
     else:
-        examples = _pooled(
-            config.spec.task.name,
-            config.simulation.data,
-            config.data_schema.text_column,
-            config.data_schema.label_column,
-            None,
-        )
+        examples = _pooled_as_hospitals_read_it(config)
     tokenizer = cached_tokenizer(config.spec.model.name)
     return check_vocabulary(
         tokenizer, examples, config.spec.model.name, config.spec.task.max_unknown_rate
+    )
+
+
+def _pooled_as_hospitals_read_it(config: RunConfig) -> tuple:
+    """The data file read with every column the hospitals will read (the patient column and a
+    `column:NAME` partition's group included), so that a bad cell fails here, before round 1,
+    with its file and line, not inside every hospital's worker."""
+    scheme = config.simulation.partition
+    return _pooled(
+        config.spec.task.name,
+        config.simulation.data,
+        config.data_schema.text_column,
+        config.data_schema.label_column,
+        scheme.removeprefix("column:") if scheme.startswith("column:") else None,
+        config.data_schema.patient_column,
     )
 
 

@@ -48,11 +48,16 @@ def round_table(
         for row in rounds
         for stats in (row.get("hospitals") or {}).values()
     )
+    anyone_trained = any(
+        stats.get("trained") for row in rounds for stats in (row.get("hospitals") or {}).values()
+    )
     privacy = (
         f"ε: {dp_unit}-level DP, unit {privacy_unit(task, dp_unit)}, per hospital over the run. "
         "Metrics are exact: simulated hospitals are not charged for them (deployed hospitals "
         "release only DP-noised counts)."
         if dp_on
+        else "ε: none spent; no hospital trained in any round, so none released an update."
+        if not anyone_trained
         else "ε: none; DP was OFF for this run, so no hospital's records are protected."
     )
     lines = (
@@ -143,14 +148,29 @@ def hospital_coverage(rounds: list[dict]) -> dict[str, float]:
     return shares
 
 
+#: Hospitals named one by one in the coverage line; above it the line is summarised.
+COVERAGE_LISTED = 5
+
+
 def coverage_line(rounds: list[dict]) -> str:
-    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported)."""
+    """'unknown to the model's vocabulary: hospital-0 0.4%, ...' ('' when none reported); for
+    more than `COVERAGE_LISTED` hospitals, one figure when all round to it, else the worst few."""
     shares = hospital_coverage(rounds)
     if not shares:
         return ""
     names = sorted(shares, key=lambda n: (len(n), n))
-    return "unknown to the model's vocabulary: " + ", ".join(
-        f"{name} {shares[name]:.1%}" for name in names
+    prefix = "unknown to the model's vocabulary: "
+    if len(names) <= COVERAGE_LISTED:
+        return prefix + ", ".join(f"{name} {shares[name]:.1%}" for name in names)
+    shown = {f"{share:.1%}" for share in shares.values()}
+    if len(shown) == 1:
+        return prefix + f"{shown.pop()} at each of the {len(names)} hospitals"
+    worst = sorted(names, key=lambda n: -shares[n])[:3]
+    rest = max(shares[n] for n in names if n not in worst)
+    return (
+        prefix
+        + ", ".join(f"{name} {shares[name]:.1%}" for name in worst)
+        + f"; the other {len(names) - len(worst)} hospitals at most {rest:.1%}"
     )
 
 
@@ -174,6 +194,8 @@ def entity_type_line(rounds: list[dict]) -> str:
 
 def _status(row: dict) -> str:
     status = row["status"]
+    if status == "evaluated":  # an evaluate-only run's one row: nothing was to train
+        return status
     if status != "ok":
         return f"[red]{status.split(':')[0]}[/red]"
     extra = []
@@ -195,6 +217,22 @@ def save_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure = plot_figure(rounds, task, dp_unit)
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    plt.close(figure)
+    staging.replace(path)
+    return path
+
+
+def plot_figure(rounds: list[dict], task: str = "classification", dp_unit: str = "record"):
+    """The figure of `metrics.png`. Hospitals with the same epsilon every round share one line
+    (`epsilon_lines`); hospital names are drawn as plain text; the unit wraps to fit."""
+    import matplotlib.pyplot as plt
+
+    from fedward.server.dashboard.plots import MARKERS, epsilon_lines, plain_text, wrapped_label
+
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     keys = ("loss", *(key for key, _ in task_named(task).metric_columns))
@@ -210,27 +248,26 @@ def save_plot(
         label="train loss",
     )
     left.set_xlabel("round")
+    left.set_ylabel("loss / score")
     left.set_title("global model")
     left.legend()
     left.grid(alpha=0.3)
-    for name in hospital_names(rounds):
-        eps = [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
-        right.plot(x, eps, marker="o", label=name)
+    series = {
+        name: [_nan(row["hospitals"].get(name, {}).get("epsilon")) for row in rounds]
+        for name in hospital_names(rounds)
+    }
+    for index, (label, values) in enumerate(epsilon_lines(series)):
+        right.plot(x, values, marker=MARKERS[index % len(MARKERS)], label=plain_text(label))
     right.set_xlabel("round")
-    right.set_ylabel(f"epsilon spent (DP unit: {privacy_unit(task, dp_unit)})")
+    right.set_ylabel(wrapped_label(f"ε spent (DP unit: {privacy_unit(task, dp_unit)})"))
     right.set_title("privacy budget spent per hospital")
     right.grid(alpha=0.3)
-    if hospital_names(rounds):
+    if series:
         right.legend(fontsize="small")
     for axis in (left, right):
         axis.set_xticks(x)
     figure.tight_layout()
-    path = Path(path)
-    staging = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(staging, dpi=110)
-    plt.close(figure)
-    staging.replace(path)
-    return path
+    return figure
 
 
 def _nan(value):

@@ -98,10 +98,22 @@ def dashboard(
         token=token,
         superlink_db=superlink_db,
     )
-    scheme = "https" if ssl else "http"
-    shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host  # all interfaces: a name
-    address = f"{scheme}://{shown}:{port}/" + (f"?token={token}" if token else "")
+    address = shown_address("https" if ssl else "http", host, port, token)
     console.print(f"fedward dashboard (read-only) at [bold]{address}[/]", soft_wrap=True)
     if token and not ssl:
         console.print("[bold red]plain HTTP: the token travels in the clear[/]")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", ws="none", **ssl)
+
+
+def shown_address(scheme: str, host: str, port: int, token: str | None) -> str:
+    """The address printed at start: the one the dashboard is bound to. On all interfaces
+    (0.0.0.0, ::) the machine's name where it has one other machines can use, with the bound
+    address beside it; never a loopback name for a dashboard that is bound beyond it."""
+    query = f"?token={token}" if token else ""
+    bound = f"[{host}]" if ":" in host else host
+    if host not in ("0.0.0.0", "::"):
+        return f"{scheme}://{bound}:{port}/{query}"
+    name = socket.getfqdn()
+    if not name or name.split(".")[0] == "localhost" or is_loopback(name):
+        return f"{scheme}://{bound}:{port}/{query} (all interfaces: use this machine's address)"
+    return f"{scheme}://{name}:{port}/{query} (bound to {bound}:{port}, all interfaces)"

@@ -41,7 +41,7 @@ class HospitalState:
 def hospital_states(view: RunView) -> list[HospitalState]:
     """Each hospital named in the run's rounds, with what it did, in natural order."""
     states: dict[str, HospitalState] = {}
-    run_epsilon = _number(view.config.get("epsilon")) if view.config.get("dp", True) else None
+    run_epsilon = view.run_epsilon
 
     def state(name: str) -> HospitalState:
         if name not in states:

@@ -69,7 +69,7 @@ class RunView:
     key: str
     path: Path
     is_run: bool = True
-    state: str = "unknown"  # finished | in progress | not a run | unreadable
+    state: str = "unknown"  # finished | failed | in progress | not a run | unreadable
     run_id: str = ""
     task: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +91,15 @@ class RunView:
     @property
     def in_progress(self) -> bool:
         return self.state == "in progress"
+
+    @property
+    def run_epsilon(self) -> float | None:
+        """The run's target epsilon when it ran under DP (None otherwise): `target_epsilon` in
+        history.json's flat config, `epsilon` in the audit log's run.start record."""
+        if not self.config.get("dp", True):
+            return None
+        value = self.config.get("target_epsilon", self.config.get("epsilon"))
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def is_run_folder(path: Path) -> bool:
@@ -269,18 +278,21 @@ def _last_of(records: list[dict[str, Any]], kinds: tuple[str, ...]) -> dict[str,
 
 def _state(view: RunView, records: list[dict[str, Any]]) -> str:
     """finished: the audit log's last run.start/run.resume is followed by run.end (or, without
-    an audit log, every planned round is in the history); otherwise in progress."""
+    an audit log, every planned round is in the history); failed: so, but no round trained
+    (nothing to use); otherwise in progress."""
+    done = ("ok", "evaluated")  # a trained round, or an evaluate-only run's one evaluation
+    ended = "finished" if any(row.get("status") in done for row in view.rounds) else "failed"
     if records:
         last = _last_of(records, ("run.start", "run.resume", "run.end"))
         if last is not None and last["kind"] == "run.end":
-            return "finished"
+            return ended
         return "in progress"
     if (
         not view.audit.present
         and view.planned_rounds is not None
         and view.completed_rounds >= view.planned_rounds
     ):
-        return "finished"
+        return ended
     if not view.rounds and not (view.path / HISTORY).is_file():
         return "in progress" if (view.path / CHECKPOINT).is_file() else "unknown"
     return "in progress"

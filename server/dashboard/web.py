@@ -137,7 +137,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
             evaluation_refusals=runs.evaluation_refusals,
             participants=runs.participants,
             unit=unit,
-            auto_refresh=view.state != "finished",
+            auto_refresh=view.state not in ("finished", "failed"),
             now=time.time(),
         )
 
@@ -152,10 +152,8 @@ def create_app(settings: DashboardSettings) -> Starlette:
         if chart == "metrics":
             svg = plots.metrics_svg(view.rounds, view.task)
         else:
-            target = view.config.get("epsilon") if view.config.get("dp", True) else None
-            target = target if isinstance(target, int | float) else None
             unit = plots.privacy_unit(view.task, view.config.get("dp_unit"))
-            svg = plots.epsilon_svg(view.rounds, unit, target)
+            svg = plots.epsilon_svg(view.rounds, unit, view.run_epsilon)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 
     return Starlette(

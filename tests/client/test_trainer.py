@@ -212,3 +212,24 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_noise(four_layer_model_dir
     assert empty > 0, "no empty batch was drawn (chance about 1e-6)"
     assert len(moved) == empty and all(moved)
     assert len(steps) == len(batches) - empty  # and the others their usual step each
+
+
+def test_seeded_dp_noise_makes_a_simulated_round_reproducible_and_only_then(setup):
+    config, tokenizer, dataset = setup
+    config = config.updated(local_epochs=1)
+    seeded = config.updated(seeded_dp_noise=True)
+
+    def update(config, who="hospital-a"):
+        model = build_model(config.spec, len(LABELS))
+        start = {name: np.full_like(a, 0.01) for name, a in get_adapter_arrays(model).items()}
+        result = train_locally(model, dataset, config, start, [], tokenizer.pad_token_id, who=who)
+        return np.concatenate([result.delta[name].ravel() for name in sorted(result.delta)])
+
+    first, second = update(seeded), update(seeded)
+    assert np.array_equal(first, second)  # same seed, same settings: the same update
+    assert not np.array_equal(first, update(seeded, who="hospital-b"))  # each its own noise
+    assert not np.array_equal(update(config), update(config))  # default: the OS's noise
+    # a hospital's own config (spec + local settings) cannot carry the option at all
+    from fedward.common.config import LocalRun
+
+    assert trainer.simulation_noise_seed(LocalRun(spec=config.spec), "hospital-a", 0) is None

@@ -5,6 +5,7 @@ Every bad input must give a `DataError` that names the file (and line) and says 
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from collections import Counter
@@ -284,3 +285,24 @@ def test_the_patient_column_names_each_records_patient(tmp_path):
         read_records(path, patient_column="mrn")
     with pytest.raises(DataError, match="--patient-column"):
         read_records(path, patient_column="patient_id")
+
+
+def test_a_semicolon_delimited_csv_names_its_delimiter(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("text;label\ncough;flu\nfever;flu\n", encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        read_records(path)
+    message = str(raised.value)
+    assert f"{path}:2: column 'text' is missing" in message
+    assert "delimited by semicolons, not commas; re-save it comma-separated" in message
+
+
+def test_a_note_longer_than_the_csv_field_limit_is_said_to_be_too_long(tmp_path):
+    path = tmp_path / "notes.csv"
+    long_note = "x" * (csv.field_size_limit() + 10)
+    path.write_text(f"text,label\ncough,flu\n{long_note},flu\n", encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        read_records(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}:3: a note is too long"), message
+    assert "malformed CSV" not in message

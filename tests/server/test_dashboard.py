@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from starlette.testclient import TestClient
 
 from fedward.common.config import RunConfig
@@ -65,6 +66,7 @@ def write_run(
     refusals: dict[int, dict[str, str]] | None = None,
     finished: bool = True,
     audit: bool = True,
+    status: str = "ok",
 ) -> RunConfig:
     """A run folder as the ServerApp leaves it after `rounds` rounds (of `planned`)."""
     config = RunConfig(rounds=planned, out=str(out), labels=["asthma", "sepsis"])
@@ -74,7 +76,7 @@ def write_run(
         log.append("run.start", **run_start_fields(config, RUN_ID, "17", ARRAYS))
     rows = []
     for number in range(1, rounds + 1):
-        outcome = _outcome(number, refusals.get(number, {}))
+        outcome = _outcome(number, refusals.get(number, {}), status)
         row = history_row(number, outcome, _evaluation(number), config, 12.5)
         rows.append(row)
         write_history(out, config, RUN_ID, rows, "17")
@@ -261,3 +263,72 @@ def test_registered_supernodes_are_read_from_the_superlink_database(tmp_path):
     sqlite3.connect(other).close()
     page = _client(tmp_path, superlink_db=other).get("/").text
     assert "node table cannot be read (no such table: node)" in page
+
+
+def test_the_runs_epsilon_is_on_the_page_in_the_shares_and_on_the_chart(tmp_path):
+    # history.json, as the ServerApp writes it, holds the run's epsilon as `target_epsilon`
+    config = write_run(tmp_path / "run", audit=False)
+    assert config.spec.privacy.target_epsilon == 8.0
+    client = _client(tmp_path / "run")
+    page = " ".join(_run_page(client).split())
+    assert 'DP, run\'s ε <span id="run-epsilon">8.0</span>' in page
+    assert "7.50 of 8.0 (94%)" in page  # each hospital's epsilon against the run's
+    svg = client.get("/plot", params={"key": "0", "chart": "epsilon"}).text
+    assert 'id="run-epsilon"' in svg  # the budget line
+
+
+def test_a_run_whose_rounds_all_failed_is_not_shown_as_finished(tmp_path):
+    write_run(tmp_path / "run", status="failed: 0 usable update(s), fewer than min_hospitals (2)")
+    client = _client(tmp_path)
+    page = _run_page(client, "0/run")
+    assert '<span class="state state-failed" id="run-state">failed</span>' in page
+    assert 'class="state state-finished"' not in client.get("/").text
+    assert 'http-equiv="refresh"' not in page  # it is over: no reloading
+
+
+def test_a_hospital_name_in_matplotlib_math_syntax_is_drawn_as_plain_text(tmp_path):
+    write_run(tmp_path, refusals={1: {r"$\notacommand{x}$": BUDGET_REFUSAL}})
+    client = _client(tmp_path)
+    for chart in ("metrics", "epsilon"):
+        response = client.get("/plot", params={"key": "0", "chart": chart})
+        assert response.status_code == 200, chart
+
+
+def _rounds_of(tmp_path: Path) -> list[dict]:
+    write_run(tmp_path, refusals={2: {"hospital-1": BUDGET_REFUSAL}})
+    return read_run(RunFolder("0", tmp_path)).rounds
+
+
+def test_the_charts_labels_fit_the_figure_and_the_metrics_axis_is_named(tmp_path):
+    from fedward.server.dashboard import plots
+
+    rounds = _rounds_of(tmp_path)
+    metrics = plots.metrics_figure(rounds, "classification")
+    assert metrics.axes[0].get_ylabel()
+    figure = plots.epsilon_figure(rounds, plots.privacy_unit("classification", "patient"), 8.0)
+    label = figure.axes[0].yaxis.label
+    assert "all of a patient's records" in label.get_text().replace("\n", " ")
+    extent = label.get_window_extent(FigureCanvasAgg(figure).get_renderer())
+    assert extent.y0 >= 0 and extent.y1 <= figure.bbox.height, "the ε label is cut off"
+
+
+def test_hospitals_with_the_same_epsilon_share_one_named_line():
+    from fedward.server.dashboard.plots import epsilon_lines
+
+    same, other, nan = [1.0, 2.0], [1.5, 3.0], float("nan")
+    lines = epsilon_lines({"hospital-0": same, "hospital-1": same, "hospital-2": other})
+    assert [label for label, _ in lines] == ["hospital-0, hospital-1", "hospital-2"]
+    lines = epsilon_lines({f"hospital-{i}": [nan, 2.0] for i in range(5)})
+    assert [label for label, _ in lines] == ["all hospitals (5)"]
+
+
+def test_a_dashboard_on_all_interfaces_prints_the_address_it_is_bound_to(monkeypatch):
+    from fedward.server.dashboard import cli
+
+    monkeypatch.setattr(cli.socket, "getfqdn", lambda: "localhost")  # a container's usual name
+    shown = cli.shown_address("https", "0.0.0.0", 8443, "t0k")
+    assert shown.startswith("https://0.0.0.0:8443/?token=t0k") and "localhost" not in shown
+    monkeypatch.setattr(cli.socket, "getfqdn", lambda: "coordinator.example.org")
+    shown = cli.shown_address("https", "::", 8443, None)
+    assert shown.startswith("https://coordinator.example.org:8443/") and "[::]:8443" in shown
+    assert cli.shown_address("http", "127.0.0.1", 8080, None) == "http://127.0.0.1:8080/"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FEDWARD = shutil.which("fedward") or str(Path(sys.executable).parent / "fedward")
 
 
@@ -89,3 +91,17 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
     text = console.export_text()
     assert "0.610*" in text and "0.740*" not in text
     assert "* macro_f1 recorded before fedward pooled the hospitals' counts" in text
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("seeded_dp_noise = true", "'seeded_dp_noise': simulation only"),
+        ("evaluate_only = true", "'evaluate_only': simulation only"),
+    ],
+)
+def test_run_refuses_what_is_for_simulation_only(tmp_path, line, expected):
+    config = tmp_path / "run.toml"
+    config.write_text(f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\n{line}\n')
+    _one_line_error(_fedward("run", "--config", str(config)), expected)
+    assert not (tmp_path / "out").exists()

@@ -160,3 +160,50 @@ def test_a_run_without_dp_does_not_claim_a_privacy_unit():
     rounds = _one_round({"hospital-0": {"trained": True, "epsilon": None}})
     text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
     assert "DP was OFF" in text and "patient-level DP" not in text
+
+
+def test_a_run_in_which_no_hospital_trained_does_not_claim_dp_was_off():
+    rounds = _one_round({"hospital-0": {"refused": "data.unreadable"}})
+    rounds[0]["status"] = "failed: 0 usable update(s), fewer than min_hospitals (1)"
+    text = " ".join(" ".join(_render(round_table(rounds, dp_unit="patient"))).split())
+    assert "DP was OFF" not in text
+    assert "no hospital trained in any round" in text
+
+
+def test_metrics_png_names_its_axes_fits_its_unit_and_merges_identical_hospitals():
+    from fedward.simulation.report import plot_figure
+
+    rounds = _one_round(
+        {
+            "hospital-0": {"trained": True, "epsilon": 2.0},
+            "hospital-1": {"trained": True, "epsilon": 2.0},
+            "$\\notacommand$": {"trained": True, "epsilon": 1.0},
+        }
+    )
+    figure = plot_figure(rounds, "classification", "patient")
+    left, right = figure.axes
+    assert left.get_ylabel()
+    label = right.yaxis.label
+    assert "all of a patient's records" in label.get_text().replace("\n", " ")
+    figure.canvas.draw()  # a hospital name in math syntax does not fail the drawing
+    extent = label.get_window_extent(figure.canvas.get_renderer())
+    assert extent.y0 >= 0 and extent.y1 <= figure.bbox.height, "the ε label is cut off"
+    legend = [text.get_text() for text in right.get_legend().get_texts()]
+    assert legend == ["hospital-0, hospital-1", r"\$\notacommand\$"]
+
+
+def test_the_vocabulary_line_of_a_hundred_hospitals_is_summarised():
+    from fedward.simulation.report import coverage_line
+
+    def rounds(shares: dict[str, float]) -> list[dict]:
+        return _one_round({name: {"unknown_rate": share} for name, share in shares.items()})
+
+    names = [f"hospital-{i}" for i in range(100)]
+    line = coverage_line(rounds(dict.fromkeys(names, 0.0)))
+    assert line == "unknown to the model's vocabulary: 0.0% at each of the 100 hospitals"
+    shares = {name: 0.001 for name in names} | {"hospital-7": 0.05, "hospital-42": 0.02}
+    line = coverage_line(rounds(shares))
+    assert line.count("hospital-") == 3 and line.startswith(
+        "unknown to the model's vocabulary: hospital-7 5.0%, hospital-42 2.0%, hospital-"
+    )
+    assert line.endswith("; the other 97 hospitals at most 0.1%")

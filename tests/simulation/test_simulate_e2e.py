@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
 from fedward.common.secagg import quantization_bound
+from fedward.server.app import kept_round
 from fedward.simulation.hospitals import prepare_config
 from fedward.simulation.runner import simulate
 
@@ -83,8 +84,14 @@ def _check_run(config: RunConfig, result) -> list[dict]:
     assert any(not np.allclose(loaded[name], initial[name]) for name in initial), (
         "adapter never moved"
     )
-    for name in loaded:  # the saved adapter is the run's final global adapter
-        np.testing.assert_array_equal(loaded[name], result.arrays[name])
+    # the saved adapter is the kept round's (keep_adapter = best): the last round's global
+    # adapter when that round scored best, an earlier one's otherwise
+    assert result.kept_round == kept_round(result.rounds, "macro_f1")
+    if result.kept_round == result.rounds[-1]["round"]:
+        for name in loaded:
+            np.testing.assert_array_equal(loaded[name], result.arrays[name])
+    else:
+        assert any(not np.array_equal(loaded[name], result.arrays[name]) for name in loaded)
 
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
     rows = history["rounds"]
