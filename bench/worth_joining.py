@@ -60,13 +60,15 @@ def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
     return values
 
 
-def run_federation(values: dict) -> list[dict]:
-    """One federated run (fast path) and each hospital's alone / global / own report."""
+def run_federation(values: dict, global_only: bool = False) -> list[dict]:
+    """One federated run (fast path) and each hospital's alone / global / own report (with
+    `global_only`, the global model's score alone: for sweeping the DP recipe)."""
     from fedward.client.app import HospitalData, encode, own_model, with_run_labels
     from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
     from fedward.client.privacy.accounting import plan_dp, privacy_units
-    from fedward.client.trainer import train_locally
+    from fedward.client.trainer import predict, train_locally
     from fedward.common.config import SimulatedData
+    from fedward.common.tasks import task_named
     from fedward.server.aggregation import apply_average, weighted_sum
     from fedward.simulation.hospitals import _hospital_split, prepare_config
 
@@ -109,10 +111,18 @@ def run_federation(values: dict) -> list[dict]:
     rows = []
     for number, data in enumerate(hospitals):
         started = time.monotonic()
-        _, report = own_model(data, config, arrays)
+        if global_only:
+            validation = encode(data.val, config, tokenizer)
+            _, truth, predicted = predict(model, validation, config, arrays, tokenizer.pad_token_id)
+            score = task_named(config.spec.task.name).metrics(
+                truth, predicted, config.spec.task.labels
+            )
+            figures = {"global": score[task_named(config.spec.task.name).primary_metric]}
+        else:
+            figures = own_model(data, config, arrays)[1].as_dict()
         rows.append(
             {
-                **report.as_dict(),
+                **figures,
                 "hospital": number,
                 "train": len(data.train),
                 "validation": len(data.val),
@@ -175,6 +185,7 @@ def main() -> None:
         "--recipes", default="", help="several --set groups in one process, separated by ';'"
     )
     parser.add_argument("--log", type=Path, default=Path("bench/results/worth_joining.jsonl"))
+    parser.add_argument("--global-only", action="store_true", help="score the global model only")
     parser.add_argument("--report", action="store_true", help="print the tables of --log")
     args = parser.parse_args()
     if args.report:
@@ -193,7 +204,7 @@ def main() -> None:
                 for overrides in recipes:
                     settings = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
                     values = {**federation_values(name, seed, Path(folder), args.max_train)}
-                    for row in run_federation(values | overrides):
+                    for row in run_federation(values | overrides, args.global_only):
                         row = {"federation": name, "seed": seed, "settings": settings, **row}
                         print(json.dumps(row), flush=True)
                         with args.log.open("a", encoding="utf-8") as log:

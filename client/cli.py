@@ -101,6 +101,14 @@ def start(
             help="Memory (MiB) the prefix cache may hold; past it, a private temporary folder."
         ),
     ] = LocalSettings.model_fields["prefix_cache_mb"].default,
+    own_model: Annotated[
+        bool,
+        typer.Option(
+            help="At a run's last round, fit this hospital's own model from the global one and "
+            "its own notes, with its alone / global / own report, into <ledger>/own/ (not DP: "
+            "kept here, never sent)."
+        ),
+    ] = LocalSettings.model_fields["own_model"].default,
 ) -> None:
     """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
 
@@ -136,6 +144,7 @@ def start(
         ),
         prefix_cache=prefix_cache,
         prefix_cache_mb=prefix_cache_mb,
+        own_model=own_model,
     )
     command = supernode.prepare_supernode(settings)
     if insecure:

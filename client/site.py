@@ -233,7 +233,7 @@ class Site:
         }
         _node_setting(
             name,
-            "its prefix-cache settings in the node config are invalid",
+            "its local settings (prefix cache, own model) in the node config are invalid",
             "policy.not_configured",
             lambda: LocalSettings.build(cache, source="node config"),
         )

@@ -19,6 +19,7 @@ LEDGER_KEY = "ledger"
 AUDIT_KEY = "audit-log"
 DATASET_KEY = "dataset-id"
 DEVICE_KEY = "device"
-#: The hospital's own frozen-prefix cache settings (`LocalSettings`), never the run's.
-CACHE_KEYS = ("prefix-cache", "prefix-cache-mb")
+#: The hospital's own local settings (`LocalSettings`: the frozen-prefix cache, and whether it
+#: fits its own model at a run's last round), never the run's.
+CACHE_KEYS = ("prefix-cache", "prefix-cache-mb", "own-model")
 NAME_KEY = "hospital-name"

@@ -99,6 +99,7 @@ class HospitalSettings:
     schema: DataSchema = field(default_factory=DataSchema)
     prefix_cache: bool = LocalSettings.model_fields["prefix_cache"].default
     prefix_cache_mb: int = LocalSettings.model_fields["prefix_cache_mb"].default
+    own_model: bool = LocalSettings.model_fields["own_model"].default
 
 
 def check_settings(settings: HospitalSettings) -> SitePolicy:
@@ -158,7 +159,13 @@ def node_config(settings: HospitalSettings) -> dict[str, str | float]:
         NAME_KEY: settings.name,
         DATASET_KEY: settings.dataset_id,
         DEVICE_KEY: settings.device,
-        **dict(zip(CACHE_KEYS, (settings.prefix_cache, settings.prefix_cache_mb), strict=True)),
+        **dict(
+            zip(
+                CACHE_KEYS,
+                (settings.prefix_cache, settings.prefix_cache_mb, settings.own_model),
+                strict=True,
+            )
+        ),
         **{
             key.replace("_", "-"): value
             for key, value in settings.schema.model_dump().items()
