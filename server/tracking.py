@@ -8,7 +8,9 @@
   and, at the end, `fedward.run_id`;
 - metrics, one step per round: `global.<metric>` (the global model's validation metrics),
   `train_loss` where hospitals report it, `epsilon.<hospital>` (what each hospital reported for
-  its update, cumulative over the run) and `epsilon_max`, and counts of `participants`,
+  its update, cumulative over the run) and `epsilon_max`, `joining.alone.<hospital>`,
+  `joining.global.<hospital>` and `joining.own.<hospital>` where a hospital reported them
+  (worth joining: a simulated hospital at the last round), and counts of `participants`,
   `refused` and `dropped` hospitals, `round_ok` (1 or 0) and `seconds`;
 - artifacts: the final adapter (`adapter/`, PEFT format), `history.json` and `metrics.png`.
 
@@ -189,6 +191,10 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
             epsilons.append(float(item["epsilon"]))
     if epsilons:
         values["epsilon_max"] = max(epsilons)
+    for name, item in hospitals.items():  # worth joining: a hospital's alone / global / own
+        for which in ("alone", "global", "own"):
+            if _is_number(item.get(f"personal_{which}")):
+                values[f"joining.{which}.{metric_key(name)}"] = float(item[f"personal_{which}"])
     values["participants"] = float(sum(1 for item in hospitals.values() if item.get("trained")))
     values["refused"] = float(len({**(row.get("refused") or {}), **(row.get("rejected") or {})}))
     values["dropped"] = float(len(row.get("dropped") or []))

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from fedward.client.privacy.accounting import group_epsilon
 from fedward.common.tasks import PATIENT_UNIT, task_named
+from fedward.server.dashboard.runs import worth_joining
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -272,21 +273,6 @@ def plot_figure(rounds: list[dict], task: str = "classification", dp_unit: str =
 
 def _nan(value):
     return float("nan") if value is None else value
-
-
-def worth_joining(rounds: list[dict]) -> dict[str, dict[str, float]]:
-    """Each hospital's alone / global / own figures on its own validation notes, from the last
-    round that has them (`personal_*`, simulation only); empty when no hospital built its own
-    model (`--no-own-model`, or the last round's evaluation failed)."""
-    for row in reversed(rounds):
-        found = {
-            name: {key: stats[f"personal_{key}"] for key in ("alone", "global", "own")}
-            for name, stats in (row.get("hospitals") or {}).items()
-            if all(f"personal_{key}" in stats for key in ("alone", "global", "own"))
-        }
-        if found:
-            return found
-    return {}
 
 
 def worth_joining_table(rounds: list[dict], task: str = "classification") -> Table | None:

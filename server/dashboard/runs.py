@@ -388,6 +388,21 @@ def participants(row: dict[str, Any]) -> list[str]:
     return sorted(names, key=natural_key)
 
 
+def worth_joining(rounds: list[dict]) -> dict[str, dict[str, float]]:
+    """Each hospital's alone / global / own figures on its own validation notes, from the last
+    round that has them (`personal_*`, simulation only); empty when no hospital built its own
+    model (`--no-own-model`, or the last round's evaluation failed)."""
+    for row in reversed(rounds):
+        found = {
+            name: {key: stats[f"personal_{key}"] for key in ("alone", "global", "own")}
+            for name, stats in (row.get("hospitals") or {}).items()
+            if all(f"personal_{key}" in stats for key in ("alone", "global", "own"))
+        }
+        if found:
+            return found
+    return {}
+
+
 def hospital_names(rounds: list[dict[str, Any]]) -> list[str]:
     """Every hospital named in any round, in natural order (hospital-2 before hospital-10)."""
     names = {name for row in rounds for name in row.get("hospitals", {})}

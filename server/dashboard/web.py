@@ -133,6 +133,7 @@ def create_app(settings: DashboardSettings) -> Starlette:
             columns=plots.metric_columns(view.task, view.rounds),
             names=runs.hospital_names(view.rounds),
             hospitals=hospital_states.hospital_states(view),
+            joining=runs.worth_joining(view.rounds),
             refusals=runs.refusals,
             evaluation_refusals=runs.evaluation_refusals,
             participants=runs.participants,

@@ -332,3 +332,18 @@ def test_a_dashboard_on_all_interfaces_prints_the_address_it_is_bound_to(monkeyp
     shown = cli.shown_address("https", "::", 8443, None)
     assert shown.startswith("https://coordinator.example.org:8443/") and "[::]:8443" in shown
     assert cli.shown_address("http", "127.0.0.1", 8080, None) == "http://127.0.0.1:8080/"
+
+
+def test_each_hospitals_alone_global_and_own_figures_are_on_the_run_page(tmp_path):
+    write_run(tmp_path / "run", audit=False)
+    path = tmp_path / "run" / "history.json"
+    history = json.loads(path.read_text(encoding="utf-8"))
+    last = history["rounds"][-1]["hospitals"]
+    last["hospital-0"].update(personal_alone=0.712, personal_global=0.655, personal_own=0.781)
+    path.write_text(json.dumps(history), encoding="utf-8")
+    page = " ".join(_run_page(_client(tmp_path / "run")).split())
+    assert 'id="worth-joining"' in page
+    row = page.split('<tr data-hospital="hospital-0"> <td>hospital-0</td> <td class="num">')[-1]
+    assert row.startswith('0.712</td> <td class="num">0.655</td> <td class="num">0.781</td>')
+    assert "+6.9 pts" in row
+    assert '<tr data-hospital="hospital-1"> <td>hospital-1</td> <td class="num">' not in page

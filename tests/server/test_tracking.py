@@ -86,6 +86,12 @@ def test_every_round_s_metrics_and_epsilon_are_recorded(tracked_run):
         assert 0 < epsilon[0].value < epsilon[1].value
     participants = client.get_metric_history(run.info.run_id, "participants")
     assert [m.value for m in participants] == [2.0, 2.0]
+    # worth joining: each hospital's alone / global / own, at the last round
+    for name in ("hospital-0", "hospital-1"):
+        for which in ("alone", "global", "own"):
+            (figure,) = client.get_metric_history(run.info.run_id, f"joining.{which}.{name}")
+            assert figure.step == 2
+            assert figure.value == rows[-1]["hospitals"][name][f"personal_{which}"]
 
 
 def test_the_adapter_is_an_artifact_peft_loads(tracked_run, tmp_path):
