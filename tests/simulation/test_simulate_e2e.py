@@ -136,6 +136,23 @@ def test_the_saved_adapter_predicts_with_fedward_predict(plain_run):
     assert label in prepare_config(config).spec.task.labels
 
 
+def test_every_hospital_ends_with_its_own_model_and_its_alone_global_own_figures(secure_run):
+    from fedward.simulation.predict import predict_texts
+
+    config, result = secure_run
+    last = result.rounds[-1]["hospitals"]
+    for name in HOSPITALS:
+        figures = {key: last[name][f"personal_{key}"] for key in ("alone", "global", "own")}
+        assert all(0.0 <= value <= 1.0 for value in figures.values()), figures
+        own = Path(config.local.out) / "own" / name
+        report = json.loads((own / "report.json").read_text(encoding="utf-8"))
+        assert report["hospital"] == name and report["own"] == pytest.approx(figures["own"], 1e-3)
+        assert predict_texts(own, ["fever, productive cough"])[0].startswith("fever")
+    # a hospital's figures are its own: never averaged into the global model's metrics
+    assert not any(key.startswith("personal") for key in result.rounds[-1]["global"])
+    assert all("personal_own" not in h for h in result.rounds[0]["hospitals"].values())
+
+
 def test_secure_aggregation_gives_the_plain_fedavg_adapter(tiny_model_dir, tmp_path):
     """Masks cancel: without DP noise (training is then seeded), both give the same average."""
     common = {"dp": False, "rounds": 1, "learning_rate": 0.05}
