@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -356,8 +357,8 @@ def round_counts(history: dict) -> dict:
 
 def _reason_kind(status: str) -> str:
     """A failure's reason without its numbers and node ids (to count them by kind)."""
-    text = status.removeprefix("failed: ")
-    return text.split(";")[0].split(" (")[0][:90]
+    text = re.sub(r"\d+", "#", status.removeprefix("failed: "))
+    return text.split(";")[0].split(" (")[0][:100]
 
 
 # --- record text -------------------------------------------------------------------------------
