@@ -327,6 +327,7 @@ class Soak:
         self.events: list[str] = []
         self.resumes = 0
         self.planted = 0
+        self.stopped_at: int | None = None  # rounds recorded when the deadline stopped the run
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -548,6 +549,7 @@ class Soak:
         while True:
             if self.now() > settings.deadline:
                 self.event(f"deadline of {settings.deadline:.0f} s reached; stopping the run")
+                self.stopped_at = len(self.history()["rounds"])
                 break
             if self.now() - last_memory > 1.0:
                 self.sample_memory()
@@ -685,7 +687,9 @@ class Soak:
         history = self.history()
         findings: list[Finding] = []
         coordinator_audit = read_jsonl(self.out / "audit.jsonl")
-        findings += round_findings(history, self.settings.rounds, coordinator_audit)
+        # a run the deadline stopped is checked on the rounds it reached (the report says so)
+        reached = self.settings.rounds if self.stopped_at is None else self.stopped_at
+        findings += round_findings(history, reached, coordinator_audit)
         ledgers = {}
         for name in self.names:
             ledger_path = self.site(name) / "ledger" / f"{name}-notes.json"
@@ -762,6 +766,11 @@ def report(soak: Soak, result: dict, command: str) -> str:
         f"rounds                  attempted {counts['attempted']} of {settings.rounds}, "
         f"completed {counts['completed']}, failed {counts['failed']}",
     ]
+    if soak.stopped_at is not None:
+        lines.append(
+            f"  STOPPED by the {settings.deadline:.0f} s deadline after {soak.stopped_at} rounds "
+            "(every process killed with SIGKILL there; the checks then ran on what was left)"
+        )
     for reason, number in counts["reasons"].most_common():
         lines.append(f"  failed {number} x     {reason}")
     lines.append(
