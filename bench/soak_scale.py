@@ -149,11 +149,8 @@ def main() -> None:
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rows = [run(args, secure=True)]
-    if args.plain:
-        rows.append(run(args, secure=False))
     load = os.getloadavg()
-    lines = [
+    header = [
         f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: simulation, {args.hospitals} hospitals at "
         f"fraction {args.fraction}, {args.rounds} rounds",
         "",
@@ -161,25 +158,28 @@ def main() -> None:
         f"{args.fraction} --rounds {args.rounds} --notes {args.notes} --neighbours "
         f"{args.neighbours}{' --no-plain' if not args.plain else ''}`; model "
         f"{args.model or 'all-MiniLM-L6-v2 (packaged)'}; {os.cpu_count()} cores, load average "
-        f"at the end {load[0]:.1f} (shared).",
+        f"at the start {load[0]:.1f} (shared). Each row is appended as its run ends.",
         "",
-        "```",
-        f"{'aggregation':<22}{'workers':>8}{'wall s':>8}{'peak MiB':>10}{'worker MiB':>11}"
+        f"    {'aggregation':<22}{'workers':>8}{'wall s':>8}{'peak MiB':>10}{'worker MiB':>11}"
         f"{'s/round':>9}{'server SecAgg s/round':>23}{'rounds ok':>11}{'trained':>9}",
     ]
-    for row in rows:
+    write(args.results, "\n" + "\n".join(header) + "\n")
+    for secure in (True, False) if args.plain else (True,):
+        row = run(args, secure=secure)
         name = f"SecAgg+ k={args.neighbours}" if row["secure"] else "plain"
-        lines.append(
-            f"{name:<22}{row['workers']:>8}{row['wall_s']:>8.0f}{row['peak_mb']:>10.0f}"
+        write(
+            args.results,
+            f"    {name:<22}{row['workers']:>8}{row['wall_s']:>8.0f}{row['peak_mb']:>10.0f}"
             f"{row['worker_peak_mb']:>11.0f}{row['round_s']:>9.1f}"
             f"{row['secagg_s'] if row['secure'] else 0:>23.2f}"
-            f"{row['ok']:>7}/{row['rounds']:<3}{row['trained']:>9}"
+            f"{row['ok']:>7}/{row['rounds']:<3}{row['trained']:>9}\n",
         )
-    lines.append("```")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a", encoding="utf-8") as handle:
-        handle.write("\n" + text)
+
+
+def write(path: Path, text: str) -> None:
+    print(text, end="", flush=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 if __name__ == "__main__":
