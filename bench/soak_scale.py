@@ -3,8 +3,9 @@
 Runs `simulate` (the same code as `fedward simulate`) for `--hospitals` hospitals at
 `--fraction`, once with SecAgg+ over a neighbour graph and once without (the plain round), and
 prints: wall time, peak resident memory of the whole process tree and of the largest single
-worker process, seconds per round, and the server's own SecAgg+ time per round (every method of
-`SecAggServerSession`, timed in this process, where the simulation's ServerApp runs).
+process in it (a worker), and seconds per round; the difference of the two runs' seconds per
+round is what SecAgg+ costs a round. (The simulation's ServerApp runs in a process of its own,
+so the server's SecAgg+ arithmetic is not timed apart here.)
 
     python -m bench.soak_scale [--hospitals 100] [--fraction 0.1] [--rounds 5] [--neighbours 6]
 
@@ -14,13 +15,11 @@ Appends its table to bench/results/soak.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,41 +64,6 @@ class TreeMemory:
         self._thread.join()
 
 
-class SecAggTimer:
-    """Wall seconds spent in `SecAggServerSession`'s methods, per server round (patched)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[int, float] = defaultdict(float)
-        self._originals = {}
-
-    def __enter__(self) -> SecAggTimer:
-        from fedward.server.secagg import SecAggServerSession
-
-        for name in ("advertise_keys_requests", "share_keys_requests", "masked_update_requests",
-                     "consistency_requests", "unmask_requests", "aggregate"):  # fmt: skip
-            original = getattr(SecAggServerSession, name)
-            self._originals[name] = original
-            setattr(SecAggServerSession, name, self._timed(original))
-        return self
-
-    def _timed(self, method):
-        @functools.wraps(method)
-        def timed(session, *args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return method(session, *args, **kwargs)
-            finally:
-                self.seconds[getattr(session, "server_round", 0)] += time.perf_counter() - started
-
-        return timed
-
-    def __exit__(self, *exc) -> None:
-        from fedward.server.secagg import SecAggServerSession
-
-        for name, original in self._originals.items():
-            setattr(SecAggServerSession, name, original)
-
-
 def run(args, secure: bool) -> dict:
     from fedward.simulation.runner import plan_workers, simulate
 
@@ -119,7 +83,7 @@ def run(args, secure: bool) -> dict:
         )
         workers = plan_workers(config).workers
         started = time.monotonic()
-        with TreeMemory() as memory, SecAggTimer() as secagg:
+        with TreeMemory() as memory:
             result = simulate(config)
         wall = time.monotonic() - started
     rows = result.rounds
@@ -130,7 +94,6 @@ def run(args, secure: bool) -> dict:
         "peak_mb": memory.peak / 2**20,
         "worker_peak_mb": max(memory.per_process.values(), default=0) / 2**20,
         "round_s": sum(row["seconds"] for row in rows) / max(len(rows), 1),
-        "secagg_s": sum(secagg.seconds.values()) / max(len(rows), 1),
         "ok": sum(row["status"] == "ok" for row in rows),
         "rounds": len(rows),
         "trained": sum(1 for row in rows for h in row["hospitals"].values() if h.get("trained")),
@@ -161,7 +124,7 @@ def main() -> None:
         f"at the start {load[0]:.1f} (shared). Each row is appended as its run ends.",
         "",
         f"    {'aggregation':<22}{'workers':>8}{'wall s':>8}{'peak MiB':>10}{'worker MiB':>11}"
-        f"{'s/round':>9}{'server SecAgg s/round':>23}{'rounds ok':>11}{'trained':>9}",
+        f"{'s/round':>9}{'rounds ok':>11}{'trained':>9}",
     ]
     write(args.results, "\n" + "\n".join(header) + "\n")
     for secure in (True, False) if args.plain else (True,):
@@ -171,7 +134,6 @@ def main() -> None:
             args.results,
             f"    {name:<22}{row['workers']:>8}{row['wall_s']:>8.0f}{row['peak_mb']:>10.0f}"
             f"{row['worker_peak_mb']:>11.0f}{row['round_s']:>9.1f}"
-            f"{row['secagg_s'] if row['secure'] else 0:>23.2f}"
             f"{row['ok']:>7}/{row['rounds']:<3}{row['trained']:>9}\n",
         )
 
