@@ -655,6 +655,9 @@ class Soak:
         self.event(f"round {fault.round} FAULT {fault.kind} {hospital or ''} in {stage}: {detail}")
 
     def close(self) -> None:
+        self.wall = getattr(self, "wall", None) or self.now()
+        self.started_run = getattr(self, "started_run", None) or self.wall
+        self.schedule = getattr(self, "schedule", [])
         for process in [*self.nodes.values(), *self.superlinks]:
             if process.running():
                 process.sample_rss()
@@ -848,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     soak = Soak(settings)
     try:
         soak.run()
+    except SoakError as exc:  # still check and report what the run left behind
+        soak.event(f"soak stopped: {exc}")
+        soak.stopped_at = len(soak.history()["rounds"])
     finally:
         soak.close()
     result = soak.check()
