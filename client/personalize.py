@@ -8,11 +8,13 @@ a run, inside the hospital:
   with the recipe a hospital would tune on its own (learning rate and epochs chosen on a
   selection fold of its own training notes, not the DP recipe minus the noise);
 - *global*: the federation's final adapter, as received;
-- *own*: the best on the selection fold of the global adapter as is, the global adapter
+- *own*: chosen on the selection fold among the global adapter as is, the global adapter
   fine-tuned on the hospital's notes with a pull towards the global weights (the personal
   objective of Ditto, Li et al. 2021, solved once against the final global model: the loss on
-  its own notes plus `pull / 2 * ||own - global||^2`; pull 0 is plain fine-tuning), and the
-  alone model. The chosen recipe is then refitted on all its training notes.
+  its own notes plus `pull / 2 * ||own - global||^2`; pull 0 is plain fine-tuning), mixes of
+  the alone and global adapters (for the head-only default, the mean of their logits), and the
+  alone model, which it stays unless another beats it on the fold by `HomeRecipe.margin`. The
+  chosen recipe is then refitted on all its training notes.
 
 The three are scored on the hospital's validation notes, which no model here trained or chose
 on. Nothing here is DP and nothing here leaves: the own and alone adapters are trained on the
@@ -59,7 +61,14 @@ class HomeRecipe:
     #: LoRA factors train at this fraction of the head's learning rate.
     lora_ratio: float = 0.1
     #: Pulls towards the global weights tried for the own model (0: plain fine-tuning).
-    pulls: tuple[float, ...] = (0.0, 0.1, 1.0)
+    pulls: tuple[float, ...] = (0.0, 0.01, 0.1)
+    #: Weights of the alone model in its mixes with the global one (`w * alone + (1 - w) *
+    #: global`, tensor by tensor; for the default head-only model this is exactly the mean of
+    #: the two models' logits, an ensemble in one adapter).
+    mixes: tuple[float, ...] = (0.25, 0.5, 0.75)
+    #: How much better than the alone model (on the fold) a model built on the global one must
+    #: score to be kept instead.
+    margin: float = 0.01
     max_epochs: int = 30
     patience: int = 5
     batch_size: int = 32
@@ -202,14 +211,22 @@ def personalize(
     for pull in recipe.pulls:
         tuned[pull] = fit(global_arrays, alone_lr, pull, inner, recipe.max_epochs, fold)
         selection_scores[f"fine-tune (pull {pull:g})"] = tuned[pull].score
+    for weight in recipe.mixes:
+        mixed = _mix(alone_fit.arrays, global_arrays, weight)
+        selection_scores[f"mix ({weight:g} alone)"] = _score(model, data, task, labels, mixed, fold)
     alone = fit(fresh_arrays, alone_lr, 0.0, everything, alone_fit.epochs).arrays
 
-    # Own: the best candidate on the selection fold (ties: the simpler one first).
-    best = max(selection_scores, key=lambda name: (selection_scores[name], name == "global"))
+    # Own: the alone model, unless a candidate built on the global one beats it on the fold by
+    # `margin` (a fold of a few dozen patients is noisy: without the margin, a global model no
+    # better than alone would be picked half the time, and cost the hospital what the noise
+    # costs); among those, the best (ties: the global model untouched).
+    best = choose_own(selection_scores, recipe.margin)
     if best == "global":
         own = global_arrays
     elif best == "alone":
         own = alone
+    elif best.startswith("mix"):
+        own = _mix(alone, global_arrays, next(w for w in recipe.mixes if f"({w:g} " in best))
     else:
         pull = next(p for p in recipe.pulls if best == f"fine-tune (pull {p:g})")
         own = fit(global_arrays, alone_lr, pull, everything, tuned[pull].epochs).arrays
@@ -238,6 +255,13 @@ def personalize(
         report.own,
     )
     return own, report
+
+
+def choose_own(scores: dict[str, float], margin: float) -> str:
+    """The own model's candidate: "alone", unless another scores at least `margin` more on the
+    selection fold; then the best of those (a tie goes to "global", the model untouched)."""
+    best = max(scores, key=lambda name: (scores[name], name == "global"))
+    return best if scores[best] >= scores["alone"] + margin else "alone"
 
 
 def _fit(
@@ -301,6 +325,15 @@ def _score(model, data: _HomeData, task, labels, arrays, indices) -> float:
         true_ids.extend(labels_batch.tolist())
         pred_ids.extend(output.logits.float().argmax(dim=-1).cpu().tolist())
     return float(task.metrics(true_ids, pred_ids, labels)[task.primary_metric])
+
+
+def _mix(alone: Arrays, global_arrays: Arrays, weight: float) -> Arrays:
+    return {
+        name: (weight * alone[name] + (1 - weight) * global_arrays[name]).astype(
+            global_arrays[name].dtype
+        )
+        for name in global_arrays
+    }
 
 
 def home_fold(examples: list, task: Task, recipe: HomeRecipe, seed: int) -> list[int]:
