@@ -9,6 +9,7 @@ because Flower starts a fresh ClientApp process (torch, transformers) for every 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -74,6 +75,22 @@ def test_a_two_round_secure_run_succeeds(federation, first_run):
         assert [(f["run_id"], f["round"]) for f in trained] == [(run_id, 1), (run_id, 2)]
         for fields in trained:
             assert fields["global_sha256"] == adapters[fields["round"] - 1]
+    # each hospital kept its own model and its alone / global / own report at home, and no
+    # part of either reached the coordinator (its figures, or the adapter's tensor bytes)
+    for row in history["rounds"]:
+        for stats in row["hospitals"].values():
+            assert not any(key.startswith("personal") for key in stats)
+    coordinator_files = [
+        path for path in federation.root.joinpath("coordinator").rglob("*") if path.is_file()
+    ]
+    coordinator_bytes = b"".join(path.read_bytes() for path in coordinator_files)
+    for name in HOSPITALS:
+        own = federation.site(name) / "ledger" / "own" / f"{name}-notes" / run_id
+        report = json.loads((own / "report.json").read_text(encoding="utf-8"))
+        assert {"alone", "global", "own", "own_method"} <= set(report)
+        weights = (own / "adapter" / "adapter_model.safetensors").read_bytes()
+        header = 8 + int.from_bytes(weights[:8], "little")
+        assert weights[header + 64 : header + 128] not in coordinator_bytes
     for path in [
         out / "audit.jsonl",
         *(federation.site(n) / "ledger" / "audit.jsonl" for n in HOSPITALS),
