@@ -170,6 +170,24 @@ def report(log: Path) -> str:
         out += ["", f"mean own - alone: {100 * statistics.mean(gains_all):+.1f} pts"]
         if gains_small:
             out[-1] += f"; small hospitals: {100 * statistics.mean(gains_small):+.1f} pts"
+        below = [n for n, g in zip(sorted(hospitals), gains_all, strict=True) if g < -0.01]
+        out.append(
+            "rule own >= alone - 1 pt: "
+            + (
+                "held at every hospital"
+                if not below
+                else "missed at hospital(s) "
+                + ", ".join(
+                    f"{n} ({100 * gains_all[sorted(hospitals).index(n)]:+.1f} pts)" for n in below
+                )
+            )
+        )
+        target = {"small10": 0.05, "centre": 0.05, "abstracts": 0.03}.get(name)
+        if target is not None:
+            gains = gains_small or gains_all
+            mean = statistics.mean(gains)
+            verdict = "met" if mean >= target else f"missed by {100 * (target - mean):.1f} pts"
+            out.append(f"rule mean gain >= +{100 * target:.0f} pts: {verdict}")
         out.append("")
     return "\n".join(out)
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedward.client.prefix_cache import cached_training
-from fedward.client.trainer import pick_device
+from fedward.client.trainer import autocast_for, pick_device
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -136,12 +135,7 @@ class _HomeData:
 
     def forward(self, indices: list[int]):
         inputs, mask, labels = self.make_batch(indices)
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else nullcontext()
-        )
-        with autocast:
+        with autocast_for(self.device):
             output = self.module(
                 **{self.inputs: inputs.to(self.device)},
                 attention_mask=mask.to(self.device),

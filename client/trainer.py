@@ -66,6 +66,13 @@ class TrainResult:
     largest_patient: int | None = None
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (where the model trains in float32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """CUDA when present (or asked for), else CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -381,12 +388,7 @@ class _BatchStep:
         self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         labels = labels.to(self.device)
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else nullcontext()
-        )
-        with autocast:
+        with autocast_for(self.device):
             output = self.module(
                 **{self.inputs_name: inputs.to(self.device)},
                 attention_mask=attention_mask.to(self.device),

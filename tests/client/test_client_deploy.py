@@ -58,6 +58,7 @@ def test_the_supernode_gets_tls_its_key_and_a_node_config_file(files, tmp_path):
         "device": "auto",
         "prefix-cache": True,
         "prefix-cache-mb": 512,
+        "own-model": True,  # the hospital's own model at a run's last round, kept at home
         "text-column": "text",
         "label-column": "label",
         "val-fraction": 0.2,
