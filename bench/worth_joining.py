@@ -147,7 +147,8 @@ def report(log: Path) -> str:
         title = f"### {name}" + (f" ({settings})" if settings else "")
         out += [title, "", f"seeds {', '.join(map(str, seeds))}; mean (min-max) of macro-F1", ""]
         out += [
-            "| hospital | train notes (first seed) | alone | global | own | own - alone | own's pick |",
+            "| hospital | train notes (first seed) | alone | global | own | own - alone "
+            "| own's pick |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         gains_small, gains_all = [], []
