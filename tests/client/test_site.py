@@ -267,8 +267,9 @@ def test_a_patient_level_round_samples_patients_and_the_ledger_says_so(hospital)
     assert wire.REFUSAL not in reply.content
     entry = _ledger(node_config).entries[-1]
     assert entry.unit == "patient"
-    # the 32 training notes belong to the 10 patients: sample rate 1 / ceil(10 / 4)
-    assert entry.sample_rate == pytest.approx(1 / 3)
+    # validation keeps 2 of the 10 patients whole: the 32 training notes belong to the other
+    # 8, so the sample rate is 1 / ceil(8 / 4)
+    assert entry.sample_rate == pytest.approx(1 / 2)
     assert _audited(node_config, "train")["dp_unit"] == "patient"
     # the same data set now refuses a record-level run: units are never mixed in one budget
     write_policy(tmp_path / "policy.toml", dp_unit="record")

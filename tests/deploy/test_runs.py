@@ -131,7 +131,9 @@ def test_policy_and_ledger_refusals_reach_the_coordinators_report(federation, fi
     federation.set_policy("south", lifetime_epsilon=5.5)  # it spent 5.0 in the first run
     config = federation.run_config("out-refused", rounds=1)
     done = federation.cli(*federation.run_args(config), timeout=RUN_TIMEOUT)
-    assert done.returncode == 0, _fail_with_logs(federation, done)  # refusals are not crashes
+    # refusals are not crashes, but a run in which no round trained is a failure (issue 41)
+    assert done.returncode == 1, _fail_with_logs(federation, done)
+    assert "finished without training a round" in " ".join(done.stderr.split())
     printed = " ".join(done.stdout.split())
     # reasons are codes the coordinator renders; the details stay in the hospitals' audit logs
     assert (
@@ -170,7 +172,8 @@ def test_a_hospital_killed_mid_round_fails_the_round_cleanly(federation):
             "south to receive its train message",
         )
         south.kill()  # mid-round: it got the global adapter and never answers
-        assert runner.wait(timeout=600) == 0, runner.log()[-4000:]
+        # the only round failed: the run ends, and says it trained nothing (exit 1, issue 41)
+        assert runner.wait(timeout=600) == 1, runner.log()[-4000:]
     finally:
         runner.kill()
         federation.start_hospital("south")
