@@ -159,7 +159,7 @@ def test_the_hospital_sets_its_own_prefix_cache_and_a_bad_value_refuses_every_ro
         .local.prefix_cache
     )
 
-    with pytest.raises(PolicyError, match="local settings \(prefix cache, own model\)"):
+    with pytest.raises(PolicyError, match=r"local settings \(prefix cache, own model\)"):
         Site.open({**values, "prefix-cache-mb": -1}, "st-mary")
     with pytest.raises(ConfigError, match="--prefix-cache-mb -1"):
         supernode.prepare_supernode(dataclasses.replace(settings, prefix_cache_mb=-1))
