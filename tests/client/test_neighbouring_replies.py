@@ -359,6 +359,18 @@ def test_the_catalogue_reaches_every_gate(transcripts):
     assert weights.count(1) >= 10  # what the masked sum carries was compared too
 
 
+def test_the_replies_were_compared_with_each_hospital_fitting_its_own_model(
+    transcripts, tmp_path_factory
+):
+    """The final-round evaluations of the catalogue ("valid" round 2, "rounds" round 1) ran
+    with the own model on (issue 38): every data set, base and neighbours, kept one at home
+    for the valid run, so the replies above were compared with personalisation on."""
+    root = tmp_path_factory.getbasetemp()
+    for folder in ["base", *(f"neighbour-{number}" for number in range(len(NEIGHBOURS)))]:
+        found = list(root.glob(f"neighbours*/{folder}/ledger/own/icu-notes/valid/report.json"))
+        assert found, folder
+
+
 # --- without secure aggregation: the same replies too -------------------------------------------
 
 #: A hospital whose policy allows runs without secure aggregation (not the default) sends each
