@@ -1,4 +1,5 @@
-"""A hospital's commands: `fedward client start | ledger | model-hash | adapter-hash`.
+"""A hospital's commands: `fedward client start | personalize | ledger | model-hash |
+adapter-hash`.
 
 Only this module prints; client/deploy/supernode.py and client/site.py do the work.
 `simulation/cli.py` mounts `client_app` on the `fedward` command.
@@ -159,6 +160,92 @@ def start(
         f"{settings.dataset_id}); policy {policy}; ledger {ledger}"
     )
     raise typer.Exit(supernode.run_supernode(command, settings))
+
+
+@client_app.command("personalize")
+def personalize_command(
+    adapter: Annotated[
+        Path, typer.Option(help="A global adapter folder (a run's `adapter`, PEFT format).")
+    ],
+    data: Annotated[Path, typer.Option(help="This hospital's data file (CSV/JSONL/CoNLL).")],
+    out: Annotated[Path, typer.Option(help="Where to write the own adapter and report.")],
+    text_column: Annotated[str, typer.Option(help="Column holding the note text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
+    patient_column: Annotated[
+        str | None, typer.Option(help="Column naming each record's patient (kept whole).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the patients (or records) kept for validation.")
+    ] = 0.2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the splits and of home training.")] = 42,
+) -> None:
+    """Fit this hospital's own model from a global adapter and its own notes, at home.
+
+    The same code a hospital runs at a run's last round: alone / global / own scored on its
+    validation notes, the own adapter and report.json written to --out (this account only).
+    Nothing is sent; the own adapter is not DP: do not share it. `fedward predict --adapter
+    OUT/adapter` reads it.
+    """
+    import json
+
+    from fedward.client.app import own_model, read_hospital_file
+    from fedward.client.model_cache import cached_model
+    from fedward.client.personalize import keep_at_home
+    from fedward.common.config import LocalRun, RunSpec
+    from fedward.common.errors import ModelError
+    from fedward.common.model import get_adapter_arrays, load_adapter_for_inference
+
+    check_output_folder(out, "--out")
+    loaded, _, meta = load_adapter_for_inference(adapter)
+    spec = RunSpec.from_flat(
+        {
+            "task": meta["task"],
+            "model": meta["model"],
+            "labels": meta["labels"],
+            "lora_variant": meta["lora_variant"],
+            "lora_layers": meta["lora_layers"],
+            "max_length": meta["max_length"],
+            "seed": seed,
+            "dp": False,
+        },
+        source=str(adapter / "fedward.json"),
+    )
+    schema = DataSchema.build(
+        {
+            "text_column": text_column,
+            "label_column": label_column,
+            "patient_column": patient_column,
+            "val_fraction": val_fraction,
+        },
+        source="fedward client personalize",
+    )
+    config = LocalRun(spec=spec, local=LocalSettings.build({"device": device}), data_schema=schema)
+    name = data.stem
+    records = read_hospital_file(data, config, name)
+    # the tensors a run's adapter travels with, by the names this setup's model gives them
+    names = get_adapter_arrays(cached_model(config, len(meta["labels"]))).keys()
+    parameters = dict(loaded.named_parameters())
+    missing = [name for name in names if name not in parameters]
+    if missing:
+        raise ModelError(f"{adapter}: not an adapter of this setup (no {missing[0]})")
+    global_arrays = {name: parameters[name].detach().cpu().numpy().copy() for name in names}
+    own, report = own_model(records, config, global_arrays)
+    folder = keep_at_home(config, own, report, out, name)
+    table = Table(title=f"worth joining ({report.metric} on {len(records.val)} validation notes)")
+    for column in ("alone", "global", "own", "own - alone", "own is"):
+        table.add_column(column)
+    table.add_row(
+        f"{report.alone:.3f}",
+        f"{report.global_:.3f}",
+        f"{report.own:.3f}",
+        f"{100 * report.gain:+.1f} pts",
+        report.own_method,
+    )
+    console.print(table)
+    console.print(f"own adapter: {folder / 'adapter'}  (not DP: keep it at the hospital)")
+    console.print(f"report:      {folder / 'report.json'}")
+    log.debug("report %s", json.dumps(report.as_dict()))
 
 
 @client_app.command("ledger")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ from fedward.client.prefix_cache import cached_training
 from fedward.client.trainer import autocast_for, pick_device
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
-from fedward.common.model import get_adapter_arrays, set_adapter_arrays
+from fedward.common.files.atomic import write_json_atomic
+from fedward.common.model import get_adapter_arrays, save_adapter, set_adapter_arrays
 from fedward.common.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -336,3 +338,20 @@ def home_fold(examples: list, task: Task, recipe: HomeRecipe, seed: int) -> list
     _, fold = task.split(examples, recipe.selection_fraction, seed)
     position = {id(example): i for i, example in enumerate(examples)}
     return sorted(position[id(example)] for example in fold)
+
+
+def keep_at_home(
+    config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
+) -> Path:
+    """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
+    by this account only: the adapter is not DP and must not be shared. Returns `folder`."""
+    from fedward.client.model_cache import cached_model
+
+    model = cached_model(config, len(config.spec.task.labels or []))
+    set_adapter_arrays(model, arrays)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    save_adapter(model, folder / "adapter", list(config.spec.task.labels or []), config)
+    for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
+        path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
+    write_json_atomic(folder / "report.json", {"hospital": hospital, **report.as_dict()})
+    return folder

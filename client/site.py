@@ -77,8 +77,8 @@ from fedward.client.deploy.node_config import (
     LEDGER_KEY,
     POLICY_KEY,
 )
-from fedward.client.model_cache import cached_model, initial_arrays
-from fedward.client.personalize import OWN_FOLDER, PersonalReport
+from fedward.client.model_cache import initial_arrays
+from fedward.client.personalize import OWN_FOLDER, PersonalReport, keep_at_home
 from fedward.client.policy import SitePolicy, model_content_hash, packaged_model_hash
 from fedward.client.privacy.accounting import (
     calibrate_noise,
@@ -110,7 +110,7 @@ from fedward.common.errors import (
 from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.files.atomic import fsync_dir, write_json_atomic
 from fedward.common.files.audit_log import AuditLog
-from fedward.common.model import resolve_model_path, save_adapter, set_adapter_arrays
+from fedward.common.model import resolve_model_path
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.warm_start import adapter_content_hash
@@ -673,14 +673,9 @@ class Site:
         """Write this hospital's own adapter and its alone / global / own report to
         `<ledger>/own/<data set>/<run id>/` (private to the hospital's account: the adapter is
         not DP and must not be shared), and note it in the audit log. Nothing is sent."""
-        model = cached_model(config, len(config.spec.task.labels or []))
-        set_adapter_arrays(model, arrays)
         folder = self.ledger_dir / OWN_FOLDER / self.dataset_id / str(run_id)
         folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_adapter(model, folder / "adapter", list(config.spec.task.labels or []), config)
-        for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
-            path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
-        write_json_atomic(folder / "report.json", {"hospital": self.name, **report.as_dict()})
+        keep_at_home(config, arrays, report, folder, self.name)
         self.audit.append(
             "own_model",
             run_id=str(run_id),
