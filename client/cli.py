@@ -34,6 +34,25 @@ LedgerOption = Annotated[
 ]
 
 
+def data_schema(
+    text_column: str,
+    label_column: str,
+    patient_column: str | None,
+    val_fraction: float,
+    source: str,
+) -> DataSchema:
+    """How this hospital's data file is read, from its flags (`ConfigError` naming a bad one)."""
+    return DataSchema.build(
+        {
+            "text_column": text_column,
+            "label_column": label_column,
+            "patient_column": patient_column,
+            "val_fraction": val_fraction,
+        },
+        source=source,
+    )
+
+
 @client_app.command("start")
 def start(
     server: Annotated[
@@ -134,14 +153,8 @@ def start(
         runtime_port=runtime_port,
         insecure=insecure,
         max_wait_time=max_wait_time,
-        schema=DataSchema.build(
-            {
-                "text_column": text_column,
-                "label_column": label_column,
-                "patient_column": patient_column,
-                "val_fraction": val_fraction,
-            },
-            source="fedward client start",
+        schema=data_schema(
+            text_column, label_column, patient_column, val_fraction, "fedward client start"
         ),
         prefix_cache=prefix_cache,
         prefix_cache_mb=prefix_cache_mb,
@@ -211,14 +224,8 @@ def personalize_command(
         },
         source=str(adapter / "fedward.json"),
     )
-    schema = DataSchema.build(
-        {
-            "text_column": text_column,
-            "label_column": label_column,
-            "patient_column": patient_column,
-            "val_fraction": val_fraction,
-        },
-        source="fedward client personalize",
+    schema = data_schema(
+        text_column, label_column, patient_column, val_fraction, "fedward client personalize"
     )
     config = LocalRun(spec=spec, local=LocalSettings.build({"device": device}), data_schema=schema)
     name = data.stem
