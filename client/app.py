@@ -19,7 +19,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
 from fedward.client.personalize import HomeRecipe, PersonalReport, home_fold, personalize
+from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import Site, check_starting_arrays
@@ -40,6 +41,7 @@ from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggEr
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
+from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED
 from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ def handle_train(
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
         if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
-            secagg = _advertise_keys(msg, context, run_id, server_round, site)
+            secagg = _advertise_keys(msg, context, run_id, server_round, site, config)
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.spec.model.name)
             model = cached_model(config, len(config.spec.task.labels or []))
@@ -240,7 +242,8 @@ def handle_train(
             dataset = encode(data.train, config, tokenizer)
             plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
             coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
-            result = train_locally(
+            train = distributed_update if distributed(config) else train_locally
+            result = train(
                 model,
                 dataset,
                 config,
@@ -285,9 +288,10 @@ def handle_train(
     if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
         content[wire.SECAGG] = secagg
+        update = result.delta[NOISY_SUM] if distributed(config) else wire.flatten(result.delta)
         context.state[SECAGG_UPDATE] = ArrayRecord(
             {
-                "delta": Array(wire.flatten(result.delta)),
+                "delta": Array(update),
                 "weight": Array(np.array([update_weight(result, config, site)], dtype=np.int64)),
             }
         )
@@ -354,9 +358,30 @@ def update_weight(result: TrainResult, config: LocalRun, site: HospitalSite) -> 
     return min(weight, config.spec.secagg.secagg_max_weight)
 
 
-def _advertise_keys(msg, context, run_id, server_round, site: HospitalSite) -> ConfigRecord:
-    identity = site.secagg_identity()  # whose keys this hospital signs with, whose it accepts
-    session = SecAggClientSession(context.node_id, run_id, server_round, identity)
+def distributed(config: LocalRun) -> bool:
+    """Whether the run's DP noise is distributed over the secure sum (issue 39)."""
+    return config.spec.privacy.dp and config.spec.privacy.noise == "distributed"
+
+
+def secure_round_terms(identity: SecAggIdentity, config: LocalRun) -> tuple[SecAggIdentity, str]:
+    """The identity a secure round runs with and the encoding of its vectors, from this
+    hospital's own admitted config (never from the coordinator's request).
+
+    Under distributed noise the hospital's share of the noise is 1/t of it, so every secure
+    cohort it is unmasked in must hold at least t hospitals, itself included, whatever its
+    policy's own minimum: the session refuses a smaller one at every stage, and after the masked
+    upload it signs and reveals nothing (`secagg.cohort_too_small`)."""
+    if not distributed(config):
+        return identity, WEIGHTED
+    trusted = config.spec.privacy.noise_hospitals
+    return replace(identity, min_hospitals=max(identity.min_hospitals, trusted)), INTEGER
+
+
+def _advertise_keys(
+    msg, context, run_id, server_round, site: HospitalSite, config: LocalRun
+) -> ConfigRecord:
+    identity, encoding = secure_round_terms(site.secagg_identity(), config)
+    session = SecAggClientSession(context.node_id, run_id, server_round, identity, encoding)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
     payload, _ = wire.payload_to_records(reply)

@@ -24,6 +24,8 @@ allow_evaluation = false                    # release DP-noised evaluation metri
 evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
 evaluate_rounds = "trained"                 # or "final": only the run's last round
 min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds, and smaller sums
+trust_min_honest_hospitals = 1              # distributed noise: add a 1/t share only for t up
+                                            # to this (1: the full noise here, trust nobody)
 max_unknown_rate = 0.05                     # the vocabulary limit applied here (not the run's)
 secagg_signing_key = "/srv/fedward/secagg-signing.pem"   # this hospital's Ed25519 key
 [secagg_roster]                             # hospitals whose SecAgg keys it accepts
@@ -63,7 +65,13 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 RENAMED = {"max_epsilon": "lifetime_epsilon"}
 
 #: Rules whose limit a refusal may state (the policy's own numbers, not the hospital's data).
-_LIMITS = ("lifetime_epsilon", "max_delta", "max_rounds", "min_examples")
+_LIMITS = (
+    "lifetime_epsilon",
+    "max_delta",
+    "max_rounds",
+    "min_examples",
+    "trust_min_honest_hospitals",
+)
 
 
 class SitePolicy(BaseModel):
@@ -121,6 +129,12 @@ class SitePolicy(BaseModel):
         min_secure_aggregation_hospitals: Fewest hospitals a secure round may have (default 3);
             a smaller round is refused before training, and a survivor set with fewer (this
             hospital and those it masked with) is neither signed nor unmasked: no share leaves.
+        trust_min_honest_hospitals: The most honest hospitals this hospital counts on in a
+            round (default 1: only itself). A distributed-noise run (`noise = "distributed"`)
+            splits the DP noise over its `noise_hospitals` t, each hospital adding 1/t of it;
+            this hospital takes part only if t is at most this, and then refuses any secure
+            cohort smaller than t. With fewer than t honest hospitals in a round its patients
+            get the weaker epsilon docs/privacy.md gives. The coordinator cannot raise it.
         secagg_signing_key: Path of this hospital's long-term Ed25519 private key (PEM) that
             signs its SecAgg+ keys and the survivor set; needed for secure aggregation.
         secagg_roster: Hospital name -> public signing key (64 hex characters) of every
@@ -187,6 +201,13 @@ class SitePolicy(BaseModel):
     )
     min_secure_aggregation_hospitals: int = Field(
         3, ge=2, description="Fewest hospitals a secure-aggregation round may have."
+    )
+    trust_min_honest_hospitals: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Distributed noise: the largest t (noise split over t honest hospitals) "
+        "this hospital accepts; 1 trusts nobody but itself.",
     )
     secagg_signing_key: str | None = Field(
         None, description="Path of this hospital's Ed25519 SecAgg signing key (PEM)."
@@ -389,6 +410,17 @@ class SitePolicy(BaseModel):
                 (
                     "require_secure_aggregation",
                     "secure aggregation is off but the site policy requires it",
+                )
+            )
+        if (
+            spec.privacy.noise == "distributed"
+            and spec.privacy.noise_hospitals > self.trust_min_honest_hospitals
+        ):
+            broken.append(
+                (
+                    "trust_min_honest_hospitals",
+                    f"the run splits its DP noise over {spec.privacy.noise_hospitals} honest "
+                    f"hospitals, the site trusts at most {self.trust_min_honest_hospitals}",
                 )
             )
         if self.approved_run_configs is not None:

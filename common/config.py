@@ -188,6 +188,30 @@ class PrivacySpec(_Group):
         "fresh random subset each step), so that a patient with hundreds of notes costs a step "
         "no more than a few (bench/results/patient_dp.md).",
     )
+    noise: Literal["local", "distributed"] = Field(
+        "local",
+        description="Where the DP noise is added. local: each hospital adds all of it to its "
+        "own update (trusting only itself). distributed: each round every hospital sends one "
+        "noisy clipped gradient sum, masked, with 1/noise_hospitals of the noise; the sum carries "
+        "all of it when that many hospitals of the round are honest, and the coordinator takes "
+        "the step (DP-FedSGD; needs secure aggregation and each hospital's policy to grant "
+        "trust_min_honest_hospitals; docs/privacy.md).",
+    )
+    noise_hospitals: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="noise distributed: t, the honest hospitals the noise is split over: each "
+        "adds 1/t of its variance, and a hospital refuses a round whose secure cohort is "
+        "smaller than t.",
+    )
+    noise_sample_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="noise distributed: the chance that a unit (patient or record) is in a "
+        "round's gradient sum, drawn by each hospital for its own units (Poisson sampling).",
+    )
 
 
 class FederationSpec(_Group):
@@ -235,6 +259,13 @@ class TrainingSpec(_Group):
         "toward predicting O (a class-weighted loss). The loss stays a mean over the labelled "
         "tokens, so 1 is the plain loss. Unset: 1 for classification, the NER task's default "
         "for NER (bench/results/utility-probes.md).",
+    )
+    server_learning_rate: float = Field(
+        1.0,
+        gt=0,
+        description="noise distributed: the coordinator's step size on the noisy mean gradient "
+        "(plain SGD: the global adapter moves by minus this times the noisy gradient sum over "
+        "the noisy count of units in it).",
     )
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
 
@@ -314,6 +345,25 @@ class RunSpec(BaseModel):
                         default = task.warm_start_lora_variant  # measured apart (issue 30)
                     values[group] = _with(values.get(group), name, default)
         return values
+
+    @model_validator(mode="after")
+    def _check_noise(self) -> Self:
+        privacy = self.privacy
+        if privacy.noise == "local":
+            if privacy.noise_hospitals != 1:
+                raise ValueError(
+                    f"noise_hospitals ({privacy.noise_hospitals}) splits distributed noise; "
+                    "set noise = 'distributed' or leave noise_hospitals at 1"
+                )
+            return self
+        if not privacy.dp:
+            raise ValueError("noise = 'distributed' is DP noise: it needs dp on")
+        if not self.secagg.secure_aggregation:
+            raise ValueError(
+                "noise = 'distributed' needs secure aggregation: each update carries only a "
+                "share of the noise, so the coordinator must see nothing but the sum"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_task_options(self) -> Self:

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedward.common.errors import ModelError
+from fedward.common.errors import ModelError, SecAggError
 from fedward.common.metrics import summed_counts
 from fedward.common.model import ArraySpec, check_adapter_arrays
+from fedward.common.secagg.distributed_noise import decode_sum
 from fedward.common.tasks import Task
 
 Arrays = dict[str, np.ndarray]
@@ -61,6 +62,32 @@ def apply_average(global_arrays: Arrays, summed: Arrays, total_weight: float) ->
         )
         for name in global_arrays
     }
+
+
+#: The noisy count the step divides by is at least this: noise cannot make it blow up the step.
+MIN_NOISY_COUNT = 1.0
+
+
+def server_step(
+    global_arrays: Arrays, integer_sum: np.ndarray, max_grad_norm: float, learning_rate: float
+) -> Arrays:
+    """Distributed noise's step (DP-FedSGD): global - learning_rate * noisy gradient sum / noisy
+    count, both read from the unmasked integer sum (`decode_sum`). Post-processing of the noisy
+    sum: it spends nothing. `SecAggError` when the sum does not fit the adapter."""
+    gradient_sum, count = decode_sum(integer_sum, max_grad_norm)
+    size = sum(array.size for array in global_arrays.values())
+    if gradient_sum.size != size:
+        raise SecAggError(
+            f"distributed noise: the unmasked sum has {gradient_sum.size} gradient values, the "
+            f"adapter {size}"
+        )
+    mean = gradient_sum / max(count, MIN_NOISY_COUNT)
+    offset, new = 0, {}
+    for name, array in global_arrays.items():
+        step = mean[offset : offset + array.size].reshape(array.shape)
+        new[name] = (array.astype(np.float64) - learning_rate * step).astype(array.dtype)
+        offset += array.size
+    return new
 
 
 def weighted_mean(values: list[tuple[float, float]]) -> float:

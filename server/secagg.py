@@ -66,6 +66,8 @@ from fedward.common.secagg import (
     shamir_combine,
     sum_packed,
 )
+from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED, WRAP_LIMIT, check_encoding
+from fedward.common.secagg.quantize import MAX_MODULUS_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +77,21 @@ class SecAggResult:
     """What secure aggregation reveals: the sum, nothing per hospital.
 
     Attributes:
-        weighted_sum: sum over included hospitals of n_u * delta_u (float64, dequantized).
-        total_weight: sum over included hospitals of n_u (their example counts).
+        weighted_sum: sum over included hospitals of n_u * delta_u (float64, dequantized);
+            empty for the integer encoding.
+        total_weight: sum over included hospitals of n_u (their example counts); 0 for the
+            integer encoding.
         included: hospitals whose updates are in the sum (their masked update arrived).
         dropped: hospitals that started the round but whose updates are not in the sum.
+        integer_sum: the integer encoding's sum (uint64, read as int64: distributed noise,
+            `common/secagg/distributed_noise.py`); None for the weighted encoding.
     """
 
     weighted_sum: np.ndarray
     total_weight: int
     included: tuple[int, ...]
     dropped: tuple[int, ...]
+    integer_sum: np.ndarray | None = None
 
     @property
     def average(self) -> np.ndarray:
@@ -109,6 +116,10 @@ class SecAggServerSession:
         bits: quantization bits per value (default 24).
         max_weight: largest example count a hospital may weight its update with (default
             2**20); with the hospital count and `bits` it sets the modulus (`check_modulus`).
+        encoding: "weighted" (default): each hospital sends n_u * quantize(delta_u) and n_u;
+            "integer": each sends an int64 vector of vector_length + 1 values (distributed
+            noise's noisy gradient sum and count), modulo 2**64; clip, bits and max_weight then
+            play no part.
     """
 
     def __init__(
@@ -123,6 +134,7 @@ class SecAggServerSession:
         clip: float = 1.0,
         bits: int = 24,
         max_weight: int = 2**20,
+        encoding: str = WEIGHTED,
     ) -> None:
         self.run_id = str(run_id)
         self.server_round = server_round
@@ -136,7 +148,12 @@ class SecAggServerSession:
         self.clip = float(clip)
         self.bits = bits
         self.max_weight = max_weight
-        self.modulus_bits = check_modulus(len(self.node_ids), max_weight, self.clip, bits)
+        self.encoding = check_encoding(encoding)
+        self.modulus_bits = (
+            MAX_MODULUS_BITS
+            if encoding == INTEGER
+            else check_modulus(len(self.node_ids), max_weight, self.clip, bits)
+        )
         self.graph = secagg_graph(self.node_ids, neighbours, round_seed(self.run_id, server_round))
         degree = len(next(iter(self.graph.values()))) if self.graph else 0
         self.threshold = secure_threshold(threshold, degree + 1)
@@ -225,6 +242,7 @@ class SecAggServerSession:
                 max_weight=self.max_weight,
                 modulus_bits=self.modulus_bits,
                 vector_length=self.vector_length,
+                encoding=self.encoding,
             )
             for node in self.node_ids
         }
@@ -484,6 +502,8 @@ class SecAggServerSession:
             ) from None
 
     def _result(self, total: np.ndarray) -> SecAggResult:
+        if self.encoding == INTEGER:
+            return self._integer_result(total)
         total_weight = int(total[-1])
         quantized_sum = total[:-1]
         levels = 2**self.bits - 1
@@ -512,3 +532,24 @@ class SecAggServerSession:
             list(dropped),
         )
         return SecAggResult(weighted_sum, total_weight, included, dropped)
+
+    def _integer_result(self, total: np.ndarray) -> SecAggResult:
+        """The integer encoding's sum. A sum left masked is uniform over 64 bits, so a value
+        outside the range a real sum can reach (`WRAP_LIMIT`) means a mask stayed on."""
+        signed = total.view(np.int64)
+        if signed.size and int(np.abs(signed).max()) >= WRAP_LIMIT:
+            raise SecAggError(
+                f"secure aggregation, stage {UNMASK}: the unmasked sum is out of range, so a "
+                f"mask was not removed (inconsistent shares or a malformed masked update); "
+                f"round {self.server_round} cannot be aggregated"
+            )
+        included = tuple(sorted(self._contributors))
+        dropped = tuple(node for node in self.node_ids if node not in self._contributors)
+        self.stage = "done"
+        logger.info(
+            "secagg round %d: unmasked the integer sum of %d hospitals; dropped: %s",
+            self.server_round,
+            len(included),
+            list(dropped),
+        )
+        return SecAggResult(np.empty(0), 0, included, dropped, integer_sum=total.copy())

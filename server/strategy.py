@@ -32,16 +32,18 @@ from fedward.common.metrics import split_counts
 from fedward.common.model import ArraySpec
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
+from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED
 from fedward.common.tasks import task_named
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
     global_evaluation,
+    server_step,
     validate_update,
     weighted_mean,
     weighted_sum,
 )
-from fedward.server.secagg import SecAggServerSession
+from fedward.server.secagg import SecAggResult, SecAggServerSession
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class FedwardStrategy:
         cleanly and the global adapter stays as it was.
         """
         vector_length = sum(int(np.prod(item.shape)) for item in self.spec)
+        distributed = self.config.spec.privacy.noise == "distributed"
         try:
             session = SecAggServerSession(
                 self.run_id,
@@ -201,6 +204,7 @@ class FedwardStrategy:
                 clip=self.config.spec.secagg.secagg_clip,
                 bits=self.config.spec.secagg.secagg_bits,
                 max_weight=self.config.spec.secagg.secagg_max_weight,
+                encoding=INTEGER if distributed else WEIGHTED,
             )
             requests = session.advertise_keys_requests()
         except SecAggError as exc:
@@ -243,6 +247,8 @@ class FedwardStrategy:
         outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(result.included)):
             return outcome
+        if distributed:
+            return self._noisy_gradient_step(server_round, global_arrays, result, outcome)
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
         try:
             validate_update(self.spec, average, self.config.spec.secagg.secagg_clip)
@@ -251,6 +257,26 @@ class FedwardStrategy:
             log.warning("round %d %s", server_round, outcome.status)
             return outcome
         outcome.arrays = apply_average(global_arrays, average, 1.0)  # already divided
+        return outcome
+
+    def _noisy_gradient_step(
+        self,
+        server_round: int,
+        global_arrays: Arrays,
+        result: SecAggResult,
+        outcome: TrainOutcome,
+    ) -> TrainOutcome:
+        """Distributed noise: the step on the noisy mean gradient (`server_step`)."""
+        try:
+            outcome.arrays = server_step(
+                global_arrays,
+                result.integer_sum,
+                self.config.spec.privacy.max_grad_norm,
+                self.config.spec.training.server_learning_rate,
+            )
+        except FedwardError as exc:
+            outcome.status = f"failed: {exc}; global adapter unchanged"
+            log.warning("round %d %s", server_round, outcome.status)
         return outcome
 
     def _secagg_stage(

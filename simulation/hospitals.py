@@ -104,6 +104,14 @@ def prepare_config(config: RunConfig) -> RunConfig:
             f"({config.simulation.hospitals}) in this simulation; pass --min-hospitals "
             f"{config.simulation.hospitals} or more hospitals"
         )
+    sampled = max(round(config.spec.federation.fraction * config.simulation.hospitals), 1)
+    trusted = config.spec.privacy.noise_hospitals
+    if trusted > sampled:
+        raise ConfigError(
+            f"field 'noise_hospitals': the noise is split over {trusted} "
+            f"honest hospitals, but a round samples about {sampled} of the "
+            f"{config.simulation.hospitals}; pass --noise-hospitals {sampled} or fewer"
+        )
     config = privacy_unit(config)
     check_pooled_vocabulary(config)
     if config.spec.task.labels:

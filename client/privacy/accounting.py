@@ -140,7 +140,12 @@ def group_epsilon(epsilon: float, delta: float, group: int) -> tuple[float, floa
 def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
     """The round plan of a run spec for `num_train` units (records, or patients under
     patient-level DP: `privacy_units`): all of the run's rounds together stay within its target
-    epsilon (`plan_rounds`); `batch_size` is the expected number of units a step samples."""
+    epsilon (`plan_rounds`); `batch_size` is the expected number of units a step samples.
+
+    With distributed noise a round is one step at the spec's `noise_sample_rate`, whatever the
+    number of units (`plan_distributed`)."""
+    if spec.privacy.noise == "distributed":
+        return plan_distributed(spec)
     return plan_rounds(
         spec.privacy.target_epsilon,
         spec.privacy.delta,
@@ -149,3 +154,36 @@ def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
         spec.training.batch_size,
         num_train,
     )
+
+
+def plan_distributed(spec: RunSpec) -> DPPlan:
+    """A distributed-noise round: one noisy gradient sum (one step) at the spec's sample rate,
+    with the noise multiplier that spends the run's target over its rounds. Every input is in
+    the spec, so every hospital of the run plans the same noise: a hospital's share only adds
+    up to the full noise if the others add theirs at the same multiplier."""
+    privacy = spec.privacy
+    sigma = calibrate_noise(
+        privacy.target_epsilon, privacy.delta, privacy.noise_sample_rate, spec.federation.rounds
+    )
+    return DPPlan(noise_multiplier=sigma, sample_rate=privacy.noise_sample_rate, steps=1)
+
+
+def honest_noise_multiplier(plan: DPPlan, honest: int, trusted: int) -> float:
+    """The noise multiplier the secure sum carries when `honest` hospitals of the round add
+    their 1/`trusted` share of the variance (the others, colluding, add none): sqrt(honest /
+    trusted) times the plan's. At `honest` >= `trusted` this is the plan's or more."""
+    return plan.noise_multiplier * math.sqrt(max(honest, 0) / trusted)
+
+
+def distributed_epsilon(spec: RunSpec, honest: int, rounds: int | None = None) -> float:
+    """What a patient of one hospital gets from a distributed-noise run when only `honest`
+    hospitals of every round (itself included) add their share: the run's `rounds` (default:
+    all) composed at `honest_noise_multiplier`. With `honest` >= t it is at most the target;
+    with 1 (every other hospital of its cohort colludes) it is the hospital's own share alone.
+    docs/privacy.md tabulates it."""
+    plan = plan_distributed(spec)
+    sigma = honest_noise_multiplier(
+        plan, min(honest, spec.privacy.noise_hospitals), spec.privacy.noise_hospitals
+    )
+    steps = spec.federation.rounds if rounds is None else rounds
+    return compose_epsilon([(sigma, plan.sample_rate, steps)], spec.privacy.delta)

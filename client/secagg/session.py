@@ -98,6 +98,8 @@ from fedward.common.secagg import (
     survivor_statement,
     verify_signature,
 )
+from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED, check_encoding, to_field
+from fedward.common.secagg.quantize import MAX_MODULUS_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +145,17 @@ class SecAggClientSession:
     """
 
     def __init__(
-        self, node_id: int, run_id: int | str, server_round: int, identity: SecAggIdentity
+        self,
+        node_id: int,
+        run_id: int | str,
+        server_round: int,
+        identity: SecAggIdentity,
+        encoding: str = WEIGHTED,
     ) -> None:
         self.node_id = node_id
+        # What this hospital's own run spec says the round carries; a coordinator asking for
+        # the other encoding is refused at advertise_keys.
+        self.encoding = check_encoding(encoding)
         self.run_id = str(run_id)
         self.server_round = server_round
         self.identity = identity
@@ -247,6 +257,13 @@ class SecAggClientSession:
         max_weight = read_field(request, "max_weight", int, self.node_id, stage)
         modulus_bits = read_field(request, "modulus_bits", int, self.node_id, stage)
         vector_length = read_field(request, "vector_length", int, self.node_id, stage)
+        encoding = read_field(request, "encoding", str, self.node_id, stage)
+        if encoding != self.encoding:
+            raise self._fail(
+                stage,
+                f"the coordinator asks for the {encoding!r} encoding, but this hospital's run "
+                f"spec makes it send {self.encoding!r} vectors; refused",
+            )
         try:
             nodes = check_node_ids(node_ids)
             graph = secagg_graph(nodes, neighbours, round_seed(self.run_id, self.server_round))
@@ -254,7 +271,11 @@ class SecAggClientSession:
                 raise SecAggError("this hospital is not among the round's node_ids")
             self._neighbours = graph[self.node_id]
             check_threshold(threshold, len(self._neighbours) + 1)
-            expected_bits = check_modulus(len(nodes), max_weight, clip, bits)
+            expected_bits = (
+                MAX_MODULUS_BITS
+                if encoding == INTEGER
+                else check_modulus(len(nodes), max_weight, clip, bits)
+            )
         except SecAggError as exc:
             raise self._fail(stage, str(exc)) from None
         if len(self._neighbours) + 1 < self.identity.min_hospitals:
@@ -290,6 +311,7 @@ class SecAggClientSession:
             "max_weight": max_weight,
             "modulus_bits": modulus_bits,
             "vector_length": vector_length,
+            "encoding": encoding,
         }
         self._digest = params_digest(self.params)
         self._share_key = X25519PrivateKey.generate()
@@ -478,6 +500,10 @@ class SecAggClientSession:
             )
         vector_length = self.params["vector_length"]
         values = np.asarray(update)
+        if self.encoding == INTEGER:
+            vector_length += 1  # the count coordinate travels inside the vector
+            if not np.issubdtype(values.dtype, np.integer):
+                raise self._fail(stage, f"update has dtype {values.dtype}, expected int64")
         if values.ndim != 1 or values.shape[0] != vector_length:
             raise self._fail(stage, f"update has shape {values.shape}, expected ({vector_length},)")
         if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
@@ -527,7 +553,7 @@ class SecAggClientSession:
 
         clip, bits = self.params["clip"], self.params["bits"]
         modulus_bits = self.params["modulus_bits"]
-        clipped = int(np.count_nonzero(np.abs(values) > clip))
+        clipped = 0 if self.encoding == INTEGER else int(np.count_nonzero(np.abs(values) > clip))
         if clipped:
             logger.info(
                 "node %d, secagg round %d: %d of %d update values clipped to +-%g",
@@ -537,9 +563,12 @@ class SecAggClientSession:
                 vector_length,
                 clip,
             )
-        masked = np.empty(vector_length + 1, dtype=np.uint64)
-        masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
-        masked[-1] = weight
+        if self.encoding == INTEGER:
+            masked = to_field(values).copy()  # already noised and counted (client/privacy)
+        else:
+            masked = np.empty(vector_length + 1, dtype=np.uint64)
+            masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
+            masked[-1] = weight
         masks = [(self._self_seed, 1)]  # (seed, sign): added or subtracted below
         for source in sorted(received):
             try:
@@ -772,6 +801,7 @@ class SecAggClientSession:
             "peer_mask_keys": self._peer_mask_keys,
             "own_shares": self._own_shares,
             "received": self._received,
+            "encoding": self.encoding,
             **keys,
         }
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -787,7 +817,9 @@ class SecAggClientSession:
             state["min_hospitals"],
             None if memory_dir is None else Path(memory_dir),
         )
-        session = cls(state["node_id"], state["run_id"], state["server_round"], identity)
+        session = cls(
+            state["node_id"], state["run_id"], state["server_round"], identity, state["encoding"]
+        )
         session._digest = state["digest"]
         session._peer_signing_keys = state["peer_signing_keys"]
         session._survivors = state["survivors"]

@@ -112,6 +112,7 @@ RULES = frozenset(
         "evaluate_rounds",
         "labels",
         "dp_unit",
+        "trust_min_honest_hospitals",
     }
 )
 
@@ -130,6 +131,7 @@ PARAMS = frozenset(
         "max_unknown_rate",
         "hospitals",
         "min_secure_aggregation_hospitals",
+        "trust_min_honest_hospitals",
     }
 )
 
