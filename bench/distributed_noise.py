@@ -39,7 +39,7 @@ FEDERATIONS = {
 ARMS = ("pooled", "local", "distributed")
 #: The distributed-noise recipe measured here (also `fedward simulate`'s defaults for it where
 #: the spec's own defaults differ): docs/privacy.md quotes it.
-DISTRIBUTED = {"noise": "distributed", "rounds": 20, "server_learning_rate": 1.0}
+DISTRIBUTED = {"noise": "distributed", "rounds": 20}
 
 
 def hospitals_of(values: dict):
@@ -62,7 +62,9 @@ def hospitals_of(values: dict):
     return config, hospitals
 
 
-def run_arm(config: RunConfig, trains: list[list], vals: list[list]) -> float:
+def run_arm(
+    config: RunConfig, trains: list[list], vals: list[list], site: str = "hospital"
+) -> float:
     """One federated run of `config` on hospitals holding `trains`; the global macro-F1 on
     `vals` pooled."""
     from fedward.client.app import encode
@@ -85,7 +87,7 @@ def run_arm(config: RunConfig, trains: list[list], vals: list[list]) -> float:
     for _ in range(config.spec.federation.rounds):
         if distributed:
             total = sum(
-                noisy_gradient_sum(model, data, config, arrays, pad, f"hospital-{n}")[0]
+                noisy_gradient_sum(model, data, config, arrays, pad, f"{site}-{n}")[0]
                 for n, data in enumerate(datasets)
             )
             arrays = server_step(
@@ -104,7 +106,7 @@ def run_arm(config: RunConfig, trains: list[list], vals: list[list]) -> float:
                 arrays,
                 histories[number],
                 pad,
-                f"hospital-{number}",
+                f"{site}-{number}",
                 plan=plans[number],
             )
             histories[number] = result.history
@@ -112,11 +114,11 @@ def run_arm(config: RunConfig, trains: list[list], vals: list[list]) -> float:
         arrays = apply_average(arrays, *weighted_sum(updates))
     truth_all: list = []
     predicted_all: list = []
-    for val in vals:
+    for number, val in enumerate(vals):
         validation = encode(
             val, config.updated(dp=False, noise="local", noise_hospitals=1), tokenizer
         )
-        _, truth, predicted = predict(model, validation, config, arrays, pad)
+        _, truth, predicted = predict(model, validation, config, arrays, pad, f"hospital-{number}")
         truth_all += truth
         predicted_all += predicted
     return classification_metrics(truth_all, predicted_all, len(labels))["macro_f1"]
@@ -148,8 +150,8 @@ def run_cell(name: str, arm: str, seed: int, overrides: dict) -> dict:
     else:
         union = [[record for train in trains for record in train]]
         scores = {
-            "DP-FedSGD, t=1": run_arm(config.updated(**distributed), union, vals),
-            "local DP-SGD (default recipe)": run_arm(config, union, vals),
+            "DP-FedSGD, t=1": run_arm(config.updated(**distributed), union, vals, "pooled"),
+            "local DP-SGD (default recipe)": run_arm(config, union, vals, "pooled"),
         }
         recipe = max(scores, key=scores.get)
         score = scores[recipe]
@@ -208,6 +210,11 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", default=[], help="distributed recipe overrides, e.g. rounds=10"
     )
+    parser.add_argument(
+        "--recipes",
+        default=None,
+        help='several --set groups separated by ";", run one after the other in this process',
+    )
     parser.add_argument("--log", type=Path, default=Path("bench/results/distributed_noise.jsonl"))
     parser.add_argument("--report", action="store_true", help="print the table of --log")
     args = parser.parse_args()
@@ -215,15 +222,21 @@ def main() -> None:
         print(report(args.log))
         return
     from bench.utility import parse_overrides
+    from fedward.client import prefix_cache
 
-    overrides = parse_overrides(args.set)
+    # The cached encoder states depend on the model and the token ids only: keep them from one
+    # cell to the next instead of dropping them with each new run spec (as bench/patient_dp.py).
+    prefix_cache._start_run = lambda digest: None
+    groups = [args.set] if args.recipes is None else [g.split() for g in args.recipes.split(";")]
     for name in args.federations:
         for seed in args.seeds:
-            for arm in args.arms:
-                row = run_cell(name, arm, seed, overrides)
-                print(json.dumps(row), flush=True)
-                with args.log.open("a", encoding="utf-8") as log:
-                    log.write(json.dumps(row) + "\n")
+            for group in groups:
+                overrides = parse_overrides(group)
+                for arm in args.arms:
+                    row = run_cell(name, arm, seed, overrides)
+                    print(json.dumps(row), flush=True)
+                    with args.log.open("a", encoding="utf-8") as log:
+                        log.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -411,7 +411,9 @@ def handle_evaluate(
         share = check_data_vocabulary(data, config, tokenizer)
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)
+        loss, true_ids, pred_ids = predict(
+            model, dataset, config, arrays, tokenizer.pad_token_id, who=name
+        )
         predictions = Predictions(
             config.spec.task.name, loss, true_ids, pred_ids, list(config.spec.task.labels or [])
         )

@@ -22,7 +22,6 @@ import secrets
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -49,6 +48,8 @@ log = logging.getLogger(__name__)
 # The fixed cost of one more forward and backward pass, in padded tokens: `length_groups` splits
 # a batch only where the padding it saves outweighs it (bench/results/train_throughput.md).
 MICRO_BATCH_OVERHEAD_TOKENS = 256
+#: Examples per forward pass when predicting.
+PREDICT_BATCH = 64
 
 
 @dataclass
@@ -533,25 +534,35 @@ def predict(
     config: LocalRun,
     arrays: dict[str, np.ndarray],
     pad_id: int,
+    who: str | None = None,
 ) -> tuple[float, list, list]:
-    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`."""
+    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`.
+
+    With `who` (the hospital's name) the frozen prefix runs once per run on these examples too
+    (`client/prefix_cache.py`, kept as "<who>:validation"): a run evaluates the same validation
+    notes every round, and the encoder's forward pass was most of a round's evaluation."""
     device = pick_device(config.local.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()
-    loader = DataLoader(
-        dataset, batch_size=64, shuffle=False, collate_fn=partial(pad_batch, pad_id=pad_id)
-    )
+    cached = None
+    if who is not None:
+        cached = cached_training(model, dataset, config, pad_id, f"{who}:validation", device)
     total_loss, total = 0.0, 0
     true_ids: list = []
     pred_ids: list = []
-    for input_ids, attention_mask, label_ids in loader:
-        output = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            labels=label_ids.to(device),
+    for start in range(0, len(dataset), PREDICT_BATCH):
+        indices = list(range(start, min(start + PREDICT_BATCH, len(dataset))))
+        if cached is not None:
+            hidden, attention_mask, label_ids = cached.batch(indices)
+            module, inputs = cached.top, {"hidden_states": hidden.to(device)}
+        else:
+            input_ids, attention_mask, label_ids = pad_batch([dataset[i] for i in indices], pad_id)
+            module, inputs = model, {"input_ids": input_ids.to(device)}
+        output = module(
+            **inputs, attention_mask=attention_mask.to(device), labels=label_ids.to(device)
         )
-        total_loss += float(output.loss) * len(input_ids)
-        total += len(input_ids)
+        total_loss += float(output.loss) * len(indices)
+        total += len(indices)
         predictions = output.logits.float().argmax(dim=-1).cpu()
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())

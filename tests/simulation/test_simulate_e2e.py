@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedward.client.privacy.accounting import plan_distributed
 from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
 from fedward.common.secagg import quantization_bound
@@ -191,3 +192,28 @@ def test_a_head_only_run_sends_and_saves_only_the_task_head(tiny_model_dir, tmp_
     saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
     lora_b = [tensor for name, tensor in saved.items() if ".lora_B." in name]
     assert lora_b and all(not tensor.any() for tensor in lora_b)
+
+
+def test_a_distributed_noise_run_masks_integer_shares_and_steps_on_their_sum(
+    tiny_model_dir, tmp_path
+):
+    """Issue 39 through Flower's runtime: each hospital's noisy gradient sum travels in SecAgg+'s
+    integer encoding, the coordinator steps on the unmasked sum, every hospital's accountant
+    charges the run's plan (one step a round at the full multiplier) up to the target."""
+    config = _config(
+        tiny_model_dir,
+        tmp_path / "out",
+        noise="distributed",
+        noise_hospitals=2,
+        dp_unit="record",
+    )
+    result = simulate(config)
+    rows = _check_run(config, result)
+    assert all(not row["dropped"] and not row["refused"] for row in rows)
+    history = json.loads((tmp_path / "out" / "history.json").read_text(encoding="utf-8"))
+    assert history["config"]["noise"] == "distributed"
+    for row in rows:
+        for name in HOSPITALS:
+            assert row["hospitals"][name]["noise_multiplier"] == pytest.approx(
+                plan_distributed(config.spec).noise_multiplier
+            )
