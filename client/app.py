@@ -66,8 +66,8 @@ DataSource = Callable[[LocalRun, Context], HospitalData]
 
 
 class HospitalSite(Protocol):
-    """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
-    (simulation/hospitals.py)."""
+    """The gates around a hospital's training: a real `Site` (client/site/gates.py) or a
+    simulated one (simulation/hospitals.py)."""
 
     #: True only in simulation: training loss, example counts and exact metrics are reported,
     #: and an update is weighted by its training count.
@@ -207,7 +207,7 @@ def handle_train(
     The site judges the run spec before any data is read; the privacy budget is the first thing
     judged with the data, before every check whose answer depends on the records (the example
     count, the vocabulary, the labels), so that such a refusal is charged like a trained round;
-    the site records the update before it leaves (see client/site.py).
+    the site records the update before it leaves (see client/site/gates.py).
     """
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
