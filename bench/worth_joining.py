@@ -82,7 +82,7 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
     hospitals = []
     for number in range(config.simulation.hospitals):
         train, val, _ = _hospital_split(
-            config.spec.task.name, config.spec.training.seed, shared, number
+            config.spec.task.definition, config.spec.training.seed, shared, number
         )
         data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
         hospitals.append(data)

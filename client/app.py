@@ -40,7 +40,6 @@ from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggEr
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
-from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,8 @@ def hospital_name(context: Context) -> str:
 def encode(examples: list, config: LocalRun, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task; under patient-level DP each encoded
     example also carries its patient's number (`EncodedDataset.units`)."""
-    patient_level = config.spec.privacy.dp and config.spec.privacy.dp_unit == "patient"
-    return task_named(config.spec.task.name).encode(
+    patient_level = config.spec.privacy.per_patient
+    return config.spec.task.definition.encode(
         examples,
         config.spec.task.labels or [],
         tokenizer,
@@ -387,9 +386,8 @@ def handle_evaluate(
         dataset = encode(data.val, config, tokenizer)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         loss, true_ids, pred_ids = predict(model, dataset, config, arrays, tokenizer.pad_token_id)
-        predictions = Predictions(
-            config.spec.task.name, loss, true_ids, pred_ids, list(config.spec.task.labels or [])
-        )
+        labels = list(config.spec.task.labels or [])
+        predictions = Predictions(config.spec.task.definition, loss, true_ids, pred_ids, labels)
         metrics = site.release_evaluation(config, run_id, server_round, predictions)
         if site.releases_exact_metrics:
             metrics["unknown-rate"] = share
@@ -454,7 +452,7 @@ def own_model(
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels or [])
     model = cached_model(config, num_labels)
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     recipe = recipe or HomeRecipe()
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
     train = encode(data.train, config, tokenizer)
@@ -529,7 +527,7 @@ def load_site_data(config: LocalRun, context: Context) -> HospitalData:
 
 def read_hospital_file(path: Path, config: LocalRun, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     schema = config.data_schema
     examples = task.read(
         path, schema.text_column, schema.label_column, patient_column=schema.patient_column

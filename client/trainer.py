@@ -42,7 +42,6 @@ from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
-from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def train_locally(
             return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
 
     # Under patient-level DP the loader samples patients; the step brings in their records.
-    by_patient = plan is not None and config.spec.privacy.dp_unit == "patient"
+    by_patient = plan is not None and config.spec.privacy.per_patient
     if by_patient:
         privacy_units(config.spec, dataset)  # refuses a patient-level run without patients
     members = dataset.unit_members() if by_patient else None
@@ -522,7 +521,7 @@ def evaluate(
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
     loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    metrics.update(task_named(config.spec.task.name).metrics(true_ids, pred_ids, labels))
+    metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
     return metrics
 
 

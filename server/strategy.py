@@ -32,7 +32,6 @@ from fedward.common.metrics import split_counts
 from fedward.common.model import ArraySpec
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
-from fedward.common.tasks import task_named
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
@@ -389,7 +388,7 @@ class FedwardStrategy:
             name: {k: v for k, v in metrics.items() if not k.startswith(PERSONAL_PREFIX)}
             for name, metrics in hospitals.items()
         }
-        merged = global_evaluation(task_named(self.config.spec.task.name), scores, counts)
+        merged = global_evaluation(self.config.spec.task.definition, scores, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 

@@ -96,7 +96,7 @@ class Site:
         self.pinned_policy().check(
             spec, pins.model_hash(spec.model, self.name), adapter_hash=self._adapter_sha256
         )
-        if spec.privacy.dp and spec.privacy.dp_unit == "patient" and not self.schema.patient_column:
+        if spec.privacy.per_patient and not self.schema.patient_column:
             # the hospital's own schema, not its records: judged before any data is read
             raise PolicyError(
                 f"hospital {self.name}: the run asks patient-level DP but this hospital's data "

@@ -29,7 +29,7 @@ class Task(Protocol):
 
     A new task is one module in `common/tasks/` with an object that has these members, and one
     line in `TASKS`; the rest of fedward asks the run spec's task group for it
-    (`spec.task.task`) and never branches on the task's name.
+    (`spec.task.definition`) and never branches on the task's name.
     """
 
     #: The name a run config uses (`task = "ner"`).
