@@ -38,7 +38,7 @@ from fedward.client.privacy.accounting import (
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
-from fedward.common.config import LocalRun
+from fedward.common.config import LocalRun, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -144,12 +144,12 @@ def train_locally(
     if not config.spec.privacy.dp:
         plan = None
     elif plan is None:
-        plan = plan_dp(config.spec, privacy_units(config.spec, dataset))
+        plan = plan_dp(config.spec, privacy_units(config.spec.privacy, dataset))
     if plan is not None:
         privacy = config.spec.privacy
         check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
 
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config.spec.training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS,
@@ -175,7 +175,7 @@ def train_locally(
     # Under patient-level DP the loader samples patients; the step brings in their records.
     by_patient = plan is not None and config.spec.privacy.per_patient
     if by_patient:
-        privacy_units(config.spec, dataset)  # refuses a patient-level run without patients
+        privacy_units(config.spec.privacy, dataset)  # refuses a patient-level run without patients
     members = dataset.unit_members() if by_patient else None
     loader = DataLoader(
         _ExampleIndices(len(members) if by_patient else len(dataset)),
@@ -242,20 +242,31 @@ def train_locally(
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
 
 
-def make_optimizer(model: torch.nn.Module, config: LocalRun) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, training: TrainingSpec, head_lr: float
+) -> torch.optim.Optimizer:
     """The run's optimizer over two groups: the task head (new, needs large steps) and the LoRA
-    factors (small steps)."""
+    factors (small steps).
+
+    Args:
+        model: The PEFT model; its trainable parameters are optimised.
+        training: The run's training group (`optimizer`, `learning_rate`).
+        head_lr: The task head's learning rate (`RunSpec.head_lr`).
+
+    Returns:
+        AdamW, SGD with momentum 0.9, or DP-AdamBC, as `training.optimizer` says.
+    """
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     lora = [
         p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
     ]
     groups = [
-        {"params": lora, "lr": config.spec.training.learning_rate},
-        {"params": head, "lr": config.spec.head_lr},
+        {"params": lora, "lr": training.learning_rate},
+        {"params": head, "lr": head_lr},
     ]
-    if config.spec.training.optimizer == "sgd":
+    if training.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
-    if config.spec.training.optimizer == "adam_bc":
+    if training.optimizer == "adam_bc":
         return BiasCorrectedAdam(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 

@@ -63,7 +63,7 @@ class SimulatedSite:
         round past the run's own epsilon)."""
         if not config.spec.privacy.dp:
             return None
-        return plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
+        return plan_dp(config.spec, max(privacy_units(config.spec.privacy, dataset), 1))
 
     def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
