@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedward.client.prefix_cache import cached_training
+from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import (
     DPPlan,
     HistoryEntry,
@@ -221,7 +222,7 @@ def train_locally(
                     losses.append(loss)
     finally:
         if private:
-            train_module._close()  # remove Opacus hooks so the cached model can be reused
+            opacus_seam.remove_hooks(train_module)  # the cached model is reused clean
 
     new_arrays = get_adapter_arrays(model)
     clip = config.spec.secagg.secagg_clip
@@ -289,7 +290,7 @@ def make_private(
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    engine.accountant.history = [tuple(entry) for entry in history]
+    opacus_seam.continue_accountant(engine, history)
     module, optimizer, loader = engine.make_private(
         module=module,
         optimizer=optimizer,
@@ -342,7 +343,7 @@ class _BatchStep:
         total = sum(labelled)
         if total == 0:  # Poisson sampling can draw an empty batch
             if self.private:
-                _noise_only_step(self.optimizer)
+                opacus_seam.noise_only_step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             return None
         batch_loss = 0.0
@@ -425,7 +426,7 @@ class _PatientSums:
     def add(self, optimizer, row_patients: list[int]) -> None:
         """Add the current `grad_sample` rows into the rows of their patients."""
         for number, param in enumerate(optimizer.params):
-            rows = optimizer._get_flat_grad_sample(param)
+            rows = opacus_seam.per_record_rows(optimizer, param)
             target = torch.tensor(row_patients, device=rows.device)
             if number not in self.sums:
                 shape = (self.patients, *rows.shape[1:])
@@ -435,7 +436,7 @@ class _PatientSums:
     def hand_over(self, optimizer) -> None:
         """Put the per-patient rows where Opacus reads per-sample gradients."""
         for number, param in enumerate(optimizer.params):
-            param.grad_sample = self.sums[number]
+            opacus_seam.hand_over_rows(param, self.sums[number])
 
 
 def _outside_tag_id(config: LocalRun) -> int | None:
@@ -462,21 +463,6 @@ def weighted_token_loss(
     )
     weights = torch.where(labels == outside_id, outside_weight, 1.0)
     return (per_token * weights).sum() / (labels != -100).sum().clamp(min=1)
-
-
-def _noise_only_step(optimizer) -> None:
-    """The step of an empty Poisson batch: noise alone, as DP-SGD's analysis assumes.
-
-    Skipping it would leave the adapter still for that step, which tells whoever sees the update
-    that no record was sampled; with small expected batches that happens often enough
-    (probability about e^-batch_size) to exceed delta.
-    """
-    for p in optimizer.params:
-        p.summed_grad = torch.zeros_like(p)
-    optimizer.add_noise()
-    for p in optimizer.params:
-        p.grad /= optimizer.expected_batch_size
-    optimizer.original_optimizer.step()
 
 
 def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[int]]:

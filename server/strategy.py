@@ -76,22 +76,26 @@ class EvaluateOutcome:
 class FedwardStrategy:
     """Federated averaging of adapter deltas (McMahan et al. 2017) with update validation.
 
+    Named after Flower's round phases but not a Flower `Strategy`: a round here puts the SecAgg+
+    stages between the replies and the average, and `server/app.py` runs the loop (why:
+    docs/architecture.md, "Where fedward meets its frameworks").
+
     Parameters
     ----------
     config : RunConfig
         The run's configuration; uses `fraction` (default 1.0), `min_hospitals` (default 2),
         `round_timeout` (default 3600 s), `secagg_clip` (default 1.0: the range an update
         value must lie in) and `seed` (default 42: node sampling).
-    spec : list[ArraySpec]
+    adapter_layout : list[ArraySpec]
         Names, shapes and dtypes of the adapter tensors every update must match.
     run_id : int | str
         fedward's run id (stable across `--resume`, unlike Flower's); sent with every message
         so replies, ledgers and SecAgg+ messages are bound to their run.
     """
 
-    def __init__(self, config: RunConfig, spec: list[ArraySpec], run_id: int) -> None:
+    def __init__(self, config: RunConfig, adapter_layout: list[ArraySpec], run_id: int) -> None:
         self.config = config
-        self.spec = spec
+        self.adapter_layout = adapter_layout
         self.run_id = run_id
         self.node_names: dict[int, str] = {}  # learnt from replies; names failed nodes in logs
 
@@ -163,7 +167,7 @@ class FedwardStrategy:
         for _node_id, (name, reply) in accepted.items():
             try:
                 update = wire.record_to_arrays(reply.content[wire.ARRAYS])
-                validate_update(self.spec, update, self.config.spec.secagg.secagg_clip)
+                validate_update(self.adapter_layout, update, self.config.spec.secagg.secagg_clip)
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
                 reason = f"rejected update: {exc}"
                 outcome.rejected[name] = reason
@@ -188,7 +192,7 @@ class FedwardStrategy:
         from its neighbours' shares while the threshold holds; otherwise the round fails
         cleanly and the global adapter stays as it was.
         """
-        vector_length = sum(int(np.prod(item.shape)) for item in self.spec)
+        vector_length = sum(int(np.prod(item.shape)) for item in self.adapter_layout)
         try:
             session = SecAggServerSession(
                 self.run_id,
@@ -244,7 +248,7 @@ class FedwardStrategy:
             return outcome
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
         try:
-            validate_update(self.spec, average, self.config.spec.secagg.secagg_clip)
+            validate_update(self.adapter_layout, average, self.config.spec.secagg.secagg_clip)
         except FedwardError as exc:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
