@@ -82,7 +82,7 @@ def run_arm(
     datasets = [encode(train, config, tokenizer) for train in trains]
     arrays = initial_arrays(config, len(labels))
     distributed = config.spec.privacy.noise == "distributed"
-    plans = [plan_dp(config.spec, max(privacy_units(config.spec, d), 1)) for d in datasets]
+    plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
     histories: list[list] = [[] for _ in datasets]
     for _ in range(config.spec.federation.rounds):
         if distributed:

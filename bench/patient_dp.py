@@ -105,9 +105,8 @@ class FastFederation:
         config = RunConfig.build({**values, "labels": self.labels}, source="bench")
         pad = self.tokenizer.pad_token_id
         datasets = [encode(train, config, self.tokenizer) for train, _ in self.hospitals]
-        plans = [
-            plan_dp(config.spec, max(privacy_units(config.spec, data), 1)) for data in datasets
-        ]
+        privacy = config.spec.privacy
+        plans = [plan_dp(config.spec, max(privacy_units(privacy, data), 1)) for data in datasets]
         histories: list[list] = [[] for _ in datasets]
         arrays = dict(self.initial)
         for _ in range(config.spec.federation.rounds):

@@ -37,7 +37,7 @@ from fedward.common.errors import DataError
 from fedward.common.files.arrays_file import read_arrays_file
 from fedward.common.files.audit_log import verify
 
-#: Suffix of the ledger keys of released evaluations (`client/site.py`, EVALUATION_KEY).
+#: Suffix of the ledger keys of released evaluations (`client/site/evaluation.py`, EVALUATION_KEY).
 EVALUATION_SUFFIX = "-evaluation"
 #: Audit kinds that mean "an update of this round left the hospital".
 RELEASED_KINDS = ("train", "replay")

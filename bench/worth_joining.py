@@ -82,12 +82,12 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
     hospitals = []
     for number in range(config.simulation.hospitals):
         train, val, _ = _hospital_split(
-            config.spec.task.name, config.spec.training.seed, shared, number
+            config.spec.task.definition, config.spec.training.seed, shared, number
         )
         data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
         hospitals.append(data)
     datasets = [encode(data.train, config, tokenizer) for data in hospitals]
-    plans = [plan_dp(config.spec, max(privacy_units(config.spec, d), 1)) for d in datasets]
+    plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
     histories: list[list] = [[] for _ in hospitals]
     arrays = initial_arrays(config, num_labels)
     started = time.monotonic()

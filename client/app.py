@@ -42,7 +42,6 @@ from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED
-from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,8 @@ DataSource = Callable[[LocalRun, Context], HospitalData]
 
 
 class HospitalSite(Protocol):
-    """The gates around a hospital's training: a real `Site` (client/site.py) or a simulated one
-    (simulation/hospitals.py)."""
+    """The gates around a hospital's training: a real `Site` (client/site/gates.py) or a
+    simulated one (simulation/hospitals.py)."""
 
     #: True only in simulation: training loss, example counts and exact metrics are reported,
     #: and an update is weighted by its training count.
@@ -142,8 +141,8 @@ def hospital_name(context: Context) -> str:
 def encode(examples: list, config: LocalRun, tokenizer) -> EncodedDataset:
     """Token ids and label ids for the run's task; under patient-level DP each encoded
     example also carries its patient's number (`EncodedDataset.units`)."""
-    patient_level = config.spec.privacy.dp and config.spec.privacy.dp_unit == "patient"
-    return task_named(config.spec.task.name).encode(
+    patient_level = config.spec.privacy.per_patient
+    return config.spec.task.definition.encode(
         examples,
         config.spec.task.labels or [],
         tokenizer,
@@ -209,7 +208,7 @@ def handle_train(
     The site judges the run spec before any data is read; the privacy budget is the first thing
     judged with the data, before every check whose answer depends on the records (the example
     count, the vocabulary, the labels), so that such a refusal is charged like a trained round;
-    the site records the update before it leaves (see client/site.py).
+    the site records the update before it leaves (see client/site/gates.py).
     """
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
@@ -414,9 +413,8 @@ def handle_evaluate(
         loss, true_ids, pred_ids = predict(
             model, dataset, config, arrays, tokenizer.pad_token_id, who=name
         )
-        predictions = Predictions(
-            config.spec.task.name, loss, true_ids, pred_ids, list(config.spec.task.labels or [])
-        )
+        labels = list(config.spec.task.labels or [])
+        predictions = Predictions(config.spec.task.definition, loss, true_ids, pred_ids, labels)
         metrics = site.release_evaluation(config, run_id, server_round, predictions)
         if site.releases_exact_metrics:
             metrics["unknown-rate"] = share
@@ -481,7 +479,7 @@ def own_model(
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels or [])
     model = cached_model(config, num_labels)
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     recipe = recipe or HomeRecipe()
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
     train = encode(data.train, config, tokenizer)
@@ -556,7 +554,7 @@ def load_site_data(config: LocalRun, context: Context) -> HospitalData:
 
 def read_hospital_file(path: Path, config: LocalRun, name: str) -> HospitalData:
     """Read and split a hospital's own data file for the run's task."""
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     schema = config.data_schema
     examples = task.read(
         path, schema.text_column, schema.label_column, patient_column=schema.patient_column

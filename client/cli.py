@@ -1,7 +1,7 @@
 """A hospital's commands: `fedward client start | personalize | ledger | model-hash |
 adapter-hash`.
 
-Only this module prints; client/deploy/supernode.py and client/site.py do the work.
+Only this module prints; client/deploy/supernode.py and client/site/ do the work.
 `simulation/cli.py` mounts `client_app` on the `fedward` command.
 """
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 #: Where a run's own models are kept: `<out>/own/<hospital>/` in a simulation, and
-#: `<ledger>/own/<data set>/<run id>/` at a deployed hospital (client/site.py).
+#: `<ledger>/own/<data set>/<run id>/` at a deployed hospital (client/site/gates.py).
 OWN_FOLDER = "own"
 #: Turns the example positions of a batch into (inputs, attention mask, labels).
 MakeBatch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

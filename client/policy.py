@@ -81,11 +81,11 @@ class SitePolicy(BaseModel):
         allowed_models: Base model names (`RunSpec.model`) accepted; None accepts any name.
         allowed_model_hashes: SHA-256 digests (`model_content_hash`) of the weight files
             accepted. None: in deployment only the packaged default model
-            (`packaged_model_hash`; client/site.py), in simulation any content. When both
+            (`packaged_model_hash`; client/site/pins.py), in simulation any content. When both
             lists are set, both must match.
         allowed_adapter_hashes: SHA-256 digests (`adapter_content_hash`: every file of the
             folder) of the starting adapters (`init_adapter`) a run may start from. None: in
-            deployment no run with a starting adapter is trained (client/site.py), in
+            deployment no run with a starting adapter is trained (client/site/pins.py), in
             simulation any. A run without a starting adapter is not affected.
         allowed_tasks: Tasks the hospital trains.
         labels: The label values of this hospital's data (its schema, declared by its staff;
@@ -102,7 +102,7 @@ class SitePolicy(BaseModel):
             records; a record-level run is refused before any record is read, and evaluation
             releases, protected per record, are refused). Unset (the default): "patient" where
             the hospital's data schema names a patient column (`--patient-column`), else
-            "record" (client/site.py): record-level DP on patient data is the hospital's own
+            "record" (client/site/pins.py): record-level DP on patient data is the hospital's own
             choice, never the coordinator's.
         aggregation_weight: The weight of this hospital's update in the federation's average,
             declared here (default 1: every hospital counts the same). It is sent in place of

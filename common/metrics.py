@@ -1,4 +1,6 @@
-"""Task metrics, pure: classification accuracy and macro-F1; NER entity-level F1 (seqeval).
+"""Task metrics, pure: classification accuracy and macro-F1; the counts behind NER's
+entity-level F1 (its scores are common/tasks/ner/entity_metrics.py, which imports this module,
+never the other way round).
 
 A hospital's evaluation also carries its counts (true positives, false positives, false
 negatives per label, or per entity type for NER) under the keys `tp:<name>`, `fp:<name>`,
@@ -33,31 +35,6 @@ def classification_metrics(
         "accuracy": float((true == pred).mean()),
         "macro_f1": float(f1_score(true, pred, labels=present, average="macro", zero_division=0)),
     }
-
-
-def ner_metrics_from_ids(
-    true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
-) -> dict[str, float]:
-    """Entity-level micro precision/recall/F1 from word-piece label ids (-100 ignored)."""
-    from fedward.common.tasks.ner import ner_metrics
-
-    true_tags, pred_tags = [], []
-    for true_row, pred_row in zip(true_ids, pred_ids):
-        kept = [(t, p) for t, p in zip(true_row, pred_row) if t != -100]
-        true_tags.append([labels[t] for t, _ in kept])
-        pred_tags.append([labels[p] for _, p in kept])
-    scores = ner_metrics(true_tags, pred_tags)
-    flat: dict[str, float] = {
-        "precision": scores["precision"],
-        "recall": scores["recall"],
-        "f1": scores["f1"],
-    }
-    for entity_type, type_scores in scores["per_type"].items():
-        for key in ("precision", "recall", "f1"):
-            flat[f"{key}_{entity_type}"] = type_scores[key]
-    types = {label.split("-", 1)[1] for label in labels if label[:2] in ("B-", "I-")}
-    flat.update(count_metrics(entity_counts(true_tags, pred_tags, types)))
-    return flat
 
 
 def ratio(part: float, whole: float) -> float:
@@ -152,8 +129,9 @@ def pooled_macro_f1(counts: Mapping[str, tuple[float, float, float]]) -> float:
 
 def pooled_entity_scores(counts: Mapping[str, tuple[float, float, float]]) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 from per-type (TP, FP, FN), and the same per
-    type (`precision_TYPE`...), as `ner_metrics_from_ids` names them; 0.0 with nothing to divide
-    by (as seqeval). With counts summed over hospitals: the scores over all their sentences."""
+    type (`precision_TYPE`...), as `ner_metrics_from_ids` (tasks/ner/entity_metrics.py) names
+    them; 0.0 with nothing to divide by (as seqeval). With counts summed over hospitals: the
+    scores over all their sentences."""
     scores: dict[str, float] = {}
     for name, (tp, fp, fn) in sorted(counts.items()):
         if tp + fp + fn <= 0:

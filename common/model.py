@@ -101,7 +101,7 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
                 f"'{model_spec.name}'"
             )
         top_layers = list(range(layers - model_spec.lora_layers, layers))
-    options = task_named(spec.task.name).peft_options()
+    options = spec.task.definition.peft_options()
     # Head layers the task's options do not name (ModernBERT's dense layer before its classifier)
     # are new and random too: they train and travel with the classifier.
     heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]

@@ -13,7 +13,7 @@ What a hospital trusts here, and why each check exists:
   folder), as it pins the base model; a folder with other weights, another label list or other
   LoRA settings under the same path has another hash and is refused before any record is read.
   The coordinator sends the starting arrays in round 1 too; a hospital compares them with those
-  it built from its own pinned copy (client/site.py), so a coordinator cannot start the run from
+  it built from its own pinned copy (client/site/), so a coordinator cannot start the run from
   other weights than the ones the hospitals approved.
 - **Only safetensors.** The weights are read from `adapter_model.safetensors`, never from a
   pickle (`.bin`), which could run code when loaded.

@@ -32,7 +32,6 @@ from fedward.common.model import (
     set_adapter_arrays,
     starting_adapter_record,
 )
-from fedward.common.tasks import task_named
 from fedward.server.aggregation import Arrays
 from fedward.server.resume import (
     arrays_digest,
@@ -139,7 +138,7 @@ def run_federation(
         )
         kept = kept_round(
             result.rounds,
-            task_named(config.spec.task.name).primary_metric,
+            config.spec.task.definition.primary_metric,
             config.local.keep_adapter,
         )
         if kept == server_round:  # else <out>/adapter keeps the earlier, better round's

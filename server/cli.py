@@ -319,7 +319,7 @@ def run(
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():
         history = (deploy.read_history(out_dir) or {}).get("rounds") or rows
-        score = task_named(config.spec.task.name).primary_metric
+        score = config.spec.task.definition.primary_metric
         kept = kept_round(history, score, config.local.keep_adapter)
         console.print(
             f"adapter:   {out_dir / 'adapter'}  (PEFT format; round {kept}: "

@@ -33,7 +33,6 @@ from fedward.common.model import ArraySpec
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED
-from fedward.common.tasks import task_named
 from fedward.server.aggregation import (
     Arrays,
     apply_average,
@@ -79,22 +78,26 @@ class EvaluateOutcome:
 class FedwardStrategy:
     """Federated averaging of adapter deltas (McMahan et al. 2017) with update validation.
 
+    Named after Flower's round phases but not a Flower `Strategy`: a round here puts the SecAgg+
+    stages between the replies and the average, and `server/app.py` runs the loop (why:
+    docs/architecture.md, "Where fedward meets its frameworks").
+
     Parameters
     ----------
     config : RunConfig
         The run's configuration; uses `fraction` (default 1.0), `min_hospitals` (default 2),
         `round_timeout` (default 3600 s), `secagg_clip` (default 1.0: the range an update
         value must lie in) and `seed` (default 42: node sampling).
-    spec : list[ArraySpec]
+    adapter_layout : list[ArraySpec]
         Names, shapes and dtypes of the adapter tensors every update must match.
     run_id : int | str
         fedward's run id (stable across `--resume`, unlike Flower's); sent with every message
         so replies, ledgers and SecAgg+ messages are bound to their run.
     """
 
-    def __init__(self, config: RunConfig, spec: list[ArraySpec], run_id: int) -> None:
+    def __init__(self, config: RunConfig, adapter_layout: list[ArraySpec], run_id: int) -> None:
         self.config = config
-        self.spec = spec
+        self.adapter_layout = adapter_layout
         self.run_id = run_id
         self.node_names: dict[int, str] = {}  # learnt from replies; names failed nodes in logs
 
@@ -166,7 +169,7 @@ class FedwardStrategy:
         for _node_id, (name, reply) in accepted.items():
             try:
                 update = wire.record_to_arrays(reply.content[wire.ARRAYS])
-                validate_update(self.spec, update, self.config.spec.secagg.secagg_clip)
+                validate_update(self.adapter_layout, update, self.config.spec.secagg.secagg_clip)
             except (FedwardError, KeyError, ValueError, TypeError) as exc:
                 reason = f"rejected update: {exc}"
                 outcome.rejected[name] = reason
@@ -191,7 +194,7 @@ class FedwardStrategy:
         from its neighbours' shares while the threshold holds; otherwise the round fails
         cleanly and the global adapter stays as it was.
         """
-        vector_length = sum(int(np.prod(item.shape)) for item in self.spec)
+        vector_length = sum(int(np.prod(item.shape)) for item in self.adapter_layout)
         distributed = self.config.spec.privacy.noise == "distributed"
         try:
             session = SecAggServerSession(
@@ -251,7 +254,7 @@ class FedwardStrategy:
             return self._noisy_gradient_step(server_round, global_arrays, result, outcome)
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
         try:
-            validate_update(self.spec, average, self.config.spec.secagg.secagg_clip)
+            validate_update(self.adapter_layout, average, self.config.spec.secagg.secagg_clip)
         except FedwardError as exc:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
@@ -415,7 +418,7 @@ class FedwardStrategy:
             name: {k: v for k, v in metrics.items() if not k.startswith(PERSONAL_PREFIX)}
             for name, metrics in hospitals.items()
         }
-        merged = global_evaluation(task_named(self.config.spec.task.name), scores, counts)
+        merged = global_evaluation(self.config.spec.task.definition, scores, counts)
         return EvaluateOutcome(metrics=merged, hospitals=hospitals, refused=refused)
 
 

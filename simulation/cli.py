@@ -27,7 +27,6 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from fedward.client.personalize import OWN_FOLDER
 from fedward.common.config import GROUPS, RunConfig
 from fedward.common.files.output_paths import check_output_folder
-from fedward.common.tasks import task_named
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
@@ -282,7 +281,7 @@ def run_simulation_with_report(
 
         def on_round(row: dict) -> None:
             metrics = row["global"]
-            headline = task_named(config.spec.task.name).primary_metric
+            headline = config.spec.task.definition.primary_metric
             score = metrics.get(headline)
             progress.console.print(
                 f"round {row['round']}: {row['status']}, val loss "
@@ -353,7 +352,7 @@ def kept_adapter_note(rounds: list[dict], config: RunConfig) -> str:
     """Which round's adapter the output holds, and by which rule (`keep_adapter`)."""
     from fedward.server.app import kept_round
 
-    score = task_named(config.spec.task.name).primary_metric
+    score = config.spec.task.definition.primary_metric
     kept = kept_round(rounds, score, config.local.keep_adapter)
     of = f"round {kept} of {len(rounds)}"
     value = next((row["global"].get(score) for row in rounds if row["round"] == kept), None)
@@ -405,7 +404,7 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
 def what_trains(config: RunConfig) -> str:
     """One line saying what trains, and whether it is the task's default (the README's why)."""
     variant = config.spec.model.lora_variant
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     warm = bool(config.spec.model.init_adapter)
     default = task.warm_start_lora_variant if warm else task.lora_variant
     layers = config.spec.model.lora_layers

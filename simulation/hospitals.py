@@ -25,7 +25,7 @@ from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.files.atomic import write_json_atomic
 from fedward.common.model import save_adapter, set_adapter_arrays
-from fedward.common.tasks import Task, task_named
+from fedward.common.tasks import Task
 from fedward.simulation import partition
 from fedward.simulation.synthetic import synthetic_examples, synthetic_labels
 
@@ -63,7 +63,7 @@ class SimulatedSite:
         round past the run's own epsilon)."""
         if not config.spec.privacy.dp:
             return None
-        return plan_dp(config.spec, max(privacy_units(config.spec, dataset), 1))
+        return plan_dp(config.spec, max(privacy_units(config.spec.privacy, dataset), 1))
 
     def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
@@ -116,7 +116,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
     check_pooled_vocabulary(config)
     if config.spec.task.labels:
         return config
-    task = task_named(config.spec.task.name)
+    task = config.spec.task.definition
     if config.simulation.data is None:
         labels = synthetic_labels(
             config.spec.task.name,
@@ -138,7 +138,7 @@ def privacy_unit(config: RunConfig) -> RunConfig:
     privacy = config.spec.privacy
     if "dp_unit" not in privacy.model_fields_set and has_patients:
         return config.updated(dp_unit="patient")
-    if privacy.dp and privacy.dp_unit == "patient" and not has_patients:
+    if privacy.per_patient and not has_patients:
         raise ConfigError(
             "field 'dp_unit': patient-level DP needs the data's patient column; pass "
             "--patient-column NAME (or --dp-unit record)"
@@ -175,7 +175,7 @@ def _pooled_as_hospitals_read_it(config: RunConfig) -> tuple:
     with its file and line, not inside every hospital's worker."""
     scheme = config.simulation.partition
     return _pooled(
-        config.spec.task.name,
+        config.spec.task.definition,
         config.simulation.data,
         config.data_schema.text_column,
         config.data_schema.label_column,
@@ -192,14 +192,14 @@ def simulated_data(config: RunConfig, context: Context) -> HospitalData:
         {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
     )
     train, val, source = _hospital_split(
-        config.spec.task.name, config.spec.training.seed, shared, hospital
+        config.spec.task.definition, config.spec.training.seed, shared, hospital
     )
     return HospitalData(hospital_name(context), list(train), list(val), source)
 
 
 @lru_cache(maxsize=8)
 def _hospital_split(
-    task_name: str, seed: int, shared_json: str, hospital: int
+    task: Task, seed: int, shared_json: str, hospital: int
 ) -> tuple[tuple, tuple, str]:
     shared = json.loads(shared_json)
     data, text_column, label_column = shared["data"], shared["text_column"], shared["label_column"]
@@ -208,18 +208,15 @@ def _hospital_split(
     sizes = [int(size) for size in shared["notes_per_hospital"].split(",")]
     sizes = sizes * hospitals if len(sizes) == 1 else sizes
     val_fraction = shared["val_fraction"]
-    task = task_named(task_name)
     if data is None and scheme == "auto":
-        examples = synthetic_examples(task_name, hospital, sizes[hospital], seed, hospitals)
+        examples = synthetic_examples(task.name, hospital, sizes[hospital], seed, hospitals)
         source = f"synthetic notes of hospital-{hospital}"
     else:
         group_column = scheme.removeprefix("column:") if scheme.startswith("column:") else None
         if data is None:
-            pooled = _synthetic_pool(task_name, hospitals, tuple(sizes), seed)
+            pooled = _synthetic_pool(task.name, hospitals, tuple(sizes), seed)
         else:
-            pooled = _pooled(
-                task_name, data, text_column, label_column, group_column, patient_column
-            )
+            pooled = _pooled(task, data, text_column, label_column, group_column, patient_column)
         shares = _split(task, scheme, pooled, hospitals, alpha, seed)
         examples = [pooled[i] for i in shares[hospital]]
         source = f"{data or 'synthetic notes'} ({scheme} share {hospital + 1}/{hospitals})"
@@ -249,8 +246,9 @@ def _split(task: Task, scheme: str, pooled, hospitals, alpha, seed) -> list[list
 
 
 @lru_cache(maxsize=4)
-def _pooled(task_name, data, text_column, label_column, group_column, patient_column=None) -> tuple:
-    task = task_named(task_name)
+def _pooled(
+    task: Task, data, text_column, label_column, group_column, patient_column=None
+) -> tuple:
     return tuple(task.read(data, text_column, label_column, group_column, patient_column))
 
 

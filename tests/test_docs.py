@@ -70,3 +70,16 @@ def test_docs_site_builds_strictly(tmp_path):
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-4000:]}"
     assert (tmp_path / "index.html").is_file()
+    # The API reference is rendered from the docstrings, fields included (mkdocstrings).
+    reference = (tmp_path / "reference" / "index.html").read_text(encoding="utf-8")
+    for name in (
+        "common.config.RunSpec",
+        "common.config.PrivacySpec",
+        "common.model.build_model",
+        "common.model.load_adapter_for_inference",
+        "common.tasks.Task",
+        "client.policy.SitePolicy",
+    ):
+        assert f'id="fedward.{name}"' in reference, name
+    for documented in ("lifetime_epsilon", "max_grad_norm", "describe_prediction"):
+        assert documented in reference, documented

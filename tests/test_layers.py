@@ -23,29 +23,63 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
-def _imports(path: Path, known: set[str]) -> set[str]:
-    """fedward modules that `path` imports, anywhere in it (a name imported from a package is
-    taken as its submodule when there is one)."""
-    found = set()
+def _defined_in(
+    module: str, name: str, modules: dict[str, Path], seen: frozenset = frozenset()
+) -> str:
+    """The module that defines `name` when it is imported from `module`: a package's
+    `__init__` that re-exports a name (`from .task import NER`) hands it on to the module
+    it took it from, so `from fedward.common.tasks.ner import NER` is an edge to
+    `fedward.common.tasks.ner.task`, not to a package whose own edges would then be dropped."""
+    child = f"{module}.{name}"
+    if child in modules:
+        return child
+    path = modules.get(module)
+    if path is None or path.name != "__init__.py" or module in seen:
+        return module
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name and node.module in modules:
+                    return _defined_in(node.module, alias.name, modules, seen | {module})
+    return module
+
+
+def _packages_run(importer: str, module: str, modules: dict[str, Path]) -> set[str]:
+    """The packages whose `__init__` Python runs to import `module`: its parents, except those
+    the importer sits in (their `__init__` is already running when it runs)."""
+    parts = module.split(".")
+    parents = {".".join(parts[:end]) for end in range(2, len(parts) + 1)}
+    return {
+        package
+        for package in parents
+        if modules.get(package, Path()).name == "__init__.py"
+        and importer != package
+        and not importer.startswith(package + ".")
+    }
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """fedward modules that module `name` (at `path`) imports, anywhere in it: a name imported
+    from a package is taken as its submodule when there is one, else as the module that defines
+    it; and a package's `__init__` counts wherever Python runs it."""
+    targets = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name in known)
+            targets.update(alias.name for alias in node.names if alias.name in modules)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:
-                child = f"{node.module}.{alias.name}"
-                found.add(child if child in known else node.module)
-    return found & known
+            targets.update(_defined_in(node.module, alias.name, modules) for alias in node.names)
+    found = set(targets)
+    for target in targets:
+        found |= _packages_run(name, target, modules)
+    return found & set(modules)
 
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    graph = {}
-    for name, path in modules.items():
-        # A package's __init__ gathering its own submodules is not a circle.
-        graph[name] = {other for other in _imports(path, set(modules)) if other != name}
-        if path.name == "__init__.py":
-            graph[name] = {other for other in graph[name] if not other.startswith(name + ".")}
-    return graph
+    return {
+        name: {other for other in _imports(name, path, modules) if other != name}
+        for name, path in modules.items()
+    }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -72,6 +106,14 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_itself_back_through_others():
     assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()) or [])
+
+
+def test_a_name_a_package_re_exports_leads_to_the_module_that_defines_it():
+    modules = _modules()
+    assert _defined_in("fedward.common.tasks.ner", "NER", modules) == (
+        "fedward.common.tasks.ner.task"
+    )
+    assert _defined_in("fedward.common.tasks", "Task", modules) == "fedward.common.tasks"
 
 
 def test_the_cycle_finder_finds_a_planted_circle():

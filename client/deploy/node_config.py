@@ -1,5 +1,5 @@
 """The contract between `fedward client start` (client/deploy/supernode.py), the SuperNode it starts
-and the hospital's own ClientApp process (client/deploy/runtime.py, client/site.py): the node-config
+and the hospital's own ClientApp process (client/deploy/runtime.py, client/site/): the node-config
 keys that carry the hospital's paths and settings, and the environment every hospital process runs
 in. Its own module, so that the three read one definition and none imports another for it.
 """
@@ -12,7 +12,7 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 
-#: Node-config keys the deployed ClientApp reads (client/site.py).
+#: Node-config keys the deployed ClientApp reads (client/site/node.py).
 DATA_KEY = "data-path"
 POLICY_KEY = "policy"
 LEDGER_KEY = "ledger"

@@ -15,7 +15,7 @@ each message (client/deploy/runtime.py), which refuses any app bundle that carri
 another component or asks for dependencies (client/deploy/bundle.py), and otherwise runs the
 installed `fedward.client.app:app`. The ClientApp finds the data, policy, ledger and audit log
 through the
-node config (see client/site.py).
+node config (see client/site/node.py).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fedward.common.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedward.common.config import RunSpec
+    from fedward.common.config import PrivacySpec, RunSpec
     from fedward.common.data import EncodedDataset
 
 #: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
@@ -118,11 +118,21 @@ def plan_rounds(
     return DPPlan(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
 
 
-def privacy_units(spec: RunSpec, dataset: EncodedDataset) -> int:
+def privacy_units(privacy: PrivacySpec, dataset: EncodedDataset) -> int:
     """How many units a round samples from `dataset`: its patients under patient-level DP
-    (`dp_unit = "patient"`), else its encoded examples. `ConfigError` for a patient-level run
-    on examples that carry no patients."""
-    if spec.privacy.dp_unit != "patient":
+    (`dp_unit = "patient"`), else its encoded examples.
+
+    Args:
+        privacy: The run's privacy group (`dp_unit`).
+        dataset: A hospital's encoded training split.
+
+    Returns:
+        The number of patients, or of examples.
+
+    Raises:
+        ConfigError: a patient-level run on examples that carry no patients.
+    """
+    if privacy.dp_unit != "patient":
         return len(dataset)
     if dataset.units is None:
         raise ConfigError("patient-level DP needs the patient of each example (none were given)")

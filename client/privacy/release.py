@@ -26,14 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedward.common.tasks import task_named
+from fedward.common.tasks import Task
 
 
 @dataclass(frozen=True)
 class Predictions:
     """What an evaluation computed on the hospital's validation split; it stays there."""
 
-    task: str
+    task: Task  # the run's (`spec.task.definition`)
     loss: float
     true_ids: list
     pred_ids: list
@@ -42,13 +42,13 @@ class Predictions:
 
 def counts(predictions: Predictions) -> np.ndarray:
     """The task's count vector of an evaluation (its `release_counts`, float64)."""
-    task = task_named(predictions.task)
+    task = predictions.task
     return task.release_counts(predictions.true_ids, predictions.pred_ids, len(predictions.labels))
 
 
-def sensitivity(task: str) -> float:
+def sensitivity(task: Task) -> float:
     """L2 sensitivity of `counts` to adding or removing one record."""
-    return task_named(task).release_sensitivity
+    return task.release_sensitivity
 
 
 def noised(vector: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -56,14 +56,14 @@ def noised(vector: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarr
     return np.maximum(vector + rng.normal(0.0, std, size=vector.shape), 0.0)
 
 
-def metrics_from_counts(task: str, vector: np.ndarray, num_labels: int) -> dict[str, float]:
+def metrics_from_counts(task: Task, vector: np.ndarray, num_labels: int) -> dict[str, float]:
     """The released metrics, computed from (noised) counts: post-processing costs nothing."""
-    return task_named(task).metrics_from_counts(vector, num_labels)
+    return task.metrics_from_counts(vector, num_labels)
 
 
 def exact_metrics(predictions: Predictions) -> dict[str, float]:
     """Exact loss and task metrics (simulation, and the hospital's own audit log)."""
     metrics = {"loss": predictions.loss, "num-examples": float(len(predictions.true_ids))}
-    task = task_named(predictions.task)
+    task = predictions.task
     metrics.update(task.metrics(predictions.true_ids, predictions.pred_ids, predictions.labels))
     return metrics

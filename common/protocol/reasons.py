@@ -41,7 +41,7 @@ REASONS: dict[str, str] = {
     "data.unreadable": "the hospital cannot read its data with its data schema (details in the "
     "hospital's own log)",
     # A data-dependent refusal carries no number derived from the data (issue 28): it comes
-    # after the hospital's budget gate and is charged (client/site.py).
+    # after the hospital's budget gate and is charged (client/site/gates.py).
     "data.labels_mismatch": "label values in the hospital's data are not in the run's labels; "
     "the hospital's staff must map them (or declare the site's labels in its policy), or the "
     "run list them; the round was charged",
@@ -68,7 +68,7 @@ REASONS: dict[str, str] = {
     "one included, would be unmasked together, fewer than the site policy's "
     "min_secure_aggregation_hospitals ({min_secure_aggregation_hospitals}); the hospital "
     "revealed nothing more",
-    # evaluation (an accounted release, see client/site.py)
+    # evaluation (an accounted release, see client/site/gates.py)
     "evaluation.not_allowed": "the site policy does not release evaluation metrics",
     "evaluation.round_out_of_range": "evaluation refused: round {round} is outside 1..{rounds}",
     "evaluation.round_not_trained": "evaluation refused: this hospital did not train round {round}",

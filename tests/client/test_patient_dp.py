@@ -85,7 +85,7 @@ def _clipped_sum(config, tok, records, monkeypatch) -> np.ndarray:
         dataset = task_named("ner").encode(records, TAGS, tok, 24, units)
     else:
         dataset = _encode(config, tok, records)
-    units = privacy_units(config.spec, dataset)
+    units = privacy_units(config.spec.privacy, dataset)
     plan = DPPlan(noise_multiplier=0.0, sample_rate=1.0, steps=1)
     monkeypatch.setattr(trainer, "check_budget", lambda *args: 0.0)  # noiseless: no epsilon
     model = build_model(config.spec, len(TAGS if config.spec.task.name == "ner" else LABELS))
@@ -186,8 +186,8 @@ def test_the_accountant_counts_patients_not_records():
     config = RunConfig(dp_unit="patient", batch_size=16, rounds=3, local_epochs=2)
     records = _records({f"p{i}": 5 for i in range(64)})  # 320 records, 64 patients
     dataset = EncodedDataset([[1]] * len(records), [0] * len(records), patient_units(records))
-    assert privacy_units(config.spec, dataset) == 64
-    plan = plan_dp(config.spec, privacy_units(config.spec, dataset))
+    assert privacy_units(config.spec.privacy, dataset) == 64
+    plan = plan_dp(config.spec, privacy_units(config.spec.privacy, dataset))
     assert plan.sample_rate == pytest.approx(16 / 64)  # expected patients / patients
     assert plan.steps == 2 * 4
     by_record = plan_dp(config.spec, len(dataset))
@@ -198,7 +198,7 @@ def test_the_accountant_counts_patients_not_records():
 def test_a_patient_level_run_needs_patients():
     config = RunConfig(dp_unit="patient")
     with pytest.raises(ConfigError):
-        privacy_units(config.spec, EncodedDataset([[1], [2]], [0, 1]))
+        privacy_units(config.spec.privacy, EncodedDataset([[1], [2]], [0, 1]))
     with pytest.raises(DataError):
         patient_units([Record("a note", "x")])
 

@@ -176,5 +176,5 @@ def test_a_patient_policy_refuses_a_record_level_run():
     patient.check(by_patient)
     record.check(by_record)
     record.check(by_patient)  # the stronger unit is always accepted
-    # unset, the unit follows the hospital's schema (client/site.py: patient data per patient)
+    # unset, the unit follows the hospital's schema (client/site/pins.py: patient data per patient)
     assert SitePolicy.build({"lifetime_epsilon": 8.0}).dp_unit is None

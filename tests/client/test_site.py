@@ -1,4 +1,4 @@
-"""A real hospital's gates around training (client/site.py through client.app.handle_train).
+"""A real hospital's gates around training (client/site/ through client.app.handle_train).
 
 Each test drives the deployed ClientApp's handler with real Flower messages, a real tiny model,
 a real data file, policy file, ledger folder and audit log, as the SuperNode would.
@@ -236,8 +236,9 @@ def _audited(node_config, kind: str) -> dict:
 
 
 def test_the_dp_plan_is_computed_once_a_round_and_is_the_one_reserved(hospital, monkeypatch):
-    from fedward.client import site, trainer
+    from fedward.client import trainer
     from fedward.client.privacy import accounting as privacy
+    from fedward.client.site import gates as site
 
     config, node_config, _ = hospital
     planned = []

@@ -12,6 +12,7 @@ from tiny_training import tokenizer as tiny_tokenizer
 from tiny_training import train as tiny_train
 
 from fedward.client import trainer
+from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import compose_epsilon as epsilon_of
 from fedward.client.trainer import (
     check_budget,
@@ -195,14 +196,14 @@ def test_an_empty_poisson_batch_still_takes_a_step_of_noise(four_layer_model_dir
     monkeypatch.setattr(DPOptimizer, "step", counting_step)
     monkeypatch.setattr(trainer, "_micro_batch_indices", counting_batch)
     moved: list[bool] = []
-    original_noise_step = trainer._noise_only_step
+    original_noise_step = opacus_seam.noise_only_step
 
     def watching(optimizer):
         before = [p.detach().clone() for p in optimizer.params]
         original_noise_step(optimizer)
         moved.append(all(not p.equal(b) for p, b in zip(optimizer.params, before, strict=True)))
 
-    monkeypatch.setattr(trainer, "_noise_only_step", watching)
+    monkeypatch.setattr(opacus_seam, "noise_only_step", watching)
     tiny_train(settings, dataset, tok)
 
     assert (

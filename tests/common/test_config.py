@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from fedward.common.config import PACKAGED_MODEL, RunConfig, RunSpec, flat_names
+from fedward.common.config import (
+    PACKAGED_MODEL,
+    FederationSpec,
+    PrivacySpec,
+    RunConfig,
+    RunSpec,
+    flat_names,
+)
 from fedward.common.errors import ConfigError
 
 
@@ -61,10 +68,25 @@ def test_build_accepts_dashed_keys_like_the_cli():
     assert (config.spec.training.local_epochs, config.spec.model.lora_rank) == (4, 4)
 
 
-def test_assignment_is_validated_too():
+def test_the_run_spec_is_frozen():
     config = RunConfig()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="frozen"):
         config.spec.federation.rounds = 0
+    with pytest.raises(ValueError, match="frozen"):
+        config.spec.privacy = PrivacySpec(dp=False)
+    changed = config.spec.model_copy(update={"federation": FederationSpec(rounds=5)})
+    assert (config.spec.federation.rounds, changed.federation.rounds) == (3, 5)
+
+
+def test_the_privacy_group_says_whether_training_is_per_patient():
+    assert PrivacySpec(dp_unit="patient").per_patient
+    assert not PrivacySpec(dp=False, dp_unit="patient").per_patient
+    assert not PrivacySpec(dp_unit="record").per_patient
+
+
+def test_the_task_group_hands_out_its_task():
+    assert RunSpec(task="ner").task.definition.name == "ner"
+    assert RunSpec().task.definition.primary_metric == "macro_f1"
 
 
 def test_from_toml_reads_the_file_and_overrides_win(tmp_path):

@@ -11,7 +11,6 @@ from fedward.common.metrics import (
     classification_metrics,
     entity_counts,
     label_counts,
-    ner_metrics_from_ids,
     pooled_entity_scores,
     pooled_macro_f1,
     split_counts,
@@ -19,6 +18,7 @@ from fedward.common.metrics import (
 )
 from fedward.common.tasks.classification import CLASSIFICATION
 from fedward.common.tasks.ner import ner_metrics
+from fedward.common.tasks.ner.entity_metrics import ner_metrics_from_ids
 
 # Two hospitals with opposite label mixes (label skew, as in the synthetic notes): each has one
 # note of the other's common label and calls it its own common label. Each hospital's own

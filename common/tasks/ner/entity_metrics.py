@@ -6,6 +6,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from fedward.common.metrics import count_metrics, entity_counts
+
 logger = logging.getLogger(__name__)
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -56,3 +58,26 @@ def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence
         for name, p, r, f, s in per_type
     }
     return metrics
+
+
+def ner_metrics_from_ids(
+    true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
+) -> dict[str, float]:
+    """Entity-level micro precision/recall/F1 from word-piece label ids (-100 ignored)."""
+    true_tags, pred_tags = [], []
+    for true_row, pred_row in zip(true_ids, pred_ids):
+        kept = [(t, p) for t, p in zip(true_row, pred_row) if t != -100]
+        true_tags.append([labels[t] for t, _ in kept])
+        pred_tags.append([labels[p] for _, p in kept])
+    scores = ner_metrics(true_tags, pred_tags)
+    flat: dict[str, float] = {
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "f1": scores["f1"],
+    }
+    for entity_type, type_scores in scores["per_type"].items():
+        for key in ("precision", "recall", "f1"):
+            flat[f"{key}_{entity_type}"] = type_scores[key]
+    types = {label.split("-", 1)[1] for label in labels if label[:2] in ("B-", "I-")}
+    flat.update(count_metrics(entity_counts(true_tags, pred_tags, types)))
+    return flat

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedward.common.errors import DataError
-from fedward.common.metrics import ner_metrics_from_ids, pooled_entity_scores, ratio
+from fedward.common.metrics import pooled_entity_scores, ratio
 from fedward.common.tasks.ner.encoding import cut_long_sentences, encode_sentences
+from fedward.common.tasks.ner.entity_metrics import ner_metrics_from_ids
 from fedward.common.tasks.ner.formats import read_ner_file
 from fedward.common.tasks.ner.schemes import Sentence, label_list
 from fedward.common.tasks.ner.spans import entity_spans, predictions_to_word_tags, split_words

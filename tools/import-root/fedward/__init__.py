@@ -1,0 +1,1 @@
+../../../fedward/__init__.py

@@ -1,0 +1,1 @@
+../../../fedward/__main__.py
