@@ -39,7 +39,7 @@ FEDERATIONS = {
 ARMS = ("pooled", "local", "distributed")
 #: The distributed-noise recipe measured here (also `fedward simulate`'s defaults for it where
 #: the spec's own defaults differ): docs/privacy.md quotes it.
-DISTRIBUTED = {"noise": "distributed", "rounds": 20}
+DISTRIBUTED = {"noise": "distributed", "rounds": 30}
 
 
 def hospitals_of(values: dict):
@@ -55,7 +55,7 @@ def hospitals_of(values: dict):
     hospitals = []
     for number in range(config.simulation.hospitals):
         train, val, _ = _hospital_split(
-            config.spec.task.name, config.spec.training.seed, shared, number
+            config.spec.task.definition, config.spec.training.seed, shared, number
         )
         data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
         hospitals.append(data)

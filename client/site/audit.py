@@ -7,10 +7,11 @@ path, a column, a record's value -- is written here, for the hospital's staff on
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
-from fedward.client.privacy.accounting import group_epsilon
+from fedward.client.privacy.accounting import compose_epsilon, group_epsilon
 from fedward.client.trainer import TrainResult
 from fedward.common.config import PrivacySpec
 from fedward.common.errors import DataError, FedwardError
@@ -37,7 +38,9 @@ def audit_release(
     """One audit record per released update (`train`, or `replay` of a kept one).
 
     A record-level run on data with a patient column also states what the lifetime epsilon
-    means per patient: group privacy over the largest patient's records (`group_epsilon`).
+    means per patient: group privacy over the largest patient's records (`group_epsilon`). A
+    distributed-noise run also states what the run spent if no other hospital of its rounds
+    was honest (`epsilon_run_if_alone`, docs/privacy.md).
 
     Args:
         audit: The hospital's audit log.
@@ -64,6 +67,14 @@ def audit_release(
                 "epsilon_per_patient": epsilon,
                 "delta_per_patient": delta,
             }
+    if privacy is not None and privacy.noise == "distributed" and result.plan:
+        # What this run spent per unit if no other hospital of its rounds added its share.
+        alone = [(z / math.sqrt(privacy.noise_hospitals), q, n) for z, q, n in result.history]
+        per_patient |= {
+            "noise": "distributed",
+            "noise_hospitals": privacy.noise_hospitals,
+            "epsilon_run_if_alone": compose_epsilon(alone, privacy.delta),
+        }
     audit.append(
         action,
         run_id=str(run_id),

@@ -9,24 +9,35 @@ victim's epsilon must be the weaker figure docs/privacy.md gives, not the run's 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_training
+from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedward.client.app import secure_round_terms
+from fedward.client.app import (
+    handle_secagg_stage,
+    handle_train,
+    load_site_data,
+    open_site,
+    secure_round_terms,
+)
 from fedward.client.policy import SitePolicy
 from fedward.client.privacy.accounting import (
     compose_epsilon,
     distributed_epsilon,
     plan_distributed,
 )
+from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.privacy.noisy_sum import noisy_gradient_sum
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.errors import PolicyError, SecAggError
 from fedward.common.model import build_model, get_adapter_arrays
+from fedward.common.protocol import wire
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
@@ -35,7 +46,7 @@ from fedward.common.secagg import (
     UNMASK,
 )
 from fedward.common.secagg.distributed_noise import INTEGER, sensitivity
-from fedward.server.secagg import SecAggServerSession
+from fedward.server.secagg import SecAggResult, SecAggServerSession
 
 RUN = "run-39"
 
@@ -187,3 +198,123 @@ def test_with_t_minus_one_colluders_the_victim_gets_the_documented_epsilon_and_n
     # With t honest hospitals the sum's noise is the plan's: the run's target.
     assert distributed_epsilon(spec, honest=3) == pytest.approx(spec.privacy.target_epsilon, 0.01)
     assert measured_multiplier * math.sqrt(3) == pytest.approx(plan.noise_multiplier, rel=0.03)
+
+
+# --- deployed hospitals: real handlers, policy, ledger and audit log -----------------------------
+
+
+def _deployed_round(config, hospitals: dict, server_round: int = 1) -> SecAggResult:
+    """One distributed-noise round over deployed hospitals' real handlers, the coordinator's
+    session asking for the integer encoding."""
+    size = sum(a.size for a in _start(config).values())
+    session = SecAggServerSession(RUN, server_round, list(hospitals), size, encoding=INTEGER)
+    contexts = {
+        node: Context(run_id=11, node_id=node, node_config=nc, state=RecordDict(), run_config={})
+        for node, nc in hospitals.items()
+    }
+    payloads = {}
+    for node, request in session.advertise_keys_requests().items():
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(_start(config)),
+                wire.CONFIG: wire.round_config(config, server_round, RUN),
+                wire.SECAGG: wire.payload_to_records(request)[0],
+            }
+        )
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+        reply = handle_train(message, contexts[node], load_site_data, open_site)
+        assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
+        payloads[node] = wire.records_to_payload(reply.content[wire.SECAGG])
+    for stage, next_requests in (
+        (SHARE_KEYS, session.share_keys_requests),
+        (MASKED_UPDATE, session.masked_update_requests),
+        (CONSISTENCY_CHECK, session.consistency_requests),
+        (UNMASK, session.unmask_requests),
+    ):
+        requests, payloads = next_requests(payloads), {}
+        for node, request in requests.items():
+            record, vector = wire.payload_to_records(request)
+            content = RecordDict({wire.SECAGG: record})
+            if vector is not None:
+                content[wire.ARRAYS] = vector
+            message = Message(
+                content=content, message_type=wire.SECAGG_STAGE_TYPES[stage], dst_node_id=node
+            )
+            reply = handle_secagg_stage(message, contexts[node], stage)
+            assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
+            payloads[node] = wire.records_to_payload(
+                reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
+            )
+    return session.aggregate(payloads)
+
+
+def _start(config) -> dict:
+    return get_adapter_arrays(build_model(config.spec, len(config.spec.task.labels)))
+
+
+@pytest.fixture
+def trusting_hospitals(tmp_path, tiny_model_dir):
+    """Three deployed hospitals whose policies trust three honest hospitals."""
+    from site_fixtures import hospital_node_config, run_config, write_notes, write_policy
+
+    from fedward.client.secagg import write_signing_key
+
+    nodes = (1, 2, 3)
+    keys = {node: write_signing_key(tmp_path / f"key-{node}.pem") for node in nodes}
+    roster = "".join(f'hospital-{node} = "{key}"\n' for node, key in keys.items())
+    hospitals = {}
+    for node in nodes:
+        folder = tmp_path / f"hospital-{node}"
+        folder.mkdir()
+        write_notes(folder / "notes.csv", marker=f"h{node}-")
+        write_policy(
+            folder / "policy.toml",
+            lifetime_epsilon=20.0,
+            require_secure_aggregation=True,
+            secagg_signing_key=str(tmp_path / f"key-{node}.pem"),
+            min_secure_aggregation_hospitals=2,
+            trust_min_honest_hospitals=3,
+        )
+        with (folder / "policy.toml").open("a", encoding="utf-8") as policy:
+            policy.write(f"[secagg_roster]\n{roster}")
+        node_config = hospital_node_config(folder / "notes.csv", folder / "policy.toml", folder)
+        hospitals[node] = {**node_config, "hospital-name": f"hospital-{node}"}
+    config = run_config(tiny_model_dir, rounds=2).updated(
+        secure_aggregation=True, noise="distributed", noise_hospitals=3, dp_unit="record"
+    )
+    return config, hospitals
+
+
+@pytest.mark.usefixtures("inside_a_flower_app")
+def test_deployed_hospitals_charge_the_plan_and_audit_the_epsilon_if_alone(trusting_hospitals):
+    config, hospitals = trusting_hospitals
+    result = _deployed_round(config, hospitals)
+    assert sorted(result.included) == [1, 2, 3] and result.integer_sum is not None
+    plan = plan_distributed(config.spec)
+    for node_config in hospitals.values():
+        lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
+        train = [json.loads(line)["fields"] for line in lines if '"train"' in line][-1]
+        charged = compose_epsilon([plan.as_history_entry()], config.spec.privacy.delta)
+        assert train["epsilon_run"] == pytest.approx(charged)
+        assert train["noise"] == "distributed" and train["noise_hospitals"] == 3
+        assert train["epsilon_run_if_alone"] == pytest.approx(
+            distributed_epsilon(config.spec, honest=1, rounds=1)
+        )
+        assert train["epsilon_run_if_alone"] > train["epsilon_run"]
+        ledger = PrivacyLedger.open(node_config["ledger"], node_config["dataset-id"])
+        assert ledger.rounds_recorded(RUN) == [1]
+
+
+@pytest.mark.usefixtures("inside_a_flower_app")
+def test_a_repeated_distributed_round_resends_the_same_noisy_sum_and_spends_nothing(
+    trusting_hospitals,
+):
+    """Noise drawn again for the same round would be a second release of the same gradients;
+    the kept vector is resent instead, and the unmasked sum is the same."""
+    config, hospitals = trusting_hospitals
+    first = _deployed_round(config, hospitals)
+    again = _deployed_round(config, hospitals)
+    np.testing.assert_array_equal(first.integer_sum, again.integer_sum)
+    for node_config in hospitals.values():
+        ledger = PrivacyLedger.open(node_config["ledger"], node_config["dataset-id"])
+        assert ledger.rounds_recorded(RUN) == [1]

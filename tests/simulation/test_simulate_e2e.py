@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedward.client.privacy.accounting import plan_distributed
+from fedward.client.privacy.accounting import compose_epsilon, plan_distributed
 from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
 from fedward.common.secagg import quantization_bound
@@ -212,8 +212,9 @@ def test_a_distributed_noise_run_masks_integer_shares_and_steps_on_their_sum(
     assert all(not row["dropped"] and not row["refused"] for row in rows)
     history = json.loads((tmp_path / "out" / "history.json").read_text(encoding="utf-8"))
     assert history["config"]["noise"] == "distributed"
+    plan = plan_distributed(prepare_config(config).spec)
     for row in rows:
+        # One step a round at the full multiplier: the accountant's figure after round r.
+        expected = compose_epsilon([(plan.noise_multiplier, plan.sample_rate, row["round"])], 1e-5)
         for name in HOSPITALS:
-            assert row["hospitals"][name]["noise_multiplier"] == pytest.approx(
-                plan_distributed(config.spec).noise_multiplier
-            )
+            assert row["hospitals"][name]["epsilon"] == pytest.approx(expected, rel=1e-6)
