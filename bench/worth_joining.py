@@ -20,6 +20,8 @@ a hospital runs at the end of a run. One line per (federation, seed, hospital) i
     python -m bench.worth_joining --federations default small10 centre abstracts --seeds 1 2 3
     python -m bench.worth_joining --federations default --seeds 1 --set rounds=5
     python -m bench.worth_joining --report
+    python -m bench.worth_joining --federations small10 --seeds 1 2 3 \\
+        --set noise=distributed noise_hospitals=5 rounds=30     # issue 39's distributed noise
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
     from fedward.client.app import HospitalData, encode, own_model, with_run_labels
     from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
     from fedward.client.privacy.accounting import plan_dp, privacy_units
+    from fedward.client.privacy.noisy_sum import noisy_gradient_sum
     from fedward.client.trainer import predict, train_locally
     from fedward.common.config import SimulatedData
     from fedward.common.tasks import task_named
-    from fedward.server.aggregation import apply_average, weighted_sum
+    from fedward.server.aggregation import apply_average, server_step, weighted_sum
     from fedward.simulation.hospitals import _hospital_split, prepare_config
 
     config = prepare_config(RunConfig.build(values, source="bench"))
@@ -92,6 +95,21 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
     arrays = initial_arrays(config, num_labels)
     started = time.monotonic()
     for _ in range(config.spec.federation.rounds):
+        if config.spec.privacy.noise == "distributed":  # issue 39: one noisy sum a round
+            total = sum(
+                noisy_gradient_sum(
+                    model, dataset, config, arrays, tokenizer.pad_token_id, hospitals[n].name
+                )[0]
+                for n, dataset in enumerate(datasets)
+            )
+            privacy, training = config.spec.privacy, config.spec.training
+            arrays = server_step(
+                arrays,
+                total.view("uint64"),
+                privacy.max_grad_norm,
+                training.server_learning_rate,
+            )
+            continue
         updates = []
         for number, dataset in enumerate(datasets):
             result = train_locally(
