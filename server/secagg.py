@@ -503,53 +503,46 @@ class SecAggServerSession:
 
     def _result(self, total: np.ndarray) -> SecAggResult:
         if self.encoding == INTEGER:
-            return self._integer_result(total)
+            # A sum left masked is uniform over 64 bits: a value past what a real sum reaches
+            # (`WRAP_LIMIT`) means a mask stayed on.
+            signed = total.view(np.int64)
+            if signed.size and int(np.abs(signed).max()) >= WRAP_LIMIT:
+                raise self._mask_left_on()
+            return self._finish(np.empty(0), 0, integer_sum=total.copy())
         total_weight = int(total[-1])
         quantized_sum = total[:-1]
         levels = 2**self.bits - 1
         if total_weight > len(self._contributors) * self.max_weight or (
             quantized_sum.size and int(quantized_sum.max()) > total_weight * levels
         ):
-            raise SecAggError(
-                f"secure aggregation, stage {UNMASK}: the unmasked sum is out of range, so a "
-                f"mask was not removed (inconsistent shares or a malformed masked update); "
-                f"round {self.server_round} cannot be aggregated"
-            )
+            raise self._mask_left_on()
         if total_weight == 0:
             raise SecAggError(
                 f"secure aggregation, stage {UNMASK}: the hospitals' example counts sum to 0; "
                 f"there is nothing to average"
             )
         weighted_sum = dequantize_sum(quantized_sum, total_weight, self.clip, self.bits)
+        return self._finish(weighted_sum, total_weight)
+
+    def _mask_left_on(self) -> SecAggError:
+        return SecAggError(
+            f"secure aggregation, stage {UNMASK}: the unmasked sum is out of range, so a "
+            f"mask was not removed (inconsistent shares or a malformed masked update); "
+            f"round {self.server_round} cannot be aggregated"
+        )
+
+    def _finish(
+        self, weighted_sum: np.ndarray, total_weight: int, integer_sum: np.ndarray | None = None
+    ) -> SecAggResult:
         included = tuple(sorted(self._contributors))
         dropped = tuple(node for node in self.node_ids if node not in self._contributors)
         self.stage = "done"
         logger.info(
-            "secagg round %d: unmasked the sum of %d hospitals (total weight %d); dropped: %s",
+            "secagg round %d: unmasked the %s sum of %d hospitals (total weight %d); dropped: %s",
             self.server_round,
+            self.encoding,
             len(included),
             total_weight,
             list(dropped),
         )
-        return SecAggResult(weighted_sum, total_weight, included, dropped)
-
-    def _integer_result(self, total: np.ndarray) -> SecAggResult:
-        """The integer encoding's sum. A sum left masked is uniform over 64 bits, so a value
-        outside the range a real sum can reach (`WRAP_LIMIT`) means a mask stayed on."""
-        signed = total.view(np.int64)
-        if signed.size and int(np.abs(signed).max()) >= WRAP_LIMIT:
-            raise SecAggError(
-                f"secure aggregation, stage {UNMASK}: the unmasked sum is out of range, so a "
-                f"mask was not removed (inconsistent shares or a malformed masked update); "
-                f"round {self.server_round} cannot be aggregated"
-            )
-        included = tuple(sorted(self._contributors))
-        dropped = tuple(node for node in self.node_ids if node not in self._contributors)
-        self.stage = "done"
-        logger.info(
-            "secagg round %d: unmasked the integer sum of %d hospitals; dropped: %s",
-            self.server_round,
-            len(included),
-            list(dropped),
-        )
-        return SecAggResult(np.empty(0), 0, included, dropped, integer_sum=total.copy())
+        return SecAggResult(weighted_sum, total_weight, included, dropped, integer_sum)

@@ -90,3 +90,66 @@ def hospital_node_config(data: Path, policy: Path, folder: Path) -> dict[str, st
         "dataset-id": "st-mary",
         "device": "cpu",
     }
+
+
+def deployed_secure_round(
+    config: RunConfig,
+    hospitals: dict[int, dict],
+    run_id: str,
+    server_round: int,
+    **session_options,
+):
+    """One SecAgg+ round over deployed hospitals' real handlers (`handle_train`, then
+    `handle_secagg_stage` for each later stage), the coordinator's side played by a real
+    `SecAggServerSession` (`session_options`: bits, max_weight, encoding...); `hospitals` maps
+    node ids to node configs. Every hospital starts from the run's initial adapter. Returns what
+    the coordinator unmasks (`SecAggResult`); a refusal fails the test, naming its reason."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from fedward.client.app import handle_secagg_stage, handle_train, load_site_data, open_site
+    from fedward.common.model import build_model, get_adapter_arrays
+    from fedward.common.protocol import wire
+    from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
+    from fedward.server.secagg import SecAggServerSession
+
+    arrays = get_adapter_arrays(build_model(config.spec, len(config.spec.task.labels)))
+    size = sum(a.size for a in arrays.values())
+    session = SecAggServerSession(run_id, server_round, list(hospitals), size, **session_options)
+    contexts = {
+        node: Context(run_id=11, node_id=node, node_config=nc, state=RecordDict(), run_config={})
+        for node, nc in hospitals.items()
+    }
+    payloads = {}
+    for node, request in session.advertise_keys_requests().items():
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(arrays),
+                wire.CONFIG: wire.round_config(config, server_round, run_id),
+                wire.SECAGG: wire.payload_to_records(request)[0],
+            }
+        )
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+        reply = handle_train(message, contexts[node], load_site_data, open_site)
+        assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
+        payloads[node] = wire.records_to_payload(reply.content[wire.SECAGG])
+    for stage, next_requests in (
+        (SHARE_KEYS, session.share_keys_requests),
+        (MASKED_UPDATE, session.masked_update_requests),
+        (CONSISTENCY_CHECK, session.consistency_requests),
+        (UNMASK, session.unmask_requests),
+    ):
+        requests, payloads = next_requests(payloads), {}
+        for node, request in requests.items():
+            record, vector = wire.payload_to_records(request)
+            content = RecordDict({wire.SECAGG: record})
+            if vector is not None:
+                content[wire.ARRAYS] = vector
+            message = Message(
+                content=content, message_type=wire.SECAGG_STAGE_TYPES[stage], dst_node_id=node
+            )
+            reply = handle_secagg_stage(message, contexts[node], stage)
+            assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
+            payloads[node] = wire.records_to_payload(
+                reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
+            )
+    return session.aggregate(payloads)

@@ -16,13 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_training
-from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedward.client.app import (
-    handle_secagg_stage,
-    handle_train,
-    load_site_data,
-    open_site,
     secure_round_terms,
 )
 from fedward.client.policy import SitePolicy
@@ -37,7 +32,6 @@ from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.errors import PolicyError, SecAggError
 from fedward.common.model import build_model, get_adapter_arrays
-from fedward.common.protocol import wire
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
@@ -203,53 +197,12 @@ def test_with_t_minus_one_colluders_the_victim_gets_the_documented_epsilon_and_n
 # --- deployed hospitals: real handlers, policy, ledger and audit log -----------------------------
 
 
-def _deployed_round(config, hospitals: dict, server_round: int = 1) -> SecAggResult:
-    """One distributed-noise round over deployed hospitals' real handlers, the coordinator's
-    session asking for the integer encoding."""
-    size = sum(a.size for a in _start(config).values())
-    session = SecAggServerSession(RUN, server_round, list(hospitals), size, encoding=INTEGER)
-    contexts = {
-        node: Context(run_id=11, node_id=node, node_config=nc, state=RecordDict(), run_config={})
-        for node, nc in hospitals.items()
-    }
-    payloads = {}
-    for node, request in session.advertise_keys_requests().items():
-        content = RecordDict(
-            {
-                wire.ARRAYS: wire.arrays_to_record(_start(config)),
-                wire.CONFIG: wire.round_config(config, server_round, RUN),
-                wire.SECAGG: wire.payload_to_records(request)[0],
-            }
-        )
-        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-        reply = handle_train(message, contexts[node], load_site_data, open_site)
-        assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
-        payloads[node] = wire.records_to_payload(reply.content[wire.SECAGG])
-    for stage, next_requests in (
-        (SHARE_KEYS, session.share_keys_requests),
-        (MASKED_UPDATE, session.masked_update_requests),
-        (CONSISTENCY_CHECK, session.consistency_requests),
-        (UNMASK, session.unmask_requests),
-    ):
-        requests, payloads = next_requests(payloads), {}
-        for node, request in requests.items():
-            record, vector = wire.payload_to_records(request)
-            content = RecordDict({wire.SECAGG: record})
-            if vector is not None:
-                content[wire.ARRAYS] = vector
-            message = Message(
-                content=content, message_type=wire.SECAGG_STAGE_TYPES[stage], dst_node_id=node
-            )
-            reply = handle_secagg_stage(message, contexts[node], stage)
-            assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
-            payloads[node] = wire.records_to_payload(
-                reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
-            )
-    return session.aggregate(payloads)
+def _deployed_round(config, hospitals: dict) -> SecAggResult:
+    """One distributed-noise round over the deployed hospitals, the coordinator asking for the
+    integer encoding."""
+    from site_fixtures import deployed_secure_round
 
-
-def _start(config) -> dict:
-    return get_adapter_arrays(build_model(config.spec, len(config.spec.task.labels)))
+    return deployed_secure_round(config, hospitals, RUN, 1, encoding=INTEGER)
 
 
 @pytest.fixture

@@ -21,16 +21,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from site_fixtures import LABELS, WORDS, hospital_node_config, run_config, write_policy
+from site_fixtures import (
+    LABELS,
+    WORDS,
+    deployed_secure_round,
+    hospital_node_config,
+    run_config,
+    write_policy,
+)
 
 from fedward.client import app as app_module
-from fedward.client.app import handle_secagg_stage, handle_train, load_site_data, open_site
+from fedward.client.app import handle_train, load_site_data, open_site
 from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.secagg import write_signing_key
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
-from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
 from fedward.server.secagg import SecAggServerSession
 
 pytestmark = pytest.mark.usefixtures("inside_a_flower_app")
@@ -124,47 +130,16 @@ def federation(tmp_path, tiny_model_dir):
 def _secure_round(config, hospitals, server_round: int, cohort) -> int:
     """One SecAgg+ round over `cohort`, the server's side as the coordinator runs it; returns
     the total weight the coordinator unmasks with the sum."""
-    size = sum(a.size for a in _arrays(config).values())
-    session = SecAggServerSession(
+    members = {node: hospitals[node] for node in cohort}
+    result = deployed_secure_round(
+        config,
+        members,
         "run-cohorts",
         server_round,
-        list(cohort),
-        size,
         bits=16,
         max_weight=config.spec.secagg.secagg_max_weight,
     )
-    contexts = {node: _context(hospitals[node], node) for node in cohort}
-    payloads = {}
-    for node, request in session.advertise_keys_requests().items():
-        message = _message(config, server_round, "run-cohorts", node, request)
-        reply = handle_train(message, contexts[node], load_site_data, open_site)
-        assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
-        payloads[node] = wire.records_to_payload(reply.content[wire.SECAGG])
-    stages = (
-        (SHARE_KEYS, session.share_keys_requests),
-        (MASKED_UPDATE, session.masked_update_requests),
-        (CONSISTENCY_CHECK, session.consistency_requests),
-        (UNMASK, session.unmask_requests),
-    )
-    for stage, next_requests in stages:
-        requests = next_requests(payloads)
-        payloads = {}
-        for node, request in requests.items():
-            record, vector = wire.payload_to_records(request)
-            content = RecordDict({wire.SECAGG: record})
-            if vector is not None:
-                content[wire.ARRAYS] = vector
-            message = Message(
-                content=content,
-                message_type=wire.SECAGG_STAGE_TYPES[stage],
-                dst_node_id=node,
-            )
-            reply = handle_secagg_stage(message, contexts[node], stage)
-            assert wire.REFUSAL not in reply.content, dict(reply.content[wire.REFUSAL])
-            payloads[node] = wire.records_to_payload(
-                reply.content[wire.SECAGG], reply.content.get(wire.ARRAYS)
-            )
-    return session.aggregate(payloads).total_weight
+    return result.total_weight
 
 
 def test_rotating_cohorts_do_not_solve_for_the_hospitals_training_counts(federation):
