@@ -522,6 +522,14 @@ class SimulationResources(_Group):
         "same settings give the same figures. Anyone who knows the seed can recompute the "
         "noise, so `fedward run` refuses it; a deployed hospital always draws from the OS.",
     )
+    colluding_hospitals: int = Field(
+        0,
+        ge=0,
+        description="Simulation only, for privacy audits of distributed noise: the last this "
+        "many simulated hospitals collude with the coordinator and add no share of the noise "
+        "(`fedward audit privacy` then compares with the epsilon docs/privacy.md gives for the "
+        "honest hospitals left).",
+    )
     workers: int = Field(
         0, ge=0, description="Simulation worker processes; 0: as many as the machine holds."
     )

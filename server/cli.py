@@ -209,6 +209,11 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
             "field 'evaluate_only': simulation only for now (`fedward simulate --evaluate-only`); "
             "remove it from the config of a deployment"
         )
+    if config.simulation.colluding_hospitals:
+        raise ConfigError(
+            "field 'colluding_hospitals': a privacy audit's simulated colluders; remove it from "
+            "the config of a deployment"
+        )
     if config.simulation.seeded_dp_noise:
         raise ConfigError(
             "field 'seeded_dp_noise': simulation only (noise drawn from the run's public seed "

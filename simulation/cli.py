@@ -87,7 +87,8 @@ def simulate(
 #: Shorter spellings kept for the flags users type most.
 _ALIASES = {"learning_rate": ("--lr",)}
 #: RunConfig fields that are not simulation options (`fedward run --resume` sets it).
-_NOT_SIMULATE_OPTIONS = {"resume"}
+#: `colluding_hospitals` makes hospitals skip their noise: for `fedward audit privacy` only.
+_NOT_SIMULATE_OPTIONS = {"resume", "colluding_hospitals"}
 
 
 def field_options(groups: list[type[BaseModel]], skip: set[str]) -> list[inspect.Parameter]:
@@ -383,6 +384,12 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         f"{title}: {config.simulation.hospitals} hospitals x {rounds}, task "
         f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
     )
+    if config.simulation.colluding_hospitals:
+        console.print(
+            f"[bold yellow]{config.simulation.colluding_hospitals} hospitals collude and add no "
+            "noise share (colluding_hospitals): the epsilon printed is the run's target, not what "
+            "the honest hospitals get; for privacy audits[/]"
+        )
     if config.spec.privacy.dp and config.simulation.seeded_dp_noise:
         console.print(
             "[bold yellow]DP noise seeded from the run's seed (--seeded-dp-noise): reproducible "

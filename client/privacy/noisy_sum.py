@@ -137,7 +137,8 @@ def noisy_gradient_sum(
         grad_module.remove_hooks()
         for p in params:
             p.grad = None
-    total += sample_discrete_gaussian(std, dimension + 1, rng)
+    if not colludes(config, who):
+        total += sample_discrete_gaussian(std, dimension + 1, rng)
     loss = float(np.mean(losses)) if losses else float("nan")
     log.info(
         "%s: distributed-noise round over %d of %d units (noise share std %.1f units)",
@@ -179,6 +180,18 @@ def distributed_update(
     new_history = [*history, plan.as_history_entry()]
     epsilon = compose_epsilon(new_history, config.spec.privacy.delta)
     return TrainResult({NOISY_SUM: vector}, len(dataset), loss, epsilon, plan, new_history)
+
+
+def colludes(config: LocalRun, who: str) -> bool:
+    """Whether `who` is one of a simulation's colluding hospitals (`colluding_hospitals`: the
+    last ones), which add no share of the noise: a privacy audit's dishonest hospitals. Only a
+    simulation's `RunConfig` carries the setting; a deployed hospital holds a `LocalRun`, so
+    nothing a coordinator sends can make it skip its share."""
+    simulation = getattr(config, "simulation", None)
+    if simulation is None or not simulation.colluding_hospitals:
+        return False
+    first = simulation.hospitals - simulation.colluding_hospitals
+    return who in {f"hospital-{number}" for number in range(first, simulation.hospitals)}
 
 
 def _device(config: LocalRun) -> torch.device:

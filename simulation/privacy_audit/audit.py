@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from fedward.client.app import HospitalData
-from fedward.client.privacy.accounting import compose_epsilon, plan_dp
+from fedward.client.privacy.accounting import compose_epsilon, distributed_epsilon, plan_dp
 from fedward.common.config import RunConfig
 from fedward.common.data import EncodedDataset, encode_classification
 from fedward.common.errors import ConfigError
@@ -188,9 +188,15 @@ def audited_training_count(config: RunConfig, hospital: int, inserted: int) -> t
 
 def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) -> float | None:
     """The accountant's epsilon for `rounds_trained` rounds of `num_train` units (records or
-    patients); None without DP."""
+    patients); None without DP. With colluding hospitals (distributed noise) it is the epsilon
+    docs/privacy.md gives for the honest hospitals left in every round (`distributed_epsilon`),
+    not the run's target."""
     if not config.spec.privacy.dp:
         return None
+    colluding = config.simulation.colluding_hospitals
+    if colluding:
+        sampled = max(round(config.spec.federation.fraction * config.simulation.hospitals), 1)
+        return distributed_epsilon(config.spec, sampled - colluding, rounds_trained)
     plan = plan_dp(config.spec, num_train)
     return compose_epsilon([plan.as_history_entry()] * rounds_trained, config.spec.privacy.delta)
 
@@ -237,6 +243,17 @@ def run_privacy_audit(
         )
     if canaries < 2:
         raise ConfigError(f"--canaries {canaries}: the audit needs at least 2 canaries")
+    colluding = config.simulation.colluding_hospitals
+    if colluding and config.spec.privacy.noise != "distributed":
+        raise ConfigError(
+            "field 'colluding_hospitals': colluders skip their share of distributed noise; "
+            "the run's noise is local (pass --noise distributed)"
+        )
+    if colluding and hospital >= config.simulation.hospitals - colluding:
+        raise ConfigError(
+            f"--hospital {hospital} is one of the {colluding} colluding hospitals (the last "
+            "ones); audit an honest one"
+        )
     config = prepare_config(config)
     labels = config.spec.task.labels
     tokenizer = cached_tokenizer(config.spec.model.name)

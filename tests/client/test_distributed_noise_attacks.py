@@ -39,7 +39,7 @@ from fedward.common.secagg import (
     SHARE_KEYS,
     UNMASK,
 )
-from fedward.common.secagg.distributed_noise import INTEGER, sensitivity
+from fedward.common.secagg.distributed_noise import INTEGER, local_noise_std, sensitivity
 from fedward.server.secagg import SecAggResult, SecAggServerSession
 
 RUN = "run-39"
@@ -271,3 +271,27 @@ def test_a_repeated_distributed_round_resends_the_same_noisy_sum_and_spends_noth
     for node_config in hospitals.values():
         ledger = PrivacyLedger.open(node_config["ledger"], node_config["dataset-id"])
         assert ledger.rounds_recorded(RUN) == [1]
+
+
+def test_only_a_simulations_colluders_skip_their_share(victim):
+    """`colluding_hospitals` (privacy audits) makes the last simulated hospitals add no noise;
+    the same vector drawn twice then differs by the rounding alone. A hospital's `LocalRun`
+    (what a deployed hospital holds) has no such setting, so nothing a coordinator sends can
+    switch off its share."""
+    from fedward.common.config import RunConfig
+
+    config, model, dataset, start, pad = victim
+    simulated = RunConfig(**{**config.flat(), "hospitals": 3, "colluding_hospitals": 1})
+
+    def spread(who: str, run) -> float:
+        first, _, _ = noisy_gradient_sum(model, dataset, run, start, pad, who, noise_seed=1)
+        again, _, _ = noisy_gradient_sum(model, dataset, run, start, pad, who, noise_seed=2)
+        return float(np.std((first - again).astype(np.float64))) / math.sqrt(2)
+
+    # One share's standard deviation; what two draws of a colluder differ by is the rounding
+    # and the model's dropout, far below it.
+    dimension = sum(a.size for a in start.values())
+    share = local_noise_std(plan_distributed(config.spec).noise_multiplier, dimension, 3)
+    assert spread("hospital-2", simulated) < 0.2 * share  # the colluder: no noise
+    assert spread("hospital-0", simulated) == pytest.approx(share, rel=0.1)  # an honest one
+    assert spread("hospital-2", config) == pytest.approx(share, rel=0.1)  # a deployed LocalRun
