@@ -20,7 +20,6 @@ noise draws from its seed): the run's seed is public.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 
 import numpy as np
@@ -32,8 +31,15 @@ from fedward.client.privacy.accounting import (
     HistoryEntry,
     compose_epsilon,
     plan_distributed,
+    privacy_units,
 )
-from fedward.client.trainer import TrainResult, check_budget, simulation_noise_seed
+from fedward.client.trainer import (
+    TrainResult,
+    _outside_tag_id,
+    check_budget,
+    pick_device,
+    simulation_noise_seed,
+)
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.errors import ConfigError
@@ -82,11 +88,13 @@ def noisy_gradient_sum(
     """
     privacy = config.spec.privacy
     plan = plan_distributed(config.spec)
-    device = _device(config)
+    device = pick_device(config.local.device)
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
     rng = np.random.default_rng(secrets.randbits(128) if noise_seed is None else noise_seed)
-    members = _units(dataset, privacy.dp_unit)
+    privacy_units(privacy, dataset)  # refuses a patient-level run on records without patients
+    by_patient = privacy.dp_unit == "patient"
+    members = dataset.unit_members() if by_patient else [[i] for i in range(len(dataset))]
     sampled = np.flatnonzero(rng.random(len(members)) < plan.sample_rate).tolist()
 
     cached = cached_training(model, dataset, config, pad_id, who, device)
@@ -108,7 +116,8 @@ def noisy_gradient_sum(
     std = local_noise_std(plan.noise_multiplier, dimension, privacy.noise_hospitals)
     check_noise_scale(std, privacy.noise_hospitals)
     check_no_wrap(len(members), dimension, std, hospitals=1000)
-    outside = _outside_tag(config)
+    outside_id = _outside_tag_id(config)
+    outside = None if outside_id is None else (outside_id, config.spec.training.outside_tag_weight)
 
     from opacus import GradSampleModule  # public API: per-record gradients, nothing private
 
@@ -194,25 +203,6 @@ def colludes(config: LocalRun, who: str) -> bool:
     return who in {f"hospital-{number}" for number in range(first, simulation.hospitals)}
 
 
-def _device(config: LocalRun) -> torch.device:
-    if config.local.device == "cuda" or (
-        config.local.device == "auto" and torch.cuda.is_available()
-    ):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _units(dataset: EncodedDataset, dp_unit: str) -> list[list[int]]:
-    """The records of each unit: a patient's records, or each record alone."""
-    if dp_unit == "patient":
-        if dataset.units is None:
-            raise ConfigError(
-                "patient-level DP needs the patient of each example (none were given)"
-            )
-        return dataset.unit_members()
-    return [[index] for index in range(len(dataset))]
-
-
 def _records(
     units: list[int], members: list[list[int]], max_records: int, rng: np.random.Generator
 ) -> tuple[list[int], list[int]]:
@@ -267,13 +257,3 @@ def record_losses(
     if outside is not None:
         weights = torch.where(labels == outside[0], outside[1], 1.0) * labelled
     return (per_token * weights).sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
-
-
-def _outside_tag(config: LocalRun) -> tuple[int, float] | None:
-    weight = config.spec.training.outside_tag_weight
-    if weight is None or math.isclose(weight, 1.0):
-        return None
-    labels = config.spec.task.labels or []
-    if "O" not in labels:
-        raise ConfigError(f"outside_tag_weight {weight:g} needs the run's labels, with 'O'")
-    return labels.index("O"), weight
