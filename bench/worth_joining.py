@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench.utility import parse_overrides
 from fedward.common.config import RunConfig
 
@@ -62,9 +64,11 @@ def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
     return values
 
 
-def run_federation(values: dict, global_only: bool = False) -> list[dict]:
+def run_federation(values: dict, global_only: bool = False, kept: Path | None = None) -> list[dict]:
     """One federated run (fast path) and each hospital's alone / global / own report (with
-    `global_only`, the global model's score alone: for sweeping the DP recipe)."""
+    `global_only`, the global model's score alone: for sweeping the DP recipe). With `kept`
+    (an .npz), the final global adapter is read from it when it exists, else written to it:
+    to score another own-model recipe on the same global models without training them again."""
     from fedward.client.app import HospitalData, encode, own_model, with_run_labels
     from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
     from fedward.client.privacy.accounting import plan_dp, privacy_units
@@ -94,7 +98,11 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
     histories: list[list] = [[] for _ in hospitals]
     arrays = initial_arrays(config, num_labels)
     started = time.monotonic()
-    for _ in range(config.spec.federation.rounds):
+    rounds = config.spec.federation.rounds
+    if kept is not None and kept.exists():
+        with np.load(kept) as stored:
+            arrays, rounds = {name: stored[name] for name in arrays}, 0
+    for _ in range(rounds):
         if config.spec.privacy.noise == "distributed":  # issue 39: one noisy sum a round
             total = sum(
                 noisy_gradient_sum(
@@ -125,6 +133,9 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
             histories[number] = result.history
             updates.append((result.delta, float(result.num_examples)))
         arrays = apply_average(arrays, *weighted_sum(updates))
+    if kept is not None and rounds:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(kept, **arrays)
     federated = time.monotonic() - started
     rows = []
     for number, data in enumerate(hospitals):
@@ -137,7 +148,8 @@ def run_federation(values: dict, global_only: bool = False) -> list[dict]:
             )
             figures = {"global": score[task_named(config.spec.task.name).primary_metric]}
         else:
-            figures = own_model(data, config, arrays)[1].as_dict()
+            own_report = own_model(data, config, arrays)[1]
+            figures = own_report.as_dict() | {"evidence": own_report.evidence}
         rows.append(
             {
                 **figures,
@@ -224,6 +236,17 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=Path("bench/results/worth_joining.jsonl"))
     parser.add_argument("--global-only", action="store_true", help="score the global model only")
     parser.add_argument("--report", action="store_true", help="print the tables of --log")
+    parser.add_argument(
+        "--evidence",
+        type=Path,
+        help="append each hospital's validation labels and candidates' predictions here "
+        "(to study the choice of the own model offline; bench/own_choice.py)",
+    )
+    parser.add_argument(
+        "--globals",
+        type=Path,
+        help="keep each run's final global adapter here, and reuse the ones already kept",
+    )
     args = parser.parse_args()
     if args.report:
         print(report(args.log))
@@ -241,7 +264,13 @@ def main() -> None:
                 for overrides in recipes:
                     settings = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
                     values = {**federation_values(name, seed, Path(folder), args.max_train)}
-                    for row in run_federation(values | overrides, args.global_only):
+                    kept = None
+                    if args.globals:
+                        tag = settings.replace(" ", "_").replace("=", "-") or "default-recipe"
+                        kept = args.globals / f"{name}-seed{seed}-{tag}.npz"
+                    reused = kept is not None and kept.exists()
+                    for row in run_federation(values | overrides, args.global_only, kept):
+                        row |= {"global_reused": True} if reused else {}
                         row = {"federation": name, "seed": seed, "settings": settings, **row}
                         print(json.dumps(row), flush=True)
                         with args.log.open("a", encoding="utf-8") as log:

@@ -16,6 +16,7 @@ an evaluate reply carries what the site releases (deployed: DP-noised counts, ch
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
-from fedward.client.personalize import HomeRecipe, PersonalReport, home_fold, personalize
+from fedward.client.personalize import HomeRecipe, PersonalReport, home_folds, personalize
 from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
@@ -473,30 +474,28 @@ def own_model(
     data: HospitalData, config: LocalRun, global_arrays: dict, recipe: HomeRecipe | None = None
 ) -> tuple[dict, PersonalReport]:
     """This hospital's own adapter and its alone / global / own report (client/personalize.py):
-    its training notes less a selection fold of whole patients train the candidates, the fold
-    chooses, the validation notes score. Without DP and for the hospital only: nothing of it
-    may reach a message."""
+    cross-validation over folds of its training patients chooses, the validation notes score.
+    Without DP and for the hospital only: nothing of it may reach a message."""
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels or [])
     model = cached_model(config, num_labels)
     task = config.spec.task.definition
     recipe = recipe or HomeRecipe()
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
-    train = encode(data.train, config, tokenizer)
-    fold = home_fold(data.train, task, recipe, config.spec.training.seed)
-    if len(train) != len(data.train):  # NER cut long sentences: fold first, then encode
-        chosen = set(fold)
-        rest = [example for i, example in enumerate(data.train) if i not in chosen]
-        held = [data.train[i] for i in fold]
-        train = encode(rest + held, config, tokenizer)
-        first = len(encode(rest, config, tokenizer))
-        fold = list(range(first, len(train)))
+    seed = config.spec.training.seed
+    train, folds = _encoded_in_folds(
+        data.train, home_folds(data.train, task, recipe.folds, seed), config, tokenizer
+    )
+    validation, validation_folds = _encoded_in_folds(
+        data.val, home_folds(data.val, task, recipe.validation_folds, seed), config, tokenizer
+    )
     return personalize(
         model,
         task,
         train,
-        fold,
-        encode(data.val, config, tokenizer),
+        folds,
+        validation,
+        validation_folds,
         config,
         global_arrays,
         initial_arrays(config, num_labels),
@@ -504,6 +503,22 @@ def own_model(
         who=data.name,
         recipe=recipe,
     )
+
+
+def _encoded_in_folds(
+    examples: list, folds: list[list[int]], config: LocalRun, tokenizer
+) -> tuple[EncodedDataset, list[list[int]]]:
+    """`examples` encoded, and the positions of each fold among the encoded examples: the
+    same where encoding keeps one example per example (the order training encoded them in),
+    else (NER cuts long sentences) encoded fold after fold."""
+    encoded = encode(examples, config, tokenizer)
+    if len(encoded) == len(examples):
+        return encoded, folds
+    ordered = [examples[i] for fold in folds for i in fold]
+    sizes = [len(encode([examples[i] for i in fold], config, tokenizer)) for fold in folds]
+    starts = [int(n) for n in np.cumsum([0, *sizes])]
+    folded = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
+    return encode(ordered, config, tokenizer), folded
 
 
 def open_site(context: Context) -> Site:
