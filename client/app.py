@@ -33,7 +33,7 @@ from fedward.client.personalize import HomeRecipe, PersonalReport, home_folds, p
 from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
-from fedward.client.site import Site, check_starting_arrays
+from fedward.client.site import START_ROUND, Site, check_starting_arrays
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, predict, train_locally
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
@@ -393,7 +393,12 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate the received adapter on this hospital's validation split, if the site releases
     it: the site admits (and charges) the request before any data is read and decides what
-    leaves; a refusal after admission keeps the charge."""
+    leaves; a refusal after admission keeps the charge.
+
+    Round 0 (`START_ROUND`) is an evaluate-only run's one evaluation: the adapter must be the
+    run's starting adapter as this hospital builds it from its own pinned files (the policy's
+    `init_adapter` pin, else the fresh adapter of the run's seed), checked before anything is
+    charged or read, so an evaluate-only run scores nothing the hospital did not approve."""
     name = hospital_name(context)
     spec, server_round, run_id = _round_identity(msg)
     personal: dict[str, float] = {}
@@ -404,13 +409,17 @@ def handle_evaluate(
         if spec is None:
             raise ConfigError("the evaluate request's run spec is invalid")
         site = open_site(context)
+        arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
+        if server_round == START_ROUND:  # the pin first, then the adapter against it
+            pinned = site.check_policy(spec)
+            initial = initial_arrays(pinned, len(spec.task.labels or []))
+            check_starting_arrays(initial, arrays, name)
         config = site.admit_evaluation(spec, run_id, server_round)
         tokenizer = cached_tokenizer(config.spec.model.name)
         model = cached_model(config, len(config.spec.task.labels or []))
         data = with_run_labels(load_data(config, context), config)
         share = check_data_vocabulary(data, config, tokenizer)
         dataset = encode(data.val, config, tokenizer)
-        arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         loss, true_ids, pred_ids = predict(
             model, dataset, config, arrays, tokenizer.pad_token_id, who=name
         )

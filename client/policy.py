@@ -23,6 +23,8 @@ approved_run_configs = []                   # optional: pin exact run spec diges
 allow_evaluation = false                    # release DP-noised evaluation metrics
 evaluation_epsilon = 0.5                    # charged to the ledger per released evaluation
 evaluate_rounds = "trained"                 # or "final": only the run's last round
+evaluate_starting_adapter = false           # answer evaluate-only runs: the pinned starting
+                                            # adapter alone, once a run, charged the same
 min_secure_aggregation_hospitals = 3        # refuse smaller secure rounds, and smaller sums
 trust_min_honest_hospitals = 1              # distributed noise: add a 1/t share only for t up
                                             # to this (1: the full noise here, trust nobody)
@@ -122,6 +124,11 @@ class SitePolicy(BaseModel):
             mechanism at max_delta), charged to the data set's lifetime budget.
         evaluate_rounds: "trained" (default): the global adapter of a round this data set
             trained in; "final": only the run's last round. Either way, at most once a round.
+        evaluate_starting_adapter: Answer evaluate-only runs (`evaluate_only`, default False;
+            needs allow_evaluation): the run's starting adapter alone -- the `init_adapter`
+            this policy pins, else the fresh adapter the run's seed builds, checked against the
+            hospital's own build -- scored once a run, charged evaluation_epsilon like any
+            evaluation; the run then trains nothing here. evaluate_rounds does not apply.
         max_unknown_rate: Largest share of this hospital's text the model's tokenizer may map to
             its unknown token (default: the run spec's default, 0.05). The hospital applies its
             own limit, not the run's: against limits a coordinator chose, the refusal would
@@ -192,6 +199,11 @@ class SitePolicy(BaseModel):
     evaluate_rounds: Literal["trained", "final"] = Field(
         "trained",
         description="trained: rounds this data set trained in; final: the run's last round only.",
+    )
+    evaluate_starting_adapter: bool = Field(
+        False,
+        description="Answer evaluate-only runs: the pinned starting adapter alone, once a run, "
+        "charged evaluation_epsilon (needs allow_evaluation).",
     )
     max_unknown_rate: float = Field(
         TaskSpec.model_fields["max_unknown_rate"].default,

@@ -600,7 +600,9 @@ class LocalSettings(_Group):
         False,
         description="Train nothing: score the starting adapter (init_adapter, else a fresh one) "
         "once on every hospital's validation split, recorded as round 0 in history.json. "
-        "Simulation only (free there: exact and uncharged); `fedward run` refuses it.",
+        "Free in a simulation (exact, uncharged); in a deployment each hospital answers only "
+        "where its policy allows (evaluate_starting_adapter), with noised metrics charged to its "
+        "ledger.",
     )
     keep_adapter: Literal["best", "last"] = Field(
         "best",

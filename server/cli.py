@@ -204,10 +204,9 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     what cannot be resumed and to overwrite an unfinished run."""
     from fedward.server.resume import check_resumable, checkpoint_path, load_checkpoint, unfinished
 
-    if config.local.evaluate_only:
+    if config.local.evaluate_only and resume:
         raise ConfigError(
-            "field 'evaluate_only': simulation only for now (`fedward simulate --evaluate-only`); "
-            "remove it from the config of a deployment"
+            "field 'evaluate_only': an evaluate-only run has no rounds to resume; drop --resume"
         )
     if config.simulation.colluding_hospitals:
         raise ConfigError(
@@ -290,9 +289,13 @@ def run(
     flower_run_id = deploy.submit_run(connection, config)
     digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
+    rounds = (
+        "evaluation only (each hospital's policy decides; charged there)"
+        if config.local.evaluate_only
+        else f"{config.spec.federation.rounds} rounds"
+    )
     console.print(
-        f"fedward run: {what} as Flower run {flower_run_id}; {config.spec.federation.rounds} "
-        "rounds, task "
+        f"fedward run: {what} as Flower run {flower_run_id}; {rounds}, task "
         f"{config.spec.task.name}, model {config.spec.model.name}; output {config.local.out}"
     )
     console.print(f"run spec sha256 (for sites' approved_run_configs): {digest}")
@@ -332,6 +335,18 @@ def run(
         )
     state = str(status.get("status"))
     history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
+    if state == "finished:completed" and config.local.evaluate_only:
+        if not evaluated_by_any(history_rows):
+            error_console.print(
+                f"fedward: run {flower_run_id}: no hospital released an evaluation (see "
+                f"'no evaluation from' above and {out_dir / 'history.json'}); a hospital answers "
+                "an evaluate-only run only where its policy has allow_evaluation and "
+                "evaluate_starting_adapter",
+                highlight=False,
+            )
+            sys.exit(1)
+        console.print(f"evaluated; nothing trained, so no adapter was written ({out_dir})")
+        return
     if state == "finished:completed" and not trained_a_round(history_rows):
         error_console.print(
             f"fedward: run {flower_run_id} finished without training a round (every round "
@@ -350,6 +365,12 @@ def run(
             highlight=False,
         )
         sys.exit(1)
+
+
+def evaluated_by_any(rows: list[dict]) -> bool:
+    """Whether an evaluate-only run's history holds an evaluation some hospital released."""
+    answers = [item for row in rows for item in row.get("hospitals", {}).values()]
+    return any("evaluation_refused" not in item for item in answers)
 
 
 def round_line(row: dict, task: str) -> str:

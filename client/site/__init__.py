@@ -43,7 +43,9 @@ An evaluate request is a release too (`admit_evaluation`, `release_evaluation`):
 the policy allows it, for a round this data set trained in (or the final one), once a round, and
 within the budget, all before any record is read; the release is charged to the ledger before
 the data is read (a refusal after that keeps the charge), and its metrics are noised counts
-(client/privacy/release.py).
+(client/privacy/release.py). Round 0 is an evaluate-only run's one evaluation: the pinned
+starting adapter alone, where the policy has `evaluate_starting_adapter`, charged the same, once
+a run; that run then trains nothing here (`run.evaluate_only`).
 
 One module per job; `gates` imports the others and none of them imports `gates` or one another,
 so the folder has no circle:
@@ -57,7 +59,7 @@ so the folder has no circle:
     audit.py       the audit records of releases and refusals
 """
 
-from fedward.client.site.evaluation import EVALUATION_KEY
+from fedward.client.site.evaluation import EVALUATION_KEY, START_EVALUATION_KEY, START_ROUND
 from fedward.client.site.gates import Site
 from fedward.client.site.node import SCHEMA_KEYS
 from fedward.client.site.pins import RUNS, check_starting_arrays
@@ -68,6 +70,8 @@ __all__ = [
     "RELEASES",
     "RUNS",
     "SCHEMA_KEYS",
+    "START_EVALUATION_KEY",
+    "START_ROUND",
     "Release",
     "Site",
     "check_starting_arrays",

@@ -29,6 +29,29 @@ from fedward.common.protocol.reasons import Reason
 
 #: Ledger key suffix of a run's released evaluations (their rounds, apart from trained rounds).
 EVALUATION_KEY = "-evaluation"  # ledger rows of released evaluations: <run id>-evaluation
+#: The round of an evaluate-only run's one evaluation: the starting adapter, before any round.
+START_ROUND = 0
+#: Ledger key suffix of an evaluate-only run's evaluation (kept there as round 1 of 1).
+START_EVALUATION_KEY = "-start-evaluation"
+
+
+def ledger_round(run_id: str, server_round: int, rounds: int) -> tuple[str, int, int]:
+    """Where an evaluation is charged in the ledger: (key, round, rounds).
+
+    Example:
+        >>> ledger_round("run-a", 2, 3), ledger_round("run-a", START_ROUND, 3)
+        (('run-a-evaluation', 2, 3), ('run-a-start-evaluation', 1, 1))
+    """
+    if server_round == START_ROUND:
+        return run_id + START_EVALUATION_KEY, 1, 1
+    return run_id + EVALUATION_KEY, server_round, rounds
+
+
+def evaluated_start(ledger: PrivacyLedger, run_id: str) -> bool:
+    """Whether this data set evaluated the run's starting adapter alone (an evaluate-only run,
+    charged or reserved): such a run trains nothing here."""
+    key = run_id + START_EVALUATION_KEY
+    return any(entry.run_id == key for entry in ledger.entries)
 
 
 def evaluation_plan(policy: SitePolicy) -> DPPlan:
@@ -57,7 +80,8 @@ def check_evaluation_allowed(
     policy: SitePolicy, pinned: SitePolicy, spec: RunSpec, run_id: str, server_round: int, who: str
 ) -> None:
     """Refuse, from the policy and the spec alone, an evaluation the policy does not allow, one
-    per patient, or one of a round the run does not have.
+    per patient, or one of a round the run does not have (round 0, `START_ROUND`: the starting
+    adapter alone, only where the policy has `evaluate_starting_adapter`).
 
     Args:
         policy: The site policy.
@@ -68,8 +92,8 @@ def check_evaluation_allowed(
         who: The hospital, for messages.
 
     Raises:
-        PolicyError: `evaluation.not_allowed`, `evaluation.patient_unit` or
-            `evaluation.round_out_of_range`.
+        PolicyError: `evaluation.not_allowed`, `evaluation.patient_unit`,
+            `evaluation.start_not_allowed` or `evaluation.round_out_of_range`.
     """
     rounds = spec.federation.rounds
     if not policy.allow_evaluation:
@@ -90,13 +114,21 @@ def check_evaluation_allowed(
             "evaluation.patient_unit",
             "released metrics are protected per record only",
         )
-    if not 1 <= server_round <= rounds:
+    if server_round == START_ROUND and not policy.evaluate_starting_adapter:
+        raise _refusal(
+            who,
+            run_id,
+            server_round,
+            "evaluation.start_not_allowed",
+            "the site policy has evaluate_starting_adapter false (no evaluate-only runs)",
+        )
+    if not START_ROUND <= server_round <= rounds:
         raise _refusal(
             who,
             run_id,
             server_round,
             "evaluation.round_out_of_range",
-            f"the run has rounds 1..{rounds}",
+            f"the run has rounds 1..{rounds} (0: evaluate-only)",
             round=server_round,
             rounds=rounds,
         )
@@ -180,12 +212,12 @@ def charge_evaluation(
         PrivacyBudgetExceeded: `evaluation.budget`.
         PolicyError: `evaluation.repeated` (a racing request won), or `ledger.unit_mixed`.
     """
-    key = run_id + EVALUATION_KEY
+    key, entry_round, entry_rounds = ledger_round(run_id, server_round, rounds)
     try:
         ledger.reserve(
             key,
-            server_round,
-            rounds,
+            entry_round,
+            entry_rounds,
             evaluation_plan(policy),
             policy.max_delta,
             policy.lifetime_epsilon,
@@ -204,7 +236,7 @@ def charge_evaluation(
             f"hospital {who}: evaluation refused: {exc}",
             reason=Reason("evaluation.repeated", {"round": server_round}),
         ) from None
-    return key, server_round
+    return key, entry_round
 
 
 def confirm_and_noise(
@@ -230,9 +262,8 @@ def confirm_and_noise(
         (the confirmed ledger entry, the released metrics).
     """
     plan = evaluation_plan(policy)
-    entry = ledger.confirm(
-        run_id + EVALUATION_KEY, server_round, plan, policy.max_delta, data_sha256
-    )
+    key, entry_round, _ = ledger_round(run_id, server_round, server_round)
+    entry = ledger.confirm(key, entry_round, plan, policy.max_delta, data_sha256)
     std = plan.noise_multiplier * sensitivity(predictions.task)
     released = metrics_from_counts(
         predictions.task,

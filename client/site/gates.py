@@ -9,6 +9,7 @@ live beside it, one job per module (client/site/__init__.py explains why this or
                              depends on the records
               record         confirm the spending, keep the update, audit -- then it leaves
     evaluate  admit_evaluation   policy, pins, round, once a round; charged before any record
+                                 (round 0: an evaluate-only run's starting adapter, once a run)
               release_evaluation confirm, noise the counts, audit
     any       refused        audit; a reservation made stays charged
 """
@@ -131,6 +132,12 @@ class Site:
             )
         config = self.check_policy(spec)
         self.fix_run_spec(run_id, spec)
+        if evaluation.evaluated_start(self.ledger(), run_id):
+            raise PolicyError(
+                f"hospital {self.name}: run {run_id} evaluated its starting adapter alone here "
+                "(an evaluate-only run), so it trains nothing here; refused, nothing spent",
+                reason=Reason("run.evaluate_only"),
+            )
         self._round = (run_id, server_round, rounds)
         if not config.spec.privacy.dp:
             return config, None
@@ -318,17 +325,20 @@ class Site:
     def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> LocalRun:
         """Before any record is read: refuse an evaluation the policy does not allow, one of a
         round this data set did not train (or not the final one), a second one of a round, or
-        one the budget cannot pay for; then charge it (client/site/evaluation.py). Returns the
-        config to evaluate with."""
+        one the budget cannot pay for; then charge it (client/site/evaluation.py). Round 0 is an
+        evaluate-only run's: the starting adapter (checked against the pin in client/app.py),
+        once a run, where the policy allows it. Returns the config to evaluate with."""
+        run_id = check_identifier(run_id, "run id")
         config = self.check_policy(spec)
         self.fix_run_spec(run_id, spec)
         evaluation.check_evaluation_allowed(
             self.policy, self.pinned_policy(), spec, run_id, server_round, self.name
         )
         rounds = spec.federation.rounds
-        evaluation.check_evaluation_round(
-            self.policy, self.ledger(), run_id, server_round, rounds, self.name
-        )
+        if server_round != evaluation.START_ROUND:  # round 0: once a run, the ledger's check
+            evaluation.check_evaluation_round(
+                self.policy, self.ledger(), run_id, server_round, rounds, self.name
+            )
         self._reserved = evaluation.charge_evaluation(
             self.ledger(),
             self.policy,

@@ -63,6 +63,8 @@ REASONS: dict[str, str] = {
     "config.invalid": "the run spec received is invalid",
     "run.spec_changed": "the run spec differs from the one this hospital fixed for the run on "
     "first contact; refused, nothing spent",
+    "run.evaluate_only": "the run evaluated its starting adapter alone at this hospital (an "
+    "evaluate-only run), so it trains nothing there; refused, nothing spent",
     "secagg.failed": "secure aggregation failed at this hospital",
     "secagg.cohort_too_small": "secure aggregation refused: only {hospitals} hospital(s), this "
     "one included, would be unmasked together, fewer than the site policy's "
@@ -76,6 +78,8 @@ REASONS: dict[str, str] = {
     "final round ({rounds})",
     "evaluation.repeated": "evaluation refused: round {round} was already evaluated (at most "
     "once a round)",
+    "evaluation.start_not_allowed": "evaluation refused: the site policy does not answer "
+    "evaluate-only runs (evaluate_starting_adapter)",
     "evaluation.budget": "evaluation refused: releasing noised metrics would exceed the "
     "hospital's privacy budget",
     # anything else
@@ -110,6 +114,7 @@ RULES = frozenset(
         "allow_evaluation",
         "evaluation_epsilon",
         "evaluate_rounds",
+        "evaluate_starting_adapter",
         "labels",
         "dp_unit",
         "trust_min_honest_hospitals",

@@ -97,7 +97,6 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
     ("line", "expected"),
     [
         ("seeded_dp_noise = true", "'seeded_dp_noise': simulation only"),
-        ("evaluate_only = true", "'evaluate_only': simulation only"),
     ],
 )
 def test_run_refuses_what_is_for_simulation_only(tmp_path, line, expected):
@@ -105,3 +104,96 @@ def test_run_refuses_what_is_for_simulation_only(tmp_path, line, expected):
     config.write_text(f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\n{line}\n')
     _one_line_error(_fedward("run", "--config", str(config)), expected)
     assert not (tmp_path / "out").exists()
+
+
+def _evaluate_only_run(tmp_path, monkeypatch, answers: dict) -> tuple[int, str, str]:
+    """`fedward run` of an evaluate-only config against a SuperLink played here: the run's one
+    row (round 0) is what the hospitals answered (`answers`: name -> metrics, or None for a
+    refusal). Returns (exit code, stdout, stderr)."""
+    from fedward.common.config import RunConfig
+    from fedward.server import cli as server_cli
+    from fedward.server import deploy
+    from fedward.server.app import write_history
+
+    out = tmp_path / "out"
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        f'labels = ["cardio", "respiratory"]\nout = "{out}"\nevaluate_only = true\n'
+    )
+    hospitals = {
+        name: metrics if metrics is not None else {"evaluation_refused": "evaluation refused"}
+        for name, metrics in answers.items()
+    }
+    row = {
+        "round": 0, "status": "evaluated", "global": {}, "hospitals": hospitals, "refused": {},
+        "rejected": {}, "dropped": [], "seconds": 1.0,
+        "evaluation_refused": {n: "evaluation refused" for n, m in answers.items() if m is None},
+    }  # fmt: skip
+    submitted = []
+
+    def submit_run(connection, config):
+        submitted.append(config)
+        return 5
+
+    def follow_run(connection, folder, flower_run_id, on_row, timeout=None):
+        write_history(folder, RunConfig.from_toml(config_file), "run-a", [row], "5", 0)
+        on_row(row)
+        return {"status": "finished:completed"}
+
+    monkeypatch.setattr(deploy, "submit_run", submit_run)
+    monkeypatch.setattr(deploy, "follow_run", follow_run)
+    code = 0
+    try:
+        server_cli.run(config_file=config_file, insecure=True)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    assert [config.local.evaluate_only for config in submitted] == [True]
+    return code, *_captured(server_cli)
+
+
+def _captured(server_cli) -> tuple[str, str]:
+    return server_cli.console.file.getvalue(), server_cli.error_console.file.getvalue()
+
+
+@pytest.fixture
+def recorded_consoles(monkeypatch):
+    """The coordinator's consoles, recorded (wide: one line a message)."""
+    import io
+
+    from rich.console import Console
+
+    from fedward.server import cli as server_cli
+
+    monkeypatch.setattr(server_cli, "console", Console(file=io.StringIO(), width=400))
+    monkeypatch.setattr(server_cli, "error_console", Console(file=io.StringIO(), width=400))
+
+
+@pytest.mark.usefixtures("recorded_consoles")
+def test_run_submits_an_evaluate_only_run_and_reports_it_without_an_adapter(tmp_path, monkeypatch):
+    """Issue 41, item 9: `fedward run` no longer refuses `evaluate_only`; a run that one hospital
+    answered ends with exit 0 and says nothing trained; one that every hospital refused, 1."""
+    code, out, err = _evaluate_only_run(
+        tmp_path, monkeypatch, {"st-mary": {"accuracy": 0.7, "num_examples": 41.3}, "st-ann": None}
+    )
+    assert code == 0, out + err
+    assert "evaluation only" in out
+    assert "round 0: evaluated" in out and "no evaluation from: st-ann" in out
+    assert "nothing trained, so no adapter was written" in out
+    assert "use it" not in out and not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.usefixtures("recorded_consoles")
+def test_an_evaluate_only_run_that_every_hospital_refused_fails(tmp_path, monkeypatch):
+    code, _, err = _evaluate_only_run(tmp_path, monkeypatch, {"st-mary": None, "st-ann": None})
+    assert code == 1
+    assert "no hospital released an evaluation" in err
+    assert "evaluate_starting_adapter" in err
+
+
+def test_an_evaluate_only_run_cannot_be_resumed(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'labels = ["cardio", "respiratory"]\nout = "{tmp_path / "out"}"\nevaluate_only = true\n'
+    )
+    result = _fedward("run", "--config", str(config), "--resume")
+    _one_line_error(result, "'evaluate_only': an evaluate-only run has no rounds to resume")
