@@ -34,7 +34,14 @@ from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
 from fedward.client.site import START_ROUND, Site, check_starting_arrays
-from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult, predict, train_locally
+from fedward.client.trainer import (
+    DPPlan,
+    HistoryEntry,
+    Progress,
+    TrainResult,
+    predict,
+    train_locally,
+)
 from fedward.common.config import LocalRun, RunSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset, patient_units
@@ -127,6 +134,10 @@ StageHandler = Callable[[Message, Context], Message]
 #: Runs around each stage ("train", "evaluate", or a SecAgg+ stage): (stage, message, context,
 #: handler) -> reply. Simulation uses it to drop hospitals on purpose and to report its workers.
 StageHook = Callable[[str, Message, Context, StageHandler], Message]
+#: Where a hospital tells its progress within a training round (encoding, each epoch):
+#: (message, context) -> `Progress`. A deployed hospital logs it (`log_progress`); a simulated
+#: one appends it to `fedward simulate`'s progress file (simulation/app.py).
+ProgressOpener = Callable[[Message, Context], Progress]
 
 
 def hospital_name(context: Context) -> str:
@@ -201,8 +212,19 @@ def check_data_vocabulary(data: HospitalData, config: LocalRun, tokenizer) -> fl
     )
 
 
+def log_progress(msg: Message, context: Context) -> Progress:
+    """A deployed hospital's progress within a round: lines in its own log."""
+    name = hospital_name(context)
+    server_round = _round_identity(msg)[1]
+    return lambda stage: log.info("%s: round %d: %s", name, server_round, stage)
+
+
 def handle_train(
-    msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
+    msg: Message,
+    context: Context,
+    load_data: DataSource,
+    open_site: SiteOpener,
+    open_progress: ProgressOpener = log_progress,
 ) -> Message:
     """Train the received global adapter on this hospital's data; reply with the update.
 
@@ -236,6 +258,8 @@ def handle_train(
             model = cached_model(config, len(config.spec.task.labels or []))
             data = with_run_labels(load_data(config, context), config)
             history = site.run_history(run_id, server_round)
+            progress = open_progress(msg, context)
+            progress("encoding")
             # Encoded before the gate so that the gate plans on what is trained (NER cuts long
             # sentences; patient-level DP counts patients); encoding refuses nothing (records
             # with labels the run does not list are already left out).
@@ -252,6 +276,7 @@ def handle_train(
                 pad_id=tokenizer.pad_token_id,
                 who=name,
                 plan=plan,
+                on_progress=progress,
             )
             result.largest_patient = largest_patient(data.train)
             site.record(config, run_id, server_round, result, global_arrays)
@@ -536,12 +561,18 @@ def open_site(context: Context) -> Site:
 
 
 def build_client_app(
-    load_data: DataSource, open_site: SiteOpener, around_stage: StageHook | None = None
+    load_data: DataSource,
+    open_site: SiteOpener,
+    around_stage: StageHook | None = None,
+    open_progress: ProgressOpener = log_progress,
 ) -> ClientApp:
     """The ClientApp of one runtime: the same handlers for every stage of a round, fed by
-    `load_data` and judged by the site `open_site` returns."""
+    `load_data`, judged by the site `open_site` returns, telling its progress within a training
+    round to `open_progress`'s sink."""
     handlers: dict[str, StageHandler] = {
-        "train": lambda msg, context: handle_train(msg, context, load_data, open_site),
+        "train": lambda msg, context: handle_train(
+            msg, context, load_data, open_site, open_progress
+        ),
         "evaluate": lambda msg, context: handle_evaluate(msg, context, load_data, open_site),
     }
     for stage in SECAGG_STAGES:

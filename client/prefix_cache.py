@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,12 @@ def cached_training(
     pad_id: int,
     who: str,
     device: torch.device,
+    on_progress: Callable[[str], None] | None = None,
 ) -> CachedTraining | None:
-    """The top of `model` and `who`'s cached prefix states, built on first use in this run;
-    None when the cache is off (local setting, LoRA down to the bottom layer, or a model that
-    does not split exactly)."""
+    """The top of `model` and `who`'s cached prefix states, built on first use in this run
+    (`on_progress` is told "caching the frozen prefix" then: a pass over every example); None
+    when the cache is off (local setting, LoRA down to the bottom layer, or a model that does
+    not split exactly)."""
     if not config.local.prefix_cache or len(dataset) == 0:
         return None
     pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
@@ -125,6 +128,8 @@ def cached_training(
             if found is None:
                 return None
             min_top_layers, prefix = found
+            if on_progress is not None:
+                on_progress("caching the frozen prefix")
             cache = _build(prefix, dataset, config, pad_id, device, fingerprint, model)
             if cache is None:
                 return None

@@ -45,6 +45,10 @@ from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 
 log = logging.getLogger(__name__)
 
+#: Told each stage of a hospital's round as it starts ("encoding", "epoch 2/3"): the
+#: simulation's progress bar, or a deployed hospital's own log (client/app.py).
+Progress = Callable[[str], None]
+
 # The fixed cost of one more forward and backward pass, in padded tokens: `length_groups` splits
 # a batch only where the padding it saves outweighs it (bench/results/train_throughput.md).
 MICRO_BATCH_OVERHEAD_TOKENS = 256
@@ -115,6 +119,7 @@ def train_locally(
     pad_id: int,
     who: str = "hospital",
     plan: DPPlan | None = None,
+    on_progress: Progress | None = None,
 ) -> TrainResult:
     """Train the adapter from `global_arrays` on `dataset`; return the clipped delta.
 
@@ -134,6 +139,8 @@ def train_locally(
         pad_id: The tokenizer's padding id.
         who: The hospital's name, for log lines and refusals.
         plan: The round's DP plan; None computes it from `config` (under DP).
+        on_progress: Told each stage as it starts ("caching the frozen prefix", "epoch 2/3"):
+            the simulation's progress bar, a deployed hospital's own log.
 
     Returns:
         The update (new minus global, clipped to `secagg_clip`), the example count, the mean
@@ -165,7 +172,7 @@ def train_locally(
     # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and the
     # cached states; sampling, clipping and noise are the same either way. The loader draws
     # example indices; `make_batch` turns a micro-batch of them into padded tensors.
-    cached = cached_training(model, dataset, config, pad_id, who, device)
+    cached = cached_training(model, dataset, config, pad_id, who, device, on_progress)
     if cached is not None:
         train_module, make_batch, inputs_name = cached.top, cached.batch, "hidden_states"
     else:
@@ -216,7 +223,10 @@ def train_locally(
     )
     losses = []
     try:
-        for _ in range(config.spec.training.local_epochs):
+        epochs = config.spec.training.local_epochs
+        for epoch in range(1, epochs + 1):
+            if on_progress is not None:
+                on_progress(f"epoch {epoch}/{epochs}")
             for (indices,) in loader:
                 loss = step(indices.tolist())
                 if loss is not None:

@@ -8,6 +8,7 @@ named in its node config.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -51,10 +52,32 @@ def note_progress(out: str, server_round: int, hospital: str, stage: str) -> Non
         pass
 
 
+#: The order in which `describe_progress` lists stages: the work of a round as it happens.
+STAGES = (
+    "loading the model",
+    "encoding",
+    "caching the frozen prefix",
+    "training",
+    "epoch",  # "epoch 2/3", one per epoch (client/trainer.py)
+    "summing noisy gradients",
+    "trained",
+    "refused",
+    "evaluating",
+    "evaluated",
+)
+#: Stages that end a hospital's part in a round: counted, not listed.
+DONE_STAGES = ("trained", "refused", "evaluated")
+
+
 def describe_progress(lines: list[str]) -> str:
     """The latest round's progress in words, from the progress file's lines: which hospitals
-    are loading the model (a worker's first task), training or evaluating, and how many are
-    done ('' before any)."""
+    are loading the model (a worker's first task), encoding, caching the frozen prefix, in
+    which epoch of their training, or evaluating, and how many are done ('' before any).
+
+    Example:
+        >>> describe_progress(['{"round": 1, "hospital": "hospital-1", "stage": "epoch 2/3"}'])
+        'round 1: epoch 2/3: hospital-1'
+    """
     events = []
     for line in lines:
         try:
@@ -69,18 +92,25 @@ def describe_progress(lines: list[str]) -> str:
         if event["round"] == current:
             stages[event["hospital"]] = event["stage"]
     parts = []
-    for stage in ("loading the model", "training", "trained", "refused", "evaluating", "evaluated"):
+    for stage in sorted(set(stages.values()), key=_stage_order):
         names = sorted(
             (n for n, held in stages.items() if held == stage), key=lambda n: (len(n), n)
         )
-        if not names:
-            continue
-        if stage in ("trained", "refused", "evaluated"):
+        if stage in DONE_STAGES:
             parts.append(f"{len(names)} {stage}")
         else:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             parts.append(f"{stage}: {shown}")
     return f"round {current}: " + "; ".join(parts)
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    """Where a stage comes in `STAGES`; epochs by number, the latest first; unknown ones last."""
+    kind, _, count = stage.partition(" ")
+    if kind == "epoch":
+        done = count.split("/")[0]
+        return STAGES.index("epoch"), -int(done) if done.isdigit() else 0
+    return (STAGES.index(stage) if stage in STAGES else len(STAGES)), 0
 
 
 class SimulatedDropout(RuntimeError):
@@ -152,7 +182,12 @@ def build_simulation_client_app(
             reply.content[wire.METRICS]["model-loads"] = model_cache.load_count
         return reply
 
-    return build_client_app(data_source, open_simulated_site, simulate_stage)
+    def open_progress(msg: Message, context: Context):
+        server_round = int(msg.content[wire.CONFIG].get(wire.ROUND_KEY, 0))
+        out, name = settings_of(context).local.out, hospital_name(context)
+        return functools.partial(note_progress, out, server_round, name)
+
+    return build_client_app(data_source, open_simulated_site, simulate_stage, open_progress)
 
 
 #: `flwr run .` (pyproject's [tool.flwr.app.components]); `fedward simulate` builds its own

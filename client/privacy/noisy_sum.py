@@ -34,6 +34,7 @@ from fedward.client.privacy.accounting import (
     privacy_units,
 )
 from fedward.client.trainer import (
+    Progress,
     TrainResult,
     _outside_tag_id,
     check_budget,
@@ -168,10 +169,12 @@ def distributed_update(
     pad_id: int,
     who: str,
     plan: DPPlan,
+    on_progress: Progress | None = None,
 ) -> TrainResult:
     """`noisy_gradient_sum` as the round's update (`TrainResult`), with the accountant history
     including this round: `plan` (the budget gate's reservation) at the full noise multiplier,
-    which is what a patient gets while at least t hospitals of the round are honest."""
+    which is what a patient gets while at least t hospitals of the round are honest.
+    `on_progress` is told "summing noisy gradients" as the one pass starts."""
     if plan.as_history_entry() != plan_distributed(config.spec).as_history_entry():
         raise ConfigError(f"{who}: the reserved plan is not the run's distributed-noise plan")
     check_budget(
@@ -183,6 +186,8 @@ def distributed_update(
         config.spec.privacy.dp_unit,
     )
     noise_seed = simulation_noise_seed(config, who, len(history))
+    if on_progress is not None:
+        on_progress("summing noisy gradients")
     vector, _, loss = noisy_gradient_sum(
         model, dataset, config, global_arrays, pad_id, who, noise_seed
     )
