@@ -272,9 +272,15 @@ def main() -> None:
                     for row in run_federation(values | overrides, args.global_only, kept):
                         row |= {"global_reused": True} if reused else {}
                         row = {"federation": name, "seed": seed, "settings": settings, **row}
+                        evidence = row.pop("evidence", None)
                         print(json.dumps(row), flush=True)
                         with args.log.open("a", encoding="utf-8") as log:
                             log.write(json.dumps(row) + "\n")
+                        if evidence and args.evidence:
+                            with args.evidence.open("a", encoding="utf-8") as log:
+                                key = {k: row[k] for k in ("federation", "seed", "hospital")}
+                                log.write(json.dumps(key | {"settings": settings} | evidence))
+                                log.write("\n")
 
 
 if __name__ == "__main__":

@@ -518,10 +518,10 @@ def own_model(
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
     seed = config.spec.training.seed
     train, folds = _encoded_in_folds(
-        data.train, home_folds(data.train, task, recipe.folds, seed), config, tokenizer
+        data.train, home_folds(data.train, recipe.folds, seed), config, tokenizer
     )
     validation, validation_folds = _encoded_in_folds(
-        data.val, home_folds(data.val, task, recipe.validation_folds, seed), config, tokenizer
+        data.val, home_folds(data.val, recipe.validation_folds, seed), config, tokenizer
     )
     return personalize(
         model,
