@@ -4,7 +4,9 @@ Each family is a tiny random model (hidden 32, 2 layers) with a tokenizer made h
 folder as a hospital would have it: BERT, DistilBERT and ELECTRA with the packaged WordPiece
 tokenizer, RoBERTa and ModernBERT with a byte-level BPE tokenizer, XLM-R and DeBERTa-v2/v3 with
 a SentencePiece-style Unigram tokenizer, the last three trained here on synthetic notes. Each runs
-one federated round (2 hospitals, DP, secure aggregation) and `fedward predict`.
+one federated round (2 hospitals, DP, secure aggregation) and `fedward predict`: the real
+coordinator loop and hospitals' ClientApp in this process (tests/common/inprocess_federation.py;
+the Ray path is the same for every family and tested once, in tests/simulation).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess_federation import simulate_in_process
 
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.common.config import RunConfig
 from fedward.common.errors import ModelError
 from fedward.common.model import ADAPTER_META, adapter_spec, build_model, load_adapter_for_inference
 from fedward.simulation.predict import predict_texts
-from fedward.simulation.runner import simulate
 from fedward.simulation.synthetic import generate_ner_notes, generate_notes, synthetic_examples
 
 #: family -> the LoRA modules "auto" must find (read from the installed transformers' code).
@@ -285,7 +287,7 @@ def _run(param, family_dirs, tmp_path_factory):
     task, family = param
     out = tmp_path_factory.mktemp(f"{task}-{family}") / "out"
     config = _config(family_dirs[family], out, task)
-    return family, config, simulate(config)
+    return family, config, simulate_in_process(config)
 
 
 def _check_round_and_adapter(family: str, config: RunConfig, result) -> dict:
