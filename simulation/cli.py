@@ -296,19 +296,19 @@ def run_simulation_with_report(
             result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     unit = config.spec.privacy.dp_unit
-    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name, unit)
+    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.definition, unit)
     if tracker is not None:
         tracker.finish(result.out, result.run_id)
         console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
     table = round_table(
         result.rounds,
-        config.spec.task.name,
+        config.spec.task.definition,
         title="fedward: rounds",
         dp_unit=unit,
         delta=config.spec.privacy.delta,
     )
     console.print(table)
-    joined = worth_joining_table(result.rounds, config.spec.task.name)
+    joined = worth_joining_table(result.rounds, config.spec.task.definition)
     if joined is not None:
         console.print(joined)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
