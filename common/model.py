@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedward.common.config import PACKAGED_MODEL, LocalRun, RunSpec
+from fedward.common.config import PACKAGED_MODEL, LocalRun, ModelSpec, RunSpec, TaskSpec
 from fedward.common.errors import ModelError
 from fedward.common.files.atomic import replace_dir_atomic, temp_dir_next_to
 from fedward.common.tasks import Task, recorded_task
@@ -449,7 +449,7 @@ def save_adapter(
             "max_length": config.spec.task.max_length,
         }
         if config.spec.model.init_adapter:
-            meta["init_adapter"] = starting_adapter_record(config.spec)
+            meta["init_adapter"] = starting_adapter_record(config.spec.model, config.spec.task)
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for path in staging.iterdir():
             path.chmod(0o644)
@@ -459,15 +459,15 @@ def save_adapter(
     return out_dir
 
 
-def starting_adapter_record(spec: RunSpec) -> dict:
-    """What a run's outputs (`fedward.json`) and audit log say about its starting adapter: the
-    path, its content hash and how the run's labels met its own."""
-    path = str(spec.model.init_adapter)
+def starting_adapter_record(model: ModelSpec, task: TaskSpec) -> dict:
+    """What a run's outputs (`fedward.json`) and audit log say about its starting adapter
+    (`model.init_adapter`): the path, its content hash and how the run's labels met its own."""
+    path = str(model.init_adapter)
     adapter_labels = read_adapter_meta(path)["labels"]
     return {
         "path": path,
         "sha256": adapter_content_hash(path),
-        "labels": label_mapping(adapter_labels, list(spec.task.labels or [])).as_dict(),
+        "labels": label_mapping(adapter_labels, list(task.labels or [])).as_dict(),
     }
 
 

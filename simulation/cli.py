@@ -218,13 +218,13 @@ def rounds_progress() -> Progress:
 
 
 @contextmanager
-def watch_progress(config: RunConfig, progress: Progress, bar, what: str) -> Iterator[None]:
+def watch_progress(out: Path, progress: Progress, bar, what: str) -> Iterator[None]:
     """While the block runs, show on the bar what the hospitals of the current round are doing
     (loading the model, training, evaluating; how many are done), from the progress file the
     simulated hospitals append to (`simulation/app.py`); the file is deleted afterwards."""
     from fedward.simulation.app import PROGRESS_FILE, describe_progress
 
-    path = Path(config.local.out) / PROGRESS_FILE
+    path = out / PROGRESS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("", encoding="utf-8")  # the hospitals append to it only where it exists
     stop = threading.Event()
@@ -292,7 +292,7 @@ def run_simulation_with_report(
             if tracker is not None:
                 tracker.log_round(row)
 
-        with watch_progress(config, progress, bar, progress.tasks[0].description):
+        with watch_progress(Path(config.local.out), progress, bar, progress.tasks[0].description):
             result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     unit = config.spec.privacy.dp_unit
@@ -400,7 +400,7 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         from fedward.common.model import starting_adapter_record
         from fedward.common.warm_start import LabelMapping
 
-        start = starting_adapter_record(config.spec)
+        start = starting_adapter_record(config.spec.model, config.spec.task)
         mapping = LabelMapping(**{k: tuple(v) for k, v in start["labels"].items()})
         console.print(
             f"starts from adapter {start['path']} (sha256 {start['sha256'][:16]}...); labels: "
