@@ -54,11 +54,10 @@ def load_corpus(corpus: str, args) -> tuple[str, list, list, list[str], list[lis
 
 def _synthetic(args) -> tuple[str, list, list, list[str], list[list[int]]]:
     """The default simulation's notes: each hospital's train split, and all val splits pooled."""
-    from fedward.common.tasks import task_named
     from fedward.simulation.synthetic import synthetic_examples
 
     values = RunConfig.build(args.fixed)
-    task = task_named(values.spec.task.name)
+    task = values.spec.task.definition
     train, test, parts = [], [], []
     for hospital in range(args.hospitals):
         notes = synthetic_examples(
@@ -80,7 +79,6 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
 
     from fedward.client.trainer import evaluate, train_locally
     from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
-    from fedward.common.tasks import task_named
     from fedward.server.aggregation import apply_average, weighted_sum
 
     started = time.monotonic()
@@ -101,7 +99,7 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
     )
     tokenizer = load_tokenizer(config.spec.model.name)
     model = build_model(config.spec, len(labels))
-    encode = task_named(task).encode
+    encode = config.spec.task.definition.encode
     sites = [
         encode([train[i] for i in share], labels, tokenizer, config.spec.task.max_length)
         for share in parts
@@ -138,7 +136,7 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
         labels,
     )
     return {
-        "score": metrics[task_named(task).primary_metric],
+        "score": metrics[config.spec.task.definition.primary_metric],
         "epsilon": epsilon,
         "seconds": time.monotonic() - started,
         "cached": prefix_cache.build_count > builds,

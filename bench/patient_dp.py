@@ -140,10 +140,10 @@ def fast_hospitals(args, work: Path) -> tuple[list[tuple[list, list]], list[str]
     """Each hospital's (training, validation) records and the label list, split as the
     simulation splits them (`task.split` with seed + hospital)."""
     from fedward.common.data import read_records
-    from fedward.common.tasks import task_named
+    from fedward.common.tasks import CLASSIFICATION
     from fedward.simulation.synthetic import synthetic_examples, synthetic_labels
 
-    task = task_named("classification")
+    task = CLASSIFICATION
     if args.data == "synthetic":
         shares = [
             synthetic_examples("classification", h, args.notes, args.seed, args.hospitals)

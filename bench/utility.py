@@ -43,7 +43,6 @@ from pathlib import Path
 from fedward.common.config import RunConfig, flat_names
 from fedward.common.data import Record, read_records
 from fedward.common.errors import ConfigError
-from fedward.common.tasks import task_named
 from fedward.simulation import partition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -124,7 +123,7 @@ def train_and_score(config: RunConfig, test: list) -> float:
         tokenizer.pad_token_id,
         config.spec.task.labels,
     )
-    return metrics[task_named(config.spec.task.name).primary_metric]
+    return metrics[config.spec.task.definition.primary_metric]
 
 
 def result_labels(result) -> list[str]:

@@ -75,7 +75,6 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
     from fedward.client.privacy.noisy_sum import noisy_gradient_sum
     from fedward.client.trainer import predict, train_locally
     from fedward.common.config import SimulatedData
-    from fedward.common.tasks import task_named
     from fedward.server.aggregation import apply_average, server_step, weighted_sum
     from fedward.simulation.hospitals import _hospital_split, prepare_config
 
@@ -143,10 +142,8 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
         if global_only:
             validation = encode(data.val, config, tokenizer)
             _, truth, predicted = predict(model, validation, config, arrays, tokenizer.pad_token_id)
-            score = task_named(config.spec.task.name).metrics(
-                truth, predicted, config.spec.task.labels
-            )
-            figures = {"global": score[task_named(config.spec.task.name).primary_metric]}
+            score = config.spec.task.definition.metrics(truth, predicted, config.spec.task.labels)
+            figures = {"global": score[config.spec.task.definition.primary_metric]}
         else:
             own_report = own_model(data, config, arrays)[1]
             figures = own_report.as_dict() | {"evidence": own_report.evidence}

@@ -42,7 +42,7 @@ from fedward.client.trainer import (
     predict,
     train_locally,
 )
-from fedward.common.config import LocalRun, RunSpec
+from fedward.common.config import LocalRun, PrivacySpec, RunSpec, SecAggSpec
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset, patient_units
 from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
@@ -99,7 +99,12 @@ class HospitalSite(Protocol):
         (None without DP), which training then uses: one plan per round."""
 
     def record(
-        self, config: LocalRun, run_id: str, server_round: int, result: TrainResult, global_arrays
+        self,
+        privacy: PrivacySpec,
+        run_id: str,
+        server_round: int,
+        result: TrainResult,
+        global_arrays,
     ) -> None:
         """Gate 3: trained, nothing sent yet."""
 
@@ -266,7 +271,7 @@ def handle_train(
             dataset = encode(data.train, config, tokenizer)
             plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
             coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
-            train = distributed_update if distributed(config) else train_locally
+            train = distributed_update if distributed(config.spec.privacy) else train_locally
             result = train(
                 model,
                 dataset,
@@ -279,7 +284,7 @@ def handle_train(
                 on_progress=progress,
             )
             result.largest_patient = largest_patient(data.train)
-            site.record(config, run_id, server_round, result, global_arrays)
+            site.record(config.spec.privacy, run_id, server_round, result, global_arrays)
     except Exception as exc:  # whatever it was, only a code leaves
         _log_refusal(name, "train", server_round, exc)
         if site is not None:
@@ -292,7 +297,7 @@ def handle_train(
     if not spec.secagg.secure_aggregation:
         # A clear update carries its weight in the average; with SecAgg+ the weight travels
         # only inside the masked vector. Deployed, it is the policy's, never the count.
-        metrics["weight"] = update_weight(result, config, site)
+        metrics["weight"] = update_weight(result, config.spec.secagg, site)
     if site.releases_exact_metrics:
         metrics["train-loss"] = result.train_loss  # not DP: simulation only
     if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
@@ -313,11 +318,17 @@ def handle_train(
     if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
         content[wire.SECAGG] = secagg
-        update = result.delta[NOISY_SUM] if distributed(config) else wire.flatten(result.delta)
+        update = (
+            result.delta[NOISY_SUM]
+            if distributed(config.spec.privacy)
+            else wire.flatten(result.delta)
+        )
         context.state[SECAGG_UPDATE] = ArrayRecord(
             {
                 "delta": Array(update),
-                "weight": Array(np.array([update_weight(result, config, site)], dtype=np.int64)),
+                "weight": Array(
+                    np.array([update_weight(result, config.spec.secagg, site)], dtype=np.int64)
+                ),
             }
         )
     else:
@@ -366,7 +377,7 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def update_weight(result: TrainResult, config: LocalRun, site: HospitalSite) -> int:
+def update_weight(result: TrainResult, secagg: SecAggSpec, site: HospitalSite) -> int:
     """The weight this hospital's update carries in the average (inside the masked vector with
     secure aggregation, in the clear without), capped at the run's `secagg_max_weight`.
 
@@ -380,12 +391,12 @@ def update_weight(result: TrainResult, config: LocalRun, site: HospitalSite) -> 
     training records?" for any N the coordinator chose (issue 28).
     """
     weight = result.num_examples if site.releases_exact_metrics else site.update_weight()
-    return min(weight, config.spec.secagg.secagg_max_weight)
+    return min(weight, secagg.secagg_max_weight)
 
 
-def distributed(config: LocalRun) -> bool:
+def distributed(privacy: PrivacySpec) -> bool:
     """Whether the run's DP noise is distributed over the secure sum (issue 39)."""
-    return config.spec.privacy.dp and config.spec.privacy.noise == "distributed"
+    return privacy.dp and privacy.noise == "distributed"
 
 
 def secure_round_terms(identity: SecAggIdentity, config: LocalRun) -> tuple[SecAggIdentity, str]:
@@ -396,7 +407,7 @@ def secure_round_terms(identity: SecAggIdentity, config: LocalRun) -> tuple[SecA
     cohort it is unmasked in must hold at least t hospitals, itself included, whatever its
     policy's own minimum: the session refuses a smaller one at every stage, and after the masked
     upload it signs and reveals nothing (`secagg.cohort_too_small`)."""
-    if not distributed(config):
+    if not distributed(config.spec.privacy):
         return identity, WEIGHTED
     trusted = config.spec.privacy.noise_hospitals
     return replace(identity, min_hospitals=max(identity.min_hospitals, trusted)), INTEGER

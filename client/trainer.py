@@ -38,7 +38,7 @@ from fedward.client.privacy.accounting import (
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
-from fedward.common.config import LocalRun, TrainingSpec
+from fedward.common.config import LocalRun, PrivacySpec, TaskSpec, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -201,7 +201,8 @@ def train_locally(
             loader,
             plan,
             history,
-            config,
+            config.spec.privacy,
+            config.spec.training,
             len(members) if by_patient else len(dataset),
             device,
             noise_seed,
@@ -213,7 +214,7 @@ def train_locally(
         inputs_name=inputs_name,
         lengths=[len(ids) for ids in dataset.input_ids],
         bucketing=config.local.length_bucketing and pad_to is None,
-        outside=_outside_tag_id(config),
+        outside=_outside_tag_id(config.spec.training, config.spec.task),
         outside_weight=config.spec.training.outside_tag_weight,
         private=private,
         device=device,
@@ -289,7 +290,8 @@ def make_private(
     loader: DataLoader,
     plan: DPPlan,
     history: list[HistoryEntry],
-    config: LocalRun,
+    privacy: PrivacySpec,
+    training: TrainingSpec,
     num_train: int,
     device: torch.device,
     noise_seed: int | None = None,
@@ -307,14 +309,14 @@ def make_private(
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.spec.privacy.max_grad_norm,
+        max_grad_norm=privacy.max_grad_norm,
         poisson_sampling=True,
         noise_generator=_noise_generator(device, noise_seed),
     )
-    if config.spec.training.optimizer == "adam_bc":
+    if training.optimizer == "adam_bc":
         # The variance DP adds to each coordinate of the averaged gradient Adam sees.
         optimizer.original_optimizer.noise_variance = plan.noise_variance(
-            config.spec.privacy.max_grad_norm, num_train
+            privacy.max_grad_norm, num_train
         )
     return module, optimizer, loader
 
@@ -450,16 +452,15 @@ class _PatientSums:
             opacus_seam.hand_over_rows(param, self.sums[number])
 
 
-def _outside_tag_id(config: LocalRun) -> int | None:
+def _outside_tag_id(training: TrainingSpec, task: TaskSpec) -> int | None:
     """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1)."""
-    if config.spec.training.outside_tag_weight == 1.0:
+    if training.outside_tag_weight == 1.0:
         return None
-    if not config.spec.task.labels or "O" not in config.spec.task.labels:
+    if not task.labels or "O" not in task.labels:
         raise ConfigError(
-            f"outside_tag_weight {config.spec.training.outside_tag_weight:g} needs the run's "
-            "labels, with 'O'"
+            f"outside_tag_weight {training.outside_tag_weight:g} needs the run's labels, with 'O'"
         )
-    return config.spec.task.labels.index("O")
+    return task.labels.index("O")
 
 
 def weighted_token_loss(

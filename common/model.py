@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedward.common.config import PACKAGED_MODEL, LocalRun, RunSpec
+from fedward.common.config import PACKAGED_MODEL, LocalRun, ModelSpec, RunSpec, TaskSpec
 from fedward.common.errors import ModelError
 from fedward.common.files.atomic import replace_dir_atomic, temp_dir_next_to
-from fedward.common.tasks import task_named
+from fedward.common.tasks import Task, recorded_task
 from fedward.common.tasks.heads import MeanPoolClassifier
 from fedward.common.warm_start import (
     ADAPTER_META,
@@ -87,7 +87,7 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
     model_spec = spec.model
 
     torch.manual_seed(spec.training.seed)
-    base = build_base(spec.task.name, model_spec.name, num_labels)
+    base = build_base(spec.task.definition, model_spec.name, num_labels)
     if not model_spec.attention_dropout:
         drop_attention_dropout(base)
     targets = lora_target_modules(base, model_spec.lora_target_modules, model_spec.name)
@@ -336,12 +336,12 @@ def _replace(root: torch.nn.Module, path: str, child: torch.nn.Module) -> torch.
     return clone
 
 
-def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
-    """The frozen base model with the fresh head of the task named `task` (its `load_base`):
-    what a saved adapter loads onto.
+def build_base(task: Task, model: str, num_labels: int) -> torch.nn.Module:
+    """The frozen base model with the fresh head of `task` (its `load_base`): what a saved
+    adapter loads onto.
 
     Args:
-        task: "classification" or "ner".
+        task: The task (`spec.task.definition`; for a saved adapter, `recorded_task(meta)`).
         model: A local model folder, or the packaged "all-MiniLM-L6-v2".
         num_labels: Outputs of the head (the adapter's `fedward.json` lists its labels).
 
@@ -350,7 +350,8 @@ def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
 
     Example:
         >>> from peft import PeftModel
-        >>> base = build_base("classification", "all-MiniLM-L6-v2", num_labels=3)
+        >>> from fedward.common.tasks import CLASSIFICATION
+        >>> base = build_base(CLASSIFICATION, "all-MiniLM-L6-v2", num_labels=3)
         >>> model = PeftModel.from_pretrained(base, "fedward-out/adapter")  # doctest: +SKIP
     """
     import transformers
@@ -359,7 +360,7 @@ def build_base(task: str, model: str, num_labels: int) -> torch.nn.Module:
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(model)
     try:
-        return task_named(task).load_base(path, num_labels)
+        return task.load_base(path, num_labels)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(_unknown_model(model, exc)) from None
 
@@ -448,7 +449,7 @@ def save_adapter(
             "max_length": config.spec.task.max_length,
         }
         if config.spec.model.init_adapter:
-            meta["init_adapter"] = starting_adapter_record(config.spec)
+            meta["init_adapter"] = starting_adapter_record(config.spec.model, config.spec.task)
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for path in staging.iterdir():
             path.chmod(0o644)
@@ -458,15 +459,15 @@ def save_adapter(
     return out_dir
 
 
-def starting_adapter_record(spec: RunSpec) -> dict:
-    """What a run's outputs (`fedward.json`) and audit log say about its starting adapter: the
-    path, its content hash and how the run's labels met its own."""
-    path = str(spec.model.init_adapter)
+def starting_adapter_record(model: ModelSpec, task: TaskSpec) -> dict:
+    """What a run's outputs (`fedward.json`) and audit log say about its starting adapter
+    (`model.init_adapter`): the path, its content hash and how the run's labels met its own."""
+    path = str(model.init_adapter)
     adapter_labels = read_adapter_meta(path)["labels"]
     return {
         "path": path,
         "sha256": adapter_content_hash(path),
-        "labels": label_mapping(adapter_labels, list(spec.task.labels or [])).as_dict(),
+        "labels": label_mapping(adapter_labels, list(task.labels or [])).as_dict(),
     }
 
 
@@ -505,7 +506,7 @@ def load_adapter_for_inference(adapter_dir: str | Path) -> tuple[torch.nn.Module
             "'adapter' folder of a run's output"
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    base = build_base(meta["task"], meta["model"], len(meta["labels"]))
+    base = build_base(recorded_task(meta), meta["model"], len(meta["labels"]))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model, load_tokenizer(meta["model"]), meta

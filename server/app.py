@@ -274,7 +274,9 @@ def run_start_fields(config: RunConfig, run_id: str, flower_run_id: str, arrays:
         "initial_adapter_sha256": arrays_digest(arrays),
         # The starting adapter the hospitals approved by content (None: a fresh adapter).
         "init_adapter": (
-            starting_adapter_record(config.spec) if config.spec.model.init_adapter else None
+            starting_adapter_record(config.spec.model, config.spec.task)
+            if config.spec.model.init_adapter
+            else None
         ),
     }
 

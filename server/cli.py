@@ -21,7 +21,7 @@ from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.files import audit_log
 from fedward.common.files.output_paths import check_output_file, check_output_folder
-from fedward.common.tasks import task_named
+from fedward.common.tasks import Task
 from fedward.server import deploy
 from fedward.server.app import kept_round, trained_a_round
 from fedward.server.tracking import open_tracker
@@ -309,7 +309,7 @@ def run(
 
     def on_row(row: dict) -> None:
         rows.append(row)
-        console.print(round_line(row, config.spec.task.name), highlight=False)
+        console.print(round_line(row, config.spec.task.definition), highlight=False)
         if tracker is not None:
             tracker.log_round(row)
 
@@ -321,7 +321,9 @@ def run(
         failed = str(status.get("status")) != "finished:completed"
         tracker.finish(Path(config.local.out), str(history.get("run_id", "")), failed=failed)
     if rows:
-        console.print(deployment_table(rows, config.spec.task.name, config.spec.privacy.dp_unit))
+        console.print(
+            deployment_table(rows, config.spec.task.definition, config.spec.privacy.dp_unit)
+        )
     out_dir = Path(config.local.out)
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
@@ -373,11 +375,11 @@ def evaluated_by_any(rows: list[dict]) -> bool:
     return any("evaluation_refused" not in item for item in answers)
 
 
-def round_line(row: dict, task: str) -> str:
+def round_line(row: dict, task: Task) -> str:
     """One line per completed round, printed as it arrives (reasons as the coordinator rendered
     them from the hospitals' codes)."""
     metrics = row.get("global", {})
-    headline = task_named(task).primary_metric
+    headline = task.primary_metric
     trained = sorted(name for name, item in row["hospitals"].items() if item.get("trained"))
     parts = [
         f"round {row['round']}: {row['status']}",
@@ -396,10 +398,10 @@ def round_line(row: dict, task: str) -> str:
     return "; ".join(parts)
 
 
-def deployment_table(rows: list[dict], task: str, dp_unit: str = "record") -> Table:
+def deployment_table(rows: list[dict], task: Task, dp_unit: str = "record") -> Table:
     """The round table: global metrics, who trained, who refused or dropped, epsilon (the run's
     target, per `dp_unit`)."""
-    headline = task_named(task).primary_metric
+    headline = task.primary_metric
     caption = f"ε: the run's target epsilon per {dp_unit}, as each hospital reports it."
     if any(_headline_cell(row.get("global", {}), task).endswith("*") for row in rows):
         caption += (
@@ -435,15 +437,13 @@ def deployment_table(rows: list[dict], task: str, dp_unit: str = "record") -> Ta
     return table
 
 
-def _headline_cell(metrics: dict, task: str) -> str:
+def _headline_cell(metrics: dict, task: Task) -> str:
     """The round's headline score; marked `*` in a row from an older history (a run resumed
     across the change), whose global macro-F1 was the mean of the hospitals' own: such a row
     has no `hospital_mean_<score>` beside it (strategy.aggregate_evaluate)."""
-    headline = task_named(task).primary_metric
+    headline = task.primary_metric
     value = metrics.get(headline)
-    older = (
-        headline in task_named(task).pooled_scores and f"hospital_mean_{headline}" not in metrics
-    )
+    older = headline in task.pooled_scores and f"hospital_mean_{headline}" not in metrics
     return _num(value) + ("*" if value is not None and older else "")
 
 

@@ -25,8 +25,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.client.personalize import OWN_FOLDER
-from fedward.common.config import GROUPS, RunConfig
+from fedward.common.config import GROUPS, ModelSpec, RunConfig, TaskSpec
 from fedward.common.files.output_paths import check_output_folder
+from fedward.common.tasks import Task
 
 # Wide when piped to a file or log, so paths and commands are never broken across lines.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
@@ -218,13 +219,13 @@ def rounds_progress() -> Progress:
 
 
 @contextmanager
-def watch_progress(config: RunConfig, progress: Progress, bar, what: str) -> Iterator[None]:
+def watch_progress(out: Path, progress: Progress, bar, what: str) -> Iterator[None]:
     """While the block runs, show on the bar what the hospitals of the current round are doing
     (loading the model, training, evaluating; how many are done), from the progress file the
     simulated hospitals append to (`simulation/app.py`); the file is deleted afterwards."""
     from fedward.simulation.app import PROGRESS_FILE, describe_progress
 
-    path = Path(config.local.out) / PROGRESS_FILE
+    path = out / PROGRESS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("", encoding="utf-8")  # the hospitals append to it only where it exists
     stop = threading.Event()
@@ -292,23 +293,23 @@ def run_simulation_with_report(
             if tracker is not None:
                 tracker.log_round(row)
 
-        with watch_progress(config, progress, bar, progress.tasks[0].description):
+        with watch_progress(Path(config.local.out), progress, bar, progress.tasks[0].description):
             result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
     unit = config.spec.privacy.dp_unit
-    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.name, unit)
+    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.definition, unit)
     if tracker is not None:
         tracker.finish(result.out, result.run_id)
         console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
     table = round_table(
         result.rounds,
-        config.spec.task.name,
+        config.spec.task.definition,
         title="fedward: rounds",
         dp_unit=unit,
         delta=config.spec.privacy.delta,
     )
     console.print(table)
-    joined = worth_joining_table(result.rounds, config.spec.task.name)
+    joined = worth_joining_table(result.rounds, config.spec.task.definition)
     if joined is not None:
         console.print(joined)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
@@ -330,10 +331,8 @@ def run_simulation_with_report(
         sys.exit(1)
     console.print(f"finished in {elapsed:.0f} s")
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
-    console.print(
-        f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format; "
-        f"{kept_adapter_note(result.rounds, config)})"
-    )
+    kept = kept_adapter_note(result.rounds, config.spec.task.definition, config.local.keep_adapter)
+    console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format; {kept})")
     console.print(f"  history:  {(result.out / 'history.json').resolve()}")
     console.print(f"  plot:     {plot.resolve()}")
     own = result.out / OWN_FOLDER
@@ -349,15 +348,15 @@ def run_simulation_with_report(
     )
 
 
-def kept_adapter_note(rounds: list[dict], config: RunConfig) -> str:
+def kept_adapter_note(rounds: list[dict], task: Task, keep_adapter: str) -> str:
     """Which round's adapter the output holds, and by which rule (`keep_adapter`)."""
     from fedward.server.app import kept_round
 
-    score = config.spec.task.definition.primary_metric
-    kept = kept_round(rounds, score, config.local.keep_adapter)
+    score = task.primary_metric
+    kept = kept_round(rounds, score, keep_adapter)
     of = f"round {kept} of {len(rounds)}"
     value = next((row["global"].get(score) for row in rounds if row["round"] == kept), None)
-    if config.local.keep_adapter == "last" or value is None:
+    if keep_adapter == "last" or value is None:
         return f"{of}, the last"
     return f"{of}, the best {score} {value:.3f}; --keep-adapter last keeps the last"
 
@@ -395,12 +394,12 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
             "[bold yellow]DP noise seeded from the run's seed (--seeded-dp-noise): reproducible "
             "figures, no privacy; simulation only[/]"
         )
-    console.print(f"trains: {what_trains(config)}")
+    console.print(f"trains: {what_trains(config.spec.model, config.spec.task)}")
     if config.spec.model.init_adapter:
         from fedward.common.model import starting_adapter_record
         from fedward.common.warm_start import LabelMapping
 
-        start = starting_adapter_record(config.spec)
+        start = starting_adapter_record(config.spec.model, config.spec.task)
         mapping = LabelMapping(**{k: tuple(v) for k, v in start["labels"].items()})
         console.print(
             f"starts from adapter {start['path']} (sha256 {start['sha256'][:16]}...); labels: "
@@ -408,24 +407,24 @@ def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
         )
 
 
-def what_trains(config: RunConfig) -> str:
+def what_trains(model: ModelSpec, task_spec: TaskSpec) -> str:
     """One line saying what trains, and whether it is the task's default (the README's why)."""
-    variant = config.spec.model.lora_variant
-    task = config.spec.task.definition
-    warm = bool(config.spec.model.init_adapter)
+    variant = model.lora_variant
+    task = task_spec.definition
+    warm = bool(model.init_adapter)
     default = task.warm_start_lora_variant if warm else task.lora_variant
-    layers = config.spec.model.lora_layers
+    layers = model.lora_layers
     where = "all layers" if not layers else f"the top {layers} layers"
     described = {
         "head": "the task head alone, on the frozen encoder",
-        "lora": f"LoRA (rank {config.spec.model.lora_rank}) in {where} and the task head",
-        "ffa": f"FFA-LoRA (B only, rank {config.spec.model.lora_rank}) in {where} and the head",
+        "lora": f"LoRA (rank {model.lora_rank}) in {where} and the task head",
+        "ffa": f"FFA-LoRA (B only, rank {model.lora_rank}) in {where} and the head",
     }[variant]
-    if config.spec.model.init_adapter and variant in ("head", "ffa"):
+    if model.init_adapter and variant in ("head", "ffa"):
         frozen = "LoRA factors" if variant == "head" else "A factors"
         described += f", the starting adapter's {frozen} frozen in it"
     start = " from a starting adapter" if warm else ""
-    default_note = f" (the {config.spec.task.name} default{start})"
+    default_note = f" (the {task.name} default{start})"
     return described + (default_note if variant == default else "")
 
 

@@ -65,7 +65,7 @@ class SimulatedSite:
             return None
         return plan_dp(config.spec, max(privacy_units(config.spec.privacy, dataset), 1))
 
-    def record(self, config, run_id, server_round, result: TrainResult, global_arrays) -> None:
+    def record(self, privacy, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})
 
     def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:

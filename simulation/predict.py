@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fedward.common.model import load_adapter_for_inference
-from fedward.common.tasks import task_named
+from fedward.common.tasks import recorded_task
 
 #: How many labels `fedward predict` shows per note unless `--top` says otherwise.
 DEFAULT_TOP = 3
@@ -27,7 +27,7 @@ def predict_texts(adapter_dir: str | Path, texts: list[str], top: int = DEFAULT_
           sepsis      0.021
     """
     model, tokenizer, meta = load_adapter_for_inference(adapter_dir)
-    task = task_named(meta["task"])
+    task = recorded_task(meta)
     blocks = []
     for text in texts:
         lines = task.describe_prediction(

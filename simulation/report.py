@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from fedward.client.privacy.accounting import group_epsilon
-from fedward.common.tasks import PATIENT_UNIT, task_named
+from fedward.common.tasks import CLASSIFICATION, PATIENT_UNIT, Task
 from fedward.server.dashboard.runs import worth_joining
 
 
@@ -28,14 +28,14 @@ def hospital_names(rounds: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
-def privacy_unit(task: str, dp_unit: str = "record") -> str:
+def privacy_unit(task: Task, dp_unit: str = "record") -> str:
     """What one unit of (epsilon, delta)-DP protects, said next to epsilon."""
-    return PATIENT_UNIT if dp_unit == "patient" else task_named(task).privacy_unit
+    return PATIENT_UNIT if dp_unit == "patient" else task.privacy_unit
 
 
 def round_table(
     rounds: list[dict],
-    task: str = "classification",
+    task: Task = CLASSIFICATION,
     title: str | None = None,
     dp_unit: str = "record",
     delta: float = 1e-5,
@@ -43,7 +43,7 @@ def round_table(
     """One row per round: global loss/accuracy/macro-F1 (or entity F1) and epsilon per hospital,
     in `dp_unit`."""
     names = hospital_names(rounds)
-    columns = task_named(task).metric_columns
+    columns = task.metric_columns
     dp_on = any(
         stats.get("epsilon") is not None
         for row in rounds
@@ -128,11 +128,11 @@ def group_privacy_line(rounds: list[dict], dp_unit: str, delta: float) -> str:
     )
 
 
-def pooled_line(task: str) -> str:
+def pooled_line(task: Task) -> str:
     """What the global scores are: the global model's over all hospitals' validation rows at
     once, from their summed counts (not a mean of the hospitals' own; those are in history.json)."""
-    what = {"classification": "macro-F1", "ner": "entity P/R/F1"}.get(task, "scores")
-    rows = "sentences" if task == "ner" else "notes"
+    what = {"classification": "macro-F1", "ner": "entity P/R/F1"}.get(task.name, "scores")
+    rows = "sentences" if task.name == "ner" else "notes"
     return (
         f"{what}: the global model's over all hospitals' validation {rows} pooled "
         "(each hospital's own: history.json)."
@@ -210,7 +210,7 @@ def _status(row: dict) -> str:
 
 
 def save_plot(
-    rounds: list[dict], path: Path, task: str = "classification", dp_unit: str = "record"
+    rounds: list[dict], path: Path, task: Task = CLASSIFICATION, dp_unit: str = "record"
 ) -> Path:
     """`metrics.png`: global metrics per round (left) and epsilon per hospital (right)."""
     import matplotlib
@@ -227,7 +227,7 @@ def save_plot(
     return path
 
 
-def plot_figure(rounds: list[dict], task: str = "classification", dp_unit: str = "record"):
+def plot_figure(rounds: list[dict], task: Task = CLASSIFICATION, dp_unit: str = "record"):
     """The figure of `metrics.png`. Hospitals with the same epsilon every round share one line
     (`epsilon_lines`); hospital names are drawn as plain text; the unit wraps to fit."""
     import matplotlib.pyplot as plt
@@ -236,7 +236,7 @@ def plot_figure(rounds: list[dict], task: str = "classification", dp_unit: str =
 
     x = [row["round"] for row in rounds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = ("loss", *(key for key, _ in task_named(task).metric_columns))
+    keys = ("loss", *(key for key, _ in task.metric_columns))
     for key in keys:
         left.plot(
             x, [_nan(row["global"].get(key)) for row in rounds], marker="o", label=f"val {key}"
@@ -275,13 +275,13 @@ def _nan(value):
     return float("nan") if value is None else value
 
 
-def worth_joining_table(rounds: list[dict], task: str = "classification") -> Table | None:
+def worth_joining_table(rounds: list[dict], task: Task = CLASSIFICATION) -> Table | None:
     """Per hospital, on its own validation notes: *alone* (its notes only, no DP), *global*
     (the federation's model), *own* (the global model fitted at home) and own minus alone."""
     figures = worth_joining(rounds)
     if not figures:
         return None
-    metric = task_named(task).primary_metric.replace("_", "-")
+    metric = task.primary_metric.replace("_", "-")
     table = Table(
         title=f"fedward: worth joining ({metric} on each hospital's own validation notes)",
         header_style="bold",

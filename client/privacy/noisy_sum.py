@@ -117,7 +117,7 @@ def noisy_gradient_sum(
     std = local_noise_std(plan.noise_multiplier, dimension, privacy.noise_hospitals)
     check_noise_scale(std, privacy.noise_hospitals)
     check_no_wrap(len(members), dimension, std, hospitals=1000)
-    outside_id = _outside_tag_id(config)
+    outside_id = _outside_tag_id(config.spec.training, config.spec.task)
     outside = None if outside_id is None else (outside_id, config.spec.training.outside_tag_weight)
 
     from opacus import GradSampleModule  # public API: per-record gradients, nothing private

@@ -271,7 +271,7 @@ class Site:
 
     def record(
         self,
-        config: LocalRun,
+        privacy: PrivacySpec,
         run_id: str,
         server_round: int,
         result: TrainResult,
@@ -280,7 +280,6 @@ class Site:
         """Gate 3: ledger entry, kept update, audit record -- before the update leaves."""
         global_sha256 = wire.arrays_to_record(global_arrays).object_id
         lifetime = None
-        privacy = config.spec.privacy
         if result.plan is not None:
             entry = self.ledger().confirm(
                 str(run_id),

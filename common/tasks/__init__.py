@@ -235,3 +235,17 @@ def task_named(name: str) -> Task:
         raise ConfigError(
             f"field 'task': unknown task '{name}'; use one of {', '.join(TASKS)}"
         ) from None
+
+
+def recorded_task(record: dict) -> Task:
+    """The task a file fedward wrote names under `"task"` (an adapter's `fedward.json`, the
+    `config` of a run's `history.json`): the one place a task is looked up from a file, as
+    `TaskSpec.definition` is for a run config. `ConfigError` for a name fedward does not know.
+
+    Args:
+        record: The file's values, as read.
+
+    Returns:
+        The task object.
+    """
+    return task_named(str(record.get("task") or ""))

@@ -20,28 +20,25 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedward.common.errors import ConfigError
-from fedward.common.tasks import PATIENT_UNIT, task_named
+from fedward.common.tasks import PATIENT_UNIT, Task
 from fedward.server.dashboard.runs import hospital_names
 
 
-def metric_columns(task: str, rounds: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(key, title) of the task's headline metrics; for an unknown task, what the rows hold."""
-    try:
-        return list(task_named(task).metric_columns)
-    except ConfigError:  # an unknown or missing task name: show every global metric but loss
-        keys = sorted({key for row in rounds for key in row.get("global", {}) if key != "loss"})
-        return [(key, key) for key in keys]
+def metric_columns(task: Task | None, rounds: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, title) of the task's headline metrics; for an unknown task (None), what the rows
+    hold."""
+    if task is not None:
+        return list(task.metric_columns)
+    # an unknown or missing task name: show every global metric but loss
+    keys = sorted({key for row in rounds for key in row.get("global", {}) if key != "loss"})
+    return [(key, key) for key in keys]
 
 
-def privacy_unit(task: str, dp_unit: str | None = "record") -> str:
-    """What one unit of DP protects in this task and DP unit ('' for an unknown task)."""
+def privacy_unit(task: Task | None, dp_unit: str | None = "record") -> str:
+    """What one unit of DP protects in this task and DP unit ('' for an unknown task, None)."""
     if dp_unit == "patient":
         return PATIENT_UNIT
-    try:
-        return task_named(task).privacy_unit
-    except ConfigError:
-        return ""
+    return task.privacy_unit if task is not None else ""
 
 
 #: Markers cycled over the hospitals' lines, so that lines that cross or touch stay apart.
@@ -81,11 +78,11 @@ def epsilon_lines(series: dict[str, list[float]]) -> list[tuple[str, list[float]
     return lines
 
 
-def metrics_svg(rounds: list[dict[str, Any]], task: str) -> str:
+def metrics_svg(rounds: list[dict[str, Any]], task: Task | None) -> str:
     return _svg(metrics_figure(rounds, task))
 
 
-def metrics_figure(rounds: list[dict[str, Any]], task: str) -> Figure:
+def metrics_figure(rounds: list[dict[str, Any]], task: Task | None) -> Figure:
     figure = Figure(figsize=(6.4, 3.4))
     axis = figure.subplots()
     x = [row["round"] for row in rounds]

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedward.common.errors import DataError
+from fedward.common.errors import ConfigError, DataError
 from fedward.common.files import audit_log
+from fedward.common.tasks import Task, recorded_task
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class RunView:
     state: str = "unknown"  # finished | failed | in progress | not a run | unreadable
     run_id: str = ""
     task: str = ""
+    definition: Task | None = None  # the task `task` names; None for a name fedward lacks
     config: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     planned_rounds: int | None = None
@@ -191,6 +193,10 @@ def read_run(folder: RunFolder) -> RunView:
             if key in first["fields"]
         }
     view.task = str(view.config.get("task") or "")
+    try:
+        view.definition = recorded_task(view.config)
+    except ConfigError:  # an unknown or missing task name: the pages show what the rows hold
+        view.definition = None
     planned = view.config.get("rounds")
     view.planned_rounds = planned if isinstance(planned, int) else None
     view.state = _state(view, records)

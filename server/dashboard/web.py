@@ -126,11 +126,11 @@ def create_app(settings: DashboardSettings) -> Starlette:
         if folder is None:
             return page("missing.html", status_code=404, key=request.query_params.get("key", ""))
         view = runs.read_run(folder)
-        unit = plots.privacy_unit(view.task, view.config.get("dp_unit"))
+        unit = plots.privacy_unit(view.definition, view.config.get("dp_unit"))
         return page(
             "run.html",
             view=view,
-            columns=plots.metric_columns(view.task, view.rounds),
+            columns=plots.metric_columns(view.definition, view.rounds),
             names=runs.hospital_names(view.rounds),
             hospitals=hospital_states.hospital_states(view),
             joining=runs.worth_joining(view.rounds),
@@ -151,9 +151,9 @@ def create_app(settings: DashboardSettings) -> Starlette:
             return Response("no such chart", status_code=404, headers=SECURITY_HEADERS)
         view = runs.read_run(folder)
         if chart == "metrics":
-            svg = plots.metrics_svg(view.rounds, view.task)
+            svg = plots.metrics_svg(view.rounds, view.definition)
         else:
-            unit = plots.privacy_unit(view.task, view.config.get("dp_unit"))
+            unit = plots.privacy_unit(view.definition, view.config.get("dp_unit"))
             svg = plots.epsilon_svg(view.rounds, unit, view.run_epsilon)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
 

@@ -22,6 +22,7 @@ from fedward.common.model import (
     set_adapter_arrays,
     trainable_fraction,
 )
+from fedward.common.tasks import CLASSIFICATION
 
 LABELS = ["cold", "flu", "measles"]
 
@@ -157,7 +158,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
     assert meta["labels"] == LABELS and meta["task"] == "classification"
 
     torch.manual_seed(999)  # a different random head init must not matter: the head is saved
-    base = build_base("classification", config.spec.model.name, len(LABELS))
+    base = build_base(CLASSIFICATION, config.spec.model.name, len(LABELS))
     loaded = PeftModel.from_pretrained(base, str(folder))
     torch.testing.assert_close(_logits(loaded, tokenizer, texts), expected)
 

@@ -104,8 +104,8 @@ def test_encoding_maps_labels_to_ids_in_the_run_order(tokenizer):
 
 
 def test_each_task_puts_its_own_head_on_the_base_model(tiny_model_dir, tokenizer):
-    classifier = build_base("classification", tiny_model_dir, 4)
-    tagger = build_base("ner", tiny_model_dir, 5)
+    classifier = build_base(CLASSIFICATION, tiny_model_dir, 4)
+    tagger = build_base(NER, tiny_model_dir, 5)
     assert isinstance(classifier, MeanPoolClassifier)
     encoded = tokenizer(["fever and cough"], return_tensors="pt")
     with torch.no_grad():
@@ -117,9 +117,9 @@ def test_predictions_are_described_per_task(tiny_model_dir, tokenizer):
     labels = ["cardiac", "pulmonary"]
     with torch.no_grad():
         line = CLASSIFICATION.describe_prediction(
-            build_base("classification", tiny_model_dir, 2).eval(), tokenizer, labels, "pain", 16
+            build_base(CLASSIFICATION, tiny_model_dir, 2).eval(), tokenizer, labels, "pain", 16
         )
-        tagger = build_base("ner", tiny_model_dir, 3).eval()
+        tagger = build_base(NER, tiny_model_dir, 3).eval()
         empty = NER.describe_prediction(tagger, tokenizer, ["O", "B-X", "I-X"], "   ", 16)
     (best, other) = (item.rsplit(" ", 1) for item in line)  # top 3 of 2 labels: both
     assert best[0].strip() in labels and 0.5 <= float(best[1]) <= 1.0

@@ -300,12 +300,13 @@ def _rounds_of(tmp_path: Path) -> list[dict]:
 
 
 def test_the_charts_labels_fit_the_figure_and_the_metrics_axis_is_named(tmp_path):
+    from fedward.common.tasks import CLASSIFICATION
     from fedward.server.dashboard import plots
 
     rounds = _rounds_of(tmp_path)
-    metrics = plots.metrics_figure(rounds, "classification")
+    metrics = plots.metrics_figure(rounds, CLASSIFICATION)
     assert metrics.axes[0].get_ylabel()
-    figure = plots.epsilon_figure(rounds, plots.privacy_unit("classification", "patient"), 8.0)
+    figure = plots.epsilon_figure(rounds, plots.privacy_unit(CLASSIFICATION, "patient"), 8.0)
     label = figure.axes[0].yaxis.label
     assert "all of a patient's records" in label.get_text().replace("\n", " ")
     extent = label.get_window_extent(FigureCanvasAgg(figure).get_renderer())

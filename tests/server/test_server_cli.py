@@ -77,6 +77,7 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
     their figure was the mean of the hospitals' own, and the table says so."""
     from rich.console import Console
 
+    from fedward.common.tasks import CLASSIFICATION
     from fedward.server.cli import deployment_table, round_line
 
     def row(number: int, scores: dict) -> dict:
@@ -84,10 +85,10 @@ def test_a_resumed_runs_older_rows_mark_their_macro_f1_as_the_hospital_mean():
 
     older = row(1, {"accuracy": 0.7, "macro_f1": 0.61})
     newer = row(2, {"accuracy": 0.8, "macro_f1": 0.74, "hospital_mean_macro_f1": 0.69})
-    assert "macro_f1 0.610*" in round_line(older, "classification")
-    assert "macro_f1 0.740;" in round_line(newer, "classification")
+    assert "macro_f1 0.610*" in round_line(older, CLASSIFICATION)
+    assert "macro_f1 0.740;" in round_line(newer, CLASSIFICATION)
     console = Console(width=200, record=True)
-    console.print(deployment_table([older, newer], "classification"))
+    console.print(deployment_table([older, newer], CLASSIFICATION))
     text = console.export_text()
     assert "0.610*" in text and "0.740*" not in text
     assert "* macro_f1 recorded before fedward pooled the hospitals' counts" in text

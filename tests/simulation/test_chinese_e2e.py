@@ -17,6 +17,7 @@ from rich.console import Console
 
 from fedward.common.config import RunConfig
 from fedward.common.coverage import VocabularyError
+from fedward.common.tasks import NER
 from fedward.simulation.predict import predict_texts
 from fedward.simulation.report import round_table
 from fedward.simulation.runner import simulate
@@ -63,7 +64,7 @@ def test_one_dp_round_on_chinese_notes_with_per_type_metrics_and_coverage(
         for key in ("precision", "recall", "f1"):
             assert 0.0 <= row["global"][f"{key}_{entity_type}"] <= 1.0
     console = Console(width=200, record=True)
-    console.print(round_table(result.rounds, "ner"))
+    console.print(round_table(result.rounds, NER))
     report = console.export_text()
     assert "unknown to the model's vocabulary: hospital-0 " in report
     assert "entity F1 by type, round 1: body " in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from fedward.common.tasks import CLASSIFICATION, NER
 from fedward.simulation.report import round_table, save_plot
 
 
@@ -112,7 +113,7 @@ def test_round_table_for_ner_shows_entity_scores():
             "hospitals": {"hospital-0": {"trained": True, "epsilon": 1.0}},
         }
     ]
-    lines = _render(round_table(rounds, task="ner"))
+    lines = _render(round_table(rounds, task=NER))
     assert "entity F1" in "\n".join(lines)
     assert _row(lines, 1)[4:7] == ["0.500", "0.250", "0.333"]
 
@@ -128,14 +129,14 @@ def test_save_plot_writes_a_png_and_no_temporary_file(tmp_path):
 def test_save_plot_replaces_an_earlier_plot(tmp_path):
     path = tmp_path / "metrics.png"
     path.write_bytes(b"old")
-    save_plot(_rounds()[:1], path, task="classification")
+    save_plot(_rounds()[:1], path, task=CLASSIFICATION)
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
 def test_round_table_says_the_global_scores_are_over_all_hospitals_rows_pooled():
     text = " ".join(" ".join(_render(round_table(_rounds()))).split())
     assert "macro-F1: the global model's over all hospitals' validation notes pooled" in text
-    ner = " ".join(" ".join(_render(round_table(_rounds(), task="ner"))).split())
+    ner = " ".join(" ".join(_render(round_table(_rounds(), task=NER))).split())
     assert "entity P/R/F1: the global model's over all hospitals' validation sentences" in ner
 
 
@@ -180,7 +181,7 @@ def test_metrics_png_names_its_axes_fits_its_unit_and_merges_identical_hospitals
             "$\\notacommand$": {"trained": True, "epsilon": 1.0},
         }
     )
-    figure = plot_figure(rounds, "classification", "patient")
+    figure = plot_figure(rounds, CLASSIFICATION, "patient")
     left, right = figure.axes
     assert left.get_ylabel()
     label = right.yaxis.label

@@ -19,6 +19,7 @@ from fedward.client.privacy.accounting import compose_epsilon, plan_distributed
 from fedward.common.config import RunConfig
 from fedward.common.model import adapter_spec, build_base, build_model, get_adapter_arrays
 from fedward.common.secagg import quantization_bound
+from fedward.common.tasks import CLASSIFICATION
 from fedward.server.app import kept_round
 from fedward.simulation.hospitals import prepare_config
 from fedward.simulation.runner import simulate
@@ -50,7 +51,7 @@ def _load_with_peft(config: RunConfig, adapter_dir: Path) -> dict[str, np.ndarra
     from peft import PeftModel
 
     labels = json.loads((adapter_dir / "fedward.json").read_text(encoding="utf-8"))["labels"]
-    base = build_base("classification", config.spec.model.name, len(labels))
+    base = build_base(CLASSIFICATION, config.spec.model.name, len(labels))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     spec = adapter_spec(build_model(prepare_config(config).spec, len(labels)))
     parameters = dict(model.named_parameters())
