@@ -1,0 +1,74 @@
+"""How the own model's choice rule moves the worth-joining figures, from the candidates'
+predictions a worth-joining run logged (`python -m bench.worth_joining ... --evidence FILE`).
+
+Each hospital's own figure is recomputed exactly as `client/personalize.py` computes it (nested
+cross-validation over the same validation folds, `choose_own` with the same seeds), for each
+`--confidence`: the share of paired bootstrap resamples of the validation notes a candidate built
+on the global model must win against the alone model to replace it. Nothing is trained: the
+predictions are the logged ones.
+
+    python -m bench.own_choice /tmp/wj/evidence.jsonl --confidence 0.5 0.8 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from bench.worth_joining import SMALL
+from fedward.client.personalize import HomeRecipe, choose_own
+from fedward.common.tasks import task_named
+
+
+def own_figure(evidence: dict, confidence: float) -> float:
+    """The nested cross-validation figure of the own model under `confidence`."""
+    task = task_named("classification")
+    truth, predicted, folds = evidence["truth"], evidence["predicted"], evidence["folds"]
+    labels = [str(i) for i in range(1 + max(max(truth), *(max(p) for p in predicted.values())))]
+
+    def metric(indices: list[int], predictions: list) -> float:
+        true_ids = [truth[i] for i in indices]
+        pred_ids = [predictions[i] for i in indices]
+        return float(task.metrics(true_ids, pred_ids, labels)[task.primary_metric])
+
+    recipe = HomeRecipe(confidence=confidence)
+    everything = list(range(len(truth)))
+    own: list = [None] * len(truth)
+    for number, fold in enumerate(folds):
+        held = set(fold)
+        others = [i for i in everything if i not in held]
+        chosen = choose_own(predicted, others, metric, recipe, evidence["seed"] + 1 + number)
+        for i in fold:
+            own[i] = predicted[chosen][i]
+    return metric(everything, own) - metric(everything, predicted["alone"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evidence", type=Path)
+    parser.add_argument("--confidence", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.evidence.read_text(encoding="utf-8").splitlines()]
+    print("| federation | settings | confidence | mean own - alone | small hospitals | worst |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for confidence in args.confidence:
+        gains: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for row in rows:
+            key = (row["federation"], row["settings"])
+            gains[key][row["hospital"]].append(own_figure(row, confidence))
+        for (federation, settings), hospitals in sorted(gains.items()):
+            means = {h: statistics.mean(g) for h, g in hospitals.items()}
+            small = [means[h] for h in SMALL.get(federation, means)]
+            print(
+                f"| {federation} | {settings} | {confidence:g} | "
+                f"{100 * statistics.mean(means.values()):+.1f} pts | "
+                f"{100 * statistics.mean(small):+.1f} pts | "
+                f"{100 * min(means.values()):+.1f} pts |"
+            )
+
+
+if __name__ == "__main__":
+    main()
