@@ -73,8 +73,10 @@ class HomeRecipe:
     head_learning_rates: tuple[float, ...] = (3e-3, 1e-2)
     #: LoRA factors train at this fraction of the head's learning rate.
     lora_ratio: float = 0.1
-    #: Pulls towards the global weights tried for the own model (0: plain fine-tuning).
-    pulls: tuple[float, ...] = (0.0, 0.01, 0.1)
+    #: Pulls towards the global weights tried for the own model (0: plain fine-tuning). Pulls
+    #: 0.01 and 0.1 were measured not to add to 0 once the mixes are candidates, and each costs
+    #: four more fits (bench/results/worth_joining.md): the default tries plain fine-tuning.
+    pulls: tuple[float, ...] = (0.0,)
     #: Weights of the alone model in its mixes with the global one (`w * alone + (1 - w) *
     #: global`, tensor by tensor; for the default head-only model this is exactly the mean of
     #: the two models' logits, an ensemble in one adapter).
