@@ -26,10 +26,11 @@ from fedward.client.app import (
     own_model,
 )
 from fedward.client.model_cache import cached_model, initial_arrays
-from fedward.client.personalize import HomeRecipe, choose_own, home_folds
+from fedward.client.personalize import HomeRecipe, choose_own, home_folds, resample_scorer
 from fedward.common.data import Record
 from fedward.common.model import get_adapter_arrays
 from fedward.common.protocol import wire
+from fedward.common.tasks import task_named
 
 #: Small enough for a test, and still a real choice between candidates.
 RECIPE = HomeRecipe(
@@ -76,13 +77,6 @@ def test_a_useless_global_model_is_not_what_the_hospital_keeps(hospital):
     assert not all(np.array_equal(own[name], crafted[name]) for name in crafted)
 
 
-def _accuracy(truth: list[int]):
-    def metric(indices: list[int], predictions: list[int]) -> float:
-        return sum(truth[i] == predictions[i] for i in indices) / len(indices)
-
-    return metric
-
-
 @pytest.mark.parametrize(
     ("right", "kept"),
     [
@@ -99,7 +93,8 @@ def test_the_own_model_is_alone_unless_joining_clearly_pays_on_the_validation_no
     predicted = {name: [0] * count + [1] * (60 - count) for name, count in right.items()}
     for name in predicted:  # each candidate wrong on different notes, as real ones are
         predicted[name] = predicted[name][-len(name) :] + predicted[name][: -len(name)]
-    chosen = choose_own(predicted, list(range(60)), _accuracy(truth), HomeRecipe(), seed=0)
+    score = resample_scorer(task_named("classification"), truth, predicted, LABELS)
+    chosen = choose_own(list(predicted), list(range(60)), score, HomeRecipe(), seed=0)
     assert chosen == kept
 
 
