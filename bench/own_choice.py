@@ -19,7 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.worth_joining import SMALL
-from fedward.client.personalize import HomeRecipe, choose_own, resample_scorer
+from fedward.client.personalize import (
+    HomeRecipe,
+    choose_own,
+    nested_predictions,
+    resample_scorer,
+)
 from fedward.common.tasks import task_named
 
 
@@ -41,13 +46,7 @@ def own_figure(
     recipe = HomeRecipe(confidence=confidence)
     score = resample_scorer(task, truth, predicted, labels)
     everything = list(range(len(truth)))
-    own: list = [None] * len(truth)
-    for number, fold in enumerate(folds):
-        held = set(fold)
-        others = [i for i in everything if i not in held]
-        chosen = choose_own(list(predicted), others, score, recipe, evidence["seed"] + 1 + number)
-        for i in fold:
-            own[i] = predicted[chosen][i]
+    own = nested_predictions(predicted, folds, score, recipe, evidence["seed"])
     kept = choose_own(list(predicted), everything, score, recipe, evidence["seed"])
     return metric(everything, own) - metric(everything, predicted["alone"]), kept
 

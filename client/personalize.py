@@ -268,13 +268,7 @@ def personalize(
     kept = choose_own(list(predicted), every_validation, score, recipe, seed)
     # The own figure: each fold of the validation notes labelled by the candidate the other
     # folds choose (nested cross-validation), an unbiased figure for choosing by validation.
-    own_predictions: list = [None] * len(validation)
-    for number, fold in enumerate(validation_folds):
-        held = set(fold)
-        others = [i for i in every_validation if i not in held]
-        chosen = choose_own(list(predicted), others, score, recipe, seed + 1 + number)
-        for i in fold:
-            own_predictions[i] = predicted[chosen][i]
+    own_predictions = nested_predictions(predicted, validation_folds, score, recipe, seed)
     report = PersonalReport(
         task.primary_metric,
         selection["alone"],
@@ -347,6 +341,22 @@ def choose_own(
     once = np.bincount(np.asarray(indices), minlength=size)
     scores = {name: score(name, once) for name in clear}
     return max(clear, key=lambda name: (scores[name], name == "global"))
+
+
+def nested_predictions(
+    predicted: dict[str, list], folds: list[list[int]], score: Scorer, recipe: HomeRecipe, seed: int
+) -> list:
+    """The own model's predictions by nested cross-validation: each fold's notes labelled by
+    the candidate `choose_own` picks on the other folds (seed `seed + 1 + fold number`)."""
+    everything = sorted(i for fold in folds for i in fold)
+    own: list = [None] * len(everything)
+    for number, fold in enumerate(folds):
+        held = set(fold)
+        others = [i for i in everything if i not in held]
+        chosen = choose_own(list(predicted), others, score, recipe, seed + 1 + number)
+        for i in fold:
+            own[i] = predicted[chosen][i]
+    return own
 
 
 def resample_scorer(
