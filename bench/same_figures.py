@@ -1,0 +1,189 @@
+"""Behaviour unchanged, shown (issue 43): one seeded run without DP, its figures kept, and the
+same run after a refactor compared with them bit for bit.
+
+The run is a small `fedward simulate` (three hospitals of 120 notes, two rounds, each hospital's
+own model at the end, `--seed 1`, `--no-dp` so that no DP noise is drawn from the operating
+system), in two arms: `clear` (no secure aggregation) and `secagg` (SecAgg+ on). Its figures
+are every per-round metric in history.json, the run's settings, each hospital's own-model
+report, and a sha256 of every file the run saved as an adapter (the global one and each
+hospital's own).
+
+`--save` runs each arm twice on the base commit: what differs between the two runs of the same
+commit is kept as that arm's varying fields and left out of the comparison. Besides run ids,
+process ids, the output folder and timings (`VARYING`), that is everything downstream of the
+first secure sum in the `secagg` arm: SecAgg+ rounds each update's quantized coordinates
+stochastically with a generator seeded by the operating system (common/secagg/quantize.py), so
+only the first round's local training is deterministic there. The `clear` arm must have no
+varying field at all.
+
+    python -m bench.same_figures --save bench/results/same_figures.json    # on the base commit
+    python -m bench.same_figures --against bench/results/same_figures.json  # after the change
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+#: The run: small enough for a laptop's minute, and every mechanism a round has except DP noise.
+SIMULATE = [
+    "fedward",
+    "simulate",
+    "--no-dp",
+    "--rounds",
+    "2",
+    "--hospitals",
+    "3",
+    "--notes-per-hospital",
+    "120",
+    "--seed",
+    "1",
+]
+
+#: The two arms: secure aggregation off and on.
+ARMS = {"clear": "--no-secure-aggregation", "secagg": "--secure-aggregation"}
+
+#: Fields that differ between any two runs: ids, process ids, the output folder, timings.
+VARYING = {"run_id", "flower_run_id", "worker_pid", "out", "seconds"}
+
+
+def without_varying(value: object) -> object:
+    """`value` with every dict key in `VARYING` left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_varying(v) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, list):
+        return [without_varying(v) for v in value]
+    return value
+
+
+def file_bytes(path: Path) -> bytes:
+    """A saved file's bytes; PEFT's adapter_config.json with its `target_modules` sorted (PEFT
+    writes a set there, in an order that changes with each process's hash seed)."""
+    if path.name != "adapter_config.json":
+        return path.read_bytes()
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(content.get("target_modules"), list):
+        content["target_modules"] = sorted(content["target_modules"])
+    return json.dumps(content, sort_keys=True).encode()
+
+
+def adapter_digests(out: Path) -> dict[str, str]:
+    """sha256 of each file of the global adapter and of every hospital's own adapter."""
+    files = sorted([*(out / "adapter").iterdir(), *(out / "own").glob("*/*")])
+    return {
+        str(path.relative_to(out)): hashlib.sha256(file_bytes(path)).hexdigest()
+        for path in files
+        if path.is_file()
+    }
+
+
+def figures(out: Path) -> dict:
+    """The run's deterministic figures: history.json, own-model reports, adapter digests."""
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    reports = {
+        path.parent.name: json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted((out / "own").glob("*/report.json"))
+    }
+    return {
+        "history": without_varying(history),
+        "own_reports": reports,
+        "adapter_sha256": adapter_digests(out),
+    }
+
+
+def differences(before: object, after: object, where: str = "") -> list[str]:
+    """Every path at which `after` differs from `before` (exact equality, floats included)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = []
+        for key in sorted(set(before) | set(after)):
+            if key not in before or key not in after:
+                found.append(f"{where}/{key}: only in {'after' if key in after else 'before'}")
+            else:
+                found.extend(differences(before[key], after[key], f"{where}/{key}"))
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [
+            d
+            for i, (b, a) in enumerate(zip(before, after))
+            for d in differences(b, a, f"{where}/{i}")
+        ]
+    return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
+
+
+def summary(found: dict) -> list[str]:
+    """What a reader checks by eye: per-round loss and macro-F1, and the adapters' digests."""
+    lines = []
+    for row in found["history"]["rounds"]:
+        lines.append(
+            f"round {row['round']}: train_loss {row['train_loss']!r} "
+            f"val loss {row['global']['loss']!r} macro_f1 {row['global']['macro_f1']!r}"
+        )
+    for hospital, report in found["own_reports"].items():
+        lines.append(
+            f"{hospital}: alone {report['alone']} global {report['global']} own {report['own']}"
+        )
+    lines.extend(f"{name} {digest[:16]}" for name, digest in found["adapter_sha256"].items())
+    return lines
+
+
+def run_arm(arm: str, out: Path, run: bool = True) -> dict:
+    """Run `arm` into `out` (a fresh folder; `run` False: read it as an earlier run left it);
+    its figures."""
+    if run:
+        subprocess.run([*SIMULATE, ARMS[arm], "--out", str(out)], check=True, capture_output=True)
+    return json.loads(json.dumps(figures(out)))  # the same JSON round trip as a saved file
+
+
+def leaves(value: object) -> int:
+    """How many numbers and strings `value` holds: what a comparison compares."""
+    if isinstance(value, dict):
+        return sum(leaves(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(leaves(v) for v in value)
+    return 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="run into this folder (default: a temporary one)")
+    parser.add_argument("--save", type=Path, help="run twice, write the figures to this JSON file")
+    parser.add_argument("--against", type=Path, help="compare with figures saved by --save")
+    parser.add_argument("--no-run", action="store_true", help="read the runs left in --work")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="same-figures-"))
+    saved = {"figures": {}, "varying": {}}
+    changed_any = False
+    for arm in ARMS:
+        found = run_arm(arm, work / f"{arm}-1", not args.no_run)
+        print(f"--- {arm}\n" + "\n".join(summary(found)))
+        if args.save:
+            again = run_arm(arm, work / f"{arm}-2", not args.no_run)
+            varying = [line.split(":")[0] for line in differences(found, again)]
+            print(f"{arm}: {len(varying)} of {leaves(found)} figures differ between two runs")
+            saved["figures"][arm], saved["varying"][arm] = found, varying
+        if args.against:
+            before = json.loads(args.against.read_text(encoding="utf-8"))
+            varying = set(before["varying"][arm])
+            changed = [
+                line
+                for line in differences(before["figures"][arm], found)
+                if line.split(":")[0] not in varying
+            ]
+            compared = leaves(before["figures"][arm]) - len(varying)
+            print(
+                "\n".join(changed) or f"{arm}: {compared} figures bit-identical to {args.against}"
+            )
+            changed_any = changed_any or bool(changed)
+    if args.save:
+        args.save.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"figures saved to {args.save}")
+    sys.exit(1 if changed_any else 0)
+
+
+if __name__ == "__main__":
+    main()
