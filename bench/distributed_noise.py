@@ -57,7 +57,9 @@ def hospitals_of(values: dict):
         train, val, _ = _hospital_split(
             config.spec.task.definition, config.spec.training.seed, shared, number
         )
-        data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
+        data = with_run_labels(
+            HospitalData(f"hospital-{number}", list(train), list(val)), config.spec.task.labels
+        )
         hospitals.append(data)
     return config, hospitals
 
@@ -79,7 +81,10 @@ def run_arm(
     labels = config.spec.task.labels
     model = cached_model(config, len(labels))
     pad = tokenizer.pad_token_id
-    datasets = [encode(train, config, tokenizer) for train in trains]
+    per_patient = config.spec.privacy.per_patient
+    datasets = [
+        encode(train, config.spec.task, tokenizer, per_patient=per_patient) for train in trains
+    ]
     arrays = initial_arrays(config, len(labels))
     distributed = config.spec.privacy.noise == "distributed"
     plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
@@ -115,9 +120,7 @@ def run_arm(
     truth_all: list = []
     predicted_all: list = []
     for number, val in enumerate(vals):
-        validation = encode(
-            val, config.updated(dp=False, noise="local", noise_hospitals=1), tokenizer
-        )
+        validation = encode(val, config.spec.task, tokenizer, per_patient=False)
         _, truth, predicted = predict(model, validation, config, arrays, pad, f"hospital-{number}")
         truth_all += truth
         predicted_all += predicted

@@ -104,7 +104,11 @@ class FastFederation:
         started = time.monotonic()
         config = RunConfig.build({**values, "labels": self.labels}, source="bench")
         pad = self.tokenizer.pad_token_id
-        datasets = [encode(train, config, self.tokenizer) for train, _ in self.hospitals]
+        per_patient = config.spec.privacy.per_patient
+        datasets = [
+            encode(train, config.spec.task, self.tokenizer, per_patient=per_patient)
+            for train, _ in self.hospitals
+        ]
         privacy = config.spec.privacy
         plans = [plan_dp(config.spec, max(privacy_units(privacy, data), 1)) for data in datasets]
         histories: list[list] = [[] for _ in datasets]
@@ -128,7 +132,7 @@ class FastFederation:
         true_ids: list = []
         pred_ids: list = []
         for number, (_, val) in enumerate(self.hospitals):
-            validation = encode(val, config.updated(dp=False), self.tokenizer)
+            validation = encode(val, config.spec.task, self.tokenizer, per_patient=False)
             _, truth, predicted = predict(self.models[number], validation, config, arrays, pad)
             true_ids += truth
             pred_ids += predicted

@@ -117,7 +117,7 @@ def train_and_score(config: RunConfig, test: list) -> float:
     model = build_model(config.spec, len(config.spec.task.labels))
     metrics = evaluate(
         model,
-        encode(test, config, tokenizer),
+        encode(test, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient),
         config,
         result.arrays,
         tokenizer.pad_token_id,

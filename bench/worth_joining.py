@@ -90,9 +90,15 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
         train, val, _ = _hospital_split(
             config.spec.task.definition, config.spec.training.seed, shared, number
         )
-        data = with_run_labels(HospitalData(f"hospital-{number}", list(train), list(val)), config)
+        data = with_run_labels(
+            HospitalData(f"hospital-{number}", list(train), list(val)), config.spec.task.labels
+        )
         hospitals.append(data)
-    datasets = [encode(data.train, config, tokenizer) for data in hospitals]
+    per_patient = config.spec.privacy.per_patient
+    datasets = [
+        encode(data.train, config.spec.task, tokenizer, per_patient=per_patient)
+        for data in hospitals
+    ]
     plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
     histories: list[list] = [[] for _ in hospitals]
     arrays = initial_arrays(config, num_labels)
@@ -140,7 +146,7 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
     for number, data in enumerate(hospitals):
         started = time.monotonic()
         if global_only:
-            validation = encode(data.val, config, tokenizer)
+            validation = encode(data.val, config.spec.task, tokenizer, per_patient=per_patient)
             _, truth, predicted = predict(model, validation, config, arrays, tokenizer.pad_token_id)
             score = config.spec.task.definition.metrics(truth, predicted, config.spec.task.labels)
             figures = {"global": score[config.spec.task.definition.primary_metric]}

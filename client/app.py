@@ -42,7 +42,14 @@ from fedward.client.trainer import (
     predict,
     train_locally,
 )
-from fedward.common.config import LocalRun, PrivacySpec, RunSpec, SecAggSpec
+from fedward.common.config import (
+    DataSchema,
+    LocalRun,
+    PrivacySpec,
+    RunSpec,
+    SecAggSpec,
+    TaskSpec,
+)
 from fedward.common.coverage import check_vocabulary
 from fedward.common.data import EncodedDataset, patient_units
 from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
@@ -115,7 +122,7 @@ class HospitalSite(Protocol):
         """Before any record is read: may this evaluation be released? The config to use."""
 
     def release_evaluation(
-        self, config: LocalRun, run_id: str, server_round: int, predictions: Predictions
+        self, run_id: str, server_round: int, predictions: Predictions
     ) -> dict[str, float]:
         """The metrics that may leave, for predictions on the validation split."""
 
@@ -155,16 +162,16 @@ def hospital_name(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def encode(examples: list, config: LocalRun, tokenizer) -> EncodedDataset:
-    """Token ids and label ids for the run's task; under patient-level DP each encoded
-    example also carries its patient's number (`EncodedDataset.units`)."""
-    patient_level = config.spec.privacy.per_patient
-    return config.spec.task.definition.encode(
+def encode(examples: list, task: TaskSpec, tokenizer, *, per_patient: bool) -> EncodedDataset:
+    """Token ids and label ids for the run's task; under patient-level DP (`per_patient`, the
+    privacy group's) each encoded example also carries its patient's number
+    (`EncodedDataset.units`)."""
+    return task.definition.encode(
         examples,
-        config.spec.task.labels or [],
+        task.labels or [],
         tokenizer,
-        config.spec.task.max_length,
-        patient_units(examples) if patient_level else None,
+        task.max_length,
+        patient_units(examples) if per_patient else None,
     )
 
 
@@ -185,7 +192,7 @@ def example_labels(example) -> set[str]:
     return {example.label}
 
 
-def with_run_labels(data: HospitalData, config: LocalRun) -> HospitalData:
+def with_run_labels(data: HospitalData, labels: list[str] | None) -> HospitalData:
     """The examples whose labels the run lists; the others are left out, not refused.
 
     A refusal here would answer "does any record carry label X?" (a run listing [cardiac, X]
@@ -194,7 +201,7 @@ def with_run_labels(data: HospitalData, config: LocalRun) -> HospitalData:
     left-out ones is for this hospital's log only. A hospital that declares its labels in its
     policy (`labels`) has a run missing one of them refused before any record is read.
     """
-    known = set(config.spec.task.labels or [])
+    known = set(labels or [])
     train = [example for example in data.train if example_labels(example) <= known]
     val = [example for example in data.val if example_labels(example) <= known]
     left_out = len(data.train) + len(data.val) - len(train) - len(val)
@@ -208,13 +215,13 @@ def with_run_labels(data: HospitalData, config: LocalRun) -> HospitalData:
     return HospitalData(data.name, train, val, data.source)
 
 
-def check_data_vocabulary(data: HospitalData, config: LocalRun, tokenizer) -> float:
-    """The share of this hospital's text unknown to the model (`VocabularyError` above the
-    run's `max_unknown_rate`; common/coverage.py)."""
+def check_data_vocabulary(
+    data: HospitalData, tokenizer, model_name: str, max_unknown_rate: float
+) -> float:
+    """The share of this hospital's text unknown to the model `model_name` (`VocabularyError`
+    above the run's `max_unknown_rate`; common/coverage.py)."""
     examples = [*data.train, *data.val]
-    return check_vocabulary(
-        tokenizer, examples, config.spec.model.name, config.spec.task.max_unknown_rate
-    )
+    return check_vocabulary(tokenizer, examples, model_name, max_unknown_rate)
 
 
 def log_progress(msg: Message, context: Context) -> Progress:
@@ -257,20 +264,25 @@ def handle_train(
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
         if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
-            secagg = _advertise_keys(msg, context, run_id, server_round, site, config)
+            secagg = _advertise_keys(msg, context, run_id, server_round, site, config.spec.privacy)
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.spec.model.name)
             model = cached_model(config, len(config.spec.task.labels or []))
-            data = with_run_labels(load_data(config, context), config)
+            data = with_run_labels(load_data(config, context), config.spec.task.labels)
             history = site.run_history(run_id, server_round)
             progress = open_progress(msg, context)
             progress("encoding")
             # Encoded before the gate so that the gate plans on what is trained (NER cuts long
             # sentences; patient-level DP counts patients); encoding refuses nothing (records
             # with labels the run does not list are already left out).
-            dataset = encode(data.train, config, tokenizer)
+            dataset = encode(
+                data.train, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
+            )
             plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
-            coverage = {"unknown-rate": check_data_vocabulary(data, config, tokenizer)}
+            unknown = check_data_vocabulary(
+                data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
+            )
+            coverage = {"unknown-rate": unknown}
             train = distributed_update if distributed(config.spec.privacy) else train_locally
             result = train(
                 model,
@@ -399,7 +411,9 @@ def distributed(privacy: PrivacySpec) -> bool:
     return privacy.dp and privacy.noise == "distributed"
 
 
-def secure_round_terms(identity: SecAggIdentity, config: LocalRun) -> tuple[SecAggIdentity, str]:
+def secure_round_terms(
+    identity: SecAggIdentity, privacy: PrivacySpec
+) -> tuple[SecAggIdentity, str]:
     """The identity a secure round runs with and the encoding of its vectors, from this
     hospital's own admitted config (never from the coordinator's request).
 
@@ -407,16 +421,16 @@ def secure_round_terms(identity: SecAggIdentity, config: LocalRun) -> tuple[SecA
     cohort it is unmasked in must hold at least t hospitals, itself included, whatever its
     policy's own minimum: the session refuses a smaller one at every stage, and after the masked
     upload it signs and reveals nothing (`secagg.cohort_too_small`)."""
-    if not distributed(config.spec.privacy):
+    if not distributed(privacy):
         return identity, WEIGHTED
-    trusted = config.spec.privacy.noise_hospitals
+    trusted = privacy.noise_hospitals
     return replace(identity, min_hospitals=max(identity.min_hospitals, trusted)), INTEGER
 
 
 def _advertise_keys(
-    msg, context, run_id, server_round, site: HospitalSite, config: LocalRun
+    msg, context, run_id, server_round, site: HospitalSite, privacy: PrivacySpec
 ) -> ConfigRecord:
-    identity, encoding = secure_round_terms(site.secagg_identity(), config)
+    identity, encoding = secure_round_terms(site.secagg_identity(), privacy)
     session = SecAggClientSession(context.node_id, run_id, server_round, identity, encoding)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
     context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
@@ -453,15 +467,19 @@ def handle_evaluate(
         config = site.admit_evaluation(spec, run_id, server_round)
         tokenizer = cached_tokenizer(config.spec.model.name)
         model = cached_model(config, len(config.spec.task.labels or []))
-        data = with_run_labels(load_data(config, context), config)
-        share = check_data_vocabulary(data, config, tokenizer)
-        dataset = encode(data.val, config, tokenizer)
+        data = with_run_labels(load_data(config, context), config.spec.task.labels)
+        share = check_data_vocabulary(
+            data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
+        )
+        dataset = encode(
+            data.val, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
+        )
         loss, true_ids, pred_ids = predict(
             model, dataset, config, arrays, tokenizer.pad_token_id, who=name
         )
         labels = list(config.spec.task.labels or [])
         predictions = Predictions(config.spec.task.definition, loss, true_ids, pred_ids, labels)
-        metrics = site.release_evaluation(config, run_id, server_round, predictions)
+        metrics = site.release_evaluation(run_id, server_round, predictions)
         if site.releases_exact_metrics:
             metrics["unknown-rate"] = share
             metrics.update(personal)  # simulation only: alone / global / own, not DP
@@ -499,7 +517,7 @@ def keep_own_model(
         config = site.check_policy(spec)  # the hospital's own rules first, before any record
         if not config.local.own_model:
             return {}
-        data = with_run_labels(load_data(config, context), config)
+        data = with_run_labels(load_data(config, context), config.spec.task.labels)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         own, report = own_model(data, config, arrays)
         site.keep_own_model(config, run_id, own, report)
@@ -528,11 +546,20 @@ def own_model(
     recipe = recipe or HomeRecipe()
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
     seed = config.spec.training.seed
+    per_patient = config.spec.privacy.per_patient
     train, folds = _encoded_in_folds(
-        data.train, home_folds(data.train, recipe.folds, seed), config, tokenizer
+        data.train,
+        home_folds(data.train, recipe.folds, seed),
+        config.spec.task,
+        tokenizer,
+        per_patient,
     )
     validation, validation_folds = _encoded_in_folds(
-        data.val, home_folds(data.val, recipe.validation_folds, seed), config, tokenizer
+        data.val,
+        home_folds(data.val, recipe.validation_folds, seed),
+        config.spec.task,
+        tokenizer,
+        per_patient,
     )
     return personalize(
         model,
@@ -551,19 +578,22 @@ def own_model(
 
 
 def _encoded_in_folds(
-    examples: list, folds: list[list[int]], config: LocalRun, tokenizer
+    examples: list, folds: list[list[int]], task: TaskSpec, tokenizer, per_patient: bool
 ) -> tuple[EncodedDataset, list[list[int]]]:
     """`examples` encoded, and the positions of each fold among the encoded examples: the
     same where encoding keeps one example per example (the order training encoded them in),
     else (NER cuts long sentences) encoded fold after fold."""
-    encoded = encode(examples, config, tokenizer)
+    encoded = encode(examples, task, tokenizer, per_patient=per_patient)
     if len(encoded) == len(examples):
         return encoded, folds
     ordered = [examples[i] for fold in folds for i in fold]
-    sizes = [len(encode([examples[i] for i in fold], config, tokenizer)) for fold in folds]
+    sizes = [
+        len(encode([examples[i] for i in fold], task, tokenizer, per_patient=per_patient))
+        for fold in folds
+    ]
     starts = [int(n) for n in np.cumsum([0, *sizes])]
     folded = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
-    return encode(ordered, config, tokenizer), folded
+    return encode(ordered, task, tokenizer, per_patient=per_patient), folded
 
 
 def open_site(context: Context) -> Site:
@@ -615,17 +645,25 @@ def load_site_data(config: LocalRun, context: Context) -> HospitalData:
             "this node has no 'data-path' in its node config; start it with "
             "`fedward client start --data PATH`"
         )
-    return read_hospital_file(Path(str(path)), config, hospital_name(context))
+    return read_hospital_file(
+        Path(str(path)),
+        config.spec.task,
+        config.data_schema,
+        config.spec.training.seed,
+        hospital_name(context),
+    )
 
 
-def read_hospital_file(path: Path, config: LocalRun, name: str) -> HospitalData:
-    """Read and split a hospital's own data file for the run's task."""
-    task = config.spec.task.definition
-    schema = config.data_schema
-    examples = task.read(
+def read_hospital_file(
+    path: Path, task: TaskSpec, schema: DataSchema, seed: int, name: str
+) -> HospitalData:
+    """Read and split a hospital's own data file for the run's task, its columns as `schema`
+    names them, the split drawn from the run's `seed`."""
+    definition = task.definition
+    examples = definition.read(
         path, schema.text_column, schema.label_column, patient_column=schema.patient_column
     )
-    train, val = task.split(examples, config.data_schema.val_fraction, config.spec.training.seed)
+    train, val = definition.split(examples, schema.val_fraction, seed)
     return HospitalData(name, train, val, str(path))
 
 

@@ -229,7 +229,7 @@ def personalize_command(
     )
     config = LocalRun(spec=spec, local=LocalSettings.build({"device": device}), data_schema=schema)
     name = data.stem
-    records = read_hospital_file(data, config, name)
+    records = read_hospital_file(data, spec.task, schema, spec.training.seed, name)
     # the tensors a run's adapter travels with, by the names this setup's model gives them
     names = get_adapter_arrays(cached_model(config, len(meta["labels"]))).keys()
     parameters = dict(loaded.named_parameters())

@@ -516,7 +516,13 @@ def keep_at_home(
     model = cached_model(config, len(config.spec.task.labels or []))
     set_adapter_arrays(model, arrays)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    save_adapter(model, folder / "adapter", list(config.spec.task.labels or []), config)
+    save_adapter(
+        model,
+        folder / "adapter",
+        list(config.spec.task.labels or []),
+        config.spec.task,
+        config.spec.model,
+    )
     for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
         path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
     write_json_atomic(folder / "report.json", {"hospital": hospital, **report.as_dict()})

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedward.common.config import PACKAGED_MODEL, LocalRun, ModelSpec, RunSpec, TaskSpec
+from fedward.common.config import PACKAGED_MODEL, ModelSpec, RunSpec, TaskSpec
 from fedward.common.errors import ModelError
 from fedward.common.files.atomic import replace_dir_atomic, temp_dir_next_to
 from fedward.common.tasks import Task, recorded_task
@@ -129,7 +129,7 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
         # frozen below (head-only: all LoRA factors; FFA-LoRA: A) keeps the adapter's values.
         adapter_base = read_adapter_meta(model_spec.init_adapter).get("model", "")
         same_base = resolve_model_path(str(adapter_base)) == resolve_model_path(model_spec.name)
-        mapping = start_from_adapter(model, spec, same_base)
+        mapping = start_from_adapter(model, spec.model, spec.task, same_base)
         log.info("started from adapter %s: %s", model_spec.init_adapter, mapping.describe())
     # FFA-LoRA freezes the A factors, head-only both: B starts at zero (or at the starting
     # adapter's values), so the frozen factors are the same on every side and never travel.
@@ -424,7 +424,11 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) ->
 
 
 def save_adapter(
-    model: torch.nn.Module, out_dir: str | Path, labels: list[str], config: LocalRun
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    labels: list[str],
+    task: TaskSpec,
+    model_spec: ModelSpec,
 ) -> Path:
     """Save the adapter with PEFT's `save_pretrained` plus label map; swap in atomically.
 
@@ -438,18 +442,18 @@ def save_adapter(
     try:
         model.save_pretrained(staging)
         meta = {
-            "task": config.spec.task.name,
-            "model": config.spec.model.name,
+            "task": task.name,
+            "model": model_spec.name,
             "labels": labels,
-            "lora_variant": config.spec.model.lora_variant,
+            "lora_variant": model_spec.lora_variant,
             # The modules LoRA adapts, as found for the base model's architecture when the run
             # spec says "auto" (PEFT's adapter_config.json holds the same for loading).
             "lora_target_modules": sorted(_peft_config(model).target_modules or []),
-            "lora_layers": config.spec.model.lora_layers,
-            "max_length": config.spec.task.max_length,
+            "lora_layers": model_spec.lora_layers,
+            "max_length": task.max_length,
         }
-        if config.spec.model.init_adapter:
-            meta["init_adapter"] = starting_adapter_record(config.spec.model, config.spec.task)
+        if model_spec.init_adapter:
+            meta["init_adapter"] = starting_adapter_record(model_spec, task)
         (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for path in staging.iterdir():
             path.chmod(0o644)

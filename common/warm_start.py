@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fedward.common.config import RunSpec
+from fedward.common.config import ModelSpec, TaskSpec
 from fedward.common.errors import ModelError
 from fedward.common.files.digest import content_sha256
 
@@ -131,13 +131,16 @@ def read_adapter_meta(path: str | Path) -> dict:
     return meta
 
 
-def start_from_adapter(model: torch.nn.Module, spec: RunSpec, same_base: bool) -> LabelMapping:
-    """Load the starting adapter `spec.model.init_adapter` into `model` (built fresh from the
+def start_from_adapter(
+    model: torch.nn.Module, model_spec: ModelSpec, task: TaskSpec, same_base: bool
+) -> LabelMapping:
+    """Load the starting adapter `model_spec.init_adapter` into `model` (built fresh from the
     seed by `build_model`), its head rows matched to the run's labels by name.
 
     Args:
         model: The fresh PEFT model of the run.
-        spec: The run spec: task, labels and the adapter's path.
+        model_spec: The run's model group: the adapter's path, the base model, LoRA's alpha.
+        task: The run's task group: its name and labels.
         same_base: Whether the adapter's base model (its `fedward.json`) is the run's.
 
     Returns:
@@ -151,33 +154,10 @@ def start_from_adapter(model: torch.nn.Module, spec: RunSpec, same_base: bool) -
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(str(spec.model.init_adapter))
+    folder = Path(str(model_spec.init_adapter))
     adapter_content_hash(folder)  # the same check: a fedward adapter folder
     meta = read_adapter_meta(folder)
-    if meta.get("task") != spec.task.name:
-        raise ModelError(
-            f"field 'init_adapter': {folder} was trained for {meta.get('task')!r}, the run is "
-            f"{spec.task.name!r}"
-        )
-    if not same_base:
-        raise ModelError(
-            f"field 'init_adapter': {folder} was trained on base model {meta.get('model')!r}, "
-            f"the run's is {spec.model.name!r}; start from an adapter of the same base model"
-        )
-    try:
-        alpha = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))[
-            "lora_alpha"
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ModelError(
-            f"field 'init_adapter': {folder}: adapter_config.json is missing or has no lora_alpha"
-        ) from None
-    if float(alpha) != spec.model.lora_alpha:
-        # the same factors under another alpha are another model (scale = alpha / r)
-        raise ModelError(
-            f"field 'init_adapter': {folder} was trained with lora_alpha {alpha}, the run's is "
-            f"{spec.model.lora_alpha:g}; set lora_alpha = {alpha}"
-        )
+    _check_adapter_fits_run(folder, meta, model_spec, task, same_base)
     saved = load_file(str(folder / ADAPTER_WEIGHTS))
     fresh = get_peft_model_state_dict(model)
     missing = sorted(set(fresh) - set(saved))
@@ -190,30 +170,76 @@ def start_from_adapter(model: torch.nn.Module, spec: RunSpec, same_base: bool) -
             f"{meta.get('lora_target_modules')})"
         )
     adapter_labels: list[str] = meta["labels"]
-    run_labels = list(spec.task.labels or [])
+    run_labels = list(task.labels or [])
     mapping = label_mapping(adapter_labels, run_labels)
-    state = {}
-    for name, tensor in fresh.items():
-        loaded = saved[name]
-        if name.endswith(LABEL_ROWS):
-            if loaded.shape[0] != len(adapter_labels) or loaded.shape[1:] != tensor.shape[1:]:
-                raise ModelError(
-                    f"field 'init_adapter': {folder}: head tensor {name} has "
-                    f"{loaded.shape[0]} rows for {len(adapter_labels)} labels; refused"
-                )
-            rows = tensor.detach().clone()
-            for index, label in enumerate(run_labels):
-                if label in mapping.kept:
-                    rows[index] = loaded[adapter_labels.index(label)]
-            loaded = rows
-        elif loaded.shape != tensor.shape:
-            raise ModelError(
-                f"field 'init_adapter': {folder}: tensor {name} has shape {tuple(loaded.shape)}, "
-                f"the run's is {tuple(tensor.shape)} (lora_rank or the base model differ)"
-            )
-        state[name] = loaded.to(tensor.dtype)
+    state = {
+        name: _starting_tensor(
+            folder, name, saved[name], tensor, adapter_labels, run_labels, mapping
+        )
+        for name, tensor in fresh.items()
+    }
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"field 'init_adapter': {folder}: tensors not loaded: {unexpected[:3]}")
     return mapping
+
+
+def _check_adapter_fits_run(
+    folder: Path, meta: dict, model_spec: ModelSpec, task: TaskSpec, same_base: bool
+) -> None:
+    """Refuse a starting adapter of another task, another base model or another LoRA alpha."""
+    if meta.get("task") != task.name:
+        raise ModelError(
+            f"field 'init_adapter': {folder} was trained for {meta.get('task')!r}, the run is "
+            f"{task.name!r}"
+        )
+    if not same_base:
+        raise ModelError(
+            f"field 'init_adapter': {folder} was trained on base model {meta.get('model')!r}, "
+            f"the run's is {model_spec.name!r}; start from an adapter of the same base model"
+        )
+    try:
+        alpha = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))[
+            "lora_alpha"
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(
+            f"field 'init_adapter': {folder}: adapter_config.json is missing or has no lora_alpha"
+        ) from None
+    if float(alpha) != model_spec.lora_alpha:
+        # the same factors under another alpha are another model (scale = alpha / r)
+        raise ModelError(
+            f"field 'init_adapter': {folder} was trained with lora_alpha {alpha}, the run's is "
+            f"{model_spec.lora_alpha:g}; set lora_alpha = {alpha}"
+        )
+
+
+def _starting_tensor(
+    folder: Path,
+    name: str,
+    loaded: torch.Tensor,
+    tensor: torch.Tensor,
+    adapter_labels: list[str],
+    run_labels: list[str],
+    mapping: LabelMapping,
+) -> torch.Tensor:
+    """The starting value of the fresh tensor `name`: the adapter's `loaded` one, a head's rows
+    matched to the run's labels by name (a label the adapter lacks keeps its fresh row)."""
+    if name.endswith(LABEL_ROWS):
+        if loaded.shape[0] != len(adapter_labels) or loaded.shape[1:] != tensor.shape[1:]:
+            raise ModelError(
+                f"field 'init_adapter': {folder}: head tensor {name} has "
+                f"{loaded.shape[0]} rows for {len(adapter_labels)} labels; refused"
+            )
+        rows = tensor.detach().clone()
+        for index, label in enumerate(run_labels):
+            if label in mapping.kept:
+                rows[index] = loaded[adapter_labels.index(label)]
+        loaded = rows
+    elif loaded.shape != tensor.shape:
+        raise ModelError(
+            f"field 'init_adapter': {folder}: tensor {name} has shape {tuple(loaded.shape)}, "
+            f"the run's is {tuple(tensor.shape)} (lora_rank or the base model differ)"
+        )
+    return loaded.to(tensor.dtype)

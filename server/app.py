@@ -143,7 +143,9 @@ def run_federation(
         )
         if kept == server_round:  # else <out>/adapter keeps the earlier, better round's
             set_adapter_arrays(model, arrays)
-            save_adapter(model, out / "adapter", config.spec.task.labels, config)
+            save_adapter(
+                model, out / "adapter", config.spec.task.labels, config.spec.task, config.spec.model
+            )
         result.kept_round = kept
         write_history(out, config, fedward_run_id, result.rounds, str(run_id), first_round)
         audit.append(

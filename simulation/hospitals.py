@@ -74,7 +74,7 @@ class SimulatedSite:
     def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> RunConfig:
         return self.check_policy(spec)
 
-    def release_evaluation(self, config, run_id, server_round, predictions) -> dict[str, float]:
+    def release_evaluation(self, run_id, server_round, predictions) -> dict[str, float]:
         return exact_metrics(predictions)
 
     def keep_own_model(self, config, run_id: str, arrays: dict, report: PersonalReport) -> None:
@@ -84,7 +84,9 @@ class SimulatedSite:
         model = cached_model(config, len(config.spec.task.labels or []))
         set_adapter_arrays(model, arrays)
         folder = Path(config.local.out) / OWN_FOLDER / name
-        save_adapter(model, folder, list(config.spec.task.labels or []), config)
+        save_adapter(
+            model, folder, list(config.spec.task.labels or []), config.spec.task, config.spec.model
+        )
         write_json_atomic(folder / "report.json", {"hospital": name, **report.as_dict()})
 
     def secagg_identity(self) -> SecAggIdentity:

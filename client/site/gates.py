@@ -350,7 +350,7 @@ class Site:
         return config
 
     def release_evaluation(
-        self, config: LocalRun, run_id: str, server_round: int, predictions: Predictions
+        self, run_id: str, server_round: int, predictions: Predictions
     ) -> dict[str, float]:
         """Confirm the charge made at admission, then noise the counts: the metrics that may
         leave (Gaussian mechanism at the policy's evaluation_epsilon and max_delta,

@@ -34,7 +34,13 @@ PLAN = DPPlan(noise_multiplier=1.1, sample_rate=0.2, steps=15)
 def adapter_dir(tmp_path_factory, tiny_model_dir):
     config = RunConfig(model=tiny_model_dir, labels=LABELS, hospitals=2)
     model = build_model(config.spec, len(LABELS))
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", LABELS, config)
+    return save_adapter(
+        model,
+        tmp_path_factory.mktemp("adapter") / "adapter",
+        LABELS,
+        config.spec.task,
+        config.spec.model,
+    )
 
 
 @pytest.fixture

@@ -55,7 +55,13 @@ def test_hospital_it_fits_its_own_model_from_a_global_adapter_afterwards(tmp_pat
 
     labels = ["cardiac", "respiratory"]
     config = RunConfig(model=tiny_model_dir, labels=labels, max_length=32, device="cpu")
-    save_adapter(build_model(config.spec, 2), tmp_path / "global", labels, config)
+    save_adapter(
+        build_model(config.spec, 2),
+        tmp_path / "global",
+        labels,
+        config.spec.task,
+        config.spec.model,
+    )
     words = {"cardiac": "chest pain and troponin rise", "respiratory": "cough and crackles"}
     lines = ["text,label,patient"]
     lines += [f"note {i}: {words[labels[i % 2]]},{labels[i % 2]},p{i // 2}" for i in range(80)]

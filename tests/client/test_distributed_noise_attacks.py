@@ -87,7 +87,7 @@ def federation(count: int, spec: RunSpec, site_minimum: int = 2):
     for node, number in zip(ids, range(count), strict=True):
         simulated = SecAggIdentity.simulated(number, count)
         identity = SecAggIdentity(simulated.signing_key, simulated.roster, site_minimum)
-        identity, encoding = secure_round_terms(identity, config)
+        identity, encoding = secure_round_terms(identity, config.spec.privacy)
         clients[node] = SecAggClientSession(node, RUN, 1, identity, encoding)
     server = SecAggServerSession(RUN, 1, ids, 6, encoding=INTEGER)
     return ids, clients, server

@@ -14,7 +14,6 @@ from site_fixtures import LABELS, hospital_node_config, run_config, write_notes,
 
 from fedward.client.app import handle_train, load_site_data, open_site
 from fedward.client.privacy.ledger import PrivacyLedger
-from fedward.common.config import LocalRun
 from fedward.common.model import build_model, get_adapter_arrays, save_adapter
 from fedward.common.protocol import wire
 from fedward.common.protocol.reasons import Reason
@@ -34,7 +33,9 @@ def hospital(tmp_path, tiny_model_dir):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.25)
-    adapter = save_adapter(model, tmp_path / "public-adapter", LABELS, LocalRun(spec=public.spec))
+    adapter = save_adapter(
+        model, tmp_path / "public-adapter", LABELS, public.spec.task, public.spec.model
+    )
     node_config = hospital_node_config(data, tmp_path / "policy.toml", tmp_path)
     config = run_config(tiny_model_dir, rounds=2).updated(
         lora_variant="lora", init_adapter=str(adapter)

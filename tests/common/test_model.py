@@ -153,7 +153,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
     texts = ["fever and cough for three days", "itchy red spots"]
     expected = _logits(model, tokenizer, texts)
 
-    folder = save_adapter(model, tmp_path / "adapter", LABELS, config)
+    folder = save_adapter(model, tmp_path / "adapter", LABELS, config.spec.task, config.spec.model)
     meta = json.loads((folder / ADAPTER_META).read_text(encoding="utf-8"))
     assert meta["labels"] == LABELS and meta["task"] == "classification"
 
@@ -169,7 +169,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(config, tmp_pat
 
 def test_a_failing_save_leaves_the_previous_adapter_intact(config, tmp_path, monkeypatch):
     model = build_model(config.spec, len(LABELS))
-    target = save_adapter(model, tmp_path / "adapter", LABELS, config)
+    target = save_adapter(model, tmp_path / "adapter", LABELS, config.spec.task, config.spec.model)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     set_adapter_arrays(model, _perturbed(get_adapter_arrays(model)))
@@ -180,7 +180,7 @@ def test_a_failing_save_leaves_the_previous_adapter_intact(config, tmp_path, mon
 
     monkeypatch.setattr(model, "save_pretrained", half_written_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        save_adapter(model, target, LABELS, config)
+        save_adapter(model, target, LABELS, config.spec.task, config.spec.model)
     after = {p.name: p.read_bytes() for p in target.iterdir()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left

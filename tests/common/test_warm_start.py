@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedward.common.config import LocalRun, RunSpec
+from fedward.common.config import RunSpec
 from fedward.common.errors import ModelError
 from fedward.common.model import build_model, get_adapter_arrays, save_adapter
 from fedward.common.warm_start import adapter_content_hash, label_mapping
@@ -38,7 +38,7 @@ def public_adapter(tiny_model_dir, tmp_path) -> Path:
         for index, (_, parameter) in enumerate(model.named_parameters()):
             if parameter.requires_grad:
                 parameter.add_(0.5 + index)
-    return save_adapter(model, tmp_path / "public", PUBLIC_LABELS, LocalRun(spec=spec))
+    return save_adapter(model, tmp_path / "public", PUBLIC_LABELS, spec.task, spec.model)
 
 
 def _head(model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,9 @@ def test_a_hospital_file_splits_alike_in_deployment_and_in_simulation(task, tmp_
         task=task, data=str(path), hospitals=1, min_hospitals=1, partition="blocks", seed=5
     )
 
-    deployed = read_hospital_file(Path(path), config, "hospital-0")
+    deployed = read_hospital_file(
+        Path(path), config.spec.task, config.data_schema, config.spec.training.seed, "hospital-0"
+    )
     simulated = simulated_data(config, _Context(0))
 
     assert (simulated.train, simulated.val) == (deployed.train, deployed.val)

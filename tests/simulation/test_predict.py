@@ -24,7 +24,9 @@ LABEL_LINE = re.compile(r"^  (\S.*?) {2,}(\d\.\d{3})$")
 
 def _adapter(model_dir: str, folder: Path, task: str, labels: list[str]) -> Path:
     config = RunConfig(task=task, model=model_dir, labels=labels, max_length=32)
-    return save_adapter(build_model(config.spec, len(labels)), folder, labels, config)
+    return save_adapter(
+        build_model(config.spec, len(labels)), folder, labels, config.spec.task, config.spec.model
+    )
 
 
 @pytest.fixture(scope="module")
