@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedward.common.config import RunConfig
+from fedward.common.config import PrivacySpec, RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.files.atomic import write_json_atomic
 from fedward.common.files.audit_log import AuditLog
@@ -130,7 +130,9 @@ def run_federation(
                 timeout=config.local.round_timeout,
             ),
         )
-        row = history_row(server_round, outcome, evaluation, config, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        secure = config.spec.secagg.secure_aggregation
+        row = history_row(server_round, outcome, evaluation, config.spec.privacy, secure, seconds)
         result.rounds.append(row)
         result.arrays = arrays
         checkpoint_sha256 = save_checkpoint(
@@ -191,7 +193,9 @@ def evaluate_only(
         ),
     )
     outcome = TrainOutcome(arrays=None, status=EVALUATED)
-    row = history_row(0, outcome, evaluation, config, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    secure = config.spec.secagg.secure_aggregation
+    row = history_row(0, outcome, evaluation, config.spec.privacy, secure, seconds)
     result.rounds.append(row)
     write_history(result.out, config, result.run_id, result.rounds, flower_run_id, 0)
     audit.append(
@@ -320,8 +324,11 @@ def round_audit_fields(row: dict, run_id: str, checkpoint_sha256: str, adapter_s
     }
 
 
-def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: float) -> dict:
-    """One round of `history.json`: global metrics, per-hospital metrics and epsilon."""
+def history_row(
+    server_round, outcome, evaluation, privacy: PrivacySpec, secure: bool, seconds: float
+) -> dict:
+    """One round of `history.json`: global metrics, per-hospital metrics and epsilon (in the
+    privacy group's unit); `secure`: whether the round's updates were securely aggregated."""
     hospitals: dict[str, dict] = {}
     for name, metrics in sorted(evaluation.hospitals.items()):
         hospitals.setdefault(name, {}).update(
@@ -335,8 +342,8 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
         if "train_loss" in metrics:  # simulation only
             entry["train_loss"] = finite_or_none(metrics["train_loss"])
         entry["epsilon"] = finite_or_none(metrics.get("epsilon"))
-        if config.spec.privacy.dp:
-            entry["dp_unit"] = config.spec.privacy.dp_unit  # what that epsilon protects
+        if privacy.dp:
+            entry["dp_unit"] = privacy.dp_unit  # what that epsilon protects
         # simulation only, when present: diagnostics, and the most records of one patient
         for key in ("worker_pid", "model_loads", "largest_patient"):
             if key in metrics:
@@ -348,7 +355,7 @@ def history_row(server_round, outcome, evaluation, config: RunConfig, seconds: f
     return {
         "round": server_round,
         "status": outcome.status,
-        "secure_aggregation": config.spec.secagg.secure_aggregation,
+        "secure_aggregation": secure,
         "train_loss": finite_or_none(outcome.train_loss),
         "global": {key: finite_or_none(value) for key, value in evaluation.metrics.items()},
         "hospitals": hospitals,

@@ -155,7 +155,7 @@ def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
     With distributed noise a round is one step at the spec's `noise_sample_rate`, whatever the
     number of units (`plan_distributed`)."""
     if spec.privacy.noise == "distributed":
-        return plan_distributed(spec)
+        return plan_distributed(spec.privacy, spec.federation.rounds)
     return plan_rounds(
         spec.privacy.target_epsilon,
         spec.privacy.delta,
@@ -166,14 +166,14 @@ def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
     )
 
 
-def plan_distributed(spec: RunSpec) -> DPPlan:
-    """A distributed-noise round: one noisy gradient sum (one step) at the spec's sample rate,
-    with the noise multiplier that spends the run's target over its rounds. Every input is in
-    the spec, so every hospital of the run plans the same noise: a hospital's share only adds
-    up to the full noise if the others add theirs at the same multiplier."""
-    privacy = spec.privacy
+def plan_distributed(privacy: PrivacySpec, rounds: int) -> DPPlan:
+    """A distributed-noise round: one noisy gradient sum (one step) at the privacy group's
+    sample rate, with the noise multiplier that spends the run's target over its `rounds`.
+    Every input is in the spec, so every hospital of the run plans the same noise: a
+    hospital's share only adds up to the full noise if the others add theirs at the same
+    multiplier."""
     sigma = calibrate_noise(
-        privacy.target_epsilon, privacy.delta, privacy.noise_sample_rate, spec.federation.rounds
+        privacy.target_epsilon, privacy.delta, privacy.noise_sample_rate, rounds
     )
     return DPPlan(noise_multiplier=sigma, sample_rate=privacy.noise_sample_rate, steps=1)
 
@@ -185,15 +185,17 @@ def honest_noise_multiplier(plan: DPPlan, honest: int, trusted: int) -> float:
     return plan.noise_multiplier * math.sqrt(max(honest, 0) / trusted)
 
 
-def distributed_epsilon(spec: RunSpec, honest: int, rounds: int | None = None) -> float:
+def distributed_epsilon(
+    privacy: PrivacySpec, run_rounds: int, honest: int, rounds: int | None = None
+) -> float:
     """What a patient of one hospital gets from a distributed-noise run when only `honest`
-    hospitals of every round (itself included) add their share: the run's `rounds` (default:
-    all) composed at `honest_noise_multiplier`. With `honest` >= t it is at most the target;
-    with 1 (every other hospital of its cohort colludes) it is the hospital's own share alone.
-    docs/privacy.md tabulates it."""
-    plan = plan_distributed(spec)
+    hospitals of every round (itself included) add their share: `rounds` of the run's
+    `run_rounds` (default: all) composed at `honest_noise_multiplier`. With `honest` >= t it is
+    at most the target; with 1 (every other hospital of its cohort colludes) it is the
+    hospital's own share alone. docs/privacy.md tabulates it."""
+    plan = plan_distributed(privacy, run_rounds)
     sigma = honest_noise_multiplier(
-        plan, min(honest, spec.privacy.noise_hospitals), spec.privacy.noise_hospitals
+        plan, min(honest, privacy.noise_hospitals), privacy.noise_hospitals
     )
-    steps = spec.federation.rounds if rounds is None else rounds
-    return compose_epsilon([(sigma, plan.sample_rate, steps)], spec.privacy.delta)
+    steps = run_rounds if rounds is None else rounds
+    return compose_epsilon([(sigma, plan.sample_rate, steps)], privacy.delta)

@@ -88,7 +88,7 @@ def noisy_gradient_sum(
         mean loss of the sampled records (stays here).
     """
     privacy = config.spec.privacy
-    plan = plan_distributed(config.spec)
+    plan = plan_distributed(config.spec.privacy, config.spec.federation.rounds)
     device = pick_device(config.local.device)
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
@@ -175,7 +175,8 @@ def distributed_update(
     including this round: `plan` (the budget gate's reservation) at the full noise multiplier,
     which is what a patient gets while at least t hospitals of the round are honest.
     `on_progress` is told "summing noisy gradients" as the one pass starts."""
-    if plan.as_history_entry() != plan_distributed(config.spec).as_history_entry():
+    planned = plan_distributed(config.spec.privacy, config.spec.federation.rounds)
+    if plan.as_history_entry() != planned.as_history_entry():
         raise ConfigError(f"{who}: the reserved plan is not the run's distributed-noise plan")
     check_budget(
         history,

@@ -23,7 +23,7 @@ from fedward.client.privacy.release import (
     sensitivity,
 )
 from fedward.client.trainer import DPPlan
-from fedward.common.config import RunSpec
+from fedward.common.config import PrivacySpec
 from fedward.common.errors import PolicyError, PrivacyBudgetExceeded
 from fedward.common.protocol.reasons import Reason
 
@@ -77,7 +77,13 @@ def _refusal(
 
 
 def check_evaluation_allowed(
-    policy: SitePolicy, pinned: SitePolicy, spec: RunSpec, run_id: str, server_round: int, who: str
+    policy: SitePolicy,
+    pinned: SitePolicy,
+    privacy: PrivacySpec,
+    rounds: int,
+    run_id: str,
+    server_round: int,
+    who: str,
 ) -> None:
     """Refuse, from the policy and the spec alone, an evaluation the policy does not allow, one
     per patient, or one of a round the run does not have (round 0, `START_ROUND`: the starting
@@ -86,7 +92,8 @@ def check_evaluation_allowed(
     Args:
         policy: The site policy.
         pinned: The policy as pinned for this hospital (`pins.pinned_policy`: its unit).
-        spec: The run spec.
+        privacy: The run's privacy group (its unit).
+        rounds: The run's rounds.
         run_id: The run.
         server_round: The round to evaluate.
         who: The hospital, for messages.
@@ -95,7 +102,6 @@ def check_evaluation_allowed(
         PolicyError: `evaluation.not_allowed`, `evaluation.patient_unit`,
             `evaluation.start_not_allowed` or `evaluation.round_out_of_range`.
     """
-    rounds = spec.federation.rounds
     if not policy.allow_evaluation:
         raise _refusal(
             who,
@@ -104,7 +110,7 @@ def check_evaluation_allowed(
             "evaluation.not_allowed",
             "the site policy has allow_evaluation false",
         )
-    if spec.privacy.dp_unit == "patient" or pinned.dp_unit == "patient":
+    if privacy.dp_unit == "patient" or pinned.dp_unit == "patient":
         # The released counts are noised for one record; a patient moves them by up to its
         # number of records, and the ledger never mixes units.
         raise _refusal(

@@ -330,10 +330,10 @@ class Site:
         run_id = check_identifier(run_id, "run id")
         config = self.check_policy(spec)
         self.fix_run_spec(run_id, spec)
-        evaluation.check_evaluation_allowed(
-            self.policy, self.pinned_policy(), spec, run_id, server_round, self.name
-        )
         rounds = spec.federation.rounds
+        evaluation.check_evaluation_allowed(
+            self.policy, self.pinned_policy(), spec.privacy, rounds, run_id, server_round, self.name
+        )
         if server_round != evaluation.START_ROUND:  # round 0: once a run, the ledger's check
             evaluation.check_evaluation_round(
                 self.policy, self.ledger(), run_id, server_round, rounds, self.name

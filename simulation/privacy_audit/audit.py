@@ -196,7 +196,9 @@ def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) ->
     colluding = config.simulation.colluding_hospitals
     if colluding:
         sampled = max(round(config.spec.federation.fraction * config.simulation.hospitals), 1)
-        return distributed_epsilon(config.spec, sampled - colluding, rounds_trained)
+        return distributed_epsilon(
+            config.spec.privacy, config.spec.federation.rounds, sampled - colluding, rounds_trained
+        )
     plan = plan_dp(config.spec, num_train)
     return compose_epsilon([plan.as_history_entry()] * rounds_trained, config.spec.privacy.delta)
 

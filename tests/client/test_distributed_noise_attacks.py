@@ -170,7 +170,7 @@ def victim(tiny_model_dir):
 def test_with_t_minus_one_colluders_the_victim_gets_the_documented_epsilon_and_no_better(victim):
     config, model, dataset, start, pad = victim
     spec = config.spec
-    plan = plan_distributed(spec)
+    plan = plan_distributed(spec.privacy, spec.federation.rounds)
     # The colluders hand the coordinator their vectors and add no noise: what is left of the sum
     # is the victim's own vector. Its noise is measured against the noiseless signal, taken
     # with the same seed (the same sample and rounding) minus the noise draws.
@@ -186,11 +186,13 @@ def test_with_t_minus_one_colluders_the_victim_gets_the_documented_epsilon_and_n
     measured = compose_epsilon(
         [(measured_multiplier, plan.sample_rate, spec.federation.rounds)], spec.privacy.delta
     )
-    documented = distributed_epsilon(spec, honest=1)
+    documented = distributed_epsilon(spec.privacy, spec.federation.rounds, honest=1)
     assert measured == pytest.approx(documented, rel=0.05)
     assert documented > 1.5 * spec.privacy.target_epsilon  # the target would overstate it
     # With t honest hospitals the sum's noise is the plan's: the run's target.
-    assert distributed_epsilon(spec, honest=3) == pytest.approx(spec.privacy.target_epsilon, 0.01)
+    assert distributed_epsilon(spec.privacy, spec.federation.rounds, honest=3) == pytest.approx(
+        spec.privacy.target_epsilon, 0.01
+    )
     assert measured_multiplier * math.sqrt(3) == pytest.approx(plan.noise_multiplier, rel=0.03)
 
 
@@ -243,7 +245,7 @@ def test_deployed_hospitals_charge_the_plan_and_audit_the_epsilon_if_alone(trust
     config, hospitals = trusting_hospitals
     result = _deployed_round(config, hospitals)
     assert sorted(result.included) == [1, 2, 3] and result.integer_sum is not None
-    plan = plan_distributed(config.spec)
+    plan = plan_distributed(config.spec.privacy, config.spec.federation.rounds)
     for node_config in hospitals.values():
         lines = Path(node_config["audit-log"]).read_text(encoding="utf-8").splitlines()
         train = [json.loads(line)["fields"] for line in lines if '"train"' in line][-1]
@@ -251,7 +253,9 @@ def test_deployed_hospitals_charge_the_plan_and_audit_the_epsilon_if_alone(trust
         assert train["epsilon_run"] == pytest.approx(charged)
         assert train["noise"] == "distributed" and train["noise_hospitals"] == 3
         assert train["epsilon_run_if_alone"] == pytest.approx(
-            distributed_epsilon(config.spec, honest=1, rounds=1)
+            distributed_epsilon(
+                config.spec.privacy, config.spec.federation.rounds, honest=1, rounds=1
+            )
         )
         assert train["epsilon_run_if_alone"] > train["epsilon_run"]
         ledger = PrivacyLedger.open(node_config["ledger"], node_config["dataset-id"])
@@ -291,7 +295,8 @@ def test_only_a_simulations_colluders_skip_their_share(victim):
     # One share's standard deviation; what two draws of a colluder differ by is the rounding
     # and the model's dropout, far below it.
     dimension = sum(a.size for a in start.values())
-    share = local_noise_std(plan_distributed(config.spec).noise_multiplier, dimension, 3)
+    plan = plan_distributed(config.spec.privacy, config.spec.federation.rounds)
+    share = local_noise_std(plan.noise_multiplier, dimension, 3)
     assert spread("hospital-2", simulated) < 0.2 * share  # the colluder: no noise
     assert spread("hospital-0", simulated) == pytest.approx(share, rel=0.1)  # an honest one
     assert spread("hospital-2", config) == pytest.approx(share, rel=0.1)  # a deployed LocalRun

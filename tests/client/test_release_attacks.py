@@ -108,7 +108,9 @@ def _store_as_the_coordinator(config, train_replies, evaluate_replies, out: Path
     strategy = FedwardStrategy(config, spec, "run-a")
     outcome = strategy.aggregate_train(1, _arrays(config), train_replies, len(train_replies))
     evaluation = strategy.aggregate_evaluate(1, evaluate_replies)
-    row = history_row(1, outcome, evaluation, config, 1.0)
+    row = history_row(
+        1, outcome, evaluation, config.spec.privacy, config.spec.secagg.secure_aggregation, 1.0
+    )
     write_history(out, config, "run-a", [row])
     AuditLog(out / "audit.jsonl").append("round", **round_audit_fields(row, "run-a", "c", "a"))
     return (out / "history.json").read_text() + (out / "audit.jsonl").read_text()

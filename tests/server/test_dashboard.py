@@ -77,7 +77,14 @@ def write_run(
     rows = []
     for number in range(1, rounds + 1):
         outcome = _outcome(number, refusals.get(number, {}), status)
-        row = history_row(number, outcome, _evaluation(number), config, 12.5)
+        row = history_row(
+            number,
+            outcome,
+            _evaluation(number),
+            config.spec.privacy,
+            config.spec.secagg.secure_aggregation,
+            12.5,
+        )
         rows.append(row)
         write_history(out, config, RUN_ID, rows, "17")
         if audit:

@@ -219,7 +219,16 @@ def test_a_run_in_progress_reloads_as_rounds_land(browser, tmp_path):
     rows: list[dict] = []
 
     def land(number: int) -> None:
-        rows.append(history_row(number, _outcome(number, {}), _evaluation(number), config, 3.0))
+        rows.append(
+            history_row(
+                number,
+                _outcome(number, {}),
+                _evaluation(number),
+                config.spec.privacy,
+                config.spec.secagg.secure_aggregation,
+                3.0,
+            )
+        )
         write_history(tmp_path, config, RUN_ID, rows, "17")
         log.append("round", **round_audit_fields(rows[-1], RUN_ID, "c" * 64, "a" * 64))
 

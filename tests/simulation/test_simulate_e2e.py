@@ -213,7 +213,8 @@ def test_a_distributed_noise_run_masks_integer_shares_and_steps_on_their_sum(
     assert all(not row["dropped"] and not row["refused"] for row in rows)
     history = json.loads((tmp_path / "out" / "history.json").read_text(encoding="utf-8"))
     assert history["config"]["noise"] == "distributed"
-    plan = plan_distributed(prepare_config(config).spec)
+    spec = prepare_config(config).spec
+    plan = plan_distributed(spec.privacy, spec.federation.rounds)
     for row in rows:
         # One step a round at the full multiplier: the accountant's figure after round r.
         expected = compose_epsilon([(plan.noise_multiplier, plan.sample_rate, row["round"])], 1e-5)
