@@ -303,13 +303,31 @@ def handle_train(
             site.refused(run_id, server_round, "train", exc)
         return _refusal(msg, name, exc)
 
+    return _train_reply(
+        msg, context, name, result, coverage, config.spec.privacy, config.spec.secagg, site, secagg
+    )
+
+
+def _train_reply(
+    msg: Message,
+    context: Context,
+    name: str,
+    result: TrainResult,
+    coverage: dict[str, float],
+    privacy: PrivacySpec,
+    secagg_spec: SecAggSpec,
+    site: HospitalSite,
+    secagg: ConfigRecord | None,
+) -> Message:
+    """The train reply: what the site may release of `result`, and the update itself in the
+    clear, or (`secagg`: this round's advertised keys) kept here for its masked stage."""
     metrics: dict[str, float] = {}
     if site.releases_exact_metrics:  # simulation only: the exact training count
         metrics["num-examples"] = result.num_examples
-    if not spec.secagg.secure_aggregation:
+    if not secagg_spec.secure_aggregation:
         # A clear update carries its weight in the average; with SecAgg+ the weight travels
         # only inside the masked vector. Deployed, it is the policy's, never the count.
-        metrics["weight"] = update_weight(result, config.spec.secagg, site)
+        metrics["weight"] = update_weight(result, secagg_spec, site)
     if site.releases_exact_metrics:
         metrics["train-loss"] = result.train_loss  # not DP: simulation only
     if site.releases_exact_metrics:  # the unknown-token rate (simulation's report); not DP
@@ -321,7 +339,7 @@ def handle_train(
         # calibrated to it, the ledger enforces it). The accountant's exact figure after this
         # round depends on ceil(training count / batch size), so it stays in the ledger.
         exact = site.releases_exact_metrics
-        metrics["epsilon"] = result.epsilon_spent if exact else config.spec.privacy.target_epsilon
+        metrics["epsilon"] = result.epsilon_spent if exact else privacy.target_epsilon
         if site.releases_exact_metrics:
             metrics["noise-multiplier"] = result.plan.noise_multiplier
     content = RecordDict(
@@ -330,16 +348,12 @@ def handle_train(
     if secagg is not None:
         # The update stays here; only its masked form leaves, in the masked_update stage.
         content[wire.SECAGG] = secagg
-        update = (
-            result.delta[NOISY_SUM]
-            if distributed(config.spec.privacy)
-            else wire.flatten(result.delta)
-        )
+        update = result.delta[NOISY_SUM] if distributed(privacy) else wire.flatten(result.delta)
         context.state[SECAGG_UPDATE] = ArrayRecord(
             {
                 "delta": Array(update),
                 "weight": Array(
-                    np.array([update_weight(result, config.spec.secagg, site)], dtype=np.int64)
+                    np.array([update_weight(result, secagg_spec, site)], dtype=np.int64)
                 ),
             }
         )

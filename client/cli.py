@@ -53,6 +53,63 @@ def data_schema(
     )
 
 
+# `fedward client start`'s options beyond where to connect and what to read.
+DatasetIdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset-id",
+        help="Name of this data set's privacy ledger (required); keep it when records "
+        "change or files are renamed: the budget continues.",
+    ),
+]
+AuditLogOption = Annotated[
+    Path | None, typer.Option(help="This hospital's audit log [default: <ledger>/audit.jsonl].")
+]
+RuntimePortOption = Annotated[
+    int, typer.Option(help="Local port of the SuperNode's Runtime API (one per SuperNode).")
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="No TLS, no node key (test federations only).")
+]
+MaxWaitTimeOption = Annotated[
+    float | None,
+    typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
+]
+TextColumnOption = Annotated[
+    str, typer.Option(help="Column of the data file holding the note text.")
+]
+LabelColumnOption = Annotated[str, typer.Option(help="Column of the data file holding the label.")]
+PatientColumnOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Column naming the patient of each record (a field of each entity-JSON record "
+        "for NER): needed for patient-level DP (policy dp_unit = patient)."
+    ),
+]
+ValFractionOption = Annotated[float, typer.Option(help="Share of the records kept for validation.")]
+PrefixCacheOption = Annotated[
+    bool,
+    typer.Option(
+        help="Compute the frozen layers' outputs once per run and train the layers above on "
+        "them (faster; same updates and DP guarantee). Off: recompute in every epoch."
+    ),
+]
+PrefixCacheMbOption = Annotated[
+    int,
+    typer.Option(
+        help="Memory (MiB) the prefix cache may hold; past it, a private temporary folder."
+    ),
+]
+OwnModelOption = Annotated[
+    bool,
+    typer.Option(
+        help="At a run's last round, fit this hospital's own model from the global one and "
+        "its own notes, with its alone / global / own report, into <ledger>/own/ (not DP: "
+        "kept here, never sent)."
+    ),
+]
+
+
 @client_app.command("start")
 def start(
     server: Annotated[
@@ -70,65 +127,19 @@ def start(
     name: Annotated[
         str | None, typer.Option(help="Name shown to the coordinator [default: the key's name].")
     ] = None,
-    dataset_id: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset-id",
-            help="Name of this data set's privacy ledger (required); keep it when records "
-            "change or files are renamed: the budget continues.",
-        ),
-    ] = None,
+    dataset_id: DatasetIdOption = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    audit_log: Annotated[
-        Path | None, typer.Option(help="This hospital's audit log [default: <ledger>/audit.jsonl].")
-    ] = None,
-    runtime_port: Annotated[
-        int, typer.Option(help="Local port of the SuperNode's Runtime API (one per SuperNode).")
-    ] = supernode.DEFAULT_RUNTIME_PORT,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="No TLS, no node key (test federations only).")
-    ] = False,
-    max_wait_time: Annotated[
-        float | None,
-        typer.Option(help="Stop reconnecting after this many seconds [default: never]."),
-    ] = None,
-    text_column: Annotated[
-        str, typer.Option(help="Column of the data file holding the note text.")
-    ] = "text",
-    label_column: Annotated[
-        str, typer.Option(help="Column of the data file holding the label.")
-    ] = "label",
-    patient_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Column naming the patient of each record (a field of each entity-JSON record "
-            "for NER): needed for patient-level DP (policy dp_unit = patient)."
-        ),
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option(help="Share of the records kept for validation.")
-    ] = 0.2,
-    prefix_cache: Annotated[
-        bool,
-        typer.Option(
-            help="Compute the frozen layers' outputs once per run and train the layers above on "
-            "them (faster; same updates and DP guarantee). Off: recompute in every epoch."
-        ),
-    ] = LocalSettings.model_fields["prefix_cache"].default,
-    prefix_cache_mb: Annotated[
-        int,
-        typer.Option(
-            help="Memory (MiB) the prefix cache may hold; past it, a private temporary folder."
-        ),
-    ] = LocalSettings.model_fields["prefix_cache_mb"].default,
-    own_model: Annotated[
-        bool,
-        typer.Option(
-            help="At a run's last round, fit this hospital's own model from the global one and "
-            "its own notes, with its alone / global / own report, into <ledger>/own/ (not DP: "
-            "kept here, never sent)."
-        ),
-    ] = LocalSettings.model_fields["own_model"].default,
+    audit_log: AuditLogOption = None,
+    runtime_port: RuntimePortOption = supernode.DEFAULT_RUNTIME_PORT,
+    insecure: InsecureOption = False,
+    max_wait_time: MaxWaitTimeOption = None,
+    text_column: TextColumnOption = "text",
+    label_column: LabelColumnOption = "label",
+    patient_column: PatientColumnOption = None,
+    val_fraction: ValFractionOption = 0.2,
+    prefix_cache: PrefixCacheOption = LocalSettings.model_fields["prefix_cache"].default,
+    prefix_cache_mb: PrefixCacheMbOption = LocalSettings.model_fields["prefix_cache_mb"].default,
+    own_model: OwnModelOption = LocalSettings.model_fields["own_model"].default,
 ) -> None:
     """Run this hospital's Flower SuperNode (in the foreground), under its site policy.
 

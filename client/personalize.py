@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedward.client.device import autocast_for, pick_device
 from fedward.client.prefix_cache import cached_training
-from fedward.client.trainer import autocast_for, pick_device
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.files.atomic import write_json_atomic
@@ -218,7 +218,6 @@ def personalize(
     recipe = recipe or HomeRecipe()
     device = pick_device(config.local.device)
     labels = list(config.spec.task.labels or [])
-    everything = list(range(len(train)))
     model.to(device)
     data = _HomeData(model, train, config, pad_id, who, device)
     scored = _HomeData(model, validation, config, pad_id, f"{who}/validation", device)
@@ -228,6 +227,40 @@ def personalize(
             model, data, task, labels, config, recipe, start, lr, pull, indices, epochs, score_on
         )
 
+    candidates = _candidates(fit, folds, len(train), fresh_arrays, global_arrays, recipe)
+    # The choice, on the validation notes, which no candidate trained on.
+    truth, predicted = [], {}
+    for name, arrays in candidates.items():
+        truth, predicted[name] = _predict(model, scored, arrays)
+    seed = config.spec.training.seed
+    report = _report(task, labels, truth, predicted, validation_folds, recipe, seed)
+    log.info(
+        "%s: own model (%s): %s alone %.3f, global %.3f, own %.3f",
+        who,
+        report.own_method,
+        task.primary_metric,
+        report.alone,
+        report.global_,
+        report.own,
+    )
+    return candidates[report.own_method], report
+
+
+def _candidates(
+    fit: Callable[..., _Fit],
+    folds: list[list[int]],
+    size: int,
+    fresh_arrays: Arrays,
+    global_arrays: Arrays,
+    recipe: HomeRecipe,
+) -> dict[str, Arrays]:
+    """Alone, global, each fine-tuning of the global model and each mix, by name.
+
+    The recipes, by cross-validation on the training notes: alone's learning rate and epochs,
+    and the epochs of each fine-tuning. The global model trained on these very notes, so the
+    folds flatter every candidate built on it: they set recipes, and do not choose."""
+    everything = list(range(size))
+
     def on_every_fold(start: Arrays, lr: float, pull: float) -> list[_Fit]:
         fits = []
         for fold in folds:
@@ -236,9 +269,6 @@ def personalize(
             fits.append(fit(start, lr, pull, rest, recipe.max_epochs, fold))
         return fits
 
-    # The recipes, by cross-validation on the training notes: alone's learning rate and epochs,
-    # and the epochs of each fine-tuning. The global model trained on these very notes, so the
-    # folds flatter every candidate built on it: they set recipes, and do not choose.
     alone_fits = {lr: on_every_fold(fresh_arrays, lr, 0.0) for lr in recipe.head_learning_rates}
     alone_lr = max(alone_fits, key=lambda lr: _mean_score(alone_fits[lr]))
     alone = fit(fresh_arrays, alone_lr, 0.0, everything, _epochs(alone_fits[alone_lr])).arrays
@@ -250,45 +280,42 @@ def personalize(
         ).arrays
     for weight in recipe.mixes:
         candidates[f"mix ({weight:g} alone)"] = _mix(alone, global_arrays, weight)
+    return candidates
 
-    # The choice, on the validation notes, which no candidate trained on.
-    truth, predicted = [], {}
-    for name, arrays in candidates.items():
-        truth, predicted[name] = _predict(model, scored, arrays)
+
+def _report(
+    task: Task,
+    labels: list[str],
+    truth: list,
+    predicted: dict[str, list],
+    validation_folds: list[list[int]],
+    recipe: HomeRecipe,
+    seed: int,
+) -> PersonalReport:
+    """The candidate the validation notes choose, and the alone / global / own report."""
 
     def metric(indices: list[int], predictions: list) -> float:
         true_ids = [truth[i] for i in indices]
         pred_ids = [predictions[i] for i in indices]
         return float(task.metrics(true_ids, pred_ids, labels)[task.primary_metric])
 
-    every_validation = list(range(len(validation)))
-    seed = config.spec.training.seed
+    every_validation = list(range(len(truth)))
     selection = {name: metric(every_validation, p) for name, p in predicted.items()}
     score = resample_scorer(task, truth, predicted, labels)
     kept = choose_own(list(predicted), every_validation, score, recipe, seed)
     # The own figure: each fold of the validation notes labelled by the candidate the other
     # folds choose (nested cross-validation), an unbiased figure for choosing by validation.
     own_predictions = nested_predictions(predicted, validation_folds, score, recipe, seed)
-    report = PersonalReport(
+    return PersonalReport(
         task.primary_metric,
         selection["alone"],
         selection["global"],
         metric(every_validation, own_predictions),
         kept,
         selection,
-        len(validation),
+        len(truth),
         {"truth": truth, "predicted": predicted, "folds": validation_folds},
     )
-    log.info(
-        "%s: own model (%s): %s alone %.3f, global %.3f, own %.3f",
-        who,
-        kept,
-        task.primary_metric,
-        report.alone,
-        report.global_,
-        report.own,
-    )
-    return candidates[kept], report
 
 
 def _mean_score(fits: list[_Fit]) -> float:

@@ -51,7 +51,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedward.common.config import PACKAGED_MODEL, RunSpec, TaskSpec, describe_invalid, read_toml
+from fedward.common.config import (
+    PACKAGED_MODEL,
+    FederationSpec,
+    ModelSpec,
+    PrivacySpec,
+    RunSpec,
+    SecAggSpec,
+    TaskSpec,
+    describe_invalid,
+    read_toml,
+)
 from fedward.common.errors import ConfigError, ModelError, PolicyError
 from fedward.common.files.digest import content_sha256
 from fedward.common.protocol.reasons import Reason
@@ -318,9 +328,26 @@ class SitePolicy(BaseModel):
     def _broken(
         self, spec: RunSpec, model_hash: str | None, adapter_hash: str | None = None
     ) -> list[tuple[str, str]]:
-        """(rule name, human reason) for every broken rule; the names may leave the hospital."""
+        """(rule name, human reason) for every broken rule; the names may leave the hospital.
+
+        One group of the spec at a time, in a fixed order: the model (starting adapter, base
+        model and its content), the task, privacy, rounds, secure aggregation, the noise's
+        trust and last the approved digest of the whole spec."""
+        return [
+            *self._broken_model(spec.model, model_hash, adapter_hash),
+            *self._broken_task(spec.task),
+            *self._broken_privacy(spec.privacy),
+            *self._broken_rounds(spec.federation),
+            *self._broken_secagg(spec.secagg),
+            *self._broken_trust(spec.privacy),
+            *self._broken_approval(spec.digest()),
+        ]
+
+    def _broken_model(
+        self, model: ModelSpec, model_hash: str | None, adapter_hash: str | None
+    ) -> list[tuple[str, str]]:
         broken: list[tuple[str, str]] = []
-        if spec.model.init_adapter and self.allowed_adapter_hashes is not None:
+        if model.init_adapter and self.allowed_adapter_hashes is not None:
             if adapter_hash is None:
                 broken.append(
                     (
@@ -337,11 +364,11 @@ class SitePolicy(BaseModel):
                         "site policy (allowed_adapter_hashes)",
                     )
                 )
-        if self.allowed_models is not None and spec.model.name not in self.allowed_models:
+        if self.allowed_models is not None and model.name not in self.allowed_models:
             broken.append(
                 (
                     "allowed_models",
-                    f"base model '{spec.model.name}' is not allowed "
+                    f"base model '{model.name}' is not allowed "
                     f"(allowed: {', '.join(self.allowed_models) or 'none'})",
                 )
             )
@@ -361,16 +388,19 @@ class SitePolicy(BaseModel):
                         f"base model content {model_hash[:12]}... is not an allowed model version",
                     )
                 )
-        if spec.task.name not in self.allowed_tasks:
+        return broken
+
+    def _broken_task(self, task: TaskSpec) -> list[tuple[str, str]]:
+        broken: list[tuple[str, str]] = []
+        if task.name not in self.allowed_tasks:
             broken.append(
                 (
                     "allowed_tasks",
-                    f"task '{spec.task.name}' is not allowed "
-                    f"(allowed: {', '.join(self.allowed_tasks)})",
+                    f"task '{task.name}' is not allowed (allowed: {', '.join(self.allowed_tasks)})",
                 )
             )
         if self.labels is not None:
-            missing = sorted(set(self.labels) - set(spec.task.labels or []))
+            missing = sorted(set(self.labels) - set(task.labels or []))
             if missing:
                 broken.append(
                     (
@@ -379,21 +409,25 @@ class SitePolicy(BaseModel):
                         f"({', '.join(missing[:5])})",
                     )
                 )
-        if self.require_dp and not spec.privacy.dp:
+        return broken
+
+    def _broken_privacy(self, privacy: PrivacySpec) -> list[tuple[str, str]]:
+        broken: list[tuple[str, str]] = []
+        if self.require_dp and not privacy.dp:
             broken.append(
                 ("require_dp", "differential privacy is off but the site policy requires it")
             )
-        if spec.privacy.dp and spec.privacy.target_epsilon > self.lifetime_epsilon:
+        if privacy.dp and privacy.target_epsilon > self.lifetime_epsilon:
             broken.append(
                 (
                     "lifetime_epsilon",
-                    f"run epsilon {spec.privacy.target_epsilon:g} per {spec.privacy.dp_unit} "
+                    f"run epsilon {privacy.target_epsilon:g} per {privacy.dp_unit} "
                     "is above the site's lifetime "
                     "budget "
                     f"lifetime_epsilon {self.lifetime_epsilon:g}",
                 )
             )
-        if spec.privacy.dp and self.dp_unit == "patient" and spec.privacy.dp_unit == "record":
+        if privacy.dp and self.dp_unit == "patient" and privacy.dp_unit == "record":
             broken.append(
                 (
                     "dp_unit",
@@ -401,50 +435,59 @@ class SitePolicy(BaseModel):
                     "(dp_unit = patient)",
                 )
             )
-        if spec.privacy.dp and spec.privacy.delta > self.max_delta:
+        if privacy.dp and privacy.delta > self.max_delta:
             broken.append(
                 (
                     "max_delta",
-                    f"run delta {spec.privacy.delta:g} is above the site's max_delta "
-                    f"{self.max_delta:g}",
+                    f"run delta {privacy.delta:g} is above the site's max_delta {self.max_delta:g}",
                 )
             )
-        if spec.federation.rounds > self.max_rounds:
-            broken.append(
-                (
-                    "max_rounds",
-                    f"run asks for {spec.federation.rounds} rounds, the site allows at most "
-                    f"{self.max_rounds}",
-                )
-            )
-        if self.require_secure_aggregation and not spec.secagg.secure_aggregation:
-            broken.append(
-                (
-                    "require_secure_aggregation",
-                    "secure aggregation is off but the site policy requires it",
-                )
-            )
-        if (
-            spec.privacy.noise == "distributed"
-            and spec.privacy.noise_hospitals > self.trust_min_honest_hospitals
-        ):
-            broken.append(
-                (
-                    "trust_min_honest_hospitals",
-                    f"the run splits its DP noise over {spec.privacy.noise_hospitals} honest "
-                    f"hospitals, the site trusts at most {self.trust_min_honest_hospitals}",
-                )
-            )
-        if self.approved_run_configs is not None:
-            digest = spec.digest()
-            if digest not in self.approved_run_configs:
-                broken.append(
-                    (
-                        "approved_run_configs",
-                        f"run configuration {digest[:12]}... is not on the site's approved list",
-                    )
-                )
         return broken
+
+    def _broken_rounds(self, federation: FederationSpec) -> list[tuple[str, str]]:
+        if federation.rounds <= self.max_rounds:
+            return []
+        return [
+            (
+                "max_rounds",
+                f"run asks for {federation.rounds} rounds, the site allows at most "
+                f"{self.max_rounds}",
+            )
+        ]
+
+    def _broken_secagg(self, secagg: SecAggSpec) -> list[tuple[str, str]]:
+        if not self.require_secure_aggregation or secagg.secure_aggregation:
+            return []
+        return [
+            (
+                "require_secure_aggregation",
+                "secure aggregation is off but the site policy requires it",
+            )
+        ]
+
+    def _broken_trust(self, privacy: PrivacySpec) -> list[tuple[str, str]]:
+        if (
+            privacy.noise != "distributed"
+            or privacy.noise_hospitals <= self.trust_min_honest_hospitals
+        ):
+            return []
+        return [
+            (
+                "trust_min_honest_hospitals",
+                f"the run splits its DP noise over {privacy.noise_hospitals} honest "
+                f"hospitals, the site trusts at most {self.trust_min_honest_hospitals}",
+            )
+        ]
+
+    def _broken_approval(self, digest: str) -> list[tuple[str, str]]:
+        if self.approved_run_configs is None or digest in self.approved_run_configs:
+            return []
+        return [
+            (
+                "approved_run_configs",
+                f"run configuration {digest[:12]}... is not on the site's approved list",
+            )
+        ]
 
     def check(
         self,

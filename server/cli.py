@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedward.common.config import RunConfig
+from fedward.common.config import LocalSettings, RunConfig, TaskSpec
 from fedward.common.errors import ConfigError
 from fedward.common.files import audit_log
 from fedward.common.files.output_paths import check_output_file, check_output_folder
@@ -316,28 +316,47 @@ def run(
     status = deploy.follow_run(
         connection, Path(config.local.out), flower_run_id, on_row, timeout=timeout
     )
-    if tracker is not None:
-        history = deploy.read_history(Path(config.local.out)) or {}
-        failed = str(status.get("status")) != "finished:completed"
-        tracker.finish(Path(config.local.out), str(history.get("run_id", "")), failed=failed)
-    if rows:
-        console.print(
-            deployment_table(rows, config.spec.task.definition, config.spec.privacy.dp_unit)
-        )
     out_dir = Path(config.local.out)
+    if tracker is not None:
+        history = deploy.read_history(out_dir) or {}
+        failed = str(status.get("status")) != "finished:completed"
+        tracker.finish(out_dir, str(history.get("run_id", "")), failed=failed)
+    _print_outputs(out_dir, rows, config.spec.task, config.spec.privacy.dp_unit, config.local)
+    history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
+    _exit_unless_completed(
+        status, flower_run_id, out_dir, history_rows, config.local.evaluate_only, config_file
+    )
+
+
+def _print_outputs(
+    out_dir: Path, rows: list[dict], task: TaskSpec, dp_unit: str, local: LocalSettings
+) -> None:
+    """The rounds' table, the audit log's check and where the adapter is, once a run ended."""
+    if rows:
+        console.print(deployment_table(rows, task.definition, dp_unit))
     if (out_dir / "audit.jsonl").is_file():
         console.print(f"audit log: {audit_log.verify(out_dir / 'audit.jsonl').summary()}")
     if (out_dir / "adapter").is_dir():
         history = (deploy.read_history(out_dir) or {}).get("rounds") or rows
-        score = config.spec.task.definition.primary_metric
-        kept = kept_round(history, score, config.local.keep_adapter)
+        kept = kept_round(history, task.definition.primary_metric, local.keep_adapter)
         console.print(
             f"adapter:   {out_dir / 'adapter'}  (PEFT format; round {kept}: "
-            f"keep_adapter = {config.local.keep_adapter})"
+            f"keep_adapter = {local.keep_adapter})"
         )
+
+
+def _exit_unless_completed(
+    status: dict,
+    flower_run_id: int,
+    out_dir: Path,
+    history_rows: list[dict],
+    evaluate_only: bool,
+    config_file: Path,
+) -> None:
+    """Exit 1, with one line saying why, unless the run finished and trained (or, evaluate
+    only, some hospital released an evaluation)."""
     state = str(status.get("status"))
-    history_rows = (deploy.read_history(out_dir) or {}).get("rounds") or rows  # resumed: all
-    if state == "finished:completed" and config.local.evaluate_only:
+    if state == "finished:completed" and evaluate_only:
         if not evaluated_by_any(history_rows):
             error_console.print(
                 f"fedward: run {flower_run_id}: no hospital released an evaluation (see "
