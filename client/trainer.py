@@ -9,9 +9,10 @@ Patient-level DP (`dp_unit = "patient"`; Levy et al. 2021, Chua et al. 2024) cha
 things and nothing else: the Poisson loader samples patients, not records; a sampled patient
 brings at most `max_records_per_patient` of its records (a fresh random subset each step); and
 the per-record gradients of each patient are added up into one row before Opacus clips, so
-Opacus clips, sums and noises one vector per patient (`_BatchStep._patient_rows`). The sum is of
-the records' unclipped gradients: it is the gradient of the patient's own loss, clipped once as
-one unit, which is all the sensitivity bound needs (docs/privacy.md).
+Opacus clips, sums and noises one vector per patient (`_BatchStep._patient_rows`,
+client/privacy/patient_rows.py). The sum is of the records' unclipped gradients: it is the
+gradient of the patient's own loss, clipped once as one unit, which is all the sensitivity bound
+needs (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedward.client.prefix_cache import cached_training
+from fedward.client.device import autocast_for, pick_device
+from fedward.client.prediction import evaluate, predict
+from fedward.client.prefix_cache import CachedTraining, cached_training
 from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import (
     DPPlan,
@@ -38,22 +40,43 @@ from fedward.client.privacy.accounting import (
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
-from fedward.common.config import LocalRun, PrivacySpec, TaskSpec, TrainingSpec
+from fedward.client.privacy.patient_rows import PatientSums
+from fedward.client.tag_loss import outside_tag_id, weighted_token_loss
+from fedward.common.config import LocalRun, PrivacySpec, RunSpec, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
-from fedward.common.errors import ConfigError, PrivacyBudgetExceeded
+from fedward.common.errors import PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 
 log = logging.getLogger(__name__)
 
+#: Scoring (client/prediction.py) and the device (client/device.py) lived here; their old
+#: import paths still work.
+__all__ = [
+    "DPPlan",
+    "HistoryEntry",
+    "Progress",
+    "TrainResult",
+    "autocast_for",
+    "check_budget",
+    "evaluate",
+    "make_optimizer",
+    "make_private",
+    "pick_device",
+    "predict",
+    "simulation_noise_seed",
+    "train_locally",
+    "weighted_token_loss",
+]
+
 #: Told each stage of a hospital's round as it starts ("encoding", "epoch 2/3"): the
 #: simulation's progress bar, or a deployed hospital's own log (client/app.py).
 Progress = Callable[[str], None]
+#: Turns a micro-batch of example indices into its padded (inputs, attention mask, labels).
+MakeBatch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 # The fixed cost of one more forward and backward pass, in padded tokens: `length_groups` splits
 # a batch only where the padding it saves outweighs it (bench/results/train_throughput.md).
 MICRO_BATCH_OVERHEAD_TOKENS = 256
-#: Examples per forward pass when predicting.
-PREDICT_BATCH = 64
 
 
 @dataclass
@@ -69,20 +92,6 @@ class TrainResult:
     #: Most records of one patient among the training examples (None: no patient column); for
     #: the hospital's own audit log and the simulation report, never sent by a deployed site.
     largest_patient: int | None = None
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU (where the model trains in float32)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def pick_device(preference: str = "auto") -> torch.device:
-    """CUDA when present (or asked for), else CPU."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def check_budget(
@@ -147,112 +156,177 @@ def train_locally(
         training loss, the epsilon spent so far in the run and the history including this round.
     """
     device = pick_device(config.local.device)
+    privacy, training = config.spec.privacy, config.spec.training
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
-    torch.manual_seed(config.spec.training.seed + len(history))
-    if not config.spec.privacy.dp:
-        plan = None
-    elif plan is None:
-        plan = plan_dp(config.spec, privacy_units(config.spec.privacy, dataset))
-    if plan is not None:
-        privacy = config.spec.privacy
-        check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
-
-    optimizer = make_optimizer(model, config.spec.training, config.spec.head_lr)
-    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
-    # DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
-    # public (it is in the run config), so under DP they draw from a generator seeded by the OS,
-    # unless a simulation asked for seeded noise (`noise_seed`: reproducible, not private).
+    torch.manual_seed(training.seed + len(history))
+    plan = _round_plan(config.spec, dataset, plan, history, who)
+    optimizer = make_optimizer(model, training, config.spec.head_lr)
+    pad_to = config.spec.task.max_length if training.padding == "max_length" else None
     noise_seed = simulation_noise_seed(config, who, len(history))
-    secret = (
-        torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
-        if plan is not None
-        else None
-    )
-    # The frozen-prefix cache (client/prefix_cache.py) swaps in the top of the network and the
-    # cached states; sampling, clipping and noise are the same either way. The loader draws
-    # example indices; `make_batch` turns a micro-batch of them into padded tensors.
+    secret = _secret_generator(noise_seed) if plan is not None else None
     cached = cached_training(model, dataset, config, pad_id, who, device, on_progress)
-    if cached is not None:
-        train_module, make_batch, inputs_name = cached.top, cached.batch, "hidden_states"
-    else:
-        train_module, inputs_name = model, "input_ids"
-
-        def make_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
-
-    # Under patient-level DP the loader samples patients; the step brings in their records.
-    by_patient = plan is not None and config.spec.privacy.per_patient
-    if by_patient:
-        privacy_units(config.spec.privacy, dataset)  # refuses a patient-level run without patients
-    members = dataset.unit_members() if by_patient else None
-    loader = DataLoader(
-        _ExampleIndices(len(members) if by_patient else len(dataset)),
-        batch_size=config.spec.training.batch_size,
-        shuffle=True,
-        collate_fn=_collate_indices,
-        generator=secret,
+    module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)
+    module, optimizer, loader, members = _private_sampling(
+        module, optimizer, dataset, plan, history, privacy, training, device, noise_seed, secret
     )
     private = plan is not None
-    if private:
-        train_module, optimizer, loader = make_private(
-            train_module,
-            optimizer,
-            loader,
-            plan,
-            history,
-            config.spec.privacy,
-            config.spec.training,
-            len(members) if by_patient else len(dataset),
-            device,
-            noise_seed,
-        )
     step = _BatchStep(
-        module=train_module,
+        module=module,
         optimizer=optimizer,
         make_batch=make_batch,
         inputs_name=inputs_name,
         lengths=[len(ids) for ids in dataset.input_ids],
         bucketing=config.local.length_bucketing and pad_to is None,
-        outside=_outside_tag_id(config.spec.training, config.spec.task),
-        outside_weight=config.spec.training.outside_tag_weight,
+        outside=outside_tag_id(training, config.spec.task),
+        outside_weight=training.outside_tag_weight,
         private=private,
         device=device,
         members=members,
-        max_records=config.spec.privacy.max_records_per_patient,
+        max_records=privacy.max_records_per_patient,
         generator=secret,
     )
-    losses = []
     try:
-        epochs = config.spec.training.local_epochs
-        for epoch in range(1, epochs + 1):
-            if on_progress is not None:
-                on_progress(f"epoch {epoch}/{epochs}")
-            for (indices,) in loader:
-                loss = step(indices.tolist())
-                if loss is not None:
-                    losses.append(loss)
+        losses = _run_epochs(step, loader, training.local_epochs, on_progress)
     finally:
         if private:
-            opacus_seam.remove_hooks(train_module)  # the cached model is reused clean
+            opacus_seam.remove_hooks(module)  # the cached model is reused clean
 
-    new_arrays = get_adapter_arrays(model)
-    clip = config.spec.secagg.secagg_clip
-    delta = {
-        name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
-        for name in global_arrays
-    }
-    new_history = list(history)
-    epsilon = None
-    if plan is not None:
-        # Account the planned steps (not the drawn batches): conservative and reproducible.
-        new_history.append(plan.as_history_entry())
-        epsilon = compose_epsilon(new_history, config.spec.privacy.delta)
+    delta = clipped_delta(get_adapter_arrays(model), global_arrays, config.spec.secagg.secagg_clip)
+    new_history, epsilon = _accounted(history, plan, privacy.delta)
     train_loss = float(np.mean(losses)) if losses else float("nan")
     log.info(
         "%s trained %d examples: loss %.4f, epsilon %s", who, len(dataset), train_loss, epsilon
     )
     return TrainResult(delta, len(dataset), train_loss, epsilon, plan, new_history)
+
+
+def _round_plan(
+    spec: RunSpec,
+    dataset: EncodedDataset,
+    plan: DPPlan | None,
+    history: list[HistoryEntry],
+    who: str,
+) -> DPPlan | None:
+    """The round's DP plan (None without DP): the one the budget gate reserved, else planned
+    here on the units trained; `PrivacyBudgetExceeded` before any step if it overshoots the
+    run's target."""
+    if not spec.privacy.dp:
+        return None
+    if plan is None:
+        plan = plan_dp(spec, privacy_units(spec.privacy, dataset))
+    privacy = spec.privacy
+    check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
+    return plan
+
+
+def batch_source(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    cached: CachedTraining | None,
+    pad_id: int,
+    pad_to: int | None,
+) -> tuple[torch.nn.Module, MakeBatch, str]:
+    """The module that trains, what turns a micro-batch of example indices into its padded
+    tensors, and the name of its inputs: the top of the network on the cached prefix states
+    (client/prefix_cache.py), else the whole model on token ids. Sampling, clipping and noise
+    are the same either way."""
+    if cached is not None:
+        return cached.top, cached.batch, "hidden_states"
+
+    def make_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
+
+    return model, make_batch, "input_ids"
+
+
+def _private_sampling(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: EncodedDataset,
+    plan: DPPlan | None,
+    history: list[HistoryEntry],
+    privacy: PrivacySpec,
+    training: TrainingSpec,
+    device: torch.device,
+    noise_seed: int | None,
+    secret: torch.Generator | None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, list[list[int]] | None]:
+    """The module, optimizer and loader of example indices, made private under DP (`plan`):
+    Opacus's Poisson loader, where under patient-level DP it samples patients instead; and
+    then the records of each patient (which the step brings in), else None."""
+    by_patient = plan is not None and privacy.per_patient
+    if by_patient:
+        privacy_units(privacy, dataset)  # refuses a patient-level run without patients
+    members = dataset.unit_members() if by_patient else None
+    units = len(members) if members is not None else len(dataset)
+    loader = DataLoader(
+        _ExampleIndices(units),
+        batch_size=training.batch_size,
+        shuffle=True,
+        collate_fn=_collate_indices,
+        generator=secret,
+    )
+    if plan is not None:
+        module, optimizer, loader = make_private(
+            module,
+            optimizer,
+            loader,
+            plan,
+            history,
+            privacy,
+            training,
+            units,
+            device,
+            noise_seed,
+        )
+    return module, optimizer, loader, members
+
+
+def _accounted(
+    history: list[HistoryEntry], plan: DPPlan | None, delta: float
+) -> tuple[list[HistoryEntry], float | None]:
+    """The history including this round and the epsilon it composes to (None without DP).
+    The planned steps are accounted, not the drawn batches: conservative and reproducible."""
+    if plan is None:
+        return list(history), None
+    new_history = [*history, plan.as_history_entry()]
+    return new_history, compose_epsilon(new_history, delta)
+
+
+def _secret_generator(noise_seed: int | None) -> torch.Generator:
+    """The generator of Poisson sampling and patients' record subsets under DP.
+
+    DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
+    public (it is in the run config), so they draw from a generator seeded by the OS, unless a
+    simulation asked for seeded noise (`noise_seed`: reproducible, not private)."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
+
+
+def _run_epochs(
+    step: _BatchStep, loader: DataLoader, epochs: int, on_progress: Progress | None
+) -> list[float]:
+    """`epochs` passes of `step` over the batches `loader` draws; each non-empty batch's loss."""
+    losses = []
+    for epoch in range(1, epochs + 1):
+        if on_progress is not None:
+            on_progress(f"epoch {epoch}/{epochs}")
+        for (indices,) in loader:
+            loss = step(indices.tolist())
+            if loss is not None:
+                losses.append(loss)
+    return losses
+
+
+def clipped_delta(
+    new_arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], clip: float
+) -> dict[str, np.ndarray]:
+    """The update: new minus global for every tensor of the global adapter, each value clipped
+    to [-clip, clip] (`secagg_clip`), in float32."""
+    return {
+        name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
+        for name in global_arrays
+    }
 
 
 def make_optimizer(
@@ -333,7 +407,7 @@ class _BatchStep:
 
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    make_batch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    make_batch: MakeBatch
     inputs_name: str
     lengths: list[int]
     bucketing: bool
@@ -364,7 +438,7 @@ class _BatchStep:
         per_patient = None
         if row_units is not None:
             position = {index: unit for index, unit in zip(indices, row_units, strict=True)}
-            per_patient = _PatientSums(max(row_units) + 1)
+            per_patient = PatientSums(max(row_units) + 1)
         for k in steps:
             loss = self._loss(*micro_batches[k])
             # The loss of the whole batch is its mean over labelled positions (one per note;
@@ -423,60 +497,6 @@ class _BatchStep:
         return weighted_token_loss(output.logits, labels, self.outside, self.outside_weight)
 
 
-class _PatientSums:
-    """Per-patient sums of Opacus's per-record gradients (`grad_sample`) over a batch's
-    micro-batches: one row per sampled patient, which Opacus then clips as one unit.
-
-    The rows are the sums of the records' *unclipped* gradients, i.e. the gradient of the
-    patient's summed loss; clipping that sum to `max_grad_norm` bounds what one patient can move
-    the update, whatever its number of records (sensitivity one clipped row, as for a record).
-    """
-
-    def __init__(self, patients: int) -> None:
-        self.patients = patients
-        self.sums: dict[int, torch.Tensor] = {}
-
-    def add(self, optimizer, row_patients: list[int]) -> None:
-        """Add the current `grad_sample` rows into the rows of their patients."""
-        for number, param in enumerate(optimizer.params):
-            rows = opacus_seam.per_record_rows(optimizer, param)
-            target = torch.tensor(row_patients, device=rows.device)
-            if number not in self.sums:
-                shape = (self.patients, *rows.shape[1:])
-                self.sums[number] = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-            self.sums[number].index_add_(0, target, rows)
-
-    def hand_over(self, optimizer) -> None:
-        """Put the per-patient rows where Opacus reads per-sample gradients."""
-        for number, param in enumerate(optimizer.params):
-            opacus_seam.hand_over_rows(param, self.sums[number])
-
-
-def _outside_tag_id(training: TrainingSpec, task: TaskSpec) -> int | None:
-    """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1)."""
-    if training.outside_tag_weight == 1.0:
-        return None
-    if not task.labels or "O" not in task.labels:
-        raise ConfigError(
-            f"outside_tag_weight {training.outside_tag_weight:g} needs the run's labels, with 'O'"
-        )
-    return task.labels.index("O")
-
-
-def weighted_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, outside_id: int, outside_weight: float
-) -> torch.Tensor:
-    """Token cross-entropy with the O tag's terms weighted by `outside_weight`, averaged over
-    the labelled tokens (-100 is unlabelled), as the plain loss is: weight 1 gives the plain
-    loss, and a smaller weight only shrinks the O tokens' share of each sentence's gradient."""
-    labels = labels.reshape(-1)
-    per_token = torch.nn.functional.cross_entropy(
-        logits.float().reshape(labels.numel(), -1), labels, ignore_index=-100, reduction="none"
-    )
-    weights = torch.where(labels == outside_id, outside_weight, 1.0)
-    return (per_token * weights).sum() / (labels != -100).sum().clamp(min=1)
-
-
 def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[int]]:
     """`indices` split into groups of similar length (`length_groups`)."""
     groups = length_groups([lengths[i] for i in indices], MICRO_BATCH_OVERHEAD_TOKENS)
@@ -517,60 +537,3 @@ def simulation_noise_seed(config: LocalRun, who: str, rounds_before: int) -> int
         return None
     text = f"dp-noise:{config.spec.training.seed}:{who}:{rounds_before}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
-
-
-def evaluate(
-    model: torch.nn.Module,
-    dataset: EncodedDataset,
-    config: LocalRun,
-    arrays: dict[str, np.ndarray],
-    pad_id: int,
-    labels: list[str],
-) -> dict[str, float]:
-    """Loss and task metrics of the adapter `arrays` on `dataset`."""
-    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
-    metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
-    return metrics
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    dataset: EncodedDataset,
-    config: LocalRun,
-    arrays: dict[str, np.ndarray],
-    pad_id: int,
-    who: str | None = None,
-) -> tuple[float, list, list]:
-    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`.
-
-    With `who` (the hospital's name) the frozen prefix runs once per run on these examples too
-    (`client/prefix_cache.py`, kept as "<who>:validation"): a run evaluates the same validation
-    notes every round, and the encoder's forward pass was most of a round's evaluation."""
-    device = pick_device(config.local.device)
-    set_adapter_arrays(model, arrays)
-    model.to(device).eval()
-    cached = None
-    if who is not None:
-        cached = cached_training(model, dataset, config, pad_id, f"{who}:validation", device)
-    total_loss, total = 0.0, 0
-    true_ids: list = []
-    pred_ids: list = []
-    for start in range(0, len(dataset), PREDICT_BATCH):
-        indices = list(range(start, min(start + PREDICT_BATCH, len(dataset))))
-        if cached is not None:
-            hidden, attention_mask, label_ids = cached.batch(indices)
-            module, inputs = cached.top, {"hidden_states": hidden.to(device)}
-        else:
-            input_ids, attention_mask, label_ids = pad_batch([dataset[i] for i in indices], pad_id)
-            module, inputs = model, {"input_ids": input_ids.to(device)}
-        output = module(
-            **inputs, attention_mask=attention_mask.to(device), labels=label_ids.to(device)
-        )
-        total_loss += float(output.loss) * len(indices)
-        total += len(indices)
-        predictions = output.logits.float().argmax(dim=-1).cpu()
-        true_ids.extend(label_ids.tolist())
-        pred_ids.extend(predictions.tolist())
-    return total_loss / max(total, 1), true_ids, pred_ids

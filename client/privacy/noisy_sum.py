@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,16 +34,18 @@ from fedward.client.privacy.accounting import (
     plan_distributed,
     privacy_units,
 )
+from fedward.client.tag_loss import outside_tag_id
 from fedward.client.trainer import (
+    MakeBatch,
     Progress,
     TrainResult,
-    _outside_tag_id,
+    batch_source,
     check_budget,
     pick_device,
     simulation_noise_seed,
 )
 from fedward.common.config import LocalRun
-from fedward.common.data import EncodedDataset, pad_batch
+from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError
 from fedward.common.model import set_adapter_arrays
 from fedward.common.secagg.distributed_noise import (
@@ -99,16 +102,8 @@ def noisy_gradient_sum(
     sampled = np.flatnonzero(rng.random(len(members)) < plan.sample_rate).tolist()
 
     cached = cached_training(model, dataset, config, pad_id, who, device)
-    if cached is not None:
-        module, make_batch, inputs_name = cached.top, cached.batch, "hidden_states"
-    else:
-        pad_to = (
-            config.spec.task.max_length if config.spec.training.padding == "max_length" else None
-        )
-        module, inputs_name = model, "input_ids"
-
-        def make_batch(indices: list[int]):
-            return pad_batch([dataset[i] for i in indices], pad_id, pad_to)
+    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
+    module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)
 
     # In the order of the adapter's arrays, which is the order the coordinator reads the sum in.
     by_name = dict(model.named_parameters())
@@ -117,32 +112,23 @@ def noisy_gradient_sum(
     std = local_noise_std(plan.noise_multiplier, dimension, privacy.noise_hospitals)
     check_noise_scale(std, privacy.noise_hospitals)
     check_no_wrap(len(members), dimension, std, hospitals=1000)
-    outside_id = _outside_tag_id(config.spec.training, config.spec.task)
+    outside_id = outside_tag_id(config.spec.training, config.spec.task)
     outside = None if outside_id is None else (outside_id, config.spec.training.outside_tag_weight)
 
     from opacus import GradSampleModule  # public API: per-record gradients, nothing private
 
     grad_module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-    total = np.zeros(dimension + 1, dtype=np.int64)
-    losses: list[float] = []
     try:
-        for start in range(0, len(sampled), UNITS_PER_CHUNK):
-            chunk = sampled[start : start + UNITS_PER_CHUNK]
-            rows, row_units = _records(chunk, members, privacy.max_records_per_patient, rng)
-            per_unit, loss = _unit_gradients(
-                grad_module,
-                params,
-                make_batch(rows),
-                row_units,
-                len(chunk),
-                inputs_name,
-                outside,
-                device,
-            )
-            losses.append(loss)
-            norms = per_unit.norm(dim=1, keepdim=True)
-            clipped = per_unit * (privacy.max_grad_norm / norms.clamp(min=privacy.max_grad_norm))
-            total += encode_units(clipped.double().numpy(), privacy.max_grad_norm, rng)
+        total, losses = _clipped_unit_sum(
+            grad_module,
+            params,
+            lambda chunk: _records(chunk, members, privacy.max_records_per_patient, rng),
+            make_batch,
+            sampled,
+            (inputs_name, outside, device),
+            privacy.max_grad_norm,
+            rng,
+        )
     finally:
         grad_module.remove_hooks()
         for p in params:
@@ -158,6 +144,44 @@ def noisy_gradient_sum(
         std,
     )
     return total, len(sampled), loss
+
+
+def _clipped_unit_sum(
+    grad_module: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    records_of: Callable[[list[int]], tuple[list[int], list[int]]],
+    make_batch: MakeBatch,
+    sampled: list[int],
+    forward: tuple[str, tuple[int, float] | None, torch.device],
+    max_grad_norm: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[float]]:
+    """The sum over the `sampled` units of each unit's gradient clipped to `max_grad_norm`,
+    encoded as integers (`encode_units`: d values, then the count coordinate), computed
+    `UNITS_PER_CHUNK` units at a time; and each chunk's mean loss. `records_of` gives a chunk's
+    records and each record's unit; `forward` is the inputs' name, the O tag's weighting and
+    the device."""
+    inputs_name, outside, device = forward
+    total = np.zeros(sum(p.numel() for p in params) + 1, dtype=np.int64)
+    losses: list[float] = []
+    for start in range(0, len(sampled), UNITS_PER_CHUNK):
+        chunk = sampled[start : start + UNITS_PER_CHUNK]
+        rows, row_units = records_of(chunk)
+        per_unit, loss = _unit_gradients(
+            grad_module,
+            params,
+            make_batch(rows),
+            row_units,
+            len(chunk),
+            inputs_name,
+            outside,
+            device,
+        )
+        losses.append(loss)
+        norms = per_unit.norm(dim=1, keepdim=True)
+        clipped = per_unit * (max_grad_norm / norms.clamp(min=max_grad_norm))
+        total += encode_units(clipped.double().numpy(), max_grad_norm, rng)
+    return total, losses
 
 
 def distributed_update(

@@ -1,0 +1,22 @@
+"""Where a hospital's model runs: CUDA when present, with bf16 autocast, else CPU in float32.
+Shared by training, prediction and the hospital's own model."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (where the model trains in float32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

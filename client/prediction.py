@@ -1,0 +1,74 @@
+"""Scoring an adapter on a hospital's examples: mean loss, true and predicted label ids, and
+the task's metrics. The frozen prefix is cached for validation notes as it is for training
+(client/prefix_cache.py), since a run scores the same notes every round."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedward.client.device import pick_device
+from fedward.client.prefix_cache import cached_training
+from fedward.common.config import LocalRun
+from fedward.common.data import EncodedDataset, pad_batch
+from fedward.common.model import set_adapter_arrays
+
+#: Examples per forward pass when predicting.
+PREDICT_BATCH = 64
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: LocalRun,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+    labels: list[str],
+) -> dict[str, float]:
+    """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
+    metrics = {"loss": loss, "num_examples": float(len(true_ids))}
+    metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
+    return metrics
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    config: LocalRun,
+    arrays: dict[str, np.ndarray],
+    pad_id: int,
+    who: str | None = None,
+) -> tuple[float, list, list]:
+    """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`.
+
+    With `who` (the hospital's name) the frozen prefix runs once per run on these examples too
+    (`client/prefix_cache.py`, kept as "<who>:validation"): a run evaluates the same validation
+    notes every round, and the encoder's forward pass was most of a round's evaluation."""
+    device = pick_device(config.local.device)
+    set_adapter_arrays(model, arrays)
+    model.to(device).eval()
+    cached = None
+    if who is not None:
+        cached = cached_training(model, dataset, config, pad_id, f"{who}:validation", device)
+    total_loss, total = 0.0, 0
+    true_ids: list = []
+    pred_ids: list = []
+    for start in range(0, len(dataset), PREDICT_BATCH):
+        indices = list(range(start, min(start + PREDICT_BATCH, len(dataset))))
+        if cached is not None:
+            hidden, attention_mask, label_ids = cached.batch(indices)
+            module, inputs = cached.top, {"hidden_states": hidden.to(device)}
+        else:
+            input_ids, attention_mask, label_ids = pad_batch([dataset[i] for i in indices], pad_id)
+            module, inputs = model, {"input_ids": input_ids.to(device)}
+        output = module(
+            **inputs, attention_mask=attention_mask.to(device), labels=label_ids.to(device)
+        )
+        total_loss += float(output.loss) * len(indices)
+        total += len(indices)
+        predictions = output.logits.float().argmax(dim=-1).cpu()
+        true_ids.extend(label_ids.tolist())
+        pred_ids.extend(predictions.tolist())
+    return total_loss / max(total, 1), true_ids, pred_ids
