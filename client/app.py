@@ -16,11 +16,8 @@ an evaluate reply carries what the site releases (deployed: DP-noised counts, ch
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -28,11 +25,32 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedward.client.hospital_data import (
+    DataSource,
+    HospitalData,
+    check_data_vocabulary,
+    encode,
+    example_labels,
+    largest_patient,
+    read_hospital_file,
+    with_run_labels,
+)
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
-from fedward.client.personalize import HomeRecipe, PersonalReport, home_folds, personalize
+from fedward.client.own_model import own_model
+from fedward.client.personalize import PersonalReport
 from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
-from fedward.client.secagg import SecAggClientSession, SecAggIdentity
+from fedward.client.replies import hospital_name, log_refusal, refusal, round_identity
+from fedward.client.secagg import SecAggIdentity
+from fedward.client.secagg.stages import (
+    SECAGG_STAGES,
+    SECAGG_STATE,
+    SECAGG_UPDATE,
+    advertise_keys,
+    distributed,
+    handle_secagg_stage,
+    secure_round_terms,
+)
 from fedward.client.site import START_ROUND, Site, check_starting_arrays
 from fedward.client.trainer import (
     DPPlan,
@@ -43,42 +61,41 @@ from fedward.client.trainer import (
     train_locally,
 )
 from fedward.common.config import (
-    DataSchema,
     LocalRun,
     PrivacySpec,
     RunSpec,
     SecAggSpec,
-    TaskSpec,
 )
-from fedward.common.coverage import check_vocabulary
-from fedward.common.data import EncodedDataset, patient_units
-from fedward.common.errors import ConfigError, DataError, FedwardError, SecAggError
+from fedward.common.data import EncodedDataset
+from fedward.common.errors import ConfigError, DataError
 from fedward.common.protocol import wire
-from fedward.common.protocol.reasons import Reason
-from fedward.common.secagg import CONSISTENCY_CHECK, MASKED_UPDATE, SHARE_KEYS, UNMASK
-from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED
 
 log = logging.getLogger(__name__)
 
-#: SecAgg+ stages after the first (which rides on the train message), in order.
-SECAGG_STAGES = (SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK)
-
-SECAGG_STATE = "fedward.secagg"  # this round's SecAgg+ session (secrets stay on this node)
-SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is masked
-
-
-@dataclass
-class HospitalData:
-    """One hospital's examples, already split; they never leave the hospital."""
-
-    name: str
-    train: list
-    val: list
-    source: str = ""  # where the data came from (file path, or a description in simulation)
-
-
-#: Loads a hospital's data for a run: (config, context) -> HospitalData.
-DataSource = Callable[[LocalRun, Context], HospitalData]
+#: The hospital's data (client/hospital_data.py) and own model (client/own_model.py) lived
+#: here; their old import paths still work.
+__all__ = [
+    "SECAGG_STATE",
+    "SECAGG_UPDATE",
+    "DataSource",
+    "HospitalData",
+    "HospitalSite",
+    "build_client_app",
+    "check_data_vocabulary",
+    "encode",
+    "example_labels",
+    "handle_evaluate",
+    "handle_secagg_stage",
+    "handle_train",
+    "hospital_name",
+    "largest_patient",
+    "load_site_data",
+    "open_site",
+    "own_model",
+    "read_hospital_file",
+    "secure_round_terms",
+    "with_run_labels",
+]
 
 
 class HospitalSite(Protocol):
@@ -152,82 +169,10 @@ StageHook = Callable[[str, Message, Context, StageHandler], Message]
 ProgressOpener = Callable[[Message, Context], Progress]
 
 
-def hospital_name(context: Context) -> str:
-    """The name a hospital reports: node config 'hospital-name', else its simulation index."""
-    config = context.node_config
-    if "hospital-name" in config:
-        return str(config["hospital-name"])
-    if "partition-id" in config:
-        return f"hospital-{config['partition-id']}"
-    return f"node-{context.node_id}"
-
-
-def encode(examples: list, task: TaskSpec, tokenizer, *, per_patient: bool) -> EncodedDataset:
-    """Token ids and label ids for the run's task; under patient-level DP (`per_patient`, the
-    privacy group's) each encoded example also carries its patient's number
-    (`EncodedDataset.units`)."""
-    return task.definition.encode(
-        examples,
-        task.labels or [],
-        tokenizer,
-        task.max_length,
-        patient_units(examples) if per_patient else None,
-    )
-
-
-def largest_patient(examples: list) -> int | None:
-    """The most records one patient has among `examples`; None when they name no patients.
-
-    Under record-level DP this is what group privacy multiplies epsilon by for that patient
-    (the hospital's audit log and the simulation report say so)."""
-    patients = Counter(getattr(example, "patient", None) for example in examples)
-    patients.pop(None, None)
-    return max(patients.values()) if patients else None
-
-
-def example_labels(example) -> set[str]:
-    """The labels an example carries: a `Record`'s label, or a tagged sentence's tags."""
-    if isinstance(example, list | tuple):  # a sentence of (word, tag)
-        return {tag for _, tag in example}
-    return {example.label}
-
-
-def with_run_labels(data: HospitalData, labels: list[str] | None) -> HospitalData:
-    """The examples whose labels the run lists; the others are left out, not refused.
-
-    A refusal here would answer "does any record carry label X?" (a run listing [cardiac, X]
-    against one listing [cardiac, decoy]): whether a record is used is a function of the record
-    alone, so a left-out record is one more neighbour the DP update hides, and the count of the
-    left-out ones is for this hospital's log only. A hospital that declares its labels in its
-    policy (`labels`) has a run missing one of them refused before any record is read.
-    """
-    known = set(labels or [])
-    train = [example for example in data.train if example_labels(example) <= known]
-    val = [example for example in data.val if example_labels(example) <= known]
-    left_out = len(data.train) + len(data.val) - len(train) - len(val)
-    if left_out:
-        log.warning(
-            "%s: %d of %d examples carry labels the run does not list; they are not used",
-            data.name,
-            left_out,
-            len(data.train) + len(data.val),
-        )
-    return HospitalData(data.name, train, val, data.source)
-
-
-def check_data_vocabulary(
-    data: HospitalData, tokenizer, model_name: str, max_unknown_rate: float
-) -> float:
-    """The share of this hospital's text unknown to the model `model_name` (`VocabularyError`
-    above the run's `max_unknown_rate`; common/coverage.py)."""
-    examples = [*data.train, *data.val]
-    return check_vocabulary(tokenizer, examples, model_name, max_unknown_rate)
-
-
 def log_progress(msg: Message, context: Context) -> Progress:
     """A deployed hospital's progress within a round: lines in its own log."""
     name = hospital_name(context)
-    server_round = _round_identity(msg)[1]
+    server_round = round_identity(msg)[1]
     return lambda stage: log.info("%s: round %d: %s", name, server_round, stage)
 
 
@@ -246,7 +191,7 @@ def handle_train(
     the site records the update before it leaves (see client/site/gates.py).
     """
     name = hospital_name(context)
-    spec, server_round, run_id = _round_identity(msg)
+    spec, server_round, run_id = round_identity(msg)
     site = None
     coverage: dict[str, float] = {}
     try:
@@ -264,7 +209,9 @@ def handle_train(
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
         if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
-            secagg = _advertise_keys(msg, context, run_id, server_round, site, config.spec.privacy)
+            secagg = advertise_keys(
+                msg, context, run_id, server_round, site.secagg_identity(), config.spec.privacy
+            )
         if result is None:  # None unless a resumed run repeats a round already released
             tokenizer = cached_tokenizer(config.spec.model.name)
             model = cached_model(config, len(config.spec.task.labels or []))
@@ -298,10 +245,10 @@ def handle_train(
             result.largest_patient = largest_patient(data.train)
             site.record(config.spec.privacy, run_id, server_round, result, global_arrays)
     except Exception as exc:  # whatever it was, only a code leaves
-        _log_refusal(name, "train", server_round, exc)
+        log_refusal(name, "train", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "train", exc)
-        return _refusal(msg, name, exc)
+        return refusal(msg, name, exc)
 
     return _train_reply(
         msg, context, name, result, coverage, config.spec.privacy, config.spec.secagg, site, secagg
@@ -362,47 +309,6 @@ def _train_reply(
     return Message(content=content, reply_to=msg)
 
 
-def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
-    unmask. The session makes and checks the payloads (wire packing included); this relays."""
-    name = hospital_name(context)
-    state = context.state.get(SECAGG_STATE)
-    request = wire.records_to_payload(msg.content[wire.SECAGG])
-    try:
-        if state is None:
-            raise SecAggError(
-                f"node {context.node_id}, stage {stage}: no secure-aggregation round in progress"
-            )
-        session = SecAggClientSession.from_state(bytes(state["session"]))
-        if stage == SHARE_KEYS:
-            reply = session.share_keys(request)
-        elif stage == MASKED_UPDATE:
-            update = context.state[SECAGG_UPDATE]
-            # capped again at the limit this round's keys were agreed with: a weight above it
-            # would be a refusal that tells the coordinator the count exceeds its limit
-            weight = min(int(update["weight"].numpy()[0]), int(session.params["max_weight"]))
-            reply = session.masked_update(request, update["delta"].numpy(), weight)
-        elif stage == CONSISTENCY_CHECK:
-            reply = session.consistency_check(request)
-        else:
-            reply = session.unmask(request)
-    except Exception as exc:  # whatever it was, only a code leaves
-        _log_refusal(name, stage, 0, exc)
-        return _refusal(msg, name, exc)
-    if stage == UNMASK:
-        context.state.pop(SECAGG_STATE, None)
-        context.state.pop(SECAGG_UPDATE, None)
-    else:
-        context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    if stage == MASKED_UPDATE:
-        context.state.pop(SECAGG_UPDATE, None)  # the update is no longer needed in any form
-    payload, vector = wire.payload_to_records(reply)
-    content = RecordDict({wire.SECAGG: payload, wire.INFO: ConfigRecord({"hospital": name})})
-    if vector is not None:
-        content[wire.ARRAYS] = vector
-    return Message(content=content, reply_to=msg)
-
-
 def update_weight(result: TrainResult, secagg: SecAggSpec, site: HospitalSite) -> int:
     """The weight this hospital's update carries in the average (inside the masked vector with
     secure aggregation, in the clear without), capped at the run's `secagg_max_weight`.
@@ -420,38 +326,6 @@ def update_weight(result: TrainResult, secagg: SecAggSpec, site: HospitalSite) -
     return min(weight, secagg.secagg_max_weight)
 
 
-def distributed(privacy: PrivacySpec) -> bool:
-    """Whether the run's DP noise is distributed over the secure sum (issue 39)."""
-    return privacy.dp and privacy.noise == "distributed"
-
-
-def secure_round_terms(
-    identity: SecAggIdentity, privacy: PrivacySpec
-) -> tuple[SecAggIdentity, str]:
-    """The identity a secure round runs with and the encoding of its vectors, from this
-    hospital's own admitted config (never from the coordinator's request).
-
-    Under distributed noise the hospital's share of the noise is 1/t of it, so every secure
-    cohort it is unmasked in must hold at least t hospitals, itself included, whatever its
-    policy's own minimum: the session refuses a smaller one at every stage, and after the masked
-    upload it signs and reveals nothing (`secagg.cohort_too_small`)."""
-    if not distributed(privacy):
-        return identity, WEIGHTED
-    trusted = privacy.noise_hospitals
-    return replace(identity, min_hospitals=max(identity.min_hospitals, trusted)), INTEGER
-
-
-def _advertise_keys(
-    msg, context, run_id, server_round, site: HospitalSite, privacy: PrivacySpec
-) -> ConfigRecord:
-    identity, encoding = secure_round_terms(site.secagg_identity(), privacy)
-    session = SecAggClientSession(context.node_id, run_id, server_round, identity, encoding)
-    reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
-    context.state[SECAGG_STATE] = ConfigRecord({"session": session.to_state()})
-    payload, _ = wire.payload_to_records(reply)
-    return payload
-
-
 def handle_evaluate(
     msg: Message, context: Context, load_data: DataSource, open_site: SiteOpener
 ) -> Message:
@@ -464,7 +338,7 @@ def handle_evaluate(
     `init_adapter` pin, else the fresh adapter of the run's seed), checked before anything is
     charged or read, so an evaluate-only run scores nothing the hospital did not approve."""
     name = hospital_name(context)
-    spec, server_round, run_id = _round_identity(msg)
+    spec, server_round, run_id = round_identity(msg)
     personal: dict[str, float] = {}
     if spec is not None and server_round == spec.federation.rounds:
         personal = keep_own_model(msg, context, load_data, open_site, spec, run_id)
@@ -498,10 +372,10 @@ def handle_evaluate(
             metrics["unknown-rate"] = share
             metrics.update(personal)  # simulation only: alone / global / own, not DP
     except Exception as exc:  # whatever it was, only a code leaves
-        _log_refusal(name, "evaluate", server_round, exc)
+        log_refusal(name, "evaluate", server_round, exc)
         if site is not None:
             site.refused(run_id, server_round, "evaluate", exc)
-        return _refusal(msg, name, exc)
+        return refusal(msg, name, exc)
     content = RecordDict(
         {
             wire.METRICS: MetricRecord({key: float(value) for key, value in metrics.items()}),
@@ -545,69 +419,6 @@ def keep_own_model(
         "personal-global": report.global_,
         "personal-own": report.own,
     }
-
-
-def own_model(
-    data: HospitalData, config: LocalRun, global_arrays: dict, recipe: HomeRecipe | None = None
-) -> tuple[dict, PersonalReport]:
-    """This hospital's own adapter and its alone / global / own report (client/personalize.py):
-    cross-validation over folds of its training patients chooses, the validation notes score.
-    Without DP and for the hospital only: nothing of it may reach a message."""
-    tokenizer = cached_tokenizer(config.spec.model.name)
-    num_labels = len(config.spec.task.labels or [])
-    model = cached_model(config, num_labels)
-    task = config.spec.task.definition
-    recipe = recipe or HomeRecipe()
-    # Encoded as training encoded them, so that the frozen prefix cached for training serves.
-    seed = config.spec.training.seed
-    per_patient = config.spec.privacy.per_patient
-    train, folds = _encoded_in_folds(
-        data.train,
-        home_folds(data.train, recipe.folds, seed),
-        config.spec.task,
-        tokenizer,
-        per_patient,
-    )
-    validation, validation_folds = _encoded_in_folds(
-        data.val,
-        home_folds(data.val, recipe.validation_folds, seed),
-        config.spec.task,
-        tokenizer,
-        per_patient,
-    )
-    return personalize(
-        model,
-        task,
-        train,
-        folds,
-        validation,
-        validation_folds,
-        config,
-        global_arrays,
-        initial_arrays(config, num_labels),
-        tokenizer.pad_token_id,
-        who=data.name,
-        recipe=recipe,
-    )
-
-
-def _encoded_in_folds(
-    examples: list, folds: list[list[int]], task: TaskSpec, tokenizer, per_patient: bool
-) -> tuple[EncodedDataset, list[list[int]]]:
-    """`examples` encoded, and the positions of each fold among the encoded examples: the
-    same where encoding keeps one example per example (the order training encoded them in),
-    else (NER cuts long sentences) encoded fold after fold."""
-    encoded = encode(examples, task, tokenizer, per_patient=per_patient)
-    if len(encoded) == len(examples):
-        return encoded, folds
-    ordered = [examples[i] for fold in folds for i in fold]
-    sizes = [
-        len(encode([examples[i] for i in fold], task, tokenizer, per_patient=per_patient))
-        for fold in folds
-    ]
-    starts = [int(n) for n in np.cumsum([0, *sizes])]
-    folded = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
-    return encode(ordered, task, tokenizer, per_patient=per_patient), folded
 
 
 def open_site(context: Context) -> Site:
@@ -666,53 +477,6 @@ def load_site_data(config: LocalRun, context: Context) -> HospitalData:
         config.spec.training.seed,
         hospital_name(context),
     )
-
-
-def read_hospital_file(
-    path: Path, task: TaskSpec, schema: DataSchema, seed: int, name: str
-) -> HospitalData:
-    """Read and split a hospital's own data file for the run's task, its columns as `schema`
-    names them, the split drawn from the run's `seed`."""
-    definition = task.definition
-    examples = definition.read(
-        path, schema.text_column, schema.label_column, patient_column=schema.patient_column
-    )
-    train, val = definition.split(examples, schema.val_fraction, seed)
-    return HospitalData(name, train, val, str(path))
-
-
-def _round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
-    """Run spec, round and run id of a request; a spec that does not validate is None."""
-    record = msg.content[wire.CONFIG]
-    try:
-        return wire.read_round_config(record)
-    except (FedwardError, KeyError, ValueError, TypeError):
-        values = dict(record)
-        try:
-            server_round = int(values.get(wire.ROUND_KEY, 0))
-        except (TypeError, ValueError):
-            server_round = 0
-        return None, server_round, str(values.get(wire.RUN_KEY, ""))
-
-
-def _log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
-    """The full story, for this hospital's log only."""
-    if isinstance(exc, FedwardError):
-        log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
-    else:
-        log.exception("%s: unexpected error in %s of round %d", name, stage, server_round)
-
-
-def _refusal(msg: Message, name: str, exc: Exception) -> Message:
-    """A refusal reply: the error's reason code and numbers, never its text."""
-    reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
-    content = RecordDict(
-        {
-            wire.REFUSAL: ConfigRecord(reason.to_record()),
-            wire.INFO: ConfigRecord({"hospital": name}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
 
 
 #: The ClientApp of a real hospital (`flower-supernode` runs it; see client/deploy/supernode.py).

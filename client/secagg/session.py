@@ -45,24 +45,39 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.client.secagg.identity import (
     SecAggIdentity,
     raw_private,
     raw_public,
-    raw_signing_private,
+)
+from fedward.client.secagg.persistence import (
+    load_memory,
+    memory_path,
+    restore_session,
+    session_to_bytes,
+    state_from_bytes,
+)
+from fedward.client.secagg.round_checks import (
+    check_enough_neighbours,
+    check_minimum_cohort,
+    check_round_params,
+    check_share_senders,
+    check_survivors,
+    check_update,
+    read_round_params,
+    refusal,
+    too_few,
+    verify_neighbour_keys,
+    verify_survivor_signatures,
 )
 from fedward.common.errors import SecAggError
 from fedward.common.files.atomic import write_bytes_atomic
-from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
@@ -75,57 +90,24 @@ from fedward.common.secagg import (
     agree_key,
     binding,
     check_header,
-    check_modulus,
-    check_node_ids,
-    check_threshold,
     consistency_quorum,
     decrypt_share,
     encrypt_share,
     header,
     key_statement,
-    majority,
     mask_sign,
     pack_bits,
     pair_context,
     params_digest,
     quantize,
-    read_field,
     read_list,
     read_node_keyed,
-    round_seed,
-    secagg_graph,
     shamir_split,
     survivor_statement,
-    verify_signature,
 )
 from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED, check_encoding, to_field
-from fedward.common.secagg.quantize import MAX_MODULUS_BITS
 
 logger = logging.getLogger(__name__)
-
-
-def _memory_path(identity: SecAggIdentity, run_id: str, server_round: int) -> Path | None:
-    if identity.memory_dir is None:
-        return None
-    return identity.memory_dir / f"{run_id}.{server_round}.json"
-
-
-def _load_memory(path: Path | None, server_round: int) -> dict[str, Any]:
-    """What this hospital committed to in the round in earlier sessions (empty: nothing yet).
-
-    participants: public signing keys (hex) of the hospitals its masked update was sent among;
-    survivors: those of itself and the neighbours in the survivor set it signed;
-    revealed: neighbour key (hex) -> "seed" or "key", the share it revealed for that neighbour.
-    """
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
-        raise SecAggError(
-            f"round {server_round}: this hospital's secure-aggregation record of the round "
-            f"cannot be read ({type(exc).__name__}); refusing, so that nothing is revealed twice"
-        ) from None
 
 
 class SecAggClientSession:
@@ -172,8 +154,8 @@ class SecAggClientSession:
         self._own_shares: tuple[bytes, bytes] | None = None  # (seed share, key share) we hold
         self._received: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> its shares for us
         self._survivors: list[int] | None = None  # the survivor set this hospital signed
-        self._memory_path = _memory_path(identity, self.run_id, server_round)
-        self._memory = _load_memory(self._memory_path, server_round)
+        self._memory_path = memory_path(identity, self.run_id, server_round)
+        self._memory = load_memory(self._memory_path, server_round)
 
     def __repr__(self) -> str:
         return (
@@ -184,18 +166,10 @@ class SecAggClientSession:
     # --- helpers -----------------------------------------------------------------------------
 
     def _fail(self, stage: str, what: str) -> SecAggError:
-        return SecAggError(f"node {self.node_id}, stage {stage}: {what}")
+        return refusal(self.node_id, stage, what)
 
     def _too_few(self, stage: str, members: int, what: str) -> SecAggError:
-        """The refusal for a cohort below the site policy's minimum. The message (for the
-        hospital's log, where the client app writes it) tells the whole story; only the code,
-        the count and the policy's minimum travel: numbers of the protocol and the policy,
-        never of the data."""
-        reason = Reason(
-            "secagg.cohort_too_small",
-            {"hospitals": members, "min_secure_aggregation_hospitals": self.identity.min_hospitals},
-        )
-        return SecAggError(f"node {self.node_id}, stage {stage}: {what}", reason=reason)
+        return too_few(self.node_id, stage, members, self.identity.min_hospitals, what)
 
     def _begin(self, request: Mapping[str, Any], stage: str, previous: str | None) -> None:
         if self.stage != previous:
@@ -203,6 +177,10 @@ class SecAggClientSession:
                 stage, f"out of order: the last stage this hospital completed is {self.stage!r}"
             )
         check_header(request, self.run_id, self.server_round, stage, self.node_id)
+
+    def _bound_to(self) -> tuple[str, int, bytes]:
+        """What every signature of the round is bound to: run, round, parameters' digest."""
+        return self.run_id, self.server_round, self._digest
 
     def _bind(self, stage: str, source: int, destination: int) -> bytes:
         return binding(self.run_id, self.server_round, stage, source, destination)
@@ -249,70 +227,16 @@ class SecAggClientSession:
         """
         stage = ADVERTISE_KEYS
         self._begin(request, stage, None)
-        node_ids = read_list(request, "node_ids", int, self.node_id, stage)
-        neighbours = read_field(request, "neighbours", int, self.node_id, stage)
-        threshold = read_field(request, "threshold", int, self.node_id, stage)
-        clip = float(read_field(request, "clip", float, self.node_id, stage))
-        bits = read_field(request, "bits", int, self.node_id, stage)
-        max_weight = read_field(request, "max_weight", int, self.node_id, stage)
-        modulus_bits = read_field(request, "modulus_bits", int, self.node_id, stage)
-        vector_length = read_field(request, "vector_length", int, self.node_id, stage)
-        encoding = read_field(request, "encoding", str, self.node_id, stage)
-        if encoding != self.encoding:
-            raise self._fail(
-                stage,
-                f"the coordinator asks for the {encoding!r} encoding, but this hospital's run "
-                f"spec makes it send {self.encoding!r} vectors; refused",
-            )
-        try:
-            nodes = check_node_ids(node_ids)
-            graph = secagg_graph(nodes, neighbours, round_seed(self.run_id, self.server_round))
-            if self.node_id not in graph:
-                raise SecAggError("this hospital is not among the round's node_ids")
-            self._neighbours = graph[self.node_id]
-            check_threshold(threshold, len(self._neighbours) + 1)
-            expected_bits = (
-                MAX_MODULUS_BITS
-                if encoding == INTEGER
-                else check_modulus(len(nodes), max_weight, clip, bits)
-            )
-        except SecAggError as exc:
-            raise self._fail(stage, str(exc)) from None
-        if len(self._neighbours) + 1 < self.identity.min_hospitals:
-            raise self._too_few(
-                stage,
-                len(self._neighbours) + 1,
-                f"the round has {len(nodes)} hospitals and this hospital masks with "
-                f"{len(self._neighbours)} neighbours, fewer than this site's "
-                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}) with itself; "
-                "refused before training",
-            )
-        if threshold < majority(len(self._neighbours) + 1):
-            raise self._fail(
-                stage,
-                f"threshold {threshold} is not a majority of the {len(self._neighbours) + 1} "
-                "hospitals that hold this hospital's shares; with a minority threshold the "
-                "coordinator could rebuild both of its secrets from two groups; refused",
-            )
-        if modulus_bits != expected_bits:
-            raise self._fail(
-                stage,
-                f"modulus_bits {modulus_bits} does not match the {expected_bits} bits that "
-                f"{len(nodes)} hospitals, max weight {max_weight} and {bits} bits need",
-            )
-        if vector_length < 1:
-            raise self._fail(stage, f"vector_length must be >= 1, got {vector_length}")
-        self.params = {
-            "node_ids": nodes,
-            "neighbours": neighbours,
-            "threshold": threshold,
-            "clip": clip,
-            "bits": bits,
-            "max_weight": max_weight,
-            "modulus_bits": modulus_bits,
-            "vector_length": vector_length,
-            "encoding": encoding,
-        }
+        params = read_round_params(request, self.encoding, self.node_id, stage)
+        self._neighbours = check_round_params(
+            params,
+            self.run_id,
+            self.server_round,
+            self.node_id,
+            self.identity.min_hospitals,
+            stage,
+        )
+        self.params = params
         self._digest = params_digest(self.params)
         self._share_key = X25519PrivateKey.generate()
         self._mask_key = X25519PrivateKey.generate()
@@ -361,7 +285,9 @@ class SecAggClientSession:
             raise self._fail(stage, "a neighbour's public key is not a 32-byte X25519 key")
         if len(set(advertised)) != len(advertised):
             raise self._fail(stage, "two advertised public keys are equal; refusing to share")
-        self._verify_keys(request, share_keys, mask_keys)
+        self._peer_signing_keys = verify_neighbour_keys(
+            request, share_keys, mask_keys, self.identity, self._bound_to(), self.node_id
+        )
         threshold = self.params["threshold"]
         if len(share_keys) + 1 < threshold:
             raise self._fail(
@@ -406,54 +332,6 @@ class SecAggClientSession:
             "ciphertexts": ciphertexts,
         }
 
-    def _verify_keys(
-        self,
-        request: Mapping[str, Any],
-        share_keys: dict[int, bytes],
-        mask_keys: dict[int, bytes],
-    ) -> None:
-        """Every neighbour's keys signed by a distinct hospital on the roster, or refuse."""
-        stage = SHARE_KEYS
-        signing = read_node_keyed(
-            request, "neighbour_ids", "signing_public_keys", self.node_id, stage
-        )
-        signatures = read_node_keyed(
-            request, "neighbour_ids", "key_signatures", self.node_id, stage
-        )
-        seen = {self.identity.public_key}
-        for neighbour in sorted(share_keys):
-            public = signing[neighbour]
-            if public not in self.identity.roster:
-                raise self._fail(
-                    stage,
-                    f"node {neighbour}'s keys are signed by a key that is not on this site's "
-                    "secagg_roster; refusing the round (no share is revealed)",
-                )
-            if public in seen:
-                raise self._fail(
-                    stage,
-                    f"node {neighbour} claims the signing key of {self.identity.roster[public]}, "
-                    "which another node of the round already has; refusing the round",
-                )
-            seen.add(public)
-            statement = key_statement(
-                self.run_id,
-                self.server_round,
-                neighbour,
-                self._digest,
-                share_keys[neighbour],
-                mask_keys[neighbour],
-            )
-            if not verify_signature(public, signatures[neighbour], statement):
-                raise self._fail(
-                    stage,
-                    f"node {neighbour}'s keys do not carry a valid signature of "
-                    f"{self.identity.roster[public]} for this run, round, node and round "
-                    "parameters (substituted keys, or a different round shown to it); refusing "
-                    "the round (no share is revealed)",
-                )
-        self._peer_signing_keys = dict(signing)
-
     # --- stage 3 -----------------------------------------------------------------------------
 
     def masked_update(
@@ -477,57 +355,41 @@ class SecAggClientSession:
         stage = MASKED_UPDATE
         self._begin(request, stage, SHARE_KEYS)
         received = read_node_keyed(request, "sources", "ciphertexts", self.node_id, stage)
-        strangers = sorted(set(received) - set(self._peer_share_keys))
-        if strangers:
-            raise self._fail(
-                stage, f"shares from nodes {strangers}, which are not neighbours it shared with"
-            )
-        threshold = self.params["threshold"]
-        if len(received) + 1 < threshold:
-            raise self._fail(
-                stage,
-                f"only {len(received)} neighbours sent shares, fewer than the threshold "
-                f"{threshold} minus this hospital",
-            )
-        if len(received) + 1 < self.identity.min_hospitals:
-            raise self._too_few(
-                stage,
-                len(received) + 1,
-                f"only {len(received)} neighbours sent shares, so this hospital's update would "
-                f"be masked among {len(received) + 1} hospitals, fewer than this site's "
-                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); the masked "
-                "update is not sent",
-            )
-        vector_length = self.params["vector_length"]
-        values = np.asarray(update)
-        if self.encoding == INTEGER:
-            vector_length += 1  # the count coordinate travels inside the vector
-            if not np.issubdtype(values.dtype, np.integer):
-                raise self._fail(stage, f"update has dtype {values.dtype}, expected int64")
-        if values.ndim != 1 or values.shape[0] != vector_length:
-            raise self._fail(stage, f"update has shape {values.shape}, expected ({vector_length},)")
-        if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
-            values.dtype, np.integer
-        ):
-            raise self._fail(stage, f"update has dtype {values.dtype}, expected floats")
-        if not np.all(np.isfinite(values)):
-            raise self._fail(stage, "update has NaN or infinite values; check local training")
-        max_weight = self.params["max_weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
-            raise self._fail(
-                stage, f"weight must be an int example count, got {type(weight).__name__}"
-            )
-        if not 0 <= int(weight) <= max_weight:
-            raise self._fail(
-                stage,
-                f"weight (example count) {int(weight)} is outside 0..{max_weight}; raise "
-                f"secagg_max_weight",
-            )
-        weight = int(weight)
+        check_share_senders(
+            received,
+            self._peer_share_keys,
+            self.params["threshold"],
+            self.identity.min_hospitals,
+            self.node_id,
+            stage,
+        )
+        values, weight = check_update(
+            update, weight, self.params, self.encoding, self.node_id, stage
+        )
         assert self._share_key is not None and self._mask_key is not None
         assert self._self_seed is not None
         # A resumed round resends the update it released: only among the very same hospitals.
         self._commit(stage, "participants", self._identities(set(received)))
+        self._open_shares(stage, received)
+        masked = self._masked_vector(stage, values, weight, sorted(received), rng)
+        self.stage = stage
+        logger.debug(
+            "node %d, secagg round %d: masked update of %d values sent",
+            self.node_id,
+            self.server_round,
+            len(values),
+        )
+        modulus_bits = self.params["modulus_bits"]
+        return {
+            **header(self.run_id, self.server_round, stage, self.node_id),
+            # Uniform modulo 2**modulus_bits: that many bits per value go on the wire, not 64.
+            "masked_update": pack_bits(masked, modulus_bits),
+        }
+
+    def _open_shares(self, stage: str, received: Mapping[int, bytes]) -> None:
+        """Decrypt and keep each neighbour's shares (of its self-mask seed and mask key),
+        refusing one that does not authenticate for this run, round and receiver."""
+        assert self._share_key is not None
         for source, ciphertext in received.items():
             try:
                 key = agree_key(
@@ -551,8 +413,22 @@ class SecAggClientSession:
                 raise self._fail(stage, f"the share from node {source} has the wrong size")
             self._received[source] = (plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:])
 
+    def _masked_vector(
+        self,
+        stage: str,
+        values: np.ndarray,
+        weight: int,
+        neighbours: list[int],
+        rng: np.random.Generator | None,
+    ) -> np.ndarray:
+        """n_u * quantize(values) then n_u (or, integer encoding, the values as they are) in
+        the field, plus the self mask and the signed pairwise mask of each neighbour."""
+        assert self._mask_key is not None and self._self_seed is not None
         clip, bits = self.params["clip"], self.params["bits"]
         modulus_bits = self.params["modulus_bits"]
+        vector_length = self.params["vector_length"]
+        if self.encoding == INTEGER:
+            vector_length += 1
         clipped = 0 if self.encoding == INTEGER else int(np.count_nonzero(np.abs(values) > clip))
         if clipped:
             logger.info(
@@ -570,7 +446,7 @@ class SecAggClientSession:
             masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
             masked[-1] = weight
         masks = [(self._self_seed, 1)]  # (seed, sign): added or subtracted below
-        for source in sorted(received):
+        for source in neighbours:
             try:
                 seed = agree_key(
                     self._mask_key,
@@ -583,18 +459,7 @@ class SecAggClientSession:
                 raise self._fail(stage, f"node {source}'s mask public key is invalid") from None
             masks.append((seed, mask_sign(self.node_id, source)))
         add_masks(masked, masks, modulus_bits)
-        self.stage = stage
-        logger.debug(
-            "node %d, secagg round %d: masked update of %d values sent",
-            self.node_id,
-            self.server_round,
-            vector_length,
-        )
-        return {
-            **header(self.run_id, self.server_round, stage, self.node_id),
-            # Uniform modulo 2**modulus_bits: that many bits per value go on the wire, not 64.
-            "masked_update": pack_bits(masked, modulus_bits),
-        }
+        return masked
 
     # --- stage 4 -----------------------------------------------------------------------------
 
@@ -608,24 +473,10 @@ class SecAggClientSession:
         stage = CONSISTENCY_CHECK
         self._begin(request, stage, MASKED_UPDATE)
         survivors = read_list(request, "survivors", int, self.node_id, stage)
-        if len(set(survivors)) != len(survivors):
-            raise self._fail(stage, "'survivors' lists a node twice")
-        if self.node_id not in survivors:
-            raise self._fail(
-                stage, "this hospital sent its masked update but is not among the survivors"
-            )
-        strangers = sorted(set(survivors) - set(self.params["node_ids"]))
-        if strangers:
-            raise self._fail(stage, f"nodes {strangers} in 'survivors' are not in the round")
-        quorum = self._quorum()
-        if len(survivors) < quorum:
-            raise self._fail(
-                stage,
-                f"only {len(survivors)} survivors, fewer than the {quorum} this hospital needs "
-                "to sign the set; refusing to unmask",
-            )
-        self._check_enough_neighbours(stage, set(survivors))
-        self._check_minimum_cohort(stage, set(survivors))
+        check_survivors(survivors, self.params["node_ids"], self._quorum(), self.node_id, stage)
+        threshold, minimum = self.params["threshold"], self.identity.min_hospitals
+        check_enough_neighbours(set(survivors), self._received, threshold, self.node_id, stage)
+        check_minimum_cohort(set(survivors), self._received, minimum, self.node_id, stage)
         self._commit(stage, "survivors", self._identities(set(survivors) & set(self._received)))
         self._survivors = sorted(survivors)
         statement = survivor_statement(
@@ -639,37 +490,6 @@ class SecAggClientSession:
 
     def _quorum(self) -> int:
         return consistency_quorum(self.params["threshold"], len(self.params["node_ids"]))
-
-    def _check_minimum_cohort(self, stage: str, survivors: set[int]) -> None:
-        """Sign and reveal only for a survivor set of at least the site's minimum cohort.
-
-        Counted are this hospital and the survivors it masked its update with (neighbours whose
-        roster-signed keys it checked and whose shares it holds): those are the hospitals whose
-        updates any unmasking of its own must add in. A survivor it never shared masks with (a
-        node said to have dropped earlier, or padded in by the coordinator) does not count:
-        with it, a round of three could still unmask two updates, one hospital's to the other.
-        """
-        members = len(survivors & set(self._received)) + 1
-        if members < self.identity.min_hospitals:
-            raise self._too_few(
-                stage,
-                members,
-                f"the survivor set holds {members} hospitals that this hospital masked its "
-                f"update with (itself included), fewer than this site's "
-                f"min_secure_aggregation_hospitals ({self.identity.min_hospitals}); refusing to "
-                "sign it or reveal any share (the coordinator would learn the sum of too few "
-                "updates)",
-            )
-
-    def _check_enough_neighbours(self, stage: str, survivors: set[int]) -> None:
-        threshold = self.params["threshold"]
-        alive = survivors & set(self._received)
-        if len(alive) + 1 < threshold:
-            raise self._fail(
-                stage,
-                f"only {len(alive)} neighbours survived, fewer than the threshold "
-                f"{threshold} minus this hospital; refusing to unmask",
-            )
 
     # --- stage 5 -----------------------------------------------------------------------------
 
@@ -689,8 +509,18 @@ class SecAggClientSession:
                 stage,
                 "the survivor set differs from the one this hospital signed; refusing to reveal",
             )
-        self._verify_survivor_signatures(request)
-        self._check_minimum_cohort(stage, set(survivors))
+        assert self._survivors is not None
+        verify_survivor_signatures(
+            request,
+            self._survivors,
+            self._quorum(),
+            self.identity,
+            self._peer_signing_keys,
+            self._bound_to(),
+            self.node_id,
+        )
+        minimum = self.identity.min_hospitals
+        check_minimum_cohort(set(survivors), self._received, minimum, self.node_id, stage)
         alive = set(survivors) - {self.node_id}
         neighbours_alive = sorted(alive & set(self._received))
         dropped = sorted(set(self._received) - alive)
@@ -729,45 +559,6 @@ class SecAggClientSession:
             "key_shares": key_shares,
         }
 
-    def _verify_survivor_signatures(self, request: Mapping[str, Any]) -> None:
-        """At least the quorum of distinct roster hospitals signed this survivor set."""
-        stage = UNMASK
-        assert self._survivors is not None
-        signer_keys = read_node_keyed(request, "signer_ids", "signer_keys", self.node_id, stage)
-        signatures = read_node_keyed(request, "signer_ids", "signatures", self.node_id, stage)
-        seen: set[bytes] = set()
-        for signer in sorted(signer_keys):
-            public = signer_keys[signer]
-            known = (
-                self.identity.public_key
-                if signer == self.node_id
-                else self._peer_signing_keys.get(signer, public)
-            )
-            statement = survivor_statement(
-                self.run_id, self.server_round, signer, self._digest, self._survivors
-            )
-            if (
-                signer not in self._survivors
-                or public != known
-                or public not in self.identity.roster
-                or public in seen
-                or not verify_signature(public, signatures[signer], statement)
-            ):
-                raise self._fail(
-                    stage,
-                    f"the signature of node {signer} on the survivor set is not valid (not a "
-                    "survivor, not on the roster, a repeated hospital, or signed for another "
-                    "set): the hospitals were not told the same survivors; refusing to reveal",
-                )
-            seen.add(public)
-        quorum = self._quorum()
-        if len(seen) < quorum:
-            raise self._fail(
-                stage,
-                f"only {len(seen)} hospitals signed the survivor set, fewer than the {quorum} "
-                "needed; refusing to reveal",
-            )
-
     # --- persistence between messages --------------------------------------------------------
 
     def to_state(self) -> bytes:
@@ -776,69 +567,16 @@ class SecAggClientSession:
         Flower may serve consecutive stages from different worker processes, so the session
         lives in the node's `Context.state`, which stays on the hospital's side.
         """
-        keys = {
-            "share_key": None if self._share_key is None else raw_private(self._share_key),
-            "mask_key": None if self._mask_key is None else raw_private(self._mask_key),
-        }
-        identity = self.identity
-        state = {
-            "signing_key": raw_signing_private(identity.signing_key),
-            "roster": dict(identity.roster),
-            "min_hospitals": identity.min_hospitals,
-            "memory_dir": None if identity.memory_dir is None else str(identity.memory_dir),
-            "digest": self._digest,
-            "peer_signing_keys": self._peer_signing_keys,
-            "survivors": self._survivors,
-            "memory": self._memory,
-            "node_id": self.node_id,
-            "run_id": self.run_id,
-            "server_round": self.server_round,
-            "stage": self.stage,
-            "params": self.params,
-            "neighbours": self._neighbours,
-            "self_seed": self._self_seed,
-            "peer_share_keys": self._peer_share_keys,
-            "peer_mask_keys": self._peer_mask_keys,
-            "own_shares": self._own_shares,
-            "received": self._received,
-            "encoding": self.encoding,
-            **keys,
-        }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return session_to_bytes(self)
 
     @classmethod
     def from_state(cls, blob: bytes) -> SecAggClientSession:
         """Rebuild a session saved with `to_state` (by this same node)."""
-        state = pickle.loads(blob)
-        memory_dir = state["memory_dir"]
-        identity = SecAggIdentity(
-            Ed25519PrivateKey.from_private_bytes(state["signing_key"]),
-            state["roster"],
-            state["min_hospitals"],
-            None if memory_dir is None else Path(memory_dir),
-        )
+        identity, state = state_from_bytes(blob)
         session = cls(
             state["node_id"], state["run_id"], state["server_round"], identity, state["encoding"]
         )
-        session._digest = state["digest"]
-        session._peer_signing_keys = state["peer_signing_keys"]
-        session._survivors = state["survivors"]
-        session._memory = state["memory"]
-        session.stage = state["stage"]
-        session.params = state["params"]
-        session._neighbours = tuple(state["neighbours"])
-        session._self_seed = state["self_seed"]
-        session._peer_share_keys = state["peer_share_keys"]
-        session._peer_mask_keys = state["peer_mask_keys"]
-        session._own_shares = state["own_shares"]
-        session._received = state["received"]
-        for name in ("share_key", "mask_key"):
-            raw = state[name]
-            setattr(
-                session,
-                f"_{name}",
-                None if raw is None else X25519PrivateKey.from_private_bytes(raw),
-            )
+        restore_session(session, state)
         return session
 
     def _forget(self) -> None:

@@ -1,0 +1,78 @@
+"""This hospital's own model at a run's end: the final global adapter fitted to its own notes
+at home (client/personalize.py), with its alone / global / own report. Without DP and for the
+hospital only: nothing of it may reach a message."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from fedward.client.hospital_data import HospitalData, encode
+from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
+from fedward.client.personalize import HomeRecipe, PersonalReport, home_folds, personalize
+from fedward.common.config import LocalRun, TaskSpec
+from fedward.common.data import EncodedDataset
+
+
+def own_model(
+    data: HospitalData, config: LocalRun, global_arrays: dict, recipe: HomeRecipe | None = None
+) -> tuple[dict, PersonalReport]:
+    """This hospital's own adapter and its alone / global / own report (client/personalize.py):
+    cross-validation over folds of its training patients chooses, the validation notes score.
+    Without DP and for the hospital only: nothing of it may reach a message."""
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    num_labels = len(config.spec.task.labels or [])
+    model = cached_model(config, num_labels)
+    task = config.spec.task.definition
+    recipe = recipe or HomeRecipe()
+    # Encoded as training encoded them, so that the frozen prefix cached for training serves.
+    seed = config.spec.training.seed
+    per_patient = config.spec.privacy.per_patient
+    train, folds = _encoded_in_folds(
+        data.train,
+        home_folds(data.train, recipe.folds, seed),
+        config.spec.task,
+        tokenizer,
+        per_patient,
+    )
+    validation, validation_folds = _encoded_in_folds(
+        data.val,
+        home_folds(data.val, recipe.validation_folds, seed),
+        config.spec.task,
+        tokenizer,
+        per_patient,
+    )
+    return personalize(
+        model,
+        task,
+        train,
+        folds,
+        validation,
+        validation_folds,
+        config,
+        global_arrays,
+        initial_arrays(config, num_labels),
+        tokenizer.pad_token_id,
+        who=data.name,
+        recipe=recipe,
+    )
+
+
+def _encoded_in_folds(
+    examples: list, folds: list[list[int]], task: TaskSpec, tokenizer, per_patient: bool
+) -> tuple[EncodedDataset, list[list[int]]]:
+    """`examples` encoded, and the positions of each fold among the encoded examples: the
+    same where encoding keeps one example per example (the order training encoded them in),
+    else (NER cuts long sentences) encoded fold after fold."""
+    encoded = encode(examples, task, tokenizer, per_patient=per_patient)
+    if len(encoded) == len(examples):
+        return encoded, folds
+    ordered = [examples[i] for fold in folds for i in fold]
+    sizes = [
+        len(encode([examples[i] for i in fold], task, tokenizer, per_patient=per_patient))
+        for fold in folds
+    ]
+    starts = [int(n) for n in np.cumsum([0, *sizes])]
+    folded = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
+    return encode(ordered, task, tokenizer, per_patient=per_patient), folded

@@ -1,0 +1,60 @@
+"""What a hospital's reply may say about itself and its refusals: its name, and for a refusal
+a reason code with numbers (common/protocol/reasons.py), never an exception's text; the full
+story goes to the hospital's own log only."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedward.common.config import RunSpec
+from fedward.common.errors import FedwardError
+from fedward.common.protocol import wire
+from fedward.common.protocol.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+
+def hospital_name(context: Context) -> str:
+    """The name a hospital reports: node config 'hospital-name', else its simulation index."""
+    config = context.node_config
+    if "hospital-name" in config:
+        return str(config["hospital-name"])
+    if "partition-id" in config:
+        return f"hospital-{config['partition-id']}"
+    return f"node-{context.node_id}"
+
+
+def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
+    """Run spec, round and run id of a request; a spec that does not validate is None."""
+    record = msg.content[wire.CONFIG]
+    try:
+        return wire.read_round_config(record)
+    except (FedwardError, KeyError, ValueError, TypeError):
+        values = dict(record)
+        try:
+            server_round = int(values.get(wire.ROUND_KEY, 0))
+        except (TypeError, ValueError):
+            server_round = 0
+        return None, server_round, str(values.get(wire.RUN_KEY, ""))
+
+
+def log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
+    """The full story, for this hospital's log only."""
+    if isinstance(exc, FedwardError):
+        log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
+    else:
+        log.exception("%s: unexpected error in %s of round %d", name, stage, server_round)
+
+
+def refusal(msg: Message, name: str, exc: Exception) -> Message:
+    """A refusal reply: the error's reason code and numbers, never its text."""
+    reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
+    content = RecordDict(
+        {
+            wire.REFUSAL: ConfigRecord(reason.to_record()),
+            wire.INFO: ConfigRecord({"hospital": name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
