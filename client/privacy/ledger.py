@@ -36,16 +36,9 @@ Writes are atomic (`common.atomic`), so a crash never leaves half a ledger.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedward.client.privacy.accounting import (
     DPPlan,
@@ -53,125 +46,40 @@ from fedward.client.privacy.accounting import (
     compose_epsilon,
     projected_epsilon,
 )
+from fedward.client.privacy.ledger_file import (
+    IDENTIFIER,
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    OLD_KEY,
+    RESERVED,
+    SPENT,
+    LedgerEntry,
+    LedgerRow,
+    check_identifier,
+    dataset_fingerprint,
+    new_entry,
+    read_ledger_file,
+    with_totals,
+)
 from fedward.common.errors import DataError, PolicyError, PrivacyBudgetExceeded
 from fedward.common.files.atomic import write_json_atomic
-from fedward.common.files.digest import content_sha256
 from fedward.common.files.locking import exclusive_lock
 from fedward.common.protocol.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
-LEDGER_FORMAT = "fedward-privacy-ledger"
-LEDGER_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1: keyed by the data hash, no reservations
-
-#: Identifiers used in file names: run ids from the coordinator, data-set ids from the hospital.
-#: Letters, digits, '_' and '-', starting with a letter or digit, at most 64: no '.', no '/',
-#: no NUL, nothing a file system reads as a path.
-IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_OLD_KEY = re.compile(r"[0-9a-f]{64}")  # the file name of a version-1 (hash-keyed) ledger
-
-SPENT = "spent"
-RESERVED = "reserved"
-
-
-def check_identifier(value: object, what: str) -> str:
-    """`value` if it is a safe identifier (`IDENTIFIER`); else `PolicyError` naming `what`.
-
-    The message quotes at most a short, printable prefix of the value: it may come from the
-    coordinator and goes back to it.
-    """
-    text = value if isinstance(value, str) else None
-    if text is None or not IDENTIFIER.fullmatch(text):
-        shown = repr(text[:24]) if text is not None and text[:24].isprintable() else "(hidden)"
-        raise PolicyError(
-            f"{what} {shown} is not a plain identifier: use 1 to 64 letters, digits, '_' or '-', "
-            "starting with a letter or digit; refused before any file was touched",
-            reason=Reason("identifier.invalid"),
-        )
-    return text
-
-
-class LedgerEntry(BaseModel):
-    """One round of DP training on the data set: reserved before its first step, spent after.
-
-    A `reserved` entry counts exactly like a spent one: it is either a round in progress or one
-    whose process died before it could confirm or release it (fail safe).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    run_id: str = Field(..., min_length=1)
-    round: int = Field(..., ge=0)
-    noise_multiplier: float = Field(..., gt=0)
-    sample_rate: float = Field(..., gt=0, le=1)
-    steps: int = Field(..., ge=1)
-    delta: float = Field(..., gt=0, lt=1)
-    epsilon_round: float = Field(..., ge=0, description="This round alone, at `delta`.")
-    epsilon_total: float = Field(..., ge=0, description="All rounds so far, at `delta`.")
-    recorded_at: str
-    status: Literal["spent", "reserved"] = Field(
-        SPENT, description="reserved: planned before the first step, not yet confirmed."
-    )
-    data_sha256: str | None = Field(
-        None, description="SHA-256 of the data file when the round was reserved (audit only)."
-    )
-    unit: Literal["record", "patient"] = Field(
-        "record", description="What this entry's epsilon protects: a record or a patient."
-    )
-    epsilon_bound: float | None = Field(
-        None,
-        ge=0,
-        description="What the budget gate charged for this entry, a bound that does not depend "
-        "on the data: a run's target epsilon at its first entry (0 after), a release's own "
-        "epsilon. None: entries written before issue 40, counted at the accountant's epsilon.",
-    )
-
-
-class _LedgerFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    format: str
-    version: int
-    dataset: str
-    description: str | None = None
-    accountant: str = "rdp"
-    migrated_from: list[str] = Field(default_factory=list)
-    entries: list[LedgerEntry]
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """One printable row of `fedward client ledger`: a recorded round and the running total."""
-
-    run_id: str
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    epsilon_round: float
-    epsilon_total: float
-    recorded_at: str
-    status: str = SPENT
-    data_sha256: str | None = None
-    unit: str = "record"
-
-
-def dataset_fingerprint(path: str | Path) -> str:
-    """SHA-256 (hex) of a data set's bytes: the file, or every file of a folder in sorted order.
-
-    For a folder each file contributes its relative path, its size and its bytes, so renaming,
-    moving or editing any file changes the fingerprint (`common.digest.content_sha256`). It is
-    recorded with each ledger entry (and was the ledger key before version 2). Raises
-    `DataError` when the path is missing or the folder holds no file.
-    """
-    try:
-        return content_sha256(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: data set not found; check the data path") from None
-    except ValueError:
-        raise DataError(f"{path}: data folder is empty; nothing to fingerprint") from None
+#: The ledger's file format (client/privacy/ledger_file.py) lived here; its old import paths
+#: still work.
+__all__ = [
+    "IDENTIFIER",
+    "RESERVED",
+    "SPENT",
+    "LedgerEntry",
+    "LedgerRow",
+    "PrivacyLedger",
+    "check_identifier",
+    "dataset_fingerprint",
+]
 
 
 class PrivacyLedger:
@@ -223,36 +131,7 @@ class PrivacyLedger:
     def load(cls, path: str | Path) -> PrivacyLedger:
         """Read a ledger file; an unreadable or malformed one raises `DataError` naming it."""
         path = Path(path)
-        advice = (
-            "restore it from a backup; do not delete it, that would reset this data set's "
-            "privacy budget"
-        )
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: privacy ledger not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: cannot read privacy ledger ({exc}); {advice}") from None
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: privacy ledger is corrupt at line {exc.lineno} ({exc.msg}); {advice}"
-            ) from None
-        try:
-            parsed = _LedgerFile.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(item) for item in first["loc"]) or "file"
-            raise DataError(
-                f"{path}: privacy ledger is malformed at '{where}' ({first['msg']}); {advice}"
-            ) from None
-        if parsed.format != LEDGER_FORMAT or parsed.version not in _READABLE_VERSIONS:
-            raise DataError(
-                f"{path}: not a fedward privacy ledger version {LEDGER_VERSION} "
-                f"(format {parsed.format!r}, version {parsed.version}); {advice}"
-            )
-        entries = parsed.entries
-        if parsed.version == 1:  # keyed by the data hash: that hash is each entry's data_sha256
-            entries = [e.model_copy(update={"data_sha256": parsed.dataset}) for e in entries]
+        parsed, entries = read_ledger_file(path)
         return cls(path, parsed.dataset, entries, parsed.description, parsed.migrated_from)
 
     @classmethod
@@ -269,7 +148,7 @@ class PrivacyLedger:
         `<hash>.json.migrated` so it is neither listed nor carried over again. Returns the
         number of entries carried over.
         """
-        if not _OLD_KEY.fullmatch(data_sha256):
+        if not OLD_KEY.fullmatch(data_sha256):
             raise ValueError(f"not a SHA-256 hex digest: {data_sha256!r}")
         old_path = self.path.with_name(f"{data_sha256}.json")
         if old_path == self.path or not old_path.exists():
@@ -281,7 +160,7 @@ class PrivacyLedger:
             present = {(e.run_id, e.round) for e in self.entries}
             carried = [e for e in old.entries if (e.run_id, e.round) not in present]
             self.migrated_from.append(data_sha256)
-            self._write_entries(_with_totals([*carried, *self.entries]))
+            self._write_entries(with_totals([*carried, *self.entries]))
             old_path.replace(old_path.with_name(old_path.name + ".migrated"))
         logger.warning(
             "ledger %s: carried over %d rounds from the hash-keyed ledger %s",
@@ -454,7 +333,7 @@ class PrivacyLedger:
             else:
                 charge = self.bound_of(run_id, epsilon_bound, bound_per)
                 self.check_bound(lifetime_epsilon, at_delta, charge, unit)
-            entry = self._entry(
+            entry = new_entry(
                 run_id, round, plan, delta, RESERVED, data_sha256, self.history, unit
             ).model_copy(update={"epsilon_bound": charge})
             self._write_entries([*self.entries, entry])
@@ -493,7 +372,7 @@ class PrivacyLedger:
             others = [e for i, e in enumerate(self.entries) if i != index]
             if index is None:
                 self.check_unit(unit)
-            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, [], unit)
+            entry = new_entry(run_id, round, plan, delta, SPENT, data_sha256, [], unit)
             if index is not None:  # what the gate charged for it stays charged
                 entry = entry.model_copy(
                     update={"epsilon_bound": self.entries[index].epsilon_bound}
@@ -508,7 +387,7 @@ class PrivacyLedger:
                 entries = [*others, entry]
             else:
                 entries = [*self.entries[:index], entry, *self.entries[index + 1 :]]
-            entries = _with_totals(entries)
+            entries = with_totals(entries)
             self._write_entries(entries)
         confirmed = next(e for e in self.entries if (e.run_id, e.round) == (run_id, round))
         logger.info(
@@ -535,7 +414,7 @@ class PrivacyLedger:
             ]
             if len(kept) == len(self.entries):
                 return False
-            self._write_entries(_with_totals(kept))
+            self._write_entries(with_totals(kept))
         logger.info(
             "ledger %s: released the reservation of run %s round %d", self.dataset, run_id, round
         )
@@ -572,7 +451,7 @@ class PrivacyLedger:
                     return entry
             self.check_unit(unit)
             plan = DPPlan(noise_multiplier, sample_rate, steps)
-            entry = self._entry(run_id, round, plan, delta, SPENT, data_sha256, self.history, unit)
+            entry = new_entry(run_id, round, plan, delta, SPENT, data_sha256, self.history, unit)
             self._write_entries([*self.entries, entry])
         logger.info(
             "ledger %s: recorded run %s round %d, epsilon spent %.3f (delta %g)",
@@ -655,33 +534,6 @@ class PrivacyLedger:
             self.description = self.description or on_disk.description
             self.migrated_from = on_disk.migrated_from or self.migrated_from
 
-    @staticmethod
-    def _entry(
-        run_id: str,
-        round: int,
-        plan: DPPlan,
-        delta: float,
-        status: str,
-        data_sha256: str | None,
-        before: list[HistoryEntry],
-        unit: str = "record",
-    ) -> LedgerEntry:
-        step: HistoryEntry = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-        return LedgerEntry(
-            run_id=run_id,
-            round=round,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            delta=delta,
-            epsilon_round=_finite(compose_epsilon([step], delta)),
-            epsilon_total=_finite(compose_epsilon([*before, step], delta)),
-            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            status=status,
-            data_sha256=data_sha256,
-            unit=unit,
-        )
-
     def _write_entries(self, entries: list[LedgerEntry]) -> None:
         """Write `entries` atomically (under the lock), then adopt them."""
         document = {
@@ -695,20 +547,3 @@ class PrivacyLedger:
         }
         write_json_atomic(self.path, document)
         self.entries = list(entries)
-
-
-def _with_totals(entries: list[LedgerEntry]) -> list[LedgerEntry]:
-    """`entries` with each running total recomputed (after one was added, changed or dropped)."""
-    history: list[HistoryEntry] = []
-    out = []
-    for entry in entries:
-        history.append((entry.noise_multiplier, entry.sample_rate, entry.steps))
-        total = _finite(compose_epsilon(history, entry.delta))
-        out.append(entry.model_copy(update={"epsilon_total": total}))
-    return out
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"epsilon {value} is not finite; check noise_multiplier and steps")
-    return value
