@@ -24,6 +24,7 @@ from fedward.common.errors import ConfigError
 from fedward.common.files.atomic import write_json_atomic
 from fedward.common.files.audit_log import AuditLog
 from fedward.common.model import (
+    ArraySpec,
     adapter_spec,
     build_model,
     check_adapter_arrays,
@@ -84,25 +85,9 @@ def run_federation(
     model = build_model(config.spec, len(config.spec.task.labels))
     spec = adapter_spec(model)
     audit = AuditLog(out / AUDIT_LOG)
-    if config.local.resume:
-        checkpoint = load_checkpoint(out)
-        check_resumable(checkpoint, config)
-        check_adapter_arrays(spec, checkpoint.arrays)
-        fedward_run_id, arrays = checkpoint.run_id, checkpoint.arrays
-        rounds, first_round = list(checkpoint.rounds), checkpoint.completed_round + 1
-        audit.append(
-            "run.resume",
-            run_id=fedward_run_id,
-            flower_run_id=str(run_id),
-            completed_round=checkpoint.completed_round,
-            checkpoint_sha256=checkpoint.sha256,
-            adapter_sha256=arrays_digest(arrays),
-        )
-        log.info("run %s: resuming after round %d", fedward_run_id, checkpoint.completed_round)
-    else:
-        fedward_run_id, arrays = new_run_id(), get_adapter_arrays(model)
-        rounds, first_round = [], 1
-        audit.append("run.start", **run_start_fields(config, fedward_run_id, str(run_id), arrays))
+    fedward_run_id, arrays, rounds, first_round = _start_or_resume(
+        config, spec, get_adapter_arrays(model), audit, str(run_id)
+    )
     strategy = FedwardStrategy(config, spec, fedward_run_id)
     result = RunResult(out=out, rounds=rounds, arrays=arrays, run_id=fedward_run_id)
     log.info(
@@ -156,16 +141,51 @@ def run_federation(
         )
         if on_round is not None:
             on_round(row)
-    audit.append(
-        "run.end",
-        run_id=fedward_run_id,
-        flower_run_id=str(run_id),
-        rounds=len(result.rounds),
-        failed_rounds=[row["round"] for row in result.rounds if row["status"] != "ok"],
-        adapter_sha256=arrays_digest(arrays),
-        kept_round=result.kept_round,
-    )
+    audit.append("run.end", **_run_end_fields(result, str(run_id)))
     return result
+
+
+def _start_or_resume(
+    config: RunConfig, spec: list[ArraySpec], fresh: dict, audit: AuditLog, flower_run_id: str
+) -> tuple[str, dict, list[dict], int]:
+    """The fedward run id, the global adapter, the rounds so far and the first round to run:
+    a new run from the `fresh` adapter, or with `config.local.resume` the run checkpointed in
+    `config.local.out`, checked against the config and the adapter `spec`; audited."""
+    if not config.local.resume:
+        fedward_run_id = new_run_id()
+        fields = run_start_fields(config, fedward_run_id, flower_run_id, fresh)
+        audit.append("run.start", **fields)
+        return fedward_run_id, fresh, [], 1
+    checkpoint = load_checkpoint(Path(config.local.out))
+    check_resumable(checkpoint, config)
+    check_adapter_arrays(spec, checkpoint.arrays)
+    audit.append(
+        "run.resume",
+        run_id=checkpoint.run_id,
+        flower_run_id=flower_run_id,
+        completed_round=checkpoint.completed_round,
+        checkpoint_sha256=checkpoint.sha256,
+        adapter_sha256=arrays_digest(checkpoint.arrays),
+    )
+    log.info("run %s: resuming after round %d", checkpoint.run_id, checkpoint.completed_round)
+    return (
+        checkpoint.run_id,
+        checkpoint.arrays,
+        list(checkpoint.rounds),
+        checkpoint.completed_round + 1,
+    )
+
+
+def _run_end_fields(result: RunResult, flower_run_id: str) -> dict:
+    """The audit log's `run.end` record: rounds run, those that failed, the adapter kept."""
+    return {
+        "run_id": result.run_id,
+        "flower_run_id": flower_run_id,
+        "rounds": len(result.rounds),
+        "failed_rounds": [row["round"] for row in result.rounds if row["status"] != "ok"],
+        "adapter_sha256": arrays_digest(result.arrays),
+        "kept_round": result.kept_round,
+    }
 
 
 #: The status of the one row of an evaluate-only run (round 0: nothing trained).
