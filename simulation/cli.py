@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.client.personalize import OWN_FOLDER
-from fedward.common.config import GROUPS, ModelSpec, RunConfig, TaskSpec
+from fedward.common.config import GROUPS, ModelSpec, PrivacySpec, RunConfig, TaskSpec
 from fedward.common.files.output_paths import check_output_folder
 from fedward.common.tasks import Task
 
@@ -261,7 +261,6 @@ def run_simulation_with_report(
     from fedward.server.app import trained_a_round
     from fedward.server.tracking import open_tracker
     from fedward.simulation.hospitals import prepare_config
-    from fedward.simulation.report import round_table, save_plot, worth_joining_table
     from fedward.simulation.runner import simulate as run_simulation
 
     config = prepare_config(config)  # reads and checks the data before anything starts
@@ -296,22 +295,8 @@ def run_simulation_with_report(
         with watch_progress(Path(config.local.out), progress, bar, progress.tasks[0].description):
             result = run_simulation(config, on_round=on_round, verbose=verbose)
     elapsed = time.monotonic() - started
-    unit = config.spec.privacy.dp_unit
-    plot = save_plot(result.rounds, result.out / "metrics.png", config.spec.task.definition, unit)
-    if tracker is not None:
-        tracker.finish(result.out, result.run_id)
-        console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
-    table = round_table(
-        result.rounds,
-        config.spec.task.definition,
-        title="fedward: rounds",
-        dp_unit=unit,
-        delta=config.spec.privacy.delta,
-    )
-    console.print(table)
-    joined = worth_joining_table(result.rounds, config.spec.task.definition)
-    if joined is not None:
-        console.print(joined)
+    task = config.spec.task.definition
+    plot = _print_rounds(result, task, config.spec.privacy, tracker)
     if not config.spec.secagg.secure_aggregation and config.simulation.hospitals > 1:
         console.print("[bold red]secure aggregation was OFF for this run (debugging only)[/]")
     if config.local.evaluate_only:
@@ -330,8 +315,37 @@ def run_simulation_with_report(
         )
         sys.exit(1)
     console.print(f"finished in {elapsed:.0f} s")
+    _print_outputs(result, plot, task, config.local.keep_adapter)
+
+
+def _print_rounds(result, task: Task, privacy: PrivacySpec, tracker) -> Path:
+    """The run's plot (saved), the tracker's last word, the table of rounds and, where each
+    hospital fitted its own model, what joining gave it; the plot's path."""
+    from fedward.simulation.report import round_table, save_plot, worth_joining_table
+
+    unit = privacy.dp_unit
+    plot = save_plot(result.rounds, result.out / "metrics.png", task, unit)
+    if tracker is not None:
+        tracker.finish(result.out, result.run_id)
+        console.print(f"tracked in MLflow: {tracker.uri} (run {tracker.run_id})")
+    table = round_table(
+        result.rounds,
+        task,
+        title="fedward: rounds",
+        dp_unit=unit,
+        delta=privacy.delta,
+    )
+    console.print(table)
+    joined = worth_joining_table(result.rounds, task)
+    if joined is not None:
+        console.print(joined)
+    return plot
+
+
+def _print_outputs(result, plot: Path, task: Task, keep_adapter: str) -> None:
+    """Where the run's outputs are, and how to use its adapter."""
     console.print(f"output folder: [bold]{result.out.resolve()}[/]")
-    kept = kept_adapter_note(result.rounds, config.spec.task.definition, config.local.keep_adapter)
+    kept = kept_adapter_note(result.rounds, task, keep_adapter)
     console.print(f"  adapter:  {result.adapter_dir.resolve()}  (PEFT format; {kept})")
     console.print(f"  history:  {(result.out / 'history.json').resolve()}")
     console.print(f"  plot:     {plot.resolve()}")

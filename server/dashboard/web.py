@@ -85,28 +85,46 @@ def create_app(settings: DashboardSettings) -> Starlette:
         lstrip_blocks=True,
     )
     environment.globals.update(age=runs.age, fmt=_fmt, query=urlencode)
+    pages = _Pages(settings, environment)
+    return Starlette(
+        routes=[
+            Route("/", pages.index, methods=["GET"]),
+            Route("/run", pages.run_page, methods=["GET"]),
+            Route("/plot", pages.plot, methods=["GET"]),
+        ]
+    )
 
-    def page(name: str, status_code: int = 200, **context) -> HTMLResponse:
-        html = environment.get_template(name).render(refresh=settings.refresh, **context)
+
+@dataclass
+class _Pages:
+    """The dashboard's three pages, each behind the token: the runs, one run, a run's chart."""
+
+    settings: DashboardSettings
+    environment: Environment
+
+    def page(self, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        template = self.environment.get_template(name)
+        html = template.render(refresh=self.settings.refresh, **context)
         return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
 
-    def scan() -> tuple[list[runs.RunFolder], list[str]]:
-        return runs.find_runs(settings.folders)
+    def scan(self) -> tuple[list[runs.RunFolder], list[str]]:
+        return runs.find_runs(self.settings.folders)
 
-    def folder_for(request: Request) -> runs.RunFolder | None:
+    def folder_for(self, request: Request) -> runs.RunFolder | None:
         key = request.query_params.get("key", "")
-        return next((folder for folder in scan()[0] if folder.key == key), None)
+        return next((folder for folder in self.scan()[0] if folder.key == key), None)
 
-    async def index(request: Request) -> Response:
+    async def index(self, request: Request) -> Response:
+        settings = self.settings
         if (denied := _check_token(request, settings.token)) is not None:
             return denied
-        folders, notes = scan()
+        folders, notes = self.scan()
         views = [runs.read_run(folder) for folder in folders]
         views.sort(key=lambda view: view.last_update or 0.0, reverse=True)  # newest first
         node_list, node_problem = [], ""
         if settings.superlink_db is not None:
             node_list, node_problem = nodes.read_nodes(settings.superlink_db)
-        return page(
+        return self.page(
             "index.html",
             views=views,
             notes=notes,
@@ -119,15 +137,16 @@ def create_app(settings: DashboardSettings) -> Starlette:
             now=time.time(),
         )
 
-    async def run_page(request: Request) -> Response:
-        if (denied := _check_token(request, settings.token)) is not None:
+    async def run_page(self, request: Request) -> Response:
+        if (denied := _check_token(request, self.settings.token)) is not None:
             return denied
-        folder = folder_for(request)
+        folder = self.folder_for(request)
         if folder is None:
-            return page("missing.html", status_code=404, key=request.query_params.get("key", ""))
+            key = request.query_params.get("key", "")
+            return self.page("missing.html", status_code=404, key=key)
         view = runs.read_run(folder)
         unit = plots.privacy_unit(view.definition, view.config.get("dp_unit"))
-        return page(
+        return self.page(
             "run.html",
             view=view,
             columns=plots.metric_columns(view.definition, view.rounds),
@@ -142,10 +161,10 @@ def create_app(settings: DashboardSettings) -> Starlette:
             now=time.time(),
         )
 
-    async def plot(request: Request) -> Response:
-        if (denied := _check_token(request, settings.token)) is not None:
+    async def plot(self, request: Request) -> Response:
+        if (denied := _check_token(request, self.settings.token)) is not None:
             return denied
-        folder = folder_for(request)
+        folder = self.folder_for(request)
         chart = request.query_params.get("chart")
         if folder is None or chart not in ("metrics", "epsilon"):
             return Response("no such chart", status_code=404, headers=SECURITY_HEADERS)
@@ -156,14 +175,6 @@ def create_app(settings: DashboardSettings) -> Starlette:
             unit = plots.privacy_unit(view.definition, view.config.get("dp_unit"))
             svg = plots.epsilon_svg(view.rounds, unit, view.run_epsilon)
         return Response(svg, media_type="image/svg+xml", headers=SECURITY_HEADERS)
-
-    return Starlette(
-        routes=[
-            Route("/", index, methods=["GET"]),
-            Route("/run", run_page, methods=["GET"]),
-            Route("/plot", plot, methods=["GET"]),
-        ]
-    )
 
 
 def _check_token(request: Request, token: str | None) -> Response | None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from fedward.client.app import HospitalData
 from fedward.client.privacy.accounting import compose_epsilon, distributed_epsilon, plan_dp
-from fedward.common.config import RunConfig
+from fedward.common.config import PrivacySpec, RunConfig, SimulationSettings, TaskSpec
 from fedward.common.data import EncodedDataset, encode_classification
 from fedward.common.errors import ConfigError
 from fedward.simulation.hospitals import prepare_config, simulated_data
@@ -203,6 +203,40 @@ def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) ->
     return compose_epsilon([plan.as_history_entry()] * rounds_trained, config.spec.privacy.delta)
 
 
+def _check_audit(
+    task: TaskSpec,
+    privacy: PrivacySpec,
+    simulation: SimulationSettings,
+    canaries: int,
+    hospital: int,
+) -> None:
+    """`ConfigError` unless the audit can run: a classification task, an audited hospital of
+    the simulation that is not a colluder, at least 2 canaries, colluders only under
+    distributed noise."""
+    if task.name != "classification":
+        raise ConfigError(
+            f"field 'task': the privacy audit's canaries are notes with a label; "
+            f"'{task.name}' is not audited yet, use task 'classification'"
+        )
+    if not 0 <= hospital < simulation.hospitals:
+        raise ConfigError(
+            f"--hospital {hospital}: the simulation has hospitals 0..{simulation.hospitals - 1}"
+        )
+    if canaries < 2:
+        raise ConfigError(f"--canaries {canaries}: the audit needs at least 2 canaries")
+    colluding = simulation.colluding_hospitals
+    if colluding and privacy.noise != "distributed":
+        raise ConfigError(
+            "field 'colluding_hospitals': colluders skip their share of distributed noise; "
+            "the run's noise is local (pass --noise distributed)"
+        )
+    if colluding and hospital >= simulation.hospitals - colluding:
+        raise ConfigError(
+            f"--hospital {hospital} is one of the {colluding} colluding hospitals (the last "
+            "ones); audit an honest one"
+        )
+
+
 def run_privacy_audit(
     config: RunConfig,
     canaries: int = DEFAULT_CANARIES,
@@ -233,29 +267,7 @@ def run_privacy_audit(
     from fedward.server.resume import load_checkpoint
     from fedward.simulation.runner import simulate
 
-    if config.spec.task.name != "classification":
-        raise ConfigError(
-            f"field 'task': the privacy audit's canaries are notes with a label; "
-            f"'{config.spec.task.name}' is not audited yet, use task 'classification'"
-        )
-    if not 0 <= hospital < config.simulation.hospitals:
-        raise ConfigError(
-            f"--hospital {hospital}: the simulation has hospitals "
-            f"0..{config.simulation.hospitals - 1}"
-        )
-    if canaries < 2:
-        raise ConfigError(f"--canaries {canaries}: the audit needs at least 2 canaries")
-    colluding = config.simulation.colluding_hospitals
-    if colluding and config.spec.privacy.noise != "distributed":
-        raise ConfigError(
-            "field 'colluding_hospitals': colluders skip their share of distributed noise; "
-            "the run's noise is local (pass --noise distributed)"
-        )
-    if colluding and hospital >= config.simulation.hospitals - colluding:
-        raise ConfigError(
-            f"--hospital {hospital} is one of the {colluding} colluding hospitals (the last "
-            "ones); audit an honest one"
-        )
+    _check_audit(config.spec.task, config.spec.privacy, config.simulation, canaries, hospital)
     config = prepare_config(config)
     labels = config.spec.task.labels
     tokenizer = cached_tokenizer(config.spec.model.name)
