@@ -12,18 +12,24 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.client.secagg.identity import SecAggIdentity
 from fedward.common.errors import SecAggError
 from fedward.common.protocol.reasons import Reason
 from fedward.common.secagg import (
+    SHARE_BYTES,
     SHARE_KEYS,
     UNMASK,
+    agree_key,
+    binding,
     check_modulus,
     check_node_ids,
     check_threshold,
+    decrypt_share,
     key_statement,
     majority,
+    pair_context,
     read_field,
     read_list,
     read_node_keyed,
@@ -374,3 +380,42 @@ def check_survivors(
             f"only {len(survivors)} survivors, fewer than the {quorum} this hospital needs "
             "to sign the set; refusing to unmask",
         )
+
+
+def open_shares(
+    received: Mapping[int, bytes],
+    share_key: X25519PrivateKey,
+    peer_share_keys: Mapping[int, bytes],
+    round_of: tuple[str, int],
+    node_id: int,
+    stage: str,
+) -> dict[int, tuple[bytes, bytes]]:
+    """Each neighbour's shares for this hospital (of its self-mask seed and of its mask key),
+    decrypted; one that does not authenticate for this run, round and receiver is refused.
+    `round_of`: the run and the round."""
+    run_id, server_round = round_of
+    opened = {}
+    for source, ciphertext in received.items():
+        try:
+            key = agree_key(
+                share_key,
+                peer_share_keys[source],
+                pair_context(run_id, server_round, "share-key", node_id, source),
+            )
+        except ValueError:
+            raise refusal(node_id, stage, f"node {source}'s share public key is invalid") from None
+        try:
+            plaintext = decrypt_share(
+                key, ciphertext, binding(run_id, server_round, SHARE_KEYS, source, node_id)
+            )
+        except SecAggError:
+            raise refusal(
+                node_id,
+                stage,
+                f"the share from node {source} does not authenticate for this run, round "
+                f"and receiver (replayed, misrouted or altered); rejected",
+            ) from None
+        if len(plaintext) != 2 * SHARE_BYTES:
+            raise refusal(node_id, stage, f"the share from node {source} has the wrong size")
+        opened[source] = (plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:])
+    return opened

@@ -70,6 +70,7 @@ from fedward.client.secagg.round_checks import (
     check_share_senders,
     check_survivors,
     check_update,
+    open_shares,
     read_round_params,
     refusal,
     too_few,
@@ -83,7 +84,6 @@ from fedward.common.secagg import (
     CONSISTENCY_CHECK,
     MASKED_UPDATE,
     SEED_BYTES,
-    SHARE_BYTES,
     SHARE_KEYS,
     UNMASK,
     add_masks,
@@ -91,7 +91,6 @@ from fedward.common.secagg import (
     binding,
     check_header,
     consistency_quorum,
-    decrypt_share,
     encrypt_share,
     header,
     key_statement,
@@ -370,7 +369,16 @@ class SecAggClientSession:
         assert self._self_seed is not None
         # A resumed round resends the update it released: only among the very same hospitals.
         self._commit(stage, "participants", self._identities(set(received)))
-        self._open_shares(stage, received)
+        self._received.update(
+            open_shares(
+                received,
+                self._share_key,
+                self._peer_share_keys,
+                (self.run_id, self.server_round),
+                self.node_id,
+                stage,
+            )
+        )
         masked = self._masked_vector(stage, values, weight, sorted(received), rng)
         self.stage = stage
         logger.debug(
@@ -385,33 +393,6 @@ class SecAggClientSession:
             # Uniform modulo 2**modulus_bits: that many bits per value go on the wire, not 64.
             "masked_update": pack_bits(masked, modulus_bits),
         }
-
-    def _open_shares(self, stage: str, received: Mapping[int, bytes]) -> None:
-        """Decrypt and keep each neighbour's shares (of its self-mask seed and mask key),
-        refusing one that does not authenticate for this run, round and receiver."""
-        assert self._share_key is not None
-        for source, ciphertext in received.items():
-            try:
-                key = agree_key(
-                    self._share_key,
-                    self._peer_share_keys[source],
-                    pair_context(self.run_id, self.server_round, "share-key", self.node_id, source),
-                )
-            except ValueError:
-                raise self._fail(stage, f"node {source}'s share public key is invalid") from None
-            try:
-                plaintext = decrypt_share(
-                    key, ciphertext, self._bind(SHARE_KEYS, source, self.node_id)
-                )
-            except SecAggError:
-                raise self._fail(
-                    stage,
-                    f"the share from node {source} does not authenticate for this run, round "
-                    f"and receiver (replayed, misrouted or altered); rejected",
-                ) from None
-            if len(plaintext) != 2 * SHARE_BYTES:
-                raise self._fail(stage, f"the share from node {source} has the wrong size")
-            self._received[source] = (plaintext[:SHARE_BYTES], plaintext[SHARE_BYTES:])
 
     def _masked_vector(
         self,

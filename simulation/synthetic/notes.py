@@ -246,12 +246,8 @@ def _take(
     return chosen[:limit]
 
 
-def _sample_case(rng: random.Random, label: str) -> _Case:
-    """Draw one case of `label`: demographics, symptoms, vitals, findings, labs, plan."""
-    profile = _PROFILES[label]
-    # Some notes carry strong evidence, some little: the task should not be uniformly easy.
-    strength = rng.choice((0.4, 0.7, 1.0, 1.2))
-
+def _symptoms(rng: random.Random, profile: _Profile, strength: float) -> list[str]:
+    """The presenting complaints: at least one, at most four, sometimes a nonspecific one."""
     symptoms = _take(rng, profile.symptoms, strength, 4)
     if not symptoms:  # every note has a presenting complaint
         keys, weights = zip(*profile.symptoms)
@@ -261,26 +257,31 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
         extra = rng.choice(_NONSPECIFIC)
         if extra not in symptoms:
             symptoms.append(extra)
+    return symptoms
 
-    negatives: list[str] = []
-    if rng.random() < 0.45:
-        other = rng.choice(profile.confusable)
-        pool = [k for k in _HALLMARKS[other] if k not in symptoms and k not in _HALLMARKS[label]]
-        negatives = rng.sample(pool, min(len(pool), rng.randint(1, 2)))
 
-    history = _take(rng, profile.history, 1.0, 3)
-    home_meds = [rng.choice(_HOME_MEDS[h]) for h in history if h in _HOME_MEDS]
-    home_meds = list(dict.fromkeys(home_meds))[:2] if rng.random() < 0.45 else []
+def _negatives(rng: random.Random, profile: _Profile, label: str, symptoms: list[str]) -> list[str]:
+    """Sometimes one or two hallmarks of a confusable diagnosis, noted as absent."""
+    if rng.random() >= 0.45:
+        return []
+    other = rng.choice(profile.confusable)
+    pool = [k for k in _HALLMARKS[other] if k not in symptoms and k not in _HALLMARKS[label]]
+    return rng.sample(pool, min(len(pool), rng.randint(1, 2)))
 
+
+def _vitals(rng: random.Random, profile: _Profile, strength: float) -> dict[str, float]:
+    """Vital signs: the diagnosis's ranges where the evidence shows, else normal ones."""
     vitals = {}
     for name, (low, high) in _NORMAL_VITALS.items():
         if name in profile.vitals and rng.random() < min(0.9, 0.7 * strength):
             low, high = profile.vitals[name]
         vitals[name] = rng.uniform(low, high)
     vitals["dbp"] = min(vitals["dbp"], vitals["sbp"] - rng.uniform(25, 45))
+    return vitals
 
-    findings = [(k, _finding_value(rng, k)) for k in _take(rng, profile.findings, strength, 3)]
 
+def _labs(rng: random.Random, profile: _Profile, strength: float) -> list[tuple[str, float]]:
+    """At most four lab values: the diagnosis's, sometimes an unremarkable routine one."""
     labs: list[tuple[str, float]] = []
     for key, low, high, p in profile.labs:
         if rng.random() < min(0.95, p * strength):
@@ -290,23 +291,48 @@ def _sample_case(rng: random.Random, label: str) -> _Case:
         if all(key != k for k, _ in labs):
             labs.append((key, rng.uniform(*_LABS[key][4])))
     rng.shuffle(labs)
-    labs = labs[:4]
+    return labs[:4]
+
+
+def _assessment(rng: random.Random, profile: _Profile, label: str) -> tuple[str, list[str]]:
+    """How the note's assessment reads: naming the diagnosis, a differential, a rule-out, or
+    nothing; and the diagnoses it names."""
+    roll = rng.random()
+    if roll < 0.28:
+        return "name", [label]
+    if roll < 0.43:
+        differential = [label, rng.choice(profile.confusable)]
+        rng.shuffle(differential)
+        return "ddx", differential
+    if roll < 0.6:
+        return "rule_out", [rng.choice(profile.confusable)]
+    return "none", []
+
+
+def _sample_case(rng: random.Random, label: str) -> _Case:
+    """Draw one case of `label`: demographics, symptoms, vitals, findings, labs, plan."""
+    profile = _PROFILES[label]
+    # Some notes carry strong evidence, some little: the task should not be uniformly easy.
+    strength = rng.choice((0.4, 0.7, 1.0, 1.2))
+
+    symptoms = _symptoms(rng, profile, strength)
+    negatives = _negatives(rng, profile, label, symptoms)
+
+    history = _take(rng, profile.history, 1.0, 3)
+    home_meds = [rng.choice(_HOME_MEDS[h]) for h in history if h in _HOME_MEDS]
+    home_meds = list(dict.fromkeys(home_meds))[:2] if rng.random() < 0.45 else []
+
+    vitals = _vitals(rng, profile, strength)
+
+    findings = [(k, _finding_value(rng, k)) for k in _take(rng, profile.findings, strength, 3)]
+
+    labs = _labs(rng, profile, strength)
 
     appearance = rng.randrange(len(_APPEARANCES)) if rng.random() < 0.6 else None
     if appearance == 3 and "confusion" in symptoms:
         appearance = 2
 
-    roll = rng.random()
-    if roll < 0.28:
-        assessment, differential = "name", [label]
-    elif roll < 0.43:
-        assessment = "ddx"
-        differential = [label, rng.choice(profile.confusable)]
-        rng.shuffle(differential)
-    elif roll < 0.6:
-        assessment, differential = "rule_out", [rng.choice(profile.confusable)]
-    else:
-        assessment, differential = "none", []
+    assessment, differential = _assessment(rng, profile, label)
 
     drugs = _take(rng, profile.drugs, strength, 3) if rng.random() < 0.8 else []
     if rng.random() < 0.12:
