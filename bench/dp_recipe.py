@@ -163,8 +163,8 @@ def grid_settings(pairs: list[str], fixed: dict | None = None) -> list[dict]:
     return settings
 
 
-def main() -> None:
-    logging.disable(logging.WARNING)
+def parse_args() -> argparse.Namespace:
+    """The sweep's command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=["classification", "ner", "synthetic"], required=True)
     parser.add_argument("--setting", choices=SETTINGS, default="central")
@@ -178,7 +178,37 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--write", type=Path, help="also write the markdown table here")
     parser.add_argument("--log", type=Path, help="append each finished run here as a JSON line")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def sweep_table(args, settings: list[dict], runs: dict[int, list[dict]], seconds: float) -> str:
+    """The markdown table of the sweep: one row per setting, the best mean score first."""
+    lines = [
+        f"# DP recipe sweep: {args.corpus}, {args.setting}",
+        "",
+        f"Command: `python -m bench.dp_recipe {shlex.join(sys.argv[1:])}`",
+        "",
+        "| setting | score (mean) | runs | epsilon | s per run | prefix cache |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    order = sorted(runs, key=lambda i: -statistics.mean(r["score"] for r in runs[i]))
+    for index in order:
+        scores = [r["score"] for r in runs[index]]
+        epsilon = runs[index][0]["epsilon"]
+        lines.append(
+            f"| {describe(settings[index])} | {statistics.mean(scores):.3f} | "
+            f"{', '.join(f'{s:.3f}' for s in scores)} | "
+            f"{'-' if epsilon is None else f'{epsilon:.2f}'} | "
+            f"{statistics.mean(r['seconds'] for r in runs[index]):.0f} | "
+            f"{'yes' if all(r['cached'] for r in runs[index]) else 'no'} |"
+        )
+    lines += ["", f"Total time: {seconds / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    args = parse_args()
     task = "ner" if args.corpus == "ner" else "classification"  # synthetic: --set task=...
     args.fixed = parse_overrides(args.fixed_pairs, (task,))
     if args.corpus != "synthetic" and not SHARED.is_dir():
@@ -221,27 +251,7 @@ def main() -> None:
                 flush=True,
             )
 
-    lines = [
-        f"# DP recipe sweep: {args.corpus}, {args.setting}",
-        "",
-        f"Command: `python -m bench.dp_recipe {shlex.join(sys.argv[1:])}`",
-        "",
-        "| setting | score (mean) | runs | epsilon | s per run | prefix cache |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    order = sorted(runs, key=lambda i: -statistics.mean(r["score"] for r in runs[i]))
-    for index in order:
-        scores = [r["score"] for r in runs[index]]
-        epsilon = runs[index][0]["epsilon"]
-        lines.append(
-            f"| {describe(settings[index])} | {statistics.mean(scores):.3f} | "
-            f"{', '.join(f'{s:.3f}' for s in scores)} | "
-            f"{'-' if epsilon is None else f'{epsilon:.2f}'} | "
-            f"{statistics.mean(r['seconds'] for r in runs[index]):.0f} | "
-            f"{'yes' if all(r['cached'] for r in runs[index]) else 'no'} |"
-        )
-    lines += ["", f"Total time: {(time.monotonic() - started) / 60:.1f} min."]
-    table = "\n".join(lines) + "\n"
+    table = sweep_table(args, settings, runs, time.monotonic() - started)
     print(table)
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)

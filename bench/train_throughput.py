@@ -29,7 +29,7 @@ import torch
 
 from fedward.client.prefix_cache import drop_prefix_caches
 from fedward.client.trainer import pick_device, train_locally
-from fedward.common.config import RunConfig
+from fedward.common.config import ModelSpec, RunConfig, TrainingSpec
 from fedward.common.data import Record, encode_classification, pad_batch
 from fedward.common.model import (
     build_model,
@@ -132,6 +132,56 @@ def storage_error(model, dataset, pad_id: int, lora_layers: int) -> dict[str, tu
     return errors
 
 
+def print_setup(
+    model: ModelSpec,
+    training: TrainingSpec,
+    max_length: int,
+    device: torch.device,
+    lengths: list[int],
+    args: argparse.Namespace,
+) -> None:
+    """What is measured: the model and its LoRA, the device, the data and the repeats."""
+    print(f"model        {model.name}")
+    print(f"device       {device}")
+    print(f"torch        {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"data         {len(lengths)} synthetic notes, tokens per note: mean "
+        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length "
+        f"{max_length})"
+    )
+    print(
+        f"training     batch_size {training.batch_size}, "
+        f"{training.padding} padding, "
+        f"LoRA r={model.lora_rank} on "
+        f"{model.lora_target_modules} of the top "
+        f"{model.lora_layers} layers"
+    )
+    print(
+        f"repeats      {args.repeats} x {args.epochs} one-epoch calls per configuration "
+        "after 1 warm-up call\n"
+    )
+
+
+def print_rates(
+    names: list[str], first: dict[str, list[float]], later: dict[str, list[float]], examples: int
+) -> None:
+    """Samples/s of each configuration in its first and later epochs, and the ratios."""
+
+    def rate(values: list[float]) -> float:
+        return examples / statistics.mean(values) if values else float("nan")
+
+    print(f"{'configuration':<22} {'1st epoch samples/s':>20} {'later epochs samples/s':>23}")
+    for name in names:
+        print(f"{name:<22} {rate(first[name]):>20.1f} {rate(later[name]):>23.1f}")
+
+    print("\nratios of samples/s")
+    for label, faster, slower in RATIOS:
+        print(
+            f"  {label:<33} first epoch {rate(first[faster]) / rate(first[slower]):.2f}, "
+            f"later epochs {rate(later[faster]) / rate(later[slower]):.2f}"
+        )
+
+
 def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore")
@@ -172,26 +222,14 @@ def main() -> None:
     def train(config: RunConfig, data, who: str) -> None:
         train_locally(model, data, config, start, [], pad_id=tokenizer.pad_token_id, who=who)
 
-    print(f"model        {base_config.spec.model.name}")
-    print(f"device       {pick_device(base_config.local.device)}")
-    print(f"torch        {torch.__version__}, {torch.get_num_threads()} threads")
-    print(
-        f"data         {len(dataset)} synthetic notes, tokens per note: mean "
-        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (max_length "
-        f"{base_config.spec.task.max_length})"
+    print_setup(
+        base_config.spec.model,
+        base_config.spec.training,
+        base_config.spec.task.max_length,
+        pick_device(base_config.local.device),
+        lengths,
+        args,
     )
-    print(
-        f"training     batch_size {base_config.spec.training.batch_size}, "
-        f"{base_config.spec.training.padding} padding, "
-        f"LoRA r={base_config.spec.model.lora_rank} on "
-        f"{base_config.spec.model.lora_target_modules} of the top "
-        f"{base_config.spec.model.lora_layers} layers"
-    )
-    print(
-        f"repeats      {args.repeats} x {args.epochs} one-epoch calls per configuration "
-        "after 1 warm-up call\n"
-    )
-
     for name, config in configs.items():
         train(config, warmup, f"warm-up {name}")
     drop_prefix_caches()
@@ -213,20 +251,7 @@ def main() -> None:
                     (first if epoch == 0 else later)[name].append(seconds)
     drop_prefix_caches()
 
-    def rate(values: list[float]) -> float:
-        return len(dataset) / statistics.mean(values) if values else float("nan")
-
-    print(f"{'configuration':<22} {'1st epoch samples/s':>20} {'later epochs samples/s':>23}")
-    for name in configs:
-        print(f"{name:<22} {rate(first[name]):>20.1f} {rate(later[name]):>23.1f}")
-
-    print("\nratios of samples/s")
-    for label, faster, slower in RATIOS:
-        print(
-            f"  {label:<33} first epoch {rate(first[faster]) / rate(first[slower]):.2f}, "
-            f"later epochs {rate(later[faster]) / rate(later[slower]):.2f}"
-        )
-
+    print_rates(list(configs), first, later, len(dataset))
     print("\n16-bit storage of the cached states, relative change of one batch's")
     for dtype, (loss, gradient) in storage_error(
         model, dataset, tokenizer.pad_token_id, base_config.spec.model.lora_layers

@@ -132,9 +132,18 @@ def result_labels(result) -> list[str]:
     return json.loads((result.adapter_dir / "fedward.json").read_text())["labels"]
 
 
-def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
-    task, train, test, labels = read_corpus(corpus, args.seed, args.max_train)
-    write, suffix = (write_csv, ".csv") if task == "classification" else (write_conll, ".tsv")
+#: A run of one hospital on its data alone: the centralized and local-only rows.
+ALONE = {
+    "hospitals": 1,
+    "min_hospitals": 1,
+    "partition": "iid",
+    "dp": False,
+    "secure_aggregation": False,
+}
+
+
+def common_values(task: str, labels: list[str], args) -> dict:
+    """The options every row of a corpus shares (the command line's overrides last)."""
     common = {
         "task": task,
         "labels": labels,
@@ -147,6 +156,42 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
         "val_fraction": 0.1,
     }
     common.update(args.overrides)
+    return common
+
+
+def summary_rows(
+    scores: dict[str, float],
+    local: list[float],
+    task: str,
+    central: str,
+    central_private: str,
+    plain: str,
+    private: str,
+) -> list[tuple[str, str]]:
+    """The ratios of the issue's targets, and what federating gave over local-only training,
+    from the rows scored."""
+    rows: list[tuple[str, str]] = []
+    alone_target = f"target >= {DP_ALONE_TARGET[task]:.2f}"
+    ratios = (  # (numerator, denominator, label): the issue's targets first
+        (private, central_private, "federated DP / centralized DP, epsilon 8 (target >= 0.97)"),
+        (central_private, central, f"centralized DP / no DP, epsilon 8 ({alone_target})"),
+        (private, central, "federated DP epsilon 8 / centralized no DP"),
+    )
+    for numerator, denominator, label in ratios:
+        if scores.get(denominator) and numerator in scores:
+            rows.append((f"ratio: {label}", f"{scores[numerator] / scores[denominator]:.2f}"))
+    if plain in scores and local:
+        gain = 100 * (scores[plain] - sum(local) / len(local))
+        rows.append(
+            ("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}")
+        )
+    return rows
+
+
+def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
+    task, train, test, labels = read_corpus(corpus, args.seed, args.max_train)
+    write, suffix = (write_csv, ".csv") if task == "classification" else (write_conll, ".tsv")
+    common = common_values(task, labels, args)
     pooled = write(train, work / f"{corpus}-train{suffix}")
     parts = shares(corpus, train, args.hospitals, 0.5, args.seed)
     scheme = "dirichlet" if task == "classification" else "blocks"
@@ -185,28 +230,21 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
             cell += f" ({min(results):.3f}-{max(results):.3f}, {runs} runs)"
         rows.append((name, cell))
 
-    alone = {
-        "hospitals": 1,
-        "min_hospitals": 1,
-        "partition": "iid",
-        "dp": False,
-        "secure_aggregation": False,
-    }
     # The rows train what the task trains by default (head-only for classification, LoRA for
     # NER), so the ratios are those of the issue's targets; FFA-LoRA is the one extra variant.
     variant = RunConfig.build(common).spec.model.lora_variant
     what = VARIANT_NAMES[variant]
     central = f"centralized {what}, no DP (pooled)"
-    row(central, data=str(pooled), **alone)
+    row(central, data=str(pooled), **ALONE)
     # DP on the pooled data: what privacy alone costs, without federation
     central_private = f"centralized {what}, DP epsilon 8 (pooled)"
-    row(central_private, data=str(pooled), **alone | {"dp": True, "target_epsilon": 8.0})
+    row(central_private, data=str(pooled), **ALONE | {"dp": True, "target_epsilon": 8.0})
     local = []
     name = "local-only, no DP (mean / worst of 3)"
     if wanted(name):
         for hospital, indices in enumerate(parts):
             own = write([train[i] for i in indices], work / f"{corpus}-hospital{hospital}{suffix}")
-            local.append(score(f"local-only hospital {hospital}", data=str(own), **alone))
+            local.append(score(f"local-only hospital {hospital}", data=str(own), **ALONE))
         rows.append((name, f"{sum(local) / len(local):.3f} / {min(local):.3f}"))
     federated = {
         "data": str(pooled),
@@ -225,20 +263,7 @@ def run_corpus(corpus: str, args, work: Path) -> list[tuple[str, str]]:
                 target_epsilon=epsilon,
             )
     private = f"federated {what}, DP epsilon 8"
-    alone_target = f"target >= {DP_ALONE_TARGET[task]:.2f}"
-    ratios = (  # (numerator, denominator, label): the issue's targets first
-        (private, central_private, "federated DP / centralized DP, epsilon 8 (target >= 0.97)"),
-        (central_private, central, f"centralized DP / no DP, epsilon 8 ({alone_target})"),
-        (private, central, "federated DP epsilon 8 / centralized no DP"),
-    )
-    for numerator, denominator, label in ratios:
-        if scores.get(denominator) and numerator in scores:
-            rows.append((f"ratio: {label}", f"{scores[numerator] / scores[denominator]:.2f}"))
-    if plain in scores and local:
-        gain = 100 * (scores[plain] - sum(local) / len(local))
-        rows.append(
-            ("federated no DP minus local-only mean, points (target >= +5)", f"{gain:+.1f}")
-        )
+    rows += summary_rows(scores, local, task, central, central_private, plain, private)
     return rows
 
 
