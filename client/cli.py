@@ -213,9 +213,9 @@ def personalize_command(
     """
     import json
 
-    from fedward.client.app import own_model, read_hospital_file
+    from fedward.client.app import read_hospital_file
     from fedward.client.model_cache import cached_model
-    from fedward.client.personalize import keep_at_home
+    from fedward.client.own_model import keep_at_home, own_model
     from fedward.common.config import LocalRun, RunSpec
     from fedward.common.errors import ModelError
     from fedward.common.model import get_adapter_arrays, load_adapter_for_inference

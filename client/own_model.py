@@ -1,18 +1,27 @@
 """This hospital's own model at a run's end: the final global adapter fitted to its own notes
-at home (client/personalize.py), with its alone / global / own report. Without DP and for the
-hospital only: nothing of it may reach a message."""
+at home (client/personalize.py), with its alone / global / own report, and kept there
+(`keep_at_home`). Without DP and for the hospital only: nothing of it may reach a message."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 
 from fedward.client.hospital_data import HospitalData, encode
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
-from fedward.client.personalize import HomeRecipe, PersonalReport, home_folds, personalize
+from fedward.client.personalize import (
+    Arrays,
+    HomeRecipe,
+    PersonalReport,
+    home_folds,
+    personalize,
+)
 from fedward.common.config import LocalRun, TaskSpec
 from fedward.common.data import EncodedDataset
+from fedward.common.files.atomic import write_json_atomic
+from fedward.common.model import save_adapter, set_adapter_arrays
 
 
 def own_model(
@@ -76,3 +85,24 @@ def _encoded_in_folds(
     starts = [int(n) for n in np.cumsum([0, *sizes])]
     folded = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
     return encode(ordered, task, tokenizer, per_patient=per_patient), folded
+
+
+def keep_at_home(
+    config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
+) -> Path:
+    """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
+    by this account only: the adapter is not DP and must not be shared. Returns `folder`."""
+    model = cached_model(config, len(config.spec.task.labels or []))
+    set_adapter_arrays(model, arrays)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    save_adapter(
+        model,
+        folder / "adapter",
+        list(config.spec.task.labels or []),
+        config.spec.task,
+        config.spec.model,
+    )
+    for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
+        path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
+    write_json_atomic(folder / "report.json", {"hospital": hospital, **report.as_dict()})
+    return folder

@@ -38,7 +38,6 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,9 +46,8 @@ from fedward.client.device import autocast_for, pick_device
 from fedward.client.prefix_cache import cached_training
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
-from fedward.common.files.atomic import write_json_atomic
 from fedward.common.metrics import pooled_macro_f1
-from fedward.common.model import get_adapter_arrays, save_adapter, set_adapter_arrays
+from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 from fedward.common.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -531,26 +529,3 @@ def home_folds(examples: list, count: int, seed: int) -> list[list[int]]:
             folds[dealt % count].extend(members)
             dealt += 1
     return [sorted(fold) for fold in folds if fold]
-
-
-def keep_at_home(
-    config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
-) -> Path:
-    """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
-    by this account only: the adapter is not DP and must not be shared. Returns `folder`."""
-    from fedward.client.model_cache import cached_model
-
-    model = cached_model(config, len(config.spec.task.labels or []))
-    set_adapter_arrays(model, arrays)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    save_adapter(
-        model,
-        folder / "adapter",
-        list(config.spec.task.labels or []),
-        config.spec.task,
-        config.spec.model,
-    )
-    for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
-        path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
-    write_json_atomic(folder / "report.json", {"hospital": hospital, **report.as_dict()})
-    return folder

@@ -331,16 +331,13 @@ class SitePolicy(BaseModel):
         """(rule name, human reason) for every broken rule; the names may leave the hospital.
 
         One group of the spec at a time, in a fixed order: the model (starting adapter, base
-        model and its content), the task, privacy, rounds, secure aggregation, the noise's
-        trust and last the approved digest of the whole spec."""
+        model and its content), the task, privacy, then the run's rounds, secure aggregation,
+        the noise's trust and last the approved digest of the whole spec."""
         return [
             *self._broken_model(spec.model, model_hash, adapter_hash),
             *self._broken_task(spec.task),
             *self._broken_privacy(spec.privacy),
-            *self._broken_rounds(spec.federation),
-            *self._broken_secagg(spec.secagg),
-            *self._broken_trust(spec.privacy),
-            *self._broken_approval(spec.digest()),
+            *self._broken_run(spec.federation, spec.secagg, spec.privacy, spec.digest()),
         ]
 
     def _broken_model(
@@ -444,50 +441,42 @@ class SitePolicy(BaseModel):
             )
         return broken
 
-    def _broken_rounds(self, federation: FederationSpec) -> list[tuple[str, str]]:
-        if federation.rounds <= self.max_rounds:
-            return []
-        return [
-            (
-                "max_rounds",
-                f"run asks for {federation.rounds} rounds, the site allows at most "
-                f"{self.max_rounds}",
+    def _broken_run(
+        self, federation: FederationSpec, secagg: SecAggSpec, privacy: PrivacySpec, digest: str
+    ) -> list[tuple[str, str]]:
+        broken: list[tuple[str, str]] = []
+        if federation.rounds > self.max_rounds:
+            broken.append(
+                (
+                    "max_rounds",
+                    f"run asks for {federation.rounds} rounds, the site allows at most "
+                    f"{self.max_rounds}",
+                )
             )
-        ]
-
-    def _broken_secagg(self, secagg: SecAggSpec) -> list[tuple[str, str]]:
-        if not self.require_secure_aggregation or secagg.secure_aggregation:
-            return []
-        return [
-            (
-                "require_secure_aggregation",
-                "secure aggregation is off but the site policy requires it",
+        if self.require_secure_aggregation and not secagg.secure_aggregation:
+            broken.append(
+                (
+                    "require_secure_aggregation",
+                    "secure aggregation is off but the site policy requires it",
+                )
             )
-        ]
-
-    def _broken_trust(self, privacy: PrivacySpec) -> list[tuple[str, str]]:
-        if (
-            privacy.noise != "distributed"
-            or privacy.noise_hospitals <= self.trust_min_honest_hospitals
-        ):
-            return []
-        return [
-            (
-                "trust_min_honest_hospitals",
-                f"the run splits its DP noise over {privacy.noise_hospitals} honest "
-                f"hospitals, the site trusts at most {self.trust_min_honest_hospitals}",
+        trusted = self.trust_min_honest_hospitals
+        if privacy.noise == "distributed" and privacy.noise_hospitals > trusted:
+            broken.append(
+                (
+                    "trust_min_honest_hospitals",
+                    f"the run splits its DP noise over {privacy.noise_hospitals} honest "
+                    f"hospitals, the site trusts at most {trusted}",
+                )
             )
-        ]
-
-    def _broken_approval(self, digest: str) -> list[tuple[str, str]]:
-        if self.approved_run_configs is None or digest in self.approved_run_configs:
-            return []
-        return [
-            (
-                "approved_run_configs",
-                f"run configuration {digest[:12]}... is not on the site's approved list",
+        if self.approved_run_configs is not None and digest not in self.approved_run_configs:
+            broken.append(
+                (
+                    "approved_run_configs",
+                    f"run configuration {digest[:12]}... is not on the site's approved list",
+                )
             )
-        ]
+        return broken
 
     def check(
         self,

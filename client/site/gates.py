@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from fedward.client.model_cache import initial_arrays
-from fedward.client.personalize import OWN_FOLDER, PersonalReport, keep_at_home
+from fedward.client.own_model import keep_at_home
+from fedward.client.personalize import OWN_FOLDER, PersonalReport
 from fedward.client.policy import SitePolicy
 from fedward.client.privacy.accounting import plan_dp, privacy_units
 from fedward.client.privacy.ledger import PrivacyLedger, check_identifier
