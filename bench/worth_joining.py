@@ -64,24 +64,13 @@ def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
     return values
 
 
-def run_federation(values: dict, global_only: bool = False, kept: Path | None = None) -> list[dict]:
-    """One federated run (fast path) and each hospital's alone / global / own report (with
-    `global_only`, the global model's score alone: for sweeping the DP recipe). With `kept`
-    (an .npz), the final global adapter is read from it when it exists, else written to it:
-    to score another own-model recipe on the same global models without training them again."""
-    from fedward.client.app import HospitalData, encode, own_model, with_run_labels
-    from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
-    from fedward.client.privacy.accounting import plan_dp, privacy_units
-    from fedward.client.privacy.noisy_sum import noisy_gradient_sum
-    from fedward.client.trainer import predict, train_locally
+def hospital_shares(config: RunConfig) -> list:
+    """Each simulated hospital's training and validation examples, split as `fedward simulate`
+    splits them, with the labels the run lists."""
+    from fedward.client.app import HospitalData, with_run_labels
     from fedward.common.config import SimulatedData
-    from fedward.server.aggregation import apply_average, server_step, weighted_sum
-    from fedward.simulation.hospitals import _hospital_split, prepare_config
+    from fedward.simulation.hospitals import _hospital_split
 
-    config = prepare_config(RunConfig.build(values, source="bench"))
-    tokenizer = cached_tokenizer(config.spec.model.name)
-    num_labels = len(config.spec.task.labels)
-    model = cached_model(config, num_labels)
     shared = json.dumps(
         {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
     )
@@ -94,6 +83,39 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
             HospitalData(f"hospital-{number}", list(train), list(val)), config.spec.task.labels
         )
         hospitals.append(data)
+    return hospitals
+
+
+def hospital_row(number: int, data, federated: float, own_seconds: float) -> dict:
+    """A hospital's sizes and timings, beside its figures in a row of the log."""
+    return {
+        "hospital": number,
+        "train": len(data.train),
+        "validation": len(data.val),
+        "patients": len({getattr(r, "patient", None) for r in data.train}),
+        "seconds_federated": round(federated),
+        "seconds_own": round(own_seconds, 1),
+    }
+
+
+def run_federation(values: dict, global_only: bool = False, kept: Path | None = None) -> list[dict]:
+    """One federated run (fast path) and each hospital's alone / global / own report (with
+    `global_only`, the global model's score alone: for sweeping the DP recipe). With `kept`
+    (an .npz), the final global adapter is read from it when it exists, else written to it:
+    to score another own-model recipe on the same global models without training them again."""
+    from fedward.client.app import encode, own_model
+    from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
+    from fedward.client.privacy.accounting import plan_dp, privacy_units
+    from fedward.client.privacy.noisy_sum import noisy_gradient_sum
+    from fedward.client.trainer import predict, train_locally
+    from fedward.server.aggregation import apply_average, server_step, weighted_sum
+    from fedward.simulation.hospitals import prepare_config
+
+    config = prepare_config(RunConfig.build(values, source="bench"))
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    num_labels = len(config.spec.task.labels)
+    model = cached_model(config, num_labels)
+    hospitals = hospital_shares(config)
     per_patient = config.spec.privacy.per_patient
     datasets = [
         encode(data.train, config.spec.task, tokenizer, per_patient=per_patient)
@@ -153,17 +175,7 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
         else:
             own_report = own_model(data, config, arrays)[1]
             figures = own_report.as_dict() | {"evidence": own_report.evidence}
-        rows.append(
-            {
-                **figures,
-                "hospital": number,
-                "train": len(data.train),
-                "validation": len(data.val),
-                "patients": len({getattr(r, "patient", None) for r in data.train}),
-                "seconds_federated": round(federated),
-                "seconds_own": round(time.monotonic() - started, 1),
-            }
-        )
+        rows.append(figures | hospital_row(number, data, federated, time.monotonic() - started))
     return rows
 
 
