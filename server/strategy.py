@@ -242,10 +242,14 @@ class FedwardStrategy:
             outcome.status = f"failed: secure aggregation: {exc}; global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
             return outcome
+        finally:
+            for node_id, reason in session.rejected.items():
+                name = names.get(node_id, f"node-{node_id}")
+                outcome.rejected[name] = f"rejected secure-aggregation reply: {reason}"
         for node_id in result.dropped:
             name = names.get(node_id, f"node-{node_id}")
             outcome.hospitals.pop(name, None)
-            if name not in outcome.dropped:
+            if name not in outcome.dropped and name not in outcome.rejected:
                 outcome.dropped.append(name)
         outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(result.included)):
@@ -306,9 +310,17 @@ class FedwardStrategy:
                 )
             )
         payloads: dict[int, dict] = {}
+        twice: set[int] = set()
         for reply in grid.send_and_receive(messages, timeout=self.config.local.secagg_timeout):
             node_id = reply.metadata.src_node_id
             name = names.get(node_id, f"node-{node_id}")
+            if node_id in payloads or node_id in twice:
+                # Which of the two is the hospital's is unknowable: neither is used.
+                payloads.pop(node_id, None)
+                twice.add(node_id)
+                outcome.rejected[name] = f"rejected secure-aggregation reply: two to {stage}"
+                log.warning("round %d, %s: %s replied twice; left out", server_round, stage, name)
+                continue
             if reply.has_error() or wire.SECAGG not in reply.content:
                 if reply.has_error():
                     reason = reply.error.reason
