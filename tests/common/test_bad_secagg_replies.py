@@ -111,6 +111,7 @@ def test_every_round_completes_without_the_hospital_whose_message_was_bad(rounds
     assert trained(rounds[2]) == everyone - {"hospital-2"}
     for row, name in zip(rounds, ["hospital-3", "hospital-1", "hospital-2"], strict=True):
         assert list(row["rejected"]) == [name]  # one bad message, not a ban
+        assert 0 < row["aggregation_seconds"] < row["seconds"]  # the SecAgg+ work, timed apart
 
 
 def test_a_reply_replayed_from_the_round_before_is_rejected_on_its_header(rounds):
