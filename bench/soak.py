@@ -17,9 +17,15 @@ DP, a SecAgg+ roster), privacy ledger and audit log. Then it runs R rounds of th
   then SIGCONT;
 - `ledger_enospc`: the hospital's ledger write after training fails with ENOSPC (an injected
   `OSError` from `os.fsync` of the ledger's temporary file, via a `sitecustomize` on that
-  hospital's PYTHONPATH: the library's own write path runs, only the disk is "full").
+  hospital's PYTHONPATH: the library's own write path runs, only the disk is "full");
+- `replayed_message`: a sampled hospital sends, as its reply to the SecAgg+ share-keys stage,
+  its reply to that stage from an earlier round;
+- `truncated_message`: a sampled hospital's masked update is cut to half its bytes.
 
-Replayed and truncated messages are not injected (see bench/results/soak.md).
+The faults inside a hospital's processes (ENOSPC, the two messages) come from a `sitecustomize`
+on that hospital's PYTHONPATH (bench/soak_hooks.py). A message fault is survived when it was
+sent, the coordinator's history names the hospital as rejected in that round with the reason,
+and the hospital trained again in a later round.
 
 Each fault is logged with its time and stage. After the run the invariants of
 `bench/soak_checks.py` are checked, and the figures are printed and appended to
@@ -66,6 +72,7 @@ from bench.soak_checks import (
     sentinel_findings,
     torn_file_findings,
 )
+from bench.soak_hooks import SITECUSTOMIZE
 
 RESULTS = Path(__file__).parent / "results" / "soak.md"
 SENTINEL = "zqxvort"  # planted in the notes: a made-up word no log or message may ever hold
@@ -82,36 +89,15 @@ FAULT_KINDS = (
     "superlink_kill",
     "supernode_freeze",
     "ledger_enospc",
+    "replayed_message",
+    "truncated_message",
 )
+#: What the coordinator's history must say of a message fault's hospital in its round.
+REJECTED_FOR = {
+    "replayed_message": "replayed or misrouted",
+    "truncated_message": "stage masked_update",
+}
 START_TIMEOUT = 120.0
-
-# Loaded by every Python process of a hospital whose PYTHONPATH names its folder: the next
-# fsync of that hospital's ledger's temporary file fails with ENOSPC once the trigger file
-# exists (its content: how many ledger fsyncs to let pass first; 1 skips the reservation and
-# hits the confirmation after training).
-ENOSPC_HOOK = """
-import errno, os
-_fsync = os.fsync
-def _soak_fsync(fd):
-    trigger = os.environ.get("FEDWARD_SOAK_ENOSPC")
-    if trigger and os.path.exists(trigger):
-        try:
-            target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            target = ""
-        prefix = "." + os.environ.get("FEDWARD_SOAK_LEDGER", "") + ".json."
-        if target.startswith(prefix) and target.endswith(".tmp"):
-            with open(trigger) as handle:
-                skip = int(handle.read().strip() or 0)
-            if skip > 0:
-                with open(trigger, "w") as handle:
-                    handle.write(str(skip - 1))
-            else:
-                os.replace(trigger, trigger + ".fired")
-                raise OSError(errno.ENOSPC, "No space left on device (injected by bench/soak.py)")
-    return _fsync(fd)
-os.fsync = _soak_fsync
-"""
 
 
 def free_port() -> int:
@@ -375,8 +361,8 @@ class Soak:
             self.planted += write_patient_notes(
                 site / "notes.csv", index, len(self.names), self.settings.notes, self.settings.seed
             )
-            (site / "hook").mkdir()
-            (site / "hook" / "sitecustomize.py").write_text(ENOSPC_HOOK, encoding="utf-8")
+            (site / "hook" / "replies").mkdir(parents=True)
+            (site / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
         model_hash = model_content_hash(self.model)
         for name in self.names:
             policy = {
@@ -466,6 +452,9 @@ class Soak:
                 ),
                 "FEDWARD_SOAK_ENOSPC": str(site / "enospc-armed"),
                 "FEDWARD_SOAK_LEDGER": f"{name}-notes",
+                "FEDWARD_SOAK_REPLIES": str(site / "hook" / "replies"),
+                "FEDWARD_SOAK_REPLAY": str(site / "replay-armed"),
+                "FEDWARD_SOAK_TRUNCATE": str(site / "truncate-armed"),
             }
         )
         self.starts += 1
@@ -634,6 +623,25 @@ class Soak:
             (self.site(name) / "enospc-armed").write_text("1")  # let the reservation pass
             self.record(fault, name, "advertise_keys", "ENOSPC on the ledger write after training")
             return True
+        if fault.kind == "replayed_message":
+            # a hospital that has a share-keys reply of an earlier round to send again
+            name = self.sampled_now(
+                baseline,
+                STAGE_MESSAGES["advertise_keys"],
+                busy | {n for n in self.names if not self.kept_reply(n)},
+            )
+            if name is None:
+                return False
+            (self.site(name) / "replay-armed").write_text("")
+            self.record(fault, name, "share_keys", "its share-keys reply of an earlier round")
+            return True
+        if fault.kind == "truncated_message":
+            name = self.sampled_now(baseline, STAGE_MESSAGES["advertise_keys"], busy)
+            if name is None:
+                return False
+            (self.site(name) / "truncate-armed").write_text("")
+            self.record(fault, name, "masked_update", "its masked update cut to half its bytes")
+            return True
         if fault.kind == "superlink_kill":
             name = self.sampled_now(baseline, STAGE_MESSAGES["share_keys"], busy)
             if name is None:
@@ -648,6 +656,9 @@ class Soak:
             self.event("SuperLink restarted; fedward run --resume")
             return True
         raise SoakError(f"unknown fault kind {fault.kind}")
+
+    def kept_reply(self, name: str) -> bool:
+        return (self.site(name) / "hook" / "replies" / "share_keys.pkl").exists()
 
     def record(self, fault: Fault, hospital: str | None, stage: str, detail: str) -> None:
         fault.hospital, fault.stage, fault.detail = hospital, stage, detail
@@ -684,6 +695,24 @@ class Soak:
                 )
                 for row in rows
             )
+            if fault.kind in REJECTED_FOR:
+                self.judge_message_fault(fault, rows)
+
+    def judge_message_fault(self, fault: Fault, rows: list[dict]) -> None:
+        """A bad message is survived only if it was sent, the coordinator rejected it in its
+        round (the history names the hospital under `rejected`, with the reason), and the
+        hospital trained again in a later round."""
+        trigger = {"replayed_message": "replay-armed", "truncated_message": "truncate-armed"}
+        fired = (self.site(fault.hospital) / f"{trigger[fault.kind]}.fired").exists()
+        row = next((row for row in rows if row["round"] == fault.round), {})
+        reason = row.get("rejected", {}).get(fault.hospital, "")
+        rejected = REJECTED_FOR[fault.kind] in reason
+        fault.detail += (
+            f"; {'sent' if fired else 'NOT sent'}, "
+            f"{'rejected by the coordinator' if rejected else 'NOT rejected'}, "
+            f"round {row.get('status', 'missing')[:6].strip(':')}"
+        )
+        fault.survived = bool(fault.survived and fired and rejected)
 
     def check(self) -> dict:
         """Every invariant of bench/soak_checks.py, on what the run left behind."""
