@@ -6,7 +6,8 @@ prints: wall time, peak resident memory of the whole process tree and of the lar
 process in it (a worker), and seconds per round; the difference of the two runs' seconds per
 round is what SecAgg+ costs a round. The server's own aggregation work per round (`agg s`: the
 SecAgg+ session's computation, or the plain validation and average, without the wait for
-hospitals) is read from each round's `aggregation_seconds` in the history.
+hospitals; `agg ms`, its mean per round in milliseconds) is read from each round's
+`aggregation_seconds` in the history.
 
     python -m bench.soak_scale [--hospitals 100] [--fraction 0.1] [--rounds 5] [--neighbours 6]
 
@@ -126,7 +127,7 @@ def main() -> None:
         f"at the start {load[0]:.1f} (shared). Each row is appended as its run ends.",
         "",
         f"    {'aggregation':<22}{'workers':>8}{'wall s':>8}{'peak MiB':>10}{'worker MiB':>11}"
-        f"{'s/round':>9}{'agg s':>8}{'rounds ok':>11}{'trained':>9}",
+        f"{'s/round':>9}{'agg ms':>8}{'rounds ok':>11}{'trained':>9}",
     ]
     write(args.results, "\n" + "\n".join(header) + "\n")
     for secure in (True, False) if args.plain else (True,):
@@ -135,7 +136,8 @@ def main() -> None:
         write(
             args.results,
             f"    {name:<22}{row['workers']:>8}{row['wall_s']:>8.0f}{row['peak_mb']:>10.0f}"
-            f"{row['worker_peak_mb']:>11.0f}{row['round_s']:>9.1f}{row['aggregation_s']:>8.2f}"
+            f"{row['worker_peak_mb']:>11.0f}{row['round_s']:>9.1f}"
+            f"{row['aggregation_s'] * 1000:>8.1f}"
             f"{row['ok']:>7}/{row['rounds']:<3}{row['trained']:>9}\n",
         )
 
