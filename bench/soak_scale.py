@@ -4,8 +4,10 @@ Runs `simulate` (the same code as `fedward simulate`) for `--hospitals` hospital
 `--fraction`, once with SecAgg+ over a neighbour graph and once without (the plain round), and
 prints: wall time, peak resident memory of the whole process tree and of the largest single
 process in it (a worker), and seconds per round; the difference of the two runs' seconds per
-round is what SecAgg+ costs a round. (The simulation's ServerApp runs in a process of its own,
-so the server's SecAgg+ arithmetic is not timed apart here.)
+round is what SecAgg+ costs a round. The server's own aggregation work per round (`agg s`: the
+SecAgg+ session's computation, or the plain validation and average, without the wait for
+hospitals; `agg ms`, its mean per round in milliseconds) is read from each round's
+`aggregation_seconds` in the history.
 
     python -m bench.soak_scale [--hospitals 100] [--fraction 0.1] [--rounds 5] [--neighbours 6]
 
@@ -94,6 +96,7 @@ def run(args, secure: bool) -> dict:
         "peak_mb": memory.peak / 2**20,
         "worker_peak_mb": max(memory.per_process.values(), default=0) / 2**20,
         "round_s": sum(row["seconds"] for row in rows) / max(len(rows), 1),
+        "aggregation_s": sum(row["aggregation_seconds"] for row in rows) / max(len(rows), 1),
         "ok": sum(row["status"] == "ok" for row in rows),
         "rounds": len(rows),
         "trained": sum(1 for row in rows for h in row["hospitals"].values() if h.get("trained")),
@@ -124,7 +127,7 @@ def main() -> None:
         f"at the start {load[0]:.1f} (shared). Each row is appended as its run ends.",
         "",
         f"    {'aggregation':<22}{'workers':>8}{'wall s':>8}{'peak MiB':>10}{'worker MiB':>11}"
-        f"{'s/round':>9}{'rounds ok':>11}{'trained':>9}",
+        f"{'s/round':>9}{'agg ms':>8}{'rounds ok':>11}{'trained':>9}",
     ]
     write(args.results, "\n" + "\n".join(header) + "\n")
     for secure in (True, False) if args.plain else (True,):
@@ -134,6 +137,7 @@ def main() -> None:
             args.results,
             f"    {name:<22}{row['workers']:>8}{row['wall_s']:>8.0f}{row['peak_mb']:>10.0f}"
             f"{row['worker_peak_mb']:>11.0f}{row['round_s']:>9.1f}"
+            f"{row['aggregation_s'] * 1000:>8.1f}"
             f"{row['ok']:>7}/{row['rounds']:<3}{row['trained']:>9}\n",
         )
 

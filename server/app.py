@@ -384,6 +384,8 @@ def history_row(
         "dropped": outcome.dropped,
         "evaluation_refused": evaluation.refused,
         "seconds": round(seconds, 2),
+        # the coordinator's own aggregation work (SecAgg+ or plain), without the wait
+        "aggregation_seconds": round(outcome.aggregation_seconds, 4),
     }
 
 

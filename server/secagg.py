@@ -24,15 +24,18 @@ the replies, like one that dropped; with fewer signers than the quorum the round
 update arrives bit-packed (`common.secagg.pack_bits`); a malformed one is left out like a hospital
 that dropped, and recovered from its neighbours' shares.
 
-Payload keys are listed in `client.secagg`. A reply from an unknown node, for another run, round
-or stage, of the wrong shape, or too few survivors to unmask, raises `SecAggError` naming the node
-and stage; the round then fails and the global adapter stays as it was.
+Payload keys are listed in `client.secagg`. A reply from an unknown node, for another run, round,
+stage or node (replayed or misrouted), or of the wrong shape (a truncated vector, a short key,
+shares for the wrong nodes) is left out like a hospital that dropped, logged and named in
+`session.rejected`: one hospital's bad message does not fail the round. Too few survivors to
+unmask raises `SecAggError` naming the node and stage; the round then fails and the global adapter
+stays as it was.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +173,7 @@ class SecAggServerSession:
         self._sum: np.ndarray | None = None
         self._survivors: list[int] = []
         self._unmask_asked: dict[int, tuple[list[int], list[int]]] = {}
+        self.rejected: dict[int, str] = {}  # node -> why its reply was left out (the last one)
 
     def __repr__(self) -> str:
         return (
@@ -183,31 +187,47 @@ class SecAggServerSession:
         return {node, *self.graph[node]}
 
     def _receive(
-        self, replies: Mapping[int, Mapping[str, Any]], stage: str
-    ) -> dict[int, Mapping[str, Any]]:
-        """Check the stage's replies come from nodes that were asked, for this run/round/stage."""
+        self,
+        replies: Mapping[int, Mapping[str, Any]],
+        stage: str,
+        read: Callable[[int, Mapping[str, Any]], Any] | None = None,
+    ) -> dict[int, Any]:
+        """The stage's replies that pass its checks, each as `read(node, payload)` returns it
+        (the payload itself without `read`).
+
+        A reply from a node that was not asked, one for another run, round, stage or node (a
+        replayed or misrouted message), and one that `read` finds malformed (a truncated
+        vector, a short key) is left out like a hospital that dropped: logged, kept in
+        `self.rejected` with its reason, and the round goes on while the threshold holds.
+        """
         if self.stage != stage:
             raise SecAggError(
                 f"secure aggregation, stage {stage}: out of order, the requests last sent were "
                 f"for stage {self.stage!r}"
             )
+        accepted: dict[int, Any] = {}
         for node, payload in replies.items():
-            if node not in self._asked:
-                raise SecAggError(
-                    f"node {node}, stage {stage}: unknown node, it was not asked in this stage of "
-                    f"round {self.server_round}; reply rejected"
-                )
-            check_header(payload, self.run_id, self.server_round, stage, node)
-        missing = sorted(self._asked - set(replies))
+            try:
+                if node not in self._asked:
+                    raise SecAggError(
+                        f"node {node}, stage {stage}: unknown node, it was not asked in this "
+                        f"stage of round {self.server_round}; reply rejected"
+                    )
+                check_header(payload, self.run_id, self.server_round, stage, node)
+                accepted[node] = payload if read is None else read(node, payload)
+            except SecAggError as exc:
+                self.rejected[node] = str(exc)
+                logger.warning("secagg round %d: %s; left out", self.server_round, exc)
+        missing = sorted(self._asked - set(accepted))
         logger.info(
             "secagg round %d, %s: %d of %d hospitals replied%s",
             self.server_round,
             stage,
-            len(replies),
+            len(accepted),
             len(self._asked),
             f" (dropped: {missing})" if missing else "",
         )
-        return dict(replies)
+        return accepted
 
     def _require_threshold(self, nodes: set[int], alive: set[int], stage: str, what: str) -> None:
         for node in sorted(nodes):
@@ -254,17 +274,11 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Collect the public keys; send each hospital those of its neighbours that replied."""
         stage = ADVERTISE_KEYS
-        replies = self._receive(replies, stage)
-        for node, payload in replies.items():
-            share_key = read_field(payload, "share_public_key", bytes, node, stage)
-            mask_key = read_field(payload, "mask_public_key", bytes, node, stage)
-            signing_key = read_field(payload, "signing_public_key", bytes, node, stage)
-            signature = read_field(payload, "key_signature", bytes, node, stage)
-            if len(share_key) != SEED_BYTES or len(mask_key) != SEED_BYTES:
-                raise SecAggError(f"node {node}, stage {stage}: public keys must be 32 bytes")
+        keys = self._receive(replies, stage, self._read_keys)
+        for node, (share_key, mask_key, signing_key, signature) in keys.items():
             self._share_public[node], self._mask_public[node] = share_key, mask_key
             self._signing_public[node], self._key_signatures[node] = signing_key, signature
-        advertised = set(replies)
+        advertised = set(keys)
         self._require_threshold(advertised, advertised, stage, "advertised keys")
         next_stage = SHARE_KEYS
         self.stage, self._asked = next_stage, advertised
@@ -282,6 +296,18 @@ class SecAggServerSession:
             )
         return requests
 
+    @staticmethod
+    def _read_keys(node: int, payload: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes]:
+        """The node's share, mask and signing public keys and its signature on them."""
+        stage = ADVERTISE_KEYS
+        share_key = read_field(payload, "share_public_key", bytes, node, stage)
+        mask_key = read_field(payload, "mask_public_key", bytes, node, stage)
+        signing_key = read_field(payload, "signing_public_key", bytes, node, stage)
+        signature = read_field(payload, "key_signature", bytes, node, stage)
+        if len(share_key) != SEED_BYTES or len(mask_key) != SEED_BYTES:
+            raise SecAggError(f"node {node}, stage {stage}: public keys must be 32 bytes")
+        return share_key, mask_key, signing_key, signature
+
     # --- stage 3 -----------------------------------------------------------------------------
 
     def masked_update_requests(
@@ -289,18 +315,10 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Collect the encrypted shares; route to each hospital those addressed to it."""
         stage = SHARE_KEYS
-        replies = self._receive(replies, stage)
-        sharers = set(replies)
+        shares = self._receive(replies, stage, self._read_shares)
+        sharers = set(shares)
         routes: dict[int, dict[int, bytes]] = {node: {} for node in sharers}
-        for node, payload in replies.items():
-            sent = read_node_keyed(payload, "destinations", "ciphertexts", node, stage)
-            expected = set(self.graph[node]) & set(self._share_public)
-            if set(sent) != expected:
-                wrong = sorted(set(sent) ^ expected)
-                raise SecAggError(
-                    f"node {node}, stage {stage}: shares must go to exactly its neighbours that "
-                    f"advertised keys; nodes {wrong} are missing or not its neighbours"
-                )
+        for node, sent in shares.items():
             for destination, ciphertext in sent.items():
                 if destination in routes:
                     routes[destination][node] = ciphertext
@@ -318,6 +336,19 @@ class SecAggServerSession:
             for node in sorted(sharers)
         }
 
+    def _read_shares(self, node: int, payload: Mapping[str, Any]) -> dict[int, bytes]:
+        """The node's encrypted shares by destination: exactly its neighbours that advertised."""
+        stage = SHARE_KEYS
+        sent = read_node_keyed(payload, "destinations", "ciphertexts", node, stage)
+        expected = set(self.graph[node]) & set(self._share_public)
+        if set(sent) != expected:
+            wrong = sorted(set(sent) ^ expected)
+            raise SecAggError(
+                f"node {node}, stage {stage}: shares must go to exactly its neighbours that "
+                f"advertised keys; nodes {wrong} are missing or not its neighbours"
+            )
+        return sent
+
     # --- stage 4 -----------------------------------------------------------------------------
 
     def consistency_requests(
@@ -325,17 +356,11 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Add up the masked updates; ask each contributor to sign the survivor set."""
         stage = MASKED_UPDATE
-        replies = self._receive(replies, stage)
-        packed_updates = []
-        contributors = set()
-        for node, payload in sorted(replies.items()):
-            try:
-                packed_updates.append(self._read_masked_update(node, payload))
-            except SecAggError as exc:
-                # Left out like a hospital that dropped: its masks are removed from the shares.
-                logger.warning("secagg round %d: %s; left out", self.server_round, exc)
-                continue
-            contributors.add(node)
+        # A malformed one is left out like a hospital that dropped: its masks are removed from
+        # the shares.
+        masked = self._receive(replies, stage, self._read_masked_update)
+        packed_updates = [masked[node] for node in sorted(masked)]
+        contributors = set(masked)
         if not contributors:
             raise SecAggError(
                 f"secure aggregation, stage {stage}: no hospital sent a masked update"
@@ -390,11 +415,11 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Collect the signatures on the survivor set; relay them all, ask for the shares."""
         stage = CONSISTENCY_CHECK
-        replies = self._receive(replies, stage)
-        signatures = {
-            node: read_field(payload, "survivors_signature", bytes, node, stage)
-            for node, payload in replies.items()
-        }
+        signatures = self._receive(
+            replies,
+            stage,
+            lambda node, payload: read_field(payload, "survivors_signature", bytes, node, stage),
+        )
         signers = sorted(signatures)
         if len(signers) < self.quorum:
             raise SecAggError(
@@ -432,25 +457,10 @@ class SecAggServerSession:
     def aggregate(self, replies: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
         """Collect the revealed shares, remove every mask, and return the unmasked sum."""
         stage = UNMASK
-        replies = self._receive(replies, stage)
+        revealed = self._receive(replies, stage, self._read_revealed)
         seed_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._contributors}
         key_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._sharers}
-        for node, payload in replies.items():
-            survivors, dropped = self._unmask_asked[node]
-            seeds = read_node_keyed(payload, "seed_share_owners", "seed_shares", node, stage)
-            keys = read_node_keyed(payload, "key_share_owners", "key_shares", node, stage)
-            if set(seeds) != {node, *survivors} or set(keys) != set(dropped):
-                raise SecAggError(
-                    f"node {node}, stage {stage}: revealed shares for other nodes than asked "
-                    f"(seed shares for itself and its surviving neighbours, key shares for its "
-                    f"dropped neighbours); rejected"
-                )
-            for owner, share in [*seeds.items(), *keys.items()]:
-                if len(share) != SHARE_BYTES:
-                    raise SecAggError(
-                        f"node {node}, stage {stage}: the share it revealed for node {owner} has "
-                        f"{len(share)} bytes, expected {SHARE_BYTES}"
-                    )
+        for node, (seeds, keys) in revealed.items():
             for owner, share in seeds.items():
                 seed_shares[owner][node] = share
             for owner, share in keys.items():
@@ -486,6 +496,29 @@ class SecAggServerSession:
                 masks.append((seed, -mask_sign(partner, owner)))
         total = add_masks(self._sum.copy(), masks, self.modulus_bits)
         return self._result(total)
+
+    def _read_revealed(
+        self, node: int, payload: Mapping[str, Any]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """The shares the node revealed: seed shares by owner (itself and its surviving
+        neighbours), key shares by owner (its dropped neighbours), exactly those asked."""
+        stage = UNMASK
+        survivors, dropped = self._unmask_asked[node]
+        seeds = read_node_keyed(payload, "seed_share_owners", "seed_shares", node, stage)
+        keys = read_node_keyed(payload, "key_share_owners", "key_shares", node, stage)
+        if set(seeds) != {node, *survivors} or set(keys) != set(dropped):
+            raise SecAggError(
+                f"node {node}, stage {stage}: revealed shares for other nodes than asked "
+                f"(seed shares for itself and its surviving neighbours, key shares for its "
+                f"dropped neighbours); rejected"
+            )
+        for owner, share in [*seeds.items(), *keys.items()]:
+            if len(share) != SHARE_BYTES:
+                raise SecAggError(
+                    f"node {node}, stage {stage}: the share it revealed for node {owner} has "
+                    f"{len(share)} bytes, expected {SHARE_BYTES}"
+                )
+        return seeds, keys
 
     def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
         if len(shares) < self.threshold:

@@ -63,6 +63,9 @@ class TrainOutcome:
     rejected: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     train_loss: float = float("nan")
+    #: seconds the coordinator computed the aggregate (the SecAgg+ session's work, or the plain
+    #: validation and average), not counting the wait for hospitals
+    aggregation_seconds: float = 0.0
 
 
 @dataclass
@@ -164,6 +167,15 @@ class FedwardStrategy:
         self, server_round: int, global_arrays: Arrays, replies: Iterable[Message], sent: int
     ) -> TrainOutcome:
         """Validate each update, then average the valid ones into a new global adapter."""
+        replies = list(replies)  # received: what follows is the coordinator's own work
+        started = time.perf_counter()
+        outcome = self._average_clear_updates(server_round, global_arrays, replies, sent)
+        outcome.aggregation_seconds = time.perf_counter() - started
+        return outcome
+
+    def _average_clear_updates(
+        self, server_round: int, global_arrays: Arrays, replies: list[Message], sent: int
+    ) -> TrainOutcome:
         outcome, accepted = self._read_train_replies(server_round, replies, sent)
         updates: list[tuple[Arrays, float]] = []
         for _node_id, (name, reply) in accepted.items():
@@ -196,8 +208,9 @@ class FedwardStrategy:
         """
         vector_length = sum(int(np.prod(item.shape)) for item in self.adapter_layout)
         distributed = self.config.spec.privacy.noise == "distributed"
+        clock = _Stopwatch()
         try:
-            session = SecAggServerSession(
+            session = clock.timed(SecAggServerSession)(
                 self.run_id,
                 server_round,
                 node_ids,
@@ -209,7 +222,7 @@ class FedwardStrategy:
                 max_weight=self.config.spec.secagg.secagg_max_weight,
                 encoding=INTEGER if distributed else WEIGHTED,
             )
-            requests = session.advertise_keys_requests()
+            requests = clock.timed(session.advertise_keys_requests)()
         except SecAggError as exc:
             return TrainOutcome(arrays=None, status=f"failed: secure aggregation: {exc}")
         replies = grid.send_and_receive(
@@ -223,44 +236,58 @@ class FedwardStrategy:
         }
         names = {node_id: name for node_id, (name, _) in accepted.items()}
         try:
-            requests = session.share_keys_requests(payloads)
+            requests = clock.timed(session.share_keys_requests)(payloads)
             payloads = self._secagg_stage(
                 grid, server_round, "share_keys", requests, names, outcome
             )
-            requests = session.masked_update_requests(payloads)
+            requests = clock.timed(session.masked_update_requests)(payloads)
             payloads = self._secagg_stage(
                 grid, server_round, "masked_update", requests, names, outcome
             )
-            requests = session.consistency_requests(payloads)
+            requests = clock.timed(session.consistency_requests)(payloads)
             payloads = self._secagg_stage(
                 grid, server_round, "consistency_check", requests, names, outcome
             )
-            requests = session.unmask_requests(payloads)
+            requests = clock.timed(session.unmask_requests)(payloads)
             payloads = self._secagg_stage(grid, server_round, "unmask", requests, names, outcome)
-            result = session.aggregate(payloads)
+            result = clock.timed(session.aggregate)(payloads)
         except SecAggError as exc:
             outcome.status = f"failed: secure aggregation: {exc}; global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
             return outcome
+        finally:
+            outcome.aggregation_seconds = clock.seconds
+            for node_id, reason in session.rejected.items():
+                name = names.get(node_id, f"node-{node_id}")
+                outcome.rejected[name] = f"rejected secure-aggregation reply: {reason}"
         for node_id in result.dropped:
             name = names.get(node_id, f"node-{node_id}")
             outcome.hospitals.pop(name, None)
-            if name not in outcome.dropped:
+            if name not in outcome.dropped and name not in outcome.rejected:
                 outcome.dropped.append(name)
         outcome.train_loss = _train_loss(outcome)
         if self._too_few(server_round, outcome, len(result.included)):
             return outcome
-        if distributed:
-            return self._noisy_gradient_step(server_round, global_arrays, result, outcome)
+        clock.timed(self._apply_secure_sum)(server_round, global_arrays, result, outcome)
+        outcome.aggregation_seconds = clock.seconds
+        return outcome
+
+    def _apply_secure_sum(
+        self, server_round: int, global_arrays: Arrays, result: SecAggResult, outcome: TrainOutcome
+    ) -> None:
+        """The new global adapter from the unmasked sum, into `outcome.arrays` (left None with
+        the reason in `outcome.status` when the sum is unusable)."""
+        if self.config.spec.privacy.noise == "distributed":
+            self._noisy_gradient_step(server_round, global_arrays, result, outcome)
+            return
         average = wire.unflatten(result.weighted_sum / result.total_weight, global_arrays)
         try:
             validate_update(self.adapter_layout, average, self.config.spec.secagg.secagg_clip)
         except FedwardError as exc:
             outcome.status = f"failed: aggregated update invalid ({exc}); global adapter unchanged"
             log.warning("round %d %s", server_round, outcome.status)
-            return outcome
+            return
         outcome.arrays = apply_average(global_arrays, average, 1.0)  # already divided
-        return outcome
 
     def _noisy_gradient_step(
         self,
@@ -306,9 +333,17 @@ class FedwardStrategy:
                 )
             )
         payloads: dict[int, dict] = {}
+        twice: set[int] = set()
         for reply in grid.send_and_receive(messages, timeout=self.config.local.secagg_timeout):
             node_id = reply.metadata.src_node_id
             name = names.get(node_id, f"node-{node_id}")
+            if node_id in payloads or node_id in twice:
+                # Which of the two is the hospital's is unknowable: neither is used.
+                payloads.pop(node_id, None)
+                twice.add(node_id)
+                outcome.rejected[name] = f"rejected secure-aggregation reply: two to {stage}"
+                log.warning("round %d, %s: %s replied twice; left out", server_round, stage, name)
+                continue
             if reply.has_error() or wire.SECAGG not in reply.content:
                 if reply.has_error():
                     reason = reply.error.reason
@@ -447,6 +482,23 @@ def _train_loss(outcome: TrainOutcome) -> float:
 def refusal_reason(reply: Message) -> str:
     """A refusal reply's reason, rendered by the coordinator from its code and numbers."""
     return Reason.from_record(reply.content[wire.REFUSAL]).render()
+
+
+class _Stopwatch:
+    """Adds up the seconds spent in the calls it wraps (`timed(f)(...)`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return call
 
 
 def _first_line(reason: str) -> str:

@@ -111,50 +111,87 @@ def test_dropped_hospitals_are_logged_and_left_out(caplog):
     assert "dropped: [44]" in caplog.text
 
 
-# --- rejections: each names the node and the stage ---------------------------------------------
+# --- bad replies: each is left out like a dropout, named with its stage, and the round goes on ---
+
+UPDATES = {node: np.linspace(-0.5, 0.5, LENGTH) * (node / 55) for node in IDS}
+COLLECT = {
+    ADVERTISE_KEYS: "share_keys_requests",
+    SHARE_KEYS: "masked_update_requests",
+    MASKED_UPDATE: "consistency_requests",
+    CONSISTENCY_CHECK: "unmask_requests",
+    UNMASK: "aggregate",
+}
+STAGE_ORDER = list(COLLECT)
 
 
-@pytest.mark.parametrize(
-    "stage", [ADVERTISE_KEYS, SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK]
-)
-def test_reply_from_an_unknown_node_is_rejected(stage):
-    server, _, replies = up_to(stage)
-    replies[99] = dict(replies[11], node_id=99)
-    collect = {
-        ADVERTISE_KEYS: server.share_keys_requests,
-        SHARE_KEYS: server.masked_update_requests,
-        MASKED_UPDATE: server.consistency_requests,
-        CONSISTENCY_CHECK: server.unmask_requests,
-        UNMASK: server.aggregate,
-    }[stage]
-    with pytest.raises(SecAggError, match=f"node 99, stage {stage}: unknown node"):
-        collect(replies)
+def finish(server, clients, stage, replies):
+    """Hand `replies` (to `stage`) to the server, answer every later stage honestly; return the
+    result."""
+    outcome = getattr(server, COLLECT[stage])(replies)
+    for later in STAGE_ORDER[STAGE_ORDER.index(stage) + 1 :]:
+        outcome = getattr(server, COLLECT[later])(answer(clients, later, outcome))
+    return outcome
 
 
-def test_reply_replayed_from_another_round_is_rejected():
-    _, _, old = up_to(MASKED_UPDATE)  # round 2
+def assert_the_sum_of(result, included):
+    """The unmasked sum is exactly that of `included`'s updates (to quantization)."""
+    expected = sum(node * UPDATES[node] for node in included)
+    assert result.included == tuple(sorted(included))
+    assert result.total_weight == sum(included)
+    bound = sum(included) * quantization_bound(1.0, 24)
+    assert np.max(np.abs(result.weighted_sum - expected)) <= bound
+
+
+def round_three():
+    """A fresh round 3 of the same run, with its own client sessions."""
     server = SecAggServerSession("run-9", 3, IDS, LENGTH)
     clients = {
         node: SecAggClientSession(node, "run-9", 3, SecAggIdentity.simulated(index, len(IDS)))
         for index, node in enumerate(IDS)
     }
-    replies = answer(clients, ADVERTISE_KEYS, server.advertise_keys_requests())
-    requests = server.masked_update_requests(
-        answer(clients, SHARE_KEYS, server.share_keys_requests(replies))
-    )
-    replies = answer(clients, MASKED_UPDATE, requests)
+    return server, clients
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_a_reply_from_an_unknown_node_is_left_out_and_the_round_goes_on(stage, caplog):
+    server, clients, replies = up_to(stage)
+    replies[99] = dict(replies[11], node_id=99)
+    result = finish(server, clients, stage, replies)
+    assert_the_sum_of(result, IDS)
+    assert "unknown node" in server.rejected[99] and list(server.rejected) == [99]
+    assert "node 99, stage " + stage in caplog.text
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_a_reply_replayed_from_an_earlier_round_is_left_out_and_the_round_goes_on(stage):
+    """Node 22's reply to `stage` in round 2, sent again in round 3 (a node replaying its own
+    message, or one replayed on its behalf): rejected on its header, and the round completes.
+    Left out before its masked update, node 22 is a dropout (not in the sum); left out after
+    it, its update stays in the sum and its masks come off with its neighbours' shares."""
+    _, _, old = up_to(stage)
+    server, clients = round_three()
+    requests = server.advertise_keys_requests()
+    for earlier in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
+        requests = getattr(server, COLLECT[earlier])(answer(clients, earlier, requests))
+    replies = answer(clients, stage, requests)
     replies[22] = old[22]
-    with pytest.raises(SecAggError, match=r"node 22, stage masked_update: .*round 2"):
-        server.consistency_requests(replies)
+    result = finish(server, clients, stage, replies)
+    late = STAGE_ORDER.index(stage) > STAGE_ORDER.index(MASKED_UPDATE)
+    assert_the_sum_of(result, IDS if late else [n for n in IDS if n != 22])
+    assert (
+        "round 2" in server.rejected[22]
+        and "a replayed or misrouted message" in (server.rejected[22])
+    )
 
 
-def test_reply_for_another_stage_is_rejected():
+def test_a_reply_for_another_stage_is_left_out():
     server, clients, replies = up_to(ADVERTISE_KEYS)
     requests = server.share_keys_requests(replies)
     shares = answer(clients, SHARE_KEYS, requests)
     shares[33] = replies[33]  # its advertise_keys reply, sent again
-    with pytest.raises(SecAggError, match="node 33, stage share_keys: .*'advertise_keys'"):
-        server.masked_update_requests(shares)
+    result = finish(server, clients, SHARE_KEYS, shares)
+    assert_the_sum_of(result, [11, 22, 44, 55])
+    assert "stage share_keys" in server.rejected[33] and "'advertise_keys'" in server.rejected[33]
 
 
 @pytest.mark.parametrize(
@@ -177,6 +214,15 @@ def test_a_malformed_masked_update_is_left_out_like_a_dropout(vector, caplog):
     assert 55 in result.dropped and result.total_weight == sum(IDS) - 55
 
 
+def test_a_truncated_masked_update_is_left_out_and_the_others_are_summed_exactly():
+    server, clients, replies = up_to(MASKED_UPDATE)
+    packed = replies[44]["masked_update"]
+    replies[44] = {**replies[44], "masked_update": packed[: packed.size // 2]}
+    result = finish(server, clients, MASKED_UPDATE, replies)
+    assert_the_sum_of(result, [11, 22, 33, 55])
+    assert f"{packed.size // 2} bytes" in server.rejected[44]
+
+
 def test_a_garbled_masked_update_is_caught_after_unmasking():
     server, clients, replies = up_to(MASKED_UPDATE)
     noise = np.random.default_rng(0).integers(
@@ -189,33 +235,47 @@ def test_a_garbled_masked_update_is_caught_after_unmasking():
         server.aggregate(answer(clients, UNMASK, requests))
 
 
-def test_shares_sent_to_a_non_neighbour_are_rejected():
-    server, clients, replies = up_to(ADVERTISE_KEYS, ids=list(range(1, 9)), neighbours=2)
+def test_shares_sent_to_a_non_neighbour_are_left_out():
+    ids = list(range(1, 9))
+    server, clients, replies = up_to(ADVERTISE_KEYS, ids=ids, neighbours=4)
     requests = server.share_keys_requests(replies)
     shares = answer(clients, SHARE_KEYS, requests)
-    stranger = next(node for node in range(1, 9) if node != 1 and node not in server.graph[1])
+    stranger = next(node for node in ids if node != 1 and node not in server.graph[1])
     shares[1] = {
         **shares[1],
         "destinations": [*shares[1]["destinations"], stranger],
         "ciphertexts": [*shares[1]["ciphertexts"], b"x" * 60],
     }
-    with pytest.raises(SecAggError, match=f"node 1, stage share_keys: .*{stranger}"):
-        server.masked_update_requests(shares)
+    requests = server.masked_update_requests(shares)
+    assert 1 not in requests and all(1 not in r["sources"] for r in requests.values())
+    assert "node 1, stage share_keys" in server.rejected[1] and str(stranger) in server.rejected[1]
 
 
-def test_unmask_reply_revealing_unasked_shares_is_rejected():
+def test_an_unmask_reply_revealing_unasked_shares_is_left_out():
     server, _, replies = up_to(UNMASK)
     reply = replies[11]
     replies[11] = {**reply, "key_share_owners": [22], "key_shares": [reply["seed_shares"][1]]}
-    with pytest.raises(SecAggError, match="node 11, stage unmask: revealed shares"):
-        server.aggregate(replies)
+    result = server.aggregate(replies)
+    assert_the_sum_of(result, IDS)  # the others' shares recover every mask
+    assert "node 11, stage unmask: revealed shares" in server.rejected[11]
 
 
-def test_bad_public_key_is_rejected():
-    server, _, replies = up_to(ADVERTISE_KEYS)
+def test_a_bad_public_key_is_left_out():
+    server, clients, replies = up_to(ADVERTISE_KEYS)
     replies[44] = {**replies[44], "mask_public_key": b"short"}
-    with pytest.raises(SecAggError, match="node 44, stage advertise_keys"):
+    result = finish(server, clients, ADVERTISE_KEYS, replies)
+    assert_the_sum_of(result, [11, 22, 33, 55])
+    assert "node 44, stage advertise_keys: public keys must be 32 bytes" in server.rejected[44]
+
+
+def test_bad_replies_below_the_threshold_still_fail_the_round():
+    """Leaving bad replies out is dropout handling, not a way around the threshold."""
+    server, _, replies = up_to(ADVERTISE_KEYS, threshold=0.8)  # 4 of 5
+    for node in (11, 22):
+        replies[node] = {**replies[node], "round": 1}
+    with pytest.raises(SecAggError, match=r"stage advertise_keys: only 3 .*threshold 4"):
         server.share_keys_requests(replies)
+    assert set(server.rejected) == {11, 22}
 
 
 def test_stages_must_come_in_order():

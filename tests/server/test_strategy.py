@@ -121,6 +121,7 @@ def test_aggregate_train_drops_bad_and_refused_replies_and_averages_the_rest(cap
     assert outcome.refused == {"hospital-d": Reason("budget.exceeded").render()}
     assert "privacy budget would be exceeded" in outcome.refused["hospital-d"]
     assert outcome.dropped == ["node-15"]
+    assert outcome.aggregation_seconds > 0  # the coordinator's own work, timed for history.json
 
     logged = caplog.text
     assert "hospital-c" in logged and "NaN" in logged
