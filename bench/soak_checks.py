@@ -94,39 +94,11 @@ def ledger_findings(
         return [Finding("ledger", where, f"cannot be read: {exc}")]
     findings = []
     keys = Counter((e.run_id, e.round) for e in ledger.entries)
-    for (run_id, round_), count in sorted(keys.items()):
-        if count > 1:
-            findings.append(
-                Finding("ledger", where, f"run {run_id} round {round_} charged {count} times")
-            )
+    findings += _more_than_once(keys, "charged", where)
     spent = {(e.run_id, e.round) for e in ledger.entries if e.status == SPENT}
-
-    audit = read_jsonl(audit_path)
-    trained = Counter(
-        (r["fields"]["run_id"], r["fields"]["round"]) for r in audit if r.get("kind") == "train"
-    )
-    released = {
-        (r["fields"]["run_id"], r["fields"]["round"])
-        for r in audit
-        if r.get("kind") in RELEASED_KINDS
-    }
-    released |= {
-        (r["fields"]["run_id"] + EVALUATION_SUFFIX, r["fields"]["round"])
-        for r in audit
-        if r.get("kind") == "evaluation"
-    }
-    for (run_id, round_), count in sorted(trained.items()):
-        if count > 1:
-            findings.append(
-                Finding("ledger", where, f"run {run_id} round {round_} trained {count} times")
-            )
-    coordinator_saw = set()
-    if history is not None:
-        run_id = history.get("run_id")
-        for row in history.get("rounds", []):
-            if row.get("hospitals", {}).get(hospital, {}).get("trained"):
-                coordinator_saw.add((run_id, row["round"]))
-    for run_id, round_ in sorted(released | coordinator_saw):
+    trained, released = _releases(read_jsonl(audit_path))
+    findings += _more_than_once(trained, "trained", where)
+    for run_id, round_ in sorted(released | _coordinator_saw_train(history, hospital)):
         if (run_id, round_) not in spent:
             findings.append(
                 Finding(
@@ -141,7 +113,50 @@ def ledger_findings(
                 "ledger", where, f"run {run_id} round {round_} is charged but was never released"
             )
         )
+    return findings + _composition_findings(ledger, where, tolerance)
 
+
+def _more_than_once(counts: Counter, what: str, where: str) -> list[Finding]:
+    return [
+        Finding("ledger", where, f"run {run_id} round {round_} {what} {count} times")
+        for (run_id, round_), count in sorted(counts.items())
+        if count > 1
+    ]
+
+
+def _releases(audit: list[dict]) -> tuple[Counter, set[tuple[str, int]]]:
+    """From a hospital's audit log: how often each (run, round) was released as `train`, and
+    every (run, round) it released anything for (evaluations under their ledger key)."""
+    trained = Counter(
+        (r["fields"]["run_id"], r["fields"]["round"]) for r in audit if r.get("kind") == "train"
+    )
+    released = {
+        (r["fields"]["run_id"], r["fields"]["round"])
+        for r in audit
+        if r.get("kind") in RELEASED_KINDS
+    }
+    released |= {
+        (r["fields"]["run_id"] + EVALUATION_SUFFIX, r["fields"]["round"])
+        for r in audit
+        if r.get("kind") == "evaluation"
+    }
+    return trained, released
+
+
+def _coordinator_saw_train(history: dict | None, hospital: str) -> set[tuple[str, int]]:
+    if history is None:
+        return set()
+    run_id = history.get("run_id")
+    return {
+        (run_id, row["round"])
+        for row in history.get("rounds", [])
+        if row.get("hospitals", {}).get(hospital, {}).get("trained")
+    }
+
+
+def _composition_findings(ledger: PrivacyLedger, where: str, tolerance: float) -> list[Finding]:
+    """Each entry's epsilon, and the running total, are the composition of the planned steps."""
+    findings = []
     history_so_far = []
     for entry in ledger.entries:
         step = (entry.noise_multiplier, entry.sample_rate, entry.steps)
