@@ -47,8 +47,6 @@ from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
     MASKED_UPDATE,
-    SEED_BYTES,
-    SHARE_BYTES,
     SHARE_KEYS,
     UNMASK,
     add_masks,
@@ -62,7 +60,6 @@ from fedward.common.secagg import (
     mask_sign,
     pair_context,
     read_field,
-    read_node_keyed,
     round_seed,
     secagg_graph,
     secure_threshold,
@@ -71,6 +68,12 @@ from fedward.common.secagg import (
 )
 from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED, WRAP_LIMIT, check_encoding
 from fedward.common.secagg.quantize import MAX_MODULUS_BITS
+from fedward.server.secagg_replies import (
+    read_keys,
+    read_masked_update,
+    read_revealed,
+    read_shares,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +277,7 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Collect the public keys; send each hospital those of its neighbours that replied."""
         stage = ADVERTISE_KEYS
-        keys = self._receive(replies, stage, self._read_keys)
+        keys = self._receive(replies, stage, read_keys)
         for node, (share_key, mask_key, signing_key, signature) in keys.items():
             self._share_public[node], self._mask_public[node] = share_key, mask_key
             self._signing_public[node], self._key_signatures[node] = signing_key, signature
@@ -296,18 +299,6 @@ class SecAggServerSession:
             )
         return requests
 
-    @staticmethod
-    def _read_keys(node: int, payload: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes]:
-        """The node's share, mask and signing public keys and its signature on them."""
-        stage = ADVERTISE_KEYS
-        share_key = read_field(payload, "share_public_key", bytes, node, stage)
-        mask_key = read_field(payload, "mask_public_key", bytes, node, stage)
-        signing_key = read_field(payload, "signing_public_key", bytes, node, stage)
-        signature = read_field(payload, "key_signature", bytes, node, stage)
-        if len(share_key) != SEED_BYTES or len(mask_key) != SEED_BYTES:
-            raise SecAggError(f"node {node}, stage {stage}: public keys must be 32 bytes")
-        return share_key, mask_key, signing_key, signature
-
     # --- stage 3 -----------------------------------------------------------------------------
 
     def masked_update_requests(
@@ -315,7 +306,13 @@ class SecAggServerSession:
     ) -> dict[int, dict[str, Any]]:
         """Collect the encrypted shares; route to each hospital those addressed to it."""
         stage = SHARE_KEYS
-        shares = self._receive(replies, stage, self._read_shares)
+        shares = self._receive(
+            replies,
+            stage,
+            lambda node, payload: read_shares(
+                node, payload, set(self.graph[node]) & set(self._share_public)
+            ),
+        )
         sharers = set(shares)
         routes: dict[int, dict[int, bytes]] = {node: {} for node in sharers}
         for node, sent in shares.items():
@@ -336,19 +333,6 @@ class SecAggServerSession:
             for node in sorted(sharers)
         }
 
-    def _read_shares(self, node: int, payload: Mapping[str, Any]) -> dict[int, bytes]:
-        """The node's encrypted shares by destination: exactly its neighbours that advertised."""
-        stage = SHARE_KEYS
-        sent = read_node_keyed(payload, "destinations", "ciphertexts", node, stage)
-        expected = set(self.graph[node]) & set(self._share_public)
-        if set(sent) != expected:
-            wrong = sorted(set(sent) ^ expected)
-            raise SecAggError(
-                f"node {node}, stage {stage}: shares must go to exactly its neighbours that "
-                f"advertised keys; nodes {wrong} are missing or not its neighbours"
-            )
-        return sent
-
     # --- stage 4 -----------------------------------------------------------------------------
 
     def consistency_requests(
@@ -358,7 +342,13 @@ class SecAggServerSession:
         stage = MASKED_UPDATE
         # A malformed one is left out like a hospital that dropped: its masks are removed from
         # the shares.
-        masked = self._receive(replies, stage, self._read_masked_update)
+        masked = self._receive(
+            replies,
+            stage,
+            lambda node, payload: read_masked_update(
+                node, payload, self.modulus_bits, self.vector_length
+            ),
+        )
         packed_updates = [masked[node] for node in sorted(masked)]
         contributors = set(masked)
         if not contributors:
@@ -387,26 +377,6 @@ class SecAggServerSession:
             node: self._request(next_stage, node, survivors=list(self._survivors))
             for node in self._survivors
         }
-
-    def _read_masked_update(self, node: int, payload: Mapping[str, Any]) -> np.ndarray:
-        """The node's masked vector, packed at `modulus_bits` bits per value, checked."""
-        stage = MASKED_UPDATE
-        if "masked_update" not in payload:
-            raise SecAggError(f"node {node}, stage {stage}: payload has no 'masked_update'")
-        packed = payload["masked_update"]
-        if not isinstance(packed, np.ndarray) or packed.ndim != 1 or packed.dtype != np.uint8:
-            raise SecAggError(
-                f"node {node}, stage {stage}: masked_update must be a 1-D uint8 array (the "
-                f"masked values packed at {self.modulus_bits} bits each)"
-            )
-        expected = (self.modulus_bits * (self.vector_length + 1) + 7) // 8
-        if packed.size != expected:
-            raise SecAggError(
-                f"node {node}, stage {stage}: masked_update has {packed.size} bytes, not the "
-                f"{expected} that {self.vector_length + 1} values (adapter size + 1 count slot) "
-                f"of {self.modulus_bits} bits take; rejected"
-            )
-        return packed
 
     # --- stage 5 -----------------------------------------------------------------------------
 
@@ -457,7 +427,11 @@ class SecAggServerSession:
     def aggregate(self, replies: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
         """Collect the revealed shares, remove every mask, and return the unmasked sum."""
         stage = UNMASK
-        revealed = self._receive(replies, stage, self._read_revealed)
+        revealed = self._receive(
+            replies,
+            stage,
+            lambda node, payload: read_revealed(node, payload, *self._unmask_asked[node]),
+        )
         seed_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._contributors}
         key_shares: dict[int, dict[int, bytes]] = {node: {} for node in self._sharers}
         for node, (seeds, keys) in revealed.items():
@@ -496,29 +470,6 @@ class SecAggServerSession:
                 masks.append((seed, -mask_sign(partner, owner)))
         total = add_masks(self._sum.copy(), masks, self.modulus_bits)
         return self._result(total)
-
-    def _read_revealed(
-        self, node: int, payload: Mapping[str, Any]
-    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """The shares the node revealed: seed shares by owner (itself and its surviving
-        neighbours), key shares by owner (its dropped neighbours), exactly those asked."""
-        stage = UNMASK
-        survivors, dropped = self._unmask_asked[node]
-        seeds = read_node_keyed(payload, "seed_share_owners", "seed_shares", node, stage)
-        keys = read_node_keyed(payload, "key_share_owners", "key_shares", node, stage)
-        if set(seeds) != {node, *survivors} or set(keys) != set(dropped):
-            raise SecAggError(
-                f"node {node}, stage {stage}: revealed shares for other nodes than asked "
-                f"(seed shares for itself and its surviving neighbours, key shares for its "
-                f"dropped neighbours); rejected"
-            )
-        for owner, share in [*seeds.items(), *keys.items()]:
-            if len(share) != SHARE_BYTES:
-                raise SecAggError(
-                    f"node {node}, stage {stage}: the share it revealed for node {owner} has "
-                    f"{len(share)} bytes, expected {SHARE_BYTES}"
-                )
-        return seeds, keys
 
     def _recover(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
         if len(shares) < self.threshold:
