@@ -178,7 +178,8 @@ class FedwardStrategy:
     ) -> TrainOutcome:
         outcome, accepted = self._read_train_replies(server_round, replies, sent)
         updates: list[tuple[Arrays, float]] = []
-        for _node_id, (name, reply) in accepted.items():
+        # in the hospitals' order, not the replies': the float sums do not depend on timing
+        for name, reply in sorted(accepted.values(), key=lambda item: item[0]):
             try:
                 update = wire.record_to_arrays(reply.content[wire.ARRAYS])
                 validate_update(self.adapter_layout, update, self.config.spec.secagg.secagg_clip)
@@ -473,7 +474,7 @@ def _train_loss(outcome: TrainOutcome) -> float:
     return weighted_mean(
         [
             (m["train_loss"], m["num_examples"])
-            for m in outcome.hospitals.values()
+            for _, m in sorted(outcome.hospitals.items())  # not in the order replies arrived
             if "train_loss" in m and "num_examples" in m
         ]
     )

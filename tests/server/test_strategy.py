@@ -94,6 +94,25 @@ def test_configure_train_sends_the_global_adapter_and_round_config():
         assert not sent & {"out", "device", "round-timeout", "resume", "hospitals", "data"}
 
 
+def test_the_average_does_not_depend_on_the_order_replies_arrive_in():
+    """Float sums in arrival order would make the global adapter and the train loss differ in
+    their last bits between two runs of the same seeded federation (timing decides the order)."""
+    strategy = _strategy()
+    global_arrays = _arrays(1.0, 0.0)
+    to = strategy.configure_train(1, global_arrays, [11, 12, 13])
+    # losses and counts whose float mean differs in its last bit between the two orders
+    values = [(0.1, 0.3, 5, 1.837), (-0.7, 0.2, 58, 0.187), (0.33, -0.9, 57, 0.798)]
+    replies = [
+        _update_reply(to[i], f"hospital-{i}", _arrays(a, b), examples=n, loss=loss)
+        for i, (a, b, n, loss) in enumerate(values)
+    ]
+    first = strategy.aggregate_train(1, global_arrays, replies, sent=3)
+    second = strategy.aggregate_train(1, global_arrays, replies[::-1], sent=3)
+    assert first.train_loss == second.train_loss
+    for name in global_arrays:
+        assert first.arrays[name].tobytes() == second.arrays[name].tobytes()
+
+
 def test_aggregate_train_drops_bad_and_refused_replies_and_averages_the_rest(caplog):
     strategy = _strategy()
     global_arrays = _arrays(1.0, 0.0)
