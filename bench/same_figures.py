@@ -16,11 +16,14 @@ stochastically with a generator seeded by the operating system (common/secagg/qu
 only the first round's local training is deterministic there. The `clear` arm must have no
 varying field at all.
 
-One figure depends on the order the hospitals' replies arrive in, which the machine's load
-decides: a round's mean training loss is the example-weighted mean of the hospitals' losses,
-summed in arrival order (server/strategy.py), so it can differ in its last bit. A differing
-round mean is accepted, and said so, when it is the mean of the very same per-hospital losses
-(compared bit for bit) in another order (`reply_order_only`).
+One figure depended on the order the hospitals' replies arrive in, which the machine's load
+decides: a round's mean training loss was summed in arrival order, so it could differ in its
+last bit. server/strategy.py now sums in the hospitals' order (since 310b0fc); a differing round
+mean is still accepted, and said so, when it is the mean of the very same per-hospital losses
+(compared bit for bit) in another order (`reply_order_only`), for figures saved before that.
+
+Run the base and the comparison from the same checkout path: PEFT writes the base model's path
+(inside the virtual environment) into each adapter's README.md.
 
     python -m bench.same_figures --save bench/results/same_figures.json    # on the base commit
     python -m bench.same_figures --against bench/results/same_figures.json  # after the change
@@ -57,7 +60,7 @@ SIMULATE = [
 ARMS = {"clear": "--no-secure-aggregation", "secagg": "--secure-aggregation"}
 
 #: Fields that differ between any two runs: ids, process ids, the output folder, timings.
-VARYING = {"run_id", "flower_run_id", "worker_pid", "out", "seconds"}
+VARYING = {"run_id", "flower_run_id", "worker_pid", "out", "seconds", "aggregation_seconds"}
 
 
 def without_varying(value: object) -> object:
