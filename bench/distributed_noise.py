@@ -44,24 +44,11 @@ DISTRIBUTED = {"noise": "distributed", "rounds": 30}
 
 def hospitals_of(values: dict):
     """The simulation's hospitals (training and validation records) and its prepared config."""
-    from fedward.client.app import HospitalData, with_run_labels
-    from fedward.common.config import SimulatedData
-    from fedward.simulation.hospitals import _hospital_split, prepare_config
+    from bench.worth_joining import hospital_shares
+    from fedward.simulation.hospitals import prepare_config
 
     config = prepare_config(RunConfig.build(values, source="bench"))
-    shared = json.dumps(
-        {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
-    )
-    hospitals = []
-    for number in range(config.simulation.hospitals):
-        train, val, _ = _hospital_split(
-            config.spec.task.definition, config.spec.training.seed, shared, number
-        )
-        data = with_run_labels(
-            HospitalData(f"hospital-{number}", list(train), list(val)), config.spec.task.labels
-        )
-        hospitals.append(data)
-    return config, hospitals
+    return config, hospital_shares(config)
 
 
 def run_arm(

@@ -67,23 +67,10 @@ def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
 def hospital_shares(config: RunConfig) -> list:
     """Each simulated hospital's training and validation examples, split as `fedward simulate`
     splits them, with the labels the run lists."""
-    from fedward.client.app import HospitalData, with_run_labels
-    from fedward.common.config import SimulatedData
-    from fedward.simulation.hospitals import _hospital_split
+    from fedward.client.app import with_run_labels
+    from fedward.simulation.hospitals import hospital_shares as shares
 
-    shared = json.dumps(
-        {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
-    )
-    hospitals = []
-    for number in range(config.simulation.hospitals):
-        train, val, _ = _hospital_split(
-            config.spec.task.definition, config.spec.training.seed, shared, number
-        )
-        data = with_run_labels(
-            HospitalData(f"hospital-{number}", list(train), list(val)), config.spec.task.labels
-        )
-        hospitals.append(data)
-    return hospitals
+    return [with_run_labels(data, config.spec.task.labels) for data in shares(config)]
 
 
 def hospital_row(number: int, data, federated: float, own_seconds: float) -> dict:

@@ -188,7 +188,20 @@ def _pooled_as_hospitals_read_it(config: RunConfig) -> tuple:
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:
     """The share of hospital `partition-id` (a `client.app.DataSource`)."""
-    hospital = int(context.node_config["partition-id"])
+    train, val, source = _share(config, int(context.node_config["partition-id"]))
+    return HospitalData(hospital_name(context), train, val, source)
+
+
+def hospital_shares(config: RunConfig) -> list[HospitalData]:
+    """Every simulated hospital's share, as its ClientApp reads it (`simulated_data`): for
+    benchmarks that train the hospitals' own models outside a run."""
+    return [
+        HospitalData(f"hospital-{number}", *_share(config, number))
+        for number in range(config.simulation.hospitals)
+    ]
+
+
+def _share(config: RunConfig, hospital: int) -> tuple[list, list, str]:
     # The split depends on the task, the seed and every field of `SimulatedData`, no other.
     shared = json.dumps(
         {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
@@ -196,7 +209,7 @@ def simulated_data(config: RunConfig, context: Context) -> HospitalData:
     train, val, source = _hospital_split(
         config.spec.task.definition, config.spec.training.seed, shared, hospital
     )
-    return HospitalData(hospital_name(context), list(train), list(val), source)
+    return list(train), list(val), source
 
 
 @lru_cache(maxsize=8)
