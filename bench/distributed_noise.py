@@ -74,7 +74,15 @@ def run_arm(
     ]
     arrays = initial_arrays(config, len(labels))
     distributed = config.spec.privacy.noise == "distributed"
-    plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
+    plans = [
+        plan_dp(
+            config.spec.privacy,
+            config.spec.training,
+            config.spec.federation.rounds,
+            max(privacy_units(config.spec.privacy, d), 1),
+        )
+        for d in datasets
+    ]
     histories: list[list] = [[] for _ in datasets]
     for _ in range(config.spec.federation.rounds):
         if distributed:

@@ -110,7 +110,15 @@ class FastFederation:
             for train, _ in self.hospitals
         ]
         privacy = config.spec.privacy
-        plans = [plan_dp(config.spec, max(privacy_units(privacy, data), 1)) for data in datasets]
+        plans = [
+            plan_dp(
+                config.spec.privacy,
+                config.spec.training,
+                config.spec.federation.rounds,
+                max(privacy_units(privacy, data), 1),
+            )
+            for data in datasets
+        ]
         histories: list[list] = [[] for _ in datasets]
         arrays = dict(self.initial)
         for _ in range(config.spec.federation.rounds):

@@ -108,7 +108,15 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
         encode(data.train, config.spec.task, tokenizer, per_patient=per_patient)
         for data in hospitals
     ]
-    plans = [plan_dp(config.spec, max(privacy_units(config.spec.privacy, d), 1)) for d in datasets]
+    plans = [
+        plan_dp(
+            config.spec.privacy,
+            config.spec.training,
+            config.spec.federation.rounds,
+            max(privacy_units(config.spec.privacy, d), 1),
+        )
+        for d in datasets
+    ]
     histories: list[list] = [[] for _ in hospitals]
     arrays = initial_arrays(config, num_labels)
     started = time.monotonic()

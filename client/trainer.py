@@ -214,7 +214,12 @@ def _round_plan(
     if not spec.privacy.dp:
         return None
     if plan is None:
-        plan = plan_dp(spec, privacy_units(spec.privacy, dataset))
+        plan = plan_dp(
+            spec.privacy,
+            spec.training,
+            spec.federation.rounds,
+            privacy_units(spec.privacy, dataset),
+        )
     privacy = spec.privacy
     check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
     return plan

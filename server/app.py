@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -121,7 +122,7 @@ def run_federation(
         result.rounds.append(row)
         result.arrays = arrays
         checkpoint_sha256 = save_checkpoint(
-            out, fedward_run_id, config, server_round, arrays, result.rounds
+            out, fedward_run_id, config.spec, server_round, arrays, result.rounds
         )
         kept = kept_round(
             result.rounds,
@@ -134,7 +135,7 @@ def run_federation(
                 model, out / "adapter", config.spec.task.labels, config.spec.task, config.spec.model
             )
         result.kept_round = kept
-        write_history(out, config, fedward_run_id, result.rounds, str(run_id), first_round)
+        write_history(out, config.flat(), fedward_run_id, result.rounds, str(run_id), first_round)
         audit.append(
             "round",
             **round_audit_fields(row, fedward_run_id, checkpoint_sha256, arrays_digest(arrays)),
@@ -157,7 +158,7 @@ def _start_or_resume(
         audit.append("run.start", **fields)
         return fedward_run_id, fresh, [], 1
     checkpoint = load_checkpoint(Path(config.local.out))
-    check_resumable(checkpoint, config)
+    check_resumable(checkpoint, config.spec)
     check_adapter_arrays(spec, checkpoint.arrays)
     audit.append(
         "run.resume",
@@ -217,7 +218,7 @@ def evaluate_only(
     secure = config.spec.secagg.secure_aggregation
     row = history_row(0, outcome, evaluation, config.spec.privacy, secure, seconds)
     result.rounds.append(row)
-    write_history(result.out, config, result.run_id, result.rounds, flower_run_id, 0)
+    write_history(result.out, config.flat(), result.run_id, result.rounds, flower_run_id, 0)
     audit.append(
         "evaluation",
         run_id=result.run_id,
@@ -391,7 +392,7 @@ def history_row(
 
 def write_history(
     out: Path,
-    config: RunConfig,
+    options: dict[str, Any],
     run_id: int | str,
     rounds: list[dict],
     flower_run_id: str = "",
@@ -399,8 +400,10 @@ def write_history(
 ) -> None:
     """Rewrite `<out>/history.json` atomically.
 
-    `run_id` is the fedward run id; `flower_run_id` and `first_round` say which Flower run
-    wrote it and from which round on (after a resume, earlier rounds came from the checkpoint).
+    `options` are the run's options under their flat names (`RunConfig.flat`), kept as the
+    history's `config`; `run_id` is the fedward run id; `flower_run_id` and `first_round` say
+    which Flower run wrote it and from which round on (after a resume, earlier rounds came from
+    the checkpoint).
     """
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -409,7 +412,7 @@ def write_history(
             "run_id": str(run_id),
             "flower_run_id": flower_run_id,
             "first_round": first_round,
-            "config": config.flat(),
+            "config": options,
             "rounds": rounds,
         },
     )

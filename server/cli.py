@@ -228,7 +228,7 @@ def prepare_run(config: RunConfig, resume: bool) -> RunConfig:
     has_checkpoint = checkpoint_path(out).is_file()
     if resume:
         checkpoint = load_checkpoint(out)
-        check_resumable(checkpoint, config)
+        check_resumable(checkpoint, config.spec)
         if not unfinished(checkpoint):
             raise ConfigError(
                 f"{out}: run {checkpoint.run_id} already completed all "
@@ -286,7 +286,7 @@ def run(
     if tracking and detach:
         raise ConfigError("--tracking records rounds while following the run; drop --detach")
     tracker = open_tracker(tracking, config, "deployment")  # None without --tracking
-    flower_run_id = deploy.submit_run(connection, config)
+    flower_run_id = deploy.submit_run(connection, config.to_flower())
     digest = config.digest()  # the run spec's: the same when resumed with another --out
     what = "resumed" if resume else "submitted"
     rounds = (

@@ -26,7 +26,7 @@ import logging
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ CONNECTION = "fedward"
 APP_NAME = "fedward-deployment"
 #: Flower run statuses that mean the run is over.
 FINISHED = "finished"
+#: A value of Flower's run config (`RunConfig.to_flower`: lists as JSON, None left out).
+FlowerValue = bool | int | float | str
 
 
 class FlowerCommandError(FedwardError):
@@ -268,18 +270,19 @@ def toml_value(value: bool | float | str) -> str:
     return json.dumps(str(value))
 
 
-def app_config_table(config: RunConfig) -> dict[str, bool | int | float | str]:
-    """Every RunConfig field as Flower app config ('-' for '_'; lists as JSON; None as "")."""
-    flat = config.to_flower()
+def app_config_table(run_config: Mapping[str, FlowerValue]) -> dict[str, FlowerValue]:
+    """Every RunConfig field as Flower app config ('-' for '_'; lists as JSON; None as ""):
+    `run_config` is the run's Flower form (`RunConfig.to_flower`), the fields it lacks empty."""
     table = {}
     for name in flat_names(RunConfig):
         key = name.replace("_", "-")
-        table[key] = flat.get(key, "")
+        table[key] = run_config.get(key, "")
     return table
 
 
-def app_pyproject(config: RunConfig) -> str:
-    """pyproject.toml of the Flower app `fedward run` submits: components and the run config."""
+def app_pyproject(run_config: Mapping[str, FlowerValue]) -> str:
+    """pyproject.toml of the Flower app `fedward run` submits: components and the run config
+    (`RunConfig.to_flower`)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -309,22 +312,24 @@ def app_pyproject(config: RunConfig) -> str:
         "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {toml_value(value)}" for key, value in app_config_table(config).items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in app_config_table(run_config).items()]
     return "\n".join(lines) + "\n"
 
 
-def write_app(folder: Path, config: RunConfig) -> Path:
-    """Write the app folder (`<folder>/fedward-deployment/pyproject.toml`); returns its path."""
+def write_app(folder: Path, run_config: Mapping[str, FlowerValue]) -> Path:
+    """Write the app folder (`<folder>/fedward-deployment/pyproject.toml`) for the run config
+    `run_config` (`RunConfig.to_flower`); returns its path."""
     app_dir = folder / APP_NAME
     app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(app_pyproject(config), encoding="utf-8")
+    (app_dir / "pyproject.toml").write_text(app_pyproject(run_config), encoding="utf-8")
     return app_dir
 
 
-def submit_run(connection: Connection, config: RunConfig) -> int:
-    """Submit `config` as a new Flower run of the fedward app; returns Flower's run id."""
+def submit_run(connection: Connection, run_config: Mapping[str, FlowerValue]) -> int:
+    """Submit a new Flower run of the fedward app with `run_config` (`RunConfig.to_flower`);
+    returns Flower's run id."""
     with tempfile.TemporaryDirectory(prefix="fedward-app-") as folder:
-        app_dir = write_app(Path(folder), config)
+        app_dir = write_app(Path(folder), run_config)
         answer = flwr_cli(connection, ["run", str(app_dir)])
     return int(answer["run-id"])
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedward.common.config import RunConfig
+from fedward.common.config import RunSpec
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.files.arrays_file import read_arrays_file, write_arrays_file
 from fedward.common.protocol import wire
@@ -45,7 +45,7 @@ class Checkpoint:
         completed_round: The last round that completed (ok or failed cleanly).
         arrays: The global adapter tensors after that round.
         rounds: The history rows of rounds 1..completed_round.
-        config: The run config (`RunConfig.model_dump()`) the run was started with.
+        config: The run spec the run was started with, under its flat names (`RunSpec.flat`).
         sha256: SHA-256 of the checkpoint file (recorded in the audit log).
     """
 
@@ -79,18 +79,19 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
 def save_checkpoint(
     out: str | Path,
     run_id: str,
-    config: RunConfig,
+    spec: RunSpec,
     completed_round: int,
     arrays: dict[str, np.ndarray],
     rounds: list[dict],
 ) -> str:
-    """Write `<out>/checkpoint.npz` atomically; returns the file's SHA-256."""
+    """Write `<out>/checkpoint.npz` atomically, with the run `spec` it resumes under; returns the
+    file's SHA-256."""
     header = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "run_id": str(run_id),
         "completed_round": int(completed_round),
-        "config": _comparable(config),
+        "config": spec.flat(),
         "rounds": rounds,
         "adapter_sha256": arrays_digest(arrays),
     }
@@ -127,13 +128,13 @@ def load_checkpoint(out: str | Path) -> Checkpoint:
     )
 
 
-def check_resumable(checkpoint: Checkpoint, config: RunConfig) -> None:
+def check_resumable(checkpoint: Checkpoint, spec: RunSpec) -> None:
     """Refuse (`ConfigError`) to resume under a run spec other than the one the run started with.
 
     Every field of the run spec counts (the noise of DP-SGD is calibrated on `rounds`,
     `epsilon`...); local settings (where the run lives, timeouts, device) may change.
     """
-    current = _comparable(config)
+    current = spec.flat()
     changed = sorted(
         name
         for name in set(current) | set(checkpoint.config)
@@ -153,7 +154,3 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig) -> None:
 def unfinished(checkpoint: Checkpoint) -> bool:
     """True while the checkpointed run has rounds left to do."""
     return checkpoint.completed_round < int(checkpoint.config.get("rounds", 0))
-
-
-def _comparable(config: RunConfig) -> dict[str, Any]:
-    return config.spec.flat()

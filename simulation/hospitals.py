@@ -63,7 +63,12 @@ class SimulatedSite:
         round past the run's own epsilon)."""
         if not config.spec.privacy.dp:
             return None
-        return plan_dp(config.spec, max(privacy_units(config.spec.privacy, dataset), 1))
+        return plan_dp(
+            config.spec.privacy,
+            config.spec.training,
+            config.spec.federation.rounds,
+            max(privacy_units(config.spec.privacy, dataset), 1),
+        )
 
     def record(self, privacy, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from fedward.common.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedward.common.config import PrivacySpec, RunSpec
+    from fedward.common.config import PrivacySpec, TrainingSpec
     from fedward.common.data import EncodedDataset
 
 #: One accountant history entry: (noise_multiplier, sample_rate, steps), as Opacus keeps it.
@@ -147,21 +147,32 @@ def group_epsilon(epsilon: float, delta: float, group: int) -> tuple[float, floa
     return k * epsilon, k * math.exp(min((k - 1) * epsilon, 700.0)) * delta
 
 
-def plan_dp(spec: RunSpec, num_train: int) -> DPPlan:
-    """The round plan of a run spec for `num_train` units (records, or patients under
-    patient-level DP: `privacy_units`): all of the run's rounds together stay within its target
-    epsilon (`plan_rounds`); `batch_size` is the expected number of units a step samples.
+def plan_dp(privacy: PrivacySpec, training: TrainingSpec, rounds: int, num_train: int) -> DPPlan:
+    """The round plan of a run for `num_train` units (records, or patients under patient-level
+    DP: `privacy_units`): all of the run's rounds together stay within its target epsilon
+    (`plan_rounds`); `batch_size` is the expected number of units a step samples.
 
-    With distributed noise a round is one step at the spec's `noise_sample_rate`, whatever the
-    number of units (`plan_distributed`)."""
-    if spec.privacy.noise == "distributed":
-        return plan_distributed(spec.privacy, spec.federation.rounds)
+    With distributed noise a round is one step at the privacy group's `noise_sample_rate`,
+    whatever the number of units (`plan_distributed`).
+
+    Args:
+        privacy: The run's privacy group (target epsilon and delta, the kind of noise).
+        training: The run's training group (local epochs and batch size: the steps a round
+            takes).
+        rounds: The run's rounds (`federation.rounds`).
+        num_train: The units a round samples from (`privacy_units`).
+
+    Returns:
+        The noise multiplier, sample rate and steps of one round.
+    """
+    if privacy.noise == "distributed":
+        return plan_distributed(privacy, rounds)
     return plan_rounds(
-        spec.privacy.target_epsilon,
-        spec.privacy.delta,
-        spec.federation.rounds,
-        spec.training.local_epochs,
-        spec.training.batch_size,
+        privacy.target_epsilon,
+        privacy.delta,
+        rounds,
+        training.local_epochs,
+        training.batch_size,
         num_train,
     )
 

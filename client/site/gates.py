@@ -251,7 +251,12 @@ class Site:
             run_id, server_round, rounds = self._round
             # its noise search is cached (client/privacy/accounting.py); an empty split is
             # planned as one unit and then refused, charged, below
-            plan = plan_dp(config.spec, max(privacy_units(config.spec.privacy, dataset), 1))
+            plan = plan_dp(
+                config.spec.privacy,
+                config.spec.training,
+                config.spec.federation.rounds,
+                max(privacy_units(config.spec.privacy, dataset), 1),
+            )
             self.ledger().reserve(
                 run_id,
                 server_round,

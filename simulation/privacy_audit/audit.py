@@ -199,7 +199,9 @@ def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) ->
         return distributed_epsilon(
             config.spec.privacy, config.spec.federation.rounds, sampled - colluding, rounds_trained
         )
-    plan = plan_dp(config.spec, num_train)
+    plan = plan_dp(
+        config.spec.privacy, config.spec.training, config.spec.federation.rounds, num_train
+    )
     return compose_epsilon([plan.as_history_entry()] * rounds_trained, config.spec.privacy.delta)
 
 

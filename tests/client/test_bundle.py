@@ -25,7 +25,7 @@ def _fab(folder: Path) -> bytes:
 @pytest.fixture
 def app_dir(tmp_path) -> Path:
     """The app folder `fedward run` writes for a run."""
-    return write_app(tmp_path, RunConfig(labels=["cardiac", "respiratory"], rounds=2))
+    return write_app(tmp_path, RunConfig(labels=["cardiac", "respiratory"], rounds=2).to_flower())
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -42,7 +42,7 @@ def test_the_bundle_fedward_run_submits_is_accepted(app_dir):
 
 def test_any_run_config_is_accepted(tmp_path):
     config = RunConfig(labels=["a", "b", "c"], task="classification", target_epsilon=2.0, rounds=7)
-    assert bundle.check_bundle(_fab(write_app(tmp_path, config))) is None
+    assert bundle.check_bundle(_fab(write_app(tmp_path, config.to_flower()))) is None
 
 
 def test_a_bundle_carrying_python_code_is_refused(app_dir):
@@ -109,19 +109,19 @@ def test_a_bundle_with_settings_fedward_does_not_write_is_refused(app_dir):
 
 @pytest.mark.parametrize("name", ["../../evil.py", "/etc/cron.d/evil", "a/../../b", "x\\..\\y"])
 def test_a_bundle_with_a_path_traversal_name_is_refused(name):
-    pyproject = app_pyproject(RunConfig(labels=["a", "b"])).encode("utf-8")
+    pyproject = app_pyproject(RunConfig(labels=["a", "b"]).to_flower()).encode("utf-8")
     refusal = bundle.check_bundle(_zip({"pyproject.toml": pyproject, name: b"print(1)"}))
     assert refusal is not None and refusal.reason == bundle.UNSAFE_PATH
 
 
 def test_a_hand_made_bundle_with_only_fedwards_pyproject_is_accepted():
     """No manifest needed; what matters is that there is no code."""
-    pyproject = app_pyproject(RunConfig(labels=["a", "b"])).encode("utf-8")
+    pyproject = app_pyproject(RunConfig(labels=["a", "b"]).to_flower()).encode("utf-8")
     assert bundle.check_bundle(_zip({"pyproject.toml": pyproject})) is None
 
 
 def test_a_manifest_that_does_not_match_is_refused():
-    pyproject = app_pyproject(RunConfig(labels=["a", "b"])).encode("utf-8")
+    pyproject = app_pyproject(RunConfig(labels=["a", "b"]).to_flower()).encode("utf-8")
     manifest = b"pyproject.toml,0000,8\nclient/app.py,1111,8"
     refusal = bundle.check_bundle(_zip({"pyproject.toml": pyproject, ".info/CONTENT": manifest}))
     assert refusal is not None and refusal.reason == bundle.BAD_MANIFEST

@@ -442,7 +442,8 @@ def test_a_run_that_no_longer_fits_is_refused_the_same_on_neighbouring_data(
         projected = {}
         for name, node in hospitals.items():  # the coordinator's arithmetic, on public code
             count = _trained_count(node)
-            plans = [plan_dp(config.updated(**r.spec).spec, count) for r in (first, probe)]
+            specs = [config.updated(**r.spec).spec for r in (first, probe)]
+            plans = [plan_dp(s.privacy, s.training, s.federation.rounds, count) for s in specs]
             projected[name] = compose_epsilon([p.as_history_entry() for p in plans], 1e-5)
         assert projected["base"] != projected[neighbour]  # the attack has a gap to aim at
         between = (projected["base"] + projected[neighbour]) / 2

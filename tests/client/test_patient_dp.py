@@ -187,10 +187,17 @@ def test_the_accountant_counts_patients_not_records():
     records = _records({f"p{i}": 5 for i in range(64)})  # 320 records, 64 patients
     dataset = EncodedDataset([[1]] * len(records), [0] * len(records), patient_units(records))
     assert privacy_units(config.spec.privacy, dataset) == 64
-    plan = plan_dp(config.spec, privacy_units(config.spec.privacy, dataset))
+    plan = plan_dp(
+        config.spec.privacy,
+        config.spec.training,
+        config.spec.federation.rounds,
+        privacy_units(config.spec.privacy, dataset),
+    )
     assert plan.sample_rate == pytest.approx(16 / 64)  # expected patients / patients
     assert plan.steps == 2 * 4
-    by_record = plan_dp(config.spec, len(dataset))
+    by_record = plan_dp(
+        config.spec.privacy, config.spec.training, config.spec.federation.rounds, len(dataset)
+    )
     assert by_record.sample_rate == pytest.approx(16 / 320)
     assert plan.noise_multiplier > by_record.noise_multiplier  # fewer units: more noise
 

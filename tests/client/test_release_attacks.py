@@ -111,7 +111,7 @@ def _store_as_the_coordinator(config, train_replies, evaluate_replies, out: Path
     row = history_row(
         1, outcome, evaluation, config.spec.privacy, config.spec.secagg.secure_aggregation, 1.0
     )
-    write_history(out, config, "run-a", [row])
+    write_history(out, config.flat(), "run-a", [row])
     AuditLog(out / "audit.jsonl").append("round", **round_audit_fields(row, "run-a", "c", "a"))
     return (out / "history.json").read_text() + (out / "audit.jsonl").read_text()
 

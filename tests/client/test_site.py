@@ -152,7 +152,7 @@ def test_the_ledger_refuses_a_new_run_that_would_pass_the_lifetime_budget(hospit
     config, node_config, tmp_path = hospital
     write_policy(tmp_path / "policy.toml", lifetime_epsilon=5.5)
     # an earlier run on the same data set spent its whole epsilon of 5 (2 rounds of 32 examples)
-    plan = plan_dp(config.spec, 32)
+    plan = plan_dp(config.spec.privacy, config.spec.training, config.spec.federation.rounds, 32)
     ledger = _ledger(node_config)
     for server_round in (1, 2):
         ledger.record(
@@ -175,7 +175,7 @@ def test_the_run_budget_counts_only_this_runs_rounds(hospital):
     config, node_config, tmp_path = hospital
     write_policy(tmp_path / "policy.toml", lifetime_epsilon=30.0)
     # run-a used its whole run epsilon of 5 on this data set
-    plan = plan_dp(config.spec, 32)
+    plan = plan_dp(config.spec.privacy, config.spec.training, config.spec.federation.rounds, 32)
     ledger = _ledger(node_config)
     for server_round in (1, 2):
         ledger.record(
@@ -244,9 +244,9 @@ def test_the_dp_plan_is_computed_once_a_round_and_is_the_one_reserved(hospital, 
     planned = []
     original = privacy.plan_dp
 
-    def counting(spec, num_train):
+    def counting(privacy, training, rounds, num_train):
         planned.append(num_train)
-        return original(spec, num_train)
+        return original(privacy, training, rounds, num_train)
 
     for module in (privacy, site, trainer):
         monkeypatch.setattr(module, "plan_dp", counting, raising=False)
@@ -254,7 +254,8 @@ def test_the_dp_plan_is_computed_once_a_round_and_is_the_one_reserved(hospital, 
     assert wire.REFUSAL not in reply.content
     assert planned == [32]  # once, on the 32 training notes
     entry = _ledger(node_config).entries[-1]
-    expected = original(config.spec, 32)
+    spec = config.spec
+    expected = original(spec.privacy, spec.training, spec.federation.rounds, 32)
     assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == expected.as_history_entry()
 
 

@@ -114,7 +114,12 @@ def test_without_dp_there_is_no_epsilon(setup):
 def test_an_exhausted_budget_is_refused_before_any_step(setup):
     config, tokenizer, dataset = setup
     one_epoch = config.updated(**{"local_epochs": 1})
-    plan = plan_dp(one_epoch.spec, len(dataset))
+    plan = plan_dp(
+        one_epoch.spec.privacy,
+        one_epoch.spec.training,
+        one_epoch.spec.federation.rounds,
+        len(dataset),
+    )
     # Earlier runs already spent the whole budget: the same training, twice over.
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps * 2)]
     assert epsilon_of(history, one_epoch.spec.privacy.delta) > one_epoch.spec.privacy.target_epsilon
@@ -155,7 +160,9 @@ def test_plan_dp_keeps_all_rounds_within_the_target(epsilon, rounds, local_epoch
     config = RunConfig(
         target_epsilon=epsilon, rounds=rounds, local_epochs=local_epochs, batch_size=32
     )
-    plan = plan_dp(config.spec, num_train)
+    plan = plan_dp(
+        config.spec.privacy, config.spec.training, config.spec.federation.rounds, num_train
+    )
     assert plan.steps == -(-num_train // 32) * local_epochs
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * rounds
     spent = epsilon_of(history, config.spec.privacy.delta)

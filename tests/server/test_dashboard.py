@@ -86,7 +86,7 @@ def write_run(
             12.5,
         )
         rows.append(row)
-        write_history(out, config, RUN_ID, rows, "17")
+        write_history(out, config.flat(), RUN_ID, rows, "17")
         if audit:
             log.append("round", **round_audit_fields(row, RUN_ID, "c" * 64, "a" * 64))
     if audit and finished:

@@ -229,7 +229,7 @@ def test_a_run_in_progress_reloads_as_rounds_land(browser, tmp_path):
                 3.0,
             )
         )
-        write_history(tmp_path, config, RUN_ID, rows, "17")
+        write_history(tmp_path, config.flat(), RUN_ID, rows, "17")
         log.append("round", **round_audit_fields(rows[-1], RUN_ID, "c" * 64, "a" * 64))
 
     land(1)

@@ -39,7 +39,7 @@ def _config(tmp_path, **values) -> RunConfig:
 def test_a_checkpoint_gives_back_the_adapter_rounds_and_run_id(tmp_path):
     config = _config(tmp_path)
     rows = [{"round": 1, "status": "ok"}, {"round": 2, "status": "failed: too few"}]
-    sha = save_checkpoint(config.local.out, "run-1", config, 2, _arrays(0.5), rows)
+    sha = save_checkpoint(config.local.out, "run-1", config.spec, 2, _arrays(0.5), rows)
     checkpoint = load_checkpoint(config.local.out)
     assert checkpoint.run_id == "run-1" and checkpoint.completed_round == 2
     assert checkpoint.rounds == rows
@@ -68,7 +68,7 @@ def test_a_missing_checkpoint_says_there_is_nothing_to_resume(tmp_path):
 
 def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(config.local.out, "run-1", config.spec, 1, _arrays(0.5), [{"round": 1}])
     path = checkpoint_path(config.local.out)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match="checkpoint.npz: checkpoint is damaged"):
@@ -77,7 +77,7 @@ def test_a_truncated_checkpoint_is_reported_as_damaged(tmp_path):
 
 def test_tensors_swapped_inside_a_checkpoint_are_detected(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(config.local.out, "run-1", config.spec, 1, _arrays(0.5), [{"round": 1}])
     path = checkpoint_path(config.local.out)
     with np.load(path) as archive:
         content = {name: archive[name] for name in archive.files}
@@ -92,18 +92,18 @@ def test_tensors_swapped_inside_a_checkpoint_are_detected(tmp_path):
 
 def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(config.local.out, "run-1", config.spec, 1, _arrays(0.5), [{"round": 1}])
     checkpoint = load_checkpoint(config.local.out)
     with pytest.raises(ConfigError, match=r"epsilon \(was 8.0, now 3.0\)"):
-        check_resumable(checkpoint, _config(tmp_path, target_epsilon=3.0))
+        check_resumable(checkpoint, _config(tmp_path, target_epsilon=3.0).spec)
     # where the run lives, the flag itself and waiting times may change
     moved = _config(tmp_path, resume=True, round_timeout=30.0).updated(**{"out": "/elsewhere"})
-    check_resumable(checkpoint, moved)
+    check_resumable(checkpoint, moved.spec)
 
 
 def test_run_refuses_to_overwrite_an_unfinished_run(tmp_path):
     config = _config(tmp_path)
-    save_checkpoint(config.local.out, "run-1", config, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(config.local.out, "run-1", config.spec, 1, _arrays(0.5), [{"round": 1}])
     with pytest.raises(ConfigError, match="stopped after round 1 of 3; continue it with --resume"):
         prepare_run(config, resume=False)
     resumed = prepare_run(config, resume=True)
@@ -115,7 +115,7 @@ def test_run_refuses_to_resume_a_finished_run_or_nothing(tmp_path):
     with pytest.raises(DataError, match="no checkpoint"):
         prepare_run(config, resume=True)
     save_checkpoint(
-        config.local.out, "run-1", config, 3, _arrays(0.5), [{"round": r} for r in (1, 2, 3)]
+        config.local.out, "run-1", config.spec, 3, _arrays(0.5), [{"round": r} for r in (1, 2, 3)]
     )
     with pytest.raises(ConfigError, match="already completed all 3 rounds"):
         prepare_run(config, resume=True)
@@ -136,7 +136,7 @@ def test_a_run_resumed_from_a_moved_folder_passes_a_hospital_that_pins_its_diges
 
     started = prepare_run(_config(tmp_path, round_timeout=60.0), resume=False)
     pinned = started.digest()  # what `fedward run` printed, and the hospital pinned
-    save_checkpoint(started.local.out, "run-1", started, 1, _arrays(0.5), [{"round": 1}])
+    save_checkpoint(started.local.out, "run-1", started.spec, 1, _arrays(0.5), [{"round": 1}])
     moved = tmp_path / "moved"
     (tmp_path / "out").rename(moved)
 

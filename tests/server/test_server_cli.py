@@ -132,12 +132,12 @@ def _evaluate_only_run(tmp_path, monkeypatch, answers: dict) -> tuple[int, str, 
     }  # fmt: skip
     submitted = []
 
-    def submit_run(connection, config):
-        submitted.append(config)
+    def submit_run(connection, run_config):
+        submitted.append(run_config)
         return 5
 
     def follow_run(connection, folder, flower_run_id, on_row, timeout=None):
-        write_history(folder, RunConfig.from_toml(config_file), "run-a", [row], "5", 0)
+        write_history(folder, RunConfig.from_toml(config_file).flat(), "run-a", [row], "5", 0)
         on_row(row)
         return {"status": "finished:completed"}
 
@@ -148,7 +148,7 @@ def _evaluate_only_run(tmp_path, monkeypatch, answers: dict) -> tuple[int, str, 
         server_cli.run(config_file=config_file, insecure=True)
     except SystemExit as exc:
         code = int(exc.code or 0)
-    assert [config.local.evaluate_only for config in submitted] == [True]
+    assert [run_config["evaluate-only"] for run_config in submitted] == [True]
     return code, *_captured(server_cli)
 
 

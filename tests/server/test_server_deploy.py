@@ -70,7 +70,7 @@ def test_the_app_bundle_carries_the_run_config_exactly(tiny_model_dir):
         resume=True,
         out="/srv/out",
     )
-    pyproject = tomllib.loads(deploy.app_pyproject(config))
+    pyproject = tomllib.loads(deploy.app_pyproject(config.to_flower()))
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {
         "serverapp": "fedward.server.app:app",
