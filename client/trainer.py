@@ -42,7 +42,7 @@ from fedward.client.privacy.accounting import (
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
 from fedward.client.privacy.patient_rows import PatientSums
 from fedward.client.tag_loss import outside_tag_id, weighted_token_loss
-from fedward.common.config import LocalRun, PrivacySpec, RunSpec, TrainingSpec
+from fedward.common.config import LocalRun, PrivacySpec, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -160,7 +160,8 @@ def train_locally(
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
     torch.manual_seed(training.seed + len(history))
-    plan = _round_plan(config.spec, dataset, plan, history, who)
+    rounds = config.spec.federation.rounds
+    plan = _round_plan(privacy, training, rounds, dataset, plan, history, who)
     optimizer = make_optimizer(model, training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if training.padding == "max_length" else None
     noise_seed = simulation_noise_seed(config, who, len(history))
@@ -202,7 +203,9 @@ def train_locally(
 
 
 def _round_plan(
-    spec: RunSpec,
+    privacy: PrivacySpec,
+    training: TrainingSpec,
+    rounds: int,
     dataset: EncodedDataset,
     plan: DPPlan | None,
     history: list[HistoryEntry],
@@ -211,16 +214,10 @@ def _round_plan(
     """The round's DP plan (None without DP): the one the budget gate reserved, else planned
     here on the units trained; `PrivacyBudgetExceeded` before any step if it overshoots the
     run's target."""
-    if not spec.privacy.dp:
+    if not privacy.dp:
         return None
     if plan is None:
-        plan = plan_dp(
-            spec.privacy,
-            spec.training,
-            spec.federation.rounds,
-            privacy_units(spec.privacy, dataset),
-        )
-    privacy = spec.privacy
+        plan = plan_dp(privacy, training, rounds, privacy_units(privacy, dataset))
     check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
     return plan
 
