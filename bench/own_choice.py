@@ -25,7 +25,7 @@ from fedward.client.personalize import (
     nested_predictions,
     resample_scorer,
 )
-from fedward.common.tasks import task_named
+from fedward.common.tasks.classification import CLASSIFICATION
 
 
 def own_figure(
@@ -33,7 +33,7 @@ def own_figure(
 ) -> tuple[float, str]:
     """The nested cross-validation figure of the own model under `confidence`, among
     `candidates` (default: all that were logged), minus alone's; and the candidate kept."""
-    task = task_named("classification")
+    task = CLASSIFICATION
     truth, predicted, folds = evidence["truth"], evidence["predicted"], evidence["folds"]
     predicted = {name: p for name, p in predicted.items() if not candidates or name in candidates}
     labels = [str(i) for i in range(1 + max(max(truth), *(max(p) for p in predicted.values())))]

@@ -42,7 +42,7 @@ from fedward.client.privacy.accounting import (
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
 from fedward.client.privacy.patient_rows import PatientSums
 from fedward.client.tag_loss import outside_tag_id, weighted_token_loss
-from fedward.common.config import LocalRun, PrivacySpec, TrainingSpec
+from fedward.common.config import FederationSpec, LocalRun, PrivacySpec, TrainingSpec
 from fedward.common.data import EncodedDataset, length_groups, pad_batch
 from fedward.common.errors import PrivacyBudgetExceeded
 from fedward.common.model import get_adapter_arrays, set_adapter_arrays
@@ -160,8 +160,7 @@ def train_locally(
     set_adapter_arrays(model, global_arrays)
     model.to(device).train()
     torch.manual_seed(training.seed + len(history))
-    rounds = config.spec.federation.rounds
-    plan = _round_plan(privacy, training, rounds, dataset, plan, history, who)
+    plan = _round_plan(privacy, training, config.spec.federation, dataset, plan, history, who)
     optimizer = make_optimizer(model, training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if training.padding == "max_length" else None
     noise_seed = simulation_noise_seed(config, who, len(history))
@@ -205,7 +204,7 @@ def train_locally(
 def _round_plan(
     privacy: PrivacySpec,
     training: TrainingSpec,
-    rounds: int,
+    federation: FederationSpec,
     dataset: EncodedDataset,
     plan: DPPlan | None,
     history: list[HistoryEntry],
@@ -217,7 +216,7 @@ def _round_plan(
     if not privacy.dp:
         return None
     if plan is None:
-        plan = plan_dp(privacy, training, rounds, privacy_units(privacy, dataset))
+        plan = plan_dp(privacy, training, federation.rounds, privacy_units(privacy, dataset))
     check_budget(history, plan, privacy.target_epsilon, privacy.delta, who, privacy.dp_unit)
     return plan
 

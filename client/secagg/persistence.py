@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.client.secagg.identity import SecAggIdentity, raw_private, raw_signing_private
 from fedward.common.errors import SecAggError
+from fedward.common.files.atomic import write_bytes_atomic
 
 
 def memory_path(identity: SecAggIdentity, run_id: str, server_round: int) -> Path | None:
@@ -41,6 +42,13 @@ def load_memory(path: Path | None, server_round: int) -> dict[str, Any]:
             f"round {server_round}: this hospital's secure-aggregation record of the round "
             f"cannot be read ({type(exc).__name__}); refusing, so that nothing is revealed twice"
         ) from None
+
+
+def save_memory(path: Path, memory: dict[str, Any]) -> None:
+    """Write what the hospital committed to in the round (`load_memory`), atomically, readable
+    by its own account only; `OSError` when it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(memory, sort_keys=True).encode(), mode=0o600)
 
 
 def session_to_bytes(session: Any) -> bytes:

@@ -359,6 +359,32 @@ def check_enough_neighbours(
         )
 
 
+def check_reveal(
+    revealed: Mapping[str, str],
+    survivors: list[int],
+    dropped: list[int],
+    signing_keys: Mapping[int, bytes],
+    node_id: int,
+    stage: str,
+) -> dict[str, str]:
+    """What this hospital will have revealed after this unmask: for each neighbour (by its
+    signing key, hex) "seed" if it survived, "key" if it dropped, on top of `revealed`, what
+    earlier sessions of the round revealed. `SecAggError` when a neighbour would get the other
+    share than before: both shares of one neighbour unmask its update."""
+    after = dict(revealed)
+    for node, kind in [(n, "seed") for n in survivors] + [(n, "key") for n in dropped]:
+        peer = signing_keys[node].hex()
+        if after.get(peer, kind) != kind:
+            raise refusal(
+                node_id,
+                stage,
+                f"this hospital already revealed the other share of node {node}'s hospital "
+                "in this round; revealing both would unmask it; refused",
+            )
+        after[peer] = kind
+    return after
+
+
 def check_survivors(
     survivors: list[int], node_ids: list[int], quorum: int, node_id: int, stage: str
 ) -> None:

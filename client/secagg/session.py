@@ -42,7 +42,6 @@ The arithmetic lives in `common.secagg`; this class only holds state and checks 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -51,21 +50,19 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedward.client.secagg.identity import (
-    SecAggIdentity,
-    raw_private,
-    raw_public,
-)
+from fedward.client.secagg.identity import SecAggIdentity, raw_private, raw_public
 from fedward.client.secagg.persistence import (
     load_memory,
     memory_path,
     restore_session,
+    save_memory,
     session_to_bytes,
     state_from_bytes,
 )
 from fedward.client.secagg.round_checks import (
     check_enough_neighbours,
     check_minimum_cohort,
+    check_reveal,
     check_round_params,
     check_share_senders,
     check_survivors,
@@ -73,12 +70,10 @@ from fedward.client.secagg.round_checks import (
     open_shares,
     read_round_params,
     refusal,
-    too_few,
     verify_neighbour_keys,
     verify_survivor_signatures,
 )
 from fedward.common.errors import SecAggError
-from fedward.common.files.atomic import write_bytes_atomic
 from fedward.common.secagg import (
     ADVERTISE_KEYS,
     CONSISTENCY_CHECK,
@@ -98,11 +93,11 @@ from fedward.common.secagg import (
     pack_bits,
     pair_context,
     params_digest,
-    quantize,
     read_list,
     read_node_keyed,
     shamir_split,
     survivor_statement,
+    weighted_field_vector,
 )
 from fedward.common.secagg.distributed_noise import INTEGER, WEIGHTED, check_encoding, to_field
 
@@ -167,9 +162,6 @@ class SecAggClientSession:
     def _fail(self, stage: str, what: str) -> SecAggError:
         return refusal(self.node_id, stage, what)
 
-    def _too_few(self, stage: str, members: int, what: str) -> SecAggError:
-        return too_few(self.node_id, stage, members, self.identity.min_hospitals, what)
-
     def _begin(self, request: Mapping[str, Any], stage: str, previous: str | None) -> None:
         if self.stage != previous:
             raise self._fail(
@@ -180,9 +172,6 @@ class SecAggClientSession:
     def _bound_to(self) -> tuple[str, int, bytes]:
         """What every signature of the round is bound to: run, round, parameters' digest."""
         return self.run_id, self.server_round, self._digest
-
-    def _bind(self, stage: str, source: int, destination: int) -> bytes:
-        return binding(self.run_id, self.server_round, stage, source, destination)
 
     def _identities(self, nodes: list[int] | set[int]) -> list[str]:
         """Public signing keys (hex, sorted) of this hospital and the given neighbours."""
@@ -207,9 +196,7 @@ class SecAggClientSession:
         if self._memory_path is None:
             return
         try:
-            self._memory_path.parent.mkdir(parents=True, exist_ok=True)
-            data = json.dumps(self._memory, sort_keys=True).encode()
-            write_bytes_atomic(self._memory_path, data, mode=0o600)
+            save_memory(self._memory_path, self._memory)
         except OSError as exc:
             logger.error("node %d: cannot write %s: %s", self.node_id, self._memory_path, exc)
             raise self._fail(
@@ -314,10 +301,9 @@ class SecAggClientSession:
             except ValueError:
                 raise self._fail(stage, f"node {neighbour}'s share public key is invalid") from None
             plaintext = seed_shares[neighbour] + key_shares[neighbour]
+            bound = binding(self.run_id, self.server_round, stage, self.node_id, neighbour)
             destinations.append(neighbour)
-            ciphertexts.append(
-                encrypt_share(key, plaintext, self._bind(stage, self.node_id, neighbour))
-            )
+            ciphertexts.append(encrypt_share(key, plaintext, bound))
         self.stage = stage
         logger.debug(
             "node %d, secagg round %d: shares sent to %d neighbours",
@@ -405,27 +391,21 @@ class SecAggClientSession:
         """n_u * quantize(values) then n_u (or, integer encoding, the values as they are) in
         the field, plus the self mask and the signed pairwise mask of each neighbour."""
         assert self._mask_key is not None and self._self_seed is not None
-        clip, bits = self.params["clip"], self.params["bits"]
-        modulus_bits = self.params["modulus_bits"]
-        vector_length = self.params["vector_length"]
-        if self.encoding == INTEGER:
-            vector_length += 1
-        clipped = 0 if self.encoding == INTEGER else int(np.count_nonzero(np.abs(values) > clip))
-        if clipped:
-            logger.info(
-                "node %d, secagg round %d: %d of %d update values clipped to +-%g",
-                self.node_id,
-                self.server_round,
-                clipped,
-                vector_length,
-                clip,
-            )
+        clip, modulus_bits = self.params["clip"], self.params["modulus_bits"]
         if self.encoding == INTEGER:
             masked = to_field(values).copy()  # already noised and counted (client/privacy)
         else:
-            masked = np.empty(vector_length + 1, dtype=np.uint64)
-            masked[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
-            masked[-1] = weight
+            clipped = int(np.count_nonzero(np.abs(values) > clip))
+            if clipped:
+                logger.info(
+                    "node %d, secagg round %d: %d of %d update values clipped to +-%g",
+                    self.node_id,
+                    self.server_round,
+                    clipped,
+                    len(values),
+                    clip,
+                )
+            masked = weighted_field_vector(values, weight, clip, self.params["bits"], rng)
         masks = [(self._self_seed, 1)]  # (seed, sign): added or subtracted below
         for source in neighbours:
             try:
@@ -505,16 +485,14 @@ class SecAggClientSession:
         alive = set(survivors) - {self.node_id}
         neighbours_alive = sorted(alive & set(self._received))
         dropped = sorted(set(self._received) - alive)
-        revealed = dict(self._memory.get("revealed", {}))
-        for node, kind in [(n, "seed") for n in neighbours_alive] + [(n, "key") for n in dropped]:
-            peer = self._peer_signing_keys[node].hex()
-            if revealed.get(peer, kind) != kind:
-                raise self._fail(
-                    stage,
-                    f"this hospital already revealed the other share of node {node}'s hospital "
-                    "in this round; revealing both would unmask it; refused",
-                )
-            revealed[peer] = kind
+        revealed = check_reveal(
+            self._memory.get("revealed", {}),
+            neighbours_alive,
+            dropped,
+            self._peer_signing_keys,
+            self.node_id,
+            stage,
+        )
         if revealed != self._memory.get("revealed"):
             self._memory["revealed"] = revealed
             self._save_memory(stage)

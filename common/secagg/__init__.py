@@ -95,6 +95,7 @@ from fedward.common.secagg.quantize import (
     quantization_bound,
     quantization_step,
     quantize,
+    weighted_field_vector,
 )
 from fedward.common.secagg.shamir import (
     FIELD_PRIME,
@@ -152,4 +153,5 @@ __all__ = [
     "threshold_from_fraction",
     "unpack_bits",
     "verify_signature",
+    "weighted_field_vector",
 ]

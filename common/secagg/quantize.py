@@ -89,6 +89,19 @@ def quantize(
     return np.minimum(rounded, np.uint64(levels), out=rounded)  # float rounding at the top
 
 
+def weighted_field_vector(
+    values: np.ndarray, weight: int, clip: float, bits: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """One hospital's contribution to a weighted secure sum, before masking: `weight` times
+    each quantized value (`quantize`), then `weight` itself, as uint64 of length len(values) + 1.
+    Summed over hospitals and dequantized (`dequantize_sum`), the last entry is the divisor of
+    the weighted average."""
+    vector = np.empty(len(values) + 1, dtype=np.uint64)
+    vector[:-1] = quantize(values, clip, bits, rng) * np.uint64(weight)
+    vector[-1] = weight
+    return vector
+
+
 def dequantize_sum(
     quantized_sum: np.ndarray, total_weight: int, clip: float, bits: int
 ) -> np.ndarray:

@@ -34,6 +34,7 @@ from fedward.common.secagg import (
     shamir_split,
     sum_packed,
     threshold_from_fraction,
+    weighted_field_vector,
 )
 
 # Chi-square with 15 degrees of freedom exceeds 60 with probability about 3e-7.
@@ -62,11 +63,10 @@ def chi_square_high_bits(values: np.ndarray, modulus_bits: int) -> float:
 def test_weighted_average_of_quantized_values_is_within_the_bound(seed, size, clip, bits, weights):
     rng = np.random.default_rng(seed)
     deltas = [rng.uniform(-clip, clip, size) for _ in weights]
-    quantized_sum = sum(
-        np.uint64(w) * quantize(d, clip, bits, rng) for w, d in zip(weights, deltas)
-    )
+    summed = sum(weighted_field_vector(d, w, clip, bits, rng) for w, d in zip(weights, deltas))
     total = sum(weights)
-    average = dequantize_sum(quantized_sum, total, clip, bits) / total
+    assert summed[-1] == total  # the divisor travels in the sum
+    average = dequantize_sum(summed[:-1], total, clip, bits) / total
     expected = sum(w * d for w, d in zip(weights, deltas)) / total
     assert np.max(np.abs(average - expected)) <= quantization_bound(clip, bits)
 
