@@ -318,28 +318,6 @@ class SitePolicy(BaseModel):
 
     # --- checks --------------------------------------------------------------------------------
 
-    def violations(
-        self, spec: RunSpec, model_hash: str | None, adapter_hash: str | None = None
-    ) -> list[str]:
-        """Every rule the request breaks, as short human reasons; empty when it is acceptable.
-        `adapter_hash`: the content hash of the run's starting adapter, when it has one."""
-        return [message for _, message in self._broken(spec, model_hash, adapter_hash)]
-
-    def _broken(
-        self, spec: RunSpec, model_hash: str | None, adapter_hash: str | None = None
-    ) -> list[tuple[str, str]]:
-        """(rule name, human reason) for every broken rule; the names may leave the hospital.
-
-        One group of the spec at a time, in a fixed order: the model (starting adapter, base
-        model and its content), the task, privacy, then the run's rounds, secure aggregation,
-        the noise's trust and last the approved digest of the whole spec."""
-        return [
-            *self._broken_model(spec.model, model_hash, adapter_hash),
-            *self._broken_task(spec.task),
-            *self._broken_privacy(spec.privacy),
-            *self._broken_run(spec.federation, spec.secagg, spec.privacy, spec.digest()),
-        ]
-
     def _broken_model(
         self, model: ModelSpec, model_hash: str | None, adapter_hash: str | None
     ) -> list[tuple[str, str]]:
@@ -489,8 +467,18 @@ class SitePolicy(BaseModel):
 
         `num_examples`, when known, is checked too (see `check_examples`); `adapter_hash` is
         the content hash of the run's starting adapter (`adapter_content_hash`), if any.
+
+        The rules are judged one group of the spec at a time, in a fixed order: the model
+        (starting adapter, base model and its content), the task, privacy, then the run's
+        rounds, secure aggregation, the noise's trust and last the approved digest of the whole
+        spec. Each broken rule is a (rule name, human reason): the names may leave the hospital.
         """
-        broken = self._broken(spec, model_hash, adapter_hash)
+        broken = [
+            *self._broken_model(spec.model, model_hash, adapter_hash),
+            *self._broken_task(spec.task),
+            *self._broken_privacy(spec.privacy),
+            *self._broken_run(spec.federation, spec.secagg, spec.privacy, spec.digest()),
+        ]
         if num_examples is not None and num_examples < self.min_examples:
             broken.append(("min_examples", self._too_few(num_examples)))
         if broken:

@@ -22,7 +22,7 @@ from inprocess_federation import simulate_in_process
 
 from fedward.client.policy import SitePolicy, model_content_hash
 from fedward.common.config import RunConfig
-from fedward.common.errors import ModelError
+from fedward.common.errors import ModelError, PolicyError
 from fedward.common.model import ADAPTER_META, adapter_spec, build_model, load_adapter_for_inference
 from fedward.simulation.predict import predict_texts
 from fedward.simulation.synthetic import generate_ner_notes, generate_notes, synthetic_examples
@@ -337,10 +337,11 @@ def test_a_site_pins_a_hospital_model_folder_by_its_weights(family_dirs):
     pinned = model_content_hash(family_dirs["deberta-v2"])
     policy = SitePolicy(lifetime_epsilon=10, allowed_model_hashes=[pinned])
     spec = RunConfig(model=family_dirs["deberta-v2"], hospitals=2).spec
-    assert policy.violations(spec, model_content_hash(family_dirs["deberta-v2"])) == []
+    policy.check(spec, model_content_hash(family_dirs["deberta-v2"]))  # accepted
     other = model_content_hash(family_dirs["roberta"])
     assert other != pinned
-    assert any("not an allowed model version" in v for v in policy.violations(spec, other))
+    with pytest.raises(PolicyError, match="not an allowed model version"):
+        policy.check(spec, other)
 
 
 @pytest.mark.parametrize("family, top_layers", [("bert", 0), ("deberta-v2", 1)])
