@@ -109,7 +109,7 @@ class MlflowTracker:
             raise ConfigError(f"--tracking: MLflow at {uri} cannot be used ({exc})") from None
         self.run_id = run.info.run_id
         self._finished = False
-        self._call(self._log_params, config)
+        self._call(self._log_params, config.flat(), set(config.spec.flat()))
         atexit.register(self._abandoned)
         log.info("tracking this run in MLflow at %s (run %s)", uri, self.run_id)
 
@@ -123,13 +123,14 @@ class MlflowTracker:
             location = (self.out.resolve() / LOCAL_ARTIFACTS).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def _log_params(self, config: RunConfig) -> None:
+    def _log_params(self, options: dict[str, Any], spec_names: set[str]) -> None:
+        """Every option as an MLflow param: the run spec's under their flat names, the rest
+        (this machine's settings) as `local.<name>`."""
         from mlflow.entities import Param
 
-        spec = config.spec.flat()
         params = [
-            Param(name if name in spec else f"local.{name}", _param_value(value))
-            for name, value in config.flat().items()
+            Param(name if name in spec_names else f"local.{name}", _param_value(value))
+            for name, value in options.items()
         ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])

@@ -132,7 +132,8 @@ class Site:
                 reason=Reason("round.out_of_range", {"round": server_round, "rounds": rounds}),
             )
         config = self.check_policy(spec)
-        self.fix_run_spec(run_id, spec)
+        # the run's spec, fixed on first contact; another spec later is `run.spec_changed`
+        pins.fix_run_spec(self.ledger_dir, self.dataset_id, run_id, spec, self.name)
         if evaluation.evaluated_start(self.ledger(), run_id):
             raise PolicyError(
                 f"hospital {self.name}: run {run_id} evaluated its starting adapter alone here "
@@ -197,11 +198,6 @@ class Site:
             return
         initial = initial_arrays(config, len(config.spec.task.labels or []))
         pins.check_starting_arrays(initial, global_arrays, self.name)
-
-    def fix_run_spec(self, run_id: str, spec: RunSpec) -> None:
-        """Fix the run's spec at this hospital on first contact; refuse any other spec later
-        (`run.spec_changed`, client/site/pins.py)."""
-        pins.fix_run_spec(self.ledger_dir, self.dataset_id, run_id, spec, self.name)
 
     def pinned_policy(self) -> SitePolicy:
         """The policy with its models, starting adapter and unit pinned (client/site/pins.py)."""
@@ -335,7 +331,8 @@ class Site:
         once a run, where the policy allows it. Returns the config to evaluate with."""
         run_id = check_identifier(run_id, "run id")
         config = self.check_policy(spec)
-        self.fix_run_spec(run_id, spec)
+        # the run's spec, fixed on first contact; another spec later is `run.spec_changed`
+        pins.fix_run_spec(self.ledger_dir, self.dataset_id, run_id, spec, self.name)
         rounds = spec.federation.rounds
         evaluation.check_evaluation_allowed(
             self.policy, self.pinned_policy(), spec.privacy, rounds, run_id, server_round, self.name
