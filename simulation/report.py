@@ -131,10 +131,9 @@ def group_privacy_line(rounds: list[dict], dp_unit: str, delta: float) -> str:
 def pooled_line(task: Task) -> str:
     """What the global scores are: the global model's over all hospitals' validation rows at
     once, from their summed counts (not a mean of the hospitals' own; those are in history.json)."""
-    what = {"classification": "macro-F1", "ner": "entity P/R/F1"}.get(task.name, "scores")
-    rows = "sentences" if task.name == "ner" else "notes"
     return (
-        f"{what}: the global model's over all hospitals' validation {rows} pooled "
+        f"{task.pooled_scores_name}: the global model's over all hospitals' validation "
+        f"{task.rows_name} pooled "
         "(each hospital's own: history.json)."
     )
 

@@ -56,6 +56,9 @@ class Task(Protocol):
     pooled_partition: str
     #: The scores the coordinator computes from the hospitals' summed counts.
     pooled_scores: tuple[str, ...]
+    #: Those scores and the validation rows they are computed on, as the report names them.
+    pooled_scores_name: str
+    rows_name: str
 
     def read(
         self,

@@ -122,6 +122,8 @@ class Classification:
     #: The scores the coordinator computes from the hospitals' summed counts (`pooled_metrics`)
     #: instead of averaging the hospitals' own.
     pooled_scores = ("macro_f1",)
+    pooled_scores_name = "macro-F1"
+    rows_name = "notes"
 
     def pooled_metrics(self, counts: dict[str, tuple[float, float, float]]) -> dict[str, float]:
         """Macro-F1 of the global model over all hospitals' validation notes, from their

@@ -138,6 +138,8 @@ class NamedEntityRecognition:
     #: hospitals' own. Only simulated hospitals report entity counts: a deployed one releases
     #: none (`release_counts`), so a deployment has no entity F1 at all.
     pooled_scores = ("precision", "recall", "f1")
+    pooled_scores_name = "entity P/R/F1"
+    rows_name = "sentences"
 
     def pooled_metrics(self, counts: dict[str, tuple[float, float, float]]) -> dict[str, float]:
         """Entity micro precision, recall and F1 (and per type) over all hospitals' validation
