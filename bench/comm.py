@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedward.client.secagg import SecAggClientSession, SecAggIdentity
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, SecAggSpec
 from fedward.common.model import build_model, get_adapter_arrays
 from fedward.common.protocol import wire
 from fedward.server.secagg import SecAggServerSession
@@ -38,9 +38,20 @@ def payload_content(payload: dict) -> RecordDict:
 
 
 def secure_round_bytes(
-    config: RunConfig, arrays: dict, hospitals: int
+    secagg: SecAggSpec, round_record: ConfigRecord, arrays: dict, hospitals: int
 ) -> tuple[float, float, dict]:
-    """Mean bytes per hospital (down, up) of one SecAgg+ round, plus per-stage upload."""
+    """Mean bytes per hospital (down, up) of one SecAgg+ round, plus per-stage upload.
+
+    Args:
+        secagg: The run's secure aggregation group (neighbours, threshold, quantization).
+        round_record: The round's config record (`wire.round_config`), sent with the train
+            and the evaluate message.
+        arrays: The global adapter.
+        hospitals: Hospitals in the round.
+
+    Returns:
+        Mean bytes down and up per hospital, and the upload of each SecAgg+ stage.
+    """
     node_ids = list(range(1, hospitals + 1))
     delta = np.random.default_rng(0).normal(0, 0.01, sum(a.size for a in arrays.values()))
     server = SecAggServerSession(
@@ -48,11 +59,11 @@ def secure_round_bytes(
         1,
         node_ids,
         delta.size,
-        neighbours=config.spec.secagg.secagg_neighbours,
-        threshold=config.spec.secagg.secagg_threshold,
-        clip=config.spec.secagg.secagg_clip,
-        bits=config.spec.secagg.secagg_bits,
-        max_weight=config.spec.secagg.secagg_max_weight,
+        neighbours=secagg.secagg_neighbours,
+        threshold=secagg.secagg_threshold,
+        clip=secagg.secagg_clip,
+        bits=secagg.secagg_bits,
+        max_weight=secagg.secagg_max_weight,
     )
     clients = {
         node: SecAggClientSession(
@@ -72,7 +83,7 @@ def secure_round_bytes(
     base = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, 1, 0),
+            wire.CONFIG: round_record,
         }
     )
     requests = server.advertise_keys_requests()
@@ -109,20 +120,24 @@ def secure_round_bytes(
             up[node] += size(payload_content(wire_reply))
             stages[stage] += size(payload_content(wire_reply))
     server.aggregate(replies)
-    evaluate = RecordDict(
-        {wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)}
-    )
+    evaluate = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: round_record})
     for node in node_ids:
         down[node] += size(evaluate)
     per_stage = {stage: total / hospitals for stage, total in stages.items()}
     return float(np.mean(list(down.values()))), float(np.mean(list(up.values()))), per_stage
 
 
-def plain_round_bytes(config: RunConfig, arrays: dict) -> tuple[float, float]:
-    """Bytes per hospital (down, up) of one round without secure aggregation."""
-    train = RecordDict(
-        {wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: wire.round_config(config, 1, 0)}
-    )
+def plain_round_bytes(round_record: ConfigRecord, arrays: dict) -> tuple[float, float]:
+    """Bytes per hospital (down, up) of one round without secure aggregation.
+
+    Args:
+        round_record: The round's config record (`wire.round_config`).
+        arrays: The global adapter.
+
+    Returns:
+        Bytes down (the train and the evaluate message) and up (the update).
+    """
+    train = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: round_record})
     reply = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
@@ -152,7 +167,8 @@ def main() -> None:
         f"{config.spec.model.lora_target_modules} of the top {config.spec.model.lora_layers} "
         "layers + head)"
     )
-    plain_down, plain_up = plain_round_bytes(config, arrays)
+    round_record = wire.round_config(config, 1, 0)
+    plain_down, plain_up = plain_round_bytes(round_record, arrays)
     print()
     print(
         f"{'mode':<22}{'hospitals':>10}{'down kB':>10}{'up kB':>10}{'up/full':>10}{'up/plain':>10}"
@@ -162,7 +178,7 @@ def main() -> None:
         f"{plain_up / full:>10.3%}{1:>10.2f}"
     )
     for hospitals in args.hospitals:
-        down, up, stages = secure_round_bytes(config, arrays, hospitals)
+        down, up, stages = secure_round_bytes(config.spec.secagg, round_record, arrays, hospitals)
         keys = up - stages["masked_update"]
         print(
             f"{'SecAgg+':<22}{hospitals:>10}{down / 1e3:>10.1f}{up / 1e3:>10.1f}{up / full:>10.3%}"

@@ -48,7 +48,10 @@ def hospitals_of(values: dict):
     from fedward.simulation.hospitals import prepare_config
 
     config = prepare_config(RunConfig.build(values, source="bench"))
-    return config, hospital_shares(config)
+    shares = hospital_shares(
+        config.spec.task, config.spec.training.seed, config.simulation, config.data_schema
+    )
+    return config, shares
 
 
 def run_arm(

@@ -68,7 +68,7 @@ def run(hospitals: int, notes: int, rounds: int, secure: bool, cache: bool = Tru
                 "out": out,
             }
         )
-        workers = plan_workers(config).workers
+        workers = plan_workers(config.simulation, config.local.device).workers
         started = time.monotonic()
         with PeakMemory() as memory:
             result = simulate(config)

@@ -83,7 +83,7 @@ def run(args, secure: bool) -> dict:
                 **({"model": args.model} if args.model else {}),
             }
         )
-        workers = plan_workers(config).workers
+        workers = plan_workers(config.simulation, config.local.device).workers
         started = time.monotonic()
         with TreeMemory() as memory:
             result = simulate(config)

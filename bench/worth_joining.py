@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.utility import parse_overrides
-from fedward.common.config import RunConfig
+from fedward.common.config import DataSchema, RunConfig, SimulatedData, TaskSpec
 
 FEDERATIONS = {
     "default": {"hospitals": 3, "notes_per_hospital": "700"},
@@ -64,13 +64,25 @@ def federation_values(name: str, seed: int, work: Path, max_train: int) -> dict:
     return values
 
 
-def hospital_shares(config: RunConfig) -> list:
+def hospital_shares(
+    task: TaskSpec, seed: int, simulation: SimulatedData, schema: DataSchema
+) -> list:
     """Each simulated hospital's training and validation examples, split as `fedward simulate`
-    splits them, with the labels the run lists."""
+    splits them, with the labels the run lists.
+
+    Args:
+        task: The run's task group (its `labels`, and the task that reads the data).
+        seed: The run's seed (`spec.training.seed`).
+        simulation: The simulated hospitals and where their data come from.
+        schema: How the data file is read.
+
+    Returns:
+        One `HospitalData` per hospital, filtered to the run's labels.
+    """
     from fedward.client.app import with_run_labels
     from fedward.simulation.hospitals import hospital_shares as shares
 
-    return [with_run_labels(data, config.spec.task.labels) for data in shares(config)]
+    return [with_run_labels(data, task.labels) for data in shares(task, seed, simulation, schema)]
 
 
 def hospital_row(number: int, data, federated: float, own_seconds: float) -> dict:
@@ -102,7 +114,9 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels)
     model = cached_model(config, num_labels)
-    hospitals = hospital_shares(config)
+    hospitals = hospital_shares(
+        config.spec.task, config.spec.training.seed, config.simulation, config.data_schema
+    )
     per_patient = config.spec.privacy.per_patient
     datasets = [
         encode(data.train, config.spec.task, tokenizer, per_patient=per_patient)

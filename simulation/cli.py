@@ -25,7 +25,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedward.client.personalize import OWN_FOLDER
-from fedward.common.config import GROUPS, ModelSpec, PrivacySpec, RunConfig, TaskSpec
+from fedward.common.config import (
+    GROUPS,
+    ModelSpec,
+    PrivacySpec,
+    RunConfig,
+    SecAggSpec,
+    SimulationSettings,
+    TaskSpec,
+)
 from fedward.common.files.output_paths import check_output_folder
 from fedward.common.tasks import Task
 
@@ -269,7 +277,17 @@ def run_simulation_with_report(
         from fedward.common.model import build_model
 
         build_model(config.spec, len(config.spec.task.labels or []))
-    _announce(config, title)
+    spec = config.spec
+    _announce(
+        config.simulation,
+        task=spec.task,
+        model=spec.model,
+        privacy=spec.privacy,
+        secagg=spec.secagg,
+        rounds=spec.federation.rounds,
+        evaluate_only=config.local.evaluate_only,
+        title=title,
+    )
     tracker = open_tracker(tracking, config, "simulation")  # None without --tracking
     started = time.monotonic()
     with rounds_progress() as progress:
@@ -375,45 +393,52 @@ def kept_adapter_note(rounds: list[dict], task: Task, keep_adapter: str) -> str:
     return f"{of}, the best {score} {value:.3f}; --keep-adapter last keeps the last"
 
 
-def _announce(config: RunConfig, title: str = "fedward simulate") -> None:
-    data = config.simulation.data or "synthetic clinical notes"
-    privacy = (
-        f"DP epsilon {config.spec.privacy.target_epsilon:g} per {config.spec.privacy.dp_unit}, "
-        f"delta {config.spec.privacy.delta:g}"
-        if config.spec.privacy.dp
+def _announce(
+    simulation: SimulationSettings,
+    *,
+    task: TaskSpec,
+    model: ModelSpec,
+    privacy: PrivacySpec,
+    secagg: SecAggSpec,
+    rounds: int,
+    evaluate_only: bool,
+    title: str = "fedward simulate",
+) -> None:
+    """The run's headline before it starts: hospitals, rounds, task, model, data, privacy and
+    secure aggregation, what trains, and the warnings a simulation's settings call for."""
+    data = simulation.data or "synthetic clinical notes"
+    dp_line = (
+        f"DP epsilon {privacy.target_epsilon:g} per {privacy.dp_unit}, delta {privacy.delta:g}"
+        if privacy.dp
         else "[bold red]DP OFF[/]"
     )
-    secagg = (
+    secagg_line = (
         "secure aggregation on"
-        if config.spec.secagg.secure_aggregation
+        if secagg.secure_aggregation
         else "[bold red]secure aggregation OFF[/]"
     )
-    rounds = (
-        "evaluation only"
-        if config.local.evaluate_only
-        else f"{config.spec.federation.rounds} rounds"
-    )
+    how_long = "evaluation only" if evaluate_only else f"{rounds} rounds"
     console.print(
-        f"{title}: {config.simulation.hospitals} hospitals x {rounds}, task "
-        f"{config.spec.task.name}, model {config.spec.model.name}, data {data}; {privacy}; {secagg}"
+        f"{title}: {simulation.hospitals} hospitals x {how_long}, task "
+        f"{task.name}, model {model.name}, data {data}; {dp_line}; {secagg_line}"
     )
-    if config.simulation.colluding_hospitals:
+    if simulation.colluding_hospitals:
         console.print(
-            f"[bold yellow]{config.simulation.colluding_hospitals} hospitals collude and add no "
+            f"[bold yellow]{simulation.colluding_hospitals} hospitals collude and add no "
             "noise share (colluding_hospitals): the epsilon printed is the run's target, not what "
             "the honest hospitals get; for privacy audits[/]"
         )
-    if config.spec.privacy.dp and config.simulation.seeded_dp_noise:
+    if privacy.dp and simulation.seeded_dp_noise:
         console.print(
             "[bold yellow]DP noise seeded from the run's seed (--seeded-dp-noise): reproducible "
             "figures, no privacy; simulation only[/]"
         )
-    console.print(f"trains: {what_trains(config.spec.model, config.spec.task)}")
-    if config.spec.model.init_adapter:
+    console.print(f"trains: {what_trains(model, task)}")
+    if model.init_adapter:
         from fedward.common.model import starting_adapter_record
         from fedward.common.warm_start import LabelMapping
 
-        start = starting_adapter_record(config.spec.model, config.spec.task)
+        start = starting_adapter_record(model, task)
         mapping = LabelMapping(**{k: tuple(v) for k, v in start["labels"].items()})
         console.print(
             f"starts from adapter {start['path']} (sha256 {start['sha256'][:16]}...); labels: "

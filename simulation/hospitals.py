@@ -20,7 +20,15 @@ from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
 from fedward.client.privacy.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import HistoryEntry, TrainResult
-from fedward.common.config import RunConfig, RunSpec, SimulatedData
+from fedward.common.config import (
+    DataSchema,
+    ModelSpec,
+    PrivacySpec,
+    RunConfig,
+    RunSpec,
+    SimulatedData,
+    TaskSpec,
+)
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.files.atomic import write_json_atomic
@@ -119,101 +127,159 @@ def prepare_config(config: RunConfig) -> RunConfig:
             f"honest hospitals, but a round samples about {sampled} of the "
             f"{config.simulation.hospitals}; pass --noise-hospitals {sampled} or fewer"
         )
-    config = privacy_unit(config)
-    check_pooled_vocabulary(config)
-    if config.spec.task.labels:
+    unit = privacy_unit(config.spec.privacy, config.simulation, config.data_schema)
+    if unit != config.spec.privacy.dp_unit:
+        config = config.updated(dp_unit=unit)
+    spec, simulation, schema = config.spec, config.simulation, config.data_schema
+    check_pooled_vocabulary(spec.task, spec.model, spec.training.seed, simulation, schema)
+    if spec.task.labels:
         return config
-    task = config.spec.task.definition
-    if config.simulation.data is None:
+    task = spec.task.definition
+    if simulation.data is None:
         labels = synthetic_labels(
-            config.spec.task.name,
-            config.simulation.hospitals,
-            [config.simulation.notes_of(h) for h in range(config.simulation.hospitals)],
-            config.spec.training.seed,
+            spec.task.name,
+            simulation.hospitals,
+            [simulation.notes_of(h) for h in range(simulation.hospitals)],
+            spec.training.seed,
         )
     else:
-        labels = task.label_set(list(_pooled_as_hospitals_read_it(config)), config.simulation.data)
+        pooled = _pooled_as_hospitals_read_it(spec.task, simulation, schema)
+        labels = task.label_set(list(pooled), simulation.data)
     return config.updated(labels=labels)
 
 
-def privacy_unit(config: RunConfig) -> RunConfig:
+def privacy_unit(privacy: PrivacySpec, simulation: SimulatedData, schema: DataSchema) -> str:
     """The run's DP unit: as set, else the patient where the data have patients (the synthetic
     notes always do; a file when `patient_column` names its column), else the record.
 
-    A patient-level run on a file without a patient column is a `ConfigError`."""
-    has_patients = config.simulation.data is None or config.data_schema.patient_column
-    privacy = config.spec.privacy
+    Args:
+        privacy: The run's privacy group (`dp_unit`, and whether it was set).
+        simulation: Where the simulated hospitals' data come from (`data`: None for the
+            synthetic notes).
+        schema: How the data file is read (`patient_column`).
+
+    Returns:
+        "patient" or "record": the spec's `dp_unit` unless it was left unset.
+
+    Raises:
+        ConfigError: a patient-level run on a file without a patient column.
+    """
+    has_patients = simulation.data is None or schema.patient_column
     if "dp_unit" not in privacy.model_fields_set and has_patients:
-        return config.updated(dp_unit="patient")
+        return "patient"
     if privacy.per_patient and not has_patients:
         raise ConfigError(
             "field 'dp_unit': patient-level DP needs the data's patient column; pass "
             "--patient-column NAME (or --dp-unit record)"
         )
-    return config
+    return privacy.dp_unit
 
 
-def check_pooled_vocabulary(config: RunConfig) -> float:
+def check_pooled_vocabulary(
+    task: TaskSpec, model: ModelSpec, seed: int, simulation: SimulatedData, schema: DataSchema
+) -> float:
     """The vocabulary guard before any hospital starts: the unknown share of the pooled data
     file (or of the first hospital's synthetic notes); `VocabularyError` above the run's
-    `max_unknown_rate`. Each hospital still checks its own share before every round."""
+    `max_unknown_rate`. Each hospital still checks its own share before every round.
+
+    Args:
+        task: The run's task group (`max_unknown_rate`; the task that reads the data).
+        model: The run's model group (whose tokenizer is checked).
+        seed: The run's seed (the synthetic notes').
+        simulation: The simulated hospitals and where their data come from.
+        schema: How the data file is read.
+
+    Returns:
+        The unknown share found.
+    """
     from fedward.client.model_cache import cached_tokenizer
     from fedward.common.coverage import check_vocabulary
 
-    if config.simulation.data is None:
+    if simulation.data is None:
         examples = synthetic_examples(
-            config.spec.task.name,
-            0,
-            config.simulation.notes_of(0),
-            config.spec.training.seed,
-            config.simulation.hospitals,
+            task.name, 0, simulation.notes_of(0), seed, simulation.hospitals
         )
     else:
-        examples = _pooled_as_hospitals_read_it(config)
-    tokenizer = cached_tokenizer(config.spec.model.name)
-    return check_vocabulary(
-        tokenizer, examples, config.spec.model.name, config.spec.task.max_unknown_rate
-    )
+        examples = _pooled_as_hospitals_read_it(task, simulation, schema)
+    tokenizer = cached_tokenizer(model.name)
+    return check_vocabulary(tokenizer, examples, model.name, task.max_unknown_rate)
 
 
-def _pooled_as_hospitals_read_it(config: RunConfig) -> tuple:
+def _pooled_as_hospitals_read_it(
+    task: TaskSpec, simulation: SimulatedData, schema: DataSchema
+) -> tuple:
     """The data file read with every column the hospitals will read (the patient column and a
     `column:NAME` partition's group included), so that a bad cell fails here, before round 1,
     with its file and line, not inside every hospital's worker."""
-    scheme = config.simulation.partition
+    scheme = simulation.partition
     return _pooled(
-        config.spec.task.definition,
-        config.simulation.data,
-        config.data_schema.text_column,
-        config.data_schema.label_column,
+        task.definition,
+        simulation.data,
+        schema.text_column,
+        schema.label_column,
         scheme.removeprefix("column:") if scheme.startswith("column:") else None,
-        config.data_schema.patient_column,
+        schema.patient_column,
     )
 
 
 def simulated_data(config: RunConfig, context: Context) -> HospitalData:
-    """The share of hospital `partition-id` (a `client.app.DataSource`)."""
-    train, val, source = _share(config, int(context.node_config["partition-id"]))
+    """The share of hospital `partition-id` (a `client.app.DataSource`: the client calls it
+    with the whole config, so it takes it, and passes on only the groups the split reads)."""
+    train, val, source = _share(
+        config.spec.task,
+        config.spec.training.seed,
+        config.simulation,
+        config.data_schema,
+        int(context.node_config["partition-id"]),
+    )
     return HospitalData(hospital_name(context), train, val, source)
 
 
-def hospital_shares(config: RunConfig) -> list[HospitalData]:
+def hospital_shares(
+    task: TaskSpec, seed: int, simulation: SimulatedData, schema: DataSchema
+) -> list[HospitalData]:
     """Every simulated hospital's share, as its ClientApp reads it (`simulated_data`): for
-    benchmarks that train the hospitals' own models outside a run."""
+    benchmarks that train the hospitals' own models outside a run.
+
+    Args:
+        task: The run's task group (the task that reads and splits the data).
+        seed: The run's seed (`spec.training.seed`).
+        simulation: The simulated hospitals and where their data come from.
+        schema: How the data file is read.
+
+    Returns:
+        One `HospitalData` per hospital, named `hospital-<number>`.
+    """
     return [
-        HospitalData(f"hospital-{number}", *_share(config, number))
-        for number in range(config.simulation.hospitals)
+        hospital_share(task, seed, simulation, schema, number)
+        for number in range(simulation.hospitals)
     ]
 
 
-def _share(config: RunConfig, hospital: int) -> tuple[list, list, str]:
+def hospital_share(
+    task: TaskSpec, seed: int, simulation: SimulatedData, schema: DataSchema, hospital: int
+) -> HospitalData:
+    """Simulated hospital `hospital`'s share, as its ClientApp reads it (`simulated_data`).
+
+    Args:
+        task: The run's task group (the task that reads and splits the data).
+        seed: The run's seed (`spec.training.seed`).
+        simulation: The simulated hospitals and where their data come from.
+        schema: How the data file is read.
+        hospital: The hospital's index (its `partition-id`).
+
+    Returns:
+        Its training and validation examples, named `hospital-<hospital>`.
+    """
+    return HospitalData(f"hospital-{hospital}", *_share(task, seed, simulation, schema, hospital))
+
+
+def _share(
+    task: TaskSpec, seed: int, simulation: SimulatedData, schema: DataSchema, hospital: int
+) -> tuple[list, list, str]:
     # The split depends on the task, the seed and every field of `SimulatedData`, no other.
-    shared = json.dumps(
-        {**config.simulation.values_of(SimulatedData), **config.data_schema.model_dump()}
-    )
-    train, val, source = _hospital_split(
-        config.spec.task.definition, config.spec.training.seed, shared, hospital
-    )
+    shared = json.dumps({**simulation.values_of(SimulatedData), **schema.model_dump()})
+    train, val, source = _hospital_split(task.definition, seed, shared, hospital)
     return list(train), list(val), source
 
 

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 from fedward.client.app import DataSource
-from fedward.common.config import RunConfig
+from fedward.common.config import RunConfig, SimulationSettings
 from fedward.server.app import RoundCallback, RunResult, build_server_app
 from fedward.simulation.app import build_simulation_client_app
 from fedward.simulation.hospitals import prepare_config, simulated_data
@@ -26,24 +26,34 @@ class WorkerResources:
 
 
 def plan_workers(
-    config: RunConfig, cpus: int | None = None, gpus: int | None = None
+    simulation: SimulationSettings, device: str, cpus: int | None = None, gpus: int | None = None
 ) -> WorkerResources:
-    """Concurrent hospitals: what the machine holds (or `config.simulation.workers`), at most the
+    """Concurrent hospitals: what the machine holds (or `simulation.workers`), at most the
     hospitals.
 
     Each worker process holds one copy of the frozen base model, so memory grows with the
     number of workers, not with the number of hospitals.
+
+    Args:
+        simulation: The simulation's settings (hospitals, workers, CPUs and GPU share per
+            hospital).
+        device: The local settings' `device`: "cpu" gives the hospitals no GPU share.
+        cpus: CPU cores of the machine; None counts them.
+        gpus: GPUs of the machine; None counts them.
+
+    Returns:
+        CPUs and GPU share per hospital, and how many hospitals run at once.
     """
     import torch
 
     cpus = cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    per_hospital = config.simulation.cpus_per_hospital
-    workers = config.simulation.workers or max(1, cpus // per_hospital)
-    workers = max(1, min(config.simulation.hospitals, workers))
-    if config.simulation.gpus_per_hospital >= 0:
-        gpu_share = config.simulation.gpus_per_hospital
-    elif gpus and config.local.device != "cpu":
+    per_hospital = simulation.cpus_per_hospital
+    workers = simulation.workers or max(1, cpus // per_hospital)
+    workers = max(1, min(simulation.hospitals, workers))
+    if simulation.gpus_per_hospital >= 0:
+        gpu_share = simulation.gpus_per_hospital
+    elif gpus and device != "cpu":
         gpu_share = min(1.0, gpus / workers)
     else:
         gpu_share = 0.0
@@ -63,7 +73,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     config = prepare_config(config)
-    resources = plan_workers(config)
+    resources = plan_workers(config.simulation, config.local.device)
     results: list[RunResult] = []
 
     server_app = build_server_app(config, on_round=on_round, on_result=results.append)

@@ -22,16 +22,26 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 
 from fedward.client.app import HospitalData
-from fedward.client.privacy.accounting import compose_epsilon, distributed_epsilon, plan_dp
-from fedward.common.config import PrivacySpec, RunConfig, SimulationSettings, TaskSpec
+from fedward.client.privacy.accounting import (
+    DPPlan,
+    compose_epsilon,
+    distributed_epsilon,
+    plan_dp,
+)
+from fedward.common.config import (
+    FederationSpec,
+    PrivacySpec,
+    RunConfig,
+    SimulationSettings,
+    TaskSpec,
+)
 from fedward.common.data import EncodedDataset, encode_classification
 from fedward.common.errors import ConfigError
-from fedward.simulation.hospitals import prepare_config, simulated_data
+from fedward.simulation.hospitals import hospital_share, prepare_config, simulated_data
 from fedward.simulation.privacy_audit.bound import ceiling, epsilon_lower_bound
 from fedward.simulation.privacy_audit.canaries import Canaries, draw_canaries
 from fedward.simulation.privacy_audit.scoring import (
@@ -172,37 +182,56 @@ def canary_data_source(canaries: Canaries, hospital: int) -> Callable:
     return with_canaries
 
 
-def audited_training_count(config: RunConfig, hospital: int, inserted: int) -> tuple[str, int]:
+def audited_training_count(
+    data: HospitalData, privacy: PrivacySpec, inserted: int
+) -> tuple[str, int]:
     """The audited hospital's name and the privacy units it trains on (its share plus the
     included canaries: records, or patients under patient-level DP, each canary a patient of its
-    own), counted here as the hospital counts them."""
-    node = SimpleNamespace(
-        node_config={"partition-id": hospital, "num-partitions": config.simulation.hospitals},
-        node_id=hospital,
-    )
-    data = simulated_data(config, node)
-    if config.spec.privacy.dp_unit == "patient":
+    own), counted here as the hospital counts them.
+
+    Args:
+        data: The audited hospital's share, as its ClientApp reads it (`hospital_share`).
+        privacy: The run's privacy group (`dp_unit`).
+        inserted: The canaries added to its training data.
+
+    Returns:
+        The hospital's name and its count of units.
+    """
+    if privacy.dp_unit == "patient":
         return data.name, len({record.patient for record in data.train}) + inserted
     return data.name, len(data.train) + inserted
 
 
-def accounted_epsilon(config: RunConfig, num_train: int, rounds_trained: int) -> float | None:
-    """The accountant's epsilon for `rounds_trained` rounds of `num_train` units (records or
-    patients); None without DP. With colluding hospitals (distributed noise) it is the epsilon
+def accounted_epsilon(
+    plan: DPPlan | None,
+    rounds_trained: int,
+    privacy: PrivacySpec,
+    federation: FederationSpec,
+    simulation: SimulationSettings,
+) -> float | None:
+    """The accountant's epsilon for `rounds_trained` rounds of the audited hospital's round
+    `plan`; None without DP. With colluding hospitals (distributed noise) it is the epsilon
     docs/privacy.md gives for the honest hospitals left in every round (`distributed_epsilon`),
-    not the run's target."""
-    if not config.spec.privacy.dp:
+    not the run's target.
+
+    Args:
+        plan: The audited hospital's round plan (`plan_dp` for its units: records or
+            patients); None without DP.
+        rounds_trained: The rounds it trained in.
+        privacy: The run's privacy group (`delta`; the noise split for colluders).
+        federation: The run's federation group (rounds, and the share of hospitals sampled).
+        simulation: The simulated hospitals, and how many of them collude.
+
+    Returns:
+        The accounted epsilon, or None without DP.
+    """
+    if plan is None:
         return None
-    colluding = config.simulation.colluding_hospitals
+    colluding = simulation.colluding_hospitals
     if colluding:
-        sampled = max(round(config.spec.federation.fraction * config.simulation.hospitals), 1)
-        return distributed_epsilon(
-            config.spec.privacy, config.spec.federation.rounds, sampled - colluding, rounds_trained
-        )
-    plan = plan_dp(
-        config.spec.privacy, config.spec.training, config.spec.federation.rounds, num_train
-    )
-    return compose_epsilon([plan.as_history_entry()] * rounds_trained, config.spec.privacy.delta)
+        sampled = max(round(federation.fraction * simulation.hospitals), 1)
+        return distributed_epsilon(privacy, federation.rounds, sampled - colluding, rounds_trained)
+    return compose_epsilon([plan.as_history_entry()] * rounds_trained, privacy.delta)
 
 
 def _check_audit(
@@ -274,7 +303,10 @@ def run_privacy_audit(
     labels = config.spec.task.labels
     tokenizer = cached_tokenizer(config.spec.model.name)
     drawn = draw_canaries(tokenizer, labels, canaries, seed)
-    name, num_train = audited_training_count(config, hospital, len(drawn.inserted()))
+    share = hospital_share(
+        config.spec.task, config.spec.training.seed, config.simulation, config.data_schema, hospital
+    )
+    name, num_train = audited_training_count(share, config.spec.privacy, len(drawn.inserted()))
 
     model = build_model(config.spec, len(labels))
     round_arrays = [get_adapter_arrays(model)]
@@ -293,6 +325,10 @@ def run_privacy_audit(
     scores = score_canaries(model, encoded, round_arrays, tokenizer.pad_token_id)
     auditors, top = judge(scores, drawn.included, config.spec.privacy.delta, confidence)
     trained = sum(1 for row in rounds if row["hospitals"].get(name, {}).get("trained"))
+    spec = config.spec
+    plan = None
+    if spec.privacy.dp:
+        plan = plan_dp(spec.privacy, spec.training, spec.federation.rounds, num_train)
     return PrivacyAuditResult(
         canaries=len(drawn),
         included=sum(drawn.included),
@@ -300,7 +336,9 @@ def run_privacy_audit(
         ceiling=top,
         confidence=confidence,
         delta=config.spec.privacy.delta,
-        accounted_epsilon=accounted_epsilon(config, num_train, trained),
+        accounted_epsilon=accounted_epsilon(
+            plan, trained, config.spec.privacy, config.spec.federation, config.simulation
+        ),
         hospital=name,
         unit=config.spec.privacy.dp_unit,
     )

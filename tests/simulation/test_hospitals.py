@@ -56,14 +56,17 @@ def test_the_simulation_runs_patient_level_dp_where_the_data_have_patients(tmp_p
     from fedward.common.errors import ConfigError
     from fedward.simulation.hospitals import privacy_unit
 
-    assert privacy_unit(RunConfig()).spec.privacy.dp_unit == "patient"  # synthetic notes
-    assert privacy_unit(RunConfig(dp_unit="record")).spec.privacy.dp_unit == "record"
+    def unit(config: RunConfig) -> str:
+        return privacy_unit(config.spec.privacy, config.simulation, config.data_schema)
+
+    assert unit(RunConfig()) == "patient"  # synthetic notes
+    assert unit(RunConfig(dp_unit="record")) == "record"
     path = str(tmp_path / "notes.csv")
-    assert privacy_unit(RunConfig(data=path)).spec.privacy.dp_unit == "record"
+    assert unit(RunConfig(data=path)) == "record"
     with_column = RunConfig(data=path, patient_column="mrn")
-    assert privacy_unit(with_column).spec.privacy.dp_unit == "patient"
+    assert unit(with_column) == "patient"
     with pytest.raises(ConfigError, match="patient-column"):
-        privacy_unit(RunConfig(data=path, dp_unit="patient"))
+        unit(RunConfig(data=path, dp_unit="patient"))
 
 
 def test_a_patient_column_reaches_the_simulated_hospitals(tmp_path):

@@ -33,7 +33,7 @@ def _config(tiny_model_dir, tmp_path, **values) -> RunConfig:
 
 def test_more_hospitals_than_workers_each_trains_on_its_own_data(tiny_model_dir, tmp_path):
     config = _config(tiny_model_dir, tmp_path, hospitals=5, workers=2, seed=7)
-    assert plan_workers(config).workers == 2
+    assert plan_workers(config.simulation, config.local.device).workers == 2
 
     result = simulate(config)
 
@@ -126,4 +126,6 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_adapter(tiny_model_dir, t
 @pytest.mark.parametrize("cpus, hospitals, expected", [(2, 50, 2), (16, 3, 3), (1, 10, 1)])
 def test_worker_count_follows_the_machine_not_the_hospitals(cpus, hospitals, expected):
     config = RunConfig(hospitals=hospitals)
-    assert plan_workers(config, cpus=cpus, gpus=0).workers == expected
+    assert (
+        plan_workers(config.simulation, config.local.device, cpus=cpus, gpus=0).workers == expected
+    )
