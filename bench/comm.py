@@ -73,19 +73,9 @@ def secure_round_bytes(
     }
     down = {node: 0 for node in node_ids}
     up = {node: 0 for node in node_ids}
-    stages = {
-        "advertise_keys": 0,
-        "share_keys": 0,
-        "masked_update": 0,
-        "consistency_check": 0,
-        "unmask": 0,
-    }
-    base = RecordDict(
-        {
-            wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: round_record,
-        }
-    )
+    later = ("share_keys", "masked_update", "consistency_check", "unmask")
+    stages = dict.fromkeys(("advertise_keys", *later), 0)
+    base = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: round_record})
     requests = server.advertise_keys_requests()
     replies = {}
     for node, request in requests.items():
@@ -105,7 +95,7 @@ def secure_round_bytes(
         "consistency_check": server.consistency_requests,
         "unmask": server.unmask_requests,
     }
-    for stage in ("share_keys", "masked_update", "consistency_check", "unmask"):
+    for stage in later:
         requests = collect[stage](replies)
         replies = {}
         for node, request in requests.items():

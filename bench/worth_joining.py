@@ -111,26 +111,16 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
     from fedward.simulation.hospitals import prepare_config
 
     config = prepare_config(RunConfig.build(values, source="bench"))
-    tokenizer = cached_tokenizer(config.spec.model.name)
-    num_labels = len(config.spec.task.labels)
+    spec = config.spec
+    privacy, training, task = spec.privacy, spec.training, spec.task
+    tokenizer = cached_tokenizer(spec.model.name)
+    num_labels = len(task.labels)
     model = cached_model(config, num_labels)
-    hospitals = hospital_shares(
-        config.spec.task, config.spec.training.seed, config.simulation, config.data_schema
-    )
-    per_patient = config.spec.privacy.per_patient
-    datasets = [
-        encode(data.train, config.spec.task, tokenizer, per_patient=per_patient)
-        for data in hospitals
-    ]
-    plans = [
-        plan_dp(
-            config.spec.privacy,
-            config.spec.training,
-            config.spec.federation.rounds,
-            max(privacy_units(config.spec.privacy, d), 1),
-        )
-        for d in datasets
-    ]
+    hospitals = hospital_shares(task, training.seed, config.simulation, config.data_schema)
+    per_patient = privacy.per_patient
+    datasets = [encode(data.train, task, tokenizer, per_patient=per_patient) for data in hospitals]
+    units = [max(privacy_units(privacy, d), 1) for d in datasets]
+    plans = [plan_dp(privacy, training, spec.federation.rounds, n) for n in units]
     histories: list[list] = [[] for _ in hospitals]
     arrays = initial_arrays(config, num_labels)
     started = time.monotonic()
@@ -146,13 +136,8 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
                 )[0]
                 for n, dataset in enumerate(datasets)
             )
-            privacy, training = config.spec.privacy, config.spec.training
-            arrays = server_step(
-                arrays,
-                total.view("uint64"),
-                privacy.max_grad_norm,
-                training.server_learning_rate,
-            )
+            step = (privacy.max_grad_norm, training.server_learning_rate)
+            arrays = server_step(arrays, total.view("uint64"), *step)
             continue
         updates = []
         for number, dataset in enumerate(datasets):
