@@ -401,6 +401,14 @@ def hospital_style(hospital: int) -> HospitalStyle:
     """The writing style of `hospital` (0-based): fixed for 0-2, varied from 3 on.
 
     A hospital's style belongs to the hospital, not to the run, so it does not depend on the seed.
+
+    Args:
+        hospital: The hospital's index, from 0.
+
+    Returns:
+        The style: hospital 0 terse, 1 prose, 2 SOAP; from 3 on, a main form cycling with the
+        index mixed with a second one, and abbreviation rate, typos, casing, temperature unit,
+        vital-sign separator and SOAP headers drawn from a seed of the index.
     """
     if hospital < len(_BASE_STYLES):
         return _BASE_STYLES[hospital]
@@ -787,6 +795,18 @@ def label_weights(hospital: int, seed: int, num_hospitals: int = 3) -> list[floa
     A mix of three parts: a floor shared by every label (35%, so each label is present), the
     hospital's own block of specialities (40%; the blocks of all hospitals tile the label set,
     so hospitals complement each other) and a Dirichlet(1) draw from the seed (25%).
+
+    Args:
+        hospital: The hospital's index, from 0.
+        seed: The run's seed.
+        num_hospitals: The number of simulated hospitals. With more hospitals than labels, each
+            hospital's block is one label, shared with other hospitals.
+
+    Returns:
+        One probability per label of `DIAGNOSES`, in its order; each above 0, together 1.
+
+    Raises:
+        ConfigError: `num_hospitals` below 1, or `hospital` outside 0..num_hospitals - 1.
     """
     _check_hospital(hospital, num_hospitals)
     k = len(DIAGNOSES)
@@ -839,6 +859,21 @@ def generate_notes(
     Each note is {"text": ..., "label": one of DIAGNOSES, "hospital": "hospital-<index>"}. The
     same arguments always give the same notes. The hospital's writing style is
     `hospital_style(hospital)`; its label mix is `label_weights(hospital, seed, num_hospitals)`.
+
+    Args:
+        hospital: The hospital's index, from 0.
+        num_notes: How many notes to write.
+        seed: The run's seed.
+        num_hospitals: The number of simulated hospitals.
+
+    Returns:
+        The notes in shuffled order, as dicts with "text", "label" and "hospital". Label counts
+        follow the label mix (rounded), with every label present once there are at least as
+        many notes as labels.
+
+    Raises:
+        ConfigError: `num_hospitals` below 1, `hospital` outside 0..num_hospitals - 1, or a
+            negative `num_notes`.
     """
     _check_hospital(hospital, num_hospitals)
     if num_notes < 0:
@@ -872,7 +907,15 @@ _SENTENCE_END = re.compile(r"(?<=\.)\s+|\n")
 
 
 def tokenize(text: str) -> list[str]:
-    """Split text the way the NER notes are split: on whitespace, punctuation as own tokens."""
+    """Split text the way the NER notes are split: on whitespace, punctuation as own tokens.
+
+    Args:
+        text: Any text.
+
+    Returns:
+        The tokens in order: decimal numbers whole ("7.32"), runs of letters, digits and
+        underscores, and each other non-space character on its own; whitespace is dropped.
+    """
     return _TOKEN.findall(text)
 
 
@@ -908,6 +951,23 @@ def generate_ner_notes(
     hospital's style with its label mix; most carry at least one entity, a few carry none.
     The same arguments always give the same sentences. `with_cases`: (sentences, the index of
     each sentence's note, the diagnosis of each note), to give the notes patients.
+
+    Args:
+        hospital: The hospital's index, from 0.
+        num_notes: How many sentences to return (not notes: notes are written until there are
+            this many).
+        seed: The run's seed.
+        num_hospitals: The number of simulated hospitals.
+        with_cases: Also return which note each sentence comes from, and each note's diagnosis.
+
+    Returns:
+        The sentences, each a list of (token, IOB2 tag) pairs. With `with_cases`: (sentences,
+        the index of each sentence's note, the diagnosis of every note written, in order;
+        a note may have no sentence kept).
+
+    Raises:
+        ConfigError: `num_hospitals` below 1, `hospital` outside 0..num_hospitals - 1, or a
+            negative `num_notes`.
     """
     _check_hospital(hospital, num_hospitals)
     if num_notes < 0:

@@ -26,7 +26,18 @@ def align_labels(
     """Label id per word piece: the word's label on its first piece, -100 on later pieces and on
     special tokens (word id None), so the loss sees each word exactly once.
 
-    Raises `DataError` if a tag is not in `label_to_id` (the run's label list).
+    Args:
+        word_ids: The word index of each piece of one encoded sentence (the fast tokenizer's
+            `word_ids()`), None for special tokens.
+        word_tags: The sentence's IOB2 tag of each word, indexed by those word indices.
+        label_to_id: The run's label list: tag -> label id.
+
+    Returns:
+        One label id per piece, as long as `word_ids`: the tag's id on a word's first piece,
+        -100 (`IGNORE_INDEX`) elsewhere.
+
+    Raises:
+        DataError: a word's tag is not in `label_to_id`.
     """
     labels: list[int] = []
     previous: int | None = None
@@ -65,8 +76,20 @@ def cut_long_sentences(
     starts the next piece as a new entity of the same type (a warning counts them). Special
     tokens ([CLS], [SEP]) are accounted for. Unlabelled text (all tags 'O') is cut the same way.
 
-    Returns the pieces; `with_origins`: (pieces, the index of each piece's sentence), which
-    patient-level DP needs to keep a cut sentence's pieces with their patient.
+    A single word with more pieces than fit is a piece on its own (encoding then truncates it).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer that can encode pre-split words
+            (`is_split_into_words`) and report `word_ids`, i.e. a fast one.
+        sentences: Sentences of (word, tag) pairs, tags in IOB2 ('O' for unlabelled text).
+        max_length: The model's window in word pieces, special tokens included.
+        with_origins: Also return, for each piece, the index of the sentence it comes from.
+
+    Returns:
+        The pieces, in order, each a new list of (word, tag) pairs (a sentence that fits comes
+        back whole, as a plain list: a `PatientSentence`'s patient is not kept). With
+        `with_origins`: (pieces, the index in `sentences` of each piece's sentence), which
+        patient-level DP needs to keep a cut sentence's pieces with their patient.
     """
     budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
     pieces_per_word = _pieces_per_word(tokenizer, sentences)
@@ -151,6 +174,21 @@ def encode_sentences(
     Needs a fast (Rust) Hugging Face tokenizer, which knows which word each piece came from.
     Sentences longer than `max_length` pieces are truncated (their last words are then neither
     trained on nor scored; a warning says how many). Nothing is padded: batches are padded later.
+
+    Args:
+        tokenizer: A fast Hugging Face tokenizer (`is_fast`).
+        sentences: Sentences of (word, tag) pairs, tags in IOB2.
+        label_to_id: The run's label list: tag -> label id.
+        max_length: The most word pieces of an example, special tokens included.
+
+    Returns:
+        One example per sentence, in order: {"input_ids", "attention_mask", "labels"}, three
+        lists of ints of the same length (at most `max_length`); `labels` as `align_labels`
+        gives them (-100 on special tokens and on later pieces of a word).
+
+    Raises:
+        ModelError: the tokenizer is not a fast tokenizer.
+        DataError: a tag is not in `label_to_id`.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(

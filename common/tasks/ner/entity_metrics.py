@@ -16,10 +16,20 @@ logger = logging.getLogger(__name__)
 def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
     """Entity-level precision, recall and F1 (seqeval, strict IOB2; see the module docstring).
 
-    Returns {"precision", "recall", "f1": micro-averaged over all entities, "support": number of
-    true entities, "per_type": {TYPE: {"precision", "recall", "f1", "support"}}}. Types that
-    occur only in the predictions are listed with support 0. A score with nothing to divide by
-    (no predictions, or no true entities) is 0.0.
+    Args:
+        true_tags: The true IOB2 tags, one sequence per sentence, one tag per word.
+        pred_tags: The predicted tags, parallel to `true_tags` (same sentences, same lengths).
+
+    Returns:
+        {"precision", "recall", "f1": floats micro-averaged over all entities, "support": the
+        number of true entities, "per_type": {TYPE: {"precision", "recall", "f1", "support"}}}.
+        Types that occur only in the predictions are listed with support 0. A score with nothing
+        to divide by (no predictions, or no true entities) is 0.0; no sentences give all zeros
+        and an empty "per_type".
+
+    Raises:
+        ValueError: the two have a different number of sentences, or a sentence a different
+            number of tags.
     """
     from seqeval.metrics.v1 import precision_recall_fscore_support
     from seqeval.scheme import IOB2, Entities
@@ -63,7 +73,19 @@ def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence
 def ner_metrics_from_ids(
     true_ids: list[list[int]], pred_ids: list[list[int]], labels: list[str]
 ) -> dict[str, float]:
-    """Entity-level micro precision/recall/F1 from word-piece label ids (-100 ignored)."""
+    """Entity-level micro precision/recall/F1 from word-piece label ids (-100 ignored).
+
+    Args:
+        true_ids: The true label id of each piece, one row per example; -100 on pieces without
+            a label (later pieces of a word, special tokens, padding).
+        pred_ids: The predicted label id of each piece, rows parallel to `true_ids`.
+        labels: The run's label list: id -> tag.
+
+    Returns:
+        A flat dict: "precision", "recall", "f1" (micro), `<score>_<TYPE>` for each entity type
+        scored, and the counts `tp:<TYPE>`, `fp:<TYPE>`, `fn:<TYPE>` of every type found or
+        listed in `labels` (`count_metrics`).
+    """
     true_tags, pred_tags = [], []
     for true_row, pred_row in zip(true_ids, pred_ids):
         kept = [(t, p) for t, p in zip(true_row, pred_row) if t != -100]

@@ -44,10 +44,17 @@ def read_conll(path: str | Path) -> list[Sentence]:
     a blank line between sentences, `-DOCSTART-` lines skipped. The tag scheme (IOB1, IOB2,
     BIOES, BILOU) is detected from the whole file (`detect_scheme`).
 
-    Raises `DataError` naming the file and line for: a missing or unreadable file, bytes that are
-    not UTF-8, a line without the file's separator, an empty word or tag, a tag outside
-    O/B-/I-/E-/S-/L-/U-,
-    a tag sequence that the detected scheme forbids, or a file without any sentence.
+    Args:
+        path: The CoNLL file (UTF-8, a byte-order mark allowed).
+
+    Returns:
+        The file's sentences in order, each a list of (word, IOB2 tag) pairs.
+
+    Raises:
+        DataError: naming the file (and the line where there is one) for a missing, unreadable
+            or folder path, bytes that are not UTF-8, a line without the file's separator, an
+            empty word or tag, a tag outside O/B-/I-/E-/S-/L-/U-, both E-/S- and L-/U- tags, a
+            tag sequence that the detected scheme forbids, or a file without any sentence.
     """
     path = Path(path)
     text = _read_text(path)
@@ -89,6 +96,17 @@ def read_conll_splits(path: str | Path) -> dict[str, list[Sentence]]:
     .bio, .bioes (CoNLL) and .json, .jsonl (entity JSON); other files (README, LICENSE) are
     ignored. Each file is read with `read_ner_file`, so each may use its own format and tag
     scheme; all come back in IOB2.
+
+    Args:
+        path: A data folder, or a single CoNLL or entity-JSON file.
+
+    Returns:
+        The sentences of each split present: {"train": [...]}, plus "devel" and "test" where a
+        folder has them; each sentence a list of (word, IOB2 tag) pairs.
+
+    Raises:
+        DataError: the path does not exist, a folder has no training file or several files for
+            one split, or a file does not read (see `read_conll`, `read_entity_json`).
     """
     path = Path(path)
     if not path.exists():
@@ -121,7 +139,21 @@ def read_ner_file(path: str | Path, patient_column: str | None = None) -> list[S
     """One NER file, its format told by its extension: .json/.jsonl is entity JSON
     (`read_entity_json`), anything else CoNLL, one word (or character) and its tag per line
     (`read_conll`). With `patient_column`, each sentence is a `PatientSentence` naming its
-    patient, which only entity JSON can carry (a field of each record)."""
+    patient, which only entity JSON can carry (a field of each record).
+
+    Args:
+        path: The file.
+        patient_column: The field of each entity-JSON record that names its patient; None for
+            sentences without patients.
+
+    Returns:
+        The file's sentences in order, each a list of (word, IOB2 tag) pairs; `PatientSentence`s
+        when `patient_column` is given.
+
+    Raises:
+        DataError: `patient_column` is given for a CoNLL file, or the file does not read (see
+            `read_conll`, `read_entity_json`).
+    """
     path = Path(path)
     if path.suffix.lower() in JSON_SUFFIXES:
         return read_entity_json(path, patient_column)
@@ -147,10 +179,24 @@ def read_entity_json(path: str | Path, patient_column: str | None = None) -> lis
     Every character becomes a word. Nested or overlapping entities (CMeEE nests e.g. a body part
     inside a symptom) cannot all be tagged in IOB2; the rule is: the longest entity is kept, on a
     tie the one that starts first, and every entity overlapping a kept one is dropped (their
-    number is logged). Raises `DataError` naming the file and the line (JSON lines) or record
-    (array) for: JSON that does not parse, a record without text, an entity without a type or
-    with offsets outside its text, an entity text that does not match its offsets, or (with
-    `patient_column`) a record without its patient field.
+    number is logged).
+
+    Args:
+        path: The JSON or JSON-lines file (UTF-8, a byte-order mark allowed).
+        patient_column: The record field that names the record's patient; None for sentences
+            without patients.
+
+    Returns:
+        One sentence per record, in order: a list of (character, IOB2 tag) pairs; with
+        `patient_column`, a `PatientSentence` whose patient is that field (as a stripped string).
+
+    Raises:
+        DataError: naming the file and the line (JSON lines) or record (array) for a missing,
+            unreadable or non-UTF-8 file, an empty file or one without records, JSON that does
+            not parse, a record that is not an object or has no text, `entities` that is not a
+            list, an entity without integer offsets or a type (a name without spaces), offsets
+            outside its text, an entity text that does not match its offsets, or (with
+            `patient_column`) a record without its patient field.
     """
     import json
 

@@ -69,7 +69,19 @@ def detect_scheme(
     `to_iob2` as an error. `source` and `lines` (parallel to the tags) only make messages name
     the file and line.
 
-    Raises `DataError` for a tag that is none of O, B-X, I-X, E-X, S-X, L-X, U-X.
+    Args:
+        tag_sequences: The tags of each sentence, as written in the data.
+        source: What the tags come from (a file path), for messages.
+        lines: The line number of each tag, one sequence per sentence parallel to
+            `tag_sequences`; None names positions as sentence and tag numbers instead.
+
+    Returns:
+        "BIOES", "BILOU", or, with only O/B-/I- tags, "IOB1" when more entities start with I-
+        than with B-, else "IOB2".
+
+    Raises:
+        DataError: a tag that is none of O, B-X, I-X, E-X, S-X, L-X, U-X, or data that use both
+            E-/S- (BIOES) and L-/U- (BILOU) tags.
     """
     first_at: dict[str, str] = {}  # prefix letter -> where it first occurs
     b_starts = i_starts = 0
@@ -120,10 +132,24 @@ def to_iob2(
     """One sentence's tags, written in `scheme`, rewritten in IOB2 (B- starts every entity).
 
     IOB1: an I-X that starts an entity becomes B-X. BIOES/BILOU: S-X/U-X becomes B-X, E-X/L-X
-    becomes I-X. IOB2 comes back unchanged. Raises `DataError` naming the position (the file and
-    line when `source` and `lines` are given) for a tag the scheme does not allow or a sequence
-    it forbids: an I-X that does not continue an X entity (IOB2, BIOES, BILOU), or a BIOES/BILOU
-    entity that is not closed by E-X/L-X.
+    becomes I-X. IOB2 comes back unchanged.
+
+    Args:
+        tags: The sentence's tags, as written in the data.
+        scheme: The scheme they are written in (`detect_scheme`).
+        source: What the tags come from (a file path), for messages.
+        lines: The line number of each tag, parallel to `tags`; None names positions as tag
+            numbers instead.
+
+    Returns:
+        The IOB2 tags, one per tag of `tags`.
+
+    Raises:
+        DataError: naming the position (the file and line when `source` and `lines` are given)
+            for a malformed tag, a tag the scheme does not allow, or a sequence it forbids: an
+            I-X that does not continue an X entity (IOB2, BIOES, BILOU), or a BIOES/BILOU entity
+            that is not closed by E-X/L-X.
+        ValueError: `scheme` is not one of IOB1, IOB2, BIOES, BILOU.
     """
     if scheme not in _ALLOWED_PREFIXES:
         raise ValueError(
@@ -196,6 +222,13 @@ def label_list(sentences: Sequence[Sequence[tuple[str, str]]]) -> list[str]:
 
     Both B- and I- are listed for every entity type seen, even if the data never uses I-X (only
     one-word entities): every hospital then derives the same labels from the same set of types.
+
+    Args:
+        sentences: Sentences of (word, tag) pairs, tags in IOB2.
+
+    Returns:
+        ["O", "B-A", "I-A", "B-B", "I-B", ...] over the entity types in sorted order; just
+        ["O"] when no sentence has an entity.
     """
     types = {tag[2:] for sentence in sentences for _, tag in sentence if tag != "O"}
     return ["O"] + [f"{prefix}-{entity_type}" for entity_type in sorted(types) for prefix in "BI"]

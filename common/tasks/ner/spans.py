@@ -19,7 +19,15 @@ logger = logging.getLogger(__name__)
 def labels_to_tags(
     label_ids: Sequence[int], id_to_label: Mapping[int, str] | Sequence[str]
 ) -> list[str]:
-    """The true word-level tags of one example: its labels where they are not -100."""
+    """The true word-level tags of one example: its labels where they are not -100.
+
+    Args:
+        label_ids: The example's label id per word piece, -100 on pieces without a label.
+        id_to_label: Label id -> tag (the run's label list, or a mapping).
+
+    Returns:
+        One tag per labelled piece (each word's first piece), in order.
+    """
     return [id_to_label[int(label)] for label in label_ids if int(label) != IGNORE_INDEX]
 
 
@@ -32,6 +40,17 @@ def predictions_to_tags(
     label (each word's first piece), aligned one to one with `labels_to_tags(label_ids, ...)`.
 
     `pred_ids` and `label_ids` are per piece and may both include padding (labelled -100).
+
+    Args:
+        pred_ids: The predicted label id of each piece (the argmax of the logits).
+        label_ids: The true label id of each piece, -100 on pieces without a label.
+        id_to_label: Label id -> tag (the run's label list, or a mapping).
+
+    Returns:
+        The predicted tag of each piece whose label is not -100, in order.
+
+    Raises:
+        ValueError: `pred_ids` and `label_ids` differ in length.
     """
     if len(pred_ids) != len(label_ids):
         raise ValueError(f"{len(pred_ids)} predictions for {len(label_ids)} labels")
@@ -50,6 +69,16 @@ def predictions_to_word_tags(
 ) -> list[str]:
     """One predicted tag per word of an unlabelled sentence (for `fedward predict`): the
     prediction on each word's first piece; 'O' for words that have no piece (truncated away).
+
+    Args:
+        pred_ids: The predicted label id of each piece of the encoded sentence.
+        word_ids: The word index of each piece (the fast tokenizer's `word_ids()`), None for
+            special tokens.
+        id_to_label: Label id -> tag (the run's label list, or a mapping).
+        num_words: The number of words of the sentence.
+
+    Returns:
+        `num_words` tags, one per word.
     """
     tags = ["O"] * num_words
     seen: set[int] = set()
@@ -74,6 +103,13 @@ def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     """Split raw text into words the way the NER corpora are tokenized (runs of letters/digits,
     each punctuation mark on its own, each Chinese/Japanese/Korean character on its own) and
     their character offsets [start, end) in `text`.
+
+    Args:
+        text: The raw text; whitespace separates words and is dropped.
+
+    Returns:
+        (words, offsets): the words in order, and the (start, exclusive end) character offsets
+        of each in `text`, so that `text[start:end]` is the word.
     """
     matches = list(_WORD.finditer(text))
     return [m.group() for m in matches], [(m.start(), m.end()) for m in matches]
@@ -103,6 +139,21 @@ def entity_spans(
     With the original `text` and each word's character `offsets` (e.g. from `split_words`),
     spans also carry character offsets and their text is the original slice; with `text` alone
     the words are located in it in order. Otherwise the text is the words joined by spaces.
+
+    Args:
+        words: The sentence's words.
+        tags: The IOB2 tag of each word.
+        text: The original text the words come from, or None.
+        offsets: The (start, exclusive end) character offsets of each word in `text`; used
+            only with `text`.
+
+    Returns:
+        The entities in order of their first word, as `EntitySpan`s; character offsets are
+        None when no `text` is given.
+
+    Raises:
+        ValueError: `words` and `tags` differ in length, or (`text` without `offsets`) a word
+            is not found in the text.
     """
     if len(words) != len(tags):
         raise ValueError(f"{len(words)} words but {len(tags)} tags")
