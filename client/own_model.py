@@ -29,7 +29,18 @@ def own_model(
 ) -> tuple[dict, PersonalReport]:
     """This hospital's own adapter and its alone / global / own report (client/personalize.py):
     cross-validation over folds of its training patients chooses, the validation notes score.
-    Without DP and for the hospital only: nothing of it may reach a message."""
+    Without DP and for the hospital only: nothing of it may reach a message.
+
+    Args:
+        data: The hospital's examples for the run (its training patients choose, its
+            validation notes score).
+        config: The run's config as this hospital runs it (model, task, seed, DP unit).
+        global_arrays: The federation's final adapter.
+        recipe: How to train at home; None is `HomeRecipe()`.
+
+    Returns:
+        The own adapter's arrays (name -> array; not DP, never sent) and the report.
+    """
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels or [])
     model = cached_model(config, num_labels)

@@ -17,7 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def hospital_name(context: Context) -> str:
-    """The name a hospital reports: node config 'hospital-name', else its simulation index."""
+    """The name a hospital reports: node config 'hospital-name', else its simulation index.
+
+    Args:
+        context: The node's context (its node config and node id).
+
+    Returns:
+        'hospital-name' as a string; else "hospital-<partition-id>" (simulation); else
+        "node-<node id>".
+    """
     config = context.node_config
     if "hospital-name" in config:
         return str(config["hospital-name"])

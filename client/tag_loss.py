@@ -26,7 +26,18 @@ def weighted_token_loss(
 ) -> torch.Tensor:
     """Token cross-entropy with the O tag's terms weighted by `outside_weight`, averaged over
     the labelled tokens (-100 is unlabelled), as the plain loss is: weight 1 gives the plain
-    loss, and a smaller weight only shrinks the O tokens' share of each sentence's gradient."""
+    loss, and a smaller weight only shrinks the O tokens' share of each sentence's gradient.
+
+    Args:
+        logits: The token classifier's logits, (batch, tokens, labels); computed in float32.
+        labels: The label id of each token, (batch, tokens), -100 where it has none.
+        outside_id: The O tag's label id (`outside_tag_id`).
+        outside_weight: The weight of an O token's term (`outside_tag_weight`).
+
+    Returns:
+        The loss, a float32 scalar: the weighted sum of the labelled tokens' terms divided by
+        their count (not by their weights' sum); 0 when no token is labelled.
+    """
     labels = labels.reshape(-1)
     per_token = torch.nn.functional.cross_entropy(
         logits.float().reshape(labels.numel(), -1), labels, ignore_index=-100, reduction="none"
