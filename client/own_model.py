@@ -102,7 +102,18 @@ def keep_at_home(
     config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
 ) -> Path:
     """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
-    by this account only: the adapter is not DP and must not be shared. Returns `folder`."""
+    by this account only: the adapter is not DP and must not be shared.
+
+    Args:
+        config: The run's config as this hospital ran it (model, task and labels).
+        arrays: The own adapter (`own_model`).
+        report: Its alone / global / own report.
+        folder: Where to keep them; made (mode 0700) if missing.
+        hospital: The hospital's name, written into the report.
+
+    Returns:
+        `folder`.
+    """
     model = cached_model(config, len(config.spec.task.labels or []))
     set_adapter_arrays(model, arrays)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -35,7 +35,15 @@ def hospital_name(context: Context) -> str:
 
 
 def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
-    """Run spec, round and run id of a request; a spec that does not validate is None."""
+    """Run spec, round and run id of a request; a spec that does not validate is None.
+
+    Args:
+        msg: A train or evaluate request (its config record).
+
+    Returns:
+        `(spec, server_round, run_id)`; when the record does not validate, None, the round
+        as given (0 when missing or not a number) and the run id as given ("" when missing).
+    """
     record = msg.content[wire.CONFIG]
     try:
         return wire.read_round_config(record)
@@ -49,7 +57,15 @@ def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
 
 
 def log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
-    """The full story, for this hospital's log only."""
+    """The full story, for this hospital's log only.
+
+    Args:
+        name: The hospital's name.
+        stage: The refused stage ("train", "evaluate" or a SecAgg+ stage).
+        server_round: The round, for the log line.
+        exc: The error: a `FedwardError` is logged as a warning with its message, anything
+            else with its traceback.
+    """
     if isinstance(exc, FedwardError):
         log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
     else:
@@ -57,7 +73,16 @@ def log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> Non
 
 
 def refusal(msg: Message, name: str, exc: Exception) -> Message:
-    """A refusal reply: the error's reason code and numbers, never its text."""
+    """A refusal reply: the error's reason code and numbers, never its text.
+
+    Args:
+        msg: The request refused.
+        name: The hospital's name, in the reply's info record.
+        exc: The error: a `FedwardError`'s reason, else `error.internal`.
+
+    Returns:
+        The reply, carrying the reason record and the hospital's name.
+    """
     reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
     content = RecordDict(
         {

@@ -11,7 +11,18 @@ from fedward.common.errors import ConfigError
 
 
 def outside_tag_id(training: TrainingSpec, task: TaskSpec) -> int | None:
-    """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1)."""
+    """The O tag's label id when the run weighs its loss (`outside_tag_weight` below 1).
+
+    Args:
+        training: The run's training group (`outside_tag_weight`).
+        task: The run's task group (`labels`).
+
+    Returns:
+        The position of "O" in the run's labels, or None when the weight is 1.
+
+    Raises:
+        ConfigError: a weight other than 1 without labels, or without "O" among them.
+    """
     if training.outside_tag_weight == 1.0:
         return None
     if not task.labels or "O" not in task.labels:

@@ -246,7 +246,20 @@ def batch_source(
     """The module that trains, what turns a micro-batch of example indices into its padded
     tensors, and the name of its inputs: the top of the network on the cached prefix states
     (client/prefix_cache.py), else the whole model on token ids. Sampling, clipping and noise
-    are the same either way."""
+    are the same either way.
+
+    Args:
+        model: The PEFT model.
+        dataset: The encoded examples a micro-batch's indices point into.
+        cached: The cached prefix states (`cached_training`), or None.
+        pad_id: The tokenizer's padding id.
+        pad_to: The width to pad each batch to (`padding = "max_length"`), or None: its
+            longest example.
+
+    Returns:
+        `(module, make_batch, inputs_name)`: "hidden_states" with the cache, else
+        "input_ids".
+    """
     if cached is not None:
         return cached.top, cached.batch, "hidden_states"
 
@@ -338,7 +351,17 @@ def clipped_delta(
     new_arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], clip: float
 ) -> dict[str, np.ndarray]:
     """The update: new minus global for every tensor of the global adapter, each value clipped
-    to [-clip, clip] (`secagg_clip`), in float32."""
+    to [-clip, clip] (`secagg_clip`), in float32.
+
+    Args:
+        new_arrays: The adapter after training (name -> array); names not in
+            `global_arrays` are left out.
+        global_arrays: The global adapter the round started from.
+        clip: The bound on each value.
+
+    Returns:
+        Name -> float32 array of the global adapter's shape.
+    """
     return {
         name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
         for name in global_arrays

@@ -82,7 +82,14 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
 
 
 def distributed(privacy: PrivacySpec) -> bool:
-    """Whether the run's DP noise is distributed over the secure sum (issue 39)."""
+    """Whether the run's DP noise is distributed over the secure sum (issue 39).
+
+    Args:
+        privacy: The run's privacy group (`dp`, `noise`).
+
+    Returns:
+        True for DP with `noise = "distributed"`.
+    """
     return privacy.dp and privacy.noise == "distributed"
 
 
@@ -123,7 +130,19 @@ def advertise_keys(
 ) -> ConfigRecord:
     """Start this round's SecAgg+ session on the terms of this hospital's own admitted run spec
     (`secure_round_terms`), keep it in the node state, and answer the first stage, which rides
-    on the train message: the public keys."""
+    on the train message: the public keys.
+
+    Args:
+        msg: The train request; its SecAgg+ record is the first stage's request.
+        context: The node's context; the session is kept in its state.
+        run_id: The run's id.
+        server_round: The round.
+        identity: This hospital's SecAgg+ identity, as its site policy pins it.
+        privacy: The privacy group of the run spec this hospital admitted.
+
+    Returns:
+        The first stage's reply (the signed public keys), for the train reply.
+    """
     identity, encoding = secure_round_terms(identity, privacy)
     session = SecAggClientSession(context.node_id, run_id, server_round, identity, encoding)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
