@@ -170,7 +170,15 @@ ProgressOpener = Callable[[Message, Context], Progress]
 
 
 def log_progress(msg: Message, context: Context) -> Progress:
-    """A deployed hospital's progress within a round: lines in its own log."""
+    """A deployed hospital's progress within a round: lines in its own log.
+
+    Args:
+        msg: The train request (its round number goes into each line).
+        context: The node's context (its hospital name goes into each line).
+
+    Returns:
+        A `Progress` that logs each stage it is told at INFO level.
+    """
     name = hospital_name(context)
     server_round = round_identity(msg)[1]
     return lambda stage: log.info("%s: round %d: %s", name, server_round, stage)
@@ -189,6 +197,24 @@ def handle_train(
     judged with the data, before every check whose answer depends on the records (the example
     count, the vocabulary, the labels), so that such a refusal is charged like a trained round;
     the site records the update before it leaves (see client/site/gates.py).
+
+    Args:
+        msg: The coordinator's train request: the run spec, round and run id (its config
+            record), the global adapter (its arrays) and, with secure aggregation, the first
+            SecAgg+ stage's request.
+        context: The node's context: its node config (the hospital's name) and its state (the
+            SecAgg+ session and the update kept for the masked stage).
+        load_data: Loads this hospital's data for the config the site admitted.
+        open_site: Opens this hospital's site (policy, ledger, audit log; or a simulated one).
+        open_progress: Where this round's progress goes ("encoding", each epoch); by default
+            this hospital's own log.
+
+    Returns:
+        The train reply: its metrics (the update's weight without secure aggregation, epsilon
+        under DP; exact figures in simulation only) and the update, in the clear or kept in
+        the node state for the masked stage (with the advertised keys in the reply). An error
+        while admitting, loading, judging or training is not raised: it is answered with a
+        refusal that carries only its reason code.
     """
     name = hospital_name(context)
     spec, server_round, run_id = round_identity(msg)
@@ -321,6 +347,14 @@ def update_weight(result: TrainResult, secagg: SecAggSpec, site: HospitalSite) -
 
     A weight above the limit is not refused: the refusal would answer "are there more than N
     training records?" for any N the coordinator chose (issue 28).
+
+    Args:
+        result: This round's training result (its example count weighs a simulated update).
+        secagg: The run's secure-aggregation group (`secagg_max_weight`).
+        site: The hospital's site: its declared weight, or whether it reports exact counts.
+
+    Returns:
+        The weight, at most `secagg_max_weight`.
     """
     weight = result.num_examples if site.releases_exact_metrics else site.update_weight()
     return min(weight, secagg.secagg_max_weight)
@@ -336,7 +370,24 @@ def handle_evaluate(
     Round 0 (`START_ROUND`) is an evaluate-only run's one evaluation: the adapter must be the
     run's starting adapter as this hospital builds it from its own pinned files (the policy's
     `init_adapter` pin, else the fresh adapter of the run's seed), checked before anything is
-    charged or read, so an evaluate-only run scores nothing the hospital did not approve."""
+    charged or read, so an evaluate-only run scores nothing the hospital did not approve.
+
+    At the run's last round the hospital's own model is made first (`keep_own_model`); that
+    never changes whether the evaluation is answered.
+
+    Args:
+        msg: The coordinator's evaluate request: the run spec, round and run id (its config
+            record) and the adapter to score (its arrays).
+        context: The node's context (its node config names the hospital).
+        load_data: Loads this hospital's data for the config the site admitted.
+        open_site: Opens this hospital's site (policy, ledger, audit log; or a simulated one).
+
+    Returns:
+        The evaluate reply: the metrics the site releases on the validation split (deployed:
+        DP-noised counts; in simulation also the exact unknown-token rate and, at the last
+        round, the own model's alone / global / own figures). An error is not raised: it is
+        answered with a refusal that carries only its reason code.
+    """
     name = hospital_name(context)
     spec, server_round, run_id = round_identity(msg)
     personal: dict[str, float] = {}
@@ -398,7 +449,21 @@ def keep_own_model(
 
     Whatever happens here changes nothing in the reply of a deployed hospital: the own model is
     not DP and never leaves; a failure is logged here and the evaluation goes on. The figures
-    are returned for a simulated hospital's reply only (`releases_exact_metrics`)."""
+    are returned for a simulated hospital's reply only (`releases_exact_metrics`).
+
+    Args:
+        msg: The last round's evaluate request; its arrays are the final global adapter.
+        context: The node's context (its node config names the hospital).
+        load_data: Loads this hospital's data for the config its policy gives the run.
+        open_site: Opens this hospital's site.
+        spec: The run spec the request carries (already validated).
+        run_id: The run's id: where the own model is kept.
+
+    Returns:
+        "personal-alone", "personal-global" and "personal-own" (the task's primary metric on
+        the validation notes) for a simulated hospital; empty when deployed, when the local
+        settings ask for no own model, or when making it failed.
+    """
     name = hospital_name(context)
     try:
         site = open_site(context)
@@ -422,7 +487,18 @@ def keep_own_model(
 
 
 def open_site(context: Context) -> Site:
-    """This hospital's site policy, privacy ledger and audit log, named by its node config."""
+    """This hospital's site policy, privacy ledger and audit log, named by its node config.
+
+    Args:
+        context: The SuperNode's context; its node config names the policy, ledger and
+            audit log, and the hospital (`hospital_name`).
+
+    Returns:
+        The hospital's `Site`, its policy read now.
+
+    Raises:
+        PolicyError: a missing node-config key or an unusable policy (`Site.open`).
+    """
     return Site.open(context.node_config, hospital_name(context))
 
 
@@ -434,7 +510,21 @@ def build_client_app(
 ) -> ClientApp:
     """The ClientApp of one runtime: the same handlers for every stage of a round, fed by
     `load_data`, judged by the site `open_site` returns, telling its progress within a training
-    round to `open_progress`'s sink."""
+    round to `open_progress`'s sink.
+
+    Args:
+        load_data: Loads a hospital's data for an admitted run (`load_site_data` deployed;
+            a simulated hospital's share of a data set in simulation).
+        open_site: Opens the hospital's site for each request (`open_site` deployed, a
+            `SimulatedSite` in simulation).
+        around_stage: Runs around each stage's handler ("train", "evaluate" or a SecAgg+
+            stage); None calls the handlers directly.
+        open_progress: Where a training round's progress goes; by default the hospital's log.
+
+    Returns:
+        The ClientApp, with handlers for train, evaluate and each SecAgg+ stage after the
+        first (registered as train actions).
+    """
     handlers: dict[str, StageHandler] = {
         "train": lambda msg, context: handle_train(
             msg, context, load_data, open_site, open_progress
@@ -463,7 +553,21 @@ def _secagg_handler(msg: Message, context: Context, stage: str) -> Message:
 
 
 def load_site_data(config: LocalRun, context: Context) -> HospitalData:
-    """A real hospital's data: the file named by the node config's 'data-path'."""
+    """A real hospital's data: the file named by the node config's 'data-path'.
+
+    Args:
+        config: The run's config as this hospital runs it: its task, its data schema (the
+            columns) and the run's seed (the train / validation split).
+        context: The SuperNode's context: its node config's 'data-path' and the hospital's
+            name.
+
+    Returns:
+        The hospital's examples, split into training and validation.
+
+    Raises:
+        DataError: no 'data-path' in the node config, or a file the task cannot read
+            (`read_hospital_file`).
+    """
     path = context.node_config.get("data-path")
     if not path:
         raise DataError(

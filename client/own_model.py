@@ -29,7 +29,18 @@ def own_model(
 ) -> tuple[dict, PersonalReport]:
     """This hospital's own adapter and its alone / global / own report (client/personalize.py):
     cross-validation over folds of its training patients chooses, the validation notes score.
-    Without DP and for the hospital only: nothing of it may reach a message."""
+    Without DP and for the hospital only: nothing of it may reach a message.
+
+    Args:
+        data: The hospital's examples for the run (its training patients choose, its
+            validation notes score).
+        config: The run's config as this hospital runs it (model, task, seed, DP unit).
+        global_arrays: The federation's final adapter.
+        recipe: How to train at home; None is `HomeRecipe()`.
+
+    Returns:
+        The own adapter's arrays (name -> array; not DP, never sent) and the report.
+    """
     tokenizer = cached_tokenizer(config.spec.model.name)
     num_labels = len(config.spec.task.labels or [])
     model = cached_model(config, num_labels)
@@ -91,7 +102,18 @@ def keep_at_home(
     config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
 ) -> Path:
     """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
-    by this account only: the adapter is not DP and must not be shared. Returns `folder`."""
+    by this account only: the adapter is not DP and must not be shared.
+
+    Args:
+        config: The run's config as this hospital ran it (model, task and labels).
+        arrays: The own adapter (`own_model`).
+        report: Its alone / global / own report.
+        folder: Where to keep them; made (mode 0700) if missing.
+        hospital: The hospital's name, written into the report.
+
+    Returns:
+        `folder`.
+    """
     model = cached_model(config, len(config.spec.task.labels or []))
     set_adapter_arrays(model, arrays)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

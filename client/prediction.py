@@ -25,7 +25,20 @@ def evaluate(
     pad_id: int,
     labels: list[str],
 ) -> dict[str, float]:
-    """Loss and task metrics of the adapter `arrays` on `dataset`."""
+    """Loss and task metrics of the adapter `arrays` on `dataset` (no prefix cache).
+
+    Args:
+        model: The PEFT model; its adapter is overwritten with `arrays`.
+        dataset: The encoded examples to score.
+        config: The run's config (its task, and the local `device`).
+        arrays: The adapter to score (name -> array).
+        pad_id: The tokenizer's padding id.
+        labels: The run's label set, in order (an id is a position in it).
+
+    Returns:
+        "loss" (as `predict` gives it), "num_examples" (the encoded examples, as a float)
+        and the task's exact metrics.
+    """
     loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
     metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
@@ -45,7 +58,24 @@ def predict(
 
     With `who` (the hospital's name) the frozen prefix runs once per run on these examples too
     (`client/prefix_cache.py`, kept as "<who>:validation"): a run evaluates the same validation
-    notes every round, and the encoder's forward pass was most of a round's evaluation."""
+    notes every round, and the encoder's forward pass was most of a round's evaluation.
+
+    Args:
+        model: The PEFT model; its adapter is overwritten with `arrays`, and it is left on
+            the local device in eval mode.
+        dataset: The encoded examples to score, in batches of `PREDICT_BATCH`.
+        config: The run's config (its local `device` and prefix-cache settings).
+        arrays: The adapter to score (name -> array).
+        pad_id: The tokenizer's padding id.
+        who: The hospital's name, keying the prefix cache; None runs the whole model.
+
+    Returns:
+        `(loss, true_ids, pred_ids)`: the batches' mean losses averaged with each batch's
+        example count as weight (per example for classification; for NER each batch's
+        mean is over its labelled tokens), 0.0 for no examples; and, per example in
+        order, the label id (classification) or the list of per-token ids (NER, padded to
+        its batch's width; -100 in `true_ids` marks a position without a label).
+    """
     device = pick_device(config.local.device)
     set_adapter_arrays(model, arrays)
     model.to(device).eval()

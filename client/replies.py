@@ -17,7 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def hospital_name(context: Context) -> str:
-    """The name a hospital reports: node config 'hospital-name', else its simulation index."""
+    """The name a hospital reports: node config 'hospital-name', else its simulation index.
+
+    Args:
+        context: The node's context (its node config and node id).
+
+    Returns:
+        'hospital-name' as a string; else "hospital-<partition-id>" (simulation); else
+        "node-<node id>".
+    """
     config = context.node_config
     if "hospital-name" in config:
         return str(config["hospital-name"])
@@ -27,7 +35,15 @@ def hospital_name(context: Context) -> str:
 
 
 def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
-    """Run spec, round and run id of a request; a spec that does not validate is None."""
+    """Run spec, round and run id of a request; a spec that does not validate is None.
+
+    Args:
+        msg: A train or evaluate request (its config record).
+
+    Returns:
+        `(spec, server_round, run_id)`; when the record does not validate, None, the round
+        as given (0 when missing or not a number) and the run id as given ("" when missing).
+    """
     record = msg.content[wire.CONFIG]
     try:
         return wire.read_round_config(record)
@@ -41,7 +57,15 @@ def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
 
 
 def log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> None:
-    """The full story, for this hospital's log only."""
+    """The full story, for this hospital's log only.
+
+    Args:
+        name: The hospital's name.
+        stage: The refused stage ("train", "evaluate" or a SecAgg+ stage).
+        server_round: The round, for the log line.
+        exc: The error: a `FedwardError` is logged as a warning with its message, anything
+            else with its traceback.
+    """
     if isinstance(exc, FedwardError):
         log.warning("%s refused %s of round %d: %s", name, stage, server_round, exc)
     else:
@@ -49,7 +73,16 @@ def log_refusal(name: str, stage: str, server_round: int, exc: Exception) -> Non
 
 
 def refusal(msg: Message, name: str, exc: Exception) -> Message:
-    """A refusal reply: the error's reason code and numbers, never its text."""
+    """A refusal reply: the error's reason code and numbers, never its text.
+
+    Args:
+        msg: The request refused.
+        name: The hospital's name, in the reply's info record.
+        exc: The error: a `FedwardError`'s reason, else `error.internal`.
+
+    Returns:
+        The reply, carrying the reason record and the hospital's name.
+    """
     reason = exc.reason if isinstance(exc, FedwardError) else Reason("error.internal")
     content = RecordDict(
         {

@@ -106,6 +106,21 @@ def check_budget(
 
     The run's target allows the noise search's tolerance; the lifetime budget of a data set
     is the ledger's to enforce (`PrivacyLedger.check_budget`).
+
+    Args:
+        history: The accountant history before this round.
+        plan: The round's DP plan.
+        lifetime_epsilon: The limit; the trainers pass the run's `target_epsilon`. A
+            projection above it by more than 0.1% is refused.
+        delta: The run's delta.
+        who: The hospital's name, for the message.
+        unit: What epsilon protects ("record" or "patient"), for the message.
+
+    Returns:
+        The epsilon `history` and `plan` compose to, at `delta`.
+
+    Raises:
+        PrivacyBudgetExceeded: the projected epsilon is over the limit.
     """
     projected = projected_epsilon(history, plan, delta)
     if projected > lifetime_epsilon * (1 + 1e-3):
@@ -231,7 +246,20 @@ def batch_source(
     """The module that trains, what turns a micro-batch of example indices into its padded
     tensors, and the name of its inputs: the top of the network on the cached prefix states
     (client/prefix_cache.py), else the whole model on token ids. Sampling, clipping and noise
-    are the same either way."""
+    are the same either way.
+
+    Args:
+        model: The PEFT model.
+        dataset: The encoded examples a micro-batch's indices point into.
+        cached: The cached prefix states (`cached_training`), or None.
+        pad_id: The tokenizer's padding id.
+        pad_to: The width to pad each batch to (`padding = "max_length"`), or None: its
+            longest example.
+
+    Returns:
+        `(module, make_batch, inputs_name)`: "hidden_states" with the cache, else
+        "input_ids".
+    """
     if cached is not None:
         return cached.top, cached.batch, "hidden_states"
 
@@ -323,7 +351,17 @@ def clipped_delta(
     new_arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], clip: float
 ) -> dict[str, np.ndarray]:
     """The update: new minus global for every tensor of the global adapter, each value clipped
-    to [-clip, clip] (`secagg_clip`), in float32."""
+    to [-clip, clip] (`secagg_clip`), in float32.
+
+    Args:
+        new_arrays: The adapter after training (name -> array); names not in
+            `global_arrays` are left out.
+        global_arrays: The global adapter the round started from.
+        clip: The bound on each value.
+
+    Returns:
+        Name -> float32 array of the global adapter's shape.
+    """
     return {
         name: np.clip(new_arrays[name] - global_arrays[name], -clip, clip).astype(np.float32)
         for name in global_arrays
@@ -374,7 +412,25 @@ def make_private(
     """Opacus's private module, optimizer and Poisson loader for `plan`, its accountant
     continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`).
     `num_train` counts the privacy units the loader samples (records, or patients); the noise
-    is drawn from the OS unless a simulation passes `noise_seed` (`simulation_noise_seed`)."""
+    is drawn from the OS unless a simulation passes `noise_seed` (`simulation_noise_seed`).
+
+    Args:
+        module: The module that trains (the whole model, or the top over cached prefix states).
+        optimizer: Its optimizer (`make_optimizer`).
+        loader: The loader of example (or patient) indices to make Poisson.
+        plan: The round's DP plan (its noise multiplier; Opacus samples at 1 / the loader's
+            length, as the plan does).
+        history: The accountant history before this round.
+        privacy: The run's privacy group (`max_grad_norm`).
+        training: The run's training group; DP-AdamBC (`optimizer = "adam_bc"`) is told the
+            noise variance.
+        num_train: The privacy units the loader samples (for DP-AdamBC's noise variance).
+        device: Where the noise is drawn.
+        noise_seed: The noise's seed (simulation only); None draws it from the OS.
+
+    Returns:
+        Opacus's `GradSampleModule`, `DPOptimizer` and Poisson `DataLoader`.
+    """
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
@@ -532,7 +588,16 @@ def simulation_noise_seed(config: LocalRun, who: str, rounds_before: int) -> int
     for seeded noise (`seeded_dp_noise`), else None: the OS draws them.
 
     Only a simulation's `RunConfig` carries the option; a deployed hospital holds a `LocalRun`
-    (the spec it received and its own settings), so nothing a coordinator sends can seed it."""
+    (the spec it received and its own settings), so nothing a coordinator sends can seed it.
+
+    Args:
+        config: The run's config; only a simulation's carries `simulation.seeded_dp_noise`.
+        who: The hospital's name.
+        rounds_before: How many rounds the accountant history already holds.
+
+    Returns:
+        A seed in [0, 2**62) drawn from the run's seed, `who` and `rounds_before`, or None.
+    """
     simulation = getattr(config, "simulation", None)
     if simulation is None or not simulation.seeded_dp_noise:
         return None

@@ -39,6 +39,18 @@ def check_identifier(value: object, what: str) -> str:
 
     The message quotes at most a short, printable prefix of the value: it may come from the
     coordinator and goes back to it.
+
+    Args:
+        value: The identifier to check (a run id from the coordinator, a data-set id); any
+            type, only a `str` can pass.
+        what: What it is, for the message ("run id").
+
+    Returns:
+        `value`, unchanged.
+
+    Raises:
+        PolicyError: (`identifier.invalid`) `value` is not a string of 1 to 64 letters, digits,
+            '_' or '-' starting with a letter or digit.
     """
     text = value if isinstance(value, str) else None
     if text is None or not IDENTIFIER.fullmatch(text):
@@ -120,10 +132,20 @@ class LedgerRow:
 def dataset_fingerprint(path: str | Path) -> str:
     """SHA-256 (hex) of a data set's bytes: the file, or every file of a folder in sorted order.
 
-    For a folder each file contributes its relative path, its size and its bytes, so renaming,
-    moving or editing any file changes the fingerprint (`common.digest.content_sha256`). It is
-    recorded with each ledger entry (and was the ledger key before version 2). Raises
-    `DataError` when the path is missing or the folder holds no file.
+    Each file contributes its relative path (a single file: its name), its size and its bytes,
+    so renaming, moving or editing any file changes the fingerprint
+    (`common/files/digest.py`, `content_sha256`); it is not the plain SHA-256 of a file. It is
+    recorded with each ledger entry (and was the ledger key before version 2).
+
+    Args:
+        path: The data file, or a folder whose files (at any depth) make the data set.
+
+    Returns:
+        64 lowercase hex characters.
+
+    Raises:
+        DataError: the path is missing (or neither a file nor a folder), or the folder holds
+            no file.
     """
     try:
         return content_sha256(path)

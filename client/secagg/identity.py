@@ -48,7 +48,19 @@ def raw_signing_private(private_key: Ed25519PrivateKey) -> bytes:
 
 
 def parse_signing_public_key(text: str, where: str) -> bytes:
-    """A roster entry: 64 hex characters (optionally prefixed 'ed25519:'), as raw key bytes."""
+    """A roster entry: 64 hex characters (optionally prefixed 'ed25519:'), as raw key bytes.
+
+    Args:
+        text: The entry as written; surrounding whitespace and case are ignored.
+        where: Where it was read (e.g. "site policy secagg_roster['hospital-a']"), for the
+            message.
+
+    Returns:
+        The 32 raw bytes of the public key (not checked to be a valid Ed25519 point).
+
+    Raises:
+        PolicyError: the text is not hex, or not 32 bytes of it.
+    """
     cleaned = str(text).strip().lower().removeprefix("ed25519:")
     try:
         raw = bytes.fromhex(cleaned)
@@ -67,6 +79,13 @@ def write_signing_key(path: str | Path) -> str:
 
     The hospital keeps the file; the hex goes to the other hospitals, which pin it in their
     site policy's `secagg_roster`.
+
+    Args:
+        path: Where to write the private key (PKCS#8 PEM, unencrypted); its folder must
+            exist. An existing file there is replaced.
+
+    Returns:
+        The public key as 64 lowercase hex characters (no 'ed25519:' prefix).
     """
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(

@@ -27,7 +27,22 @@ SECAGG_UPDATE = "fedward.secagg.update"  # this round's update until it is maske
 
 def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     """One of the SecAgg+ stages after the first: share keys, masked update, consistency check,
-    unmask. The session makes and checks the payloads (wire packing included); this relays."""
+    unmask. The session makes and checks the payloads (wire packing included); this relays.
+
+    The session lives in the node state between stages and is dropped after unmask; the
+    update kept for the masked stage is dropped once it is masked.
+
+    Args:
+        msg: The coordinator's request for this stage (its SecAgg+ record).
+        context: The node's context: its state holds this round's session and, until the
+            masked stage, the update and its weight.
+        stage: Which stage: `SHARE_KEYS`, `MASKED_UPDATE`, `CONSISTENCY_CHECK` or `UNMASK`.
+
+    Returns:
+        The stage's reply (its SecAgg+ record, and the masked vector in the masked stage), or
+        a refusal carrying only the reason code: a `SecAggError` when no secure round is in
+        progress on this node, or whatever the session refused, is answered, not raised.
+    """
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
     request = wire.records_to_payload(msg.content[wire.SECAGG])
@@ -67,7 +82,14 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
 
 
 def distributed(privacy: PrivacySpec) -> bool:
-    """Whether the run's DP noise is distributed over the secure sum (issue 39)."""
+    """Whether the run's DP noise is distributed over the secure sum (issue 39).
+
+    Args:
+        privacy: The run's privacy group (`dp`, `noise`).
+
+    Returns:
+        True for DP with `noise = "distributed"`.
+    """
     return privacy.dp and privacy.noise == "distributed"
 
 
@@ -80,7 +102,18 @@ def secure_round_terms(
     Under distributed noise the hospital's share of the noise is 1/t of it, so every secure
     cohort it is unmasked in must hold at least t hospitals, itself included, whatever its
     policy's own minimum: the session refuses a smaller one at every stage, and after the masked
-    upload it signs and reveals nothing (`secagg.cohort_too_small`)."""
+    upload it signs and reveals nothing (`secagg.cohort_too_small`).
+
+    Args:
+        identity: This hospital's SecAgg+ identity, as its site policy pins it.
+        privacy: The privacy group of the run spec this hospital admitted (`dp`, `noise`,
+            `noise_hospitals`).
+
+    Returns:
+        `(identity, encoding)`: unchanged and `WEIGHTED` without distributed noise; under it,
+        the identity with `min_hospitals` raised to at least `noise_hospitals`, and
+        `INTEGER`.
+    """
     if not distributed(privacy):
         return identity, WEIGHTED
     trusted = privacy.noise_hospitals
@@ -97,7 +130,19 @@ def advertise_keys(
 ) -> ConfigRecord:
     """Start this round's SecAgg+ session on the terms of this hospital's own admitted run spec
     (`secure_round_terms`), keep it in the node state, and answer the first stage, which rides
-    on the train message: the public keys."""
+    on the train message: the public keys.
+
+    Args:
+        msg: The train request; its SecAgg+ record is the first stage's request.
+        context: The node's context; the session is kept in its state.
+        run_id: The run's id.
+        server_round: The round.
+        identity: This hospital's SecAgg+ identity, as its site policy pins it.
+        privacy: The privacy group of the run spec this hospital admitted.
+
+    Returns:
+        The first stage's reply (the signed public keys), for the train reply.
+    """
     identity, encoding = secure_round_terms(identity, privacy)
     session = SecAggClientSession(context.node_id, run_id, server_round, identity, encoding)
     reply = session.advertise_keys(wire.records_to_payload(msg.content[wire.SECAGG]))
