@@ -28,7 +28,18 @@ _NONCE_BYTES = 12  # ChaCha20-Poly1305
 def binding(
     run_id: int | str, server_round: int, stage: str, source: int, destination: int
 ) -> bytes:
-    """What a message is bound to: run, round, stage, sender and receiver (AEAD associated data)."""
+    """What a message is bound to: run, round, stage, sender and receiver (AEAD associated data).
+
+    Args:
+        run_id: The Flower run id (formatted as text, so 7 and "7" bind alike).
+        server_round: The round number.
+        stage: The message's stage (`messages.STAGES`), or a key's purpose (`pair_context`).
+        source: Node id of the sender (of the signer, in a signed statement).
+        destination: Node id of the receiver (the signer again, in a signed statement).
+
+    Returns:
+        "fedward-secagg/v1|run=...|round=...|stage=...|from=...|to=...", UTF-8 encoded.
+    """
     return (
         f"fedward-secagg/v1|run={run_id}|round={server_round}|stage={stage}"
         f"|from={source}|to={destination}"
@@ -38,7 +49,18 @@ def binding(
 def agree_key(private_key: X25519PrivateKey, peer_public_key: bytes, context: bytes) -> bytes:
     """32-byte key shared by two nodes: X25519 between them, then HKDF-SHA256 bound to `context`.
 
-    Raises `ValueError` for a malformed or degenerate public key; callers name node and stage.
+    Args:
+        private_key: One node's X25519 private key: a hospital's share or mask key, or the mask
+            key of a dropped hospital that the coordinator rebuilt from shares.
+        peer_public_key: The other node's raw X25519 public key (32 bytes).
+        context: The HKDF info, which both nodes derive alike (`pair_context`).
+
+    Returns:
+        `SEED_BYTES` (32) bytes: a ChaCha20-Poly1305 key for shares, or a pairwise mask seed.
+
+    Raises:
+        ValueError: a malformed or degenerate public key (not `SecAggError`: callers catch it
+            and name the node and stage).
     """
     peer = X25519PublicKey.from_public_bytes(peer_public_key)
     shared = private_key.exchange(peer)
@@ -48,19 +70,54 @@ def agree_key(private_key: X25519PrivateKey, peer_public_key: bytes, context: by
 
 
 def pair_context(run_id: int | str, server_round: int, purpose: str, a: int, b: int) -> bytes:
-    """HKDF context for the key two nodes share: the same whichever of them derives it."""
+    """HKDF context for the key two nodes share: the same whichever of them derives it.
+
+    Args:
+        run_id: The Flower run id.
+        server_round: The round number.
+        purpose: What the key is for: "share-key" (share encryption) or "pairwise-mask".
+        a: One node's id.
+        b: The other node's id; `a` and `b` may come in either order.
+
+    Returns:
+        `binding(run_id, server_round, purpose, min(a, b), max(a, b))`.
+    """
     low, high = min(a, b), max(a, b)
     return binding(run_id, server_round, purpose, low, high)
 
 
 def encrypt_share(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
-    """ChaCha20-Poly1305 under a fresh random nonce; returns nonce || ciphertext || tag."""
+    """ChaCha20-Poly1305 encryption under a fresh random 12-byte nonce.
+
+    Args:
+        key: The 32-byte key the sender and receiver agreed (`agree_key`).
+        plaintext: What the receiver may read (a hospital's two Shamir shares for it).
+        associated_data: What the ciphertext is bound to (`binding` of run, round, stage,
+            sender and receiver): authenticated, not encrypted, not included in the output.
+
+    Returns:
+        nonce || ciphertext || tag: len(plaintext) + 28 bytes.
+    """
     nonce = os.urandom(_NONCE_BYTES)
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated_data)
 
 
 def decrypt_share(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
-    """Inverse of `encrypt_share`; `SecAggError` if the ciphertext or its binding is wrong."""
+    """Inverse of `encrypt_share`; `SecAggError` if the ciphertext or its binding is wrong.
+
+    Args:
+        key: The 32-byte key the two nodes agreed (`agree_key`).
+        ciphertext: nonce || ciphertext || tag, as `encrypt_share` returns it.
+        associated_data: The binding the receiver expects; it must equal the sender's.
+
+    Returns:
+        The plaintext.
+
+    Raises:
+        SecAggError: the ciphertext is shorter than a nonce and a tag (28 bytes), or it does
+            not authenticate (altered, another key, or another run, round, stage, sender or
+            receiver).
+    """
     if len(ciphertext) < _NONCE_BYTES + 16:
         raise SecAggError("secure aggregation: encrypted share is too short")
     try:
@@ -83,6 +140,14 @@ def params_digest(params: Mapping[str, Any]) -> bytes:
     Signed with the keys and with the survivor set, so a hospital only trusts peers that were
     shown the very same cohort, threshold and modulus: a coordinator that shows different
     hospitals different rounds is caught at the first signature.
+
+    Args:
+        params: The round's public parameters by name (as `read_round_params` reads them, the
+            node ids sorted). Keys are taken in sorted order and values as their `repr`, so
+            equal parameters give equal digests only when their types match too.
+
+    Returns:
+        The 32-byte SHA-256 digest.
     """
     canonical = "|".join(f"{key}={params[key]!r}" for key in sorted(params))
     return hashlib.sha256(f"fedward-secagg-params|{canonical}".encode()).digest()
@@ -96,7 +161,19 @@ def key_statement(
     share_public_key: bytes,
     mask_public_key: bytes,
 ) -> bytes:
-    """What a hospital signs when it advertises its two public keys."""
+    """What a hospital signs when it advertises its two public keys.
+
+    Args:
+        run_id: The Flower run id.
+        server_round: The round number.
+        node_id: The advertising hospital (bound as both sender and receiver).
+        digest: `params_digest` of the round's public parameters.
+        share_public_key: Its raw X25519 public key for share encryption.
+        mask_public_key: Its raw X25519 public key for the pairwise masks.
+
+    Returns:
+        The `ADVERTISE_KEYS` binding of `node_id`, the digest and the two keys, joined by b"|".
+    """
     return b"|".join(
         [
             binding(run_id, server_round, ADVERTISE_KEYS, node_id, node_id),
@@ -110,7 +187,19 @@ def key_statement(
 def survivor_statement(
     run_id: int | str, server_round: int, node_id: int, digest: bytes, survivors: Sequence[int]
 ) -> bytes:
-    """What a survivor signs in the consistency check: the survivor set it was told."""
+    """What a survivor signs in the consistency check: the survivor set it was told.
+
+    Args:
+        run_id: The Flower run id.
+        server_round: The round number.
+        node_id: The signing survivor (bound as both sender and receiver).
+        digest: `params_digest` of the round's public parameters.
+        survivors: The survivor set's node ids, in any order (sorted here).
+
+    Returns:
+        The `CONSISTENCY_CHECK` binding of `node_id`, the digest and
+        "survivors=<sorted ids, comma-separated>", joined by b"|".
+    """
     members = ",".join(str(node) for node in sorted(survivors))
     return b"|".join(
         [
@@ -122,7 +211,16 @@ def survivor_statement(
 
 
 def verify_signature(public_key: bytes, signature: bytes, statement: bytes) -> bool:
-    """True when `signature` is a valid Ed25519 signature of `statement` by `public_key`."""
+    """True when `signature` is a valid Ed25519 signature of `statement` by `public_key`.
+
+    Args:
+        public_key: The signer's raw Ed25519 public key (32 bytes), from the roster.
+        signature: The signature to check.
+        statement: The signed bytes (`key_statement` or `survivor_statement`).
+
+    Returns:
+        True for a valid signature; False for an invalid one or a malformed public key.
+    """
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, statement)
     except (InvalidSignature, ValueError):

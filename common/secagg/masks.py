@@ -22,6 +22,17 @@ def expand_mask(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
 
     The keystream is read as little-endian uint64 and reduced by bit masking, which keeps it
     uniform because the modulus is a power of two. One cipher call, no Python loop over elements.
+
+    Args:
+        seed: The 32-byte PRG seed (a self-mask seed, or a pairwise seed from `agree_key`).
+        length: How many values, >= 0.
+        modulus_bits: Bits of the power-of-two modulus, 1..64 (not checked here).
+
+    Returns:
+        A uint64 array of shape (length,).
+
+    Raises:
+        SecAggError: a seed that is not 32 bytes, or a keystream shorter than asked for.
     """
     if len(seed) != SEED_BYTES:
         raise SecAggError(f"secure aggregation: mask seeds are {SEED_BYTES} bytes")
@@ -64,6 +75,20 @@ def add_masks(
     a time into one reused buffer and added (sign +1) or subtracted (sign -1) straight away. The
     keystream is not reduced first (the power-of-two modulus makes that the same), so the result
     is reduced once, at the end (`reduce_modulus`).
+
+    Args:
+        values: A 1-D uint64 array (a field vector to mask, or a sum to unmask), changed in
+            place.
+        masks: (seed, sign) pairs: a 32-byte PRG seed, and +1 to add its mask or -1 to
+            subtract it.
+        modulus_bits: Bits of the power-of-two modulus, 1..64.
+
+    Returns:
+        `values` itself, with the masks added and reduced modulo 2**modulus_bits.
+
+    Raises:
+        SecAggError: a seed that is not 32 bytes or a sign other than +1 and -1 (both checked
+            before `values` changes), or a keystream shorter than asked for.
     """
     for seed, sign in masks:
         if len(seed) != SEED_BYTES:
@@ -90,7 +115,15 @@ def add_masks(
 
 
 def reduce_modulus(values: np.ndarray, modulus_bits: int) -> np.ndarray:
-    """Reduce uint64 values (already wrapped mod 2**64) modulo 2**modulus_bits, in place."""
+    """Reduce uint64 values (already wrapped mod 2**64) modulo 2**modulus_bits, in place.
+
+    Args:
+        values: A uint64 array, changed in place.
+        modulus_bits: Bits of the power-of-two modulus, 1..64; at 64 the values stay as they are.
+
+    Returns:
+        `values` itself, each value now below 2**modulus_bits.
+    """
     if modulus_bits < 64:
         values &= np.uint64((1 << modulus_bits) - 1)
     return values
@@ -107,6 +140,17 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     Value i occupies bits [i * bits, (i + 1) * bits) of the little-endian bit stream. Values are
     written in eight interleaved passes (i mod 8): within one pass they are `bits` bytes apart,
     so each is one unaligned 64-bit OR into a strided view, with no per-bit expansion.
+
+    Args:
+        values: A 1-D array of values below 2**bits (read as contiguous little-endian uint64,
+            copied if need be). A larger value is not caught and does not round-trip.
+        bits: Bits per value, 1..64 (a masked vector's `modulus_bits`).
+
+    Returns:
+        A uint8 array of ceil(len(values) * bits / 8) bytes.
+
+    Raises:
+        SecAggError: `bits` outside 1..64.
     """
     values = np.ascontiguousarray(values, dtype="<u8")
     if bits < 1 or bits > 64:
@@ -149,7 +193,19 @@ def _windows(values: np.ndarray, packed: np.ndarray, bits: int):
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: `count` uint64 values of `bits` bits each."""
+    """Inverse of `pack_bits`: `count` uint64 values of `bits` bits each.
+
+    Args:
+        packed: The packed bytes, 1-D (read as uint8).
+        bits: Bits per value, 1..64 (not checked here; `pack_bits` checks it).
+        count: How many values were packed.
+
+    Returns:
+        A uint64 array of shape (count,), each value below 2**bits.
+
+    Raises:
+        SecAggError: `packed` is not 1-D, or not ceil(count * bits / 8) bytes long.
+    """
     packed = np.asarray(packed, dtype=np.uint8)
     needed = (count * bits + 7) // 8
     if packed.ndim != 1 or packed.size != needed:
@@ -179,6 +235,19 @@ def sum_packed(packed_vectors: Sequence[np.ndarray], bits: int, count: int) -> n
     window of every 8th value ("phase") of a chunk is added to a contiguous row of an
     accumulator that stays in cache for all the vectors; one transpose per chunk puts the sums
     back in order.
+
+    Args:
+        packed_vectors: Vectors packed by `pack_bits`, each a 1-D uint8 array of
+            ceil(count * bits / 8) bytes.
+        bits: Bits per value, the modulus's bits (1..64).
+        count: How many values each vector holds.
+
+    Returns:
+        A uint64 array of shape (count,): the element-wise sum modulo 2**bits (zeros when
+        `packed_vectors` is empty).
+
+    Raises:
+        SecAggError: a vector that is not a 1-D uint8 array of ceil(count * bits / 8) bytes.
     """
     size = (count * bits + 7) // 8
     packed_vectors = [np.ascontiguousarray(packed) for packed in packed_vectors]

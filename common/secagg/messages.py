@@ -20,15 +20,36 @@ STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_UPDATE, CONSISTENCY_CHECK, UNMASK)
 
 
 def header(run_id: int | str, server_round: int, stage: str, node_id: int) -> dict[str, Any]:
-    """The fields every SecAgg payload starts with (node_id: sender of a reply, receiver of a
-    request)."""
+    """The fields every SecAgg payload starts with.
+
+    Args:
+        run_id: The Flower run id (sent as text).
+        server_round: The round number.
+        stage: The message's stage (one of `STAGES`).
+        node_id: The hospital the message is from (a reply) or for (a request).
+
+    Returns:
+        {"run_id": str(run_id), "round": server_round, "stage": stage, "node_id": node_id}.
+    """
     return {"run_id": str(run_id), "round": server_round, "stage": stage, "node_id": node_id}
 
 
 def check_header(
     payload: Mapping[str, Any], run_id: int | str, server_round: int, stage: str, node_id: int
 ) -> None:
-    """Raise `SecAggError` unless `payload` belongs to this run, round, stage and node."""
+    """Raise `SecAggError` unless `payload` belongs to this run, round, stage and node.
+
+    Args:
+        payload: A received message.
+        run_id: The run it must name (compared as text).
+        server_round: The round it must name.
+        stage: The stage it must name.
+        node_id: The node it must name: the sender of a reply, the receiver of a request.
+
+    Raises:
+        SecAggError: `payload` is not a mapping, or its header names another run, round, stage
+            or node (a replayed or misrouted message).
+    """
     if not isinstance(payload, Mapping):
         raise SecAggError(f"node {node_id}, stage {stage}: payload is not a mapping")
     got = (
@@ -47,7 +68,21 @@ def check_header(
 
 
 def read_field(payload: Mapping[str, Any], key: str, kind: type, node_id: int, stage: str) -> Any:
-    """`payload[key]`, checked to be a `kind` (int, float, str, bytes)."""
+    """`payload[key]`, checked to be a `kind` (int, float, str, bytes).
+
+    Args:
+        payload: A received message.
+        key: The field to read.
+        kind: Its type: int (a bool is not one), float (an int is one too), str or bytes.
+        node_id: The node the message is from or for, named in the error.
+        stage: The message's stage, named in the error.
+
+    Returns:
+        The value as it is (an int read as float stays an int).
+
+    Raises:
+        SecAggError: `payload` has no `key`, or its value is not a `kind`.
+    """
     if key not in payload:
         raise SecAggError(f"node {node_id}, stage {stage}: payload has no '{key}'")
     value = payload[key]
@@ -65,7 +100,22 @@ def read_field(payload: Mapping[str, Any], key: str, kind: type, node_id: int, s
 def read_list(
     payload: Mapping[str, Any], key: str, kind: type, node_id: int, stage: str
 ) -> list[Any]:
-    """`payload[key]` as a list whose items are all `kind` (int or bytes)."""
+    """`payload[key]` as a list whose items are all `kind` (int or bytes).
+
+    Args:
+        payload: A received message.
+        key: The field to read.
+        kind: The type of every item: int (a bool is not one) or bytes.
+        node_id: The node the message is from or for, named in the error.
+        stage: The message's stage, named in the error.
+
+    Returns:
+        The items in a new list.
+
+    Raises:
+        SecAggError: `payload` has no `key`, its value is not a list or tuple, or an item is
+            not a `kind`.
+    """
     if key not in payload:
         raise SecAggError(f"node {node_id}, stage {stage}: payload has no '{key}'")
     value = payload[key]
@@ -83,7 +133,22 @@ def read_list(
 def read_node_keyed(
     payload: Mapping[str, Any], ids_key: str, values_key: str, node_id: int, stage: str
 ) -> dict[int, bytes]:
-    """Two parallel lists (node ids, bytes) as a dict; rejects duplicates and length mismatches."""
+    """Two parallel lists (node ids, bytes) as a dict; rejects duplicates and length mismatches.
+
+    Args:
+        payload: A received message.
+        ids_key: The field of node ids (ints).
+        values_key: The field of bytes values, one per node id, in the same order.
+        node_id: The node the message is from or for, named in the error.
+        stage: The message's stage, named in the error.
+
+    Returns:
+        Each node id mapped to its value.
+
+    Raises:
+        SecAggError: a field is missing or mistyped (`read_list`), the two lists differ in
+            length, or a node id is listed twice.
+    """
     ids = read_list(payload, ids_key, int, node_id, stage)
     values = read_list(payload, values_key, bytes, node_id, stage)
     if len(ids) != len(values):

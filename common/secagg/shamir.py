@@ -30,6 +30,18 @@ def shamir_split(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[
 
     A random polynomial of degree threshold - 1 with the secret as constant term, evaluated at
     x = holder + 1. Fewer than `threshold` shares reveal nothing about the secret.
+
+    Args:
+        secret: At most 32 bytes (a self-mask seed or a raw X25519 private key), read as a
+            big-endian integer.
+        threshold: How many shares recover the secret, in 1..len(holders).
+        holders: Node ids of the share holders: distinct ints >= 0 (not checked here).
+
+    Returns:
+        Each holder's share: a field element as `SHARE_BYTES` (66) big-endian bytes.
+
+    Raises:
+        SecAggError: a secret longer than 32 bytes, or a threshold outside 1..len(holders).
     """
     if len(secret) > SEED_BYTES:
         raise SecAggError(f"secure aggregation: Shamir secrets are at most {SEED_BYTES} bytes")
@@ -70,8 +82,21 @@ def shamir_combine(
 ) -> bytes:
     """Recover a secret from at least `threshold` shares keyed by holder id.
 
-    Raises `SecAggError` (without any share value in the message) when there are too few shares,
-    a share is malformed, or the shares do not fit together.
+    Only the shares of the `threshold` lowest holder ids are used; the others are not checked.
+
+    Args:
+        shares: The shares (`shamir_split`), keyed by holder id.
+        threshold: The threshold the secret was split with.
+        secret_bytes: Length of the secret (default `SEED_BYTES`, 32).
+
+    Returns:
+        The secret as `secret_bytes` big-endian bytes (a shorter secret comes back with
+        leading zero bytes).
+
+    Raises:
+        SecAggError: (without any share value in the message) fewer than `threshold` shares, a
+            share that is not `SHARE_BYTES` bytes or not a field element, or shares that do not
+            fit together (their combination does not fit in `secret_bytes`).
     """
     if len(shares) < threshold:
         raise SecAggError(
