@@ -19,7 +19,6 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -37,11 +36,9 @@ from fedward.client.hospital_data import (
 )
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
 from fedward.client.own_model import own_model
-from fedward.client.personalize import PersonalReport
 from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.replies import hospital_name, log_refusal, refusal, round_identity
-from fedward.client.secagg import SecAggIdentity
 from fedward.client.secagg.stages import (
     SECAGG_STAGES,
     SECAGG_STATE,
@@ -52,9 +49,8 @@ from fedward.client.secagg.stages import (
     secure_round_terms,
 )
 from fedward.client.site import START_ROUND, Site, check_starting_arrays
+from fedward.client.site.protocol import HospitalSite, SiteOpener
 from fedward.client.trainer import (
-    DPPlan,
-    HistoryEntry,
     Progress,
     TrainResult,
     predict,
@@ -66,7 +62,6 @@ from fedward.common.config import (
     RunSpec,
     SecAggSpec,
 )
-from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
 from fedward.common.protocol import wire
 
@@ -98,66 +93,6 @@ __all__ = [
 ]
 
 
-class HospitalSite(Protocol):
-    """The gates around a hospital's training: a real `Site` (client/site/gates.py) or a
-    simulated one (simulation/hospitals.py)."""
-
-    #: True only in simulation: training loss, example counts and exact metrics are reported,
-    #: and an update is weighted by its training count.
-    releases_exact_metrics: bool
-
-    def check_policy(self, spec: RunSpec) -> LocalRun:
-        """Accept the run spec (or raise); the config this hospital runs it with."""
-
-    def admit(
-        self, spec: RunSpec, run_id: str, server_round: int, global_arrays: dict
-    ) -> tuple[LocalRun, TrainResult | None]:
-        """Gate 1: the config to train with, and an update to resend (None: train)."""
-
-    def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
-        """The run's accountant history before `server_round`."""
-
-    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
-        """Gate 2: data loaded and encoded, no step taken, nothing checked that depends on the
-        records; from here on a refusal is charged (deployed). Returns the round's DP plan
-        (None without DP), which training then uses: one plan per round."""
-
-    def record(
-        self,
-        privacy: PrivacySpec,
-        run_id: str,
-        server_round: int,
-        result: TrainResult,
-        global_arrays,
-    ) -> None:
-        """Gate 3: trained, nothing sent yet."""
-
-    def refused(self, run_id: str, server_round: int, stage: str, exc: Exception) -> None:
-        """A refusal, for this hospital's own records."""
-
-    def admit_evaluation(self, spec: RunSpec, run_id: str, server_round: int) -> LocalRun:
-        """Before any record is read: may this evaluation be released? The config to use."""
-
-    def release_evaluation(
-        self, run_id: str, server_round: int, predictions: Predictions
-    ) -> dict[str, float]:
-        """The metrics that may leave, for predictions on the validation split."""
-
-    def secagg_identity(self) -> SecAggIdentity:
-        """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
-
-    def keep_own_model(
-        self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
-    ) -> None:
-        """Keep this hospital's own adapter and its report where it keeps them (never sent)."""
-
-    def update_weight(self) -> int:
-        """Deployed: the weight this hospital declares for its update (never its count).
-        Not asked of a site that `releases_exact_metrics` (simulation: the count)."""
-
-
-#: Opens a hospital's site for one request.
-SiteOpener = Callable[[Context], HospitalSite]
 #: Handles one stage of a round for a message: (message, context) -> reply.
 StageHandler = Callable[[Message, Context], Message]
 #: Runs around each stage ("train", "evaluate", or a SecAgg+ stage): (stage, message, context,
@@ -239,36 +174,10 @@ def handle_train(
                 msg, context, run_id, server_round, site.secagg_identity(), config.spec.privacy
             )
         if result is None:  # None unless a resumed run repeats a round already released
-            tokenizer = cached_tokenizer(config.spec.model.name)
-            model = cached_model(config, len(config.spec.task.labels or []))
-            data = with_run_labels(load_data(config, context), config.spec.task.labels)
-            history = site.run_history(run_id, server_round)
             progress = open_progress(msg, context)
-            progress("encoding")
-            # Encoded before the gate so that the gate plans on what is trained (NER cuts long
-            # sentences; patient-level DP counts patients); encoding refuses nothing (records
-            # with labels the run does not list are already left out).
-            dataset = encode(
-                data.train, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
-            )
-            plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
-            unknown = check_data_vocabulary(
-                data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
-            )
-            coverage = {"unknown-rate": unknown}
-            train = distributed_update if distributed(config.spec.privacy) else train_locally
-            result = train(
-                model,
-                dataset,
-                config,
-                global_arrays,
-                history,
-                pad_id=tokenizer.pad_token_id,
-                who=name,
-                plan=plan,
-                on_progress=progress,
-            )
-            result.largest_patient = largest_patient(data.train)
+            history = site.run_history(run_id, server_round)
+            data = with_run_labels(load_data(config, context), config.spec.task.labels)
+            result, coverage = _train_on(data, config, site, global_arrays, history, name, progress)
             site.record(config.spec.privacy, run_id, server_round, result, global_arrays)
     except Exception as exc:  # whatever it was, only a code leaves
         log_refusal(name, "train", server_round, exc)
@@ -279,6 +188,46 @@ def handle_train(
     return _train_reply(
         msg, context, name, result, coverage, config.spec.privacy, config.spec.secagg, site, secagg
     )
+
+
+def _train_on(
+    data: HospitalData,
+    config: LocalRun,
+    site: HospitalSite,
+    global_arrays: dict[str, np.ndarray],
+    history: list,
+    name: str,
+    progress: Progress,
+) -> tuple[TrainResult, dict[str, float]]:
+    """The round's training on this hospital's data, behind the budget gate: the update, and
+    the data's coverage by the tokenizer (the unknown-token rate, reported in simulation)."""
+    tokenizer = cached_tokenizer(config.spec.model.name)
+    model = cached_model(config, len(config.spec.task.labels or []))
+    progress("encoding")
+    # Encoded before the gate so that the gate plans on what is trained (NER cuts long
+    # sentences; patient-level DP counts patients); encoding refuses nothing (records with
+    # labels the run does not list are already left out).
+    dataset = encode(
+        data.train, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
+    )
+    plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
+    unknown = check_data_vocabulary(
+        data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
+    )
+    train = distributed_update if distributed(config.spec.privacy) else train_locally
+    result = train(
+        model,
+        dataset,
+        config,
+        global_arrays,
+        history,
+        pad_id=tokenizer.pad_token_id,
+        who=name,
+        plan=plan,
+        on_progress=progress,
+    )
+    result.largest_patient = largest_patient(data.train)
+    return result, {"unknown-rate": unknown}
 
 
 def _train_reply(

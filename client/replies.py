@@ -42,8 +42,11 @@ def round_identity(msg: Message) -> tuple[RunSpec | None, int, str]:
 
     Returns:
         `(spec, server_round, run_id)`; when the record does not validate, None, the round
-        as given (0 when missing or not a number) and the run id as given ("" when missing).
+        as given (0 when missing or not a number) and the run id as given ("" when missing);
+        (None, 0, "") for a request without a config record.
     """
+    if wire.CONFIG not in msg.content:
+        return None, 0, ""
     record = msg.content[wire.CONFIG]
     try:
         return wire.read_round_config(record)

@@ -17,9 +17,7 @@ needs (docs/privacy.md).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +38,12 @@ from fedward.client.privacy.accounting import (
     projected_epsilon,
 )
 from fedward.client.privacy.dp_adam import BiasCorrectedAdam
+from fedward.client.privacy.dp_sgd import (
+    make_private,
+    private_sampling,
+    secret_generator,
+    simulation_noise_seed,
+)
 from fedward.client.privacy.patient_rows import PatientSums
 from fedward.client.tag_loss import outside_tag_id, weighted_token_loss
 from fedward.common.config import FederationSpec, LocalRun, PrivacySpec, TrainingSpec
@@ -49,8 +53,8 @@ from fedward.common.model import get_adapter_arrays, set_adapter_arrays
 
 log = logging.getLogger(__name__)
 
-#: Scoring (client/prediction.py) and the device (client/device.py) lived here; their old
-#: import paths still work.
+#: Scoring (client/prediction.py), the device (client/device.py) and the DP-SGD set-up
+#: (client/privacy/dp_sgd.py) lived here; their old import paths still work.
 __all__ = [
     "DPPlan",
     "HistoryEntry",
@@ -179,10 +183,10 @@ def train_locally(
     optimizer = make_optimizer(model, training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if training.padding == "max_length" else None
     noise_seed = simulation_noise_seed(config, who, len(history))
-    secret = _secret_generator(noise_seed) if plan is not None else None
+    secret = secret_generator(noise_seed) if plan is not None else None
     cached = cached_training(model, dataset, config, pad_id, who, device, on_progress)
     module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)
-    module, optimizer, loader, members = _private_sampling(
+    module, optimizer, loader, members = private_sampling(
         module, optimizer, dataset, plan, history, privacy, training, device, noise_seed, secret
     )
     private = plan is not None
@@ -269,49 +273,6 @@ def batch_source(
     return model, make_batch, "input_ids"
 
 
-def _private_sampling(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    dataset: EncodedDataset,
-    plan: DPPlan | None,
-    history: list[HistoryEntry],
-    privacy: PrivacySpec,
-    training: TrainingSpec,
-    device: torch.device,
-    noise_seed: int | None,
-    secret: torch.Generator | None,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, list[list[int]] | None]:
-    """The module, optimizer and loader of example indices, made private under DP (`plan`):
-    Opacus's Poisson loader, where under patient-level DP it samples patients instead; and
-    then the records of each patient (which the step brings in), else None."""
-    by_patient = plan is not None and privacy.per_patient
-    if by_patient:
-        privacy_units(privacy, dataset)  # refuses a patient-level run without patients
-    members = dataset.unit_members() if by_patient else None
-    units = len(members) if members is not None else len(dataset)
-    loader = DataLoader(
-        _ExampleIndices(units),
-        batch_size=training.batch_size,
-        shuffle=True,
-        collate_fn=_collate_indices,
-        generator=secret,
-    )
-    if plan is not None:
-        module, optimizer, loader = make_private(
-            module,
-            optimizer,
-            loader,
-            plan,
-            history,
-            privacy,
-            training,
-            units,
-            device,
-            noise_seed,
-        )
-    return module, optimizer, loader, members
-
-
 def _accounted(
     history: list[HistoryEntry], plan: DPPlan | None, delta: float
 ) -> tuple[list[HistoryEntry], float | None]:
@@ -321,15 +282,6 @@ def _accounted(
         return list(history), None
     new_history = [*history, plan.as_history_entry()]
     return new_history, compose_epsilon(new_history, delta)
-
-
-def _secret_generator(noise_seed: int | None) -> torch.Generator:
-    """The generator of Poisson sampling and patients' record subsets under DP.
-
-    DP noise and Poisson sampling must be unpredictable to everyone else: the run's seed is
-    public (it is in the run config), so they draw from a generator seeded by the OS, unless a
-    simulation asked for seeded noise (`noise_seed`: reproducible, not private)."""
-    return torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
 
 
 def _run_epochs(
@@ -395,61 +347,6 @@ def make_optimizer(
     if training.optimizer == "adam_bc":
         return BiasCorrectedAdam(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
-
-
-def make_private(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    plan: DPPlan,
-    history: list[HistoryEntry],
-    privacy: PrivacySpec,
-    training: TrainingSpec,
-    num_train: int,
-    device: torch.device,
-    noise_seed: int | None = None,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Opacus's private module, optimizer and Poisson loader for `plan`, its accountant
-    continuing from `history` (wrap, don't replace: `PrivacyEngine.make_private`).
-    `num_train` counts the privacy units the loader samples (records, or patients); the noise
-    is drawn from the OS unless a simulation passes `noise_seed` (`simulation_noise_seed`).
-
-    Args:
-        module: The module that trains (the whole model, or the top over cached prefix states).
-        optimizer: Its optimizer (`make_optimizer`).
-        loader: The loader of example (or patient) indices to make Poisson.
-        plan: The round's DP plan (its noise multiplier; Opacus samples at 1 / the loader's
-            length, as the plan does).
-        history: The accountant history before this round.
-        privacy: The run's privacy group (`max_grad_norm`).
-        training: The run's training group; DP-AdamBC (`optimizer = "adam_bc"`) is told the
-            noise variance.
-        num_train: The privacy units the loader samples (for DP-AdamBC's noise variance).
-        device: Where the noise is drawn.
-        noise_seed: The noise's seed (simulation only); None draws it from the OS.
-
-    Returns:
-        Opacus's `GradSampleModule`, `DPOptimizer` and Poisson `DataLoader`.
-    """
-    from opacus import PrivacyEngine
-
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    opacus_seam.continue_accountant(engine, history)
-    module, optimizer, loader = engine.make_private(
-        module=module,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=_noise_generator(device, noise_seed),
-    )
-    if training.optimizer == "adam_bc":
-        # The variance DP adds to each coordinate of the averaged gradient Adam sees.
-        optimizer.original_optimizer.noise_variance = plan.noise_variance(
-            privacy.max_grad_norm, num_train
-        )
-    return module, optimizer, loader
 
 
 @dataclass
@@ -558,48 +455,3 @@ def _micro_batch_indices(indices: list[int], lengths: list[int]) -> list[list[in
     """`indices` split into groups of similar length (`length_groups`)."""
     groups = length_groups([lengths[i] for i in indices], MICRO_BATCH_OVERHEAD_TOKENS)
     return [[indices[position] for position in group] for group in groups]
-
-
-class _ExampleIndices(torch.utils.data.Dataset):
-    """Example positions 0..n-1: the loader samples indices, the trainer builds the tensors."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> tuple[int]:
-        return (index,)  # a tuple, as Opacus reads the structure of a sample from item 0
-
-
-def _collate_indices(items: list[tuple[int]]) -> tuple[torch.Tensor]:
-    return (torch.tensor([index for (index,) in items], dtype=torch.long),)
-
-
-def _noise_generator(device: torch.device, seed: int | None = None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63) if seed is None else seed + 1)
-    return generator
-
-
-def simulation_noise_seed(config: LocalRun, who: str, rounds_before: int) -> int | None:
-    """The seed of this hospital's DP noise and sampling in this round when a simulation asked
-    for seeded noise (`seeded_dp_noise`), else None: the OS draws them.
-
-    Only a simulation's `RunConfig` carries the option; a deployed hospital holds a `LocalRun`
-    (the spec it received and its own settings), so nothing a coordinator sends can seed it.
-
-    Args:
-        config: The run's config; only a simulation's carries `simulation.seeded_dp_noise`.
-        who: The hospital's name.
-        rounds_before: How many rounds the accountant history already holds.
-
-    Returns:
-        A seed in [0, 2**62) drawn from the run's seed, `who` and `rounds_before`, or None.
-    """
-    simulation = getattr(config, "simulation", None)
-    if simulation is None or not simulation.seeded_dp_noise:
-        return None
-    text = f"dp-noise:{config.spec.training.seed}:{who}:{rounds_before}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2

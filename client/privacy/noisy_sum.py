@@ -34,6 +34,7 @@ from fedward.client.privacy.accounting import (
     plan_distributed,
     privacy_units,
 )
+from fedward.client.privacy.dp_sgd import simulation_noise_seed
 from fedward.client.tag_loss import outside_tag_id
 from fedward.client.trainer import (
     MakeBatch,
@@ -42,7 +43,6 @@ from fedward.client.trainer import (
     batch_source,
     check_budget,
     pick_device,
-    simulation_noise_seed,
 )
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset

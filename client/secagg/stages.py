@@ -45,13 +45,17 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     """
     name = hospital_name(context)
     state = context.state.get(SECAGG_STATE)
-    request = wire.records_to_payload(msg.content[wire.SECAGG])
+    server_round = 0  # the session's, once it is read: for this hospital's log
     try:
         if state is None:
             raise SecAggError(
                 f"node {context.node_id}, stage {stage}: no secure-aggregation round in progress"
             )
         session = SecAggClientSession.from_state(bytes(state["session"]))
+        server_round = session.server_round
+        if wire.SECAGG not in msg.content:
+            raise SecAggError(f"node {context.node_id}, stage {stage}: the request has no payload")
+        request = wire.records_to_payload(msg.content[wire.SECAGG])
         if stage == SHARE_KEYS:
             reply = session.share_keys(request)
         elif stage == MASKED_UPDATE:
@@ -65,7 +69,7 @@ def handle_secagg_stage(msg: Message, context: Context, stage: str) -> Message:
         else:
             reply = session.unmask(request)
     except Exception as exc:  # whatever it was, only a code leaves
-        log_refusal(name, stage, 0, exc)
+        log_refusal(name, stage, server_round, exc)
         return refusal(msg, name, exc)
     if stage == UNMASK:
         context.state.pop(SECAGG_STATE, None)

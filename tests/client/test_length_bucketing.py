@@ -9,6 +9,8 @@ how examples are weighted, clipped or noised would then show in the update."""
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from tiny_training import config, data, relative_difference, tokenizer, train
 
@@ -38,7 +40,7 @@ def test_micro_batches_give_the_update_of_the_whole_batch(
     four_layer_model_dir, monkeypatch, task, dp, use_cache
 ):
     # Fix the OS-drawn randomness of DP (Poisson sampling, noise) for both runs alike.
-    monkeypatch.setattr(trainer.secrets, "randbits", lambda bits: 12345)
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 12345)
     # Split at every length change, so that the tiny batches do split.
     monkeypatch.setattr(trainer, "MICRO_BATCH_OVERHEAD_TOKENS", 0)
     settings = config(

@@ -5,6 +5,8 @@ plain loss."""
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 import torch
 from tiny_training import TAGS, config, data, relative_difference, tokenizer, train
@@ -73,7 +75,7 @@ def test_under_dp_micro_batches_still_give_the_whole_batch_update(
 ):
     # Same batches and noise in both runs; per-example clipping must see the weighted loss of
     # each whole sentence, whichever micro-batch it lands in.
-    monkeypatch.setattr(trainer.secrets, "randbits", lambda bits: 12345)
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 12345)
     monkeypatch.setattr(trainer, "MICRO_BATCH_OVERHEAD_TOKENS", 0)
     settings = config(
         four_layer_model_dir,

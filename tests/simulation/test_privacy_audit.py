@@ -19,7 +19,7 @@ import pytest
 from privacy_audit_training import LABELS, audit_config, audit_in_process, save_audit_model
 from typer.testing import CliRunner
 
-import fedward.client.trainer as trainer
+import fedward.client.privacy.dp_sgd as dp_sgd
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 from fedward.common.model import load_tokenizer
@@ -76,13 +76,13 @@ def test_with_dp_the_bound_stays_below_the_accounted_epsilon(audit_model_dir):
 
 def test_dp_with_a_tenth_of_its_noise_is_caught(audit_model_dir, monkeypatch):
     """The accountant still charges epsilon 1, the trainer adds a tenth of the noise."""
-    honest = trainer.make_private
+    honest = dp_sgd.make_private
 
     def too_little_noise(module, optimizer, loader, plan, *args, **kwargs):
         weak = dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 10)
         return honest(module, optimizer, loader, weak, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "make_private", too_little_noise)
+    monkeypatch.setattr(dp_sgd, "make_private", too_little_noise)
     result = audit_in_process(audit_config(audit_model_dir, dp=True, target_epsilon=1.0))
     assert result.accounted_epsilon == pytest.approx(1.0, abs=0.01)
     assert result.epsilon_lower_bound > result.accounted_epsilon, result

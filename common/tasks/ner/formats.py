@@ -198,31 +198,8 @@ def read_entity_json(path: str | Path, patient_column: str | None = None) -> lis
             outside its text, an entity text that does not match its offsets, or (with
             `patient_column`) a record without its patient field.
     """
-    import json
-
     path = Path(path)
-    text = _read_text(path)
-    records: list[tuple[str, Any]] = []
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataError(f"{path}: the file is empty; it needs JSON records with text and entities")
-    if stripped.startswith("["):
-        try:
-            array = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        records = [(f"{path}, record {n}", record) for n, record in enumerate(array, start=1)]
-    else:
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({exc.msg}); the file must be a JSON "
-                    "array of records or one JSON record per line"
-                ) from None
+    records = _json_records(path)
     sentences: list[Sentence] = []
     dropped = kept = 0
     for where, record in records:
@@ -255,6 +232,35 @@ def read_entity_json(path: str | Path, patient_column: str | None = None) -> lis
         else "",
     )
     return sentences
+
+
+def _json_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) of a JSON array's records or a JSON-lines file's lines, where naming the
+    record or the line for messages; `DataError` for an empty file or JSON that does not parse."""
+    import json
+
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: the file is empty; it needs JSON records with text and entities")
+    if stripped.startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        return [(f"{path}, record {n}", record) for n, record in enumerate(array, start=1)]
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({exc.msg}); the file must be a JSON "
+                "array of records or one JSON record per line"
+            ) from None
+    return records
 
 
 def _record_entities(where: str, record: Any) -> list[tuple[int, int, str]]:

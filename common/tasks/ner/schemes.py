@@ -156,7 +156,7 @@ def to_iob2(
             f"unknown tag scheme {scheme!r}; expected one of {list(_ALLOWED_PREFIXES)}"
         )
     allowed = _ALLOWED_PREFIXES[scheme]
-    end, single = ("L", "U") if scheme == "BILOU" else ("E", "S")
+    step = _iob_step if scheme in ("IOB1", "IOB2") else _ending_step
 
     def fail(index: int, what: str) -> DataError:
         return DataError(f"{_where(source, lines, index)}: {what}")
@@ -170,51 +170,63 @@ def to_iob2(
         if prefix != "O" and prefix not in allowed:
             raise fail(i, f"tag {tag!r} does not belong to the {scheme} scheme used by this data")
         after = f"after {tags[i - 1]!r}" if i else "at the start of the sentence"
-
-        if scheme in ("IOB1", "IOB2"):
-            continues = prefix == "I" and entity_type == open_type
-            if prefix == "I" and not continues:
-                if scheme == "IOB2":
-                    raise fail(
-                        i,
-                        f"{tag!r} {after} does not continue an entity of type {entity_type!r} "
-                        f"(IOB2 starts every entity with B-); change it to 'B-{entity_type}' "
-                        "or fix the tag before it",
-                    )
-                converted.append(f"B-{entity_type}")
-            else:
-                converted.append(tag)
-            open_type = entity_type
-            continue
-
-        # BIOES / BILOU: every entity is B (I)* E, or a single S.
-        if open_type and not (prefix in ("I", end) and entity_type == open_type):
-            raise fail(
-                i,
-                f"{tag!r} {after}: the {open_type!r} entity is not closed; under {scheme} it "
-                f"must end with '{end}-{open_type}'",
-            )
-        if not open_type and prefix in ("I", end):
-            raise fail(
-                i,
-                f"{tag!r} {after} does not continue an entity of type {entity_type!r}; under "
-                f"{scheme} an entity starts with 'B-{entity_type}' (or is a single "
-                f"'{single}-{entity_type}')",
-            )
-        if prefix in ("B", single):
-            converted.append(f"B-{entity_type}")
-        elif prefix in ("I", end):
-            converted.append(f"I-{entity_type}")
-        else:
-            converted.append("O")
-        open_type = entity_type if prefix in ("B", "I") else ""
+        problem, written, open_type = step(tag, prefix, entity_type, open_type, scheme, after)
+        if problem:
+            raise fail(i, problem)
+        converted.append(written)
     if open_type and scheme in ("BIOES", "BILOU"):
+        end = "L" if scheme == "BILOU" else "E"
         raise fail(
             len(tags) - 1,
             f"the sentence ends inside a {open_type!r} entity; under {scheme} it must end with "
             f"'{end}-{open_type}'",
         )
     return converted
+
+
+def _iob_step(
+    tag: str, prefix: str, entity_type: str, open_type: str, scheme: str, after: str
+) -> tuple[str, str, str]:
+    """One IOB1/IOB2 tag: (problem, or "", the tag in IOB2, the entity type it leaves open)."""
+    if prefix == "I" and entity_type != open_type:
+        if scheme == "IOB2":
+            return (
+                f"{tag!r} {after} does not continue an entity of type {entity_type!r} "
+                f"(IOB2 starts every entity with B-); change it to 'B-{entity_type}' "
+                "or fix the tag before it",
+                "",
+                open_type,
+            )
+        return "", f"B-{entity_type}", entity_type
+    return "", tag, entity_type
+
+
+def _ending_step(
+    tag: str, prefix: str, entity_type: str, open_type: str, scheme: str, after: str
+) -> tuple[str, str, str]:
+    """One BIOES/BILOU tag, where every entity is B (I)* E, or a single S: (problem, or "", the
+    tag in IOB2, the entity type it leaves open)."""
+    end, single = ("L", "U") if scheme == "BILOU" else ("E", "S")
+    if open_type and not (prefix in ("I", end) and entity_type == open_type):
+        problem = (
+            f"{tag!r} {after}: the {open_type!r} entity is not closed; under {scheme} it "
+            f"must end with '{end}-{open_type}'"
+        )
+        return problem, "", open_type
+    if not open_type and prefix in ("I", end):
+        problem = (
+            f"{tag!r} {after} does not continue an entity of type {entity_type!r}; under "
+            f"{scheme} an entity starts with 'B-{entity_type}' (or is a single "
+            f"'{single}-{entity_type}')"
+        )
+        return problem, "", open_type
+    if prefix in ("B", single):
+        written = f"B-{entity_type}"
+    elif prefix in ("I", end):
+        written = f"I-{entity_type}"
+    else:
+        written = "O"
+    return "", written, entity_type if prefix in ("B", "I") else ""
 
 
 def label_list(sentences: Sequence[Sequence[tuple[str, str]]]) -> list[str]:
