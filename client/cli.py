@@ -1,5 +1,5 @@
 """A hospital's commands: `fedward client start | personalize | ledger | model-hash |
-adapter-hash`.
+adapter-hash | signing-key`.
 
 Only this module prints; client/deploy/supernode.py and client/site/ do the work.
 `simulation/cli.py` mounts `client_app` on the `fedward` command.
@@ -369,3 +369,27 @@ def adapter_hash(
     from fedward.common.warm_start import adapter_content_hash
 
     console.print(adapter_content_hash(path), highlight=False)
+
+
+@client_app.command("signing-key")
+def signing_key(
+    path: Annotated[Path, typer.Argument(help="The hospital's SecAgg signing key file (PEM).")],
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace", help="Make a new key over an existing one (every roster must re-pin)."
+        ),
+    ] = False,
+) -> None:
+    """Make this hospital's SecAgg signing key once, and print its public key for the other
+    hospitals' secagg_roster; run again, it prints the key it made, and changes nothing.
+    """
+    from fedward.client.secagg import signing_public_key, write_signing_key
+
+    if path.exists() and not replace:
+        public = signing_public_key(path)
+        error_console.print(f"{path}: kept (the key already made); its public key:")
+    else:
+        public = write_signing_key(path, replace=replace)
+        error_console.print(f"{path}: new signing key (mode 0600, keep it); its public key:")
+    console.print(f"ed25519:{public}", highlight=False)

@@ -218,7 +218,8 @@ def personalize(
     labels = list(config.spec.task.labels or [])
     model.to(device)
     data = _HomeData(model, train, config, pad_id, who, device)
-    scored = _HomeData(model, validation, config, pad_id, f"{who}/validation", device)
+    # the validation notes scored every round (`predict`): their cached prefix serves here too
+    scored = _HomeData(model, validation, config, pad_id, f"{who}:validation", device)
 
     def fit(start: Arrays, lr: float, pull: float, indices, epochs, score_on=None) -> _Fit:
         return _fit(

@@ -4,6 +4,7 @@ cohort) and one round's state machine (`session`: five stages, one method each).
 from fedward.client.secagg.identity import (
     SecAggIdentity,
     parse_signing_public_key,
+    signing_public_key,
     write_signing_key,
 )
 from fedward.client.secagg.session import SecAggClientSession
@@ -12,5 +13,6 @@ __all__ = [
     "SecAggClientSession",
     "SecAggIdentity",
     "parse_signing_public_key",
+    "signing_public_key",
     "write_signing_key",
 ]

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedward.common.errors import PolicyError
+from fedward.common.errors import ConfigError, PolicyError
 from fedward.common.files.atomic import write_bytes_atomic
 from fedward.common.secagg import (
     SEED_BYTES,
@@ -74,24 +74,57 @@ def parse_signing_public_key(text: str, where: str) -> bytes:
     return raw
 
 
-def write_signing_key(path: str | Path) -> str:
+def write_signing_key(path: str | Path, replace: bool = False) -> str:
     """Make a hospital's long-term SecAgg signing key (PEM, mode 0600); return its public hex.
 
     The hospital keeps the file; the hex goes to the other hospitals, which pin it in their
-    site policy's `secagg_roster`.
+    site policy's `secagg_roster`. An existing key is never replaced by accident: the other
+    hospitals' rosters pin its public key, and a new one would be refused by all of them.
 
     Args:
         path: Where to write the private key (PKCS#8 PEM, unencrypted); its folder must
-            exist. An existing file there is replaced.
+            exist.
+        replace: Replace a key already at `path` (a rotation: every roster must then pin the
+            new public key).
 
     Returns:
         The public key as 64 lowercase hex characters (no 'ed25519:' prefix).
+
+    Raises:
+        ConfigError: a file is already at `path` and `replace` is not set.
     """
+    if Path(path).exists() and not replace:
+        raise ConfigError(
+            f"{path}: a signing key is already there, and the other hospitals' rosters pin its "
+            "public key; `fedward client signing-key` prints it. Replacing it is a rotation "
+            "(every roster must pin the new key): ask for it with --replace"
+        )
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_bytes_atomic(path, pem, mode=0o600)
+    return raw_signing_public(key).hex()
+
+
+def signing_public_key(path: str | Path) -> str:
+    """The public half of the signing key at `path`, as `write_signing_key` printed it.
+
+    Args:
+        path: A private key written by `write_signing_key` (PKCS#8 PEM).
+
+    Returns:
+        The public key as 64 lowercase hex characters (no 'ed25519:' prefix).
+
+    Raises:
+        ConfigError: the file cannot be read or holds no Ed25519 private key.
+    """
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable signing key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 private key (fedward client signing-key)")
     return raw_signing_public(key).hex()
 
 

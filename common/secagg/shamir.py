@@ -35,13 +35,14 @@ def shamir_split(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[
         secret: At most 32 bytes (a self-mask seed or a raw X25519 private key), read as a
             big-endian integer.
         threshold: How many shares recover the secret, in 1..len(holders).
-        holders: Node ids of the share holders: distinct ints >= 0 (not checked here).
+        holders: Node ids of the share holders: distinct ints >= 0.
 
     Returns:
         Each holder's share: a field element as `SHARE_BYTES` (66) big-endian bytes.
 
     Raises:
-        SecAggError: a secret longer than 32 bytes, or a threshold outside 1..len(holders).
+        SecAggError: a secret longer than 32 bytes, a threshold outside 1..len(holders), or
+            holders that are not distinct ids >= 0.
     """
     if len(secret) > SEED_BYTES:
         raise SecAggError(f"secure aggregation: Shamir secrets are at most {SEED_BYTES} bytes")
@@ -50,6 +51,10 @@ def shamir_split(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[
             f"secure aggregation: threshold {threshold} must be between 1 and the number of "
             f"share holders ({len(holders)})"
         )
+    if len(set(holders)) != len(holders) or any(int(holder) < 0 for holder in holders):
+        # holder -1 would sit at x = 0 and get the secret itself; a repeated holder would let
+        # fewer distinct holders than the threshold pass the count above
+        raise SecAggError("secure aggregation: Shamir share holders must be distinct ids >= 0")
     coefficients = [int.from_bytes(secret, "big")]
     coefficients += [secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)]
     shares = {}

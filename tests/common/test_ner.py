@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedward.common.errors import DataError
+from fedward.common.tasks import task_named
 from fedward.common.tasks.ner import (
     IGNORE_INDEX,
     align_labels,
@@ -421,3 +422,15 @@ def test_entity_json_records_name_their_patient_and_conll_cannot(tmp_path):
     conll.write_text("fever\tO\n")
     with pytest.raises(DataError, match="CoNLL"):
         read_ner_file(conll, patient_column="mrn")
+
+
+@pytest.mark.parametrize("count, val_fraction", [(2, 0.2), (10, 0.04), (5, 0.0)])
+def test_no_validation_sentence_is_also_a_training_sentence(count, val_fraction):
+    """Where rounding leaves validation empty, one sentence moves there from training; before,
+    the last training sentence was also the validation split, and scored the model on text
+    it had trained on."""
+    sentences = [[(f"word{n}", "O")] for n in range(count)]
+    train, validation = task_named("ner").split(sentences, val_fraction, seed=0)
+    assert validation and train
+    assert not {id(s) for s in train} & {id(s) for s in validation}
+    assert len(train) + len(validation) == count

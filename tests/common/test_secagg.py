@@ -225,6 +225,15 @@ def test_fewer_shares_than_the_threshold_do_not_give_the_secret():
             pass  # the value did not even fit 32 bytes
 
 
+@pytest.mark.parametrize("holders", [[-1, 1, 2], [1, 1, 2]])
+def test_a_share_is_never_made_at_the_secret_or_twice_for_one_holder(holders):
+    """Holder -1 would be evaluated at x = 0, where the polynomial is the secret; a repeated
+    holder would count twice towards the threshold with one share."""
+    secret = os.urandom(32)
+    with pytest.raises(SecAggError, match="distinct ids >= 0"):
+        shamir_split(secret, 3, holders)
+
+
 def test_malformed_share_is_rejected_without_showing_it():
     shares = shamir_split(os.urandom(32), 2, [1, 2])
     shares[2] = shares[2][:-1]

@@ -81,11 +81,15 @@ class NamedEntityRecognition:
     def split(
         self, examples: list[Sentence], val_fraction: float, seed: int
     ) -> tuple[list[Sentence], list[Sentence]]:
-        """The last `val_fraction` of the sentences for validation (at least one).
+        """The last `val_fraction` of the sentences for validation (at least one, never one
+        that trains: with two sentences or more the halves are disjoint; a single sentence is
+        both, and its validation figures mean nothing).
 
         Sentences keep their order, not shuffled (`seed` is unused).
         """
         cut = max(1, round(len(examples) * (1 - val_fraction)))
+        if len(examples) > 1:
+            cut = min(cut, len(examples) - 1)
         return examples[:cut], examples[cut:] or examples[-1:]
 
     def encode(
