@@ -101,7 +101,7 @@ class TrainResult:
 def check_budget(
     history: list[HistoryEntry],
     plan: DPPlan,
-    lifetime_epsilon: float,
+    target_epsilon: float,
     delta: float,
     who: str,
     unit: str = "record",
@@ -114,8 +114,8 @@ def check_budget(
     Args:
         history: The accountant history before this round.
         plan: The round's DP plan.
-        lifetime_epsilon: The limit; the trainers pass the run's `target_epsilon`. A
-            projection above it by more than 0.1% is refused.
+        target_epsilon: The run's target epsilon, the limit: a projection above it by more
+            than 0.1% is refused.
         delta: The run's delta.
         who: The hospital's name, for the message.
         unit: What epsilon protects ("record" or "patient"), for the message.
@@ -127,12 +127,12 @@ def check_budget(
         PrivacyBudgetExceeded: the projected epsilon is over the limit.
     """
     projected = projected_epsilon(history, plan, delta)
-    if projected > lifetime_epsilon * (1 + 1e-3):
+    if projected > target_epsilon * (1 + 1e-3):
         spent = compose_epsilon(history, delta)
         raise PrivacyBudgetExceeded(
             f"{who}: training refused before any step: epsilon spent {spent:.3f} per {unit}, "
             "this round "
-            f"would bring it to {projected:.3f}, over the limit {lifetime_epsilon:g} "
+            f"would bring it to {projected:.3f}, over the limit {target_epsilon:g} "
             f"(delta {delta:g}); start a new run with a larger budget or fewer rounds"
         )
     return projected
