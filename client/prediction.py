@@ -70,9 +70,8 @@ def predict(
         who: The hospital's name, keying the prefix cache; None runs the whole model.
 
     Returns:
-        `(loss, true_ids, pred_ids)`: the batches' mean losses averaged with each batch's
-        example count as weight (per example for classification; for NER each batch's
-        mean is over its labelled tokens), 0.0 for no examples; and, per example in
+        `(loss, true_ids, pred_ids)`: the mean loss per labelled position (per note for
+        classification, per tagged word piece for NER), 0.0 for none; and, per example in
         order, the label id (classification) or the list of per-token ids (NER, padded to
         its batch's width; -100 in `true_ids` marks a position without a label).
     """
@@ -96,8 +95,13 @@ def predict(
         output = module(
             **inputs, attention_mask=attention_mask.to(device), labels=label_ids.to(device)
         )
-        total_loss += float(output.loss) * len(indices)
-        total += len(indices)
+        # The batch's loss is a mean over its labelled positions: the notes (classification),
+        # or the tagged word pieces (NER); weighted by their count, the total is the mean over
+        # every labelled position of the data set, whatever the batches.
+        labelled = int((label_ids != -100).sum())
+        if labelled:
+            total_loss += float(output.loss) * labelled
+            total += labelled
         predictions = output.logits.float().argmax(dim=-1).cpu()
         true_ids.extend(label_ids.tolist())
         pred_ids.extend(predictions.tolist())

@@ -19,7 +19,9 @@ _BLOCK = 1 << 20
 
 
 def content_sha256(path: str | Path, suffixes: Iterable[str] | None = None) -> str:
-    """SHA-256 (hex) of a file, or of the files in a folder (any depth) in sorted order.
+    """SHA-256 (hex) of a file, or of the files in a folder (any depth) in sorted order, over
+    each file's name (relative to the folder), size and bytes: a content fingerprint that a
+    rename changes too, not what `sha256sum` prints for a single file.
 
     `suffixes` limits a folder's files to those whose names end in one of them (e.g. weight
     files); a single file is hashed whatever its name. Raises `FileNotFoundError` when `path`
