@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.common.errors import ConfigError, PolicyError
 from fedward.common.files.atomic import write_bytes_atomic
-from fedward.common.secagg import (
-    SEED_BYTES,
-)
 
 logger = logging.getLogger(__name__)
+
+
+#: Bytes of a raw Ed25519 public key (RFC 8032).
+ED25519_KEY_BYTES = 32
 
 
 def raw_public(private_key: X25519PrivateKey) -> bytes:
@@ -66,10 +67,10 @@ def parse_signing_public_key(text: str, where: str) -> bytes:
         raw = bytes.fromhex(cleaned)
     except ValueError:
         raw = b""
-    if len(raw) != SEED_BYTES:
+    if len(raw) != ED25519_KEY_BYTES:
         raise PolicyError(
-            f"{where}: not an Ed25519 public key (64 hex characters, as `fedward` printed when "
-            f"the hospital's signing key was made)"
+            f"{where}: not an Ed25519 public key (64 hex characters, as `fedward client "
+            "signing-key` printed when the hospital's signing key was made)"
         )
     return raw
 

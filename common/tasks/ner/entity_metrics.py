@@ -85,10 +85,14 @@ def ner_metrics_from_ids(
         A flat dict: "precision", "recall", "f1" (micro), `<score>_<TYPE>` for each entity type
         scored, and the counts `tp:<TYPE>`, `fp:<TYPE>`, `fn:<TYPE>` of every type found or
         listed in `labels` (`count_metrics`).
+
+    Raises:
+        ValueError: `true_ids` and `pred_ids` differ in their rows or a row's length (a
+            misaligned prediction is an error, not a shorter sentence).
     """
     true_tags, pred_tags = [], []
-    for true_row, pred_row in zip(true_ids, pred_ids):
-        kept = [(t, p) for t, p in zip(true_row, pred_row) if t != -100]
+    for true_row, pred_row in zip(true_ids, pred_ids, strict=True):
+        kept = [(t, p) for t, p in zip(true_row, pred_row, strict=True) if t != -100]
         true_tags.append([labels[t] for t, _ in kept])
         pred_tags.append([labels[p] for _, p in kept])
     scores = ner_metrics(true_tags, pred_tags)
