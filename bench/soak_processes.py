@@ -103,22 +103,27 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL the whole tree at once, like a power cut."""
-        family = self.tree()
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        psutil.wait_procs(family, timeout=10)
+        kill_tree(self.popen, self.tree())
         self._log.close()
+
+
+def kill_tree(popen: subprocess.Popen, family: list[psutil.Process]) -> None:
+    """SIGKILL `popen`, its process group and `family` (its descendants: Flower starts some in
+    their own sessions), like a crash or a power cut; then reap them."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    psutil.wait_procs(family, timeout=10)
 
 
 def write_patient_notes(

@@ -107,8 +107,9 @@ def test_sections_are_read_the_way_the_api_reference_reads_them():
     assert documentation_gaps(undocumented) == ["Args: b", "Returns"]
 
 
-@pytest.mark.parametrize(
-    "name, function", exported_functions(), ids=[name for name, _ in exported_functions()]
-)
+EXPORTED = exported_functions()
+
+
+@pytest.mark.parametrize("name, function", EXPORTED, ids=[name for name, _ in EXPORTED])
 def test_every_exported_function_documents_its_parameters_and_result(name, function):
     assert documentation_gaps(function) == [], f"{name}'s docstring lacks these sections"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.soak_processes import kill_tree
 from fedward.client.policy import model_content_hash
 from fedward.client.privacy.ledger import PrivacyLedger
 from fedward.client.secagg import write_signing_key
@@ -123,20 +123,7 @@ class Process:
             family = psutil.Process(self.popen.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             family = []
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for child in family:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        psutil.wait_procs(family, timeout=10)
+        kill_tree(self.popen, family)
         self._log.close()
 
 
