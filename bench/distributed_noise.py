@@ -69,13 +69,13 @@ def run_arm(
 
     tokenizer = cached_tokenizer(config.spec.model.name)
     labels = config.spec.task.labels
-    model = cached_model(config, len(labels))
+    model = cached_model(config.spec.model, config.spec.task, config.spec.training.seed)
     pad = tokenizer.pad_token_id
     per_patient = config.spec.privacy.per_patient
     datasets = [
         encode(train, config.spec.task, tokenizer, per_patient=per_patient) for train in trains
     ]
-    arrays = initial_arrays(config, len(labels))
+    arrays = initial_arrays(config.spec.model, config.spec.task, config.spec.training.seed)
     distributed = config.spec.privacy.noise == "distributed"
     plans = [
         plan_dp(

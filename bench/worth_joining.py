@@ -114,15 +114,14 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
     spec = config.spec
     privacy, training, task = spec.privacy, spec.training, spec.task
     tokenizer = cached_tokenizer(spec.model.name)
-    num_labels = len(task.labels)
-    model = cached_model(config, num_labels)
+    model = cached_model(spec.model, task, training.seed)
     hospitals = hospital_shares(task, training.seed, config.simulation, config.data_schema)
     per_patient = privacy.per_patient
     datasets = [encode(data.train, task, tokenizer, per_patient=per_patient) for data in hospitals]
     units = [max(privacy_units(privacy, d), 1) for d in datasets]
     plans = [plan_dp(privacy, training, spec.federation.rounds, n) for n in units]
     histories: list[list] = [[] for _ in hospitals]
-    arrays = initial_arrays(config, num_labels)
+    arrays = initial_arrays(spec.model, task, training.seed)
     started = time.monotonic()
     rounds = config.spec.federation.rounds
     if kept is not None and kept.exists():
@@ -167,7 +166,7 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
             score = config.spec.task.definition.metrics(truth, predicted, config.spec.task.labels)
             figures = {"global": score[config.spec.task.definition.primary_metric]}
         else:
-            own_report = own_model(data, config, arrays)[1]
+            own_report = own_model(data, config, arrays).report
             figures = own_report.as_dict() | {"evidence": own_report.evidence}
         rows.append(figures | hospital_row(number, data, federated, time.monotonic() - started))
     return rows

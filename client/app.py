@@ -165,7 +165,8 @@ def handle_train(
             # first global adapter against it; both before the ledger opens the data set. A
             # deployed hospital first asked at a later round checks it there (`Site.admit`).
             pinned = site.check_policy(spec)
-            initial = initial_arrays(pinned, len(spec.task.labels or []))
+            pinned = pinned.spec
+            initial = initial_arrays(pinned.model, pinned.task, pinned.training.seed)
             check_starting_arrays(initial, global_arrays, name)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
@@ -202,7 +203,7 @@ def _train_on(
     """The round's training on this hospital's data, behind the budget gate: the update, and
     the data's coverage by the tokenizer (the unknown-token rate, reported in simulation)."""
     tokenizer = cached_tokenizer(config.spec.model.name)
-    model = cached_model(config, len(config.spec.task.labels or []))
+    model = cached_model(config.spec.model, config.spec.task, config.spec.training.seed)
     progress("encoding")
     # Encoded before the gate so that the gate plans on what is trained (NER cuts long
     # sentences; patient-level DP counts patients); encoding refuses nothing (records with
@@ -350,11 +351,12 @@ def handle_evaluate(
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         if server_round == START_ROUND:  # the pin first, then the adapter against it
             pinned = site.check_policy(spec)
-            initial = initial_arrays(pinned, len(spec.task.labels or []))
+            pinned = pinned.spec
+            initial = initial_arrays(pinned.model, pinned.task, pinned.training.seed)
             check_starting_arrays(initial, arrays, name)
         config = site.admit_evaluation(spec, run_id, server_round)
         tokenizer = cached_tokenizer(config.spec.model.name)
-        model = cached_model(config, len(config.spec.task.labels or []))
+        model = cached_model(config.spec.model, config.spec.task, config.spec.training.seed)
         data = with_run_labels(load_data(config, context), config.spec.task.labels)
         share = check_data_vocabulary(
             data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
@@ -421,17 +423,17 @@ def keep_own_model(
             return {}
         data = with_run_labels(load_data(config, context), config.spec.task.labels)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
-        own, report = own_model(data, config, arrays)
-        site.keep_own_model(config, run_id, own, report)
+        own = own_model(data, config, arrays)
+        site.keep_own_model(run_id, own)
     except Exception as exc:  # the hospital's own log only; the evaluation goes on
         log.warning("%s: no own model for run %s: %s", name, run_id, exc)
         return {}
     if not site.releases_exact_metrics:
         return {}
     return {
-        "personal-alone": report.alone,
-        "personal-global": report.global_,
-        "personal-own": report.own,
+        "personal-alone": own.report.alone,
+        "personal-global": own.report.global_,
+        "personal-own": own.report.own,
     }
 
 

@@ -242,14 +242,16 @@ def personalize_command(
     name = data.stem
     records = read_hospital_file(data, spec.task, schema, spec.training.seed, name)
     # the tensors a run's adapter travels with, by the names this setup's model gives them
-    names = get_adapter_arrays(cached_model(config, len(meta["labels"]))).keys()
+    model = cached_model(spec.model, spec.task, spec.training.seed, len(meta["labels"]))
+    names = get_adapter_arrays(model).keys()
     parameters = dict(loaded.named_parameters())
     missing = [name for name in names if name not in parameters]
     if missing:
         raise ModelError(f"{adapter}: not an adapter of this setup (no {missing[0]})")
     global_arrays = {name: parameters[name].detach().cpu().numpy().copy() for name in names}
-    own, report = own_model(records, config, global_arrays)
-    folder = keep_at_home(config, own, report, out, name)
+    own = own_model(records, config, global_arrays)
+    folder = keep_at_home(own, out, name)
+    report = own.report
     table = Table(title=f"worth joining ({report.metric} on {len(records.val)} validation notes)")
     for column in ("alone", "global", "own", "own - alone", "own is"):
         table.add_column(column)

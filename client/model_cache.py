@@ -13,8 +13,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from fedward.common.config import LocalRun
-from fedward.common.model import build_model, get_adapter_arrays, load_tokenizer
+from fedward.common.config import ModelSpec, TaskSpec
+from fedward.common.model import build_model_from, get_adapter_arrays, load_tokenizer
 from fedward.common.warm_start import adapter_content_hash
 
 log = logging.getLogger(__name__)
@@ -28,47 +28,62 @@ _lock = threading.Lock()
 load_count = 0
 
 
-def model_key(config: LocalRun, num_labels: int) -> tuple:
+def model_key(model: ModelSpec, task: TaskSpec, seed: int, num_labels: int) -> tuple:
     """Everything that changes the model's architecture or its initial (frozen) weights: every
     `ModelSpec` field, the task and its labels (the head, and the rows a starting adapter
     fills), the seed (the initial adapter) and the starting adapter's content (other files
     under the same path are another model)."""
-    model = config.spec.model.model_dump_json()
-    start = config.spec.model.init_adapter
+    start = model.init_adapter
     content = adapter_content_hash(start) if start else None
-    labels = tuple(config.spec.task.labels or ()) if start else ()
-    return (config.spec.task.name, num_labels, config.spec.training.seed, model, content, labels)
+    labels = tuple(task.labels or ()) if start else ()
+    return (task.name, num_labels, seed, model.model_dump_json(), content, labels)
 
 
-def cached_model(config: LocalRun, num_labels: int) -> torch.nn.Module:
-    """The process's model for this setup, built on first use."""
+def cached_model(
+    model: ModelSpec, task: TaskSpec, seed: int, num_labels: int | None = None
+) -> torch.nn.Module:
+    """The process's model for this setup (`build_model_from`), built on first use.
+
+    Args:
+        model: The run's model group (base model, LoRA).
+        task: The run's task group.
+        seed: The run's seed (`training.seed`).
+        num_labels: Outputs of the task head; None: one per label of `task`.
+
+    Returns:
+        The process's PEFT model for these groups: shared, so load the adapter before use.
+    """
     global load_count
-    key = model_key(config, num_labels)
+    if num_labels is None:
+        num_labels = len(task.labels or [])
+    key = model_key(model, task, seed, num_labels)
     with _lock:
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
-        model = build_model(config.spec, num_labels)
-        _initial[key] = get_adapter_arrays(model)
+        built = build_model_from(model, task, seed, num_labels)
+        _initial[key] = get_adapter_arrays(built)
         load_count += 1
         log.info(
             "built model %s for task %s (load %d in this process)",
-            config.spec.model.name,
-            config.spec.task.name,
+            model.name,
+            task.name,
             load_count,
         )
-        _models[key] = model
+        _models[key] = built
         while len(_models) > _MAX_MODELS:
             _initial.pop(_models.popitem(last=False)[0], None)
-        return model
+        return built
 
 
-def initial_arrays(config: LocalRun, num_labels: int) -> dict[str, np.ndarray]:
-    """The trainable tensors of this setup's model as built, before any round trained it: what
-    a run's first global adapter must be when it starts from an adapter (`init_adapter`)."""
-    cached_model(config, num_labels)
+def initial_arrays(model: ModelSpec, task: TaskSpec, seed: int) -> dict[str, np.ndarray]:
+    """The trainable tensors of this setup's model as built (one output per label of `task`),
+    before any round trained it: what a run's first global adapter must be when it starts from
+    an adapter (`init_adapter`)."""
+    num_labels = len(task.labels or [])
+    cached_model(model, task, seed, num_labels)
     with _lock:
-        return _initial[model_key(config, num_labels)]
+        return _initial[model_key(model, task, seed, num_labels)]
 
 
 def cached_tokenizer(model_name: str):

@@ -5,6 +5,7 @@ at home (client/personalize.py), with its alone / global / own report, and kept 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,27 @@ from fedward.client.personalize import (
     home_folds,
     personalize,
 )
-from fedward.common.config import LocalRun, TaskSpec
+from fedward.common.config import LocalRun, ModelSpec, TaskSpec
 from fedward.common.data import EncodedDataset
 from fedward.common.files.atomic import write_json_atomic
 from fedward.common.model import save_adapter, set_adapter_arrays
 
 
+@dataclass
+class OwnModel:
+    """This hospital's own adapter, its alone / global / own report, and the groups its model
+    is built from (the model, the task and its labels, the seed). Not DP, never sent."""
+
+    arrays: Arrays
+    report: PersonalReport
+    model: ModelSpec
+    task: TaskSpec
+    seed: int
+
+
 def own_model(
     data: HospitalData, config: LocalRun, global_arrays: dict, recipe: HomeRecipe | None = None
-) -> tuple[dict, PersonalReport]:
+) -> OwnModel:
     """This hospital's own adapter and its alone / global / own report (client/personalize.py):
     cross-validation over folds of its training patients chooses, the validation notes score.
     Without DP and for the hospital only: nothing of it may reach a message.
@@ -39,44 +52,40 @@ def own_model(
         recipe: How to train at home; None is `HomeRecipe()`.
 
     Returns:
-        The own adapter's arrays (name -> array; not DP, never sent) and the report.
+        The own adapter (not DP, never sent), its report and what its model is built from.
     """
-    tokenizer = cached_tokenizer(config.spec.model.name)
-    num_labels = len(config.spec.task.labels or [])
-    model = cached_model(config, num_labels)
-    task = config.spec.task.definition
+    spec = config.spec
+    seed = spec.training.seed
+    tokenizer = cached_tokenizer(spec.model.name)
+    model = cached_model(spec.model, spec.task, seed)
     recipe = recipe or HomeRecipe()
     # Encoded as training encoded them, so that the frozen prefix cached for training serves.
-    seed = config.spec.training.seed
-    per_patient = config.spec.privacy.per_patient
+    per_patient = spec.privacy.per_patient
     train, folds = _encoded_in_folds(
-        data.train,
-        home_folds(data.train, recipe.folds, seed),
-        config.spec.task,
-        tokenizer,
-        per_patient,
+        data.train, home_folds(data.train, recipe.folds, seed), spec.task, tokenizer, per_patient
     )
     validation, validation_folds = _encoded_in_folds(
         data.val,
         home_folds(data.val, recipe.validation_folds, seed),
-        config.spec.task,
+        spec.task,
         tokenizer,
         per_patient,
     )
-    return personalize(
+    arrays, report = personalize(
         model,
-        task,
+        spec.task.definition,
         train,
         folds,
         validation,
         validation_folds,
         config,
         global_arrays,
-        initial_arrays(config, num_labels),
+        initial_arrays(spec.model, spec.task, seed),
         tokenizer.pad_token_id,
         who=data.name,
         recipe=recipe,
     )
+    return OwnModel(arrays, report, spec.model, spec.task, seed)
 
 
 def _encoded_in_folds(
@@ -98,33 +107,23 @@ def _encoded_in_folds(
     return encode(ordered, task, tokenizer, per_patient=per_patient), folded
 
 
-def keep_at_home(
-    config: LocalRun, arrays: Arrays, report: PersonalReport, folder: Path, hospital: str
-) -> Path:
+def keep_at_home(own: OwnModel, folder: Path, hospital: str) -> Path:
     """Write the own adapter (`folder/adapter`, PEFT format) and `folder/report.json`, readable
     by this account only: the adapter is not DP and must not be shared.
 
     Args:
-        config: The run's config as this hospital ran it (model, task and labels).
-        arrays: The own adapter (`own_model`).
-        report: Its alone / global / own report.
+        own: The own adapter and its report (`own_model`).
         folder: Where to keep them; made (mode 0700) if missing.
         hospital: The hospital's name, written into the report.
 
     Returns:
         `folder`.
     """
-    model = cached_model(config, len(config.spec.task.labels or []))
-    set_adapter_arrays(model, arrays)
+    model = cached_model(own.model, own.task, own.seed)
+    set_adapter_arrays(model, own.arrays)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    save_adapter(
-        model,
-        folder / "adapter",
-        list(config.spec.task.labels or []),
-        config.spec.task,
-        config.spec.model,
-    )
+    save_adapter(model, folder / "adapter", list(own.task.labels or []), own.task, own.model)
     for path in (folder, folder / "adapter", *(folder / "adapter").iterdir()):
         path.chmod(0o700 if path.is_dir() else 0o600)  # not for sharing: not DP
-    write_json_atomic(folder / "report.json", {"hospital": hospital, **report.as_dict()})
+    write_json_atomic(folder / "report.json", {"hospital": hospital, **own.report.as_dict()})
     return folder

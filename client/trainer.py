@@ -153,9 +153,6 @@ def train_locally(
 
     Only the trainable tensors change. Under DP the Opacus accountant starts from `history`
     (earlier rounds and runs of this data set) and the returned history includes this round.
-    `plan` is the round's DP plan as the budget gate reserved it (`Site.check_budget`, on the
-    units this trains on: patients when `dataset.units` is set); left out, it is computed here
-    (benchmarks, tests).
 
     Args:
         model: The PEFT model from `build_model`, its adapter trainable.
@@ -166,7 +163,8 @@ def train_locally(
         history: Accountant history of this run's earlier rounds on this data set.
         pad_id: The tokenizer's padding id.
         who: The hospital's name, for log lines and refusals.
-        plan: The round's DP plan; None computes it from `config` (under DP).
+        plan: The round's DP plan as the budget gate reserved it on the units trained
+            (`Site.check_budget`); None plans it here (benchmarks, tests).
         on_progress: Told each stage as it starts ("caching the frozen prefix", "epoch 2/3"):
             the simulation's progress bar, a deployed hospital's own log.
 
@@ -182,7 +180,9 @@ def train_locally(
     plan = _round_plan(privacy, training, config.spec.federation, dataset, plan, history, who)
     optimizer = make_optimizer(model, training, config.spec.head_lr)
     pad_to = config.spec.task.max_length if training.padding == "max_length" else None
-    noise_seed = simulation_noise_seed(config, who, len(history))
+    noise_seed = simulation_noise_seed(
+        config.simulation_settings(), training.seed, who, len(history)
+    )
     secret = secret_generator(noise_seed) if plan is not None else None
     cached = cached_training(model, dataset, config, pad_id, who, device, on_progress)
     module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)

@@ -467,6 +467,12 @@ class LocalRun(BaseModel):
         """A copy with flat options changed (`updated(rounds=5, out="x")`), validated again."""
         return build(type(self), {**self.flat(), **values}, "config")
 
+    def simulation_settings(self) -> SimulationSettings | None:
+        """The simulation settings: None here. A hospital holds a `LocalRun`, so nothing a
+        coordinator sends can reach a simulation-only knob (seeded noise, colluding
+        hospitals); a simulation's `RunConfig` returns its own."""
+        return None
+
 
 class RunConfig(LocalRun):
     """Every option of a fedward run on the coordinator's machine or in a simulation: the run
@@ -483,6 +489,10 @@ class RunConfig(LocalRun):
     """
 
     simulation: SimulationSettings = Field(default_factory=SimulationSettings)
+
+    def simulation_settings(self) -> SimulationSettings:
+        """This simulation's settings (`LocalRun.simulation_settings`)."""
+        return self.simulation
 
     @model_validator(mode="after")
     def _check_federation(self) -> Self:

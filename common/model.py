@@ -82,12 +82,27 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
         >>> sorted(get_adapter_arrays(model))[:1]  # what travels: the head (head-only default)
         ['base_model.model.classifier.modules_to_save.default.bias']
     """
+    return build_model_from(spec.model, spec.task, spec.training.seed, num_labels)
+
+
+def build_model_from(
+    model_spec: ModelSpec, task: TaskSpec, seed: int, num_labels: int
+) -> torch.nn.Module:
+    """`build_model` from the three things it reads (what client/model_cache.py keys on).
+
+    Args:
+        model_spec: The base model and its LoRA adapters.
+        task: The task group (its definition, and the labels a starting adapter maps).
+        seed: The run's seed (`training.seed`): the initial adapter and head.
+        num_labels: Outputs of the task head.
+
+    Returns:
+        The PEFT model, as `build_model` returns it.
+    """
     from peft import LoraConfig, get_peft_model
 
-    model_spec = spec.model
-
-    torch.manual_seed(spec.training.seed)
-    base = build_base(spec.task.definition, model_spec.name, num_labels)
+    torch.manual_seed(seed)
+    base = build_base(task.definition, model_spec.name, num_labels)
     if not model_spec.attention_dropout:
         drop_attention_dropout(base)
     targets = lora_target_modules(base, model_spec.lora_target_modules, model_spec.name)
@@ -101,7 +116,7 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
                 f"'{model_spec.name}'"
             )
         top_layers = list(range(layers - model_spec.lora_layers, layers))
-    options = spec.task.definition.peft_options()
+    options = task.definition.peft_options()
     # Head layers the task's options do not name (ModernBERT's dense layer before its classifier)
     # are new and random too: they train and travel with the classifier.
     heads = [name for name in head_modules(base) if name not in options.get("modules_to_save", [])]
@@ -129,7 +144,7 @@ def build_model(spec: RunSpec, num_labels: int) -> torch.nn.Module:
         # frozen below (head-only: all LoRA factors; FFA-LoRA: A) keeps the adapter's values.
         adapter_base = read_adapter_meta(model_spec.init_adapter).get("model", "")
         same_base = resolve_model_path(str(adapter_base)) == resolve_model_path(model_spec.name)
-        mapping = start_from_adapter(model, spec.model, spec.task, same_base)
+        mapping = start_from_adapter(model, model_spec, task, same_base)
         log.info("started from adapter %s: %s", model_spec.init_adapter, mapping.describe())
     # FFA-LoRA freezes the A factors, head-only both: B starts at zero (or at the starting
     # adapter's values), so the frozen factors are the same on every side and never travel.

@@ -15,7 +15,8 @@ from flwr.app import ConfigRecord, Context
 
 from fedward.client.app import HospitalData, hospital_name
 from fedward.client.model_cache import cached_model
-from fedward.client.personalize import OWN_FOLDER, PersonalReport
+from fedward.client.own_model import OwnModel
+from fedward.client.personalize import OWN_FOLDER
 from fedward.client.privacy.accounting import DPPlan, plan_dp, privacy_units
 from fedward.client.privacy.release import exact_metrics
 from fedward.client.secagg import SecAggIdentity
@@ -90,17 +91,15 @@ class SimulatedSite:
     def release_evaluation(self, run_id, server_round, predictions) -> dict[str, float]:
         return exact_metrics(predictions)
 
-    def keep_own_model(self, config, run_id: str, arrays: dict, report: PersonalReport) -> None:
+    def keep_own_model(self, run_id: str, own: OwnModel) -> None:
         """The simulation's output folder holds each hospital's own adapter (`own/<name>/`),
         which `fedward predict --adapter` reads; the report's figures go in the reply."""
         name = hospital_name(self.context)
-        model = cached_model(config, len(config.spec.task.labels or []))
-        set_adapter_arrays(model, arrays)
-        folder = Path(config.local.out) / OWN_FOLDER / name
-        save_adapter(
-            model, folder, list(config.spec.task.labels or []), config.spec.task, config.spec.model
-        )
-        write_json_atomic(folder / "report.json", {"hospital": name, **report.as_dict()})
+        model = cached_model(own.model, own.task, own.seed)
+        set_adapter_arrays(model, own.arrays)
+        folder = Path((self.settings or RunConfig()).local.out) / OWN_FOLDER / name
+        save_adapter(model, folder, list(own.task.labels or []), own.task, own.model)
+        write_json_atomic(folder / "report.json", {"hospital": name, **own.report.as_dict()})
 
     def secagg_identity(self) -> SecAggIdentity:
         """Generated keys, and the roster of the whole simulated federation."""

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import DPPlan, HistoryEntry, privacy_units
-from fedward.common.config import LocalRun, PrivacySpec, TrainingSpec
+from fedward.common.config import PrivacySpec, SimulationSettings, TrainingSpec
 from fedward.common.data import EncodedDataset
 
 __all__ = ["make_private", "private_sampling", "secret_generator", "simulation_noise_seed"]
@@ -143,25 +143,28 @@ def make_private(
     return module, optimizer, loader
 
 
-def simulation_noise_seed(config: LocalRun, who: str, rounds_before: int) -> int | None:
+def simulation_noise_seed(
+    simulation: SimulationSettings | None, seed: int, who: str, rounds_before: int
+) -> int | None:
     """The seed of this hospital's DP noise and sampling in this round when a simulation asked
     for seeded noise (`seeded_dp_noise`), else None: the OS draws them.
 
-    Only a simulation's `RunConfig` carries the option; a deployed hospital holds a `LocalRun`
-    (the spec it received and its own settings), so nothing a coordinator sends can seed it.
+    Only a simulation's `RunConfig` has simulation settings; a deployed hospital holds a
+    `LocalRun`, whose `simulation_settings()` is None, so nothing a coordinator sends can seed
+    its noise.
 
     Args:
-        config: The run's config; only a simulation's carries `simulation.seeded_dp_noise`.
+        simulation: The run's simulation settings (`config.simulation_settings()`), or None.
+        seed: The run's seed (`training.seed`).
         who: The hospital's name.
         rounds_before: How many rounds the accountant history already holds.
 
     Returns:
-        A seed in [0, 2**62) drawn from the run's seed, `who` and `rounds_before`, or None.
+        A seed in [0, 2**62) drawn from `seed`, `who` and `rounds_before`, or None.
     """
-    simulation = getattr(config, "simulation", None)
     if simulation is None or not simulation.seeded_dp_noise:
         return None
-    text = f"dp-noise:{config.spec.training.seed}:{who}:{rounds_before}"
+    text = f"dp-noise:{seed}:{who}:{rounds_before}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
 
 

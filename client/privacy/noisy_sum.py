@@ -44,7 +44,7 @@ from fedward.client.trainer import (
     check_budget,
     pick_device,
 )
-from fedward.common.config import LocalRun
+from fedward.common.config import LocalRun, SimulationSettings
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError
 from fedward.common.model import set_adapter_arrays
@@ -133,7 +133,7 @@ def noisy_gradient_sum(
         grad_module.remove_hooks()
         for p in params:
             p.grad = None
-    if not colludes(config, who):
+    if not colludes(config.simulation_settings(), who):
         total += sample_discrete_gaussian(std, dimension + 1, rng)
     loss = float(np.mean(losses)) if losses else float("nan")
     log.info(
@@ -210,7 +210,9 @@ def distributed_update(
         who,
         config.spec.privacy.dp_unit,
     )
-    noise_seed = simulation_noise_seed(config, who, len(history))
+    noise_seed = simulation_noise_seed(
+        config.simulation_settings(), config.spec.training.seed, who, len(history)
+    )
     if on_progress is not None:
         on_progress("summing noisy gradients")
     vector, _, loss = noisy_gradient_sum(
@@ -221,12 +223,11 @@ def distributed_update(
     return TrainResult({NOISY_SUM: vector}, len(dataset), loss, epsilon, plan, new_history)
 
 
-def colludes(config: LocalRun, who: str) -> bool:
+def colludes(simulation: SimulationSettings | None, who: str) -> bool:
     """Whether `who` is one of a simulation's colluding hospitals (`colluding_hospitals`: the
-    last ones), which add no share of the noise: a privacy audit's dishonest hospitals. Only a
-    simulation's `RunConfig` carries the setting; a deployed hospital holds a `LocalRun`, so
+    last ones), which add no share of the noise: a privacy audit's dishonest hospitals. A
+    deployed hospital has no simulation settings (`LocalRun.simulation_settings()` is None), so
     nothing a coordinator sends can make it skip its share."""
-    simulation = getattr(config, "simulation", None)
     if simulation is None or not simulation.colluding_hospitals:
         return False
     first = simulation.hospitals - simulation.colluding_hospitals

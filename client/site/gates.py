@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from fedward.client.model_cache import initial_arrays
-from fedward.client.own_model import keep_at_home
-from fedward.client.personalize import OWN_FOLDER, PersonalReport
+from fedward.client.own_model import OwnModel, keep_at_home
+from fedward.client.personalize import OWN_FOLDER
 from fedward.client.policy import SitePolicy
 from fedward.client.privacy.accounting import plan_dp, privacy_units
 from fedward.client.privacy.ledger import PrivacyLedger, check_identifier
@@ -196,7 +196,7 @@ class Site:
         ledger, the global adapters that follow are the coordinator's averages."""
         if any(entry.run_id == run_id for entry in self.ledger().entries):
             return
-        initial = initial_arrays(config, len(config.spec.task.labels or []))
+        initial = initial_arrays(config.spec.model, config.spec.task, config.spec.training.seed)
         pins.check_starting_arrays(initial, global_arrays, self.name)
 
     def pinned_policy(self) -> SitePolicy:
@@ -376,21 +376,19 @@ class Site:
 
     # --- after the run: kept at home --------------------------------------------------------
 
-    def keep_own_model(
-        self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
-    ) -> None:
+    def keep_own_model(self, run_id: str, own: OwnModel) -> None:
         """Write this hospital's own adapter and its alone / global / own report to
         `<ledger>/own/<data set>/<run id>/` (private to the hospital's account: the adapter is
         not DP and must not be shared), and note it in the audit log. Nothing is sent."""
         folder = self.ledger_dir / OWN_FOLDER / self.dataset_id / str(run_id)
         folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keep_at_home(config, arrays, report, folder, self.name)
+        keep_at_home(own, folder, self.name)
         self.audit.append(
             "own_model",
             run_id=str(run_id),
             hospital=self.name,
             folder=str(folder),
-            **{key: value for key, value in report.as_dict().items() if key != "selection"},
+            **{key: value for key, value in own.report.as_dict().items() if key != "selection"},
         )
 
     def secagg_identity(self) -> SecAggIdentity:

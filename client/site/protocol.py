@@ -11,7 +11,7 @@ from typing import Protocol
 
 from flwr.app import Context
 
-from fedward.client.personalize import PersonalReport
+from fedward.client.own_model import OwnModel
 from fedward.client.privacy.accounting import DPPlan, HistoryEntry
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggIdentity
@@ -70,9 +70,7 @@ class HospitalSite(Protocol):
     def secagg_identity(self) -> SecAggIdentity:
         """This hospital's SecAgg+ signing key and the roster of keys it accepts."""
 
-    def keep_own_model(
-        self, config: LocalRun, run_id: str, arrays: dict, report: PersonalReport
-    ) -> None:
+    def keep_own_model(self, run_id: str, own: OwnModel) -> None:
         """Keep this hospital's own adapter and its report where it keeps them (never sent)."""
 
     def update_weight(self) -> int:

@@ -59,10 +59,11 @@ def hospital(tiny_model_dir, fresh_prefix_caches):
 
 def test_a_useless_global_model_is_not_what_the_hospital_keeps(hospital):
     config, data = hospital
-    fresh = initial_arrays(config, len(LABELS))
+    fresh = initial_arrays(config.spec.model, config.spec.task, config.spec.training.seed)
     rng = np.random.default_rng(0)
     crafted = {name: 5 * rng.normal(size=a.shape).astype(a.dtype) for name, a in fresh.items()}
-    own, report = own_model(data, config, crafted, RECIPE)
+    own = own_model(data, config, crafted, RECIPE)
+    report = own.report
     assert report.own_method != "global"
     assert report.alone > report.global_  # the two kinds of notes are easy apart, alone
     assert report.own >= report.alone - 0.01
@@ -74,7 +75,7 @@ def test_a_useless_global_model_is_not_what_the_hospital_keeps(hospital):
         "fine-tune (pull 1)",
         "mix (0.5 alone)",
     }
-    assert not all(np.array_equal(own[name], crafted[name]) for name in crafted)
+    assert not all(np.array_equal(own.arrays[name], crafted[name]) for name in crafted)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,9 @@ def _node(folder: Path, own: bool) -> dict:
 
 
 def _play(node_config: dict, config) -> list[Message]:
-    arrays = get_adapter_arrays(cached_model(config, len(LABELS)))
+    arrays = get_adapter_arrays(
+        cached_model(config.spec.model, config.spec.task, config.spec.training.seed)
+    )
     replies = []
     for kind, handler in (
         (MessageType.TRAIN, handle_train),

@@ -240,4 +240,6 @@ def test_seeded_dp_noise_makes_a_simulated_round_reproducible_and_only_then(setu
     # a hospital's own config (spec + local settings) cannot carry the option at all
     from fedward.common.config import LocalRun
 
-    assert trainer.simulation_noise_seed(LocalRun(spec=config.spec), "hospital-a", 0) is None
+    own = LocalRun(spec=config.spec)
+    assert own.simulation_settings() is None
+    assert trainer.simulation_noise_seed(own.simulation_settings(), 0, "hospital-a", 0) is None
