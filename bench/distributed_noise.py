@@ -61,6 +61,7 @@ def run_arm(
     `vals` pooled."""
     from fedward.client.app import encode
     from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
+    from fedward.client.prefix_cache import CacheOptions
     from fedward.client.privacy.accounting import plan_dp, privacy_units
     from fedward.client.privacy.noisy_sum import noisy_gradient_sum
     from fedward.client.trainer import predict, train_locally
@@ -117,9 +118,12 @@ def run_arm(
         arrays = apply_average(arrays, *weighted_sum(updates))
     truth_all: list = []
     predicted_all: list = []
+    cache = CacheOptions.of(config)
     for number, val in enumerate(vals):
         validation = encode(val, config.spec.task, tokenizer, per_patient=False)
-        _, truth, predicted = predict(model, validation, config, arrays, pad, f"hospital-{number}")
+        _, truth, predicted = predict(
+            model, validation, arrays, pad, config.local.device, cache, f"hospital-{number}"
+        )
         truth_all += truth
         predicted_all += predicted
     return classification_metrics(truth_all, predicted_all, len(labels))["macro_f1"]

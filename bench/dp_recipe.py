@@ -130,10 +130,11 @@ def train_setting(corpus: str, setting: str, values: dict, args) -> dict:
     metrics = evaluate(
         model,
         encode(test, labels, tokenizer, config.spec.task.max_length),
-        config,
+        config.spec.task.definition,
         arrays,
         tokenizer.pad_token_id,
         labels,
+        config.local.device,
     )
     return {
         "score": metrics[config.spec.task.definition.primary_metric],

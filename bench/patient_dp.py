@@ -141,7 +141,9 @@ class FastFederation:
         pred_ids: list = []
         for number, (_, val) in enumerate(self.hospitals):
             validation = encode(val, config.spec.task, self.tokenizer, per_patient=False)
-            _, truth, predicted = predict(self.models[number], validation, config, arrays, pad)
+            _, truth, predicted = predict(
+                self.models[number], validation, arrays, pad, config.local.device
+            )
             true_ids += truth
             pred_ids += predicted
         score = classification_metrics(true_ids, pred_ids, len(self.labels))["macro_f1"]

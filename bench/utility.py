@@ -118,10 +118,11 @@ def train_and_score(config: RunConfig, test: list) -> float:
     metrics = evaluate(
         model,
         encode(test, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient),
-        config,
+        config.spec.task.definition,
         result.arrays,
         tokenizer.pad_token_id,
         config.spec.task.labels,
+        config.local.device,
     )
     return metrics[config.spec.task.definition.primary_metric]
 

@@ -162,7 +162,9 @@ def run_federation(values: dict, global_only: bool = False, kept: Path | None = 
         started = time.monotonic()
         if global_only:
             validation = encode(data.val, config.spec.task, tokenizer, per_patient=per_patient)
-            _, truth, predicted = predict(model, validation, config, arrays, tokenizer.pad_token_id)
+            _, truth, predicted = predict(
+                model, validation, arrays, tokenizer.pad_token_id, config.local.device
+            )
             score = config.spec.task.definition.metrics(truth, predicted, config.spec.task.labels)
             figures = {"global": score[config.spec.task.definition.primary_metric]}
         else:

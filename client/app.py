@@ -36,6 +36,7 @@ from fedward.client.hospital_data import (
 )
 from fedward.client.model_cache import cached_model, cached_tokenizer, initial_arrays
 from fedward.client.own_model import own_model
+from fedward.client.prefix_cache import CacheOptions
 from fedward.client.privacy.noisy_sum import NOISY_SUM, distributed_update
 from fedward.client.privacy.release import Predictions
 from fedward.client.replies import hospital_name, log_refusal, refusal, round_identity
@@ -211,7 +212,8 @@ def _train_on(
     dataset = encode(
         data.train, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
     )
-    plan = site.check_budget(config, dataset)  # the budget gate: charged from here on
+    # the budget gate: charged from here on
+    plan = site.check_budget(config.spec.privacy, config.spec.training, dataset)
     unknown = check_data_vocabulary(
         data, tokenizer, config.spec.model.name, config.spec.task.max_unknown_rate
     )
@@ -364,8 +366,10 @@ def handle_evaluate(
         dataset = encode(
             data.val, config.spec.task, tokenizer, per_patient=config.spec.privacy.per_patient
         )
+        cache = CacheOptions.of(config)
+        pad = tokenizer.pad_token_id
         loss, true_ids, pred_ids = predict(
-            model, dataset, config, arrays, tokenizer.pad_token_id, who=name
+            model, dataset, arrays, pad, config.local.device, cache, who=name
         )
         labels = list(config.spec.task.labels or [])
         predictions = Predictions(config.spec.task.definition, loss, true_ids, pred_ids, labels)

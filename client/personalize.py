@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fedward.client.device import autocast_for, pick_device
-from fedward.client.prefix_cache import cached_training
+from fedward.client.prefix_cache import CacheOptions, cached_training
 from fedward.common.config import LocalRun
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.metrics import pooled_macro_f1
@@ -144,19 +144,14 @@ class _HomeData:
     """The hospital's training examples (selection fold last) as the trainer reads them: the
     cached frozen prefix where the model splits, else the whole model on token ids."""
 
-    def __init__(self, model, dataset: EncodedDataset, config: LocalRun, pad_id, who, device):
-        cached = cached_training(model, dataset, config, pad_id, who, device)
+    def __init__(self, model, dataset: EncodedDataset, options: CacheOptions, pad_id, who, device):
+        cached = cached_training(model, dataset, options, pad_id, who, device)
         if cached is not None:
             self.module, self.make_batch, self.inputs = cached.top, cached.batch, "hidden_states"
         else:
-            pad_to = (
-                config.spec.task.max_length
-                if config.spec.training.padding == "max_length"
-                else None
-            )
             self.module, self.inputs = model, "input_ids"
             self.make_batch = lambda indices: pad_batch(
-                [dataset[i] for i in indices], pad_id, pad_to
+                [dataset[i] for i in indices], pad_id, options.pad_to
             )
         self.device = device
         self.size = len(dataset)
@@ -217,9 +212,10 @@ def personalize(
     device = pick_device(config.local.device)
     labels = list(config.spec.task.labels or [])
     model.to(device)
-    data = _HomeData(model, train, config, pad_id, who, device)
+    options = CacheOptions.of(config)
+    data = _HomeData(model, train, options, pad_id, who, device)
     # the validation notes scored every round (`predict`): their cached prefix serves here too
-    scored = _HomeData(model, validation, config, pad_id, f"{who}:validation", device)
+    scored = _HomeData(model, validation, options, pad_id, f"{who}:validation", device)
 
     def fit(start: Arrays, lr: float, pull: float, indices, epochs, score_on=None) -> _Fit:
         return _fit(

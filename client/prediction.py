@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from fedward.client.device import pick_device
-from fedward.client.prefix_cache import cached_training
-from fedward.common.config import LocalRun
+from fedward.client.prefix_cache import CacheOptions, cached_training
 from fedward.common.data import EncodedDataset, pad_batch
 from fedward.common.model import set_adapter_arrays
+from fedward.common.tasks import Task
 
 #: Examples per forward pass when predicting.
 PREDICT_BATCH = 64
@@ -20,28 +20,30 @@ PREDICT_BATCH = 64
 def evaluate(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: LocalRun,
+    task: Task,
     arrays: dict[str, np.ndarray],
     pad_id: int,
     labels: list[str],
+    device: str = "auto",
 ) -> dict[str, float]:
     """Loss and task metrics of the adapter `arrays` on `dataset` (no prefix cache).
 
     Args:
         model: The PEFT model; its adapter is overwritten with `arrays`.
         dataset: The encoded examples to score.
-        config: The run's config (its task, and the local `device`).
+        task: The run's task (`spec.task.definition`): its metrics.
         arrays: The adapter to score (name -> array).
         pad_id: The tokenizer's padding id.
         labels: The run's label set, in order (an id is a position in it).
+        device: The local setting `device` ("auto", "cuda" or "cpu").
 
     Returns:
         "loss" (as `predict` gives it), "num_examples" (the encoded examples, as a float)
         and the task's exact metrics.
     """
-    loss, true_ids, pred_ids = predict(model, dataset, config, arrays, pad_id)
+    loss, true_ids, pred_ids = predict(model, dataset, arrays, pad_id, device)
     metrics = {"loss": loss, "num_examples": float(len(true_ids))}
-    metrics.update(config.spec.task.definition.metrics(true_ids, pred_ids, labels))
+    metrics.update(task.metrics(true_ids, pred_ids, labels))
     return metrics
 
 
@@ -49,24 +51,28 @@ def evaluate(
 def predict(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: LocalRun,
     arrays: dict[str, np.ndarray],
     pad_id: int,
+    device: str = "auto",
+    cache: CacheOptions | None = None,
     who: str | None = None,
 ) -> tuple[float, list, list]:
     """Mean loss, true label ids and predicted label ids of the adapter `arrays` on `dataset`.
 
-    With `who` (the hospital's name) the frozen prefix runs once per run on these examples too
-    (`client/prefix_cache.py`, kept as "<who>:validation"): a run evaluates the same validation
-    notes every round, and the encoder's forward pass was most of a round's evaluation.
+    Nothing of the training settings enters: the loss is the task's plain loss whatever
+    weights training used. With `cache` and `who` (the hospital's name) the frozen prefix runs
+    once per run on these examples too (`client/prefix_cache.py`, kept as "<who>:validation"):
+    a run evaluates the same validation notes every round, and the encoder's forward pass was
+    most of a round's evaluation.
 
     Args:
         model: The PEFT model; its adapter is overwritten with `arrays`, and it is left on
             the local device in eval mode.
         dataset: The encoded examples to score, in batches of `PREDICT_BATCH`.
-        config: The run's config (its local `device` and prefix-cache settings).
         arrays: The adapter to score (name -> array).
         pad_id: The tokenizer's padding id.
+        device: The local setting `device` ("auto", "cuda" or "cpu").
+        cache: The run's prefix-cache options (`CacheOptions.of`); None runs the whole model.
         who: The hospital's name, keying the prefix cache; None runs the whole model.
 
     Returns:
@@ -75,12 +81,12 @@ def predict(
         order, the label id (classification) or the list of per-token ids (NER, padded to
         its batch's width; -100 in `true_ids` marks a position without a label).
     """
-    device = pick_device(config.local.device)
+    torch_device = pick_device(device)
     set_adapter_arrays(model, arrays)
-    model.to(device).eval()
+    model.to(torch_device).eval()
     cached = None
-    if who is not None:
-        cached = cached_training(model, dataset, config, pad_id, f"{who}:validation", device)
+    if cache is not None and who is not None:
+        cached = cached_training(model, dataset, cache, pad_id, f"{who}:validation", torch_device)
     total_loss, total = 0.0, 0
     true_ids: list = []
     pred_ids: list = []
@@ -88,12 +94,14 @@ def predict(
         indices = list(range(start, min(start + PREDICT_BATCH, len(dataset))))
         if cached is not None:
             hidden, attention_mask, label_ids = cached.batch(indices)
-            module, inputs = cached.top, {"hidden_states": hidden.to(device)}
+            module, inputs = cached.top, {"hidden_states": hidden.to(torch_device)}
         else:
             input_ids, attention_mask, label_ids = pad_batch([dataset[i] for i in indices], pad_id)
-            module, inputs = model, {"input_ids": input_ids.to(device)}
+            module, inputs = model, {"input_ids": input_ids.to(torch_device)}
         output = module(
-            **inputs, attention_mask=attention_mask.to(device), labels=label_ids.to(device)
+            **inputs,
+            attention_mask=attention_mask.to(torch_device),
+            labels=label_ids.to(torch_device),
         )
         # The batch's loss is a mean over its labelled positions: the notes (classification),
         # or the tagged word pieces (NER); weighted by their count, the total is the mean over

@@ -60,6 +60,25 @@ def storage_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float16
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """What the cache reads of a run: this machine's switch and memory limit (local settings
+    `prefix_cache`, `prefix_cache_mb`), the run (its spec's digest: a new run drops every
+    cache) and the width a batch is padded to (None: each batch's longest)."""
+
+    enabled: bool
+    memory_mb: float
+    run: str
+    pad_to: int | None
+
+    @classmethod
+    def of(cls, config: LocalRun) -> CacheOptions:
+        """The options of `config` as this machine runs it."""
+        spec, local = config.spec, config.local
+        pad_to = spec.task.max_length if spec.training.padding == "max_length" else None
+        return cls(local.prefix_cache, local.prefix_cache_mb, config.digest(), pad_to)
+
+
 @dataclass
 class PrefixStates:
     """One hospital's states after the frozen prefix: rows of all examples, back to back."""
@@ -105,7 +124,7 @@ class CachedTraining:
 def cached_training(
     model: torch.nn.Module,
     dataset: EncodedDataset,
-    config: LocalRun,
+    options: CacheOptions,
     pad_id: int,
     who: str,
     device: torch.device,
@@ -113,14 +132,14 @@ def cached_training(
 ) -> CachedTraining | None:
     """The top of `model` and `who`'s cached prefix states, built on first use in this run
     (`on_progress` is told "caching the frozen prefix" then: a pass over every example); None
-    when the cache is off (local setting, LoRA down to the bottom layer, or a model that does
-    not split exactly)."""
-    if not config.local.prefix_cache or len(dataset) == 0:
+    when the cache is off (`options.enabled`), LoRA reaches down to the bottom layer, or the
+    model does not split exactly."""
+    if not options.enabled or len(dataset) == 0:
         return None
-    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
+    pad_to = options.pad_to
     fingerprint = _fingerprint(dataset)
     with _lock:
-        _start_run(config.digest())
+        _start_run(options.run)
         cache = _caches.get(who)
         if cache is None or cache.fingerprint != fingerprint or cache.model() is not model:
             _drop(who)
@@ -130,7 +149,7 @@ def cached_training(
             min_top_layers, prefix = found
             if on_progress is not None:
                 on_progress("caching the frozen prefix")
-            cache = _build(prefix, dataset, config, pad_id, device, fingerprint, model)
+            cache = _build(prefix, dataset, options, pad_id, device, fingerprint, model)
             if cache is None:
                 return None
             cache.min_top_layers = min_top_layers
@@ -245,7 +264,7 @@ def _split_problem(model, prefix, top, dataset, pad_id, device) -> str | None:
 
 
 @torch.no_grad()
-def _build(prefix, dataset, config, pad_id, device, fingerprint, model) -> PrefixStates | None:
+def _build(prefix, dataset, options, pad_id, device, fingerprint, model) -> PrefixStates | None:
     """Run the frozen prefix over every example once (eval mode: no dropout) and keep the rows
     of its real tokens, in memory or, past the process's limit, in a file."""
     global build_count
@@ -256,7 +275,7 @@ def _build(prefix, dataset, config, pad_id, device, fingerprint, model) -> Prefi
     nbytes = int(offsets[-1]) * hidden_size * torch.empty(0, dtype=dtype).element_size()
     in_memory = sum(c.nbytes for c in _caches.values() if c.path is None)
     path = None
-    if in_memory + nbytes > config.local.prefix_cache_mb * 2**20:
+    if in_memory + nbytes > options.memory_mb * 2**20:
         path = _new_spill_file()
         states = torch.from_file(
             str(path), shared=True, size=int(offsets[-1]) * hidden_size, dtype=dtype

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from fedward.client.device import autocast_for, pick_device
 from fedward.client.prediction import evaluate, predict
-from fedward.client.prefix_cache import CachedTraining, cached_training
+from fedward.client.prefix_cache import CachedTraining, CacheOptions, cached_training
 from fedward.client.privacy import opacus_seam
 from fedward.client.privacy.accounting import (
     DPPlan,
@@ -179,12 +179,11 @@ def train_locally(
     torch.manual_seed(training.seed + len(history))
     plan = _round_plan(privacy, training, config.spec.federation, dataset, plan, history, who)
     optimizer = make_optimizer(model, training, config.spec.head_lr)
-    pad_to = config.spec.task.max_length if training.padding == "max_length" else None
-    noise_seed = simulation_noise_seed(
-        config.simulation_settings(), training.seed, who, len(history)
-    )
+    simulation, options = config.simulation_settings(), CacheOptions.of(config)
+    noise_seed = simulation_noise_seed(simulation, training.seed, who, len(history))
     secret = secret_generator(noise_seed) if plan is not None else None
-    cached = cached_training(model, dataset, config, pad_id, who, device, on_progress)
+    cached = cached_training(model, dataset, options, pad_id, who, device, on_progress)
+    pad_to = options.pad_to
     module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)
     module, optimizer, loader, members = private_sampling(
         module, optimizer, dataset, plan, history, privacy, training, device, noise_seed, secret

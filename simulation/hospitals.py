@@ -29,6 +29,7 @@ from fedward.common.config import (
     RunSpec,
     SimulatedData,
     TaskSpec,
+    TrainingSpec,
 )
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import ConfigError, DataError
@@ -53,12 +54,14 @@ class SimulatedSite:
     def __init__(self, context: Context, settings: RunConfig | None) -> None:
         self.context = context
         self.settings = settings
+        self._rounds: int | None = None  # the admitted run's rounds
 
     def check_policy(self, spec: RunSpec) -> RunConfig:
         settings = self.settings or RunConfig()
         return settings.model_copy(update={"spec": spec})
 
     def admit(self, spec, run_id, server_round, global_arrays) -> tuple[RunConfig, None]:
+        self._rounds = spec.federation.rounds  # the run's, for `check_budget`'s plan
         return self.check_policy(spec), None
 
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
@@ -67,17 +70,16 @@ class SimulatedSite:
             return []
         return [tuple(entry) for entry in json.loads(str(record["history"]))]
 
-    def check_budget(self, config: RunConfig, dataset: EncodedDataset) -> DPPlan | None:
+    def check_budget(
+        self, privacy: PrivacySpec, training: TrainingSpec, dataset: EncodedDataset
+    ) -> DPPlan | None:
         """The round's DP plan on the units trained (no ledger: the trainer still refuses a
         round past the run's own epsilon)."""
-        if not config.spec.privacy.dp:
+        if not privacy.dp:
             return None
-        return plan_dp(
-            config.spec.privacy,
-            config.spec.training,
-            config.spec.federation.rounds,
-            max(privacy_units(config.spec.privacy, dataset), 1),
-        )
+        if self._rounds is None:
+            raise RuntimeError("SimulatedSite.check_budget called before SimulatedSite.admit")
+        return plan_dp(privacy, training, self._rounds, max(privacy_units(privacy, dataset), 1))
 
     def record(self, privacy, run_id, server_round, result: TrainResult, global_arrays) -> None:
         self.context.state[DP_STATE] = ConfigRecord({"history": json.dumps(result.history)})

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedward.client.prefix_cache import cached_training
+from fedward.client.prefix_cache import CacheOptions, cached_training
 from fedward.client.privacy.accounting import (
     DPPlan,
     HistoryEntry,
@@ -101,9 +101,9 @@ def noisy_gradient_sum(
     members = dataset.unit_members() if by_patient else [[i] for i in range(len(dataset))]
     sampled = np.flatnonzero(rng.random(len(members)) < plan.sample_rate).tolist()
 
-    cached = cached_training(model, dataset, config, pad_id, who, device)
-    pad_to = config.spec.task.max_length if config.spec.training.padding == "max_length" else None
-    module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, pad_to)
+    options = CacheOptions.of(config)
+    cached = cached_training(model, dataset, options, pad_id, who, device)
+    module, make_batch, inputs_name = batch_source(model, dataset, cached, pad_id, options.pad_to)
 
     # In the order of the adapter's arrays, which is the order the coordinator reads the sum in.
     by_name = dict(model.named_parameters())

@@ -35,7 +35,14 @@ from fedward.client.site import budget, evaluation, pins, releases
 from fedward.client.site.audit import audit_refusal, audit_release, finite_values
 from fedward.client.site.node import site_settings
 from fedward.client.trainer import DPPlan, HistoryEntry, TrainResult
-from fedward.common.config import DataSchema, LocalRun, LocalSettings, PrivacySpec, RunSpec
+from fedward.common.config import (
+    DataSchema,
+    LocalRun,
+    LocalSettings,
+    PrivacySpec,
+    RunSpec,
+    TrainingSpec,
+)
 from fedward.common.data import EncodedDataset
 from fedward.common.errors import PolicyError
 from fedward.common.files.audit_log import AuditLog
@@ -225,7 +232,9 @@ class Site:
         `check_budget` checks the lifetime budget against every run's)."""
         return budget.run_history(self.ledger(), run_id, server_round)
 
-    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
+    def check_budget(
+        self, privacy: PrivacySpec, training: TrainingSpec, dataset: EncodedDataset
+    ) -> DPPlan | None:
         """Gate 2, the first thing done with the data: reserve this round within the lifetime
         budget, which is charged the run's target epsilon once, never the accountant's
         projection (that depends on the unit count, so its refusal told the count for free:
@@ -240,19 +249,13 @@ class Site:
         `secagg_max_weight` is no refusal at all: the weight is capped (client/app.py).
         """
         plan = None
-        privacy = config.spec.privacy
         if privacy.dp:
             if self._round is None:
                 raise RuntimeError("Site.check_budget called before Site.admit")
             run_id, server_round, rounds = self._round
             # its noise search is cached (client/privacy/accounting.py); an empty split is
             # planned as one unit and then refused, charged, below
-            plan = plan_dp(
-                config.spec.privacy,
-                config.spec.training,
-                config.spec.federation.rounds,
-                max(privacy_units(config.spec.privacy, dataset), 1),
-            )
+            plan = plan_dp(privacy, training, rounds, max(privacy_units(privacy, dataset), 1))
             self.ledger().reserve(
                 run_id,
                 server_round,

@@ -16,7 +16,7 @@ from fedward.client.privacy.accounting import DPPlan, HistoryEntry
 from fedward.client.privacy.release import Predictions
 from fedward.client.secagg import SecAggIdentity
 from fedward.client.trainer import TrainResult
-from fedward.common.config import LocalRun, PrivacySpec, RunSpec
+from fedward.common.config import LocalRun, PrivacySpec, RunSpec, TrainingSpec
 from fedward.common.data import EncodedDataset
 
 __all__ = ["HospitalSite", "SiteOpener"]
@@ -41,10 +41,13 @@ class HospitalSite(Protocol):
     def run_history(self, run_id: str, server_round: int) -> list[HistoryEntry]:
         """The run's accountant history before `server_round`."""
 
-    def check_budget(self, config: LocalRun, dataset: EncodedDataset) -> DPPlan | None:
+    def check_budget(
+        self, privacy: PrivacySpec, training: TrainingSpec, dataset: EncodedDataset
+    ) -> DPPlan | None:
         """Gate 2: data loaded and encoded, no step taken, nothing checked that depends on the
         records; from here on a refusal is charged (deployed). Returns the round's DP plan
-        (None without DP), which training then uses: one plan per round."""
+        (None without DP) for the run's rounds (`admit`), which training then uses: one plan
+        per round."""
 
     def record(
         self,

@@ -20,9 +20,9 @@ def test_the_loss_is_the_same_whatever_the_batch_size(tiny_model_dir, monkeypatc
     dataset = data(settings, tok, count=24)
     model = build_model(settings.spec, num_labels(settings))
     arrays = get_adapter_arrays(model)
-    whole, true_ids, _ = prediction.predict(model, dataset, settings, arrays, tok.pad_token_id)
+    whole, true_ids, _ = prediction.predict(model, dataset, arrays, tok.pad_token_id, "cpu")
     monkeypatch.setattr(prediction, "PREDICT_BATCH", 1)
-    one_by_one, _, _ = prediction.predict(model, dataset, settings, arrays, tok.pad_token_id)
+    one_by_one, _, _ = prediction.predict(model, dataset, arrays, tok.pad_token_id, "cpu")
     assert one_by_one == pytest.approx(whole, rel=1e-5)
     if task == "ner":  # sentences of different lengths: the test can tell the two means apart
         assert len({sum(t != -100 for t in row) for row in true_ids}) > 1

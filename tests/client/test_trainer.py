@@ -77,8 +77,12 @@ def test_dp_training_learns_and_stays_within_the_budget(setup):
     model, start, result = _train(config, tokenizer, dataset)
     trained = {name: start[name] + result.delta[name] for name in start}
 
-    before = evaluate(model, dataset, config, start, tokenizer.pad_token_id, LABELS)
-    after = evaluate(model, dataset, config, trained, tokenizer.pad_token_id, LABELS)
+    before = evaluate(
+        model, dataset, config.spec.task.definition, start, tokenizer.pad_token_id, LABELS
+    )
+    after = evaluate(
+        model, dataset, config.spec.task.definition, trained, tokenizer.pad_token_id, LABELS
+    )
     # DP noise is drawn from the OS, so runs differ; these margins hold with room to spare.
     assert after["loss"] < before["loss"] - 0.2
     assert after["accuracy"] >= 0.9

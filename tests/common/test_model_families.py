@@ -364,8 +364,9 @@ def test_head_only_caches_the_whole_encoder_or_all_but_a_layer_it_needs(
     model = build_model(config.spec, len(labels))
     prefix_cache.drop_prefix_caches()
     try:
+        options = prefix_cache.CacheOptions.of(config)
         cached = prefix_cache.cached_training(
-            model, dataset, config, tokenizer.pad_token_id, "hospital-0", torch.device("cpu")
+            model, dataset, options, tokenizer.pad_token_id, "hospital-0", torch.device("cpu")
         )
         assert cached is not None
         found = [m for m in cached.top.modules() if isinstance(m, torch.nn.ModuleList)]
