@@ -157,7 +157,7 @@ def main() -> None:
         f"{config.spec.model.lora_target_modules} of the top {config.spec.model.lora_layers} "
         "layers + head)"
     )
-    round_record = wire.round_config(config, 1, 0)
+    round_record = wire.round_config(config.spec, 1, 0)
     plain_down, plain_up = plain_round_bytes(round_record, arrays)
     print()
     print(

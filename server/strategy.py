@@ -142,7 +142,7 @@ class FedwardStrategy:
             content = RecordDict(
                 {
                     wire.ARRAYS: wire.arrays_to_record(arrays),
-                    wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
+                    wire.CONFIG: wire.round_config(self.config.spec, server_round, self.run_id),
                 }
             )
             if secagg_requests is not None:
@@ -417,7 +417,7 @@ class FedwardStrategy:
         content = RecordDict(
             {
                 wire.ARRAYS: wire.arrays_to_record(arrays),
-                wire.CONFIG: wire.round_config(self.config, server_round, self.run_id),
+                wire.CONFIG: wire.round_config(self.config.spec, server_round, self.run_id),
             }
         )
         return [

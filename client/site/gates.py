@@ -156,8 +156,9 @@ class Site:
         )
         if recorded is None:
             ledger.check_round(run_id, server_round, rounds)  # never backwards
-            if spec.model.init_adapter and server_round > 1:
-                self._check_first_start(config, run_id, global_arrays)
+            if spec.model.init_adapter and server_round > 1 and self._first_round_here(run_id):
+                initial = initial_arrays(spec.model, spec.task, spec.training.seed)
+                pins.check_starting_arrays(initial, global_arrays, self.name)
             return config, None
         if recorded.status != "spent":
             raise PolicyError(
@@ -194,17 +195,13 @@ class Site:
         self._audit_release("replay", run_id, server_round, result, global_sha256, epsilon_lifetime)
         return result
 
-    def _check_first_start(
-        self, config: LocalRun, run_id: str, global_arrays: dict[str, np.ndarray]
-    ) -> None:
-        """The starting-adapter pin at this data set's first round of the run, whatever its
-        number (issue 40: a coordinator that first asked a hospital at round 2 skipped the
-        check of round 1, client/app.py). Once the data set has a round of the run in its
-        ledger, the global adapters that follow are the coordinator's averages."""
-        if any(entry.run_id == run_id for entry in self.ledger().entries):
-            return
-        initial = initial_arrays(config.spec.model, config.spec.task, config.spec.training.seed)
-        pins.check_starting_arrays(initial, global_arrays, self.name)
+    def _first_round_here(self, run_id: str) -> bool:
+        """Whether this data set trains its first round of the run, whatever its number: there
+        the starting adapter is checked against its pin (issue 40: a coordinator that first
+        asked a hospital at round 2 skipped the check of round 1, client/app.py). Once the
+        data set has a round of the run in its ledger, the global adapters that follow are
+        the coordinator's averages."""
+        return not any(entry.run_id == run_id for entry in self.ledger().entries)
 
     def pinned_policy(self) -> SitePolicy:
         """The policy with its models, starting adapter and unit pinned (client/site/pins.py)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedward.common.config import LocalRun, RunSpec
+from fedward.common.config import RunSpec
 
 ARRAYS = "arrays"  # the global adapter (server -> hospital) or an update (hospital -> server)
 CONFIG = "config"  # run spec + round identity (server -> hospital)
@@ -30,10 +30,9 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: record[name].numpy() for name in record}
 
 
-def round_config(config: LocalRun | RunSpec, server_round: int, run_id: int) -> ConfigRecord:
+def round_config(spec: RunSpec, server_round: int, run_id: int | str) -> ConfigRecord:
     """The config record sent with every message of a round: the run spec only (a config's
-    local and simulation settings never leave the machine)."""
-    spec = config.spec if isinstance(config, LocalRun) else config
+    local and simulation settings never leave the machine, and are not taken here)."""
     return ConfigRecord({**spec.to_flower(), ROUND_KEY: server_round, RUN_KEY: str(run_id)})
 
 

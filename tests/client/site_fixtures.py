@@ -124,7 +124,7 @@ def deployed_secure_round(
         content = RecordDict(
             {
                 wire.ARRAYS: wire.arrays_to_record(arrays),
-                wire.CONFIG: wire.round_config(config, server_round, run_id),
+                wire.CONFIG: wire.round_config(config.spec, server_round, run_id),
                 wire.SECAGG: wire.payload_to_records(request)[0],
             }
         )

@@ -51,7 +51,7 @@ def _message(config, arrays, kind, server_round, run_id) -> Message:
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, server_round, run_id),
+            wire.CONFIG: wire.round_config(config.spec, server_round, run_id),
         }
     )
     return Message(content=content, message_type=kind, dst_node_id=7)

@@ -69,7 +69,7 @@ def _train(config, node_config, arrays, run_id="run-a", server_round=1, secagg=N
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, server_round, run_id),
+            wire.CONFIG: wire.round_config(config.spec, server_round, run_id),
         }
     )
     if secagg is not None:
@@ -338,7 +338,7 @@ def test_more_examples_than_secagg_max_weight_are_capped_not_refused(hospital):
         content = RecordDict(
             {
                 wire.ARRAYS: wire.arrays_to_record(arrays),
-                wire.CONFIG: wire.round_config(config, 1, run_id),
+                wire.CONFIG: wire.round_config(config.spec, 1, run_id),
                 wire.SECAGG: wire.payload_to_records(session.advertise_keys_requests()[7])[0],
             }
         )

@@ -191,7 +191,7 @@ def _message(request: Request, base_config) -> Message:
     arrays = _global_adapter(
         base_config.spec.model.name, len(config.spec.task.labels), request.crafted_arrays
     )
-    record = wire.round_config(config, request.round, request.run_id)
+    record = wire.round_config(config.spec, request.round, request.run_id)
     for key, value in request.extra.items():
         record[key] = value
     content = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: record})

@@ -149,7 +149,7 @@ def _play(node_config: dict, config) -> list[Message]:
         content = RecordDict(
             {
                 wire.ARRAYS: wire.arrays_to_record(arrays),
-                wire.CONFIG: wire.round_config(config, 1, "run-1"),
+                wire.CONFIG: wire.round_config(config.spec, 1, "run-1"),
             }
         )
         message = Message(content=content, message_type=kind, dst_node_id=7)

@@ -26,7 +26,7 @@ def test_a_deployed_hospital_logs_each_epoch_of_its_round(tmp_path, tiny_model_d
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, 1, "run-a"),
+            wire.CONFIG: wire.round_config(config.spec, 1, "run-a"),
         }
     )
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)

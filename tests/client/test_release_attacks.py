@@ -65,7 +65,7 @@ def _context(node_config: dict) -> Context:
 
 
 def _message(config, arrays, kind=MessageType.TRAIN, server_round=1, run_id="run-a", extra=None):
-    record = wire.round_config(config, server_round, run_id)
+    record = wire.round_config(config.spec, server_round, run_id)
     for key, value in (extra or {}).items():
         record[key] = value
     content = RecordDict({wire.ARRAYS: wire.arrays_to_record(arrays), wire.CONFIG: record})

@@ -73,7 +73,7 @@ def _message(config, server_round, run_id, node_id=7, secagg=None) -> Message:
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, server_round, run_id),
+            wire.CONFIG: wire.round_config(config.spec, server_round, run_id),
         }
     )
     if secagg is not None:

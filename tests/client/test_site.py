@@ -50,7 +50,7 @@ def _train_message(
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, server_round, run_id),
+            wire.CONFIG: wire.round_config(config.spec, server_round, run_id),
         }
     )
     return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)

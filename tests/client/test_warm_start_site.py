@@ -47,7 +47,7 @@ def _train(config, node_config, arrays, server_round=1) -> Message:
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, server_round, "run-a"),
+            wire.CONFIG: wire.round_config(config.spec, server_round, "run-a"),
         }
     )
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)

@@ -147,11 +147,11 @@ def test_a_run_resumed_from_a_moved_folder_passes_a_hospital_that_pins_its_diges
     assert resumed.local.out != started.local.out and resumed.local.resume
     assert resumed.digest() == pinned
     # What the hospital receives, and checks, is the same run spec.
-    spec, _, _ = wire.read_round_config(wire.round_config(resumed, 2, "run-1"))
+    spec, _, _ = wire.read_round_config(wire.round_config(resumed.spec, 2, "run-1"))
     SitePolicy.permissive(approved_run_configs=[pinned]).check(spec)
     # ...while a change to the spec itself is still caught by the pin.
     changed, _, _ = wire.read_round_config(
-        wire.round_config(resumed.updated(target_epsilon=4.0), 2, "run-1")
+        wire.round_config(resumed.updated(target_epsilon=4.0).spec, 2, "run-1")
     )
     with pytest.raises(PolicyError, match="not on the site's approved list"):
         SitePolicy.permissive(approved_run_configs=[pinned]).check(changed)

@@ -83,7 +83,7 @@ def test_a_simulated_hospitals_round_records_encoding_the_prefix_cache_and_each_
     content = RecordDict(
         {
             wire.ARRAYS: wire.arrays_to_record(arrays),
-            wire.CONFIG: wire.round_config(config, 1, "run-a"),
+            wire.CONFIG: wire.round_config(config.spec, 1, "run-a"),
         }
     )
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)
