@@ -22,8 +22,9 @@ last bit. server/strategy.py now sums in the hospitals' order (since 310b0fc); a
 mean is still accepted, and said so, when it is the mean of the very same per-hospital losses
 (compared bit for bit) in another order (`reply_order_only`), for figures saved before that.
 
-Run the base and the comparison from the same checkout path: PEFT writes the base model's path
-(inside the virtual environment) into each adapter's README.md.
+Each adapter's README.md is left out of the figures, in a saved file and in a new run alike: it
+is PEFT's model card, which names the base model's path on this machine (inside the virtual
+environment), so it differed between two checkouts of the same commit.
 
     python -m bench.same_figures --save bench/results/same_figures.json    # on the base commit
     python -m bench.same_figures --against bench/results/same_figures.json  # after the change
@@ -83,14 +84,30 @@ def file_bytes(path: Path) -> bytes:
     return json.dumps(content, sort_keys=True).encode()
 
 
+#: Saved files that are no figure of the run: PEFT's model card names a path on this machine.
+NOT_FIGURES = {"README.md"}
+
+
 def adapter_digests(out: Path) -> dict[str, str]:
-    """sha256 of each file of the global adapter and of every hospital's own adapter."""
+    """sha256 of each file of the global adapter and of every hospital's own adapter, but for
+    `NOT_FIGURES`."""
     files = sorted([*(out / "adapter").iterdir(), *(out / "own").glob("*/*")])
     return {
         str(path.relative_to(out)): hashlib.sha256(file_bytes(path)).hexdigest()
         for path in files
-        if path.is_file()
+        if path.is_file() and path.name not in NOT_FIGURES
     }
+
+
+def without_model_cards(saved: dict) -> dict:
+    """An arm's saved figures without the digests of `NOT_FIGURES` (files saved before they
+    were left out)."""
+    digests = {
+        name: digest
+        for name, digest in saved["adapter_sha256"].items()
+        if Path(name).name not in NOT_FIGURES
+    }
+    return {**saved, "adapter_sha256": digests}
 
 
 def figures(out: Path) -> dict:
@@ -198,16 +215,15 @@ def main() -> None:
         if args.against:
             before = json.loads(args.against.read_text(encoding="utf-8"))
             varying = set(before["varying"][arm])
+            base = without_model_cards(before["figures"][arm])
             changed = [
-                line
-                for line in differences(before["figures"][arm], found)
-                if line.split(":")[0] not in varying
+                line for line in differences(base, found) if line.split(":")[0] not in varying
             ]
             reordered = [line for line in changed if reply_order_only(line.split(":")[0], found)]
             changed = [line for line in changed if line not in reordered]
             for line in reordered:
                 print(f"{line} (the same per-hospital losses, summed in another reply order)")
-            compared = leaves(before["figures"][arm]) - len(varying) - len(reordered)
+            compared = leaves(base) - len(varying) - len(reordered)
             same = f"{arm}: {compared} figures bit-identical to {args.against}"
             print("\n".join(changed) or same)
             changed_any = changed_any or bool(changed)
