@@ -10,6 +10,8 @@ virtualenv):
 - parameters annotated with the whole configuration (`RunSpec`, `LocalRun`, `RunConfig`)
   outside common/config.py, each with what the function reads of it: the groups, or WHOLE
   where the object is passed on as it is;
+- of those, the ones whose function reads a single group and nothing else of it (the issue's
+  "16 of those read a single group": they should take the group);
 - calls of `task_named` (a task is resolved once, by its group: `TaskSpec.definition`).
 """
 
@@ -24,6 +26,15 @@ FOLDERS = ("client", "server", "common", "simulation", "bench")
 #: Where lengths are measured too (their parameters are not the product's interfaces).
 LENGTH_ONLY = ("tests", "tools")
 WHOLE = {"RunSpec", "LocalRun", "RunConfig"}
+#: What a configuration holds as groups (`spec.<group>`, or beside the spec).
+GROUPS = (
+    {"local", "data_schema", "simulation"}
+    | {
+        f"spec.{group}"
+        for group in ("task", "model", "privacy", "federation", "training", "secagg")
+    }
+    | {"task", "model", "privacy", "federation", "training", "secagg"}
+)
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 550, 80
 
 
@@ -61,7 +72,7 @@ def what_is_read(function: ast.AST, name: str) -> str:
 
 
 def main(verbose: bool) -> None:
-    long_files, long_functions, whole, task_lookups = [], [], [], []
+    long_files, long_functions, whole, one_group, task_lookups = [], [], [], [], []
     for path in sources(FOLDERS + LENGTH_ONLY):
         relative = path.relative_to(ROOT)
         text = path.read_text(encoding="utf-8")
@@ -85,10 +96,13 @@ def main(verbose: bool) -> None:
             for argument in filter(annotated_whole, arguments):
                 read = what_is_read(node, argument.arg)
                 whole.append(f"{relative}:{node.lineno} {node.name}({argument.arg}) -> {read}")
+                if read in GROUPS:
+                    one_group.append(whole[-1])
     for title, rows in (
         (f"files over {MAX_FILE_LINES} lines", long_files),
         (f"functions over {MAX_FUNCTION_LINES} lines", long_functions),
         ("parameters typed as the whole configuration", whole),
+        ("  of which read a single group and nothing else", one_group),
         ("task_named calls", task_lookups),
     ):
         print(f"{title}: {len(rows)}")
