@@ -165,10 +165,7 @@ def handle_train(
             # The pin first (the model is built from pinned files only), then the coordinator's
             # first global adapter against it; both before the ledger opens the data set. A
             # deployed hospital first asked at a later round checks it there (`Site.admit`).
-            pinned = site.check_policy(spec)
-            pinned = pinned.spec
-            initial = initial_arrays(pinned.model, pinned.task, pinned.training.seed)
-            check_starting_arrays(initial, global_arrays, name)
+            _check_start(site, spec, global_arrays, name)
         config, result = site.admit(spec, run_id, server_round, global_arrays)
         secagg = None
         if spec.secagg.secure_aggregation:  # keys, cohort and threshold are judged before training
@@ -190,6 +187,14 @@ def handle_train(
     return _train_reply(
         msg, context, name, result, coverage, config.spec.privacy, config.spec.secagg, site, secagg
     )
+
+
+def _check_start(site: HospitalSite, spec: RunSpec, arrays: dict, name: str) -> None:
+    """The pin first (the model is built from the policy's pinned files only), then `arrays`,
+    the coordinator's first adapter, against the starting adapter as this hospital builds it."""
+    pinned = site.check_policy(spec).spec
+    initial = initial_arrays(pinned.model, pinned.task, pinned.training.seed)
+    check_starting_arrays(initial, arrays, name)
 
 
 def _train_on(
@@ -352,10 +357,7 @@ def handle_evaluate(
         site = open_site(context)
         arrays = wire.record_to_arrays(msg.content[wire.ARRAYS])
         if server_round == START_ROUND:  # the pin first, then the adapter against it
-            pinned = site.check_policy(spec)
-            pinned = pinned.spec
-            initial = initial_arrays(pinned.model, pinned.task, pinned.training.seed)
-            check_starting_arrays(initial, arrays, name)
+            _check_start(site, spec, arrays, name)
         config = site.admit_evaluation(spec, run_id, server_round)
         tokenizer = cached_tokenizer(config.spec.model.name)
         model = cached_model(config.spec.model, config.spec.task, config.spec.training.seed)

@@ -12,7 +12,7 @@ import torch
 from tiny_training import TAGS, config, data, relative_difference, tokenizer, train
 
 from fedward.client import prefix_cache, trainer
-from fedward.client.trainer import weighted_token_loss
+from fedward.client.trainer import predict, weighted_token_loss
 from fedward.common.config import RunConfig
 from fedward.common.errors import ConfigError
 
@@ -63,6 +63,17 @@ def test_a_smaller_o_weight_makes_the_model_less_sure_of_o(four_layer_model_dir)
     plain_o = _o_probability(settings, dataset, tok, plain, start, model)
     weighted_o = _o_probability(settings, dataset, tok, weighted, start, model)
     assert weighted_o < plain_o - 0.01
+    # the evaluation loss is the plain one whatever the training weight (`predict` takes no
+    # training settings): the mean cross-entropy over the tagged word pieces, O's unscaled
+    loss, _, _ = predict(model, dataset, start, tok.pad_token_id, "cpu")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, tags in zip(dataset.input_ids, dataset.labels):
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            labels = torch.tensor(tags)
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    assert loss == pytest.approx(total / count, rel=1e-4)
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
